@@ -1,0 +1,104 @@
+"""The "torch" backend: blockwise PyTorch that runs on any device in O(N D) memory.
+
+Named blockwise.py rather than torch.py (DESIGN.md's name) so that it can never shadow
+the ``torch`` package for code inside ``flashcontrast.backends``.
+
+CLIP InfoNCE. S = s * A @ B^T + b is visited one block of rows at a time, never whole:
+
+forward   each row block gives its rows' logsumexps and diagonal directly, and folds into
+          running column statistics (max m_j and sum_j of e^(S_ij - m_j)), the online
+          logsumexp of flash attention applied along the other axis.
+backward  recompute the block, dS = g/(2N) (P_row + P_col - 2I) from the saved LSEs, then
+          dA_blk = s dS B, dB += s dS^T A_blk, ds += <A_blk, dS B>, db += sum dS.
+
+Block memory: two (rows x N) buffers in the accumulation dtype. Features are cast to the
+accumulation dtype (float32, or float64 for float64 inputs) once per call: a visible
+O(N D) copy for half-precision inputs, so that logits are never rounded to bf16/fp16.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._validation import accumulation_dtype
+
+#: Upper bound on the elements of one (rows x N) logit block, per device type.
+MAX_BLOCK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 22}
+
+
+def block_rows(n: int, device: torch.device, max_elements: Optional[int] = None) -> int:
+    """Rows per block so that a (rows, n) block stays within the element budget."""
+    budget = max_elements or MAX_BLOCK_ELEMENTS.get(device.type, 1 << 22)
+    return max(1, min(n, budget // n))
+
+
+def _logits_block(
+    a_blk: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """(rows, N) block of S = scale * a_blk @ b^T + bias, in b's (accumulation) dtype."""
+    s = torch.mm(a_blk, b.t()).mul_(scale)
+    return s if bias is None else s.add_(bias)
+
+
+def clip_forward(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    max_block_elements: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row LSEs (N,), column LSEs (N,) and diagonal (N,) of S, block of rows by block."""
+    n = a.shape[0]
+    acc = accumulation_dtype(a.dtype)
+    a_acc, b_acc = a.to(acc), b.to(acc)
+    row_lse = torch.empty(n, dtype=acc, device=a.device)
+    diag = torch.empty(n, dtype=acc, device=a.device)
+    col_max = torch.full((n,), float("-inf"), dtype=acc, device=a.device)
+    col_sum = torch.zeros(n, dtype=acc, device=a.device)
+    rows = block_rows(n, a.device, max_block_elements)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        s = _logits_block(a_acc[start:stop], b_acc, scale, bias)
+        row_lse[start:stop] = torch.logsumexp(s, dim=1)
+        diag[start:stop] = s.diagonal(offset=start)
+        new_max = torch.maximum(col_max, s.amax(dim=0))
+        col_sum.mul_(torch.exp(col_max - new_max)).add_(s.sub_(new_max).exp_().sum(dim=0))
+        col_max = new_max
+    return row_lse, col_max + col_sum.log(), diag
+
+
+def clip_backward(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    grad: torch.Tensor,
+    max_block_elements: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dA, dB (input dtype) and d(scale), d(bias) (0-d) by recomputing each block."""
+    n = a.shape[0]
+    acc = accumulation_dtype(a.dtype)
+    a_acc, b_acc = a.to(acc), b.to(acc)
+    coef = grad.to(acc) / (2 * n)
+    da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    db = torch.zeros(b.shape, dtype=acc, device=b.device)
+    dscale = torch.zeros((), dtype=acc, device=a.device)
+    dbias = torch.zeros((), dtype=acc, device=a.device)
+    rows = block_rows(n, a.device, max_block_elements)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        a_blk = a_acc[start:stop]
+        s = _logits_block(a_blk, b_acc, scale, bias)
+        ds = (s - row_lse[start:stop, None]).exp_()
+        ds.add_(s.sub_(col_lse).exp_()).mul_(coef)
+        ds.diagonal(offset=start).sub_(2 * coef)
+        ds_b = torch.mm(ds, b_acc)
+        dscale += (a_blk * ds_b).sum()
+        dbias += ds.sum()
+        da[start:stop] = ds_b.mul_(scale)
+        db.addmm_(ds.t(), a_blk)
+    return da, db.mul_(scale).to(b.dtype), dscale, dbias

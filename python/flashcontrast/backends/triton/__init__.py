@@ -1,0 +1,62 @@
+"""The Triton backend: JIT kernels, one module per objective (``clip.py``, ...).
+
+This package imports without Triton installed: nothing here imports ``triton`` at module
+level, so ``flashcontrast`` can always answer *why* the backend cannot run. The kernel
+modules (``from flashcontrast.backends.triton import clip``) do import Triton and must
+only be imported once :func:`triton_unavailable_reason` has returned None.
+
+Triton compiles for CUDA (and ROCm) devices. On CPU tensors it runs only in its
+interpreter, which Triton decides when a kernel is *defined*: ``TRITON_INTERPRET=1`` has
+to be in the environment before the kernel modules are imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["interpreting", "triton_available", "triton_unavailable_reason"]
+
+
+@functools.cache
+def _import_error() -> Optional[str]:
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package imports."""
+    return _import_error() is None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels defined from now on run in the interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_unavailable_reason(device: torch.device | str) -> Optional[str]:
+    """None when the Triton kernels can run on tensors of ``device``, else why not."""
+    device = torch.device(device)
+    error = _import_error()
+    if error is not None:
+        return f"Triton is not importable ({error}); install it with `pip install triton`"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if interpreting():
+            return None
+        return (
+            "Triton runs on CPU tensors only in the interpreter: set TRITON_INTERPRET=1 "
+            "before importing flashcontrast"
+        )
+    return (
+        f"the Triton backend runs on CUDA devices (or on CPU in the interpreter), not {device.type}"
+    )

@@ -1,0 +1,716 @@
+"""CLIP InfoNCE (objectives.md section 1) as Triton kernels: O(N D) memory, 4 GEMMs.
+
+Contract: flashcontrast/backends/__init__.py. With S = s * A @ B^T + b (fp32 accumulation),
+
+    clip_forward  -> row_lse_i = LSE_j S_ij, col_lse_j = LSE_i S_ij, diag_i = S_ii
+    clip_backward -> dA = s dS @ B, dB = s dS^T @ A, ds = sum dS * (A @ B^T), db = sum dS
+                     dS = grad / (2N) * (P_row + P_col - 2 I)
+
+GEMM count (one GEMM-equivalent = 2 N^2 D flops): forward 1 (S) + backward 3 (recompute
+S, dP @ B, dP^T @ A) = **4**, the floor named in objectives.md. ds and db cost no GEMM: they
+are tile-local elementwise sums of dP * (A @ B^T) and dP, where A @ B^T is the fp32
+accumulator the backward already holds to recompute S. Nothing of size N x N is ever
+allocated: the extra memory is O((G + H) N) in the forward and O(N D) in the backward.
+
+Kernels
+-------
+``_clip_fwd_kernel``, grid (G, H): program (g, h) owns row blocks g, g+G, ... and column
+blocks h, h+H, ...; it sweeps the tiles (rb, cb) of that product once, keeping for each of
+its row blocks an online (max, sumexp) in registers and, for each of its column blocks, an
+online (max, sumexp) in row g of a (G, N) fp32 partial buffer. No two programs touch the
+same partial entries (rows are exclusive in h, columns in g), so the kernel needs no
+atomics, no locks and no zero-fill (a program's first visit writes, later visits
+read-modify-write) and is deterministic. The diagonal comes from the tile that holds it.
+``_lse_combine_kernel`` then folds the H row partials and the G column partials into
+row_lse and col_lse (O((G + H) N) work, one launch).
+
+Why not locks (Triton's layer-norm tutorial) or one partial row per row block? Locks
+serialise the column updates and make the result depend on arrival order; per-row-block
+partials are O(N^2 / BLOCK_M). (G, H) is the pair with G * H <= the programs the GPU
+runs at once (SMs x programs per SM) that minimises the tiles of the busiest program
+(:func:`_forward_grid`): for large N that is H = 1 or a few, for small N the column split
+keeps the GPU busy where there are too few row blocks. No program ever waits on another,
+so any G * H is safe.
+
+``_clip_bwd_kernel``, grid (number of column blocks, SPLIT): program (cb, p) keeps its
+B column block (and, when D fits one chunk, its dB accumulator) on chip, and visits the
+row blocks rb = p (mod SPLIT), starting at a different one per cb so that concurrent
+programs add into different rows of dA. dA partials go through fp32 atomics into an
+(N, D) buffer. dB goes through the same kind of buffer: with one D chunk, one add per
+program at the end (SPLIT = 1: a single add per element onto zeros); with several, one
+add per tile and chunk. ds and db partials go to a (2, programs) buffer summed by torch.
+SPLIT > 1 only when there are too few column blocks to fill the GPU
+(:func:`_backward_split`). The forward is deterministic; dA (and dB when SPLIT > 1 or D
+spans chunks) are sums of fp32 atomics, equal run to run only up to rounding.
+
+Precision: every tile product accumulates in fp32. fp32 inputs use IEEE fp32 products
+unless torch allows TF32 (``torch.set_float32_matmul_precision("high")``). In the
+backward dP = P_row + P_col - 2 I (values in [-2, 2]) is cast to the input dtype for the
+two tensor-core GEMMs and grad / (2N) * s is applied to their fp32 results, so fp16 never
+sees the tiny values of dS itself. Forward and backward chunk D identically and load
+their operands the same way, so the recomputed logits equal the forward's and
+exp(S - lse) sums to 1 up to the float32 rounding of lse itself. That rounding (relative
+|lse| 2^-24 in every P) is the one error dense torch does not have: at s = 1e4 it makes
+the gradients ~10x less accurate than a dense fp32 softmax (still ~1e-3 relative). Fixing
+it needs a contract change (e.g. saving the row/column max next to the LSE).
+Masked logits are -inf; every online max that can be -inf (padded rows/columns of tail
+tiles, e.g. N = 1) is replaced by 0 before it is subtracted, so inf - inf never occurs
+and extreme scales stay finite.
+
+Interpreter (TRITON_INTERPRET=1, CPU tensors): read once, at import. There bf16 tl.dot is
+wrong in Triton <= 3.9, so bf16 tiles are upcast to fp32 before every tl.dot, and the
+tiles default to 32 x 32 with a small program count (see :func:`override_tiles`, which
+tests use to force tile sizes and program counts). On a GPU the tile sizes come from
+:func:`_forward_plan` / :func:`_backward_plan`: heuristics by dtype, D and N (no
+autotuning, so the first call compiles one kernel and never times anything).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass, replace
+from typing import Iterator, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import triton_unavailable_reason
+
+__all__ = ["clip_backward", "clip_forward", "override_tiles"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tile_logits(
+    a_ptr,
+    b_ptr,
+    rows,
+    cols,
+    rmask,
+    cmask,
+    D,
+    stride_an,
+    stride_ad,
+    stride_bn,
+    stride_bd,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """fp32 (BLOCK_M, BLOCK_N) tile of A[rows] @ B[cols]^T, looping over D in chunks."""
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        dmask = dd < D
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_an + dd[None, :] * stride_ad,
+            mask=rmask[:, None] & dmask[None, :],
+            other=0.0,
+        ).to(DOT_DTYPE)
+        bt = tl.load(
+            b_ptr + cols[None, :] * stride_bn + dd[:, None] * stride_bd,
+            mask=cmask[None, :] & dmask[:, None],
+            other=0.0,
+        ).to(DOT_DTYPE)
+        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+# Forward, one sweep, 1 GEMM-equivalent: for every tile (rb, cb) owned by this program,
+#   X = A[rb] @ B[cb]^T  (2 BM BN D flops; summed over all tiles: 2 N^2 D = 1 GEMM)
+#   S = s X + b, masked entries -inf
+#   rows:    m_i' = max(m_i, max_j S_ij),  l_i' = l_i e^{m_i - m_i'} + sum_j e^{S_ij - m_i'}
+#   columns: the same along i, on the (G, N) partials of this program
+#   diag:    S_ii from the tile that holds (i, i)
+@triton.jit
+def _clip_fwd_kernel(
+    a_ptr,
+    b_ptr,
+    scale_ptr,
+    bias_ptr,
+    ws_m_ptr,  # (H + G, N) fp32: running max; rows [0, H) row partials, [H, H+G) columns
+    ws_l_ptr,  # (H + G, N) fp32: running sum of exp(S - max)
+    diag_ptr,  # (N,) fp32
+    N,
+    D,
+    stride_an,
+    stride_ad,
+    stride_bn,
+    stride_bd,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,  # D <= BLOCK_D: keep the A row block in registers
+    INDEX_64: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_g = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    G = tl.num_programs(0)
+    H = tl.num_programs(1)
+    num_rb = tl.cdiv(N, BLOCK_M)
+    num_cb = tl.cdiv(N, BLOCK_N)
+
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr).to(tl.float32)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    row_part = pid_h * N
+    col_part = (H + pid_g) * N
+
+    for rb in range(pid_g, num_rb, G):
+        rows = rb * BLOCK_M + offs_m
+        rmask = rows < N
+        if INDEX_64:
+            rows = rows.to(tl.int64)
+        if ONE_CHUNK:
+            a_tile = tl.load(
+                a_ptr + rows[:, None] * stride_an + offs_d[None, :] * stride_ad,
+                mask=rmask[:, None] & dmask[None, :],
+                other=0.0,
+            ).to(DOT_DTYPE)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for cb in range(pid_h, num_cb, H):
+            cols = cb * BLOCK_N + offs_n
+            cmask = cols < N
+            if INDEX_64:
+                cols = cols.to(tl.int64)
+            if ONE_CHUNK:
+                bt = tl.load(
+                    b_ptr + cols[None, :] * stride_bn + offs_d[:, None] * stride_bd,
+                    mask=cmask[None, :] & dmask[:, None],
+                    other=0.0,
+                ).to(DOT_DTYPE)
+                x = tl.dot(a_tile, bt, input_precision=DOT_PRECISION)
+            else:
+                x = _tile_logits(
+                    a_ptr, b_ptr, rows, cols, rmask, cmask, D,
+                    stride_an, stride_ad, stride_bn, stride_bd,
+                    BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
+                )  # fmt: skip
+            valid = rmask[:, None] & cmask[None, :]
+            s = tl.where(valid, x * scale + bias, float("-inf"))
+
+            # Diagonal: only the tile(s) crossing i == j.
+            lo = cb * BLOCK_N
+            if (rb * BLOCK_M < lo + BLOCK_N) & (lo < rb * BLOCK_M + BLOCK_M):
+                on_diag = rows[:, None] == cols[None, :]
+                d_val = tl.sum(tl.where(on_diag, s, 0.0), axis=1)
+                tl.store(diag_ptr + rows, d_val, mask=rmask & (rows >= lo) & (rows < lo + BLOCK_N))
+
+            # Rows: online logsumexp in registers.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(s - m_use[:, None]), axis=1)
+            m_i = m_new
+
+            # Columns: this program's partial, read-modify-write. Entries are exclusive to
+            # the program; its first row block writes without reading.
+            cm_ptrs = ws_m_ptr + col_part + cols
+            cl_ptrs = ws_l_ptr + col_part + cols
+            seen = cols < (rb > pid_g).to(tl.int32) * N  # first visit: nothing to read
+            cm_old = tl.load(cm_ptrs, mask=seen, other=float("-inf"))
+            cl_old = tl.load(cl_ptrs, mask=seen, other=0.0)
+            cm_new = tl.maximum(cm_old, tl.max(s, axis=0))
+            cm_use = tl.where(cm_new == float("-inf"), 0.0, cm_new)
+            cl_new = cl_old * tl.exp(cm_old - cm_use) + tl.sum(tl.exp(s - cm_use[None, :]), axis=0)
+            tl.store(cm_ptrs, cm_new, mask=cmask)
+            tl.store(cl_ptrs, cl_new, mask=cmask)
+
+        tl.store(ws_m_ptr + row_part + rows, m_i, mask=rmask)
+        tl.store(ws_l_ptr + row_part + rows, l_i, mask=rmask)
+        # The next row block re-reads this program's column partials. A replicated
+        # layout may load an element in a thread other than the one that stored it: one
+        # CTA barrier per row block makes those stores visible (and nothing is hoisted
+        # above it).
+        tl.debug_barrier()
+
+
+@triton.jit
+def _lse_combine_kernel(
+    ws_m_ptr,
+    ws_l_ptr,
+    row_lse_ptr,
+    col_lse_ptr,
+    N,
+    H,
+    G,
+    BLOCK: tl.constexpr,
+):
+    """row_lse from partials [0, H), col_lse from [H, H+G): LSE_k (m_k + log l_k)."""
+    which = tl.program_id(1)  # 0: rows, 1: columns
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(which * H, H + which * G):
+        pm = tl.load(ws_m_ptr + k * N + offs, mask=mask, other=float("-inf"))
+        pl = tl.load(ws_l_ptr + k * N + offs, mask=mask, other=0.0)
+        m_new = tl.maximum(m, pm)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_use) + pl * tl.exp(pm - m_use)
+        m = m_new
+    lse = m + tl.log(tl.where(mask, l, 1.0))  # l >= 1 on valid lanes
+    if which == 0:
+        tl.store(row_lse_ptr + offs, lse, mask=mask)
+    else:
+        tl.store(col_lse_ptr + offs, lse, mask=mask)
+
+
+# Backward, 3 GEMM-equivalents: for every tile (rb, cb),
+#   X  = A[rb] @ B[cb]^T                       recompute    (1 GEMM over all tiles)
+#   dP = e^{sX+b - row_lse} + e^{sX+b - col_lse} - 2 [i == j]     (masked entries 0)
+#   dA[rb] += (c s) dP @ B[cb]                  fp32 atomics (1 GEMM)
+#   dB[cb] += (c s) dP^T @ A[rb]                on chip      (1 GEMM)
+#   ds += c sum(dP * X),  db += c sum(dP)       elementwise, no GEMM      (c = grad / 2N)
+@triton.jit
+def _clip_bwd_kernel(
+    a_ptr,
+    b_ptr,
+    scale_ptr,
+    bias_ptr,
+    grad_ptr,
+    row_lse_ptr,
+    col_lse_ptr,
+    da_ptr,  # (N, D) fp32, contiguous, zeros
+    db_ptr,  # (N, D) fp32, contiguous, zeros
+    part_ptr,  # (2, programs) fp32: ds and db partials
+    N,
+    D,
+    stride_an,
+    stride_ad,
+    stride_bn,
+    stride_bd,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,  # D <= BLOCK_D: B block and dB accumulator stay on chip
+    INDEX_64: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    cb = tl.program_id(0)
+    sp = tl.program_id(1)
+    SPLIT = tl.num_programs(1)
+    num_rb = tl.cdiv(N, BLOCK_M)
+    count = tl.cdiv(num_rb - sp, SPLIT)  # row blocks rb = sp (mod SPLIT); sp < num_rb
+
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr).to(tl.float32)
+    coef = tl.load(grad_ptr).to(tl.float32) * (0.5 / N)
+    out_scale = coef * scale
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    col_lse = tl.load(col_lse_ptr + cols, mask=cmask, other=0.0)
+    if INDEX_64:
+        cols = cols.to(tl.int64)
+    if ONE_CHUNK:
+        # Loaded as (BLOCK_D, BLOCK_N) like in the forward, so the recomputed S tile
+        # goes through the very same tl.dot as the forward's (bitwise equal logits).
+        bt = tl.load(
+            b_ptr + cols[None, :] * stride_bn + offs_d[:, None] * stride_bd,
+            mask=cmask[None, :] & dmask[:, None],
+            other=0.0,
+        ).to(DOT_DTYPE)
+        db_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    ds_acc = 0.0
+    dbias_acc = 0.0
+
+    for t in range(0, count):
+        rb = sp + ((t + cb) % count) * SPLIT  # staggered: neighbours hit different rows
+        rows = rb * BLOCK_M + offs_m
+        rmask = rows < N
+        row_lse = tl.load(row_lse_ptr + rows, mask=rmask, other=0.0)
+        if INDEX_64:
+            rows = rows.to(tl.int64)
+        if ONE_CHUNK:
+            a_tile = tl.load(
+                a_ptr + rows[:, None] * stride_an + offs_d[None, :] * stride_ad,
+                mask=rmask[:, None] & dmask[None, :],
+                other=0.0,
+            ).to(DOT_DTYPE)
+            x = tl.dot(a_tile, bt, input_precision=DOT_PRECISION)
+        else:
+            x = _tile_logits(
+                a_ptr, b_ptr, rows, cols, rmask, cmask, D,
+                stride_an, stride_ad, stride_bn, stride_bd,
+                BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
+            )  # fmt: skip
+        valid = rmask[:, None] & cmask[None, :]
+        s = tl.where(valid, x * scale + bias, float("-inf"))  # as in the forward
+        dp = tl.exp(s - row_lse[:, None]) + tl.exp(s - col_lse[None, :])  # 0 where masked
+        dp = tl.where((rows[:, None] == cols[None, :]) & rmask[:, None], dp - 2.0, dp)
+        ds_acc += tl.sum(tl.sum(dp * x, axis=1), axis=0)
+        dbias_acc += tl.sum(tl.sum(dp, axis=1), axis=0)
+        dp_lo = dp.to(DOT_DTYPE)
+
+        if ONE_CHUNK:
+            db_acc = tl.dot(tl.trans(dp_lo), a_tile, db_acc, input_precision=DOT_PRECISION)
+            da = tl.dot(dp_lo, tl.trans(bt), input_precision=DOT_PRECISION)
+            tl.atomic_add(
+                da_ptr + rows[:, None] * D + offs_d[None, :],
+                da * out_scale,
+                mask=rmask[:, None] & dmask[None, :],
+                sem="relaxed",
+            )
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                dmask_c = dd < D
+                a_c = tl.load(
+                    a_ptr + rows[:, None] * stride_an + dd[None, :] * stride_ad,
+                    mask=rmask[:, None] & dmask_c[None, :],
+                    other=0.0,
+                ).to(DOT_DTYPE)
+                b_c = tl.load(
+                    b_ptr + cols[:, None] * stride_bn + dd[None, :] * stride_bd,
+                    mask=cmask[:, None] & dmask_c[None, :],
+                    other=0.0,
+                ).to(DOT_DTYPE)
+                db_c = tl.dot(tl.trans(dp_lo), a_c, input_precision=DOT_PRECISION)
+                tl.atomic_add(
+                    db_ptr + cols[:, None] * D + dd[None, :],
+                    db_c * out_scale,
+                    mask=cmask[:, None] & dmask_c[None, :],
+                    sem="relaxed",
+                )
+                da_c = tl.dot(dp_lo, b_c, input_precision=DOT_PRECISION)
+                tl.atomic_add(
+                    da_ptr + rows[:, None] * D + dd[None, :],
+                    da_c * out_scale,
+                    mask=rmask[:, None] & dmask_c[None, :],
+                    sem="relaxed",
+                )
+
+    if ONE_CHUNK:
+        tl.atomic_add(
+            db_ptr + cols[:, None] * D + offs_d[None, :],
+            db_acc * out_scale,
+            mask=cmask[:, None] & dmask[None, :],
+            sem="relaxed",
+        )
+    pid = cb * SPLIT + sp
+    num_programs = tl.num_programs(0) * SPLIT
+    tl.store(part_ptr + pid, ds_acc * coef)
+    tl.store(part_ptr + num_programs + pid, dbias_acc * coef)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    per_sm: int = 1  # programs resident per SM (register-bound: ~1 at 8 warps)
+
+
+_OVERRIDE: dict = {}
+_OVERRIDE_KEYS = frozenset({"block_m", "block_n", "block_d", "max_programs"})
+
+
+@contextlib.contextmanager
+def override_tiles(**kwargs: int) -> Iterator[None]:
+    """Force tile sizes and the concurrent program count (tests, benchmarks, tuning).
+
+    Keys: block_m, block_n, block_d (powers of two >= 16) and max_programs (the number of
+    programs the grid is planned for, SMs x programs per SM on a GPU, 8 in the
+    interpreter). D <= block_d takes the single-chunk path of both kernels.
+    """
+    unknown = set(kwargs) - _OVERRIDE_KEYS
+    if unknown:
+        raise ValueError(f"unknown overrides {sorted(unknown)}; allowed: {sorted(_OVERRIDE_KEYS)}")
+    for key, value in kwargs.items():
+        if key == "max_programs":
+            if value < 1:
+                raise ValueError(f"max_programs must be >= 1, got {value}")
+        elif value < 16 or value & (value - 1):
+            raise ValueError(f"{key} must be a power of two >= 16, got {value}")
+    saved = dict(_OVERRIDE)
+    _OVERRIDE.update(kwargs)
+    try:
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(saved)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _slots(device: torch.device, tiles: _Tiles) -> int:
+    """How many programs run at once: the size the grids are planned for."""
+    if "max_programs" in _OVERRIDE:
+        return _OVERRIDE["max_programs"]
+    if device.type != "cuda":
+        return 8  # interpreter: a few programs, several tiles each
+    return _sm_count_of(device) * tiles.per_sm
+
+
+def _with_override(tiles: _Tiles) -> _Tiles:
+    keys = {k: v for k, v in _OVERRIDE.items() if k in ("block_m", "block_n")}
+    return replace(tiles, **keys) if keys else tiles
+
+
+def _tensor_cores(dtype: torch.dtype) -> bool:
+    return dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest"
+
+
+def _block_d(d: int, dtype: torch.dtype, device: torch.device) -> int:
+    """D chunk, shared by forward and backward: equal chunking (and operand layout) makes
+    the backward's recomputed logits bitwise equal to the forward's, so exp(S - lse)
+    sums to 1 up to the rounding of lse itself."""
+    if "block_d" in _OVERRIDE:
+        return _OVERRIDE["block_d"]
+    d_pad = max(16, triton.next_power_of_2(d))
+    if device.type != "cuda":
+        return min(d_pad, 64)
+    if dtype == torch.float32:  # IEEE (FMA) or tf32 products
+        return min(d_pad, 32)
+    return d_pad if d_pad <= 128 else 64
+
+
+# Tile heuristics for sm_90 (H100), checked by compiling offline with Triton 3.9 for
+# sm_90a: the 16-bit and tf32 configurations use wgmma, and all fit in 255 registers
+# without spilling (128 x 128 forward tiles, or 128-wide dB accumulators with D = 128,
+# spill). Not timed on a GPU yet: these are the numbers to tune first.
+def _forward_tiles(n: int, d: int, dtype: torch.dtype, device: torch.device) -> _Tiles:
+    block_d = _block_d(d, dtype, device)
+    if device.type != "cuda":
+        return _Tiles(32, 32, block_d, 4, 1)
+    if not _tensor_cores(dtype):  # IEEE fp32: FMA products
+        return _Tiles(64, 64, block_d, 8, 2)
+    if triton.cdiv(n, 128) * triton.cdiv(n, 64) < _sm_count_of(device):
+        return _Tiles(64, 64, block_d, 4, 3, per_sm=2)  # small N: more, smaller tiles
+    return _Tiles(128, 64, block_d, 8, 3)
+
+
+def _backward_tiles(n: int, d: int, dtype: torch.dtype, device: torch.device) -> _Tiles:
+    block_d = _block_d(d, dtype, device)
+    if device.type != "cuda":
+        return _Tiles(32, 32, block_d, 4, 1)
+    if not _tensor_cores(dtype):  # IEEE fp32: FMA products
+        return _Tiles(32, 32, block_d, 4, 2, per_sm=2)
+    if d <= block_d:  # single chunk: B block and the 64 x D fp32 dB accumulator on chip
+        return _Tiles(64, 64, block_d, 8, 2)
+    # D in chunks, dB by atomics per tile. Before Hopper (mma.sync keeps the products in
+    # registers) 64 x 128 spills: sm_80 gets 64 x 64.
+    return _Tiles(64, 128 if _capability(device)[0] >= 9 else 64, block_d, 8, 2)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _sm_count_of(device: torch.device) -> int:
+    return _sm_count(_index(device))
+
+
+@functools.cache
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return _capability_of(_index(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _forward_grid(num_rb: int, num_cb: int, slots: int) -> tuple[int, int]:
+    """(G, H) with G * H <= slots minimising the tiles of the busiest program."""
+    best = (num_rb * num_cb + 1, 0, 1, 1)
+    for g in range(1, min(num_rb, slots) + 1):
+        h = min(num_cb, slots // g)
+        cost = triton.cdiv(num_rb, g) * triton.cdiv(num_cb, h)
+        best = min(best, (cost, g + h, g, h))  # ties: smaller partial buffers
+    return best[2], best[3]
+
+
+@functools.lru_cache(maxsize=4096)
+def _backward_split(num_rb: int, num_cb: int, slots: int) -> int:
+    """Row-block split minimising waves x tiles per program; ties: fewer dB atomics."""
+    best = (num_rb * num_cb + 1, 1)
+    for split in range(1, num_rb + 1):
+        waves = triton.cdiv(num_cb * split, slots)
+        best = min(best, (waves * triton.cdiv(num_rb, split), split))
+        if num_cb * split >= slots:
+            break
+    return best[1]
+
+
+def _forward_plan(n: int, d: int, dtype: torch.dtype, device: torch.device):
+    tiles = _with_override(_forward_tiles(n, d, dtype, device))
+    num_rb, num_cb = triton.cdiv(n, tiles.block_m), triton.cdiv(n, tiles.block_n)
+    return (tiles, *_forward_grid(num_rb, num_cb, _slots(device, tiles)))
+
+
+def _backward_plan(n: int, d: int, dtype: torch.dtype, device: torch.device):
+    tiles = _with_override(_backward_tiles(n, d, dtype, device))
+    num_rb, num_cb = triton.cdiv(n, tiles.block_m), triton.cdiv(n, tiles.block_n)
+    return tiles, num_cb, _backward_split(num_rb, num_cb, _slots(device, tiles))
+
+
+def _dot_setup(dtype: torch.dtype, device: torch.device):
+    """(tl dtype the tiles are cast to before tl.dot, tl.dot input_precision)."""
+    if _INTERPRET and dtype == torch.bfloat16:
+        return tl.float32, "ieee"  # the interpreter's bf16 tl.dot is wrong
+    if dtype == torch.float32:
+        return tl.float32, ("tf32" if device.type == "cuda" and _tensor_cores(dtype) else "ieee")
+    return _TORCH_TO_TL[dtype], "ieee"  # input_precision only matters for fp32
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _prepare(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]):
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"a and b must both be (N, D), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != b.dtype or a.dtype not in _TORCH_TO_TL:
+        raise TypeError(
+            f"Triton CLIP kernels take float32, float16 or bfloat16 a and b of one dtype, "
+            f"got {a.dtype} and {b.dtype}"
+        )
+    device = a.device
+    reason = triton_unavailable_reason(device)
+    if reason is None and device.type == "cpu" and not _INTERPRET:
+        reason = (
+            "TRITON_INTERPRET=1 was set after flashcontrast.backends.triton.clip was "
+            "imported; Triton reads it when the kernels are defined"
+        )
+    if reason is not None:
+        raise RuntimeError(reason)
+    for name, t in (("b", b), ("scale", scale), ("bias", bias)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device}, a on {device}")
+    if scale.numel() != 1 or (bias is not None and bias.numel() != 1):
+        raise ValueError("scale and bias must be single-element tensors")
+
+
+def _index_64(*tensors: Tensor) -> bool:
+    """True when an element offset may not fit in int32."""
+    for t in tensors:
+        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        if max(span, t.numel()) >= 2**31:
+            return True
+    return False
+
+
+def _guard(device: torch.device):
+    # Triton launches on the current stream of the current device: make it a's device.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def clip_forward(
+    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(row_lse, col_lse, diag), each (N,) float32, of S = scale * a @ b^T + bias."""
+    _prepare(a, b, scale, bias)
+    n, d = a.shape
+    f32 = dict(dtype=torch.float32, device=a.device)
+    row_lse, col_lse, diag = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
+    if n == 0:
+        return row_lse, col_lse, diag
+    if d == 0:  # S = bias everywhere
+        b0 = bias.float().reshape(()) if bias is not None else torch.zeros((), **f32)
+        row_lse.copy_(b0 + torch.log(torch.full((), float(n), **f32)))
+        col_lse.copy_(row_lse)
+        diag.copy_(b0)
+        return row_lse, col_lse, diag
+    tiles, g, h = _forward_plan(n, d, a.dtype, a.device)
+    dot_dtype, precision = _dot_setup(a.dtype, a.device)
+    ws = torch.empty((2, h + g, n), **f32)
+    with _guard(a.device):
+        _clip_fwd_kernel[(g, h)](
+            a, b, scale, bias if bias is not None else scale,
+            ws[0], ws[1], diag,
+            n, d, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            HAS_BIAS=bias is not None,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
+            ONE_CHUNK=d <= tiles.block_d,
+            INDEX_64=_index_64(a, b),
+            DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )  # fmt: skip
+        block = 256 if _INTERPRET else 1024
+        _lse_combine_kernel[(triton.cdiv(n, block), 2)](
+            ws[0], ws[1], row_lse, col_lse, n, h, g, BLOCK=block, num_warps=4
+        )
+    return row_lse, col_lse, diag
+
+
+def clip_backward(
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    bias: Optional[Tensor],
+    row_lse: Tensor,
+    col_lse: Tensor,
+    grad: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(da, db, dscale, dbias) for dL/dL_clip = grad; da/db in the input dtype."""
+    _prepare(a, b, scale, bias)
+    for name, t in (("row_lse", row_lse), ("col_lse", col_lse), ("grad", grad)):
+        if t.device != a.device:
+            raise ValueError(f"{name} is on {t.device}, a on {a.device}")
+    if row_lse.shape != (a.shape[0],) or col_lse.shape != (a.shape[0],) or grad.numel() != 1:
+        raise ValueError("row_lse and col_lse must be (N,) and grad a single element")
+    n, d = a.shape
+    f32 = dict(dtype=torch.float32, device=a.device)
+    da = torch.zeros((n, d), **f32)
+    db = torch.zeros((n, d), **f32)
+    if n == 0 or d == 0:
+        zero = torch.zeros((), **f32)
+        return da.to(a.dtype), db.to(b.dtype), zero, zero.clone()
+    tiles, num_cb, split = _backward_plan(n, d, a.dtype, a.device)
+    dot_dtype, precision = _dot_setup(a.dtype, a.device)
+    part = torch.empty((2, num_cb * split), **f32)
+    row_lse = row_lse.to(torch.float32).contiguous()  # (N,): no copy in the normal case
+    col_lse = col_lse.to(torch.float32).contiguous()
+    with _guard(a.device):
+        _clip_bwd_kernel[(num_cb, split)](
+            a, b, scale, bias if bias is not None else scale, grad,
+            row_lse, col_lse, da, db, part,
+            n, d, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            HAS_BIAS=bias is not None,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
+            ONE_CHUNK=d <= tiles.block_d,
+            INDEX_64=_index_64(a, b, da),
+            DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )  # fmt: skip
+    dscale = part[0].sum()
+    dbias = part[1].sum()
+    return da.to(a.dtype), db.to(b.dtype), dscale, dbias

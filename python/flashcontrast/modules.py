@@ -1,0 +1,41 @@
+"""nn.Module wrappers over :mod:`flashcontrast.functional`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import functional
+from ._validation import Scalar
+
+
+class ClipLoss(nn.Module):
+    """CLIP's symmetric InfoNCE as a module: ``ClipLoss()(img, txt, logit_scale)``.
+
+    Computes what OpenCLIP's single-process ``ClipLoss`` computes and returns the loss
+    tensor itself. Holds no parameters: the logit scale and bias belong to the model.
+
+    Args:
+        backend: "auto", "cuda", "triton", "torch" or "reference".
+    """
+
+    def __init__(self, backend: str = "auto") -> None:
+        super().__init__()
+        self.backend = backend
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: Scalar,
+        logit_bias: Optional[Scalar] = None,
+    ) -> torch.Tensor:
+        """(N, D), (N, D), scalar, optional scalar -> 0-d mean loss."""
+        return functional.clip_loss(
+            image_features, text_features, logit_scale, logit_bias, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"

@@ -1,0 +1,47 @@
+"""The torch backend never allocates an N x N logit buffer, measured on the CPU allocator.
+
+The reference is the positive control: the same measurement sees its N x N matrices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import flashcontrast
+from flashcontrast.backends import blockwise
+from flashcontrast.bench.memory import memory_use
+
+
+def _fwd_bwd(backend: str, a: torch.Tensor, b: torch.Tensor):
+    def run():
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        s = torch.tensor(20.0, requires_grad=True)
+        flashcontrast.clip_loss(x, y, s, backend=backend).backward()
+
+    return run
+
+
+def test_torch_backend_allocates_no_n_by_n_buffer(monkeypatch):
+    n, d, rows = 3000, 16, 64
+    nxn = n * n * 4
+    monkeypatch.setitem(blockwise.MAX_BLOCK_ELEMENTS, "cpu", rows * n)
+    a, b = torch.randn(n, d), torch.randn(n, d)
+
+    ref = memory_use(_fwd_bwd("reference", a, b), torch.device("cpu"))
+    assert ref.largest_allocation >= nxn, "the measurement must see the reference's N x N"
+
+    ours = memory_use(_fwd_bwd("torch", a, b), torch.device("cpu"))
+    assert ours.largest_allocation <= rows * n * 4 + 64
+    # Two (rows x N) blocks, the gradients and O(N) statistics: far below one N x N.
+    assert ours.peak_bytes <= 4 * rows * n * 4 + 4 * n * d * 4 + 64 * n
+    assert ours.peak_bytes < nxn / 10
+
+
+def test_default_block_budget_keeps_peak_below_n_by_n():
+    """With the default budget (2^22 elements a block on the CPU) at N = 8192: a few
+    16 MiB blocks live at once, where one N x N float32 matrix is 256 MiB."""
+    n, d = 8192, 8
+    a, b = torch.randn(n, d), torch.randn(n, d)
+    ours = memory_use(_fwd_bwd("torch", a, b), torch.device("cpu"))
+    assert ours.largest_allocation <= blockwise.MAX_BLOCK_ELEMENTS["cpu"] * 4
+    assert ours.peak_bytes < n * n * 4 / 4
