@@ -1,36 +1,32 @@
 """``python -m flashcontrast.bench``: CLIP InfoNCE forward+backward, reference vs backends.
 
-On a GPU: every available backend at N from 4096 up; on the CPU: small N, the reference
-and the torch backend (the Triton interpreter is a test tool, not a contender). Prints a
-table of median time (with p20-p80) and peak memory beyond the inputs.
+On a GPU: every available backend at N from 4096 up, with a plain torch matmul as the
+speed-of-light row; on the CPU: small N, the reference and the torch backend (the Triton
+interpreter is a test tool, not a contender). Prints a table of median time (with
+p20-p80), peak memory beyond the inputs and, on a GPU, TFLOP/s.
+
+``--out DIR`` also writes the rows as CSV and the table as Markdown, headed by the date,
+versions, device and command. ``--gpu-report`` is the one command for a machine with a
+GPU: it runs the test suite there, then the full matrix (D = 512 and 1024, bfloat16 and
+float32, N from 4096 until memory runs out), and writes both into
+benchmarks/results/<device>/.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
+from pathlib import Path
 
 import torch
 
-from .. import __version__
 from .._dispatch import backend_for
-from .clip import measure
+from .clip import measure, measure_matmul
+from .report import Report, device_slug, run_tests
 
-GPU_SIZES = [4096, 8192, 16384, 32768, 65536]
+GPU_SIZES = [4096, 8192, 16384, 32768, 65536, 131072]
 CPU_SIZES = [256, 1024, 4096]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _available_backends(device: torch.device) -> list[str]:
@@ -46,49 +42,69 @@ def _available_backends(device: torch.device) -> list[str]:
     return names
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flashcontrast.bench", description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", help="batch sizes N")
-    parser.add_argument("--dim", type=int, default=None, help="feature dimension D")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    parser.add_argument("--backends", nargs="+", help="subset of backends to run")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="the smallest sizes only")
-    args = parser.parse_args(argv)
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flashcontrast.bench", description=__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", type=int, nargs="+", help="batch sizes N")
+    p.add_argument("--dims", type=int, nargs="+", help="feature dimensions D")
+    p.add_argument("--dtypes", choices=sorted(DTYPES), nargs="+")
+    p.add_argument("--backends", nargs="+", help="subset of backends to run")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="the two smallest sizes only")
+    p.add_argument("--out", type=Path, help="also write CSV and Markdown into this folder")
+    p.add_argument(
+        "--gpu-report",
+        action="store_true",
+        help="on a GPU: run the tests, then the full matrix, into benchmarks/results/<device>/",
+    )
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
+    if args.gpu_report:
+        if not on_gpu:
+            print("--gpu-report needs a CUDA device; none is visible", file=sys.stderr)
+            return 2
+        args.dims = args.dims or [512, 1024]
+        args.dtypes = args.dtypes or ["bfloat16", "float32"]
+        args.out = args.out or Path("benchmarks/results") / device_slug(device)
     sizes = args.sizes or (GPU_SIZES if on_gpu else CPU_SIZES)
-    if args.quick:
-        sizes = sizes[:2]
-    d = args.dim or (512 if on_gpu else 256)
-    dtype = DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
+    sizes = sizes[:2] if args.quick else sizes
+    dims = args.dims or [512 if on_gpu else 256]
+    dtypes = args.dtypes or ["bfloat16" if on_gpu else "float32"]
     backends = args.backends or _available_backends(device)
-    name = torch.cuda.get_device_name(device) if on_gpu else _cpu_name()
-    print(
-        f"flashcontrast {__version__}, torch {torch.__version__}, python "
-        f"{platform.python_version()}, device {device} ({name}), "
-        f"{torch.get_num_threads()} threads"
-    )
-    print(f"CLIP InfoNCE forward+backward, D={d}, {dtype}, median of {args.repeats}")
-    header = f"{'backend':>10} {'N':>7} {'ms':>10} {'p20-p80 ms':>17} {'peak MiB':>10}"
-    if on_gpu:
-        header += f" {'TFLOP/s':>8}"
-    print(header)
-    for n in sizes:
-        for backend in backends:
-            row = measure(backend, n, d, dtype, device, args.repeats)
-            if row is None:
-                print(f"{backend:>10} {n:>7} {'out of memory':>10}")
-                continue
-            line = (
-                f"{backend:>10} {n:>7} {row.ms_median:>10.2f} "
-                f"{row.ms_p20:>8.2f}-{row.ms_p80:<8.2f} {row.peak_mib:>10.1f}"
+
+    report = Report(device, "python -m flashcontrast.bench " + " ".join(argv or sys.argv[1:]))
+    report.print_header()
+    if args.gpu_report:
+        report.tests = run_tests()
+        print(f"tests: {report.tests}", flush=True)
+    for d in dims:
+        for dtype_name in dtypes:
+            report.section(
+                f"CLIP InfoNCE forward+backward, D={d}, {dtype_name}, median of {args.repeats}"
             )
-            if on_gpu:
-                line += f" {row.tflops:>8.1f}"
-            print(line, flush=True)
+            out_of_memory: set[str] = set()
+            for n in sizes:
+                if on_gpu:
+                    report.add(measure_matmul(n, d, device, args.repeats))
+                for backend in backends:
+                    if backend in out_of_memory:
+                        continue
+                    row = measure(backend, n, d, DTYPES[dtype_name], device, args.repeats)
+                    if row is None:
+                        out_of_memory.add(backend)
+                        report.note(f"{backend} N={n}: out of memory; larger N skipped")
+                    else:
+                        report.add(row)
+                if len(out_of_memory) == len(backends):
+                    break
+    if args.out:
+        for path in report.write(args.out):
+            print(f"wrote {path}")
     return 0
 
 

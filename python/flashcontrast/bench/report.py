@@ -1,0 +1,171 @@
+"""The benchmark's output: the printed table, and the CSV and Markdown files it writes.
+
+Every file is headed by what makes a number reproducible: the date, the versions of
+flashcontrast, torch, triton and CUDA, the device, and the command that produced it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import __version__
+from .._cuda_ext import runtime_info
+from .clip import Row
+
+_COLUMNS = f"{'backend':>12} {'N':>7} {'ms':>10} {'p20-p80 ms':>19} {'peak MiB':>10}"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """'NVIDIA H100 80GB HBM3' or the CPU model, with the thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {_cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def device_slug(device: torch.device) -> str:
+    """A folder name for the device: 'nvidia-h100-80gb-hbm3', 'cpu'."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # not installed, or broken: the header says so
+        return "not installed"
+
+
+def run_tests() -> str:
+    """Run the repository's test suite here (from a checkout) and return its summary line."""
+    if not Path("tests").is_dir():
+        return "not run: no tests/ folder here (run from a checkout of the repository)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "tests"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    summary = lines[-1] if lines else f"pytest printed nothing (exit {proc.returncode})"
+    return "; ".join([summary, *failed[:20]])
+
+
+@dataclass
+class Report:
+    """Rows and notes of one benchmark run, printed as they come and written at the end."""
+
+    device: torch.device
+    command: str
+    rows: list[Row] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    tests: Optional[str] = None
+    started: str = field(
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        )
+    )
+
+    def header(self) -> list[str]:
+        info = runtime_info()
+        cuda = info.get("cuda_runtime", "no _C") if info.get("has_c") else "no _C"
+        return [
+            f"date: {self.started}",
+            f"device: {self.device} ({device_name(self.device)})",
+            f"versions: flashcontrast {__version__}, torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda}), triton {_triton_version()}, _C CUDA runtime {cuda}, "
+            f"python {platform.python_version()}",
+            f"command: {self.command}",
+        ]
+
+    def print_header(self) -> None:
+        for line in self.header():
+            print(line, flush=True)
+
+    def section(self, title: str) -> None:
+        self.lines += [
+            "",
+            title,
+            _COLUMNS + (f" {'TFLOP/s':>8} {'x matmul':>8}" if self.device.type == "cuda" else ""),
+        ]
+        for line in self.lines[-3:]:
+            print(line, flush=True)
+
+    def note(self, text: str) -> None:
+        self.lines.append(f"  ({text})")
+        print(self.lines[-1], flush=True)
+
+    def _matmul_tflops(self, row: Row) -> Optional[float]:
+        for r in self.rows:
+            if r.backend == "matmul-bf16" and (r.n, r.d) == (row.n, row.d):
+                return r.tflops
+        return None
+
+    def add(self, row: Optional[Row]) -> None:
+        if row is None:
+            return
+        self.rows.append(row)
+        line = (
+            f"{row.backend:>12} {row.n:>7} {row.ms_median:>10.2f} "
+            f"{row.ms_p20:>9.2f}-{row.ms_p80:<9.2f} {row.peak_mib:>10.1f}"
+        )
+        if self.device.type == "cuda":
+            ref = self._matmul_tflops(row)
+            ratio = f"{row.tflops / ref:>8.2f}" if ref else f"{'-':>8}"
+            line += f" {row.tflops:>8.1f} {ratio}"
+        self.lines.append(line)
+        print(line, flush=True)
+
+    def write(self, folder: Path) -> list[Path]:
+        """Write <folder>/clip-<date>.csv and .md; return their paths."""
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = folder / f"clip-{self.started[:10]}"
+        csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(
+                [*asdict(self.rows[0]).keys(), "tflops", "timestamp"] if self.rows else ["no rows"]
+            )
+            for row in self.rows:
+                writer.writerow([*asdict(row).values(), f"{row.tflops:.3f}", self.started])
+        text = ["# CLIP InfoNCE benchmark", "", *[f"- {h}" for h in self.header()]]
+        if self.tests is not None:
+            text.append(f"- tests on this device: {self.tests}")
+        text += [
+            "- time: forward+backward, median and p20-p80 over the repeats; peak: memory "
+            "allocated beyond the inputs; TFLOP/s counts 8 N^2 D per forward+backward; "
+            "'x matmul': that rate over a plain bf16 torch matmul of the same N and D",
+            "",
+            "```",
+            *self.lines,
+            "```",
+            "",
+        ]
+        md_path.write_text("\n".join(text))
+        return [csv_path, md_path]
