@@ -3,9 +3,9 @@
 The contract (shared/DESIGN.md, "The backend contract"): a backend module supplies, per
 objective, a forward that returns O(N) statistics and a backward that recomputes tiles
 from them. Input checks, the reduction to a loss and the autograd wiring live once, above
-the backends (functional.py, _ops.py); a backend adds kernels, not semantics.
+the backends (objectives/<name>.py); a backend adds kernels, not semantics.
 
-CLIP InfoNCE, for every backend module ``torch_backend`` / ``triton.clip`` / ``cuda``::
+CLIP InfoNCE, for every backend module ``blockwise.clip`` / ``triton.clip`` / ``cuda``::
 
     clip_forward(a, b, scale, bias) -> (row_lse, col_lse, diag)
         a, b:   (N, D) features, same dtype (float32, float16 or bfloat16), same device,

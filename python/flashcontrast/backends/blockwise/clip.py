@@ -1,9 +1,6 @@
-"""The "torch" backend: blockwise PyTorch that runs on any device in O(N D) memory.
+"""CLIP InfoNCE on the "torch" backend.
 
-Named blockwise.py rather than torch.py (DESIGN.md's name) so that it can never shadow
-the ``torch`` package for code inside ``flashcontrast.backends``.
-
-CLIP InfoNCE. S = s * A @ B^T + b is visited one block of rows at a time, never whole:
+S = s * A @ B^T + b is visited one block of rows at a time, never whole:
 
 forward   each row block gives its rows' logsumexps and diagonal directly, and folds into
           running column statistics (max m_j and sum_j of e^(S_ij - m_j)), the online
@@ -22,16 +19,8 @@ from typing import Optional
 
 import torch
 
-from .._validation import accumulation_dtype
-
-#: Upper bound on the elements of one (rows x N) logit block, per device type.
-MAX_BLOCK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 22}
-
-
-def block_rows(n: int, device: torch.device, max_elements: Optional[int] = None) -> int:
-    """Rows per block so that a (rows, n) block stays within the element budget."""
-    budget = max_elements or MAX_BLOCK_ELEMENTS.get(device.type, 1 << 22)
-    return max(1, min(n, budget // n))
+from ..._validation import accumulation_dtype
+from . import block_rows
 
 
 def _logits_block(

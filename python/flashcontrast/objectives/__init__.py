@@ -1,0 +1,1 @@
+"""One module per objective: input checks, ops, autograd and the public function."""
