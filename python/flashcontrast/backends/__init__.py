@@ -23,4 +23,53 @@ CLIP InfoNCE, for every backend module ``blockwise.clip`` / ``triton.clip`` / ``
         da = scale * dS @ b   (N, D) in a.dtype;  db = scale * dS^T @ a   (N, D) in b.dtype
         dscale = sum_ij dS_ij <a_i, b_j>   0-d float32
         dbias  = sum_ij dS_ij              0-d float32 (0 up to rounding; returned anyway)
+
+Row-only InfoNCE with a diagonal override (Symile "n", objectives.md section 5), module
+``<backend>/symile.py`` (``cuda.py`` for "cuda")::
+
+    rowce_forward(a, w, scale, diag_logit) -> row_lse
+        a, w: (N, D) same dtype/device, any strides; scale: 0-d fp32; diag_logit: (N,) fp32.
+        logits_ij = scale * <a_i, w_j> for j != i, logits_ii = diag_logit_i.
+        row_lse: (N,) fp32, LSE_j logits_ij.
+    rowce_backward(a, w, scale, diag_logit, row_lse, grad_rows) -> (da, dw, dscale, ddiag)
+        For the loss sum_i grad_rows_i * row_lse_i (grad_rows: (N,) fp32; the -diag term of
+        the cross entropy is differentiated above the backend), P = softmax_j(logits):
+        da_i = scale sum_{j != i} grad_rows_i P_ij w_j
+        dw_j = scale sum_{i != j} grad_rows_i P_ij a_i
+        dscale = sum_{i != j} grad_rows_i P_ij <a_i, w_j>;  ddiag_i = grad_rows_i P_ii
+        da, dw in the input dtype; dscale 0-d fp32; ddiag (N,) fp32.
+
+Symile "n_squared" for M = 3 (anchor x, others y, z), module ``<backend>/symile.py``::
+
+    symile_n2_forward(x, y, z, scale) -> row_lse
+        x, y, z: (N, D); row_lse_i = LSE_{j,k} scale * sum_d x_id y_jd z_kd over all N^2
+        pairs (j, k), generated tile by tile, never stored. (N,) fp32.
+    symile_n2_backward(x, y, z, scale, row_lse, grad_rows) -> (dx, dy, dz, dscale)
+        Gradients of sum_i grad_rows_i * row_lse_i (the positive term is differentiated
+        above the backend), with P_ijk = exp(logit_ijk - row_lse_i), c_ijk = grad_rows_i P_ijk:
+        dx_i = scale sum_jk c_ijk y_j * z_k;  dy_j = scale sum_ik c_ijk x_i * z_k;
+        dz_k = scale sum_ij c_ijk x_i * y_j;  dscale = sum_ijk c_ijk <x_i, y_j * z_k>.
+
+GRAM (objectives.md section 4), module ``<backend>/gram.py``. K = M - 1 other modalities
+stacked as others (K, N, D); per-column constants, computed above the backend in O(N K^3):
+det_h (N,) = det H_j and adj_h (N, K, K) = adj H_j, H_j the K x K Gram matrix of
+(o^1_j, ..., o^K_j). u_ij (K,) = (<t_i, o^1_j>, ..., <t_i, o^K_j>)::
+
+    gram_forward(anchor, others, scale, det_h, adj_h)
+        -> (row_lse, col_lse, diag, row_sum, col_sum)
+        det_ij = det_h_j |t_i|^2 - u_ij^T adj_h_j u_ij;  V_ij = sqrt(max(det_ij, 0));
+        logits L_ij = -scale V_ij. All (N,) fp32: LSE over j, LSE over i, L_ii, sum over j,
+        sum over i (the sums serve label smoothing).
+    gram_backward(anchor, others, scale, det_h, adj_h, row_lse, col_lse, grad, label_smoothing)
+        -> (d_anchor, d_others_u, dscale, col_tt, col_uu)
+        With eps = label_smoothing and grad the upstream scalar of
+        L = 1/2 [CE_rows(L) + CE_cols(L)] (torch's label-smoothed CE),
+        dL_ij = grad / (2N) (P_row_ij + P_col_ij - 2 (1 - eps) [i == j] - 2 eps / N),
+        w_ij = dL_ij * (-scale) / (2 V_ij) where det_ij > 0, else 0 (the safe sqrt),
+        d_anchor_i = sum_j w_ij (2 det_h_j t_i - 2 sum_r (adj_h_j u_ij)_r o^r_j)   (N, D)
+        d_others_u[r]_j = -2 sum_i w_ij (adj_h_j u_ij)_r t_i   (K, N, D): through u only
+        dscale = sum_ij dL_ij (-V_ij)   0-d fp32
+        col_tt_j = sum_i w_ij |t_i|^2 (N,), col_uu_j = sum_i w_ij u_ij u_ij^T (N, K, K):
+        the gradients w.r.t. det_h_j and -adj_h_j, chained above the backend through the
+        per-column constants to the others.
 """
