@@ -9,7 +9,9 @@
 #include <string>
 
 #include "flashcontrast/clip.h"
+#include "flashcontrast/gram.h"
 #include "flashcontrast/runtime_info.h"
+#include "flashcontrast/symile.h"
 
 namespace py = pybind11;
 namespace fc = flashcontrast;
@@ -101,6 +103,129 @@ void clip_backward(std::uintptr_t a_ptr, std::uintptr_t b_ptr, std::int64_t n, s
                     as_ptr<float>(workspace_ptr), workspace_elems, as_ptr<void>(stream));
 }
 
+using u64 = std::uintptr_t;
+using i64 = std::int64_t;
+
+void rowce_forward(u64 a_ptr, u64 w_ptr, i64 n, i64 d, i64 a_stride0, i64 a_stride1,
+                   i64 w_stride0, i64 w_stride1, const std::string& dtype, u64 scale_ptr,
+                   u64 diag_logit_ptr, u64 row_lse_ptr, u64 workspace_ptr, i64 workspace_elems,
+                   u64 stream) {
+  fc::rowce_forward(pair_inputs(a_ptr, w_ptr, n, d, a_stride0, a_stride1, w_stride0, w_stride1,
+                                dtype, scale_ptr, 0),
+                    as_ptr<const float>(diag_logit_ptr), as_ptr<float>(row_lse_ptr),
+                    as_ptr<float>(workspace_ptr), workspace_elems, as_ptr<void>(stream));
+}
+
+void rowce_backward(u64 a_ptr, u64 w_ptr, i64 n, i64 d, i64 a_stride0, i64 a_stride1,
+                    i64 w_stride0, i64 w_stride1, const std::string& dtype, u64 scale_ptr,
+                    u64 diag_logit_ptr, u64 row_lse_ptr, u64 grad_rows_ptr, u64 da_ptr,
+                    u64 dw_ptr, u64 dscale_ptr, u64 ddiag_ptr, u64 workspace_ptr,
+                    i64 workspace_elems, u64 stream) {
+  fc::rowce_backward(pair_inputs(a_ptr, w_ptr, n, d, a_stride0, a_stride1, w_stride0, w_stride1,
+                                 dtype, scale_ptr, 0),
+                     as_ptr<const float>(diag_logit_ptr), as_ptr<const float>(row_lse_ptr),
+                     as_ptr<const float>(grad_rows_ptr), as_ptr<void>(da_ptr),
+                     as_ptr<void>(dw_ptr), as_ptr<float>(dscale_ptr), as_ptr<float>(ddiag_ptr),
+                     as_ptr<float>(workspace_ptr), workspace_elems, as_ptr<void>(stream));
+}
+
+fc::TripleInputs triple_inputs(u64 x_ptr, u64 y_ptr, u64 z_ptr, i64 n, i64 d, i64 x_stride0,
+                               i64 x_stride1, i64 y_stride0, i64 y_stride1, i64 z_stride0,
+                               i64 z_stride1, const std::string& dtype, u64 scale_ptr) {
+  fc::TripleInputs in;
+  in.x = as_ptr<const void>(x_ptr);
+  in.y = as_ptr<const void>(y_ptr);
+  in.z = as_ptr<const void>(z_ptr);
+  in.n = n;
+  in.d = d;
+  in.x_stride0 = x_stride0;
+  in.x_stride1 = x_stride1;
+  in.y_stride0 = y_stride0;
+  in.y_stride1 = y_stride1;
+  in.z_stride0 = z_stride0;
+  in.z_stride1 = z_stride1;
+  in.dtype = fc::parse_dtype(dtype);
+  in.scale = as_ptr<const float>(scale_ptr);
+  return in;
+}
+
+void symile_n2_forward(u64 x_ptr, u64 y_ptr, u64 z_ptr, i64 n, i64 d, i64 x_stride0,
+                       i64 x_stride1, i64 y_stride0, i64 y_stride1, i64 z_stride0,
+                       i64 z_stride1, const std::string& dtype, u64 scale_ptr, u64 row_lse_ptr,
+                       u64 workspace_ptr, i64 workspace_elems, u64 stream) {
+  fc::symile_n2_forward(triple_inputs(x_ptr, y_ptr, z_ptr, n, d, x_stride0, x_stride1, y_stride0,
+                                      y_stride1, z_stride0, z_stride1, dtype, scale_ptr),
+                        as_ptr<float>(row_lse_ptr), as_ptr<float>(workspace_ptr),
+                        workspace_elems, as_ptr<void>(stream));
+}
+
+void symile_n2_backward(u64 x_ptr, u64 y_ptr, u64 z_ptr, i64 n, i64 d, i64 x_stride0,
+                        i64 x_stride1, i64 y_stride0, i64 y_stride1, i64 z_stride0,
+                        i64 z_stride1, const std::string& dtype, u64 scale_ptr,
+                        u64 row_lse_ptr, u64 grad_rows_ptr, u64 dx_ptr, u64 dy_ptr, u64 dz_ptr,
+                        u64 dscale_ptr, u64 workspace_ptr, i64 workspace_elems, u64 stream) {
+  fc::symile_n2_backward(triple_inputs(x_ptr, y_ptr, z_ptr, n, d, x_stride0, x_stride1,
+                                       y_stride0, y_stride1, z_stride0, z_stride1, dtype,
+                                       scale_ptr),
+                         as_ptr<const float>(row_lse_ptr), as_ptr<const float>(grad_rows_ptr),
+                         as_ptr<void>(dx_ptr), as_ptr<void>(dy_ptr), as_ptr<void>(dz_ptr),
+                         as_ptr<float>(dscale_ptr), as_ptr<float>(workspace_ptr),
+                         workspace_elems, as_ptr<void>(stream));
+}
+
+fc::GramInputs gram_inputs(u64 anchor_ptr, u64 others_ptr, i64 n, i64 d, i64 k,
+                           i64 anchor_stride0, i64 anchor_stride1, i64 others_stride0,
+                           i64 others_stride1, i64 others_stride2, const std::string& dtype,
+                           u64 scale_ptr, u64 det_h_ptr, u64 adj_h_ptr) {
+  fc::GramInputs in;
+  in.anchor = as_ptr<const void>(anchor_ptr);
+  in.others = as_ptr<const void>(others_ptr);
+  in.n = n;
+  in.d = d;
+  in.k = k;
+  in.anchor_stride0 = anchor_stride0;
+  in.anchor_stride1 = anchor_stride1;
+  in.others_stride0 = others_stride0;
+  in.others_stride1 = others_stride1;
+  in.others_stride2 = others_stride2;
+  in.dtype = fc::parse_dtype(dtype);
+  in.scale = as_ptr<const float>(scale_ptr);
+  in.det_h = as_ptr<const float>(det_h_ptr);
+  in.adj_h = as_ptr<const float>(adj_h_ptr);
+  return in;
+}
+
+void gram_forward(u64 anchor_ptr, u64 others_ptr, i64 n, i64 d, i64 k, i64 anchor_stride0,
+                  i64 anchor_stride1, i64 others_stride0, i64 others_stride1,
+                  i64 others_stride2, const std::string& dtype, u64 scale_ptr, u64 det_h_ptr,
+                  u64 adj_h_ptr, u64 row_lse_ptr, u64 col_lse_ptr, u64 diag_ptr,
+                  u64 row_sum_ptr, u64 col_sum_ptr, u64 workspace_ptr, i64 workspace_elems,
+                  u64 stream) {
+  fc::gram_forward(gram_inputs(anchor_ptr, others_ptr, n, d, k, anchor_stride0, anchor_stride1,
+                               others_stride0, others_stride1, others_stride2, dtype, scale_ptr,
+                               det_h_ptr, adj_h_ptr),
+                   as_ptr<float>(row_lse_ptr), as_ptr<float>(col_lse_ptr), as_ptr<float>(diag_ptr),
+                   as_ptr<float>(row_sum_ptr), as_ptr<float>(col_sum_ptr),
+                   as_ptr<float>(workspace_ptr), workspace_elems, as_ptr<void>(stream));
+}
+
+void gram_backward(u64 anchor_ptr, u64 others_ptr, i64 n, i64 d, i64 k, i64 anchor_stride0,
+                   i64 anchor_stride1, i64 others_stride0, i64 others_stride1,
+                   i64 others_stride2, const std::string& dtype, u64 scale_ptr, u64 det_h_ptr,
+                   u64 adj_h_ptr, u64 row_lse_ptr, u64 col_lse_ptr, u64 grad_ptr,
+                   float label_smoothing, u64 d_anchor_ptr, u64 d_others_u_ptr, u64 dscale_ptr,
+                   u64 col_tt_ptr, u64 col_uu_ptr, u64 workspace_ptr, i64 workspace_elems,
+                   u64 stream) {
+  fc::gram_backward(gram_inputs(anchor_ptr, others_ptr, n, d, k, anchor_stride0, anchor_stride1,
+                                others_stride0, others_stride1, others_stride2, dtype, scale_ptr,
+                                det_h_ptr, adj_h_ptr),
+                    as_ptr<const float>(row_lse_ptr), as_ptr<const float>(col_lse_ptr),
+                    as_ptr<const float>(grad_ptr), label_smoothing, as_ptr<void>(d_anchor_ptr),
+                    as_ptr<void>(d_others_u_ptr), as_ptr<float>(dscale_ptr),
+                    as_ptr<float>(col_tt_ptr), as_ptr<float>(col_uu_ptr),
+                    as_ptr<float>(workspace_ptr), workspace_elems, as_ptr<void>(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -139,4 +264,61 @@ PYBIND11_MODULE(_C, m) {
       py::arg("db_ptr"), py::arg("dscale_ptr"), py::arg("dbias_ptr"), py::arg("workspace_ptr"),
       py::arg("workspace_elems"), py::arg("stream"),
       "Writes da, db (contiguous (n, d), input dtype) and dscale, dbias (float32 scalars).");
+  // Symile (symile.h) and GRAM (gram.h): same conventions as CLIP. Workspace sizes from the
+  // *_workspace_elems functions; backward workspaces are zeroed on the stream.
+  def(m, "rowce_forward_workspace_elems", &fc::rowce_forward_workspace_elems, py::arg("n"),
+      py::arg("d"), py::arg("device"));
+  def(m, "rowce_backward_workspace_elems", &fc::rowce_backward_workspace_elems, py::arg("n"),
+      py::arg("d"), py::arg("device"));
+  def(m, "rowce_forward", &rowce_forward, py::arg("a_ptr"), py::arg("w_ptr"), py::arg("n"),
+      py::arg("d"), py::arg("a_stride0"), py::arg("a_stride1"), py::arg("w_stride0"),
+      py::arg("w_stride1"), py::arg("dtype"), py::arg("scale_ptr"), py::arg("diag_logit_ptr"),
+      py::arg("row_lse_ptr"), py::arg("workspace_ptr"), py::arg("workspace_elems"),
+      py::arg("stream"), "Row LSE of scale * a w^T with the diagonal replaced by diag_logit.");
+  def(m, "rowce_backward", &rowce_backward, py::arg("a_ptr"), py::arg("w_ptr"), py::arg("n"),
+      py::arg("d"), py::arg("a_stride0"), py::arg("a_stride1"), py::arg("w_stride0"),
+      py::arg("w_stride1"), py::arg("dtype"), py::arg("scale_ptr"), py::arg("diag_logit_ptr"),
+      py::arg("row_lse_ptr"), py::arg("grad_rows_ptr"), py::arg("da_ptr"), py::arg("dw_ptr"),
+      py::arg("dscale_ptr"), py::arg("ddiag_ptr"), py::arg("workspace_ptr"),
+      py::arg("workspace_elems"), py::arg("stream"),
+      "Writes da, dw (contiguous (n, d), input dtype), dscale (fp32 scalar), ddiag ((n,) fp32).");
+  def(m, "symile_n2_forward_workspace_elems", &fc::symile_n2_forward_workspace_elems,
+      py::arg("n"), py::arg("d"), py::arg("device"));
+  def(m, "symile_n2_backward_workspace_elems", &fc::symile_n2_backward_workspace_elems,
+      py::arg("n"), py::arg("d"), py::arg("device"));
+  def(m, "symile_n2_forward", &symile_n2_forward, py::arg("x_ptr"), py::arg("y_ptr"),
+      py::arg("z_ptr"), py::arg("n"), py::arg("d"), py::arg("x_stride0"), py::arg("x_stride1"),
+      py::arg("y_stride0"), py::arg("y_stride1"), py::arg("z_stride0"), py::arg("z_stride1"),
+      py::arg("dtype"), py::arg("scale_ptr"), py::arg("row_lse_ptr"), py::arg("workspace_ptr"),
+      py::arg("workspace_elems"), py::arg("stream"),
+      "row_lse_i = LSE_{j,k} scale * sum_d x_id y_jd z_kd ((n,) float32).");
+  def(m, "symile_n2_backward", &symile_n2_backward, py::arg("x_ptr"), py::arg("y_ptr"),
+      py::arg("z_ptr"), py::arg("n"), py::arg("d"), py::arg("x_stride0"), py::arg("x_stride1"),
+      py::arg("y_stride0"), py::arg("y_stride1"), py::arg("z_stride0"), py::arg("z_stride1"),
+      py::arg("dtype"), py::arg("scale_ptr"), py::arg("row_lse_ptr"), py::arg("grad_rows_ptr"),
+      py::arg("dx_ptr"), py::arg("dy_ptr"), py::arg("dz_ptr"), py::arg("dscale_ptr"),
+      py::arg("workspace_ptr"), py::arg("workspace_elems"), py::arg("stream"),
+      "Writes dx, dy, dz (contiguous (n, d), input dtype) and dscale (fp32 scalar).");
+  def(m, "gram_forward_workspace_elems", &fc::gram_forward_workspace_elems, py::arg("n"),
+      py::arg("d"), py::arg("k"), py::arg("device"));
+  def(m, "gram_backward_workspace_elems", &fc::gram_backward_workspace_elems, py::arg("n"),
+      py::arg("d"), py::arg("k"), py::arg("device"));
+  def(m, "gram_forward", &gram_forward, py::arg("anchor_ptr"), py::arg("others_ptr"),
+      py::arg("n"), py::arg("d"), py::arg("k"), py::arg("anchor_stride0"),
+      py::arg("anchor_stride1"), py::arg("others_stride0"), py::arg("others_stride1"),
+      py::arg("others_stride2"), py::arg("dtype"), py::arg("scale_ptr"), py::arg("det_h_ptr"),
+      py::arg("adj_h_ptr"), py::arg("row_lse_ptr"), py::arg("col_lse_ptr"), py::arg("diag_ptr"),
+      py::arg("row_sum_ptr"), py::arg("col_sum_ptr"), py::arg("workspace_ptr"),
+      py::arg("workspace_elems"), py::arg("stream"),
+      "L = -scale * volume: writes row_lse, col_lse, diag, row_sum, col_sum ((n,) float32).");
+  def(m, "gram_backward", &gram_backward, py::arg("anchor_ptr"), py::arg("others_ptr"),
+      py::arg("n"), py::arg("d"), py::arg("k"), py::arg("anchor_stride0"),
+      py::arg("anchor_stride1"), py::arg("others_stride0"), py::arg("others_stride1"),
+      py::arg("others_stride2"), py::arg("dtype"), py::arg("scale_ptr"), py::arg("det_h_ptr"),
+      py::arg("adj_h_ptr"), py::arg("row_lse_ptr"), py::arg("col_lse_ptr"), py::arg("grad_ptr"),
+      py::arg("label_smoothing"), py::arg("d_anchor_ptr"), py::arg("d_others_u_ptr"),
+      py::arg("dscale_ptr"), py::arg("col_tt_ptr"), py::arg("col_uu_ptr"),
+      py::arg("workspace_ptr"), py::arg("workspace_elems"), py::arg("stream"),
+      "Writes d_anchor (n, d), d_others_u (k, n, d) (input dtype), dscale, col_tt (n,), "
+      "col_uu (n, k, k) (float32).");
 }

@@ -6,5 +6,7 @@ live there once, whatever backend runs.
 """
 
 from .objectives.clip import clip_loss
+from .objectives.gram import gram_loss, gram_volume
+from .objectives.symile import symile_loss
 
-__all__ = ["clip_loss"]
+__all__ = ["clip_loss", "gram_loss", "gram_volume", "symile_loss"]

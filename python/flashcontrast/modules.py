@@ -9,6 +9,10 @@ from torch import nn
 
 from . import functional
 from ._validation import Scalar
+from .objectives.gram import GramLoss
+from .objectives.symile import SymileLoss
+
+__all__ = ["ClipLoss", "GramLoss", "SymileLoss"]
 
 
 class ClipLoss(nn.Module):

@@ -64,6 +64,10 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 template <typename T>
 constexpr bool kUsesWmma = !std::is_same<T, float>::value;
 
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
 // Copies the ROWS x COLS tile at (row0, col0) of a strided matrix with `rows` x `cols`
 // elements into smem (row-major, leading dimension ld), zero outside the matrix, so that
 // padded rows/columns and the tail of D contribute nothing to products. Consecutive
@@ -80,6 +84,26 @@ __device__ __forceinline__ void load_tile(T* smem, int ld, const T* g, int64_t s
     const int c = rows_fast ? idx / ROWS : idx % COLS;
     const int64_t gr = row0 + r, gc = col0 + c;
     smem[r * ld + c] = (gr < rows && gc < cols) ? g[gr * stride0 + gc * stride1] : zero;
+  }
+}
+
+// Operand producer: as load_tile, times a per-column vector, smem[r][c] = g(r, c) * v(c)
+// (the product formed in fp32, rounded once to T). v(c) = v[(col0 + c) * v_stride], zero
+// outside. Symile "n_squared" builds its A tile x_rb * y_j this way.
+template <typename T, int ROWS, int COLS>
+__device__ __forceinline__ void load_tile_hadamard(T* smem, int ld, const T* g, int64_t stride0,
+                                                   int64_t stride1, int64_t row0, int64_t rows,
+                                                   int64_t col0, int64_t cols, const T* v,
+                                                   int64_t v_stride) {
+  const bool rows_fast = stride0 == 1 && stride1 != 1;
+  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += kThreads) {
+    const int r = rows_fast ? idx % ROWS : idx / COLS;
+    const int c = rows_fast ? idx / ROWS : idx % COLS;
+    const int64_t gr = row0 + r, gc = col0 + c;
+    const float x = (gr < rows && gc < cols)
+                        ? to_float(g[gr * stride0 + gc * stride1]) * to_float(v[gc * v_stride])
+                        : 0.0f;
+    smem[r * ld + c] = from_float<T>(x);
   }
 }
 
@@ -235,6 +259,28 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   if (threadIdx.x == 0)
     for (int w = 0; w < kThreads / 32; ++w) total += scratch[w];
   return total;
+}
+
+// Max over the CTA, returned to every thread. `scratch`: kThreads / 32 floats. Barriers.
+__device__ __forceinline__ float block_max_all(float v, float* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  float m = scratch[0];
+  for (int w = 1; w < kThreads / 32; ++w) m = fmaxf(m, scratch[w]);
+  return m;
+}
+
+// Coefficient tiles for the 16-bit products are normalized per tile: the CTA rounds
+// c / cmax (|.| <= 1) to T and multiplies the fp32 products back by cmax, so that small
+// softmax weights (1/N, 1/N^2) and large upstream gradients keep fp16's mantissa instead of
+// falling into its subnormals. Returns the factor to multiply by; inv is its reciprocal.
+__device__ __forceinline__ float tile_norm(float cmax, float& inv) {
+  const bool ok = cmax > 1e-30f && cmax < 1e30f;
+  inv = ok ? 1.0f / cmax : 1.0f;
+  return ok ? cmax : 1.0f;
 }
 
 }  // namespace tiles

@@ -50,6 +50,17 @@ Symile "n_squared" for M = 3 (anchor x, others y, z), module ``<backend>/symile.
         dx_i = scale sum_jk c_ijk y_j * z_k;  dy_j = scale sum_ik c_ijk x_i * z_k;
         dz_k = scale sum_ij c_ijk x_i * y_j;  dscale = sum_ijk c_ijk <x_i, y_j * z_k>.
 
+Symile "n_squared" for M > 3, "torch" backend only (``blockwise/symile.py``)::
+
+    symile_nk_forward(anchor, others, scale) -> row_lse
+        others: (K, N, D), K = M - 1 >= 2; row_lse_i = LSE over all N^K tuples
+        (j_1..j_K) of scale * MIP(anchor_i, o^1_j1, ..., o^K_jK).
+    symile_nk_backward(anchor, others, scale, row_lse, grad_rows)
+        -> (d_anchor, d_others (K, N, D), dscale), as symile_n2_backward.
+
+For Symile, "fp32" statistics mean the accumulation dtype: the "torch" backend keeps them
+in float64 for float64 inputs (as for CLIP); the Triton kernels take no float64.
+
 GRAM (objectives.md section 4), module ``<backend>/gram.py``. K = M - 1 other modalities
 stacked as others (K, N, D); per-column constants, computed above the backend in O(N K^3):
 det_h (N,) = det H_j and adj_h (N, K, K) = adj H_j, H_j the K x K Gram matrix of

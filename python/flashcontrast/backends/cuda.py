@@ -6,6 +6,10 @@ inputs' device, makes that device current and passes its current stream, so the 
 run where and when torch expects. Nothing here synchronizes with the host.
 
 CLIP InfoNCE (contract: ``flashcontrast.backends``): ``clip_forward`` / ``clip_backward``.
+Symile: ``rowce_forward`` / ``rowce_backward`` ("n") and ``symile_n2_forward`` /
+``symile_n2_backward`` ("n_squared", M = 3), csrc/kernels/symile.cu. GRAM: ``gram_forward``
+/ ``gram_backward``, csrc/kernels/gram.cu (K = M - 1 <= 5 others). Same conventions; their
+backward kernels add gradients with fp32 atomics, so those are not bitwise reproducible.
 Kernels: csrc/kernels/clip.cu (64 x 64 tiles, fp32 accumulation; WMMA tensor cores for
 fp16/bf16, SIMT FFMA for fp32; 4 GEMM-equivalents per training step). Inputs are used
 with their strides, never copied. Workspaces (float32): forward 2 (G + H) N with
@@ -18,6 +22,7 @@ the compiled extension has kernels for.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -25,15 +30,30 @@ from torch import Tensor
 
 from .. import _cuda_ext
 
-__all__ = ["OBJECTIVES", "clip_backward", "clip_forward", "unavailable_reason"]
+__all__ = [
+    "OBJECTIVES",
+    "clip_backward",
+    "clip_forward",
+    "gram_backward",
+    "gram_forward",
+    "rowce_backward",
+    "rowce_forward",
+    "symile_n2_backward",
+    "symile_n2_forward",
+    "unavailable_reason",
+]
 
 _C = _cuda_ext._C
 
+_KERNELS = {
+    "clip": ("clip_forward", "clip_backward"),
+    "symile": ("rowce_forward", "rowce_backward", "symile_n2_forward", "symile_n2_backward"),
+    "gram": ("gram_forward", "gram_backward"),
+}
+
 #: Objectives with kernels in this build of ``_C`` (empty without ``_C``).
-OBJECTIVES: frozenset = (
-    frozenset({"clip"})
-    if _C is not None and hasattr(_C, "clip_forward") and hasattr(_C, "clip_backward")
-    else frozenset()
+OBJECTIVES: frozenset = frozenset(
+    name for name, fns in _KERNELS.items() if _C is not None and all(hasattr(_C, f) for f in fns)
 )
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -154,3 +174,246 @@ def clip_backward(
             torch.cuda.current_stream(a.device).cuda_stream,
         )  # fmt: skip
     return da, db, dscale, dbias
+
+
+# ----------------------------------------------------------------------------- Symile, GRAM
+
+
+def _check_many(
+    objective: str, feats: dict, scale: Tensor, ndim: Optional[int] = 2
+) -> torch.device:
+    """As _check, for named same-shape/dtype/device feature tensors."""
+    first = next(iter(feats.values()))
+    reason = unavailable_reason(first.device)
+    if reason is None and objective not in OBJECTIVES:
+        reason = f"this build of flashcontrast._C has no {objective} kernels"
+    if reason is not None:
+        raise RuntimeError(f"flashcontrast CUDA backend cannot run {objective}: {reason}")
+    for name, t in feats.items():
+        if ndim is not None and t.dim() != ndim:
+            raise ValueError(f"{name} must have {ndim} dimensions, got {tuple(t.shape)}")
+        if t.dtype != first.dtype or t.dtype not in _DTYPE_NAMES:
+            raise TypeError(
+                f"CUDA {objective} kernels take float32, float16 or bfloat16 inputs of one "
+                f"dtype, got {name}: {t.dtype} (float64: use backend='torch' or 'reference')"
+            )
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device}, expected {first.device}")
+    if scale.numel() != 1 or scale.device != first.device:
+        raise ValueError(f"scale must be a single-element tensor on {first.device}")
+    return first.device
+
+
+def _vec(t: Tensor, n: int, name: str, device: torch.device, shape: tuple = ()) -> Tensor:
+    """An fp32 contiguous (n, *shape) device tensor (no copy in the normal case)."""
+    if tuple(t.shape) != (n, *shape) or t.device != device:
+        raise ValueError(
+            f"{name} must be {(n, *shape)} on {device}, got {tuple(t.shape)} on {t.device}"
+        )
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def rowce_forward(a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor) -> Tensor:
+    """row_lse (N,) fp32 of logits scale * a @ w^T with the diagonal replaced by diag_logit."""
+    dev = _check_many("symile", {"a": a, "w": w}, scale)
+    if a.shape != w.shape:
+        raise ValueError(f"a and w must both be (N, D), got {tuple(a.shape)}, {tuple(w.shape)}")
+    n, d = a.shape
+    f32 = dict(dtype=torch.float32, device=dev)
+    diag_logit = _vec(diag_logit, n, "diag_logit", dev)
+    if n == 0:
+        return torch.empty(0, **f32)
+    if d == 0:  # off-diagonal logits are 0: LSE(diag_i, 0 repeated n - 1 times)
+        if n == 1:
+            return diag_logit.clone()
+        return torch.logaddexp(diag_logit, torch.full((n,), math.log(n - 1), **f32))
+    scale = _scalar(scale)
+    row_lse = torch.empty(n, **f32)
+    with torch.cuda.device(dev):
+        ws = torch.empty(_C.rowce_forward_workspace_elems(n, d, _device_index(dev)), **f32)
+        _C.rowce_forward(
+            a.data_ptr(), w.data_ptr(), n, d, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
+            _DTYPE_NAMES[a.dtype], scale.data_ptr(), diag_logit.data_ptr(), row_lse.data_ptr(),
+            ws.data_ptr(), ws.numel(), _stream(dev),
+        )  # fmt: skip
+    return row_lse
+
+
+def rowce_backward(
+    a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor, row_lse: Tensor, grad_rows: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(da, dw, dscale, ddiag) of sum_i grad_rows_i row_lse_i (backends/__init__.py)."""
+    dev = _check_many("symile", {"a": a, "w": w}, scale)
+    if a.shape != w.shape:
+        raise ValueError(f"a and w must both be (N, D), got {tuple(a.shape)}, {tuple(w.shape)}")
+    n, d = a.shape
+    f32 = dict(dtype=torch.float32, device=dev)
+    diag_logit = _vec(diag_logit, n, "diag_logit", dev)
+    row_lse = _vec(row_lse, n, "row_lse", dev)
+    grad_rows = _vec(grad_rows, n, "grad_rows", dev)
+    da = torch.zeros((n, d), dtype=a.dtype, device=dev)
+    dw = torch.zeros((n, d), dtype=w.dtype, device=dev)
+    dscale, ddiag = torch.zeros((), **f32), torch.empty(n, **f32)
+    if n == 0 or d == 0:
+        ddiag.copy_(grad_rows * torch.exp(diag_logit - row_lse))
+        return da, dw, dscale, ddiag
+    scale = _scalar(scale)
+    with torch.cuda.device(dev):
+        ws = torch.empty(_C.rowce_backward_workspace_elems(n, d, _device_index(dev)), **f32)
+        _C.rowce_backward(
+            a.data_ptr(), w.data_ptr(), n, d, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
+            _DTYPE_NAMES[a.dtype], scale.data_ptr(), diag_logit.data_ptr(), row_lse.data_ptr(),
+            grad_rows.data_ptr(), da.data_ptr(), dw.data_ptr(), dscale.data_ptr(),
+            ddiag.data_ptr(), ws.data_ptr(), ws.numel(), _stream(dev),
+        )  # fmt: skip
+    return da, dw, dscale, ddiag
+
+
+def _triple_args(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> tuple:
+    n, d = x.shape
+    return (
+        x.data_ptr(), y.data_ptr(), z.data_ptr(), n, d,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1),
+        _DTYPE_NAMES[x.dtype], scale.data_ptr(),
+    )  # fmt: skip
+
+
+def _check_triple(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> torch.device:
+    dev = _check_many("symile", {"x": x, "y": y, "z": z}, scale)
+    if not (x.shape == y.shape == z.shape):
+        raise ValueError(
+            f"x, y, z must all be (N, D), got {tuple(x.shape)}, {tuple(y.shape)}, {tuple(z.shape)}"
+        )
+    return dev
+
+
+def symile_n2_forward(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> Tensor:
+    """row_lse_i = LSE_{j,k} scale * sum_d x_id y_jd z_kd, (N,) fp32; N^3 D work, O(N D) memory."""
+    dev = _check_triple(x, y, z, scale)
+    n, d = x.shape
+    f32 = dict(dtype=torch.float32, device=dev)
+    if n == 0 or d == 0:
+        return torch.full((n,), 2.0 * math.log(n) if n else 0.0, **f32)
+    scale = _scalar(scale)
+    row_lse = torch.empty(n, **f32)
+    with torch.cuda.device(dev):
+        ws = torch.empty(_C.symile_n2_forward_workspace_elems(n, d, _device_index(dev)), **f32)
+        _C.symile_n2_forward(
+            *_triple_args(x, y, z, scale), row_lse.data_ptr(), ws.data_ptr(), ws.numel(),
+            _stream(dev),
+        )  # fmt: skip
+    return row_lse
+
+
+def symile_n2_backward(
+    x: Tensor, y: Tensor, z: Tensor, scale: Tensor, row_lse: Tensor, grad_rows: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dy, dz, dscale) of sum_i grad_rows_i row_lse_i (backends/__init__.py)."""
+    dev = _check_triple(x, y, z, scale)
+    n, d = x.shape
+    f32 = dict(dtype=torch.float32, device=dev)
+    row_lse = _vec(row_lse, n, "row_lse", dev)
+    grad_rows = _vec(grad_rows, n, "grad_rows", dev)
+    dx, dy, dz = (torch.zeros((n, d), dtype=x.dtype, device=dev) for _ in range(3))
+    dscale = torch.zeros((), **f32)
+    if n == 0 or d == 0:
+        return dx, dy, dz, dscale
+    scale = _scalar(scale)
+    with torch.cuda.device(dev):
+        ws = torch.empty(_C.symile_n2_backward_workspace_elems(n, d, _device_index(dev)), **f32)
+        _C.symile_n2_backward(
+            *_triple_args(x, y, z, scale), row_lse.data_ptr(), grad_rows.data_ptr(),
+            dx.data_ptr(), dy.data_ptr(), dz.data_ptr(), dscale.data_ptr(),
+            ws.data_ptr(), ws.numel(), _stream(dev),
+        )  # fmt: skip
+    return dx, dy, dz, dscale
+
+
+def _check_gram(anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor):
+    dev = _check_many("gram", {"anchor": anchor}, scale)
+    _check_many("gram", {"anchor": anchor, "others": others}, scale, ndim=None)
+    if others.dim() != 3 or others.shape[1:] != anchor.shape:
+        raise ValueError(
+            f"others must be (K, N, D) with anchor (N, D), got {tuple(others.shape)} and "
+            f"{tuple(anchor.shape)}"
+        )
+    k, n, _ = others.shape
+    if not 1 <= k <= 5:
+        raise ValueError(f"the CUDA GRAM kernels take 1 to 5 other modalities, got K = {k}")
+    # Per-column constants, O(N K^2): made fp32 contiguous (a copy only if they are not).
+    return dev, _vec(det_h, n, "det_h", dev), _vec(adj_h, n, "adj_h", dev, (k, k))
+
+
+def _gram_args(anchor, others, scale, det_h, adj_h) -> tuple:
+    k, n, d = others.shape
+    return (
+        anchor.data_ptr(), others.data_ptr(), n, d, k, anchor.stride(0), anchor.stride(1),
+        others.stride(0), others.stride(1), others.stride(2), _DTYPE_NAMES[anchor.dtype],
+        scale.data_ptr(), det_h.data_ptr(), adj_h.data_ptr(),
+    )  # fmt: skip
+
+
+def gram_forward(
+    anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(row_lse, col_lse, diag, row_sum, col_sum) of L = -scale * V, each (N,) fp32."""
+    dev, det_h, adj_h = _check_gram(anchor, others, scale, det_h, adj_h)
+    k, n, d = others.shape
+    f32 = dict(dtype=torch.float32, device=dev)
+    outs = tuple(torch.empty(n, **f32) for _ in range(5))
+    if n == 0:
+        return outs
+    if d == 0:  # all vectors are zero: V = 0 everywhere
+        lse = torch.full((n,), math.log(n), **f32)
+        return lse, lse.clone(), torch.zeros(n, **f32), torch.zeros(n, **f32), torch.zeros(n, **f32)
+    scale = _scalar(scale)
+    with torch.cuda.device(dev):
+        ws = torch.empty(_C.gram_forward_workspace_elems(n, d, k, _device_index(dev)), **f32)
+        _C.gram_forward(
+            *_gram_args(anchor, others, scale, det_h, adj_h), *(o.data_ptr() for o in outs),
+            ws.data_ptr(), ws.numel(), _stream(dev),
+        )  # fmt: skip
+    return outs
+
+
+def gram_backward(
+    anchor: Tensor,
+    others: Tensor,
+    scale: Tensor,
+    det_h: Tensor,
+    adj_h: Tensor,
+    row_lse: Tensor,
+    col_lse: Tensor,
+    grad: Tensor,
+    label_smoothing: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(d_anchor, d_others_u, dscale, col_tt, col_uu) per backends/__init__.py; d_anchor and
+    d_others_u in the input dtype, the rest fp32."""
+    dev, det_h, adj_h = _check_gram(anchor, others, scale, det_h, adj_h)
+    k, n, d = others.shape
+    f32 = dict(dtype=torch.float32, device=dev)
+    row_lse = _vec(row_lse, n, "row_lse", dev)
+    col_lse = _vec(col_lse, n, "col_lse", dev)
+    d_anchor = torch.zeros((n, d), dtype=anchor.dtype, device=dev)
+    d_others = torch.zeros((k, n, d), dtype=anchor.dtype, device=dev)
+    dscale, col_tt, col_uu = (
+        torch.zeros((), **f32),
+        torch.zeros(n, **f32),
+        torch.zeros(n, k, k, **f32),
+    )
+    if n == 0 or d == 0:
+        return d_anchor, d_others, dscale, col_tt, col_uu
+    scale, grad = _scalar(scale), _scalar(grad.to(dev))
+    with torch.cuda.device(dev):
+        ws = torch.empty(_C.gram_backward_workspace_elems(n, d, k, _device_index(dev)), **f32)
+        _C.gram_backward(
+            *_gram_args(anchor, others, scale, det_h, adj_h), row_lse.data_ptr(),
+            col_lse.data_ptr(), grad.data_ptr(), float(label_smoothing), d_anchor.data_ptr(),
+            d_others.data_ptr(), dscale.data_ptr(), col_tt.data_ptr(), col_uu.data_ptr(),
+            ws.data_ptr(), ws.numel(), _stream(dev),
+        )  # fmt: skip
+    return d_anchor, d_others, dscale, col_tt, col_uu

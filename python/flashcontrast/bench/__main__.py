@@ -1,9 +1,11 @@
-"""``python -m flashcontrast.bench``: CLIP InfoNCE forward+backward, reference vs backends.
+"""``python -m flashcontrast.bench``: forward+backward of each objective, reference vs backends.
 
-On a GPU: every available backend at N from 4096 up, with a plain torch matmul as the
-speed-of-light row; on the CPU: small N, the reference and the torch backend (the Triton
-interpreter is a test tool, not a contender). Prints a table of median time (with
-p20-p80), peak memory beyond the inputs and, on a GPU, TFLOP/s.
+Objectives: CLIP InfoNCE, GRAM with M = 4, Symile "n" and "n_squared" with M = 3. On a
+GPU: every available backend at N from 4096 up (Symile "n_squared", N^3 D work, from
+1024), with a plain bf16 torch matmul as CLIP's speed-of-light row; on the CPU: small N,
+the reference and the torch backend (the Triton interpreter is a test tool, not a
+contender). Prints a table of median time (with p20-p80), peak memory beyond the inputs
+and, on a GPU, CLIP's TFLOP/s. Where the reference cannot fit, its row says so.
 
 ``--out DIR`` also writes the rows as CSV and the table as Markdown, headed by the date,
 versions, device and command. ``--gpu-report`` is the one command for a machine with a
@@ -21,21 +23,21 @@ from pathlib import Path
 import torch
 
 from .._dispatch import backend_for
-from .clip import measure, measure_matmul
+from .measure import CASES, measure, measure_matmul, reference_too_big
 from .report import Report, device_slug, run_tests
 
-GPU_SIZES = [4096, 8192, 16384, 32768, 65536, 131072]
-CPU_SIZES = [256, 1024, 4096]
+GPU_SIZES = {"default": [4096, 8192, 16384, 32768, 65536, 131072], "symile-n2": [512, 1024, 2048]}
+CPU_SIZES = {"default": [256, 1024, 4096], "symile-n2": [32, 128, 512]}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _available_backends(device: torch.device) -> list[str]:
+def _available_backends(objective: str, device: torch.device) -> list[str]:
     names = ["reference"]
     for name in ("torch", "triton", "cuda"):
         if device.type == "cpu" and name == "triton":
             continue
         try:
-            backend_for("clip", device, name)
+            backend_for(objective.split("-")[0], device, name)
         except RuntimeError:
             continue
         names.append(name)
@@ -45,6 +47,7 @@ def _available_backends(device: torch.device) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flashcontrast.bench", description=__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--objectives", choices=sorted(CASES), nargs="+")
     p.add_argument("--sizes", type=int, nargs="+", help="batch sizes N")
     p.add_argument("--dims", type=int, nargs="+", help="feature dimensions D")
     p.add_argument("--dtypes", choices=sorted(DTYPES), nargs="+")
@@ -71,41 +74,52 @@ def main(argv: list[str] | None = None) -> int:
         args.dims = args.dims or [512, 1024]
         args.dtypes = args.dtypes or ["bfloat16", "float32"]
         args.out = args.out or Path("benchmarks/results") / device_slug(device)
-    sizes = args.sizes or (GPU_SIZES if on_gpu else CPU_SIZES)
-    sizes = sizes[:2] if args.quick else sizes
+    objectives = args.objectives or list(CASES)
     dims = args.dims or [512 if on_gpu else 256]
     dtypes = args.dtypes or ["bfloat16" if on_gpu else "float32"]
-    backends = args.backends or _available_backends(device)
 
     report = Report(device, "python -m flashcontrast.bench " + " ".join(argv or sys.argv[1:]))
     report.print_header()
     if args.gpu_report:
         report.tests = run_tests()
         print(f"tests: {report.tests}", flush=True)
-    for d in dims:
-        for dtype_name in dtypes:
-            report.section(
-                f"CLIP InfoNCE forward+backward, D={d}, {dtype_name}, median of {args.repeats}"
-            )
-            out_of_memory: set[str] = set()
-            for n in sizes:
-                if on_gpu:
-                    report.add(measure_matmul(n, d, device, args.repeats))
-                for backend in backends:
-                    if backend in out_of_memory:
-                        continue
-                    row = measure(backend, n, d, DTYPES[dtype_name], device, args.repeats)
-                    if row is None:
-                        out_of_memory.add(backend)
-                        report.note(f"{backend} N={n}: out of memory; larger N skipped")
-                    else:
-                        report.add(row)
-                if len(out_of_memory) == len(backends):
-                    break
+    for objective in objectives:
+        table = GPU_SIZES if on_gpu else CPU_SIZES
+        sizes = args.sizes or table.get(objective, table["default"])
+        sizes = sizes[:2] if args.quick else sizes
+        backends = args.backends or _available_backends(objective, device)
+        for d in dims:
+            for dtype_name in dtypes:
+                _run_section(report, objective, sizes, backends, d, dtype_name, args.repeats)
     if args.out:
         for path in report.write(args.out):
             print(f"wrote {path}")
     return 0
+
+
+def _run_section(report, objective, sizes, backends, d, dtype_name, repeats) -> None:
+    """One table: ``objective`` at every N for every backend, at one D and dtype."""
+    device = report.device
+    report.section(f"{objective} forward+backward, D={d}, {dtype_name}, median of {repeats}")
+    out_of_memory: set[str] = set()
+    for n in sizes:
+        if objective == "clip" and device.type == "cuda":
+            report.add(measure_matmul(n, d, device, repeats))
+        for backend in backends:
+            if backend in out_of_memory:
+                continue
+            too_big = reference_too_big(objective, n, d, device)
+            if backend == "reference" and too_big:
+                report.note(f"N={n}: {too_big}")
+                continue
+            row = measure(objective, backend, n, d, DTYPES[dtype_name], device, repeats)
+            if row is None:
+                out_of_memory.add(backend)
+                report.note(f"{backend} N={n}: out of memory; larger N skipped")
+            else:
+                report.add(row)
+        if len(out_of_memory) == len(backends):
+            break
 
 
 if __name__ == "__main__":

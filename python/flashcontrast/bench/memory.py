@@ -1,8 +1,8 @@
 """Peak memory of a call, measured on the CPU allocator or the CUDA caching allocator.
 
-On the CPU, torch.profiler's memory events carry the allocator's running total of bytes
-allocated since profiling began; the peak of that total, and the largest single
-allocation, are what a call costs beyond its inputs. On CUDA the caching allocator keeps
+On the CPU, torch.profiler's memory events carry a running total of live bytes; its peak
+over the call, less its value just before the call's first allocation, and the largest
+single allocation, are what a call costs beyond its inputs. On CUDA the caching allocator keeps
 its own peak counter.
 """
 
@@ -37,13 +37,20 @@ def _cpu_memory_use(fn: Callable[[], object]) -> MemoryUse:
             events = json.load(f)["traceEvents"]
     finally:
         os.unlink(path)
+    memory = [e for e in events if e.get("name") == "[memory]"]
     cpu = [
         e["args"]
-        for e in events
-        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
+        for e in sorted(memory, key=lambda e: e["ts"])
+        if e["args"].get("Device Type") == 0
     ]
-    peak = max((a["Total Allocated"] for a in cpu), default=0)
-    largest = max((a["Bytes"] for a in cpu), default=0)
+    if not cpu:
+        return MemoryUse(peak_bytes=0, largest_allocation=0)
+    # The running total is the profiler's count of live bytes it has seen allocated, which
+    # includes blocks from earlier profiling sessions that are still alive: measure from
+    # the total just before this call's first event.
+    baseline = cpu[0]["Total Allocated"] - cpu[0]["Bytes"]
+    peak = max(a["Total Allocated"] for a in cpu) - baseline
+    largest = max(a["Bytes"] for a in cpu)
     return MemoryUse(peak_bytes=max(peak, 0), largest_allocation=max(largest, 0))
 
 

@@ -21,7 +21,7 @@ import torch
 
 from .. import __version__
 from .._cuda_ext import runtime_info
-from .clip import Row
+from .measure import Row
 
 _COLUMNS = f"{'backend':>12} {'N':>7} {'ms':>10} {'p20-p80 ms':>19} {'peak MiB':>10}"
 
@@ -135,7 +135,7 @@ class Report:
             f"{row.backend:>12} {row.n:>7} {row.ms_median:>10.2f} "
             f"{row.ms_p20:>9.2f}-{row.ms_p80:<9.2f} {row.peak_mib:>10.1f}"
         )
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and row.tflops is not None:
             ref = self._matmul_tflops(row)
             ratio = f"{row.tflops / ref:>8.2f}" if ref else f"{'-':>8}"
             line += f" {row.tflops:>8.1f} {ratio}"
@@ -145,7 +145,7 @@ class Report:
     def write(self, folder: Path) -> list[Path]:
         """Write <folder>/clip-<date>.csv and .md; return their paths."""
         folder.mkdir(parents=True, exist_ok=True)
-        stem = folder / f"clip-{self.started[:10]}"
+        stem = folder / f"bench-{self.started[:10]}"
         csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
         with open(csv_path, "w", newline="") as f:
             writer = csv.writer(f)
@@ -153,13 +153,14 @@ class Report:
                 [*asdict(self.rows[0]).keys(), "tflops", "timestamp"] if self.rows else ["no rows"]
             )
             for row in self.rows:
-                writer.writerow([*asdict(row).values(), f"{row.tflops:.3f}", self.started])
-        text = ["# CLIP InfoNCE benchmark", "", *[f"- {h}" for h in self.header()]]
+                tflops = "" if row.tflops is None else f"{row.tflops:.3f}"
+                writer.writerow([*asdict(row).values(), tflops, self.started])
+        text = ["# flashcontrast benchmark", "", *[f"- {h}" for h in self.header()]]
         if self.tests is not None:
             text.append(f"- tests on this device: {self.tests}")
         text += [
             "- time: forward+backward, median and p20-p80 over the repeats; peak: memory "
-            "allocated beyond the inputs; TFLOP/s counts 8 N^2 D per forward+backward; "
+            "allocated beyond the inputs; TFLOP/s (CLIP) counts 8 N^2 D per forward+backward; "
             "'x matmul': that rate over a plain bf16 torch matmul of the same N and D",
             "",
             "```",

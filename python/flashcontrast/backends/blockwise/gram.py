@@ -1,0 +1,131 @@
+"""GRAM volume loss on the "torch" backend (contract: ``flashcontrast.backends``).
+
+The (N, N) logits L_ij = -s sqrt(max(det_ij, 0)) are visited one block of rows at a time:
+
+    u_r  = T_blk @ O_r^T                          K dot-product blocks (rows x N)
+    v_r  = sum_s adj_h[:, r, s] * u_s             (adj_h u)_r, elementwise per column
+    det  = det_h_j |t_i|^2 - sum_r u_r v_r        the quadratic form, never (N, N, M, M)
+
+forward   row LSE / sums / diagonal directly per block; column LSE online (running max and
+          sum of exp), column sums by accumulation.
+backward  recompute u, v, det; dL = g/(2N) (P_row + P_col - 2(1-eps) I - 2 eps/N),
+          w = dL (-s) / (2V) where det > 0 (else 0), then
+          d_anchor_blk = 2 (w det_h) t_blk - 2 sum_r (w * v_r) @ O_r
+          d_others_u[r] += -2 (w * v_r)^T @ T_blk,  col_tt += tt_blk @ w,
+          col_uu[:, r, s] += sum_i w u_r u_s,  dscale += sum dL (-V).
+
+Memory: about 2K + 6 (rows x N) blocks in the accumulation dtype (float32, or float64 for
+float64 inputs); the rows per block are chosen so they fit the block budget of
+``blockwise.MAX_BLOCK_ELEMENTS``. Features are cast to the accumulation dtype once per call
+(a visible O(K N D) copy for 16-bit inputs).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..._validation import accumulation_dtype
+from . import MAX_BLOCK_ELEMENTS, block_rows
+
+
+def _rows(n: int, k: int, device: torch.device, max_block_elements: Optional[int]) -> int:
+    budget = max_block_elements or MAX_BLOCK_ELEMENTS.get(device.type, 1 << 22)
+    return block_rows(n, device, max(1, budget // (2 * k + 6)))
+
+
+def _block(t_blk, tt_blk, o, det_h, adj_h, scale):
+    """u (K, rows, N), v = adj u (K, rows, N), det (rows, N), V (rows, N), logits."""
+    k = o.shape[0]
+    u = torch.matmul(t_blk, o.transpose(1, 2))  # (K, rows, N)
+    v = torch.empty_like(u)
+    for r in range(k):
+        torch.mul(u[0], adj_h[:, r, 0], out=v[r])
+        for s in range(1, k):
+            v[r].addcmul_(u[s], adj_h[:, r, s])
+    det = torch.outer(tt_blk, det_h)
+    for r in range(k):
+        det.addcmul_(u[r], v[r], value=-1.0)
+    vol = det.clamp(min=0).sqrt_()
+    return u, v, det, vol, vol * -scale
+
+
+def gram_forward(anchor, others, scale, det_h, adj_h, max_block_elements: Optional[int] = None):
+    """(row_lse, col_lse, diag, row_sum, col_sum), each (N,) in the accumulation dtype."""
+    k, n, _ = others.shape
+    acc = accumulation_dtype(anchor.dtype)
+    t, o = anchor.to(acc), others.to(acc)
+    det_h, adj_h = det_h.to(acc), adj_h.to(acc)
+    tt = (t * t).sum(dim=1)
+    kw = dict(dtype=acc, device=anchor.device)
+    row_lse, diag, row_sum = torch.empty(n, **kw), torch.empty(n, **kw), torch.empty(n, **kw)
+    col_max = torch.full((n,), float("-inf"), **kw)
+    col_exp = torch.zeros(n, **kw)
+    col_sum = torch.zeros(n, **kw)
+    rows = _rows(n, k, anchor.device, max_block_elements)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        *_, logits = _block(t[start:stop], tt[start:stop], o, det_h, adj_h, scale)
+        row_lse[start:stop] = torch.logsumexp(logits, dim=1)
+        row_sum[start:stop] = logits.sum(dim=1)
+        col_sum += logits.sum(dim=0)
+        diag[start:stop] = logits.diagonal(offset=start)
+        new_max = torch.maximum(col_max, logits.amax(dim=0))
+        col_exp.mul_(torch.exp(col_max - new_max)).add_(logits.sub_(new_max).exp_().sum(dim=0))
+        col_max = new_max
+    return row_lse, col_max + col_exp.log(), diag, row_sum, col_sum
+
+
+def gram_backward(
+    anchor,
+    others,
+    scale,
+    det_h,
+    adj_h,
+    row_lse,
+    col_lse,
+    grad,
+    label_smoothing: float,
+    max_block_elements: Optional[int] = None,
+):
+    """(d_anchor, d_others_u, dscale, col_tt, col_uu) by recomputing each row block."""
+    k, n, _ = others.shape
+    acc = accumulation_dtype(anchor.dtype)
+    t, o = anchor.to(acc), others.to(acc)
+    det_h, adj_h = det_h.to(acc), adj_h.to(acc)
+    row_lse, col_lse = row_lse.to(acc), col_lse.to(acc)
+    tt = (t * t).sum(dim=1)
+    eps = float(label_smoothing)
+    coef = grad.to(acc) / (2 * n)
+    kw = dict(dtype=acc, device=anchor.device)
+    d_anchor = torch.empty(anchor.shape, dtype=anchor.dtype, device=anchor.device)
+    d_others = torch.zeros(o.shape, **kw)
+    dscale = torch.zeros((), **kw)
+    col_tt = torch.zeros(n, **kw)
+    col_uu = torch.zeros((n, k, k), **kw)
+    rows = _rows(n, k, anchor.device, max_block_elements)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        t_blk, tt_blk = t[start:stop], tt[start:stop]
+        u, v, det, vol, logits = _block(t_blk, tt_blk, o, det_h, adj_h, scale)
+        dl = (logits - row_lse[start:stop, None]).exp_()
+        dl.add_(logits.sub_(col_lse).exp_()).sub_(2.0 * eps / n)
+        dl.diagonal(offset=start).sub_(2.0 * (1.0 - eps))
+        dl.mul_(coef)  # dL/d logits
+        dscale -= (dl * vol).sum()
+        positive = det > 0
+        w = dl.mul_(-0.5 * scale).div_(torch.where(positive, vol, 1.0)).mul_(positive)
+        col_tt += tt_blk @ w
+        da = t_blk * (2.0 * (w @ det_h))[:, None]
+        for r in range(k):
+            wv = v[r].mul_(w)  # w * (adj u)_r, in place of v_r (no longer needed)
+            da.addmm_(wv, o[r], alpha=-2.0)
+            d_others[r].addmm_(wv.t(), t_blk, alpha=-2.0)
+            for s in range(r, k):
+                val = (w * u[r] * u[s]).sum(dim=0)
+                col_uu[:, r, s] += val
+                if s != r:
+                    col_uu[:, s, r] += val
+        d_anchor[start:stop] = da
+    return d_anchor, d_others.to(others.dtype), dscale, col_tt, col_uu

@@ -1,0 +1,223 @@
+"""Symile (objectives.md section 5) on the "torch" backend: blockwise, bounded memory.
+
+rowce ("n" negatives)  L_ij = s <a_i, w_j> (j != i), L_ii = diag_logit_i, visited a block
+                       of rows at a time: forward row LSEs, backward recomputes the block,
+                       P = g_i softmax_j(L_ij), with P_ii split off as d(diag_logit).
+n_squared, K others    candidates of anchor row i are all tuples (j_1, ..., j_K). The
+                       tuples of the first K - 1 others (the "prefix", flat index t, first
+                       other most significant) are visited in blocks of T, with the prefix
+                       product P_t = prod_k o^k_{j_k(t)} (T, D); for a block of rows the
+                       logits (rows, T, N) = s ((x_i * P_t) @ o^K^T) are one GEMM, folded
+                       into an online row logsumexp. Nothing of size N x N^K is ever held.
+                       Backward, with c = g_i exp(L - lse_i) and G = c @ o^K (rows, T, D):
+                       dx_i = s sum_t G_it * P_t;  dP_t = s sum_i G_it * x_i;
+                       do^K = s c^T @ (x_i * P_t);  dscale = sum_i <x_i, dx_i> / s;
+                       dP_t flows to each prefix factor through the product rule.
+
+Block memory: rows * T * max(N, D) elements per block (``MAX_BLOCK_ELEMENTS``), a few
+blocks live at once. Features are cast once to the accumulation dtype (float32, float64
+for float64 inputs): a visible O(N D) copy for half-precision inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..._validation import accumulation_dtype
+from . import MAX_BLOCK_ELEMENTS, block_rows
+
+__all__ = [
+    "rowce_backward",
+    "rowce_forward",
+    "symile_n2_backward",
+    "symile_n2_forward",
+    "symile_nk_backward",
+    "symile_nk_forward",
+]
+
+
+# ----------------------------------------------------------------------------- rowce
+
+
+def _rowce_block(a_blk, w, scale, diag, start):
+    s = torch.mm(a_blk, w.t()).mul_(scale)
+    s.diagonal(offset=start).copy_(diag[start : start + a_blk.shape[0]])
+    return s
+
+
+def rowce_forward(
+    a: Tensor,
+    w: Tensor,
+    scale: Tensor,
+    diag_logit: Tensor,
+    max_block_elements: Optional[int] = None,
+) -> Tensor:
+    """Row LSEs (N,) of L = scale * a @ w^T with the diagonal replaced by diag_logit."""
+    n = a.shape[0]
+    acc = accumulation_dtype(a.dtype)
+    a_acc, w_acc, diag = a.to(acc), w.to(acc), diag_logit.to(acc)
+    row_lse = torch.empty(n, dtype=acc, device=a.device)
+    rows = block_rows(n, a.device, max_block_elements)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        row_lse[start:stop] = torch.logsumexp(
+            _rowce_block(a_acc[start:stop], w_acc, scale, diag, start), 1
+        )
+    return row_lse
+
+
+def rowce_backward(
+    a: Tensor,
+    w: Tensor,
+    scale: Tensor,
+    diag_logit: Tensor,
+    row_lse: Tensor,
+    grad_rows: Tensor,
+    max_block_elements: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(da, dw, dscale, ddiag) of sum_i grad_rows_i row_lse_i, block of rows by block."""
+    n = a.shape[0]
+    acc = accumulation_dtype(a.dtype)
+    a_acc, w_acc, diag = a.to(acc), w.to(acc), diag_logit.to(acc)
+    g = grad_rows.to(acc)
+    da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    dw = torch.zeros(w.shape, dtype=acc, device=a.device)
+    dscale = torch.zeros((), dtype=acc, device=a.device)
+    ddiag = torch.empty(n, dtype=acc, device=a.device)
+    rows = block_rows(n, a.device, max_block_elements)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        a_blk = a_acc[start:stop]
+        p = _rowce_block(a_blk, w_acc, scale, diag, start)
+        p.sub_(row_lse[start:stop, None]).exp_().mul_(g[start:stop, None])
+        on_diag = p.diagonal(offset=start)
+        ddiag[start:stop] = on_diag
+        on_diag.zero_()
+        pw = torch.mm(p, w_acc)
+        dscale += (a_blk * pw).sum()
+        da[start:stop] = pw.mul_(scale)
+        dw.addmm_(p.t(), a_blk)
+    return da, dw.mul_(scale).to(w.dtype), dscale, ddiag
+
+
+# ----------------------------------------------------------------------------- n_squared
+
+
+def _plan(n: int, d: int, device: torch.device, num_prefix: int, budget: Optional[int]):
+    """(rows, T): a (rows, T, max(N, D)) block stays within the element budget."""
+    budget = budget or MAX_BLOCK_ELEMENTS.get(device.type, 1 << 22)
+    width = max(n, d)
+    rows = max(1, min(n, budget // width))
+    tuples = max(1, min(n**num_prefix, budget // (rows * width)))
+    return rows, tuples
+
+
+def _prefix(prefix: Sequence[Tensor], t0: int, t1: int, n: int):
+    """Prefix product P (T, D) of the tuples t0..t1-1, with their digits and factors."""
+    if len(prefix) == 1:
+        return prefix[0][t0:t1], None, [prefix[0][t0:t1]]
+    rem = torch.arange(t0, t1, device=prefix[0].device)
+    digits = [None] * len(prefix)
+    for k in reversed(range(len(prefix))):
+        digits[k] = rem % n
+        rem = rem // n
+    factors = [o[j] for o, j in zip(prefix, digits)]
+    p = factors[0]
+    for f in factors[1:]:
+        p = p * f
+    return p, digits, factors
+
+
+def symile_nk_forward(
+    anchor: Tensor, others: Tensor, scale: Tensor, max_block_elements: Optional[int] = None
+) -> Tensor:
+    """row_lse_i = LSE over all tuples (j_1..j_K) of scale * MIP(anchor_i, o^1_j1, ...).
+
+    others: (K, N, D), K >= 2. (N,) in the accumulation dtype.
+    """
+    n, d = anchor.shape
+    acc = accumulation_dtype(anchor.dtype)
+    x = anchor.to(acc)
+    ots = [o.to(acc) for o in others.unbind(0)]
+    prefix, last = ots[:-1], ots[-1]
+    num_tuples = n ** len(prefix)
+    rows, tuples = _plan(n, d, anchor.device, len(prefix), max_block_elements)
+    row_lse = torch.empty(n, dtype=acc, device=anchor.device)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        x_blk = x[r0:r1]
+        lse = torch.full((r1 - r0,), float("-inf"), dtype=acc, device=anchor.device)
+        for t0 in range(0, num_tuples, tuples):
+            t1 = min(t0 + tuples, num_tuples)
+            p, _, _ = _prefix(prefix, t0, t1, n)
+            xp = (x_blk[:, None, :] * p[None]).reshape(-1, d)
+            logits = torch.mm(xp, last.t()).mul_(scale).view(r1 - r0, -1)
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+        row_lse[r0:r1] = lse
+    return row_lse
+
+
+def symile_nk_backward(
+    anchor: Tensor,
+    others: Tensor,
+    scale: Tensor,
+    row_lse: Tensor,
+    grad_rows: Tensor,
+    max_block_elements: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_anchor (N, D), d_others (K, N, D), dscale 0-d) of sum_i grad_rows_i row_lse_i."""
+    n, d = anchor.shape
+    acc = accumulation_dtype(anchor.dtype)
+    x = anchor.to(acc)
+    ots = [o.to(acc) for o in others.unbind(0)]
+    prefix, last = ots[:-1], ots[-1]
+    g = grad_rows.to(acc)
+    lse_all = row_lse.to(acc)
+    num_tuples = n ** len(prefix)
+    rows, tuples = _plan(n, d, anchor.device, len(prefix), max_block_elements)
+    dx = torch.empty((n, d), dtype=acc, device=anchor.device)
+    dothers = torch.zeros((len(ots), n, d), dtype=acc, device=anchor.device)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        x_blk = x[r0:r1]
+        dx_blk = torch.zeros((r1 - r0, d), dtype=acc, device=anchor.device)
+        for t0 in range(0, num_tuples, tuples):
+            t1 = min(t0 + tuples, num_tuples)
+            p, digits, factors = _prefix(prefix, t0, t1, n)
+            xp = (x_blk[:, None, :] * p[None]).reshape(-1, d)
+            c = torch.mm(xp, last.t()).mul_(scale).view(r1 - r0, -1)
+            c.sub_(lse_all[r0:r1, None]).exp_().mul_(g[r0:r1, None])
+            c = c.view(-1, n)  # (rows * T, N)
+            gz = torch.mm(c, last).view(r1 - r0, t1 - t0, d)
+            dx_blk += (gz * p[None]).sum(dim=1)
+            dp = (gz * x_blk[:, None, :]).sum(dim=0)  # (T, D)
+            dothers[-1].addmm_(c.t(), xp)
+            if digits is None:  # one prefix factor: the rows t0..t1 of o^1
+                dothers[0, t0:t1] += dp
+            else:
+                for k, j in enumerate(digits):
+                    rest = dp
+                    for q, f in enumerate(factors):
+                        if q != k:
+                            rest = rest * f
+                    dothers[k].index_add_(0, j, rest)
+        dx[r0:r1] = dx_blk
+    dscale = (x * dx).sum()
+    return (dx.mul_(scale).to(anchor.dtype), dothers.mul_(scale).to(others.dtype), dscale)
+
+
+def symile_n2_forward(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> Tensor:
+    """row_lse_i = LSE_{j,k} scale * sum_d x_id y_jd z_kd (contract: backends/__init__)."""
+    return symile_nk_forward(x, torch.stack((y, z)), scale)
+
+
+def symile_n2_backward(
+    x: Tensor, y: Tensor, z: Tensor, scale: Tensor, row_lse: Tensor, grad_rows: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dy, dz, dscale) of sum_i grad_rows_i row_lse_i."""
+    dx, dothers, dscale = symile_nk_backward(x, torch.stack((y, z)), scale, row_lse, grad_rows)
+    # copies: outputs of a custom op may not alias one another
+    return dx, dothers[0].to(y.dtype, copy=True), dothers[1].to(z.dtype, copy=True), dscale

@@ -1,0 +1,406 @@
+"""GRAM volume loss (objectives.md section 4) as Triton kernels: O(K N D) memory.
+
+Contract: flashcontrast/backends/__init__.py. Anchor T (N, D), others O (K, N, D), per-column
+constants det_h (N,), adj_h (N, K, K) (symmetric), tt_i = |t_i|^2. Derivation:
+
+    u_ij[r] = <t_i, o^r_j>,  det_ij = det_h_j tt_i - u_ij^T adj_h_j u_ij  (Schur complement)
+
+The quadratic form needs all K tiles u_r at once, which a Triton kernel cannot keep in a
+list. Instead the launcher forms W_r = sum_s adj_h[:, r, s] o^s (K, N, D) fp32, O(K^2 N D)
+torch work, so that (adj_h_j u_ij)_r = <t_i, w^r_j> is a tile product too and
+
+    q_ij = sum_r <t_i, o^r_j> <t_i, w^r_j>          (loop over r, K a constexpr)
+
+With V = sqrt(max(det, 0)), L = -s V, dL = g/(2N)(P_row + P_col - 2(1-eps) I - 2 eps/N) and
+w_ij = dL_ij (-s) / (2 V_ij) where det_ij > 0 (else 0):
+
+    d_anchor_i  = 2 t_i sum_j w_ij det_h_j - 2 sum_s sum_j (w_ij u_ij[s]) w^s_j
+    Z^s_j       = sum_i w_ij u_ij[s] t_i                      (K, N, D), fp32 atomics
+    d_others_u[r]_j = -2 sum_s adj_h_j[r, s] Z^s_j   and   col_uu_j[r, s] = <o^r_j, Z^s_j>
+                  (both formed by the launcher in O(K^2 N D) from Z; adj_h symmetric)
+    col_tt_j    = sum_i w_ij tt_i,   dscale = sum_ij dL_ij (-V_ij)
+
+GEMM count (one GEMM-equivalent = 2 N^2 D flops): forward 2K (u_r and <t, w_r> tiles);
+backward 2K (recompute q) + K (recompute u_s) + K (d_anchor) + K (Z) = 5K; in all 7K, e.g.
+21 for M = 4. The floor for this contract is 4K (K forward, K recompute, 2K gradients);
+the extra 3K buy a kernel that never holds more than two (BLOCK_M, BLOCK_N) tiles.
+Nothing N x N is allocated: extra memory O((G + H) N) forward, O(K N D) backward.
+
+Kernels: ``_gram_fwd_kernel`` on the (G, H) grid of the CLIP forward (programs own row
+blocks g (mod G) and column blocks h (mod H); column statistics live in per-program
+partial rows, so no atomics; see triton/clip.py); the LSE partials are folded by CLIP's
+``_lse_combine_kernel`` and the row/column-sum partials by torch. ``_gram_bwd_kernel``
+on CLIP's backward grid (column block, row split); d_anchor, Z and col_tt are fp32
+atomics (sums equal run to run up to rounding).
+
+Precision: u tiles take CLIP's dot setup (input dtype; fp32 IEEE unless TF32 is allowed);
+<t, w_r> tiles and every backward gradient product run in fp32 (W and w span many
+magnitudes; det is a difference that rounding in 16 bits would destroy). Masked logits
+are -inf and online maxima of -inf are replaced by 0 before subtraction, as in CLIP.
+Offsets are int32 unless a tensor spans 2^31 elements (INDEX_64), except the stride
+between the K others (r * stride), which must stay below 2^31.
+Interpreter (TRITON_INTERPRET=1): tiles 32 x 32 (``override_tiles`` of triton/clip.py
+applies here too); bf16 upcast before tl.dot.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import triton_unavailable_reason
+from .clip import (
+    _INTERPRET,
+    _TORCH_TO_TL,
+    _backward_split,
+    _block_d,
+    _dot_setup,
+    _forward_grid,
+    _guard,
+    _index_64,
+    _lse_combine_kernel,
+    _slots,
+    _tile_logits,
+    _Tiles,
+    _with_override,
+)
+
+__all__ = ["gram_backward", "gram_forward"]
+
+
+@triton.jit
+def _quad_tile(
+    t_ptr, o_ptr, w_ptr, rows, cols, rmask, cmask, N, D,
+    stride_tn, stride_td, stride_ok, stride_on, stride_od,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, W_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """q_ij = sum_r <t_i, o^r_j> <t_i, w^r_j>: 2K fp32 dot tiles."""
+    q = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in tl.static_range(K):
+        u = _tile_logits(
+            t_ptr, o_ptr + r * stride_ok, rows, cols, rmask, cmask, D,
+            stride_tn, stride_td, stride_on, stride_od,
+            BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
+        )  # fmt: skip
+        v = _tile_logits(
+            t_ptr, w_ptr + r * N * D, rows, cols, rmask, cmask, D,
+            stride_tn, stride_td, D, 1,
+            BLOCK_M, BLOCK_N, BLOCK_D, tl.float32, W_PRECISION,
+        )  # fmt: skip
+        q += u * v
+    return q
+
+
+# Forward, one sweep, 2K GEMM-equivalents: per tile, q (2K dot tiles), det, V, L = -s V;
+# rows: online (max, sumexp) and sum in registers; columns: the same in this program's
+# partial rows; diagonal from the tile that holds it.
+@triton.jit
+def _gram_fwd_kernel(
+    t_ptr, o_ptr, w_ptr, tt_ptr, deth_ptr, scale_ptr,
+    ws_m_ptr, ws_l_ptr, ws_s_ptr,  # (H + G, N) fp32 partials: max, sumexp, sum
+    diag_ptr,
+    N, D, stride_tn, stride_td, stride_ok, stride_on, stride_od,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INDEX_64: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_g = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    G = tl.num_programs(0)
+    H = tl.num_programs(1)
+    num_rb = tl.cdiv(N, BLOCK_M)
+    num_cb = tl.cdiv(N, BLOCK_N)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_part = pid_h * N
+    col_part = (H + pid_g) * N
+
+    for rb in range(pid_g, num_rb, G):
+        rows = rb * BLOCK_M + offs_m
+        rmask = rows < N
+        tt = tl.load(tt_ptr + rows, mask=rmask, other=0.0)
+        if INDEX_64:
+            rows = rows.to(tl.int64)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for cb in range(pid_h, num_cb, H):
+            cols = cb * BLOCK_N + offs_n
+            cmask = cols < N
+            deth = tl.load(deth_ptr + cols, mask=cmask, other=0.0)
+            if INDEX_64:
+                cols = cols.to(tl.int64)
+            q = _quad_tile(
+                t_ptr, o_ptr, w_ptr, rows, cols, rmask, cmask, N, D,
+                stride_tn, stride_td, stride_ok, stride_on, stride_od,
+                K, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, W_PRECISION,
+            )  # fmt: skip
+            det = tt[:, None] * deth[None, :] - q
+            logit = -scale * tl.sqrt(tl.maximum(det, 0.0))
+            valid = rmask[:, None] & cmask[None, :]
+            s = tl.where(valid, logit, float("-inf"))
+            s0 = tl.where(valid, logit, 0.0)
+
+            lo = cb * BLOCK_N
+            if (rb * BLOCK_M < lo + BLOCK_N) & (lo < rb * BLOCK_M + BLOCK_M):
+                on_diag = rows[:, None] == cols[None, :]
+                d_val = tl.sum(tl.where(on_diag, s0, 0.0), axis=1)
+                tl.store(diag_ptr + rows, d_val, mask=rmask & (rows >= lo) & (rows < lo + BLOCK_N))
+
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(s - m_use[:, None]), axis=1)
+            m_i = m_new
+            s_i += tl.sum(s0, axis=1)
+
+            cm_ptrs = ws_m_ptr + col_part + cols
+            cl_ptrs = ws_l_ptr + col_part + cols
+            cs_ptrs = ws_s_ptr + col_part + cols
+            seen = cols < (rb > pid_g).to(tl.int32) * N  # first visit: nothing to read
+            cm_old = tl.load(cm_ptrs, mask=seen, other=float("-inf"))
+            cl_old = tl.load(cl_ptrs, mask=seen, other=0.0)
+            cs_old = tl.load(cs_ptrs, mask=seen, other=0.0)
+            cm_new = tl.maximum(cm_old, tl.max(s, axis=0))
+            cm_use = tl.where(cm_new == float("-inf"), 0.0, cm_new)
+            cl_new = cl_old * tl.exp(cm_old - cm_use) + tl.sum(tl.exp(s - cm_use[None, :]), axis=0)
+            tl.store(cm_ptrs, cm_new, mask=cmask)
+            tl.store(cl_ptrs, cl_new, mask=cmask)
+            tl.store(cs_ptrs, cs_old + tl.sum(s0, axis=0), mask=cmask)
+
+        tl.store(ws_m_ptr + row_part + rows, m_i, mask=rmask)
+        tl.store(ws_l_ptr + row_part + rows, l_i, mask=rmask)
+        tl.store(ws_s_ptr + row_part + rows, s_i, mask=rmask)
+        tl.debug_barrier()  # column partials re-read by the next row block (see clip.py)
+
+
+# Backward, 5K GEMM-equivalents: per tile recompute q (2K), then w, and for each s:
+# u_s (K), d_anchor -= 2 (w u_s) @ W_s (K, atomics), Z_s += (w u_s)^T @ T (K, atomics).
+@triton.jit
+def _gram_bwd_kernel(
+    t_ptr, o_ptr, w_ptr, tt_ptr, deth_ptr, scale_ptr, grad_ptr, row_lse_ptr, col_lse_ptr,
+    da_ptr,  # (N, D) fp32 zeros
+    z_ptr,  # (K, N, D) fp32 zeros
+    coltt_ptr,  # (N,) fp32 zeros
+    part_ptr,  # (programs,) fp32: dscale partials
+    eps, N, D, stride_tn, stride_td, stride_ok, stride_on, stride_od,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INDEX_64: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_PRECISION: tl.constexpr,
+):  # fmt: skip
+    cb = tl.program_id(0)
+    sp = tl.program_id(1)
+    SPLIT = tl.num_programs(1)
+    num_rb = tl.cdiv(N, BLOCK_M)
+    count = tl.cdiv(num_rb - sp, SPLIT)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    coef = tl.load(grad_ptr).to(tl.float32) * (0.5 / N)
+    smooth = 2.0 * eps / N
+    target = 2.0 * (1.0 - eps)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    col_lse = tl.load(col_lse_ptr + cols, mask=cmask, other=0.0)
+    deth = tl.load(deth_ptr + cols, mask=cmask, other=0.0)
+    if INDEX_64:
+        cols = cols.to(tl.int64)
+    coltt_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    ds_acc = 0.0
+
+    for it in range(0, count):
+        rb = sp + ((it + cb) % count) * SPLIT
+        rows = rb * BLOCK_M + offs_m
+        rmask = rows < N
+        row_lse = tl.load(row_lse_ptr + rows, mask=rmask, other=0.0)
+        tt = tl.load(tt_ptr + rows, mask=rmask, other=0.0)
+        if INDEX_64:
+            rows = rows.to(tl.int64)
+        q = _quad_tile(
+            t_ptr, o_ptr, w_ptr, rows, cols, rmask, cmask, N, D,
+            stride_tn, stride_td, stride_ok, stride_on, stride_od,
+            K, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, W_PRECISION,
+        )  # fmt: skip
+        det = tt[:, None] * deth[None, :] - q
+        vol = tl.sqrt(tl.maximum(det, 0.0))
+        valid = rmask[:, None] & cmask[None, :]
+        s = tl.where(valid, -scale * vol, float("-inf"))  # as in the forward
+        dl = tl.exp(s - row_lse[:, None]) + tl.exp(s - col_lse[None, :]) - smooth
+        dl = tl.where(rows[:, None] == cols[None, :], dl - target, dl)
+        dl = tl.where(valid, dl, 0.0) * coef  # dLoss / dL_ij
+        ds_acc += tl.sum(tl.sum(-dl * vol, axis=1), axis=0)
+        pos = valid & (det > 0)
+        w = tl.where(pos, dl * (-0.5 * scale) / tl.where(pos, vol, 1.0), 0.0)
+        coltt_acc += tl.sum(w * tt[:, None], axis=0)
+        rw = 2.0 * tl.sum(w * deth[None, :], axis=1)  # (BLOCK_M,)
+
+        for r in tl.static_range(K):
+            u = _tile_logits(
+                t_ptr, o_ptr + r * stride_ok, rows, cols, rmask, cmask, D,
+                stride_tn, stride_td, stride_on, stride_od,
+                BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
+            )  # fmt: skip
+            wu = w * u
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                dmask = dd < D
+                t_c = tl.load(
+                    t_ptr + rows[:, None] * stride_tn + dd[None, :] * stride_td,
+                    mask=rmask[:, None] & dmask[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                w_c = tl.load(
+                    w_ptr + r * N * D + cols[:, None] * D + dd[None, :],
+                    mask=cmask[:, None] & dmask[None, :],
+                    other=0.0,
+                )
+                da_c = -2.0 * tl.dot(wu, w_c, input_precision=W_PRECISION)
+                if r == 0:
+                    da_c += rw[:, None] * t_c
+                tl.atomic_add(
+                    da_ptr + rows[:, None] * D + dd[None, :],
+                    da_c,
+                    mask=rmask[:, None] & dmask[None, :],
+                    sem="relaxed",
+                )
+                z_c = tl.dot(tl.trans(wu), t_c, input_precision=W_PRECISION)
+                tl.atomic_add(
+                    z_ptr + r * N * D + cols[:, None] * D + dd[None, :],
+                    z_c,
+                    mask=cmask[:, None] & dmask[None, :],
+                    sem="relaxed",
+                )
+
+    tl.atomic_add(coltt_ptr + cols, coltt_acc, mask=cmask, sem="relaxed")
+    tl.store(part_ptr + cb * SPLIT + sp, ds_acc)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _tiles(d: int, dtype: torch.dtype, device: torch.device) -> _Tiles:
+    # Not tuned on a GPU: 64 x 64 tiles keep two fp32 tiles plus q in registers.
+    block_d = _block_d(d, dtype, device)
+    if device.type != "cuda":
+        return _with_override(_Tiles(32, 32, block_d, 4, 1))
+    return _with_override(_Tiles(64, 64, min(block_d, 64), 4, 2))
+
+
+def _prepare(anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor):
+    if anchor.dim() != 2 or others.dim() != 3 or others.shape[1:] != anchor.shape:
+        raise ValueError(
+            f"anchor must be (N, D) and others (K, N, D), got {tuple(anchor.shape)} and "
+            f"{tuple(others.shape)}"
+        )
+    if anchor.dtype != others.dtype or anchor.dtype not in _TORCH_TO_TL:
+        raise TypeError(
+            "Triton GRAM kernels take float32, float16 or bfloat16 anchor and others of one "
+            f"dtype, got {anchor.dtype} and {others.dtype}"
+        )
+    device = anchor.device
+    reason = triton_unavailable_reason(device)
+    if reason is None and device.type == "cpu" and not _INTERPRET:
+        reason = (
+            "TRITON_INTERPRET=1 was set after flashcontrast.backends.triton was imported; "
+            "Triton reads it when the kernels are defined"
+        )
+    if reason is not None:
+        raise RuntimeError(reason)
+    k, n, _ = others.shape
+    for name, t in (("others", others), ("scale", scale), ("det_h", det_h), ("adj_h", adj_h)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, anchor on {device}")
+    if det_h.shape != (n,) or adj_h.shape != (n, k, k) or scale.numel() != 1:
+        raise ValueError("det_h must be (N,), adj_h (N, K, K) and scale a single element")
+
+
+def _common(anchor, others, det_h, adj_h):
+    f32 = torch.float32
+    t32 = anchor.to(f32)
+    tt = (t32 * t32).sum(dim=1)
+    adj = adj_h.to(f32)
+    # W_r = sum_s adj_h[:, r, s] o^s: (K, N, D) fp32, contiguous.
+    w = torch.einsum("nrs,snd->rnd", adj, others.to(f32)).contiguous()
+    return tt.contiguous(), det_h.to(f32).contiguous(), adj, w
+
+
+def _launch_args(anchor, others):
+    return (
+        anchor.shape[1], anchor.stride(0), anchor.stride(1),
+        others.stride(0), others.stride(1), others.stride(2),
+    )  # fmt: skip
+
+
+def gram_forward(anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor):
+    """(row_lse, col_lse, diag, row_sum, col_sum), each (N,) float32."""
+    _prepare(anchor, others, scale, det_h, adj_h)
+    k, n, d = others.shape
+    tt, deth, _, w = _common(anchor, others, det_h, adj_h)
+    tiles = _tiles(d, anchor.dtype, anchor.device)
+    num_rb, num_cb = triton.cdiv(n, tiles.block_m), triton.cdiv(n, tiles.block_n)
+    g, h = _forward_grid(num_rb, num_cb, _slots(anchor.device, tiles))
+    dot_dtype, precision = _dot_setup(anchor.dtype, anchor.device)
+    _, w_precision = _dot_setup(torch.float32, anchor.device)
+    f32 = dict(dtype=torch.float32, device=anchor.device)
+    ws = torch.empty((3, h + g, n), **f32)
+    diag, row_lse, col_lse = (torch.empty(n, **f32) for _ in range(3))
+    with _guard(anchor.device):
+        _gram_fwd_kernel[(g, h)](
+            anchor, others, w, tt, deth, scale, ws[0], ws[1], ws[2], diag,
+            n, *_launch_args(anchor, others),
+            K=k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
+            INDEX_64=_index_64(anchor, others, w),
+            DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, W_PRECISION=w_precision,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )  # fmt: skip
+        block = 256 if _INTERPRET else 1024
+        _lse_combine_kernel[(triton.cdiv(n, block), 2)](
+            ws[0], ws[1], row_lse, col_lse, n, h, g, BLOCK=block, num_warps=4
+        )
+    return row_lse, col_lse, diag, ws[2, :h].sum(dim=0), ws[2, h:].sum(dim=0)
+
+
+def gram_backward(
+    anchor: Tensor,
+    others: Tensor,
+    scale: Tensor,
+    det_h: Tensor,
+    adj_h: Tensor,
+    row_lse: Tensor,
+    col_lse: Tensor,
+    grad: Tensor,
+    label_smoothing: float,
+):
+    """(d_anchor (N, D) anchor dtype, d_others_u (K, N, D) others dtype, dscale 0-d fp32,
+    col_tt (N,) fp32, col_uu (N, K, K) fp32)."""
+    _prepare(anchor, others, scale, det_h, adj_h)
+    k, n, d = others.shape
+    tt, deth, adj, w = _common(anchor, others, det_h, adj_h)
+    tiles = _tiles(d, anchor.dtype, anchor.device)
+    num_rb, num_cb = triton.cdiv(n, tiles.block_m), triton.cdiv(n, tiles.block_n)
+    split = _backward_split(num_rb, num_cb, _slots(anchor.device, tiles))
+    dot_dtype, precision = _dot_setup(anchor.dtype, anchor.device)
+    _, w_precision = _dot_setup(torch.float32, anchor.device)
+    f32 = dict(dtype=torch.float32, device=anchor.device)
+    da = torch.zeros((n, d), **f32)
+    z = torch.zeros((k, n, d), **f32)
+    col_tt = torch.zeros(n, **f32)
+    part = torch.empty(num_cb * split, **f32)
+    with _guard(anchor.device):
+        _gram_bwd_kernel[(num_cb, split)](
+            anchor, others, w, tt, deth, scale, grad,
+            row_lse.to(torch.float32).contiguous(), col_lse.to(torch.float32).contiguous(),
+            da, z, col_tt, part,
+            float(label_smoothing), n, *_launch_args(anchor, others),
+            K=k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
+            INDEX_64=_index_64(anchor, others, w, da),
+            DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, W_PRECISION=w_precision,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )  # fmt: skip
+    d_others = torch.einsum("nrs,snd->rnd", adj, z).mul_(-2.0)
+    col_uu = torch.einsum("rnd,snd->nrs", others.to(torch.float32), z)
+    return da.to(anchor.dtype), d_others.to(others.dtype), part.sum(), col_tt, col_uu

@@ -1,0 +1,442 @@
+"""Symile (objectives.md section 5) as Triton kernels: no N x N or N x N^2 buffer.
+
+Contract: flashcontrast/backends/__init__.py (rowce_*, symile_n2_*).
+
+rowce ("n" negatives). L_ij = s <a_i, w_j> for j != i, L_ii = diag_i; P = softmax_j(L):
+    forward   row_lse_i = LSE_j L_ij                 program per row block, online LSE
+    backward  c_ij = g_i P_ij; ddiag_i = c_ii; q = c with the diagonal zeroed;
+              da_i = s sum_j q_ij w_j    (program per row block, accumulator on chip)
+              dw_j = s sum_i q_ij a_i    (program per column block, accumulator on chip)
+              dscale = sum_i <a_i, sum_j q_ij w_j> = sum(a * da_raw), in torch
+    GEMM-equivalents (2 N^2 D flops each): forward 1, backward 2 recomputes + 2 = 5 in all
+    (one more than CLIP's 4: dA and dW each own their output, no atomics, deterministic).
+
+n_squared, M = 3 (anchor x, others y, z). logit_ijk = s sum_d x_id y_jd z_kd. For a fixed
+j the (BM x BK) logit tile is a plain GEMM whose left operand is formed on the fly:
+    T_j = (x_blk * y_j[None, :]) @ z_blk^T          2 BM BK D flops
+    forward   program per row block; loops j = 0..N-1 and the column blocks of z; online
+              LSE over the N^2 (j, k) pairs: 2 N^3 D flops, O(N) memory.
+    backward  c_ijk = g_i exp(s T_ijk - lse_i); three kernels, each owning its output:
+              dx_i = s sum_j y_j * (c_ij: @ z)          program per row block
+              dy_j = s sum_i x_i * (c_:j: @ z)_i        program per j
+              dz_k = s sum_j (c_:jk)^T @ (x * y_j)      program per column block of z
+              dscale = sum(x * dx_raw), in torch.
+              Each recomputes T (2 N^3 D) and does one GEMM (2 N^3 D): 12 N^3 D flops.
+    Forward + backward: 14 N^3 D flops, against the reference's 2 N^3 D forward plus an
+    (N, N^2) logit tensor and an (N^2, D) product tensor per anchor.
+
+All tile products accumulate in fp32; the products x * y_j are formed in fp32 and rounded
+once to the input dtype for tl.dot (the reference rounds y (x) z to it likewise). Tiles
+hold the whole of D (BLOCK_D = next power of two >= D): gradient accumulators live on
+chip; for large D the row/column blocks shrink (:func:`_tiles`). Masked logits are -inf
+and every online max that may be -inf is replaced by 0 before it is subtracted.
+
+Interpreter (TRITON_INTERPRET=1): bf16 tiles are upcast to fp32 before tl.dot (its bf16
+tl.dot is wrong), as in ``clip.py``; :func:`override_tiles` forces the block sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import triton_unavailable_reason
+from .clip import _INTERPRET, _TORCH_TO_TL, _dot_setup, _guard
+
+__all__ = [
+    "override_tiles",
+    "rowce_backward",
+    "rowce_forward",
+    "symile_n2_backward",
+    "symile_n2_forward",
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _load_rows(ptr, rows, rmask, offs_d, dmask, stride_n, stride_d):
+    """(len(rows), BLOCK_D) fp32 tile of rows, zero-padded."""
+    return tl.load(
+        ptr + rows[:, None] * stride_n + offs_d[None, :] * stride_d,
+        mask=rmask[:, None] & dmask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+
+
+# ----------------------------------------------------------------------------- rowce
+
+
+@triton.jit
+def _rowce_logits(a_tile, w_ptr, rows, cols, rmask, cmask, offs_d, dmask, stride_wn,
+                  stride_wd, diag_ptr, scale,
+                  DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """(raw dot, logits with the diagonal override and -inf outside, w tile)."""
+    w = _load_rows(w_ptr, cols, cmask, offs_d, dmask, stride_wn, stride_wd)
+    x = tl.dot(a_tile.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+    diag = tl.load(diag_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    on_diag = rows[:, None] == cols[None, :]
+    s = tl.where(on_diag, diag[:, None], x * scale)
+    s = tl.where(rmask[:, None] & cmask[None, :], s, float("-inf"))
+    return x, s, w, on_diag
+
+
+@triton.jit
+def _rowce_fwd_kernel(a_ptr, w_ptr, scale_ptr, diag_ptr, lse_ptr, N, D,
+                      stride_an, stride_ad, stride_wn, stride_wd,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < N
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    scale = tl.load(scale_ptr).to(tl.float32)
+    a_tile = _load_rows(a_ptr, rows, rmask, offs_d, dmask, stride_an, stride_ad)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c0 in range(0, N, BLOCK_N):
+        cols = (c0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        cmask = cols < N
+        _, s, _, _ = _rowce_logits(a_tile, w_ptr, rows, cols, rmask, cmask, offs_d, dmask,
+                                   stride_wn, stride_wd, diag_ptr, scale,
+                                   DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(s - m_use[:, None]), axis=1)
+        m_i = m_new
+    tl.store(lse_ptr + rows, m_i + tl.log(tl.where(rmask, l_i, 1.0)), mask=rmask)
+
+
+@triton.jit
+def _rowce_bwd_kernel(a_ptr, w_ptr, scale_ptr, diag_ptr, lse_ptr, g_ptr,
+                      out_ptr,  # (N, D) fp32: da_raw (BY_ROWS) or dw_raw
+                      ddiag_ptr, N, D, stride_an, stride_ad, stride_wn, stride_wd,
+                      BY_ROWS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """BY_ROWS: program per row block, da_raw = q @ w and ddiag; else program per column
+    block, dw_raw = q^T @ a. q_ij = g_i P_ij, diagonal zeroed."""
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    scale = tl.load(scale_ptr).to(tl.float32)
+    mine = (tl.program_id(0) * (BLOCK_M if BY_ROWS else BLOCK_N)
+            + tl.arange(0, BLOCK_M if BY_ROWS else BLOCK_N)).to(tl.int64)  # fmt: skip
+    mmask = mine < N
+    if BY_ROWS:
+        a_tile = _load_rows(a_ptr, mine, mmask, offs_d, dmask, stride_an, stride_ad)
+        lse = tl.load(lse_ptr + mine, mask=mmask, other=0.0)
+        g = tl.load(g_ptr + mine, mask=mmask, other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        dd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for o0 in range(0, N, BLOCK_N if BY_ROWS else BLOCK_M):
+        if BY_ROWS:
+            rows = mine
+            rmask = mmask
+            cols = (o0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            cmask = cols < N
+        else:
+            cols = mine
+            cmask = mmask
+            rows = (o0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+            rmask = rows < N
+            a_tile = _load_rows(a_ptr, rows, rmask, offs_d, dmask, stride_an, stride_ad)
+            lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+            g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+        _, s, w, on_diag = _rowce_logits(a_tile, w_ptr, rows, cols, rmask, cmask, offs_d,
+                                         dmask, stride_wn, stride_wd, diag_ptr, scale,
+                                         DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+        p = tl.where(rmask[:, None] & cmask[None, :], tl.exp(s - lse[:, None]) * g[:, None], 0.0)
+        q = tl.where(on_diag, 0.0, p)
+        if BY_ROWS:
+            dd += tl.sum(tl.where(on_diag, p, 0.0), axis=1)
+            acc = tl.dot(q.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(tl.trans(q.to(DOT_DTYPE)), a_tile.to(DOT_DTYPE), acc,
+                         input_precision=DOT_PRECISION)  # fmt: skip
+    tl.store(out_ptr + mine[:, None] * D + offs_d[None, :], acc,
+             mask=mmask[:, None] & dmask[None, :])  # fmt: skip
+    if BY_ROWS:
+        tl.store(ddiag_ptr + mine, dd, mask=mmask)
+
+
+# ----------------------------------------------------------------------------- n_squared
+
+
+@triton.jit
+def _n2_tile(xy, z_ptr, cols, cmask, offs_d, dmask, stride_zn, stride_zd,
+             DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """(raw logits (x * y_j) @ z[cols]^T, z tile), both fp32."""
+    z = _load_rows(z_ptr, cols, cmask, offs_d, dmask, stride_zn, stride_zd)
+    t = tl.dot(xy.to(DOT_DTYPE), tl.trans(z.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+    return t, z
+
+
+@triton.jit
+def _n2_fwd_kernel(x_ptr, y_ptr, z_ptr, scale_ptr, lse_ptr, N, D,
+                   sxn, sxd, syn, syd, szn, szd,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < N
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    scale = tl.load(scale_ptr).to(tl.float32)
+    x = _load_rows(x_ptr, rows, rmask, offs_d, dmask, sxn, sxd)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for j in range(0, N):
+        yj = tl.load(y_ptr + j * syn + offs_d * syd, mask=dmask, other=0.0)
+        xy = x * yj.to(tl.float32)[None, :]
+        for k0 in range(0, N, BLOCK_K):
+            cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            cmask = cols < N
+            t, _ = _n2_tile(xy, z_ptr, cols, cmask, offs_d, dmask, szn, szd,
+                            DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+            s = tl.where(rmask[:, None] & cmask[None, :], t * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(s - m_use[:, None]), axis=1)
+            m_i = m_new
+    tl.store(lse_ptr + rows, m_i + tl.log(tl.where(rmask, l_i, 1.0)), mask=rmask)
+
+
+@triton.jit
+def _n2_bwd_kernel(x_ptr, y_ptr, z_ptr, scale_ptr, lse_ptr, g_ptr, out_ptr, N, D,
+                   sxn, sxd, syn, syd, szn, szd,
+                   WHICH: tl.constexpr,  # 0: dx_raw (rows), 1: dy_raw (one j), 2: dz_raw
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if WHICH == 0:
+        # dx_i = sum_j y_j * (c_ij: @ z)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        x = _load_rows(x_ptr, rows, rmask, offs_d, dmask, sxn, sxd)
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for j in range(0, N):
+            yj = tl.load(y_ptr + j * syn + offs_d * syd, mask=dmask, other=0.0)
+            yj = yj.to(tl.float32)
+            xy = x * yj[None, :]
+            cz = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            for k0 in range(0, N, BLOCK_K):
+                cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                cmask = cols < N
+                t, z = _n2_tile(xy, z_ptr, cols, cmask, offs_d, dmask, szn, szd,
+                                DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+                c = tl.where(rmask[:, None] & cmask[None, :],
+                             tl.exp(t * scale - lse[:, None]) * g[:, None], 0.0)  # fmt: skip
+                cz = tl.dot(c.to(DOT_DTYPE), z.to(DOT_DTYPE), cz, input_precision=DOT_PRECISION)
+            acc += cz * yj[None, :]
+        tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], acc,
+                 mask=rmask[:, None] & dmask[None, :])  # fmt: skip
+    elif WHICH == 1:
+        # dy_j = sum_i x_i * (c_:j: @ z)_i, program pid = j
+        yj = tl.load(y_ptr + pid * syn + offs_d * syd, mask=dmask, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for r0 in range(0, N, BLOCK_M):
+            rows = (r0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+            rmask = rows < N
+            x = _load_rows(x_ptr, rows, rmask, offs_d, dmask, sxn, sxd)
+            lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+            g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+            xy = x * yj[None, :]
+            cz = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            for k0 in range(0, N, BLOCK_K):
+                cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                cmask = cols < N
+                t, z = _n2_tile(xy, z_ptr, cols, cmask, offs_d, dmask, szn, szd,
+                                DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+                c = tl.where(rmask[:, None] & cmask[None, :],
+                             tl.exp(t * scale - lse[:, None]) * g[:, None], 0.0)  # fmt: skip
+                cz = tl.dot(c.to(DOT_DTYPE), z.to(DOT_DTYPE), cz, input_precision=DOT_PRECISION)
+            acc += tl.sum(cz * x, axis=0)
+        tl.store(out_ptr + pid * D + offs_d, acc, mask=dmask)
+    else:
+        # dz_k = sum_j c_:jk^T @ (x * y_j), program per column block of z
+        cols = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+        cmask = cols < N
+        acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+        for j in range(0, N):
+            yj = tl.load(y_ptr + j * syn + offs_d * syd, mask=dmask, other=0.0)
+            for r0 in range(0, N, BLOCK_M):
+                rows = (r0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+                rmask = rows < N
+                x = _load_rows(x_ptr, rows, rmask, offs_d, dmask, sxn, sxd)
+                lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+                g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+                xy = x * yj.to(tl.float32)[None, :]
+                t, _ = _n2_tile(xy, z_ptr, cols, cmask, offs_d, dmask, szn, szd,
+                                DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+                c = tl.where(rmask[:, None] & cmask[None, :],
+                             tl.exp(t * scale - lse[:, None]) * g[:, None], 0.0)  # fmt: skip
+                acc = tl.dot(tl.trans(c.to(DOT_DTYPE)), xy.to(DOT_DTYPE), acc,
+                             input_precision=DOT_PRECISION)  # fmt: skip
+        tl.store(out_ptr + cols[:, None] * D + offs_d[None, :], acc,
+                 mask=cmask[:, None] & dmask[None, :])  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+_OVERRIDE: dict = {}
+
+
+@contextlib.contextmanager
+def override_tiles(**kwargs: int) -> Iterator[None]:
+    """Force block sizes (tests, tuning). Keys: block_m, block_n (powers of two >= 16)."""
+    unknown = set(kwargs) - {"block_m", "block_n"}
+    if unknown:
+        raise ValueError(f"unknown overrides {sorted(unknown)}; allowed: block_m, block_n")
+    for key, value in kwargs.items():
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{key} must be a power of two >= 16, got {value}")
+    saved = dict(_OVERRIDE)
+    _OVERRIDE.update(kwargs)
+    try:
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(saved)
+
+
+def _tiles(d: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). Untimed on a GPU: tune first."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if device.type != "cuda":
+        bm = bn = 32
+    elif block_d <= 128:
+        bm = bn = 64
+    else:  # whole-D tiles: keep the on-chip operands and accumulators bounded
+        bm = bn = 32 if block_d <= 256 else 16
+    return _OVERRIDE.get("block_m", bm), _OVERRIDE.get("block_n", bn), block_d, 4
+
+
+def _prepare(*tensors: Tensor) -> None:
+    first = tensors[0]
+    for t in tensors:
+        if t.dim() != 2 or t.shape != first.shape:
+            raise ValueError(f"features must all be (N, D) of one shape, got {tuple(t.shape)}")
+        if t.dtype != first.dtype or t.dtype not in _TORCH_TO_TL:
+            raise TypeError(
+                "Triton Symile kernels take float32, float16 or bfloat16 features of one "
+                f"dtype, got {t.dtype}"
+            )
+        if t.device != first.device:
+            raise ValueError(f"features on {t.device} and {first.device}")
+    reason = triton_unavailable_reason(first.device)
+    if reason is None and first.device.type == "cpu" and not _INTERPRET:
+        reason = (
+            "TRITON_INTERPRET=1 was set after flashcontrast.backends.triton.symile was "
+            "imported; Triton reads it when the kernels are defined"
+        )
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def rowce_forward(a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor) -> Tensor:
+    """row_lse (N,) fp32 of scale * a @ w^T with the diagonal replaced by diag_logit."""
+    _prepare(a, w)
+    n, d = a.shape
+    bm, bn, bd, warps = _tiles(d, a.device)
+    dot_dtype, precision = _dot_setup(a.dtype, a.device)
+    lse = torch.empty(n, dtype=torch.float32, device=a.device)
+    with _guard(a.device):
+        _rowce_fwd_kernel[(triton.cdiv(n, bm),)](
+            a, w, _f32(scale), _f32(diag_logit), lse, n, d,
+            a.stride(0), a.stride(1), w.stride(0), w.stride(1),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+            num_warps=warps,
+        )  # fmt: skip
+    return lse
+
+
+def rowce_backward(
+    a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor, row_lse: Tensor, grad_rows: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(da, dw, dscale, ddiag) of sum_i grad_rows_i row_lse_i."""
+    _prepare(a, w)
+    n, d = a.shape
+    bm, bn, bd, warps = _tiles(d, a.device)
+    dot_dtype, precision = _dot_setup(a.dtype, a.device)
+    f32 = dict(dtype=torch.float32, device=a.device)
+    da_raw, dw_raw = torch.empty((n, d), **f32), torch.empty((n, d), **f32)
+    ddiag = torch.empty(n, **f32)
+    s32, diag, lse, g = _f32(scale), _f32(diag_logit), _f32(row_lse), _f32(grad_rows)
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_DTYPE=dot_dtype,
+                  DOT_PRECISION=precision, num_warps=warps)  # fmt: skip
+    strides = (a.stride(0), a.stride(1), w.stride(0), w.stride(1))
+    with _guard(a.device):
+        _rowce_bwd_kernel[(triton.cdiv(n, bm),)](
+            a, w, s32, diag, lse, g, da_raw, ddiag, n, d, *strides, BY_ROWS=True, **common
+        )
+        _rowce_bwd_kernel[(triton.cdiv(n, bn),)](
+            a, w, s32, diag, lse, g, dw_raw, ddiag, n, d, *strides, BY_ROWS=False, **common
+        )
+    dscale = (a.float() * da_raw).sum()
+    return (da_raw * s32).to(a.dtype), (dw_raw * s32).to(w.dtype), dscale, ddiag
+
+
+def symile_n2_forward(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> Tensor:
+    """row_lse_i = LSE_{j,k} scale * sum_d x_id y_jd z_kd, (N,) fp32."""
+    _prepare(x, y, z)
+    n, d = x.shape
+    bm, bk, bd, warps = _tiles(d, x.device)
+    dot_dtype, precision = _dot_setup(x.dtype, x.device)
+    lse = torch.empty(n, dtype=torch.float32, device=x.device)
+    with _guard(x.device):
+        _n2_fwd_kernel[(triton.cdiv(n, bm),)](
+            x, y, z, _f32(scale), lse, n, d,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1),
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+            num_warps=warps,
+        )  # fmt: skip
+    return lse
+
+
+def symile_n2_backward(
+    x: Tensor, y: Tensor, z: Tensor, scale: Tensor, row_lse: Tensor, grad_rows: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dy, dz, dscale) of sum_i grad_rows_i row_lse_i."""
+    _prepare(x, y, z)
+    n, d = x.shape
+    bm, bk, bd, warps = _tiles(d, x.device)
+    dot_dtype, precision = _dot_setup(x.dtype, x.device)
+    outs = torch.empty((3, n, d), dtype=torch.float32, device=x.device)
+    s32, lse, g = _f32(scale), _f32(row_lse), _f32(grad_rows)
+    grids = (triton.cdiv(n, bm), n, triton.cdiv(n, bk))
+    with _guard(x.device):
+        for which, grid in enumerate(grids):
+            _n2_bwd_kernel[(grid,)](
+                x, y, z, s32, lse, g, outs[which], n, d,
+                x.stride(0), x.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1),
+                WHICH=which, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd,
+                DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=warps,
+            )  # fmt: skip
+    dscale = (x.float() * outs[0]).sum()
+    outs.mul_(s32)
+    return (
+        outs[0].to(x.dtype, copy=True),
+        outs[1].to(y.dtype, copy=True),
+        outs[2].to(z.dtype, copy=True),
+        dscale,
+    )

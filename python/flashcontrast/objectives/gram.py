@@ -1,0 +1,353 @@
+"""GRAM, the Gramian-volume contrastive loss (objectives.md section 4): checks, per-column
+constants, torch.library ops, autograd, public API.
+
+Anchor t_i (N, D) and K = M - 1 other modalities o^1_j .. o^K_j (N, D each). With
+H_j = Gram(o^1_j, ..., o^K_j) (K x K) and u_ij = (<t_i, o^1_j>, ..., <t_i, o^K_j>),
+
+    det G_ij = det(H_j) |t_i|^2 - u_ij^T adj(H_j) u_ij       (Schur / cofactor identity)
+    V_ij = sqrt(max(det G_ij, 0)),  logits L_ij = -s V_ij
+    L = 1/2 [CE_rows(L) + CE_cols(L)]    (torch's label-smoothed cross entropy, both ways)
+
+so no (N, N, M, M) Gram tensor is ever formed: the backends need K dot-product tiles per
+logit tile plus a quadratic form with per-column constants det_h_j = det H_j and
+adj_h_j = adj H_j. Those constants are computed here, once, in O(N K^3)-ish torch ops
+(:func:`column_constants`), by explicit Laplace (cofactor) expansion: a polynomial in the
+entries of H_j, so they and their gradients are exact and finite even where H_j is
+singular (torch.linalg.det / inv have unreliable gradients there). The backends return
+the gradients w.r.t. det_h and adj_h (col_tt, -col_uu, see ``flashcontrast.backends``), and
+autograd chains them through this differentiable precompute to the other modalities.
+
+Differences from the published code (ispamm/GRAM ``utils/volume.py``): it takes
+``sqrt(|det|)`` of an (N, N, M, M) float32 tensor, whose gradient is NaN where det = 0
+(collinear or coincident vectors, e.g. a duplicated sample). Here V = sqrt(max(det, 0))
+with derivative 0 wherever det <= 0, as ``reference.gram_volume``: finite gradients
+everywhere. Where det > 0 but tiny the gradient is the true ~1/sqrt(det), large.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import _dispatch, reference
+from .._ops import backend_module
+from .._validation import (
+    Scalar,
+    accumulation_dtype,
+    as_scalar_tensor,
+    check_features,
+    check_pair,
+)
+
+#: Most other modalities (K = M - 1) supported. The Laplace expansion of the per-column
+#: constants costs O(K^2 2^K) (N,)-vector ops, and the Triton kernels unroll over K.
+MAX_OTHERS = 7
+
+
+# ----------------------------------------------------------------------------- constants
+
+
+def _laplace(h: list, rows: tuple, cols: tuple, memo: dict, one: Tensor) -> Tensor:
+    """det of the submatrix h[rows][cols] by expansion along its first row (memoised)."""
+    if not rows:
+        return one
+    key = (rows, cols)
+    if key in memo:
+        return memo[key]
+    r0, rest = rows[0], rows[1:]
+    total = None
+    for idx, c in enumerate(cols):
+        term = h[r0][c] * _laplace(h, rest, cols[:idx] + cols[idx + 1 :], memo, one)
+        if total is None:
+            total = term
+        elif idx % 2:
+            total = total - term
+        else:
+            total = total + term
+    memo[key] = total
+    return total
+
+
+def column_constants(others: Tensor) -> tuple[Tensor, Tensor]:
+    """(det_h (N,), adj_h (N, K, K)) of H_j = Gram(o^1_j, ..., o^K_j), differentiably.
+
+    Args:
+        others: (K, N, D) in the accumulation dtype (float32 or float64).
+
+    det and adjugate are computed by explicit cofactor (Laplace) expansion of the batched
+    K x K matrices: polynomials in the entries, exact derivatives everywhere, including
+    singular H_j (collinear or coincident other modalities). adj H_j is symmetric.
+    """
+    k = others.shape[0]
+    h = [[None] * k for _ in range(k)]
+    for r in range(k):
+        for s in range(r, k):
+            h[r][s] = h[s][r] = (others[r] * others[s]).sum(dim=-1)  # (N,)
+    one = torch.ones_like(h[0][0])
+    memo: dict = {}
+    full = tuple(range(k))
+    det_h = _laplace(h, full, full, memo, one)
+    adj = [[None] * k for _ in range(k)]
+    for r in range(k):
+        for c in range(r, k):
+            minor = _laplace(h, full[:r] + full[r + 1 :], full[:c] + full[c + 1 :], memo, one)
+            adj[r][c] = adj[c][r] = minor if (r + c) % 2 == 0 else -minor
+    adj_h = torch.stack([torch.stack(row, dim=-1) for row in adj], dim=-2)  # (N, K, K)
+    return det_h, adj_h
+
+
+def gram_loss_from_stats(
+    row_lse: Tensor,
+    col_lse: Tensor,
+    diag: Tensor,
+    row_sum: Tensor,
+    col_sum: Tensor,
+    label_smoothing: float,
+) -> Tensor:
+    """1/2 [mean_i CE_row_i + mean_j CE_col_j], torch's label smoothing eps:
+    CE_row_i = LSE_j L_ij - (1 - eps) L_ii - eps / N sum_j L_ij (columns alike)."""
+    eps, n = label_smoothing, row_lse.shape[0]
+    rows = row_lse - (1.0 - eps) * diag - (eps / n) * row_sum
+    cols = col_lse - (1.0 - eps) * diag - (eps / n) * col_sum
+    return 0.5 * (rows.mean() + cols.mean())
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+@torch.library.custom_op("flashcontrast::gram_fwd", mutates_args=())
+def gram_fwd(
+    anchor: Tensor,
+    others: Tensor,
+    scale: Tensor,
+    det_h: Tensor,
+    adj_h: Tensor,
+    label_smoothing: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss (0-d), row LSE (N,) and column LSE (N,) of the logits -scale * V."""
+    stats = backend_module(backend, "gram").gram_forward(anchor, others, scale, det_h, adj_h)
+    row_lse, col_lse, diag, row_sum, col_sum = stats
+    loss = gram_loss_from_stats(row_lse, col_lse, diag, row_sum, col_sum, label_smoothing)
+    return loss, row_lse, col_lse
+
+
+@gram_fwd.register_fake
+def _gram_fwd_fake(anchor, others, scale, det_h, adj_h, label_smoothing, backend):
+    acc = accumulation_dtype(anchor.dtype)
+    n = anchor.shape[0]
+    return (
+        anchor.new_empty((), dtype=acc),
+        anchor.new_empty(n, dtype=acc),
+        anchor.new_empty(n, dtype=acc),
+    )
+
+
+@torch.library.custom_op("flashcontrast::gram_bwd", mutates_args=())
+def gram_bwd(
+    anchor: Tensor,
+    others: Tensor,
+    scale: Tensor,
+    det_h: Tensor,
+    adj_h: Tensor,
+    row_lse: Tensor,
+    col_lse: Tensor,
+    grad: Tensor,
+    label_smoothing: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(d_anchor, d_others_u, dscale, col_tt, col_uu) of the backend contract."""
+    return backend_module(backend, "gram").gram_backward(
+        anchor, others, scale, det_h, adj_h, row_lse, col_lse, grad, label_smoothing
+    )
+
+
+@gram_bwd.register_fake
+def _gram_bwd_fake(
+    anchor, others, scale, det_h, adj_h, row_lse, col_lse, grad, label_smoothing, backend
+):
+    acc = accumulation_dtype(anchor.dtype)
+    k, n, _ = others.shape
+    return (
+        torch.empty_like(anchor, memory_format=torch.contiguous_format),
+        torch.empty_like(others, memory_format=torch.contiguous_format),
+        anchor.new_empty((), dtype=acc),
+        anchor.new_empty(n, dtype=acc),
+        anchor.new_empty((n, k, k), dtype=acc),
+    )
+
+
+def _gram_setup_context(ctx, inputs, output) -> None:
+    anchor, others, scale, det_h, adj_h, label_smoothing, backend = inputs
+    _, row_lse, col_lse = output
+    ctx.backend = backend
+    ctx.label_smoothing = label_smoothing
+    ctx.save_for_backward(anchor, others, scale, det_h, adj_h, row_lse, col_lse)
+    ctx.mark_non_differentiable(row_lse, col_lse)
+
+
+def _gram_backward(ctx, grad_loss, _grad_row, _grad_col):
+    anchor, others, scale, det_h, adj_h, row_lse, col_lse = ctx.saved_tensors
+    d_anchor, d_others_u, dscale, col_tt, col_uu = gram_bwd(
+        anchor, others, scale, det_h, adj_h, row_lse, col_lse,
+        grad_loss.to(row_lse.dtype), ctx.label_smoothing, ctx.backend,
+    )  # fmt: skip
+    # col_tt = dL/d det_h and col_uu = -dL/d adj_h: autograd carries them on through
+    # column_constants (outside this op) to the other modalities.
+    return d_anchor, d_others_u, dscale, col_tt, -col_uu, None, None
+
+
+torch.library.register_autograd(
+    "flashcontrast::gram_fwd", _gram_backward, setup_context=_gram_setup_context
+)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_others(anchor: Tensor, others: object) -> list:
+    if isinstance(others, Tensor) or not isinstance(others, Sequence):
+        raise TypeError(
+            "others must be a list or tuple of (N, D) tensors, one per other modality, "
+            f"got {type(others).__name__}"
+        )
+    others = list(others)
+    if not others:
+        raise ValueError("others is empty: GRAM needs at least one other modality (M >= 2)")
+    if len(others) > MAX_OTHERS:
+        raise ValueError(
+            f"GRAM supports up to {MAX_OTHERS} other modalities (M <= {MAX_OTHERS + 1}), "
+            f"got {len(others)}"
+        )
+    for k, o in enumerate(others):
+        check_features(f"others[{k}]", o)
+        check_pair("anchor", anchor, f"others[{k}]", o)
+    return others
+
+
+def _check_label_smoothing(label_smoothing: object) -> float:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(
+            f"label_smoothing must be a float in [0, 1), got {type(label_smoothing).__name__}"
+        )
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    return float(label_smoothing)
+
+
+def gram_loss(
+    anchor: Tensor,
+    others: Sequence[Tensor],
+    logit_scale: Scalar,
+    *,
+    label_smoothing: float = 0.0,
+    backend: str = "auto",
+) -> Tensor:
+    """GRAM's volume contrastive loss, without the (N, N, M, M) Gram tensor or N x N logits.
+
+    V_ij is the volume spanned by (t_i, o^1_j, ..., o^K_j), the logits are -logit_scale * V
+    (small volume = aligned), and L = 1/2 [CE(L, arange N) + CE(L^T, arange N)] with
+    ``label_smoothing`` in both, as ispamm/GRAM's training loss (d2a + a2d) with
+    ``logit_scale = 1 / temperature`` (GRAM trains with label_smoothing=0.1).
+
+    Unlike the published code the gradients are finite where det G_ij = 0 (collinear or
+    coincident vectors): V = sqrt(max(det, 0)) has derivative 0 there (module docstring).
+
+    Args:
+        anchor: t, (N, D) float32, float16, bfloat16 or float64.
+        others: list or tuple of K = M - 1 tensors o^k, each (N, D), same dtype and device
+            as ``anchor``; 1 <= K <= MAX_OTHERS (7). They are stacked once into a
+            (K, N, D) tensor: a visible O(K N D) copy.
+        logit_scale: s = 1 / temperature, a float or a one-element tensor (gets a
+            gradient when it requires one).
+        label_smoothing: eps in [0, 1), applied in both cross entropies.
+        backend: "auto", "triton", "torch" or "reference" (see
+            :func:`flashcontrast.backend_for`).
+
+    Returns:
+        The mean loss, a 0-d tensor: float32 for 32/16-bit features, float64 for float64.
+
+    NaN or inf in the inputs are not checked for and propagate to the loss.
+    """
+    a = check_features("anchor", anchor)
+    others = _check_others(a, others)
+    scale = as_scalar_tensor("logit_scale", logit_scale, a)
+    eps = _check_label_smoothing(label_smoothing)
+    chosen = _dispatch.resolve("gram", a.device, backend)
+    if chosen == "reference":
+        return reference.gram_loss(a, others, scale, label_smoothing=eps)
+    if chosen == "triton" and a.dtype == torch.float64:
+        raise TypeError("backend='triton' supports float32, float16 and bfloat16, not float64")
+    stacked = torch.stack(others)  # (K, N, D): the one visible copy of the others
+    det_h, adj_h = column_constants(stacked.to(accumulation_dtype(a.dtype)))
+    loss, _, _ = gram_fwd(a, stacked, scale, det_h, adj_h, eps, chosen)
+    return loss
+
+
+def gram_volume(anchor: Tensor, others: Sequence[Tensor]) -> Tensor:
+    """All (N_a, N_o) Gramian volumes V_ij = sqrt(max(det Gram(t_i, o^1_j, ..., o^K_j), 0)).
+
+    MATERIALIZES the (N_a, N_o) volumes (and K such dot-product matrices) by design: it is
+    for retrieval and evaluation (rank the candidates j of each anchor i by volume), not
+    for training, which :func:`gram_loss` does in O(N D) memory. Row i = anchor sample,
+    column j = the sample shared by the others; N_a and N_o may differ. Same formula and
+    safe square root as the loss (finite gradients where det <= 0), differentiable.
+
+    Args:
+        anchor: (N_a, D). others: list or tuple of K >= 1 tensors (N_o, D), same dtype and
+            device as ``anchor``.
+
+    Returns:
+        (N_a, N_o) volumes, float32 for 32/16-bit inputs, float64 for float64.
+    """
+    a = check_features("anchor", anchor)
+    if isinstance(others, Tensor) or not isinstance(others, Sequence) or not others:
+        raise TypeError("others must be a non-empty list or tuple of (N, D) tensors")
+    others = list(others)
+    for k, o in enumerate(others):
+        check_features(f"others[{k}]", o)
+        if o.shape[1] != a.shape[1] or o.shape[0] != others[0].shape[0]:
+            raise ValueError(
+                f"others[{k}] has shape {tuple(o.shape)}: every other must be (N_o, D) with "
+                f"D = {a.shape[1]} and one N_o"
+            )
+        if o.dtype != a.dtype or o.device != a.device:
+            raise TypeError(f"others[{k}] must share anchor's dtype and device")
+    if len(others) > MAX_OTHERS:
+        raise ValueError(f"GRAM supports up to {MAX_OTHERS} other modalities")
+    acc = accumulation_dtype(a.dtype)
+    t = a.to(acc)
+    o = torch.stack(others).to(acc)  # (K, N_o, D)
+    det_h, adj_h = column_constants(o)
+    u = torch.matmul(t, o.transpose(1, 2))  # (K, N_a, N_o)
+    q = torch.einsum("rij,jrs,sij->ij", u, adj_h, u)
+    det = det_h[None, :] * (t * t).sum(dim=1)[:, None] - q
+    positive = det > 0
+    return torch.where(positive, torch.where(positive, det, 1.0).sqrt(), 0.0)
+
+
+class GramLoss(nn.Module):
+    """GRAM's volume contrastive loss as a module: ``GramLoss()(anchor, others, scale)``.
+
+    Holds no parameters: the logit scale (1 / temperature) belongs to the model.
+
+    Args:
+        label_smoothing: eps in [0, 1) (GRAM's training uses 0.1).
+        backend: "auto", "triton", "torch" or "reference".
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, backend: str = "auto") -> None:
+        super().__init__()
+        self.label_smoothing = _check_label_smoothing(label_smoothing)
+        self.backend = backend
+
+    def forward(self, anchor: Tensor, others: Sequence[Tensor], logit_scale: Scalar) -> Tensor:
+        """(N, D), K x (N, D), scalar -> 0-d mean loss."""
+        return gram_loss(
+            anchor, others, logit_scale, label_smoothing=self.label_smoothing, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return f"label_smoothing={self.label_smoothing}, backend={self.backend!r}"

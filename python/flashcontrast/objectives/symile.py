@@ -1,0 +1,391 @@
+"""Symile (objectives.md section 5): checks, torch.library ops, autograd, public API.
+
+MIP(x^1, ..., x^M) = sum_d prod_m x^m_d. Each modality m in turn is the anchor; the
+others keep their list order; L = (1/M) sum_m mean_i (LSE_c logits_m[i, c] - s MIP_i),
+MIP_i = MIP(x^1_i, ..., x^M_i) the positive (the same for every anchor).
+
+"n"          the candidates of anchor row i are the columns j of W^m = prod_o x^o[pi_mo]
+             (N, D), built here in torch (O(M N D), differentiated by autograd), with
+             column i replaced by the positive: ONE ``symile_rowce_fwd`` call per anchor
+             (row-only InfoNCE with a diagonal override). The permutations pi are drawn
+             by ``symile_negative_permutations``: the published package's random stream.
+"n_squared"  all N^(M-1) index tuples of the others: ``symile_n2_fwd`` (M = 3, every
+             backend) or ``symile_nk_fwd`` (M > 3, the "torch" backend only), which
+             generate the candidates block by block and never store them.
+
+The positive logit s * MIP_i is computed here, in torch, and differentiated by autograd;
+the ops return row logsumexps only and their backward takes the gradient of those.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import _dispatch, reference
+from .._ops import backend_module
+from .._sampling import symile_negative_permutations
+from .._validation import Scalar, accumulation_dtype, as_scalar_tensor, check_features, check_pair
+
+__all__ = ["SymileLoss", "symile_loss"]
+
+NEGATIVE_SAMPLING = ("n", "n_squared")
+
+
+def _contiguous_like(x: Tensor) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------- rowce
+
+
+@torch.library.custom_op("flashcontrast::symile_rowce_fwd", mutates_args=())
+def symile_rowce_fwd(
+    a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor, backend: str
+) -> Tensor:
+    """Row LSEs (N,) of scale * a @ w^T with the diagonal replaced by diag_logit."""
+    return backend_module(backend, "symile").rowce_forward(a, w, scale, diag_logit)
+
+
+@symile_rowce_fwd.register_fake
+def _rowce_fwd_fake(a, w, scale, diag_logit, backend):
+    return a.new_empty(a.shape[0], dtype=accumulation_dtype(a.dtype))
+
+
+@torch.library.custom_op("flashcontrast::symile_rowce_bwd", mutates_args=())
+def symile_rowce_bwd(
+    a: Tensor,
+    w: Tensor,
+    scale: Tensor,
+    diag_logit: Tensor,
+    row_lse: Tensor,
+    grad_rows: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(da, dw, dscale, ddiag) of sum_i grad_rows_i row_lse_i."""
+    return backend_module(backend, "symile").rowce_backward(
+        a, w, scale, diag_logit, row_lse, grad_rows
+    )
+
+
+@symile_rowce_bwd.register_fake
+def _rowce_bwd_fake(a, w, scale, diag_logit, row_lse, grad_rows, backend):
+    acc = accumulation_dtype(a.dtype)
+    return (
+        _contiguous_like(a),
+        _contiguous_like(w),
+        a.new_empty((), dtype=acc),
+        a.new_empty(a.shape[0], dtype=acc),
+    )
+
+
+def _rowce_setup_context(ctx, inputs, output) -> None:
+    a, w, scale, diag_logit, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(a, w, scale, diag_logit, output)
+
+
+def _rowce_backward(ctx, grad_rows):
+    a, w, scale, diag_logit, row_lse = ctx.saved_tensors
+    da, dw, dscale, ddiag = symile_rowce_bwd(
+        a, w, scale, diag_logit, row_lse, grad_rows.to(row_lse.dtype), ctx.backend
+    )
+    return da, dw, dscale.to(scale.dtype), ddiag.to(diag_logit.dtype), None
+
+
+torch.library.register_autograd(
+    "flashcontrast::symile_rowce_fwd", _rowce_backward, setup_context=_rowce_setup_context
+)
+
+
+# ----------------------------------------------------------------------------- n_squared, M = 3
+
+
+@torch.library.custom_op("flashcontrast::symile_n2_fwd", mutates_args=())
+def symile_n2_fwd(x: Tensor, y: Tensor, z: Tensor, scale: Tensor, backend: str) -> Tensor:
+    """row_lse_i = LSE_{j,k} scale * MIP(x_i, y_j, z_k), (N,)."""
+    return backend_module(backend, "symile").symile_n2_forward(x, y, z, scale)
+
+
+@symile_n2_fwd.register_fake
+def _n2_fwd_fake(x, y, z, scale, backend):
+    return x.new_empty(x.shape[0], dtype=accumulation_dtype(x.dtype))
+
+
+@torch.library.custom_op("flashcontrast::symile_n2_bwd", mutates_args=())
+def symile_n2_bwd(
+    x: Tensor,
+    y: Tensor,
+    z: Tensor,
+    scale: Tensor,
+    row_lse: Tensor,
+    grad_rows: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dy, dz, dscale) of sum_i grad_rows_i row_lse_i."""
+    return backend_module(backend, "symile").symile_n2_backward(x, y, z, scale, row_lse, grad_rows)
+
+
+@symile_n2_bwd.register_fake
+def _n2_bwd_fake(x, y, z, scale, row_lse, grad_rows, backend):
+    acc = accumulation_dtype(x.dtype)
+    return _contiguous_like(x), _contiguous_like(y), _contiguous_like(z), x.new_empty((), dtype=acc)
+
+
+def _n2_setup_context(ctx, inputs, output) -> None:
+    x, y, z, scale, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(x, y, z, scale, output)
+
+
+def _n2_backward(ctx, grad_rows):
+    x, y, z, scale, row_lse = ctx.saved_tensors
+    dx, dy, dz, dscale = symile_n2_bwd(
+        x, y, z, scale, row_lse, grad_rows.to(row_lse.dtype), ctx.backend
+    )
+    return dx, dy, dz, dscale.to(scale.dtype), None
+
+
+torch.library.register_autograd(
+    "flashcontrast::symile_n2_fwd", _n2_backward, setup_context=_n2_setup_context
+)
+
+
+# ----------------------------------------------------------------------------- n_squared, M > 3
+
+
+@torch.library.custom_op("flashcontrast::symile_nk_fwd", mutates_args=())
+def symile_nk_fwd(anchor: Tensor, others: Tensor, scale: Tensor, backend: str) -> Tensor:
+    """row_lse_i = LSE over all tuples of scale * MIP(anchor_i, o^1_j1, ..., o^K_jK)."""
+    return backend_module(backend, "symile").symile_nk_forward(anchor, others, scale)
+
+
+@symile_nk_fwd.register_fake
+def _nk_fwd_fake(anchor, others, scale, backend):
+    return anchor.new_empty(anchor.shape[0], dtype=accumulation_dtype(anchor.dtype))
+
+
+@torch.library.custom_op("flashcontrast::symile_nk_bwd", mutates_args=())
+def symile_nk_bwd(
+    anchor: Tensor,
+    others: Tensor,
+    scale: Tensor,
+    row_lse: Tensor,
+    grad_rows: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_anchor, d_others (K, N, D), dscale) of sum_i grad_rows_i row_lse_i."""
+    return backend_module(backend, "symile").symile_nk_backward(
+        anchor, others, scale, row_lse, grad_rows
+    )
+
+
+@symile_nk_bwd.register_fake
+def _nk_bwd_fake(anchor, others, scale, row_lse, grad_rows, backend):
+    acc = accumulation_dtype(anchor.dtype)
+    return _contiguous_like(anchor), _contiguous_like(others), anchor.new_empty((), dtype=acc)
+
+
+def _nk_setup_context(ctx, inputs, output) -> None:
+    anchor, others, scale, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(anchor, others, scale, output)
+
+
+def _nk_backward(ctx, grad_rows):
+    anchor, others, scale, row_lse = ctx.saved_tensors
+    da, dothers, dscale = symile_nk_bwd(
+        anchor, others, scale, row_lse, grad_rows.to(row_lse.dtype), ctx.backend
+    )
+    return da, dothers, dscale.to(scale.dtype), None
+
+
+torch.library.register_autograd(
+    "flashcontrast::symile_nk_fwd", _nk_backward, setup_context=_nk_setup_context
+)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_representations(representations: object) -> list:
+    if isinstance(representations, torch.Tensor) or not isinstance(representations, (list, tuple)):
+        raise TypeError(
+            "representations must be a list or tuple of M >= 3 tensors (N, D), got "
+            f"{type(representations).__name__}"
+        )
+    reps = list(representations)
+    if len(reps) == 2:
+        raise ValueError(
+            "Symile with M = 2 modalities is CLIP InfoNCE (the multilinear inner product "
+            "of two vectors is their dot product): use flashcontrast.clip_loss"
+        )
+    if len(reps) < 3:
+        raise ValueError(f"Symile needs M >= 3 representations, got {len(reps)}")
+    for k, r in enumerate(reps):
+        check_features(f"representations[{k}]", r)
+    for k, r in enumerate(reps[1:], start=1):
+        check_pair("representations[0]", reps[0], f"representations[{k}]", r)
+    return reps
+
+
+def _permutations(perms: object, m: int, n: int, device: torch.device) -> Tensor:
+    """Explicit (M, M-1, N) index maps, checked (values checked when they are on the CPU:
+    elsewhere the check would synchronize with the device)."""
+    if isinstance(perms, torch.Tensor):
+        if perms.dtype.is_floating_point or perms.dtype.is_complex or perms.dtype == torch.bool:
+            raise TypeError(f"permutations must be an integer tensor, got {perms.dtype}")
+        t = perms
+    else:
+        try:
+            t = torch.as_tensor(perms, dtype=torch.long)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"permutations must be an (M, M-1, N) integer tensor: {exc}") from exc
+    if tuple(t.shape) != (m, m - 1, n):
+        raise ValueError(
+            f"permutations must have shape (M, M-1, N) = {(m, m - 1, n)}, got {tuple(t.shape)}"
+        )
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        if int(t.min()) < 0 or int(t.max()) >= n:
+            raise ValueError(f"permutations must hold row indices in [0, {n})")
+    return t.to(device=device, dtype=torch.long)
+
+
+def symile_loss(
+    representations: Sequence[Tensor],
+    logit_scale: Scalar,
+    *,
+    negative_sampling: str = "n",
+    generator: Optional[torch.Generator] = None,
+    permutations: Optional[Union[Tensor, Sequence]] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """The Symile loss of ``symile.Symile(negative_sampling)(representations, logit_scale)``,
+    without materializing the (N, N) or (N, N^(M-1)) logits.
+
+    Args:
+        representations: list or tuple of M >= 3 tensors (N, D), one dtype (float32,
+            float16, bfloat16 or float64) and device. M = 2 raises (use ``clip_loss``).
+        logit_scale: the multiplier s (already exponentiated), a float or a one-element
+            tensor, which receives a gradient when it requires one.
+        negative_sampling: "n" (N - 1 random negatives per row, O(M N D) extra memory) or
+            "n_squared" (all N^(M-1) index tuples; M > 3 on the "torch" backend only).
+        generator: for "n", the ``torch.Generator`` to draw the permutations from. Without
+            it (and without ``permutations``) they come from the default generator in the
+            published package's order: after ``torch.manual_seed(k)`` this returns what
+            ``symile.Symile("n")`` returns after the same seed.
+        permutations: for "n", explicit (M, M-1, N) row index maps (``perms[m, k]``
+            shuffles the k-th non-anchor modality when m is the anchor).
+        backend: "auto", "cuda", "triton", "torch" or "reference".
+
+    Returns:
+        The mean loss, a 0-d tensor: float32 (float64 for float64 representations).
+    """
+    reps = _check_representations(representations)
+    if negative_sampling not in NEGATIVE_SAMPLING:
+        raise ValueError(f"negative_sampling must be 'n' or 'n_squared', got {negative_sampling!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if negative_sampling == "n_squared" and permutations is not None:
+        raise ValueError('permutations only apply to negative_sampling="n"')
+    if permutations is not None and generator is not None:
+        raise ValueError("give either permutations or generator, not both")
+    m = len(reps)
+    n = reps[0].shape[0]
+    device, dtype = reps[0].device, reps[0].dtype
+    scale = as_scalar_tensor("logit_scale", logit_scale, reps[0])
+    perms = None
+    if negative_sampling == "n" and permutations is not None:
+        perms = _permutations(permutations, m, n, device)
+
+    general_n2 = negative_sampling == "n_squared" and m > 3
+    if general_n2 and backend == "auto":
+        chosen = _dispatch.resolve("symile", device, backend)
+        if chosen not in ("torch", "reference"):  # only "torch" has kernels for M > 3
+            chosen = _dispatch.resolve("symile", device, "torch")
+    else:
+        chosen = _dispatch.resolve("symile", device, backend)
+    if chosen == "reference":
+        return reference.symile_loss(
+            reps,
+            scale,
+            negative_sampling,
+            generator=generator,
+            permutations=perms,
+        )
+    if general_n2 and chosen != "torch":
+        raise RuntimeError(
+            f"backend={chosen!r} cannot run Symile negative_sampling='n_squared' with M = {m} "
+            "modalities: its kernels cover M = 3; use backend='torch' (blockwise, bounded "
+            "memory) or 'reference'"
+        )
+    if chosen == "triton" and dtype == torch.float64:
+        raise TypeError("backend='triton' supports float32, float16 and bfloat16, not float64")
+
+    acc = accumulation_dtype(dtype)
+    reps_acc = [r.to(acc) for r in reps]
+    prod = reps_acc[0]
+    for r in reps_acc[1:]:
+        prod = prod * r
+    diag_logit = scale * prod.sum(dim=1)  # (N,) the positive logits, autograd above the op
+
+    total = None
+    for a in range(m):
+        others = [r for o, r in enumerate(reps) if o != a]
+        if negative_sampling == "n":
+            if perms is None:
+                perms = symile_negative_permutations(m, n, generator=generator, device=device)
+            others_acc = [r for o, r in enumerate(reps_acc) if o != a]
+            w = others_acc[0][perms[a, 0]]
+            for k in range(1, m - 1):
+                w = w * others_acc[k][perms[a, k]]
+            row_lse = symile_rowce_fwd(reps[a], w.to(dtype), scale, diag_logit, chosen)
+        elif m == 3:
+            row_lse = symile_n2_fwd(reps[a], others[0], others[1], scale, chosen)
+        else:
+            row_lse = symile_nk_fwd(reps[a], torch.stack(others), scale, chosen)
+        term = (row_lse - diag_logit).mean()
+        total = term if total is None else total + term
+    return total / m
+
+
+class SymileLoss(nn.Module):
+    """Symile as a module: ``SymileLoss("n")([x, y, z], logit_scale)``.
+
+    Holds no parameters (the logit scale belongs to the model).
+
+    Args:
+        negative_sampling: "n" or "n_squared".
+        backend: "auto", "cuda", "triton", "torch" or "reference".
+    """
+
+    def __init__(self, negative_sampling: str = "n", backend: str = "auto") -> None:
+        super().__init__()
+        if negative_sampling not in NEGATIVE_SAMPLING:
+            raise ValueError(
+                f"negative_sampling must be 'n' or 'n_squared', got {negative_sampling!r}"
+            )
+        self.negative_sampling = negative_sampling
+        self.backend = backend
+
+    def forward(
+        self,
+        representations: Sequence[Tensor],
+        logit_scale: Scalar,
+        generator: Optional[torch.Generator] = None,
+        permutations: Optional[Union[Tensor, Sequence]] = None,
+    ) -> Tensor:
+        """M tensors (N, D) and a scalar -> 0-d mean loss."""
+        return symile_loss(
+            representations,
+            logit_scale,
+            negative_sampling=self.negative_sampling,
+            generator=generator,
+            permutations=permutations,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"negative_sampling={self.negative_sampling!r}, backend={self.backend!r}"

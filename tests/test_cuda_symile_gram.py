@@ -1,0 +1,262 @@
+"""The CUDA backend's Symile and GRAM kernels (csrc/kernels/symile.cu, gram.cu) against dense
+float64 computations of the contract formulas in flashcontrast/backends/__init__.py.
+
+GPU tests are marked ``gpu`` and skipped, with the reason, where torch sees no CUDA device or
+``flashcontrast._C`` lacks the kernels. The last tests run everywhere: without a GPU the
+backend refuses CPU tensors with a sentence, and ``_C`` refuses bad arguments by name.
+
+Rule (tests/verification.py): error(kernel) <= 2 * error(dense float32 on the same rounded
+inputs) + atol, errors against float64 (as tests/test_cuda_clip.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashcontrast import _cuda_ext
+from flashcontrast.backends import cuda as cuda_backend
+from verification import assert_by_rule
+
+HAS_C = _cuda_ext.HAS_C
+HAS_CUDA = torch.cuda.is_available()
+HAS_SYMILE = "symile" in cuda_backend.OBJECTIVES
+HAS_GRAM = "gram" in cuda_backend.OBJECTIVES
+
+
+def _skip(has: bool, name: str):
+    if not HAS_C:
+        reason = f"flashcontrast._C is not built: {_cuda_ext.C_UNAVAILABLE_REASON}"
+    elif not has:
+        reason = f"flashcontrast._C has no {name} kernels (an older build?)"
+    else:
+        reason = "needs a CUDA device; torch.cuda sees none"
+    return pytest.mark.skipif(not (HAS_C and has and HAS_CUDA), reason=reason)
+
+
+requires_symile = _skip(HAS_SYMILE, "symile")
+requires_gram = _skip(HAS_GRAM, "gram")
+DEVICE = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+def _unit(n, d, dtype, count=1):
+    xs = [
+        torch.nn.functional.normalize(torch.randn(n, d, device=DEVICE), dim=1) for _ in range(count)
+    ]
+    return [x.to(dtype) for x in xs]
+
+
+def _grads(fn, inputs, wrt):
+    """(outputs, autograd grads of the scalar fn(...)[-1] w.r.t. inputs[wrt])."""
+    inputs = [t.detach().requires_grad_(i in wrt) for i, t in enumerate(inputs)]
+    *outs, loss = fn(*inputs)
+    grads = torch.autograd.grad(loss, [inputs[i] for i in wrt])
+    return [o.detach() for o in outs], list(grads)
+
+
+# ----------------------------------------------------------------------------- rowce
+
+
+def dense_rowce(a, w, scale, diag_logit, grad_rows):
+    logits = scale * (a @ w.t())
+    eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+    logits = torch.where(eye, diag_logit[:, None].expand_as(logits), logits)
+    row_lse = torch.logsumexp(logits, 1)
+    return row_lse, (grad_rows * row_lse).sum()
+
+
+def _check_rowce(a, w, scale):
+    n = a.shape[0]
+    diag = torch.randn(n, device=DEVICE) * 3
+    grad_rows = torch.randn(n, device=DEVICE) / n
+    s32 = torch.tensor(scale, device=DEVICE)
+
+    lse = cuda_backend.rowce_forward(a, w, s32, diag)
+    ours = [lse, *cuda_backend.rowce_backward(a, w, s32, diag, lse, grad_rows)]
+
+    def ref(dt):
+        args = [a.to(dt), w.to(dt), torch.tensor(scale, dtype=dt, device=DEVICE), diag.to(dt),
+                grad_rows.to(dt)]  # fmt: skip
+        (lse,), (da, dw, ds, dd) = _grads(dense_rowce, args, (0, 1, 2, 3))
+        return [lse, da, dw, ds, dd]
+
+    assert ours[1].dtype == a.dtype and ours[2].dtype == a.dtype
+    assert_by_rule(("row_lse", "da", "dw", "dscale", "ddiag"), ours, ref(torch.float32),
+                   ref(torch.float64), a.dtype)  # fmt: skip
+
+
+@pytest.mark.parametrize("n", [1, 7, 97, 300])
+@pytest.mark.parametrize("d", [3, 100, 513])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.gpu
+@requires_symile
+def test_rowce(n, d, dtype):
+    a, w = _unit(n, d, dtype, 2)
+    _check_rowce(a, w, 14.3)
+
+
+@pytest.mark.gpu
+@requires_symile
+def test_rowce_strided():
+    a = _unit(90, 100, torch.bfloat16)[0].t().contiguous().t()  # column-major
+    w = torch.zeros(90, 260, device=DEVICE, dtype=torch.bfloat16)
+    w[:, 0:200:2] = _unit(90, 100, torch.bfloat16)[0]
+    _check_rowce(a, w[:, 0:200:2], 30.0)
+
+
+# ----------------------------------------------------------------------------- symile n2
+
+
+def dense_n2(x, y, z, scale, grad_rows):
+    logits = scale * torch.einsum("id,jd,kd->ijk", x, y, z)
+    row_lse = torch.logsumexp(logits.reshape(x.shape[0], -1), 1)
+    return row_lse, (grad_rows * row_lse).sum()
+
+
+def _check_n2(x, y, z, scale):
+    n = x.shape[0]
+    grad_rows = torch.randn(n, device=DEVICE) / n
+    s32 = torch.tensor(scale, device=DEVICE)
+    lse = cuda_backend.symile_n2_forward(x, y, z, s32)
+    ours = [lse, *cuda_backend.symile_n2_backward(x, y, z, s32, lse, grad_rows)]
+
+    def ref(dt):
+        args = [x.to(dt), y.to(dt), z.to(dt), torch.tensor(scale, dtype=dt, device=DEVICE),
+                grad_rows.to(dt)]  # fmt: skip
+        (lse,), grads = _grads(dense_n2, args, (0, 1, 2, 3))
+        return [lse, *grads]
+
+    assert all(t.dtype == x.dtype for t in ours[1:4])
+    assert_by_rule(("row_lse", "dx", "dy", "dz", "dscale"), ours, ref(torch.float32),
+                   ref(torch.float64), x.dtype)  # fmt: skip
+
+
+@pytest.mark.parametrize("n", [1, 7, 67])
+@pytest.mark.parametrize("d", [3, 40, 100])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.gpu
+@requires_symile
+def test_symile_n2(n, d, dtype):
+    # sum_d x y z of unit vectors is ~ 1/D: scale by sqrt(D) to keep logits O(scale).
+    x, y, z = _unit(n, d, dtype, 3)
+    _check_n2(x, y, z, 10.0 * d**0.5)
+
+
+@pytest.mark.gpu
+@requires_symile
+def test_symile_n2_strided():
+    x, y = _unit(70, 48, torch.float32, 2)
+    z_full = torch.zeros(70, 100, device=DEVICE)
+    z_full[:, 1:97:2] = _unit(70, 48, torch.float32)[0]
+    _check_n2(x.t().contiguous().t(), y, z_full[:, 1:97:2], 40.0)
+
+
+# ----------------------------------------------------------------------------- GRAM
+
+
+def gram_constants(others):
+    """det_h (N,), adj_h (N, K, K) of the K x K Gram matrices (float64)."""
+    h = torch.einsum("rnd,snd->nrs", others.double(), others.double())
+    det = torch.linalg.det(h)
+    return det, det[:, None, None] * torch.linalg.inv(h)
+
+
+def dense_gram(anchor, others, scale, det_h, adj_h, grad, eps):
+    """The contract's L = -scale sqrt(max(det, 0)) with det_h / adj_h as inputs (so that
+    autograd gives col_tt = d/d det_h and col_uu = -d/d adj_h), torch's smoothed CE."""
+    u = torch.einsum("id,rjd->ijr", anchor, others)
+    tt = (anchor * anchor).sum(1)
+    det = det_h[None, :] * tt[:, None] - torch.einsum("ijr,jrs,ijs->ij", u, adj_h, u)
+    pos = det > 0
+    v = torch.where(pos, torch.sqrt(torch.where(pos, det, torch.ones_like(det))), 0.0)
+    logits = -scale * v
+    labels = torch.arange(anchor.shape[0], device=anchor.device)
+    ce = torch.nn.functional.cross_entropy
+    loss = 0.5 * (
+        ce(logits, labels, label_smoothing=eps) + ce(logits.t(), labels, label_smoothing=eps)
+    )
+    stats = (torch.logsumexp(logits, 1), torch.logsumexp(logits, 0), logits.diagonal(),
+             logits.sum(1), logits.sum(0))  # fmt: skip
+    return (*stats, grad * loss)
+
+
+def _check_gram(anchor, others, scale, eps=0.1, grad=1.3):
+    k, n, d = others.shape
+    det_h, adj_h = gram_constants(others)
+    s32 = torch.tensor(scale, device=DEVICE)
+    fwd = cuda_backend.gram_forward(anchor, others, s32, det_h.float(), adj_h.float())
+    bwd = cuda_backend.gram_backward(anchor, others, s32, det_h.float(), adj_h.float(), fwd[0],
+                                     fwd[1], torch.tensor(grad, device=DEVICE), eps)  # fmt: skip
+    ours = [*fwd, *bwd]
+
+    def ref(dt):
+        args = [anchor.to(dt), others.to(dt), torch.tensor(scale, dtype=dt, device=DEVICE),
+                det_h.to(dt), adj_h.to(dt)]  # fmt: skip
+        stats, (da, do, ds, dtt, dadj) = _grads(
+            lambda *a: dense_gram(*a, grad, eps), args, (0, 1, 2, 3, 4)
+        )
+        return [*stats, da, do, ds, dtt, -dadj]
+
+    names = ("row_lse", "col_lse", "diag", "row_sum", "col_sum",
+             "d_anchor", "d_others_u", "dscale", "col_tt", "col_uu")  # fmt: skip
+    assert bwd[0].dtype == anchor.dtype and bwd[1].shape == (k, n, d)
+    assert_by_rule(names, ours, ref(torch.float32), ref(torch.float64), anchor.dtype)
+
+
+@pytest.mark.parametrize("n", [1, 7, 97, 130])
+@pytest.mark.parametrize(("k", "d"), [(1, 7), (2, 64), (4, 100), (5, 33)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.gpu
+@requires_gram
+def test_gram(n, k, d, dtype):
+    anchor = _unit(n, d, dtype)[0]
+    others = torch.stack(_unit(n, d, dtype, k))
+    _check_gram(anchor, others, 1 / 0.07)
+
+
+@pytest.mark.gpu
+@requires_gram
+def test_gram_strided_no_smoothing():
+    anchor = _unit(77, 50, torch.float32)[0].t().contiguous().t()
+    others = torch.stack(_unit(77, 50, torch.float32, 3), dim=1).transpose(0, 1)  # (K, N, D) view
+    assert not others.is_contiguous()
+    _check_gram(anchor, others, 5.0, eps=0.0, grad=-0.7)
+
+
+# ----------------------------------------------------------------------------- no GPU
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="a GPU is visible: this checks the no-GPU error path")
+def test_cpu_tensors_raise_clearly():
+    x = torch.randn(5, 3)
+    s = torch.tensor(1.0)
+    v = torch.zeros(5)
+    calls = [
+        lambda: cuda_backend.rowce_forward(x, x, s, v),
+        lambda: cuda_backend.rowce_backward(x, x, s, v, v, v),
+        lambda: cuda_backend.symile_n2_forward(x, x, x, s),
+        lambda: cuda_backend.symile_n2_backward(x, x, x, s, v, v),
+        lambda: cuda_backend.gram_forward(x, x[None], s, v, torch.ones(5, 1, 1)),
+        lambda: cuda_backend.gram_backward(x, x[None], s, v, torch.ones(5, 1, 1), v, v, s, 0.1),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=r"cannot run .*(needs CUDA tensors|not built|no )"):
+            call()
+
+
+@pytest.mark.skipif(not (HAS_C and HAS_SYMILE and HAS_GRAM), reason="_C lacks the kernels")
+@pytest.mark.skipif(HAS_CUDA, reason="a GPU is visible: this checks the no-GPU error path")
+def test_c_refuses_bad_arguments_by_name():
+    c = _cuda_ext._C
+    with pytest.raises(ValueError, match=r"_C\.rowce_forward: a_ptr is null"):
+        c.rowce_forward(0, 0, 5, 3, 3, 1, 3, 1, "float32", 0, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match=r"_C\.symile_n2_backward: n must be >= 1"):
+        c.symile_n2_backward(8, 8, 8, 0, 3, 3, 1, 3, 1, 3, 1, "float32", *([8] * 8), 64, 0)
+    with pytest.raises(ValueError, match=r"_C\.gram_forward: k \(others per sample\)"):
+        c.gram_forward(8, 8, 5, 3, 6, 3, 1, 15, 3, 1, "float32", *([8] * 9), 64, 0)
+    with pytest.raises(RuntimeError, match=r"_C\.gram_forward_workspace_elems: .*failed"):
+        c.gram_forward_workspace_elems(5, 3, 2, 0)
+    with pytest.raises(RuntimeError, match=r"_C\.symile_n2_forward: .*failed"):
+        c.symile_n2_forward(*([1 << 20] * 3), 5, 3, 3, 1, 3, 1, 3, 1, "float32", 8, 8, 8, 64, 0)

@@ -1,0 +1,277 @@
+"""Symile through the public API on the torch and triton backends, against the
+reference (objectives.md section 5) by DESIGN.md's verification rule.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from flashcontrast import SymileLoss, _dispatch, reference, symile_loss
+from flashcontrast.backends import blockwise
+from flashcontrast.backends.triton import triton_unavailable_reason
+from flashcontrast.bench.memory import memory_use
+from verification import assert_by_rule
+
+TRITON_SKIP = triton_unavailable_reason(torch.device("cpu"))
+TRITON = pytest.param(
+    "triton", marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+)
+BACKENDS = ["torch", TRITON]
+
+
+def _reps(m, n, d, dtype=torch.float32):
+    return [torch.nn.functional.normalize(torch.randn(n, d), dim=1).to(dtype) for _ in range(m)]
+
+
+def _perms(m, n):
+    g = torch.Generator().manual_seed(1234)
+    return torch.stack(
+        [torch.stack([torch.randperm(n, generator=g) for _ in range(m - 1)]) for _ in range(m)]
+    )
+
+
+def _loss_and_grads(fn, reps, scale, grad_out, acc=None):
+    xs = [r.detach().to(acc or r.dtype).requires_grad_() for r in reps]
+    dt = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    s = torch.tensor(scale, dtype=dt, requires_grad=True)
+    loss = fn(xs, s)
+    grads = torch.autograd.grad(loss * grad_out, [*xs, s])
+    return [loss.detach(), *grads]
+
+
+def _check(backend, m, n, d, ns, scale=10.0, dtype=torch.float32, grad_out=1.7):
+    reps = _reps(m, n, d, dtype)
+    perms = _perms(m, n) if ns == "n" else None
+
+    def ref(xs, s):
+        return reference.symile_loss(xs, s, ns, permutations=perms)
+
+    def ours(xs, s):
+        return symile_loss(xs, s, negative_sampling=ns, permutations=perms, backend=backend)
+
+    exact = _loss_and_grads(ref, reps, scale, grad_out, torch.float64)
+    same = _loss_and_grads(
+        ref, reps, scale, grad_out, dtype if dtype == torch.float64 else torch.float32
+    )
+    got = _loss_and_grads(ours, reps, scale, grad_out)
+    assert _dispatch.last_backend() == backend
+    names = ["loss", *[f"d_rep{k}" for k in range(m)], "d_scale"]
+    assert_by_rule(names, got, same, exact, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ns", ["n", "n_squared"])
+@pytest.mark.parametrize(("n", "d"), [(1, 3), (5, 16), (33, 40)])
+def test_matches_reference_fp32(backend, ns, n, d):
+    _check(backend, 3, n, d, ns)
+
+
+@pytest.mark.parametrize("ns", ["n", "n_squared"])
+@pytest.mark.parametrize("m", [3, 4])
+def test_matches_reference_float64_torch(ns, m):
+    _check("torch", m, 7, 5, ns, scale=4.0, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_four_modalities_n(backend):
+    _check(backend, 4, 17, 16, "n")
+
+
+def test_four_modalities_n_squared_torch():
+    _check("torch", 4, 9, 6, "n_squared", grad_out=-0.8)
+
+
+@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+def test_four_modalities_n_squared_triton_raises():
+    with pytest.raises(RuntimeError, match="M = 3"):
+        symile_loss(_reps(4, 5, 3), 1.0, negative_sampling="n_squared", backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ns", ["n", "n_squared"])
+@pytest.mark.parametrize("scale", [1.0, 50.0])
+def test_scales(backend, ns, scale):
+    _check(backend, 3, 13, 8, ns, scale=scale, grad_out=-0.6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_n(backend, dtype):
+    _check(backend, 3, 33, 16, "n", dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_replay_matches_reference(backend):
+    """Same seed -> same negatives as the reference (and the published package), and the
+    default generator left in the same state."""
+    reps = _reps(3, 9, 8)
+    torch.manual_seed(7)
+    want = reference.symile_loss(reps, 5.0)
+    after_ref = torch.randn(3)
+    torch.manual_seed(7)
+    got = symile_loss(reps, 5.0, backend=backend)
+    torch.testing.assert_close(torch.randn(3), after_ref)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    torch.manual_seed(8)
+    assert not torch.allclose(symile_loss(reps, 5.0, backend=backend), want)
+
+
+def test_generator_and_explicit_permutations():
+    reps = _reps(3, 11, 6)
+    want = reference.symile_loss(reps, 3.0, generator=torch.Generator().manual_seed(3))
+    got = symile_loss(reps, 3.0, generator=torch.Generator().manual_seed(3), backend="torch")
+    torch.testing.assert_close(got, want)
+    perms = _perms(3, 11)
+    want = reference.symile_loss(reps, 3.0, permutations=perms)
+    torch.testing.assert_close(symile_loss(reps, 3.0, permutations=perms, backend="torch"), want)
+    as_list = perms.tolist()
+    torch.testing.assert_close(symile_loss(reps, 3.0, permutations=as_list, backend="torch"), want)
+    # Non-permutation index maps (repeats) are accepted, as by the reference.
+    repeats = torch.zeros_like(perms)
+    torch.testing.assert_close(
+        symile_loss(reps, 3.0, permutations=repeats, backend="torch"),
+        reference.symile_loss(reps, 3.0, permutations=repeats),
+    )
+
+
+@pytest.mark.parametrize(("ns", "m"), [("n", 3), ("n", 4), ("n_squared", 3), ("n_squared", 4)])
+def test_gradcheck_float64_torch_backend(ns, m):
+    reps = [torch.randn(5, 3, dtype=torch.float64, requires_grad=True) for _ in range(m)]
+    s = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    perms = _perms(m, 5) if ns == "n" else None
+
+    def fn(*args):
+        return symile_loss(
+            list(args[:-1]), args[-1], negative_sampling=ns, permutations=perms, backend="torch"
+        )
+
+    assert torch.autograd.gradcheck(fn, (*reps, s))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(representations=[torch.randn(4, 3)] * 2), ValueError, "clip_loss"),
+        (dict(representations=[torch.randn(4, 3)]), ValueError, "M >= 3"),
+        (dict(representations=torch.randn(3, 4, 3)), TypeError, "list or tuple"),
+        (
+            dict(representations=[torch.randn(4, 3)] * 2 + [torch.randn(5, 3)]),
+            ValueError,
+            "same shape",
+        ),
+        (
+            dict(representations=[torch.randn(4, 3)] * 2 + [torch.randn(4, 3).double()]),
+            TypeError,
+            "dtype",
+        ),
+        (dict(representations=[torch.randn(0, 3)] * 3), ValueError, "empty batch"),
+        (dict(representations=[torch.randn(4)] * 3), ValueError, "2-D"),
+        (dict(negative_sampling="n3"), ValueError, "negative_sampling"),
+        (dict(logit_scale=torch.ones(2)), ValueError, "logit_scale"),
+        (dict(generator=3), TypeError, "generator"),
+        (dict(permutations=torch.zeros(3, 2, 5, dtype=torch.long)), ValueError, "shape"),
+        (dict(permutations=torch.full((3, 2, 4), 4)), ValueError, r"\[0, 4\)"),
+        (dict(permutations=torch.zeros(3, 2, 4)), TypeError, "integer"),
+        (
+            dict(permutations=torch.zeros(3, 2, 4, dtype=torch.long), generator=torch.Generator()),
+            ValueError,
+            "either",
+        ),
+        (
+            dict(
+                negative_sampling="n_squared", permutations=torch.zeros(3, 2, 4, dtype=torch.long)
+            ),
+            ValueError,
+            "only apply",
+        ),
+        (dict(backend="fast"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_input_raises_clearly(kwargs, error, match):
+    args = dict(representations=[torch.randn(4, 3)] * 3, logit_scale=2.0, backend="torch")
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        symile_loss(args.pop("representations"), args.pop("logit_scale"), **args)
+
+
+@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+def test_triton_rejects_float64():
+    with pytest.raises(TypeError, match="float64"):
+        symile_loss(_reps(3, 4, 3, torch.float64), 1.0, backend="triton")
+
+
+def test_module_and_reference_backend():
+    reps = _reps(3, 6, 4)
+    module = SymileLoss("n_squared", backend="torch")
+    assert "n_squared" in repr(module) and "torch" in repr(module)
+    torch.testing.assert_close(module(reps, 2.0), reference.symile_loss(reps, 2.0, "n_squared"))
+    perms = _perms(3, 6)
+    got = symile_loss(reps, 2.0, permutations=perms, backend="reference")
+    assert _dispatch.last_backend() == "reference"
+    torch.testing.assert_close(got, reference.symile_loss(reps, 2.0, permutations=perms))
+    with pytest.raises(ValueError, match="negative_sampling"):
+        SymileLoss("all")
+
+
+@pytest.mark.parametrize("ns", ["n", "n_squared"])
+def test_torch_compile_fullgraph(ns):
+    reps = _reps(3, 9, 8)
+    perms = _perms(3, 9) if ns == "n" else None
+
+    def step(x, y, z, s):
+        return (
+            symile_loss([x, y, z], s, negative_sampling=ns, permutations=perms, backend="torch")
+            * 2.0
+        )
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    outs = []
+    for fn in (step, compiled):
+        xs = [r.clone().requires_grad_() for r in reps]
+        s = torch.tensor(6.0, requires_grad=True)
+        loss = fn(*xs, s)
+        loss.backward()
+        outs.append([loss.detach(), *[x.grad for x in xs], s.grad])
+    for eager, comp in zip(*outs):
+        torch.testing.assert_close(comp, eager)
+
+
+def _n2_fwd_bwd(reps):
+    def run():
+        xs = [r.clone().requires_grad_() for r in reps]
+        s = torch.tensor(5.0, requires_grad=True)
+        symile_loss(xs, s, negative_sampling="n_squared", backend="torch").backward()
+
+    return run
+
+
+def test_n_squared_memory_is_linear(monkeypatch):
+    """n_squared, M = 3, forward and backward at N = 512, where the reference holds
+    (N, N^2) float32 logits (512 MiB) per anchor: ours stays within a few blocks."""
+    n, d, budget = 512, 4, 1 << 18  # 1 MiB blocks
+    monkeypatch.setitem(blockwise.MAX_BLOCK_ELEMENTS, "cpu", budget)
+    use = memory_use(_n2_fwd_bwd(_reps(3, n, d)), torch.device("cpu"))
+    assert use.largest_allocation <= budget * 4 + 64
+    assert use.peak_bytes <= 6 * budget * 4 + 64 * n * d
+    assert use.peak_bytes < n**3 * 4 / 100
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("FLASHCONTRAST_SYMILE_SCALE") != "1",
+    reason="N = 2048 n_squared takes minutes on a 2-core CPU (N^3 = 8.6e9 logits per anchor, "
+    "forward and backward); set FLASHCONTRAST_SYMILE_SCALE=1 to run it",
+)
+def test_n_squared_beyond_reference_memory():
+    """The issue's scale test: N = 2048, where one anchor's (N, N^2) float32 logits in the
+    reference are 32 GiB, more than this machine's 24 GiB. Default block budget."""
+    n, d = 2048, 4
+    start = time.perf_counter()
+    use = memory_use(_n2_fwd_bwd(_reps(3, n, d)), torch.device("cpu"))
+    elapsed = time.perf_counter() - start
+    print(f"N={n} D={d} n_squared fwd+bwd: {elapsed:.1f} s, peak {use.peak_bytes / 2**20:.1f} MiB")
+    assert use.peak_bytes < 64 * 2**20
