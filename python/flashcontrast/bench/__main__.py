@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", choices=sorted(DTYPES), nargs="+")
     p.add_argument("--backends", nargs="+", help="subset of backends to run")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
     p.add_argument("--quick", action="store_true", help="the two smallest sizes only")
     p.add_argument("--out", type=Path, help="also write CSV and Markdown into this folder")
     p.add_argument(
@@ -90,16 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         backends = args.backends or _available_backends(objective, device)
         for d in dims:
             for dtype_name in dtypes:
-                _run_section(report, objective, sizes, backends, d, dtype_name, args.repeats)
+                _run_section(report, objective, sizes, backends, d, dtype_name, args)
     if args.out:
         for path in report.write(args.out):
             print(f"wrote {path}")
     return 0
 
 
-def _run_section(report, objective, sizes, backends, d, dtype_name, repeats) -> None:
+def _run_section(report, objective, sizes, backends, d, dtype_name, args) -> None:
     """One table: ``objective`` at every N for every backend, at one D and dtype."""
-    device = report.device
+    device, repeats = report.device, args.repeats
     report.section(f"{objective} forward+backward, D={d}, {dtype_name}, median of {repeats}")
     out_of_memory: set[str] = set()
     for n in sizes:
@@ -112,7 +113,9 @@ def _run_section(report, objective, sizes, backends, d, dtype_name, repeats) -> 
             if backend == "reference" and too_big:
                 report.note(f"N={n}: {too_big}")
                 continue
-            row = measure(objective, backend, n, d, DTYPES[dtype_name], device, repeats)
+            row = measure(
+                objective, backend, n, d, DTYPES[dtype_name], device, repeats, args.warmup
+            )
             if row is None:
                 out_of_memory.add(backend)
                 report.note(f"{backend} N={n}: out of memory; larger N skipped")

@@ -91,9 +91,12 @@ def _step(case: Case, backend: str, xs: list[torch.Tensor], scale: torch.Tensor)
     return step
 
 
-def _times_ms(step: Callable[[], None], device: torch.device, repeats: int) -> list[float]:
-    """Wall times of ``step`` after one warm-up; CUDA work timed with device events."""
-    step()
+def _times_ms(
+    step: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1
+) -> list[float]:
+    """Wall times of ``step`` after ``warmup`` untimed calls; CUDA work timed with events."""
+    for _ in range(warmup):
+        step()
     out = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -164,6 +167,7 @@ def measure(
     dtype: torch.dtype,
     device: torch.device,
     repeats: int,
+    warmup: int = 1,
 ) -> Optional[Row]:
     """Time and peak memory of one configuration; None if it ran out of memory."""
     case = CASES[objective]
@@ -176,7 +180,7 @@ def measure(
     scale = torch.tensor(case.scale, device=device, requires_grad=True)
     step = _step(case, backend, xs, scale)
     try:
-        times = _times_ms(step, device, repeats)
+        times = _times_ms(step, device, repeats, warmup)
         mem = memory_use(step, device)
     except torch.OutOfMemoryError:
         _release(device)

@@ -143,9 +143,10 @@ class Report:
         print(line, flush=True)
 
     def write(self, folder: Path) -> list[Path]:
-        """Write <folder>/clip-<date>.csv and .md; return their paths."""
+        """Write <folder>/bench-<date>T<hhmm>.csv and .md; return their paths."""
         folder.mkdir(parents=True, exist_ok=True)
-        stem = folder / f"bench-{self.started[:10]}"
+        stamp = self.started[:16].replace(":", "")  # 2026-11-25T1805: one file per run
+        stem = folder / f"bench-{stamp}"
         csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
         with open(csv_path, "w", newline="") as f:
             writer = csv.writer(f)
