@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
@@ -78,55 +77,34 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import triton_unavailable_reason
+from ._common import (
+    _TORCH_TO_TL,
+    _bwd_program,
+    _bwd_row_block,
+    _check_block_size,
+    _check_runnable,
+    _col_lse_rmw,
+    _combine_lse,
+    _dot_setup,
+    _fwd_program,
+    _guard,
+    _index_64,
+    _load_rows,
+    _load_rows_t,
+    _lse_init,
+    _online_lse,
+    _scoped_update,
+    _seen_columns,
+    _store_diag,
+    _tensor_cores,
+    _tile_logits,
+    _widen,
+)
 
 __all__ = ["clip_backward", "clip_forward", "override_tiles"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-_TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
 
 # ----------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _tile_logits(
-    a_ptr,
-    b_ptr,
-    rows,
-    cols,
-    rmask,
-    cmask,
-    D,
-    stride_an,
-    stride_ad,
-    stride_bn,
-    stride_bd,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """fp32 (BLOCK_M, BLOCK_N) tile of A[rows] @ B[cols]^T, looping over D in chunks."""
-    offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + offs_d
-        dmask = dd < D
-        a = tl.load(
-            a_ptr + rows[:, None] * stride_an + dd[None, :] * stride_ad,
-            mask=rmask[:, None] & dmask[None, :],
-            other=0.0,
-        ).to(DOT_DTYPE)
-        bt = tl.load(
-            b_ptr + cols[None, :] * stride_bn + dd[:, None] * stride_bd,
-            mask=cmask[None, :] & dmask[:, None],
-            other=0.0,
-        ).to(DOT_DTYPE)
-        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
-    return acc
 
 
 # Forward, one sweep, 1 GEMM-equivalent: for every tile (rb, cb) owned by this program,
@@ -159,12 +137,7 @@ def _clip_fwd_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_g = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    G = tl.num_programs(0)
-    H = tl.num_programs(1)
-    num_rb = tl.cdiv(N, BLOCK_M)
-    num_cb = tl.cdiv(N, BLOCK_N)
+    pid_g, pid_h, G, H, num_rb, num_cb = _fwd_program(N, BLOCK_M, BLOCK_N)
 
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = 0.0
@@ -181,27 +154,18 @@ def _clip_fwd_kernel(
     for rb in range(pid_g, num_rb, G):
         rows = rb * BLOCK_M + offs_m
         rmask = rows < N
-        if INDEX_64:
-            rows = rows.to(tl.int64)
+        rows = _widen(rows, INDEX_64)
         if ONE_CHUNK:
-            a_tile = tl.load(
-                a_ptr + rows[:, None] * stride_an + offs_d[None, :] * stride_ad,
-                mask=rmask[:, None] & dmask[None, :],
-                other=0.0,
-            ).to(DOT_DTYPE)
-        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            a_tile = _load_rows(a_ptr, rows, rmask, offs_d, dmask, stride_an, stride_ad, DOT_DTYPE)
+        m_i, l_i = _lse_init(BLOCK_M)
         for cb in range(pid_h, num_cb, H):
             cols = cb * BLOCK_N + offs_n
             cmask = cols < N
-            if INDEX_64:
-                cols = cols.to(tl.int64)
+            cols = _widen(cols, INDEX_64)
             if ONE_CHUNK:
-                bt = tl.load(
-                    b_ptr + cols[None, :] * stride_bn + offs_d[:, None] * stride_bd,
-                    mask=cmask[None, :] & dmask[:, None],
-                    other=0.0,
-                ).to(DOT_DTYPE)
+                bt = _load_rows_t(
+                    b_ptr, cols, cmask, offs_d, dmask, stride_bn, stride_bd, DOT_DTYPE
+                )
                 x = tl.dot(a_tile, bt, input_precision=DOT_PRECISION)
             else:
                 x = _tile_logits(
@@ -213,30 +177,15 @@ def _clip_fwd_kernel(
             s = tl.where(valid, x * scale + bias, float("-inf"))
 
             # Diagonal: only the tile(s) crossing i == j.
-            lo = cb * BLOCK_N
-            if (rb * BLOCK_M < lo + BLOCK_N) & (lo < rb * BLOCK_M + BLOCK_M):
-                on_diag = rows[:, None] == cols[None, :]
-                d_val = tl.sum(tl.where(on_diag, s, 0.0), axis=1)
-                tl.store(diag_ptr + rows, d_val, mask=rmask & (rows >= lo) & (rows < lo + BLOCK_N))
+            _store_diag(diag_ptr, s, rows, cols, rmask, rb, cb, BLOCK_M, BLOCK_N)
 
             # Rows: online logsumexp in registers.
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(s - m_use[:, None]), axis=1)
-            m_i = m_new
+            m_i, l_i = _online_lse(m_i, l_i, s, 1)
 
             # Columns: this program's partial, read-modify-write. Entries are exclusive to
             # the program; its first row block writes without reading.
-            cm_ptrs = ws_m_ptr + col_part + cols
-            cl_ptrs = ws_l_ptr + col_part + cols
-            seen = cols < (rb > pid_g).to(tl.int32) * N  # first visit: nothing to read
-            cm_old = tl.load(cm_ptrs, mask=seen, other=float("-inf"))
-            cl_old = tl.load(cl_ptrs, mask=seen, other=0.0)
-            cm_new = tl.maximum(cm_old, tl.max(s, axis=0))
-            cm_use = tl.where(cm_new == float("-inf"), 0.0, cm_new)
-            cl_new = cl_old * tl.exp(cm_old - cm_use) + tl.sum(tl.exp(s - cm_use[None, :]), axis=0)
-            tl.store(cm_ptrs, cm_new, mask=cmask)
-            tl.store(cl_ptrs, cl_new, mask=cmask)
+            seen = _seen_columns(cols, rb, pid_g, N)
+            _col_lse_rmw(ws_m_ptr + col_part + cols, ws_l_ptr + col_part + cols, seen, cmask, s)
 
         tl.store(ws_m_ptr + row_part + rows, m_i, mask=rmask)
         tl.store(ws_l_ptr + row_part + rows, l_i, mask=rmask)
@@ -245,37 +194,6 @@ def _clip_fwd_kernel(
         # CTA barrier per row block makes those stores visible (and nothing is hoisted
         # above it).
         tl.debug_barrier()
-
-
-@triton.jit
-def _lse_combine_kernel(
-    ws_m_ptr,
-    ws_l_ptr,
-    row_lse_ptr,
-    col_lse_ptr,
-    N,
-    H,
-    G,
-    BLOCK: tl.constexpr,
-):
-    """row_lse from partials [0, H), col_lse from [H, H+G): LSE_k (m_k + log l_k)."""
-    which = tl.program_id(1)  # 0: rows, 1: columns
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
-    l = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k in range(which * H, H + which * G):
-        pm = tl.load(ws_m_ptr + k * N + offs, mask=mask, other=float("-inf"))
-        pl = tl.load(ws_l_ptr + k * N + offs, mask=mask, other=0.0)
-        m_new = tl.maximum(m, pm)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_use) + pl * tl.exp(pm - m_use)
-        m = m_new
-    lse = m + tl.log(tl.where(mask, l, 1.0))  # l >= 1 on valid lanes
-    if which == 0:
-        tl.store(row_lse_ptr + offs, lse, mask=mask)
-    else:
-        tl.store(col_lse_ptr + offs, lse, mask=mask)
 
 
 # Backward, 3 GEMM-equivalents: for every tile (rb, cb),
@@ -311,11 +229,7 @@ def _clip_bwd_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    cb = tl.program_id(0)
-    sp = tl.program_id(1)
-    SPLIT = tl.num_programs(1)
-    num_rb = tl.cdiv(N, BLOCK_M)
-    count = tl.cdiv(num_rb - sp, SPLIT)  # row blocks rb = sp (mod SPLIT); sp < num_rb
+    cb, sp, SPLIT, count = _bwd_program(N, BLOCK_M)
 
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = 0.0
@@ -330,33 +244,23 @@ def _clip_bwd_kernel(
     cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     col_lse = tl.load(col_lse_ptr + cols, mask=cmask, other=0.0)
-    if INDEX_64:
-        cols = cols.to(tl.int64)
+    cols = _widen(cols, INDEX_64)
     if ONE_CHUNK:
         # Loaded as (BLOCK_D, BLOCK_N) like in the forward, so the recomputed S tile
         # goes through the very same tl.dot as the forward's (bitwise equal logits).
-        bt = tl.load(
-            b_ptr + cols[None, :] * stride_bn + offs_d[:, None] * stride_bd,
-            mask=cmask[None, :] & dmask[:, None],
-            other=0.0,
-        ).to(DOT_DTYPE)
+        bt = _load_rows_t(b_ptr, cols, cmask, offs_d, dmask, stride_bn, stride_bd, DOT_DTYPE)
         db_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     ds_acc = 0.0
     dbias_acc = 0.0
 
     for t in range(0, count):
-        rb = sp + ((t + cb) % count) * SPLIT  # staggered: neighbours hit different rows
+        rb = _bwd_row_block(t, cb, sp, count, SPLIT)
         rows = rb * BLOCK_M + offs_m
         rmask = rows < N
         row_lse = tl.load(row_lse_ptr + rows, mask=rmask, other=0.0)
-        if INDEX_64:
-            rows = rows.to(tl.int64)
+        rows = _widen(rows, INDEX_64)
         if ONE_CHUNK:
-            a_tile = tl.load(
-                a_ptr + rows[:, None] * stride_an + offs_d[None, :] * stride_ad,
-                mask=rmask[:, None] & dmask[None, :],
-                other=0.0,
-            ).to(DOT_DTYPE)
+            a_tile = _load_rows(a_ptr, rows, rmask, offs_d, dmask, stride_an, stride_ad, DOT_DTYPE)
             x = tl.dot(a_tile, bt, input_precision=DOT_PRECISION)
         else:
             x = _tile_logits(
@@ -385,16 +289,8 @@ def _clip_bwd_kernel(
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + offs_d
                 dmask_c = dd < D
-                a_c = tl.load(
-                    a_ptr + rows[:, None] * stride_an + dd[None, :] * stride_ad,
-                    mask=rmask[:, None] & dmask_c[None, :],
-                    other=0.0,
-                ).to(DOT_DTYPE)
-                b_c = tl.load(
-                    b_ptr + cols[:, None] * stride_bn + dd[None, :] * stride_bd,
-                    mask=cmask[:, None] & dmask_c[None, :],
-                    other=0.0,
-                ).to(DOT_DTYPE)
+                a_c = _load_rows(a_ptr, rows, rmask, dd, dmask_c, stride_an, stride_ad, DOT_DTYPE)
+                b_c = _load_rows(b_ptr, cols, cmask, dd, dmask_c, stride_bn, stride_bd, DOT_DTYPE)
                 db_c = tl.dot(tl.trans(dp_lo), a_c, input_precision=DOT_PRECISION)
                 tl.atomic_add(
                     db_ptr + cols[:, None] * D + dd[None, :],
@@ -455,15 +351,10 @@ def override_tiles(**kwargs: int) -> Iterator[None]:
         if key == "max_programs":
             if value < 1:
                 raise ValueError(f"max_programs must be >= 1, got {value}")
-        elif value < 16 or value & (value - 1):
-            raise ValueError(f"{key} must be a power of two >= 16, got {value}")
-    saved = dict(_OVERRIDE)
-    _OVERRIDE.update(kwargs)
-    try:
+        else:
+            _check_block_size(key, value)
+    with _scoped_update(_OVERRIDE, kwargs):
         yield
-    finally:
-        _OVERRIDE.clear()
-        _OVERRIDE.update(saved)
 
 
 @functools.cache
@@ -483,10 +374,6 @@ def _slots(device: torch.device, tiles: _Tiles) -> int:
 def _with_override(tiles: _Tiles) -> _Tiles:
     keys = {k: v for k, v in _OVERRIDE.items() if k in ("block_m", "block_n")}
     return replace(tiles, **keys) if keys else tiles
-
-
-def _tensor_cores(dtype: torch.dtype) -> bool:
-    return dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest"
 
 
 def _block_d(d: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -571,25 +458,36 @@ def _backward_split(num_rb: int, num_cb: int, slots: int) -> int:
     return best[1]
 
 
+def _forward_grid_for(tiles: _Tiles, n: int, device: torch.device) -> tuple[int, int]:
+    """(G, H) of the forward grid for N = n with these tiles (:func:`_forward_grid`)."""
+    num_rb, num_cb = triton.cdiv(n, tiles.block_m), triton.cdiv(n, tiles.block_n)
+    return _forward_grid(num_rb, num_cb, _slots(device, tiles))
+
+
+def _backward_grid_for(tiles: _Tiles, n: int, device: torch.device) -> tuple[int, int]:
+    """(column blocks, SPLIT) of the backward grid for N = n with these tiles."""
+    num_rb, num_cb = triton.cdiv(n, tiles.block_m), triton.cdiv(n, tiles.block_n)
+    return num_cb, _backward_split(num_rb, num_cb, _slots(device, tiles))
+
+
+def _launch_kwargs(tiles: _Tiles, dtype: torch.dtype, device: torch.device) -> dict:
+    """The launch keywords the CLIP and GRAM kernels share: tile sizes, dot setup, warps."""
+    dot_dtype, precision = _dot_setup(dtype, device)
+    return dict(
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
+        DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip
+
+
 def _forward_plan(n: int, d: int, dtype: torch.dtype, device: torch.device):
     tiles = _with_override(_forward_tiles(n, d, dtype, device))
-    num_rb, num_cb = triton.cdiv(n, tiles.block_m), triton.cdiv(n, tiles.block_n)
-    return (tiles, *_forward_grid(num_rb, num_cb, _slots(device, tiles)))
+    return (tiles, *_forward_grid_for(tiles, n, device))
 
 
 def _backward_plan(n: int, d: int, dtype: torch.dtype, device: torch.device):
     tiles = _with_override(_backward_tiles(n, d, dtype, device))
-    num_rb, num_cb = triton.cdiv(n, tiles.block_m), triton.cdiv(n, tiles.block_n)
-    return tiles, num_cb, _backward_split(num_rb, num_cb, _slots(device, tiles))
-
-
-def _dot_setup(dtype: torch.dtype, device: torch.device):
-    """(tl dtype the tiles are cast to before tl.dot, tl.dot input_precision)."""
-    if _INTERPRET and dtype == torch.bfloat16:
-        return tl.float32, "ieee"  # the interpreter's bf16 tl.dot is wrong
-    if dtype == torch.float32:
-        return tl.float32, ("tf32" if device.type == "cuda" and _tensor_cores(dtype) else "ieee")
-    return _TORCH_TO_TL[dtype], "ieee"  # input_precision only matters for fp32
+    return (tiles, *_backward_grid_for(tiles, n, device))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -604,33 +502,12 @@ def _prepare(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]):
             f"got {a.dtype} and {b.dtype}"
         )
     device = a.device
-    reason = triton_unavailable_reason(device)
-    if reason is None and device.type == "cpu" and not _INTERPRET:
-        reason = (
-            "TRITON_INTERPRET=1 was set after flashcontrast.backends.triton.clip was "
-            "imported; Triton reads it when the kernels are defined"
-        )
-    if reason is not None:
-        raise RuntimeError(reason)
+    _check_runnable(device, "flashcontrast.backends.triton.clip")
     for name, t in (("b", b), ("scale", scale), ("bias", bias)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device}, a on {device}")
     if scale.numel() != 1 or (bias is not None and bias.numel() != 1):
         raise ValueError("scale and bias must be single-element tensors")
-
-
-def _index_64(*tensors: Tensor) -> bool:
-    """True when an element offset may not fit in int32."""
-    for t in tensors:
-        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-        if max(span, t.numel()) >= 2**31:
-            return True
-    return False
-
-
-def _guard(device: torch.device):
-    # Triton launches on the current stream of the current device: make it a's device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def clip_forward(
@@ -650,7 +527,6 @@ def clip_forward(
         diag.copy_(b0)
         return row_lse, col_lse, diag
     tiles, g, h = _forward_plan(n, d, a.dtype, a.device)
-    dot_dtype, precision = _dot_setup(a.dtype, a.device)
     ws = torch.empty((2, h + g, n), **f32)
     with _guard(a.device):
         _clip_fwd_kernel[(g, h)](
@@ -658,16 +534,11 @@ def clip_forward(
             ws[0], ws[1], diag,
             n, d, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             HAS_BIAS=bias is not None,
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
             ONE_CHUNK=d <= tiles.block_d,
             INDEX_64=_index_64(a, b),
-            DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            **_launch_kwargs(tiles, a.dtype, a.device),
         )  # fmt: skip
-        block = 256 if _INTERPRET else 1024
-        _lse_combine_kernel[(triton.cdiv(n, block), 2)](
-            ws[0], ws[1], row_lse, col_lse, n, h, g, BLOCK=block, num_warps=4
-        )
+        _combine_lse(ws[0], ws[1], row_lse, col_lse, n, h, g)
     return row_lse, col_lse, diag
 
 
@@ -695,7 +566,6 @@ def clip_backward(
         zero = torch.zeros((), **f32)
         return da.to(a.dtype), db.to(b.dtype), zero, zero.clone()
     tiles, num_cb, split = _backward_plan(n, d, a.dtype, a.device)
-    dot_dtype, precision = _dot_setup(a.dtype, a.device)
     part = torch.empty((2, num_cb * split), **f32)
     row_lse = row_lse.to(torch.float32).contiguous()  # (N,): no copy in the normal case
     col_lse = col_lse.to(torch.float32).contiguous()
@@ -705,11 +575,9 @@ def clip_backward(
             row_lse, col_lse, da, db, part,
             n, d, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             HAS_BIAS=bias is not None,
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
             ONE_CHUNK=d <= tiles.block_d,
             INDEX_64=_index_64(a, b, da),
-            DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            **_launch_kwargs(tiles, a.dtype, a.device),
         )  # fmt: skip
     dscale = part[0].sum()
     dbias = part[1].sum()

@@ -50,19 +50,30 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import triton_unavailable_reason
-from .clip import (
-    _INTERPRET,
+from ._common import (
     _TORCH_TO_TL,
-    _backward_split,
-    _block_d,
+    _bwd_program,
+    _bwd_row_block,
+    _check_runnable,
+    _col_lse_rmw,
+    _combine_lse,
     _dot_setup,
-    _forward_grid,
+    _fwd_program,
     _guard,
     _index_64,
-    _lse_combine_kernel,
-    _slots,
+    _load_rows,
+    _lse_init,
+    _online_lse,
+    _seen_columns,
+    _store_diag,
     _tile_logits,
+    _widen,
+)
+from .clip import (
+    _backward_grid_for,
+    _block_d,
+    _forward_grid_for,
+    _launch_kwargs,
     _Tiles,
     _with_override,
 )
@@ -71,13 +82,14 @@ __all__ = ["gram_backward", "gram_forward"]
 
 
 @triton.jit
-def _quad_tile(
-    t_ptr, o_ptr, w_ptr, rows, cols, rmask, cmask, N, D,
+def _det_tile(
+    t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, N, D,
     stride_tn, stride_td, stride_ok, stride_on, stride_od,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, W_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """q_ij = sum_r <t_i, o^r_j> <t_i, w^r_j>: 2K fp32 dot tiles."""
+    """det_ij = tt_i det_h_j - q_ij, q_ij = sum_r <t_i, o^r_j> <t_i, w^r_j>: 2K fp32 dot
+    tiles."""
     q = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r in tl.static_range(K):
         u = _tile_logits(
@@ -91,7 +103,7 @@ def _quad_tile(
             BLOCK_M, BLOCK_N, BLOCK_D, tl.float32, W_PRECISION,
         )  # fmt: skip
         q += u * v
-    return q
+    return tt[:, None] * deth[None, :] - q
 
 
 # Forward, one sweep, 2K GEMM-equivalents: per tile, q (2K dot tiles), det, V, L = -s V;
@@ -107,12 +119,7 @@ def _gram_fwd_kernel(
     INDEX_64: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     W_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_g = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    G = tl.num_programs(0)
-    H = tl.num_programs(1)
-    num_rb = tl.cdiv(N, BLOCK_M)
-    num_cb = tl.cdiv(N, BLOCK_N)
+    pid_g, pid_h, G, H, num_rb, num_cb = _fwd_program(N, BLOCK_M, BLOCK_N)
     scale = tl.load(scale_ptr).to(tl.float32)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -123,52 +130,33 @@ def _gram_fwd_kernel(
         rows = rb * BLOCK_M + offs_m
         rmask = rows < N
         tt = tl.load(tt_ptr + rows, mask=rmask, other=0.0)
-        if INDEX_64:
-            rows = rows.to(tl.int64)
-        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        rows = _widen(rows, INDEX_64)
+        m_i, l_i = _lse_init(BLOCK_M)
         s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for cb in range(pid_h, num_cb, H):
             cols = cb * BLOCK_N + offs_n
             cmask = cols < N
             deth = tl.load(deth_ptr + cols, mask=cmask, other=0.0)
-            if INDEX_64:
-                cols = cols.to(tl.int64)
-            q = _quad_tile(
-                t_ptr, o_ptr, w_ptr, rows, cols, rmask, cmask, N, D,
+            cols = _widen(cols, INDEX_64)
+            det = _det_tile(
+                t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, N, D,
                 stride_tn, stride_td, stride_ok, stride_on, stride_od,
                 K, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, W_PRECISION,
             )  # fmt: skip
-            det = tt[:, None] * deth[None, :] - q
             logit = -scale * tl.sqrt(tl.maximum(det, 0.0))
             valid = rmask[:, None] & cmask[None, :]
             s = tl.where(valid, logit, float("-inf"))
             s0 = tl.where(valid, logit, 0.0)
 
-            lo = cb * BLOCK_N
-            if (rb * BLOCK_M < lo + BLOCK_N) & (lo < rb * BLOCK_M + BLOCK_M):
-                on_diag = rows[:, None] == cols[None, :]
-                d_val = tl.sum(tl.where(on_diag, s0, 0.0), axis=1)
-                tl.store(diag_ptr + rows, d_val, mask=rmask & (rows >= lo) & (rows < lo + BLOCK_N))
+            _store_diag(diag_ptr, s0, rows, cols, rmask, rb, cb, BLOCK_M, BLOCK_N)
 
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(s - m_use[:, None]), axis=1)
-            m_i = m_new
+            m_i, l_i = _online_lse(m_i, l_i, s, 1)
             s_i += tl.sum(s0, axis=1)
 
-            cm_ptrs = ws_m_ptr + col_part + cols
-            cl_ptrs = ws_l_ptr + col_part + cols
+            seen = _seen_columns(cols, rb, pid_g, N)
+            _col_lse_rmw(ws_m_ptr + col_part + cols, ws_l_ptr + col_part + cols, seen, cmask, s)
             cs_ptrs = ws_s_ptr + col_part + cols
-            seen = cols < (rb > pid_g).to(tl.int32) * N  # first visit: nothing to read
-            cm_old = tl.load(cm_ptrs, mask=seen, other=float("-inf"))
-            cl_old = tl.load(cl_ptrs, mask=seen, other=0.0)
             cs_old = tl.load(cs_ptrs, mask=seen, other=0.0)
-            cm_new = tl.maximum(cm_old, tl.max(s, axis=0))
-            cm_use = tl.where(cm_new == float("-inf"), 0.0, cm_new)
-            cl_new = cl_old * tl.exp(cm_old - cm_use) + tl.sum(tl.exp(s - cm_use[None, :]), axis=0)
-            tl.store(cm_ptrs, cm_new, mask=cmask)
-            tl.store(cl_ptrs, cl_new, mask=cmask)
             tl.store(cs_ptrs, cs_old + tl.sum(s0, axis=0), mask=cmask)
 
         tl.store(ws_m_ptr + row_part + rows, m_i, mask=rmask)
@@ -191,11 +179,7 @@ def _gram_bwd_kernel(
     INDEX_64: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     W_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    cb = tl.program_id(0)
-    sp = tl.program_id(1)
-    SPLIT = tl.num_programs(1)
-    num_rb = tl.cdiv(N, BLOCK_M)
-    count = tl.cdiv(num_rb - sp, SPLIT)
+    cb, sp, SPLIT, count = _bwd_program(N, BLOCK_M)
     scale = tl.load(scale_ptr).to(tl.float32)
     coef = tl.load(grad_ptr).to(tl.float32) * (0.5 / N)
     smooth = 2.0 * eps / N
@@ -207,25 +191,22 @@ def _gram_bwd_kernel(
     cmask = cols < N
     col_lse = tl.load(col_lse_ptr + cols, mask=cmask, other=0.0)
     deth = tl.load(deth_ptr + cols, mask=cmask, other=0.0)
-    if INDEX_64:
-        cols = cols.to(tl.int64)
+    cols = _widen(cols, INDEX_64)
     coltt_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     ds_acc = 0.0
 
     for it in range(0, count):
-        rb = sp + ((it + cb) % count) * SPLIT
+        rb = _bwd_row_block(it, cb, sp, count, SPLIT)
         rows = rb * BLOCK_M + offs_m
         rmask = rows < N
         row_lse = tl.load(row_lse_ptr + rows, mask=rmask, other=0.0)
         tt = tl.load(tt_ptr + rows, mask=rmask, other=0.0)
-        if INDEX_64:
-            rows = rows.to(tl.int64)
-        q = _quad_tile(
-            t_ptr, o_ptr, w_ptr, rows, cols, rmask, cmask, N, D,
+        rows = _widen(rows, INDEX_64)
+        det = _det_tile(
+            t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, N, D,
             stride_tn, stride_td, stride_ok, stride_on, stride_od,
             K, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, W_PRECISION,
         )  # fmt: skip
-        det = tt[:, None] * deth[None, :] - q
         vol = tl.sqrt(tl.maximum(det, 0.0))
         valid = rmask[:, None] & cmask[None, :]
         s = tl.where(valid, -scale * vol, float("-inf"))  # as in the forward
@@ -248,11 +229,7 @@ def _gram_bwd_kernel(
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + offs_d
                 dmask = dd < D
-                t_c = tl.load(
-                    t_ptr + rows[:, None] * stride_tn + dd[None, :] * stride_td,
-                    mask=rmask[:, None] & dmask[None, :],
-                    other=0.0,
-                ).to(tl.float32)
+                t_c = _load_rows(t_ptr, rows, rmask, dd, dmask, stride_tn, stride_td, tl.float32)
                 w_c = tl.load(
                     w_ptr + r * N * D + cols[:, None] * D + dd[None, :],
                     mask=cmask[:, None] & dmask[None, :],
@@ -302,14 +279,7 @@ def _prepare(anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h
             f"dtype, got {anchor.dtype} and {others.dtype}"
         )
     device = anchor.device
-    reason = triton_unavailable_reason(device)
-    if reason is None and device.type == "cpu" and not _INTERPRET:
-        reason = (
-            "TRITON_INTERPRET=1 was set after flashcontrast.backends.triton was imported; "
-            "Triton reads it when the kernels are defined"
-        )
-    if reason is not None:
-        raise RuntimeError(reason)
+    _check_runnable(device, "flashcontrast.backends.triton")
     k, n, _ = others.shape
     for name, t in (("others", others), ("scale", scale), ("det_h", det_h), ("adj_h", adj_h)):
         if t.device != device:
@@ -335,16 +305,19 @@ def _launch_args(anchor, others):
     )  # fmt: skip
 
 
+def _kernel_kwargs(k: int, tiles: _Tiles, dtype: torch.dtype, device: torch.device) -> dict:
+    """Launch keywords of both GRAM kernels: CLIP's, plus K and the fp32 W_PRECISION."""
+    _, w_precision = _dot_setup(torch.float32, device)
+    return dict(K=k, W_PRECISION=w_precision, **_launch_kwargs(tiles, dtype, device))
+
+
 def gram_forward(anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor):
     """(row_lse, col_lse, diag, row_sum, col_sum), each (N,) float32."""
     _prepare(anchor, others, scale, det_h, adj_h)
     k, n, d = others.shape
     tt, deth, _, w = _common(anchor, others, det_h, adj_h)
     tiles = _tiles(d, anchor.dtype, anchor.device)
-    num_rb, num_cb = triton.cdiv(n, tiles.block_m), triton.cdiv(n, tiles.block_n)
-    g, h = _forward_grid(num_rb, num_cb, _slots(anchor.device, tiles))
-    dot_dtype, precision = _dot_setup(anchor.dtype, anchor.device)
-    _, w_precision = _dot_setup(torch.float32, anchor.device)
+    g, h = _forward_grid_for(tiles, n, anchor.device)
     f32 = dict(dtype=torch.float32, device=anchor.device)
     ws = torch.empty((3, h + g, n), **f32)
     diag, row_lse, col_lse = (torch.empty(n, **f32) for _ in range(3))
@@ -352,15 +325,10 @@ def gram_forward(anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, a
         _gram_fwd_kernel[(g, h)](
             anchor, others, w, tt, deth, scale, ws[0], ws[1], ws[2], diag,
             n, *_launch_args(anchor, others),
-            K=k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
             INDEX_64=_index_64(anchor, others, w),
-            DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, W_PRECISION=w_precision,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            **_kernel_kwargs(k, tiles, anchor.dtype, anchor.device),
         )  # fmt: skip
-        block = 256 if _INTERPRET else 1024
-        _lse_combine_kernel[(triton.cdiv(n, block), 2)](
-            ws[0], ws[1], row_lse, col_lse, n, h, g, BLOCK=block, num_warps=4
-        )
+        _combine_lse(ws[0], ws[1], row_lse, col_lse, n, h, g)
     return row_lse, col_lse, diag, ws[2, :h].sum(dim=0), ws[2, h:].sum(dim=0)
 
 
@@ -381,10 +349,7 @@ def gram_backward(
     k, n, d = others.shape
     tt, deth, adj, w = _common(anchor, others, det_h, adj_h)
     tiles = _tiles(d, anchor.dtype, anchor.device)
-    num_rb, num_cb = triton.cdiv(n, tiles.block_m), triton.cdiv(n, tiles.block_n)
-    split = _backward_split(num_rb, num_cb, _slots(anchor.device, tiles))
-    dot_dtype, precision = _dot_setup(anchor.dtype, anchor.device)
-    _, w_precision = _dot_setup(torch.float32, anchor.device)
+    num_cb, split = _backward_grid_for(tiles, n, anchor.device)
     f32 = dict(dtype=torch.float32, device=anchor.device)
     da = torch.zeros((n, d), **f32)
     z = torch.zeros((k, n, d), **f32)
@@ -396,10 +361,8 @@ def gram_backward(
             row_lse.to(torch.float32).contiguous(), col_lse.to(torch.float32).contiguous(),
             da, z, col_tt, part,
             float(label_smoothing), n, *_launch_args(anchor, others),
-            K=k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
             INDEX_64=_index_64(anchor, others, w, da),
-            DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, W_PRECISION=w_precision,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            **_kernel_kwargs(k, tiles, anchor.dtype, anchor.device),
         )  # fmt: skip
     d_others = torch.einsum("nrs,snd->rnd", adj, z).mul_(-2.0)
     col_uu = torch.einsum("rnd,snd->nrs", others.to(torch.float32), z)

@@ -45,8 +45,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import triton_unavailable_reason
-from .clip import _INTERPRET, _TORCH_TO_TL, _dot_setup, _guard
+from ._common import (
+    _TORCH_TO_TL,
+    _check_block_size,
+    _check_runnable,
+    _dot_setup,
+    _guard,
+    _load_rows,
+    _lse_finish,
+    _lse_init,
+    _online_lse,
+    _scoped_update,
+)
 
 __all__ = [
     "override_tiles",
@@ -61,13 +71,38 @@ __all__ = [
 
 
 @triton.jit
-def _load_rows(ptr, rows, rmask, offs_d, dmask, stride_n, stride_d):
+def _load_f32(ptr, rows, rmask, offs_d, dmask, stride_n, stride_d):
     """(len(rows), BLOCK_D) fp32 tile of rows, zero-padded."""
-    return tl.load(
-        ptr + rows[:, None] * stride_n + offs_d[None, :] * stride_d,
-        mask=rmask[:, None] & dmask[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    return _load_rows(ptr, rows, rmask, offs_d, dmask, stride_n, stride_d, tl.float32)
+
+
+@triton.jit
+def _fwd_rows(a_ptr, scale_ptr, N, D, stride_n, stride_d,
+              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """This program's row block of a forward: (rows, rmask, offs_d, dmask, scale, fp32 tile
+    of a[rows])."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < N
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    scale = tl.load(scale_ptr).to(tl.float32)
+    a_tile = _load_f32(a_ptr, rows, rmask, offs_d, dmask, stride_n, stride_d)
+    return rows, rmask, offs_d, dmask, scale, a_tile
+
+
+@triton.jit
+def _probs(t, scale, lse, g, rmask, cmask):
+    """g_i exp(s t_ij - lse_i) on valid entries, 0 elsewhere."""
+    return tl.where(rmask[:, None] & cmask[None, :],
+                    tl.exp(t * scale - lse[:, None]) * g[:, None], 0.0)  # fmt: skip
+
+
+@triton.jit
+def _load_lse_g(lse_ptr, g_ptr, rows, rmask):
+    """(row_lse, grad_rows) of rows, 0 where masked."""
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+    return lse, g
 
 
 # ----------------------------------------------------------------------------- rowce
@@ -78,7 +113,7 @@ def _rowce_logits(a_tile, w_ptr, rows, cols, rmask, cmask, offs_d, dmask, stride
                   stride_wd, diag_ptr, scale,
                   DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
     """(raw dot, logits with the diagonal override and -inf outside, w tile)."""
-    w = _load_rows(w_ptr, cols, cmask, offs_d, dmask, stride_wn, stride_wd)
+    w = _load_f32(w_ptr, cols, cmask, offs_d, dmask, stride_wn, stride_wd)
     x = tl.dot(a_tile.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
     diag = tl.load(diag_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     on_diag = rows[:, None] == cols[None, :]
@@ -92,25 +127,18 @@ def _rowce_fwd_kernel(a_ptr, w_ptr, scale_ptr, diag_ptr, lse_ptr, N, D,
                       stride_an, stride_ad, stride_wn, stride_wd,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < N
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    scale = tl.load(scale_ptr).to(tl.float32)
-    a_tile = _load_rows(a_ptr, rows, rmask, offs_d, dmask, stride_an, stride_ad)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rows, rmask, offs_d, dmask, scale, a_tile = _fwd_rows(
+        a_ptr, scale_ptr, N, D, stride_an, stride_ad, BLOCK_M, BLOCK_D
+    )
+    m_i, l_i = _lse_init(BLOCK_M)
     for c0 in range(0, N, BLOCK_N):
         cols = (c0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         cmask = cols < N
         _, s, _, _ = _rowce_logits(a_tile, w_ptr, rows, cols, rmask, cmask, offs_d, dmask,
                                    stride_wn, stride_wd, diag_ptr, scale,
                                    DOT_DTYPE, DOT_PRECISION)  # fmt: skip
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(s - m_use[:, None]), axis=1)
-        m_i = m_new
-    tl.store(lse_ptr + rows, m_i + tl.log(tl.where(rmask, l_i, 1.0)), mask=rmask)
+        m_i, l_i = _online_lse(m_i, l_i, s, 1)
+    tl.store(lse_ptr + rows, _lse_finish(m_i, l_i, rmask), mask=rmask)
 
 
 @triton.jit
@@ -129,9 +157,8 @@ def _rowce_bwd_kernel(a_ptr, w_ptr, scale_ptr, diag_ptr, lse_ptr, g_ptr,
             + tl.arange(0, BLOCK_M if BY_ROWS else BLOCK_N)).to(tl.int64)  # fmt: skip
     mmask = mine < N
     if BY_ROWS:
-        a_tile = _load_rows(a_ptr, mine, mmask, offs_d, dmask, stride_an, stride_ad)
-        lse = tl.load(lse_ptr + mine, mask=mmask, other=0.0)
-        g = tl.load(g_ptr + mine, mask=mmask, other=0.0)
+        a_tile = _load_f32(a_ptr, mine, mmask, offs_d, dmask, stride_an, stride_ad)
+        lse, g = _load_lse_g(lse_ptr, g_ptr, mine, mmask)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         dd = tl.zeros((BLOCK_M,), dtype=tl.float32)
     else:
@@ -147,9 +174,8 @@ def _rowce_bwd_kernel(a_ptr, w_ptr, scale_ptr, diag_ptr, lse_ptr, g_ptr,
             cmask = mmask
             rows = (o0 + tl.arange(0, BLOCK_M)).to(tl.int64)
             rmask = rows < N
-            a_tile = _load_rows(a_ptr, rows, rmask, offs_d, dmask, stride_an, stride_ad)
-            lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-            g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+            a_tile = _load_f32(a_ptr, rows, rmask, offs_d, dmask, stride_an, stride_ad)
+            lse, g = _load_lse_g(lse_ptr, g_ptr, rows, rmask)
         _, s, w, on_diag = _rowce_logits(a_tile, w_ptr, rows, cols, rmask, cmask, offs_d,
                                          dmask, stride_wn, stride_wd, diag_ptr, scale,
                                          DOT_DTYPE, DOT_PRECISION)  # fmt: skip
@@ -174,9 +200,25 @@ def _rowce_bwd_kernel(a_ptr, w_ptr, scale_ptr, diag_ptr, lse_ptr, g_ptr,
 def _n2_tile(xy, z_ptr, cols, cmask, offs_d, dmask, stride_zn, stride_zd,
              DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
     """(raw logits (x * y_j) @ z[cols]^T, z tile), both fp32."""
-    z = _load_rows(z_ptr, cols, cmask, offs_d, dmask, stride_zn, stride_zd)
+    z = _load_f32(z_ptr, cols, cmask, offs_d, dmask, stride_zn, stride_zd)
     t = tl.dot(xy.to(DOT_DTYPE), tl.trans(z.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
     return t, z
+
+
+@triton.jit
+def _n2_cz(xy, z_ptr, rmask, lse, g, scale, N, offs_d, dmask, szn, szd,
+           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+           DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """fp32 (BLOCK_M, BLOCK_D) sum_k c_ijk z_k for one j (xy = x * y_j), c = g P."""
+    cz = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, N, BLOCK_K):
+        cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        cmask = cols < N
+        t, z = _n2_tile(xy, z_ptr, cols, cmask, offs_d, dmask, szn, szd,
+                        DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+        c = _probs(t, scale, lse, g, rmask, cmask)
+        cz = tl.dot(c.to(DOT_DTYPE), z.to(DOT_DTYPE), cz, input_precision=DOT_PRECISION)
+    return cz
 
 
 @triton.jit
@@ -184,14 +226,10 @@ def _n2_fwd_kernel(x_ptr, y_ptr, z_ptr, scale_ptr, lse_ptr, N, D,
                    sxn, sxd, syn, syd, szn, szd,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < N
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    scale = tl.load(scale_ptr).to(tl.float32)
-    x = _load_rows(x_ptr, rows, rmask, offs_d, dmask, sxn, sxd)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rows, rmask, offs_d, dmask, scale, x = _fwd_rows(
+        x_ptr, scale_ptr, N, D, sxn, sxd, BLOCK_M, BLOCK_D
+    )
+    m_i, l_i = _lse_init(BLOCK_M)
     for j in range(0, N):
         yj = tl.load(y_ptr + j * syn + offs_d * syd, mask=dmask, other=0.0)
         xy = x * yj.to(tl.float32)[None, :]
@@ -201,11 +239,8 @@ def _n2_fwd_kernel(x_ptr, y_ptr, z_ptr, scale_ptr, lse_ptr, N, D,
             t, _ = _n2_tile(xy, z_ptr, cols, cmask, offs_d, dmask, szn, szd,
                             DOT_DTYPE, DOT_PRECISION)  # fmt: skip
             s = tl.where(rmask[:, None] & cmask[None, :], t * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(s - m_use[:, None]), axis=1)
-            m_i = m_new
-    tl.store(lse_ptr + rows, m_i + tl.log(tl.where(rmask, l_i, 1.0)), mask=rmask)
+            m_i, l_i = _online_lse(m_i, l_i, s, 1)
+    tl.store(lse_ptr + rows, _lse_finish(m_i, l_i, rmask), mask=rmask)
 
 
 @triton.jit
@@ -222,23 +257,15 @@ def _n2_bwd_kernel(x_ptr, y_ptr, z_ptr, scale_ptr, lse_ptr, g_ptr, out_ptr, N, D
         # dx_i = sum_j y_j * (c_ij: @ z)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
-        x = _load_rows(x_ptr, rows, rmask, offs_d, dmask, sxn, sxd)
-        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-        g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+        x = _load_f32(x_ptr, rows, rmask, offs_d, dmask, sxn, sxd)
+        lse, g = _load_lse_g(lse_ptr, g_ptr, rows, rmask)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for j in range(0, N):
             yj = tl.load(y_ptr + j * syn + offs_d * syd, mask=dmask, other=0.0)
             yj = yj.to(tl.float32)
             xy = x * yj[None, :]
-            cz = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-            for k0 in range(0, N, BLOCK_K):
-                cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-                cmask = cols < N
-                t, z = _n2_tile(xy, z_ptr, cols, cmask, offs_d, dmask, szn, szd,
-                                DOT_DTYPE, DOT_PRECISION)  # fmt: skip
-                c = tl.where(rmask[:, None] & cmask[None, :],
-                             tl.exp(t * scale - lse[:, None]) * g[:, None], 0.0)  # fmt: skip
-                cz = tl.dot(c.to(DOT_DTYPE), z.to(DOT_DTYPE), cz, input_precision=DOT_PRECISION)
+            cz = _n2_cz(xy, z_ptr, rmask, lse, g, scale, N, offs_d, dmask, szn, szd,
+                        BLOCK_M, BLOCK_K, BLOCK_D, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
             acc += cz * yj[None, :]
         tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], acc,
                  mask=rmask[:, None] & dmask[None, :])  # fmt: skip
@@ -249,19 +276,11 @@ def _n2_bwd_kernel(x_ptr, y_ptr, z_ptr, scale_ptr, lse_ptr, g_ptr, out_ptr, N, D
         for r0 in range(0, N, BLOCK_M):
             rows = (r0 + tl.arange(0, BLOCK_M)).to(tl.int64)
             rmask = rows < N
-            x = _load_rows(x_ptr, rows, rmask, offs_d, dmask, sxn, sxd)
-            lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-            g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+            x = _load_f32(x_ptr, rows, rmask, offs_d, dmask, sxn, sxd)
+            lse, g = _load_lse_g(lse_ptr, g_ptr, rows, rmask)
             xy = x * yj[None, :]
-            cz = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-            for k0 in range(0, N, BLOCK_K):
-                cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-                cmask = cols < N
-                t, z = _n2_tile(xy, z_ptr, cols, cmask, offs_d, dmask, szn, szd,
-                                DOT_DTYPE, DOT_PRECISION)  # fmt: skip
-                c = tl.where(rmask[:, None] & cmask[None, :],
-                             tl.exp(t * scale - lse[:, None]) * g[:, None], 0.0)  # fmt: skip
-                cz = tl.dot(c.to(DOT_DTYPE), z.to(DOT_DTYPE), cz, input_precision=DOT_PRECISION)
+            cz = _n2_cz(xy, z_ptr, rmask, lse, g, scale, N, offs_d, dmask, szn, szd,
+                        BLOCK_M, BLOCK_K, BLOCK_D, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
             acc += tl.sum(cz * x, axis=0)
         tl.store(out_ptr + pid * D + offs_d, acc, mask=dmask)
     else:
@@ -274,14 +293,12 @@ def _n2_bwd_kernel(x_ptr, y_ptr, z_ptr, scale_ptr, lse_ptr, g_ptr, out_ptr, N, D
             for r0 in range(0, N, BLOCK_M):
                 rows = (r0 + tl.arange(0, BLOCK_M)).to(tl.int64)
                 rmask = rows < N
-                x = _load_rows(x_ptr, rows, rmask, offs_d, dmask, sxn, sxd)
-                lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-                g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+                x = _load_f32(x_ptr, rows, rmask, offs_d, dmask, sxn, sxd)
+                lse, g = _load_lse_g(lse_ptr, g_ptr, rows, rmask)
                 xy = x * yj.to(tl.float32)[None, :]
                 t, _ = _n2_tile(xy, z_ptr, cols, cmask, offs_d, dmask, szn, szd,
                                 DOT_DTYPE, DOT_PRECISION)  # fmt: skip
-                c = tl.where(rmask[:, None] & cmask[None, :],
-                             tl.exp(t * scale - lse[:, None]) * g[:, None], 0.0)  # fmt: skip
+                c = _probs(t, scale, lse, g, rmask, cmask)
                 acc = tl.dot(tl.trans(c.to(DOT_DTYPE)), xy.to(DOT_DTYPE), acc,
                              input_precision=DOT_PRECISION)  # fmt: skip
         tl.store(out_ptr + cols[:, None] * D + offs_d[None, :], acc,
@@ -301,15 +318,9 @@ def override_tiles(**kwargs: int) -> Iterator[None]:
     if unknown:
         raise ValueError(f"unknown overrides {sorted(unknown)}; allowed: block_m, block_n")
     for key, value in kwargs.items():
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"{key} must be a power of two >= 16, got {value}")
-    saved = dict(_OVERRIDE)
-    _OVERRIDE.update(kwargs)
-    try:
+        _check_block_size(key, value)
+    with _scoped_update(_OVERRIDE, kwargs):
         yield
-    finally:
-        _OVERRIDE.clear()
-        _OVERRIDE.update(saved)
 
 
 def _tiles(d: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -336,14 +347,16 @@ def _prepare(*tensors: Tensor) -> None:
             )
         if t.device != first.device:
             raise ValueError(f"features on {t.device} and {first.device}")
-    reason = triton_unavailable_reason(first.device)
-    if reason is None and first.device.type == "cpu" and not _INTERPRET:
-        reason = (
-            "TRITON_INTERPRET=1 was set after flashcontrast.backends.triton.symile was "
-            "imported; Triton reads it when the kernels are defined"
-        )
-    if reason is not None:
-        raise RuntimeError(reason)
+    _check_runnable(first.device, "flashcontrast.backends.triton.symile")
+
+
+def _setup(*tensors: Tensor):
+    """Checks the features, then (n, d, BLOCK_M, BLOCK_N, BLOCK_D, num_warps, DOT_DTYPE,
+    DOT_PRECISION) of a launch on them."""
+    _prepare(*tensors)
+    first = tensors[0]
+    n, d = first.shape
+    return (n, d, *_tiles(d, first.device), *_dot_setup(first.dtype, first.device))
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -355,10 +368,7 @@ def _f32(t: Tensor) -> Tensor:
 
 def rowce_forward(a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor) -> Tensor:
     """row_lse (N,) fp32 of scale * a @ w^T with the diagonal replaced by diag_logit."""
-    _prepare(a, w)
-    n, d = a.shape
-    bm, bn, bd, warps = _tiles(d, a.device)
-    dot_dtype, precision = _dot_setup(a.dtype, a.device)
+    n, d, bm, bn, bd, warps, dot_dtype, precision = _setup(a, w)
     lse = torch.empty(n, dtype=torch.float32, device=a.device)
     with _guard(a.device):
         _rowce_fwd_kernel[(triton.cdiv(n, bm),)](
@@ -374,10 +384,7 @@ def rowce_backward(
     a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor, row_lse: Tensor, grad_rows: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(da, dw, dscale, ddiag) of sum_i grad_rows_i row_lse_i."""
-    _prepare(a, w)
-    n, d = a.shape
-    bm, bn, bd, warps = _tiles(d, a.device)
-    dot_dtype, precision = _dot_setup(a.dtype, a.device)
+    n, d, bm, bn, bd, warps, dot_dtype, precision = _setup(a, w)
     f32 = dict(dtype=torch.float32, device=a.device)
     da_raw, dw_raw = torch.empty((n, d), **f32), torch.empty((n, d), **f32)
     ddiag = torch.empty(n, **f32)
@@ -398,10 +405,7 @@ def rowce_backward(
 
 def symile_n2_forward(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> Tensor:
     """row_lse_i = LSE_{j,k} scale * sum_d x_id y_jd z_kd, (N,) fp32."""
-    _prepare(x, y, z)
-    n, d = x.shape
-    bm, bk, bd, warps = _tiles(d, x.device)
-    dot_dtype, precision = _dot_setup(x.dtype, x.device)
+    n, d, bm, bk, bd, warps, dot_dtype, precision = _setup(x, y, z)
     lse = torch.empty(n, dtype=torch.float32, device=x.device)
     with _guard(x.device):
         _n2_fwd_kernel[(triton.cdiv(n, bm),)](
@@ -417,10 +421,7 @@ def symile_n2_backward(
     x: Tensor, y: Tensor, z: Tensor, scale: Tensor, row_lse: Tensor, grad_rows: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dy, dz, dscale) of sum_i grad_rows_i row_lse_i."""
-    _prepare(x, y, z)
-    n, d = x.shape
-    bm, bk, bd, warps = _tiles(d, x.device)
-    dot_dtype, precision = _dot_setup(x.dtype, x.device)
+    n, d, bm, bk, bd, warps, dot_dtype, precision = _setup(x, y, z)
     outs = torch.empty((3, n, d), dtype=torch.float32, device=x.device)
     s32, lse, g = _f32(scale), _f32(row_lse), _f32(grad_rows)
     grids = (triton.cdiv(n, bm), n, triton.cdiv(n, bk))
