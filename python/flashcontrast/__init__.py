@@ -4,7 +4,8 @@ Import it and swap one line: ``flashcontrast.clip_loss(img, txt, logit_scale)`` 
 CLIP's symmetric InfoNCE without ever holding the N x N logit matrix, with exact gradients
 for both feature matrices, the logit scale and the optional bias. ``gram_loss`` (GRAM's
 Gram-volume loss) and ``symile_loss`` (Symile, "n" and "n_squared" negatives) do the same
-for objectives whose references hold (N, N, M, M) and (N, N^2) tensors.
+for objectives whose references hold (N, N, M, M) and (N, N^2) tensors, and
+``siglip_loss``, ``multiview_infonce_loss`` and ``multiview_dhel_loss`` complete the set.
 
 Backends (``backend=``): "cuda" (AOT kernels in the wheel, planned), "triton" (JIT
 kernels), "torch" (blockwise PyTorch, any device), "reference" (the materializing oracle),
@@ -14,13 +15,31 @@ and "auto", which picks by what is built and where the tensors live. See
 
 from ._dispatch import BACKENDS, backend_for, last_backend
 from ._version import __version__
-from .functional import clip_loss, gram_loss, gram_volume, symile_loss
-from .modules import ClipLoss, GramLoss, SymileLoss
+from .functional import (
+    clip_loss,
+    gram_loss,
+    gram_volume,
+    multiview_dhel_loss,
+    multiview_infonce_loss,
+    siglip_loss,
+    symile_loss,
+)
+from .modules import (
+    ClipLoss,
+    GramLoss,
+    MultiviewDHELLoss,
+    MultiviewInfoNCELoss,
+    SigLipLoss,
+    SymileLoss,
+)
 
 __all__ = [
     "BACKENDS",
     "ClipLoss",
     "GramLoss",
+    "MultiviewDHELLoss",
+    "MultiviewInfoNCELoss",
+    "SigLipLoss",
     "SymileLoss",
     "__version__",
     "backend_for",
@@ -28,5 +47,8 @@ __all__ = [
     "gram_loss",
     "gram_volume",
     "last_backend",
+    "multiview_dhel_loss",
+    "multiview_infonce_loss",
+    "siglip_loss",
     "symile_loss",
 ]

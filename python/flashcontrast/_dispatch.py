@@ -31,8 +31,8 @@ CUDA_OBJECTIVES: frozenset = cuda_backend.OBJECTIVES
 # unverified kernel never computes a user's loss unasked. The CLIP kernels compile for
 # every target but have not yet run on a GPU (see the CUDA backend issue).
 CUDA_AUTO_OBJECTIVES: frozenset = frozenset()
-TRITON_OBJECTIVES = frozenset({"clip", "gram", "symile"})
-TORCH_OBJECTIVES = frozenset({"clip", "gram", "symile"})
+TRITON_OBJECTIVES = frozenset({"clip", "gram", "multiview", "siglip", "symile"})
+TORCH_OBJECTIVES = frozenset({"clip", "gram", "multiview", "siglip", "symile"})
 
 _log = logging.getLogger("flashcontrast")
 _last: Optional[str] = None

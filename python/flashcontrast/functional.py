@@ -7,6 +7,16 @@ live there once, whatever backend runs.
 
 from .objectives.clip import clip_loss
 from .objectives.gram import gram_loss, gram_volume
+from .objectives.multiview import multiview_dhel_loss, multiview_infonce_loss
+from .objectives.siglip import siglip_loss
 from .objectives.symile import symile_loss
 
-__all__ = ["clip_loss", "gram_loss", "gram_volume", "symile_loss"]
+__all__ = [
+    "clip_loss",
+    "gram_loss",
+    "gram_volume",
+    "multiview_dhel_loss",
+    "multiview_infonce_loss",
+    "siglip_loss",
+    "symile_loss",
+]

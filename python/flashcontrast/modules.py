@@ -10,9 +10,18 @@ from torch import nn
 from . import functional
 from ._validation import Scalar
 from .objectives.gram import GramLoss
+from .objectives.multiview import MultiviewDHELLoss, MultiviewInfoNCELoss
+from .objectives.siglip import SigLipLoss
 from .objectives.symile import SymileLoss
 
-__all__ = ["ClipLoss", "GramLoss", "SymileLoss"]
+__all__ = [
+    "ClipLoss",
+    "GramLoss",
+    "MultiviewDHELLoss",
+    "MultiviewInfoNCELoss",
+    "SigLipLoss",
+    "SymileLoss",
+]
 
 
 class ClipLoss(nn.Module):
@@ -35,10 +44,18 @@ class ClipLoss(nn.Module):
         text_features: torch.Tensor,
         logit_scale: Scalar,
         logit_bias: Optional[Scalar] = None,
+        groups: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """(N, D), (N, D), scalar, optional scalar -> 0-d mean loss."""
+        """(N, D), (N, D), scalar, optional scalar, optional (N,) int group ids -> 0-d mean
+        loss. ``groups``: see :func:`flashcontrast.clip_loss` (same-group pairs i != j are
+        not negatives)."""
         return functional.clip_loss(
-            image_features, text_features, logit_scale, logit_bias, backend=self.backend
+            image_features,
+            text_features,
+            logit_scale,
+            logit_bias,
+            groups=groups,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -7,7 +7,7 @@ the backends (objectives/<name>.py); a backend adds kernels, not semantics.
 
 CLIP InfoNCE, for every backend module ``blockwise.clip`` / ``triton.clip`` / ``cuda``::
 
-    clip_forward(a, b, scale, bias) -> (row_lse, col_lse, diag)
+    clip_forward(a, b, scale, bias, groups=None) -> (row_lse, col_lse, diag)
         a, b:   (N, D) features, same dtype (float32, float16 or bfloat16), same device,
                 any strides.
         scale:  0-d float32 tensor on the same device (the multiplier s, already exp'd).
@@ -15,11 +15,19 @@ CLIP InfoNCE, for every backend module ``blockwise.clip`` / ``triton.clip`` / ``
         S_ij  = scale * <a_i, b_j> + bias, accumulated in float32.
         row_lse: (N,) float32, LSE_j S_ij;  col_lse: (N,) float32, LSE_i S_ij;
         diag:    (N,) float32, S_ii.
+        groups: None, or (N,) int32/int64 group ids on the same device. With groups,
+                S_ij := -inf wherever i != j and groups_i == groups_j (those pairs are not
+                negatives: they leave both LSEs); the diagonal always stays. The mask is
+                applied per tile from the (N,) ids, never as an N x N tensor. None gives
+                the ungrouped results bit for bit. The "cuda" backend raises
+                NotImplementedError for groups that are not None.
 
-    clip_backward(a, b, scale, bias, row_lse, col_lse, grad) -> (da, db, dscale, dbias)
+    clip_backward(a, b, scale, bias, row_lse, col_lse, grad, groups=None)
+        -> (da, db, dscale, dbias)
         grad:   0-d float32 tensor, dL/dL_clip of L = 1/2 [mean(row_lse - diag)
                                                           + mean(col_lse - diag)].
         dS_ij = grad / (2N) * (exp(S_ij - row_lse_i) + exp(S_ij - col_lse_j) - 2 [i == j])
+                (with groups, S masked as in the forward: dS_ij = 0 on excluded pairs)
         da = scale * dS @ b   (N, D) in a.dtype;  db = scale * dS^T @ a   (N, D) in b.dtype
         dscale = sum_ij dS_ij <a_i, b_j>   0-d float32
         dbias  = sum_ij dS_ij              0-d float32 (0 up to rounding; returned anyway)
@@ -83,4 +91,28 @@ det_h (N,) = det H_j and adj_h (N, K, K) = adj H_j, H_j the K x K Gram matrix of
         col_tt_j = sum_i w_ij |t_i|^2 (N,), col_uu_j = sum_i w_ij u_ij u_ij^T (N, K, K):
         the gradients w.r.t. det_h_j and -adj_h_j, chained above the backend through the
         per-column constants to the others.
+
+SigLIP (objectives.md section 2), module ``<backend>/siglip.py``::
+
+    siglip_forward(a, b, scale, bias) -> total
+        S_ij = scale * <a_i, b_j> + bias (bias None = 0), z_ij = +1 if i == j else -1.
+        total: 0-d, sum_ij softplus(-z_ij S_ij), stable for any scale, accumulation dtype.
+        The loss is total / N (reduced above the backend).
+    siglip_backward(a, b, scale, bias, grad) -> (da, db, dscale, dbias)
+        dS_ij = (grad / N) (sigmoid(S_ij) - [i == j]);  da = scale dS @ b;
+        db = scale dS^T @ a;  dscale = sum_ij dS_ij <a_i, b_j>;  dbias = sum_ij dS_ij.
+
+MV-InfoNCE and MV-DHEL (objectives.md section 3), module ``<backend>/multiview.py``: one
+primitive, a row logsumexp over a symmetric self-similarity with the diagonal excluded::
+
+    selfsim_rowlse_forward(u, scale, per_view, groups) -> row_lse
+        u: (V, N, D), row (l, i) = sample i of view l; logits = scale * <u_li, u_mj>.
+        per_view=False (MV-InfoNCE): columns of (l, i) are every (m, j) != (l, i).
+        per_view=True  (MV-DHEL): columns are (l, j), j != i.
+        groups: None or integer (N,): also exclude columns with j != i and g_j == g_i.
+        row_lse: (V, N), -inf for a row with no allowed column.
+    selfsim_rowlse_backward(u, scale, per_view, groups, row_lse, grad_rows) -> (du, dscale)
+        Gradients of sum_r grad_rows_r row_lse_r; with the allowed set A (symmetric) and
+        P_rc = exp(logit_rc - row_lse_r) on A:
+        du_r = scale sum_{c in A(r)} (g_r P_rc + g_c P_cr) u_c;  dscale = sum_A g_r P_rc <u_r, u_c>
 """

@@ -104,14 +104,24 @@ def _launch_args(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]) ->
     )  # fmt: skip
 
 
+def _no_groups(groups: Optional[Tensor]) -> None:
+    if groups is not None:
+        raise NotImplementedError(
+            "the CUDA CLIP kernels do not support groups= yet: use backend='triton' "
+            "(CUDA tensors) or backend='torch'"
+        )
+
+
 def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def clip_forward(
-    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]
+    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], groups: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(row_lse, col_lse, diag), each (N,) float32, of S = scale * a @ b^T + bias."""
+    """(row_lse, col_lse, diag), each (N,) float32, of S = scale * a @ b^T + bias.
+    ``groups`` must be None: NotImplementedError otherwise (no group masks in csrc/)."""
+    _no_groups(groups)
     _check(a, b, scale, bias, "clip")
     n, d = a.shape
     f32 = dict(dtype=torch.float32, device=a.device)
@@ -145,8 +155,11 @@ def clip_backward(
     row_lse: Tensor,
     col_lse: Tensor,
     grad: Tensor,
+    groups: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(da, db, dscale, dbias) for dL/dL_clip = grad; da/db in the input dtype."""
+    """(da, db, dscale, dbias) for dL/dL_clip = grad; da/db in the input dtype.
+    ``groups`` must be None: NotImplementedError otherwise (no group masks in csrc/)."""
+    _no_groups(groups)
     _check(a, b, scale, bias, "clip")
     n, d = a.shape
     f32 = dict(dtype=torch.float32, device=a.device)

@@ -1,6 +1,7 @@
 """``python -m flashcontrast.bench``: forward+backward of each objective, reference vs backends.
 
-Objectives: CLIP InfoNCE, GRAM with M = 4, Symile "n" and "n_squared" with M = 3. On a
+Objectives: CLIP InfoNCE, SigLIP, MV-InfoNCE and MV-DHEL with 4 views, GRAM with M = 4,
+Symile "n" and "n_squared" with M = 3. On a
 GPU: every available backend at N from 4096 up (Symile "n_squared", N^3 D work, from
 1024), with a plain bf16 torch matmul as CLIP's speed-of-light row; on the CPU: small N,
 the reference and the torch backend (the Triton interpreter is a test tool, not a
@@ -37,7 +38,7 @@ def _available_backends(objective: str, device: torch.device) -> list[str]:
         if device.type == "cpu" and name == "triton":
             continue
         try:
-            backend_for(objective.split("-")[0], device, name)
+            backend_for(CASES[objective].name, device, name)
         except RuntimeError:
             continue
         names.append(name)

@@ -44,6 +44,7 @@ class Row:
 class Case:
     """An objective as the benchmark runs it."""
 
+    name: str  # the objective's name for the dispatcher (backend_for)
     modalities: int  # feature matrices it takes
     scale: float  # the logit scale it runs at (CLIP: OpenCLIP's cap, GRAM: 1 / 0.07)
     call: Callable[[Sequence[torch.Tensor], torch.Tensor, str], torch.Tensor]
@@ -55,23 +56,48 @@ class Case:
 CASES = {
     # 4 GEMM-equivalents of 2 N^2 D: S forward; S, dS B, dS^T A backward.
     "clip": Case(
+        "clip",
         2,
         100.0,
         lambda x, s, be: functional.clip_loss(x[0], x[1], s, backend=be),
         flops=lambda n, d: 8 * n * n * d,
     ),
+    "siglip": Case(
+        "siglip",
+        2,
+        10.0,
+        lambda x, s, be: functional.siglip_loss(x[0], x[1], s, -10.0, backend=be),
+        flops=lambda n, d: 8 * n * n * d,  # the same 4 GEMM-equivalents as CLIP
+    ),
+    "mv-infonce-v4": Case(
+        "multiview",
+        4,
+        10.0,
+        lambda x, s, be: functional.multiview_infonce_loss(list(x), s, backend=be),
+        reference_bytes=lambda n, d: 6 * (4 * n) ** 2 * 4,
+    ),
+    "mv-dhel-v4": Case(
+        "multiview",
+        4,
+        10.0,
+        lambda x, s, be: functional.multiview_dhel_loss(list(x), s, backend=be),
+        reference_bytes=lambda n, d: 6 * (4 * n) ** 2 * 4,
+    ),
     "gram-m4": Case(
+        "gram",
         4,
         1 / 0.07,
         lambda x, s, be: functional.gram_loss(x[0], x[1:], s, label_smoothing=0.1, backend=be),
         reference_bytes=lambda n, d: 8 * n * n * 16 * 4,
     ),
     "symile-n": Case(
+        "symile",
         3,
         10.0,
         lambda x, s, be: functional.symile_loss(list(x), s, backend=be),
     ),
     "symile-n2": Case(
+        "symile",
         3,
         10.0,
         lambda x, s, be: functional.symile_loss(

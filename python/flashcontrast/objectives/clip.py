@@ -3,6 +3,9 @@
 L = 1/2 [mean_i (LSE_j S_ij - S_ii) + mean_j (LSE_i S_ij - S_jj)], S = s A B^T + b. The
 backends compute (row LSE, column LSE, diagonal) and, from them, the gradients; the loss
 is reduced here, once for all backends.
+
+Groups (``groups=``, optional (N,) integer ids): S_ij with i != j and groups_i == groups_j
+is excluded (-inf) from both LSEs; the backends mask per tile from the (N,) vector.
 """
 
 from __future__ import annotations
@@ -21,6 +24,41 @@ from .._validation import (
     check_features,
     check_pair,
 )
+from ..backends.triton import triton_unavailable_reason
+
+
+def _check_groups(groups: object, a: Tensor) -> Optional[Tensor]:
+    """groups itself if None or an int32/int64 (N,) tensor on a's device, else raise.
+    Looks at shape, dtype and device only (no host synchronization)."""
+    if groups is None:
+        return None
+    if not isinstance(groups, Tensor):
+        raise TypeError(
+            f"groups must be an integer tensor of shape (N,), got {type(groups).__name__}"
+        )
+    if groups.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"groups must be an int32 or int64 tensor, got {groups.dtype}")
+    if groups.shape != (a.shape[0],):
+        raise ValueError(
+            f"groups must have shape (N,) = ({a.shape[0]},), got {tuple(groups.shape)}"
+        )
+    if groups.device != a.device:
+        raise ValueError(f"groups is on {groups.device} but the features are on {a.device}")
+    return groups
+
+
+def _reference_masked(
+    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], groups: Tensor
+) -> Tensor:
+    """backend="reference" with groups: the dense N x N computation (tests, small N)."""
+    logits = scale * (a @ b.T)
+    if bias is not None:
+        logits = logits + bias
+    n = a.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=a.device)
+    logits = logits.masked_fill((groups[:, None] == groups[None, :]) & ~eye, float("-inf"))
+    diag = logits.diagonal()
+    return clip_loss_from_stats(logits.logsumexp(1), logits.logsumexp(0), diag)
 
 
 def clip_loss_from_stats(row_lse: Tensor, col_lse: Tensor, diag: Tensor) -> Tensor:
@@ -30,15 +68,25 @@ def clip_loss_from_stats(row_lse: Tensor, col_lse: Tensor, diag: Tensor) -> Tens
 
 @torch.library.custom_op("flashcontrast::clip_fwd", mutates_args=())
 def clip_fwd(
-    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], backend: str
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    bias: Optional[Tensor],
+    groups: Optional[Tensor],
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Loss (0-d), row LSE (N,) and column LSE (N,) of S = scale * a @ b^T + bias."""
-    row_lse, col_lse, diag = backend_module(backend, "clip").clip_forward(a, b, scale, bias)
+    """Loss (0-d), row LSE (N,) and column LSE (N,) of S = scale * a @ b^T + bias (with
+    groups: S_ij = -inf where i != j and groups_i == groups_j)."""
+    module = backend_module(backend, "clip")
+    if groups is None:  # the ungrouped call, exactly as before groups existed
+        row_lse, col_lse, diag = module.clip_forward(a, b, scale, bias)
+    else:
+        row_lse, col_lse, diag = module.clip_forward(a, b, scale, bias, groups)
     return clip_loss_from_stats(row_lse, col_lse, diag), row_lse, col_lse
 
 
 @clip_fwd.register_fake
-def _clip_fwd_fake(a, b, scale, bias, backend):
+def _clip_fwd_fake(a, b, scale, bias, groups, backend):
     acc = accumulation_dtype(a.dtype)
     n = a.shape[0]
     return a.new_empty((), dtype=acc), a.new_empty(n, dtype=acc), a.new_empty(n, dtype=acc)
@@ -53,14 +101,18 @@ def clip_bwd(
     row_lse: Tensor,
     col_lse: Tensor,
     grad: Tensor,
+    groups: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dA (N, D), dB (N, D), d(scale) and d(bias) (0-d) for upstream gradient ``grad``."""
-    return backend_module(backend, "clip").clip_backward(a, b, scale, bias, row_lse, col_lse, grad)
+    module = backend_module(backend, "clip")
+    if groups is None:
+        return module.clip_backward(a, b, scale, bias, row_lse, col_lse, grad)
+    return module.clip_backward(a, b, scale, bias, row_lse, col_lse, grad, groups)
 
 
 @clip_bwd.register_fake
-def _clip_bwd_fake(a, b, scale, bias, row_lse, col_lse, grad, backend):
+def _clip_bwd_fake(a, b, scale, bias, row_lse, col_lse, grad, groups, backend):
     acc = accumulation_dtype(a.dtype)
     return (
         torch.empty_like(a, memory_format=torch.contiguous_format),
@@ -71,20 +123,20 @@ def _clip_bwd_fake(a, b, scale, bias, row_lse, col_lse, grad, backend):
 
 
 def _clip_setup_context(ctx, inputs, output) -> None:
-    a, b, scale, bias, backend = inputs
+    a, b, scale, bias, groups, backend = inputs
     _, row_lse, col_lse = output
     ctx.backend = backend
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(a, b, scale, bias, row_lse, col_lse)
+    ctx.save_for_backward(a, b, scale, bias, row_lse, col_lse, groups)
     ctx.mark_non_differentiable(row_lse, col_lse)
 
 
 def _clip_backward(ctx, grad_loss, _grad_row, _grad_col):
-    a, b, scale, bias, row_lse, col_lse = ctx.saved_tensors
+    a, b, scale, bias, row_lse, col_lse, groups = ctx.saved_tensors
     da, db, dscale, dbias = clip_bwd(
-        a, b, scale, bias, row_lse, col_lse, grad_loss.to(row_lse.dtype), ctx.backend
+        a, b, scale, bias, row_lse, col_lse, grad_loss.to(row_lse.dtype), groups, ctx.backend
     )
-    return da, db, dscale, (dbias if ctx.has_bias else None), None
+    return da, db, dscale, (dbias if ctx.has_bias else None), None, None
 
 
 torch.library.register_autograd(
@@ -98,6 +150,7 @@ def clip_loss(
     logit_scale: Scalar,
     logit_bias: Optional[Scalar] = None,
     *,
+    groups: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """CLIP's symmetric InfoNCE, without materializing the N x N logits.
@@ -112,6 +165,25 @@ def clip_loss(
         logit_scale: the multiplier s (already exponentiated): a float or a one-element
             tensor, which receives a gradient when it requires one.
         logit_bias: optional additive bias b, a float or a one-element tensor.
+        groups: optional int32 or int64 tensor of shape (N,), on the features' device:
+            group ids for false-negative masking. Samples i != j with
+            ``groups[i] == groups[j]`` are not negatives of each other: S_ij is excluded
+            (treated as -inf) from BOTH the row logsumexp of row i and the column
+            logsumexp of column j, i.e.
+
+                L = 1/2 [ mean_i (LSE_{j in K_i} S_ij - S_ii)
+                          + mean_j (LSE_{i in K_j} S_ij - S_jj) ],
+                K_i = {i} U {j : groups[j] != groups[i]}
+
+            (the relation is symmetric, so the same set serves rows and columns). The
+            positive pair S_ii always stays, so every term is finite; a row whose
+            samples all share its group contributes 0 and gets no gradient. All ids
+            distinct is the same as ``groups=None``. Ids are compared only for equality
+            (any values, negatives included); groups receives no gradient. The kernels
+            load the (N,) ids per tile: no N x N mask is built (except by
+            backend="reference", which materializes everything anyway). Not supported by
+            backend="cuda" (NotImplementedError); backend="auto" never picks "cuda" with
+            groups.
         backend: "auto", "cuda", "triton", "torch" or "reference"
             (see :func:`flashcontrast.backend_for`).
 
@@ -126,10 +198,26 @@ def clip_loss(
     check_pair("image_features", a, "text_features", b)
     scale = as_scalar_tensor("logit_scale", logit_scale, a)
     bias = as_scalar_tensor("logit_bias", logit_bias, a, required=False)
+    g = _check_groups(groups, a)
+    if g is not None and backend == "cuda":
+        raise NotImplementedError(
+            "backend='cuda' does not support groups= yet (no group masks in the CUDA CLIP "
+            "kernels): use backend='triton' or 'torch', or 'auto'"
+        )
     chosen = _dispatch.resolve("clip", a.device, backend)
+    if g is not None and chosen == "cuda":  # "auto" only: the CUDA kernels have no groups
+        chosen = _dispatch.resolve(
+            "clip",
+            a.device,
+            "torch"
+            if a.dtype == torch.float64 or triton_unavailable_reason(a.device) is not None
+            else "triton",
+        )
     if chosen == "reference":
+        if g is not None:
+            return _reference_masked(a, b, scale, bias, g)
         return reference.clip_loss(a, b, scale, bias)
     if chosen == "triton" and a.dtype == torch.float64:
         raise TypeError("backend='triton' supports float32, float16 and bfloat16, not float64")
-    loss, _, _ = clip_fwd(a, b, scale, bias, chosen)
+    loss, _, _ = clip_fwd(a, b, scale, bias, g, chosen)
     return loss

@@ -53,6 +53,12 @@ exp(S - lse) sums to 1 up to the float32 rounding of lse itself. That rounding (
 |lse| 2^-24 in every P) is the one error dense torch does not have: at s = 1e4 it makes
 the gradients ~10x less accurate than a dense fp32 softmax (still ~1e-3 relative). Fixing
 it needs a contract change (e.g. saving the row/column max next to the LSE).
+Groups (``groups``: optional (N,) int32/int64 ids, HAS_GROUPS constexpr): both kernels
+load the ids of a tile's rows and columns (BLOCK_M + BLOCK_N integers per tile, no N x N
+mask anywhere) and set S_ij = -inf where i != j and groups_i == groups_j, before the
+forward's online LSEs and before the backward's recomputed P (so P = 0 there); the
+diagonal always stays, so every row and column keeps at least one finite logit. Without
+groups (HAS_GROUPS=False) the compiled kernels are the ungrouped ones, bit for bit.
 Masked logits are -inf; every online max that can be -inf (padded rows/columns of tail
 tiles, e.g. N = 1) is replaced by 0 before it is subtracted, so inf - inf never occurs
 and extreme scales stay finite.
@@ -82,11 +88,13 @@ from ._common import (
     _bwd_program,
     _bwd_row_block,
     _check_block_size,
+    _check_groups,
     _check_runnable,
     _col_lse_rmw,
     _combine_lse,
     _dot_setup,
     _fwd_program,
+    _group_keep,
     _guard,
     _index_64,
     _load_rows,
@@ -119,6 +127,7 @@ def _clip_fwd_kernel(
     b_ptr,
     scale_ptr,
     bias_ptr,
+    groups_ptr,  # (N,) int32/int64 group ids (a dummy pointer without HAS_GROUPS)
     ws_m_ptr,  # (H + G, N) fp32: running max; rows [0, H) row partials, [H, H+G) columns
     ws_l_ptr,  # (H + G, N) fp32: running sum of exp(S - max)
     diag_ptr,  # (N,) fp32
@@ -129,6 +138,7 @@ def _clip_fwd_kernel(
     stride_bn,
     stride_bd,
     HAS_BIAS: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -174,6 +184,8 @@ def _clip_fwd_kernel(
                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
                 )  # fmt: skip
             valid = rmask[:, None] & cmask[None, :]
+            if HAS_GROUPS:  # same group, i != j: not a negative
+                valid = valid & _group_keep(groups_ptr, rows, cols, rmask, cmask)
             s = tl.where(valid, x * scale + bias, float("-inf"))
 
             # Diagonal: only the tile(s) crossing i == j.
@@ -209,6 +221,7 @@ def _clip_bwd_kernel(
     scale_ptr,
     bias_ptr,
     grad_ptr,
+    groups_ptr,  # (N,) int32/int64 group ids (a dummy pointer without HAS_GROUPS)
     row_lse_ptr,
     col_lse_ptr,
     da_ptr,  # (N, D) fp32, contiguous, zeros
@@ -221,6 +234,7 @@ def _clip_bwd_kernel(
     stride_bn,
     stride_bd,
     HAS_BIAS: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -269,6 +283,8 @@ def _clip_bwd_kernel(
                 BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
             )  # fmt: skip
         valid = rmask[:, None] & cmask[None, :]
+        if HAS_GROUPS:
+            valid = valid & _group_keep(groups_ptr, rows, cols, rmask, cmask)
         s = tl.where(valid, x * scale + bias, float("-inf"))  # as in the forward
         dp = tl.exp(s - row_lse[:, None]) + tl.exp(s - col_lse[None, :])  # 0 where masked
         dp = tl.where((rows[:, None] == cols[None, :]) & rmask[:, None], dp - 2.0, dp)
@@ -493,7 +509,9 @@ def _backward_plan(n: int, d: int, dtype: torch.dtype, device: torch.device):
 # ----------------------------------------------------------------------------- launchers
 
 
-def _prepare(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]):
+def _prepare(
+    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], groups: Optional[Tensor] = None
+):
     if a.dim() != 2 or a.shape != b.shape:
         raise ValueError(f"a and b must both be (N, D), got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dtype != b.dtype or a.dtype not in _TORCH_TO_TL:
@@ -508,17 +526,27 @@ def _prepare(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]):
             raise ValueError(f"{name} is on {t.device}, a on {device}")
     if scale.numel() != 1 or (bias is not None and bias.numel() != 1):
         raise ValueError("scale and bias must be single-element tensors")
+    _check_groups(groups, a.shape[0], device)
 
 
 def clip_forward(
-    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]
+    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], groups: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(row_lse, col_lse, diag), each (N,) float32, of S = scale * a @ b^T + bias."""
-    _prepare(a, b, scale, bias)
+    """(row_lse, col_lse, diag), each (N,) float32, of S = scale * a @ b^T + bias (with
+    groups: S_ij = -inf where i != j and groups_i == groups_j)."""
+    _prepare(a, b, scale, bias, groups)
     n, d = a.shape
     f32 = dict(dtype=torch.float32, device=a.device)
     row_lse, col_lse, diag = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
     if n == 0:
+        return row_lse, col_lse, diag
+    if d == 0 and groups is not None:  # S = bias on the kept entries: count them
+        b0 = bias.float().reshape(()) if bias is not None else torch.zeros((), **f32)
+        srt = groups.sort().values  # kept_i = N - |group of i| + 1, without an N x N mask
+        size = torch.searchsorted(srt, groups, right=True) - torch.searchsorted(srt, groups)
+        row_lse.copy_(b0 + (n + 1 - size).to(torch.float32).log())
+        col_lse.copy_(row_lse)
+        diag.copy_(b0.expand(n))
         return row_lse, col_lse, diag
     if d == 0:  # S = bias everywhere
         b0 = bias.float().reshape(()) if bias is not None else torch.zeros((), **f32)
@@ -528,12 +556,15 @@ def clip_forward(
         return row_lse, col_lse, diag
     tiles, g, h = _forward_plan(n, d, a.dtype, a.device)
     ws = torch.empty((2, h + g, n), **f32)
+    groups = None if groups is None else groups.contiguous()  # (N,): no copy normally
     with _guard(a.device):
         _clip_fwd_kernel[(g, h)](
             a, b, scale, bias if bias is not None else scale,
+            groups if groups is not None else scale,
             ws[0], ws[1], diag,
             n, d, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             HAS_BIAS=bias is not None,
+            HAS_GROUPS=groups is not None,
             ONE_CHUNK=d <= tiles.block_d,
             INDEX_64=_index_64(a, b),
             **_launch_kwargs(tiles, a.dtype, a.device),
@@ -550,9 +581,11 @@ def clip_backward(
     row_lse: Tensor,
     col_lse: Tensor,
     grad: Tensor,
+    groups: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(da, db, dscale, dbias) for dL/dL_clip = grad; da/db in the input dtype."""
-    _prepare(a, b, scale, bias)
+    """(da, db, dscale, dbias) for dL/dL_clip = grad; da/db in the input dtype (with
+    groups: P = 0 where i != j and groups_i == groups_j, as in the forward)."""
+    _prepare(a, b, scale, bias, groups)
     for name, t in (("row_lse", row_lse), ("col_lse", col_lse), ("grad", grad)):
         if t.device != a.device:
             raise ValueError(f"{name} is on {t.device}, a on {a.device}")
@@ -569,12 +602,15 @@ def clip_backward(
     part = torch.empty((2, num_cb * split), **f32)
     row_lse = row_lse.to(torch.float32).contiguous()  # (N,): no copy in the normal case
     col_lse = col_lse.to(torch.float32).contiguous()
+    groups = None if groups is None else groups.contiguous()
     with _guard(a.device):
         _clip_bwd_kernel[(num_cb, split)](
             a, b, scale, bias if bias is not None else scale, grad,
+            groups if groups is not None else scale,
             row_lse, col_lse, da, db, part,
             n, d, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             HAS_BIAS=bias is not None,
+            HAS_GROUPS=groups is not None,
             ONE_CHUNK=d <= tiles.block_d,
             INDEX_64=_index_64(a, b, da),
             **_launch_kwargs(tiles, a.dtype, a.device),
