@@ -305,15 +305,14 @@ def test_bad_groups_raise_clearly(backend, groups, error, match):
         flashcontrast.clip_loss(a, b, 1.0, groups=groups, backend=backend)
 
 
-def test_cuda_backend_refuses_groups():
+def test_cuda_backend_with_groups_on_cpu_raises_clearly():
+    """The CUDA kernels take groups (tests/test_cuda_siglip_multiview.py, on a GPU); on CPU
+    tensors the backend refuses with the reason instead of crashing."""
     a, b = _inputs(4, 3)
     g = torch.zeros(4, dtype=torch.int64)
-    with pytest.raises(NotImplementedError, match="groups"):
+    with pytest.raises(RuntimeError, match="cuda"):
         flashcontrast.clip_loss(a, b, 1.0, groups=g, backend="cuda")
     from flashcontrast.backends import cuda
 
-    s = torch.tensor(1.0)
-    with pytest.raises(NotImplementedError, match="groups"):
-        cuda.clip_forward(a, b, s, None, groups=g)
-    with pytest.raises(NotImplementedError, match="groups"):
-        cuda.clip_backward(a, b, s, None, s.expand(4), s.expand(4), s, groups=g)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        cuda.clip_forward(a, b, torch.tensor(1.0), None, groups=g)

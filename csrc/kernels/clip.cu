@@ -45,7 +45,9 @@ struct Smem {
   static constexpr int kSmall = kP + (kWmma ? align128(kBM * kLdP * int(sizeof(T)))
                                             : align128(kBM * kLdX * 4));
   // Small scratch: 2 * 64 floats (column partials / tile LSEs) + 32 for block sums.
-  static constexpr int kBytes = kSmall + (2 * 64 + 32) * 4;
+  static constexpr int kGroups = kSmall + (2 * 64 + 32) * 4;  // 8-byte aligned
+  // Group ids of the tile's 64 rows and 64 columns (int64), used only with groups.
+  static constexpr int kBytes = kGroups + (kBM + kBN) * 8;
   static_assert(kBytes <= 48 * 1024, "static shared memory above 48 KiB");
 };
 
@@ -68,6 +70,26 @@ __device__ __forceinline__ void tile_logits(const PairParams<T>& p, int64_t row0
   __syncthreads();
 }
 
+// ----------------------------------------------------------------------------- groups
+// Optional group ids (n,) int64, nullptr = none: pairs i != j with groups[i] == groups[j]
+// are not negatives, S_ij := -inf (forward) and dS_ij := 0 (backward); the diagonal stays.
+// Ids of the tile's rows / columns are staged in shared memory (0 outside the matrix:
+// padded entries are excluded by bounds anyway). Without groups nothing is loaded and
+// the arithmetic is exactly the ungrouped one (the mask test is a uniform branch).
+
+__device__ __forceinline__ void load_group_ids(int64_t* dst, const int64_t* groups, int64_t start,
+                                               int64_t n, int count) {
+  for (int t = threadIdx.x; t < count; t += kThreads)
+    dst[t] = start + t < n ? groups[start + t] : int64_t(0);
+}
+
+// True where (row0 + i, col0 + j) is masked out by the groups.
+__device__ __forceinline__ bool group_masked(const int64_t* groups, const int64_t* gid_r,
+                                             const int64_t* gid_c, int64_t row0, int i,
+                                             int64_t col0, int j) {
+  return groups != nullptr && row0 + i != col0 + j && gid_r[i] == gid_c[j];
+}
+
 // ----------------------------------------------------------------------------- forward
 // Grid (G, H): program (g, h) owns row blocks g, g+G, ... and column blocks h, h+H, ...
 // For each tile (rb, cb) it owns, with S = s X + b (X = A_rb B_cb^T, 1 GEMM over all tiles):
@@ -79,7 +101,8 @@ __device__ __forceinline__ void tile_logits(const PairParams<T>& p, int64_t row0
 // lse_combine_kernel then merges the H row and G column partials: LSE = m + log l.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    clip_fwd_kernel(PairParams<T> p, float* __restrict__ ws_m, float* __restrict__ ws_l,
+    clip_fwd_kernel(PairParams<T> p, const int64_t* __restrict__ groups,
+                    float* __restrict__ ws_m, float* __restrict__ ws_l,
                     float* __restrict__ diag) {
   using L = Smem<T>;
   __shared__ __align__(128) unsigned char smem[L::kBytes];
@@ -87,6 +110,8 @@ __global__ void __launch_bounds__(kThreads)
   T* Bs = reinterpret_cast<T*>(smem + L::kB);
   float* Xs = reinterpret_cast<float*>(smem + L::kX);
   float* part = reinterpret_cast<float*>(smem + L::kSmall);  // [0,64): m, [64,128): l
+  int64_t* gid_r = reinterpret_cast<int64_t*>(smem + L::kGroups);
+  int64_t* gid_c = gid_r + kBM;
 
   const int g = blockIdx.x, h = blockIdx.y, G = gridDim.x, H = gridDim.y;
   const int64_t n = p.n_a;
@@ -104,26 +129,37 @@ __global__ void __launch_bounds__(kThreads)
     float run_m = -INFINITY, run_l = 0.0f;
     for (int cb = h; cb < num_cb; cb += H) {
       const int64_t col0 = int64_t(cb) * kBN;
+      // Safe to overwrite: every reader of the previous tile's ids has passed its column
+      // pass barrier; tile_logits' barriers publish the new ones.
+      if (groups != nullptr) {
+        load_group_ids(gid_r, groups, row0, n, kBM);
+        load_group_ids(gid_c, groups, col0, n, kBN);
+      }
       tile_logits<T>(p, row0, col0, As, Bs, Xs);
+      // S of tile entry (r, c), -inf where the groups mask it.
+      auto logit = [&](int r, int c) {
+        const float s = fmaf(scale, Xs[r * L::kLdX + c], bias);
+        return group_masked(groups, gid_r, gid_c, row0, r, col0, c) ? -INFINITY : s;
+      };
       const int ncols = int(std::min<int64_t>(kBN, n - col0));
       const int nrows = int(std::min<int64_t>(kBM, n - row0));
 
       // Rows (padded rows compute finite garbage from zero-filled A and are never stored).
       float tm = -INFINITY;
-      for (int c = rh; c < ncols; c += 2) tm = fmaxf(tm, fmaf(scale, Xs[rr * L::kLdX + c], bias));
+      for (int c = rh; c < ncols; c += 2) tm = fmaxf(tm, logit(rr, c));
       tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 1));
       const float tmu = finite_or_zero(tm);
       float tl = 0.0f;
-      for (int c = rh; c < ncols; c += 2) tl += expf(fmaf(scale, Xs[rr * L::kLdX + c], bias) - tmu);
+      for (int c = rh; c < ncols; c += 2) tl += expf(logit(rr, c) - tmu);
       tl += __shfl_xor_sync(0xffffffffu, tl, 1);
       lse_merge(run_m, run_l, tm, tl);
 
       // Columns: two half-columns of 32 rows, merged through shared memory.
       float cm = -INFINITY, cl = 0.0f;
       const int r_end = std::min(nrows, ch * 32 + 32);
-      for (int r = ch * 32; r < r_end; ++r) cm = fmaxf(cm, fmaf(scale, Xs[r * L::kLdX + cc], bias));
+      for (int r = ch * 32; r < r_end; ++r) cm = fmaxf(cm, logit(r, cc));
       const float cmu = finite_or_zero(cm);
-      for (int r = ch * 32; r < r_end; ++r) cl += expf(fmaf(scale, Xs[r * L::kLdX + cc], bias) - cmu);
+      for (int r = ch * 32; r < r_end; ++r) cl += expf(logit(r, cc) - cmu);
       if (ch == 1) {
         part[cc] = cm;
         part[kBN + cc] = cl;
@@ -173,7 +209,8 @@ __global__ void lse_combine_kernel(const float* __restrict__ ws_m, const float* 
 // clip_bwd_scalars_kernel: dscale = c sum ds partials, dbias = c sum db partials.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    clip_bwd_kernel(PairParams<T> p, const float* __restrict__ row_lse,
+    clip_bwd_kernel(PairParams<T> p, const int64_t* __restrict__ groups,
+                    const float* __restrict__ row_lse,
                     const float* __restrict__ col_lse, float* __restrict__ da_ws,
                     float* __restrict__ db_ws, float* __restrict__ partials) {
   using L = Smem<T>;
@@ -185,6 +222,8 @@ __global__ void __launch_bounds__(kThreads)
   float* lse_r = reinterpret_cast<float*>(smem + L::kSmall);
   float* lse_c = lse_r + kBM;
   float* red = lse_c + kBN;
+  int64_t* gid_r = reinterpret_cast<int64_t*>(smem + L::kGroups);
+  int64_t* gid_c = gid_r + kBM;
 
   const int cb = blockIdx.x, sp = blockIdx.y, split = gridDim.y;
   const int64_t n = p.n_a, d = p.d;
@@ -197,20 +236,22 @@ __global__ void __launch_bounds__(kThreads)
   float* db_slice = db_ws + int64_t(sp) * n * d;
 
   if (tid < kBN) lse_c[tid] = col0 + tid < n ? col_lse[col0 + tid] : 0.0f;
+  if (groups != nullptr) load_group_ids(gid_c, groups, col0, n, kBN);
   float ds_acc = 0.0f, dbias_acc = 0.0f;
 
   for (int t = 0; t < count; ++t) {
     const int rb = sp + ((t + cb) % count) * split;
     const int64_t row0 = int64_t(rb) * kBM;
     if (tid < kBM) lse_r[tid] = row0 + tid < n ? row_lse[row0 + tid] : 0.0f;
-    tile_logits<T>(p, row0, col0, As, Bs, Xs);  // its barriers also publish lse_r / lse_c
+    if (groups != nullptr) load_group_ids(gid_r, groups, row0, n, kBM);
+    tile_logits<T>(p, row0, col0, As, Bs, Xs);  // its barriers also publish lse_r/c, gid_r/c
 
     for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
       const int i = idx / kBN, j = idx % kBN;
       const int64_t gi = row0 + i, gj = col0 + j;
       const float x = Xs[i * L::kLdX + j];
       float pv = 0.0f;
-      if (gi < n && gj < n) {
+      if (gi < n && gj < n && !group_masked(groups, gid_r, gid_c, row0, i, col0, j)) {
         const float s = fmaf(scale, x, bias);
         pv = expf(s - lse_r[i]) + expf(s - lse_c[j]) - (gi == gj ? 2.0f : 0.0f);
         ds_acc = fmaf(pv, x, ds_acc);
@@ -330,8 +371,8 @@ void launch_forward(const PairInputs& in, ForwardPlan plan, float* row_lse, floa
   const int64_t n = in.n;
   float* ws_m = ws;
   float* ws_l = ws + int64_t(plan.g + plan.h) * n;
-  clip_fwd_kernel<T><<<dim3(plan.g, plan.h), kThreads, 0, stream>>>(make_params<T>(in), ws_m,
-                                                                      ws_l, diag);
+  clip_fwd_kernel<T><<<dim3(plan.g, plan.h), kThreads, 0, stream>>>(
+      make_params<T>(in), in.groups, ws_m, ws_l, diag);
   detail::check_launch("clip_fwd_kernel");
   const unsigned blocks = unsigned((n + 255) / 256);
   lse_combine_kernel<<<dim3(blocks, 2), 256, 0, stream>>>(ws_m, ws_l, n, plan.h, plan.g,
@@ -351,7 +392,7 @@ void launch_backward(const PairInputs& in, int split, const float* row_lse,
   float* partials = ws + (1 + int64_t(split)) * nd;
   FC_CUDA_CHECK(cudaMemsetAsync(ws, 0, sizeof(float) * (1 + size_t(split)) * size_t(nd), stream));
   clip_bwd_kernel<T><<<dim3(num_cb, split), kThreads, 0, stream>>>(
-      make_params<T>(in), row_lse, col_lse, da_ws, db_ws, partials);
+      make_params<T>(in), in.groups, row_lse, col_lse, da_ws, db_ws, partials);
   detail::check_launch("clip_bwd_kernel");
   const float inv_2n = 0.5f / float(n);
   const unsigned blocks = unsigned(std::min<int64_t>((nd + 255) / 256, 8192));

@@ -26,13 +26,19 @@ struct PairInputs {
   DType dtype = DType::kFloat32;
   const float* scale = nullptr;  // device scalar, required
   const float* bias = nullptr;   // device scalar, or nullptr for no bias
+  // (n,) device int64 group ids, or nullptr for none. CLIP only (other objectives ignore
+  // it): S_ij = -inf wherever i != j and groups[i] == groups[j] (not negatives; they leave
+  // both LSEs and dS_ij = 0); the diagonal always stays.
+  const int64_t* groups = nullptr;
 };
 
 // fp32 elements of the forward workspace on `device` (its SM count sets the grid):
 //   2 * (G + H) * n, with G = min(ceil(n/64), 2 * SMs), H = min(ceil(n/64), max(1, 2 * SMs / G)).
 int64_t clip_forward_workspace_elems(int64_t n, int64_t d, int device);
 
-// row_lse[i] = LSE_j S_ij, col_lse[j] = LSE_i S_ij, diag[i] = S_ii: (n,) fp32 each.
+// row_lse[i] = LSE_j S_ij, col_lse[j] = LSE_i S_ij, diag[i] = S_ii: (n,) fp32 each
+// (S group-masked when in.groups is set; without groups the results are bit for bit those
+// of the ungrouped kernels, which take the same code path with the mask test skipped).
 // Workspace contents on entry are ignored.
 void clip_forward(const PairInputs& in, float* row_lse, float* col_lse, float* diag,
                   float* workspace, int64_t workspace_elems, void* stream);
@@ -42,7 +48,8 @@ void clip_forward(const PairInputs& in, float* row_lse, float* col_lse, float* d
 // with SPLIT = max(1, min(ceil(n/64), ceil(2 * SMs / ceil(n/64)), 4)).
 int64_t clip_backward_workspace_elems(int64_t n, int64_t d, int device);
 
-// With dS = grad / (2n) * (exp(S - row_lse_i) + exp(S - col_lse_j) - 2 [i == j]):
+// With dS = grad / (2n) * (exp(S - row_lse_i) + exp(S - col_lse_j) - 2 [i == j]) (0 on
+// group-masked pairs when in.groups is set):
 // da = scale * dS B and db = scale * dS^T A, written contiguous (n, d) in the input dtype;
 // dscale = sum dS * (A B^T) and dbias = sum dS, fp32 device scalars. `grad` is a device
 // fp32 scalar. Workspace contents on entry are ignored (it is zeroed on the stream).

@@ -273,6 +273,17 @@ __device__ __forceinline__ float block_max_all(float v, float* scratch) {
   return m;
 }
 
+// Stable elementwise functions (SigLIP): finite and exact to a few ulps for any t.
+// softplus(t) = log(1 + e^t) = max(t, 0) + log1p(e^-|t|).
+__device__ __forceinline__ float softplus_stable(float t) {
+  return fmaxf(t, 0.0f) + log1pf(expf(-fabsf(t)));
+}
+// sigmoid(t) = 1 / (1 + e^-t), never forming e^{+|t|}.
+__device__ __forceinline__ float sigmoid_stable(float t) {
+  const float e = expf(-fabsf(t));
+  return t >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+}
+
 // Coefficient tiles for the 16-bit products are normalized per tile: the CTA rounds
 // c / cmax (|.| <= 1) to T and multiplies the fp32 products back by cmax, so that small
 // softmax weights (1/N, 1/N^2) and large upstream gradients keep fp16's mantissa instead of

@@ -8,7 +8,11 @@ run where and when torch expects. Nothing here synchronizes with the host.
 CLIP InfoNCE (contract: ``flashcontrast.backends``): ``clip_forward`` / ``clip_backward``.
 Symile: ``rowce_forward`` / ``rowce_backward`` ("n") and ``symile_n2_forward`` /
 ``symile_n2_backward`` ("n_squared", M = 3), csrc/kernels/symile.cu. GRAM: ``gram_forward``
-/ ``gram_backward``, csrc/kernels/gram.cu (K = M - 1 <= 5 others). Same conventions; their
+/ ``gram_backward``, csrc/kernels/gram.cu (K = M - 1 <= 5 others). SigLIP:
+``siglip_forward`` / ``siglip_backward``, csrc/kernels/siglip.cu (CLIP's tiles and grids).
+MV-InfoNCE / MV-DHEL: ``selfsim_rowlse_forward`` / ``selfsim_rowlse_backward``,
+csrc/kernels/multiview.cu. CLIP takes ``groups`` (ids passed to the kernels as int64).
+Same conventions; their
 backward kernels add gradients with fp32 atomics, so those are not bitwise reproducible.
 Kernels: csrc/kernels/clip.cu (64 x 64 tiles, fp32 accumulation; WMMA tensor cores for
 fp16/bf16, SIMT FFMA for fp32; 4 GEMM-equivalents per training step). Inputs are used
@@ -38,6 +42,10 @@ __all__ = [
     "gram_forward",
     "rowce_backward",
     "rowce_forward",
+    "selfsim_rowlse_backward",
+    "selfsim_rowlse_forward",
+    "siglip_backward",
+    "siglip_forward",
     "symile_n2_backward",
     "symile_n2_forward",
     "unavailable_reason",
@@ -49,6 +57,8 @@ _KERNELS = {
     "clip": ("clip_forward", "clip_backward"),
     "symile": ("rowce_forward", "rowce_backward", "symile_n2_forward", "symile_n2_backward"),
     "gram": ("gram_forward", "gram_backward"),
+    "siglip": ("siglip_forward", "siglip_backward"),
+    "multiview": ("selfsim_rowlse_forward", "selfsim_rowlse_backward"),
 }
 
 #: Objectives with kernels in this build of ``_C`` (empty without ``_C``).
@@ -104,12 +114,23 @@ def _launch_args(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]) ->
     )  # fmt: skip
 
 
-def _no_groups(groups: Optional[Tensor]) -> None:
-    if groups is not None:
-        raise NotImplementedError(
-            "the CUDA CLIP kernels do not support groups= yet: use backend='triton' "
-            "(CUDA tensors) or backend='torch'"
-        )
+def _groups_arg(groups: Optional[Tensor], n: int, device: torch.device) -> Optional[Tensor]:
+    """None, or the (N,) ids as a contiguous int64 device tensor (O(N); no copy for int64)."""
+    if groups is None:
+        return None
+    if groups.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"groups must be an int32 or int64 tensor, got {groups.dtype}")
+    if tuple(groups.shape) != (n,):
+        raise ValueError(f"groups must be ({n},), got {tuple(groups.shape)}")
+    if groups.device != device:
+        raise ValueError(f"groups is on {groups.device}, expected {device}")
+    return groups.detach().to(torch.int64).contiguous()
+
+
+def _group_sizes(groups: Tensor) -> Tensor:
+    """(N,) int64: the size of each sample's group (O(N log N), no N x N mask)."""
+    srt = groups.sort().values
+    return torch.searchsorted(srt, groups, right=True) - torch.searchsorted(srt, groups)
 
 
 def _device_index(device: torch.device) -> int:
@@ -119,17 +140,23 @@ def _device_index(device: torch.device) -> int:
 def clip_forward(
     a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], groups: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(row_lse, col_lse, diag), each (N,) float32, of S = scale * a @ b^T + bias.
-    ``groups`` must be None: NotImplementedError otherwise (no group masks in csrc/)."""
-    _no_groups(groups)
+    """(row_lse, col_lse, diag), each (N,) float32, of S = scale * a @ b^T + bias (with
+    groups: S_ij = -inf where i != j and groups_i == groups_j)."""
     _check(a, b, scale, bias, "clip")
     n, d = a.shape
+    groups = _groups_arg(groups, n, a.device)
     f32 = dict(dtype=torch.float32, device=a.device)
     row_lse, col_lse, diag = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
     if n == 0:
         return row_lse, col_lse, diag
     scale = _scalar(scale)
     bias = None if bias is None else _scalar(bias)
+    if d == 0 and groups is not None:  # S = bias on the kept entries: N - |group| + 1 of them
+        b0 = bias if bias is not None else torch.zeros((), **f32)
+        row_lse.copy_(b0 + (n + 1 - _group_sizes(groups)).to(torch.float32).log())
+        col_lse.copy_(row_lse)
+        diag.copy_(b0.expand(n))
+        return row_lse, col_lse, diag
     if d == 0:  # S = bias everywhere; no kernel needed
         b0 = bias if bias is not None else torch.zeros((), **f32)
         row_lse.copy_(b0 + torch.log(torch.full((), float(n), **f32)))
@@ -143,6 +170,7 @@ def clip_forward(
             row_lse.data_ptr(), col_lse.data_ptr(), diag.data_ptr(),
             ws.data_ptr(), ws.numel(),
             torch.cuda.current_stream(a.device).cuda_stream,
+            0 if groups is None else groups.data_ptr(),
         )  # fmt: skip
     return row_lse, col_lse, diag
 
@@ -157,11 +185,11 @@ def clip_backward(
     grad: Tensor,
     groups: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(da, db, dscale, dbias) for dL/dL_clip = grad; da/db in the input dtype.
-    ``groups`` must be None: NotImplementedError otherwise (no group masks in csrc/)."""
-    _no_groups(groups)
+    """(da, db, dscale, dbias) for dL/dL_clip = grad; da/db in the input dtype (with
+    groups: dS = 0 where i != j and groups_i == groups_j, as in the forward)."""
     _check(a, b, scale, bias, "clip")
     n, d = a.shape
+    groups = _groups_arg(groups, n, a.device)
     f32 = dict(dtype=torch.float32, device=a.device)
     da = torch.empty((n, d), dtype=a.dtype, device=a.device)
     db = torch.empty((n, d), dtype=b.dtype, device=a.device)
@@ -185,6 +213,7 @@ def clip_backward(
             da.data_ptr(), db.data_ptr(), dscale.data_ptr(), dbias.data_ptr(),
             ws.data_ptr(), ws.numel(),
             torch.cuda.current_stream(a.device).cuda_stream,
+            0 if groups is None else groups.data_ptr(),
         )  # fmt: skip
     return da, db, dscale, dbias
 
@@ -430,3 +459,142 @@ def gram_backward(
             ws.data_ptr(), ws.numel(), _stream(dev),
         )  # fmt: skip
     return d_anchor, d_others, dscale, col_tt, col_uu
+
+
+# ----------------------------------------------------------------------------- SigLIP
+
+
+def siglip_forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """total = sum_ij softplus(-z_ij S_ij), 0-d float32 (the loss is total / N)."""
+    _check(a, b, scale, bias, "siglip")
+    n, d = a.shape
+    f32 = dict(dtype=torch.float32, device=a.device)
+    if n == 0:
+        return torch.zeros((), **f32)
+    scale = _scalar(scale)
+    bias = None if bias is None else _scalar(bias)
+    if d == 0:  # S = bias everywhere: N softplus(-b) + (N^2 - N) softplus(b)
+        b0 = bias if bias is not None else torch.zeros((), **f32)
+        sp = torch.nn.functional.softplus
+        return n * sp(-b0, threshold=1e9) + (n * n - n) * sp(b0, threshold=1e9)
+    total = torch.empty((), **f32)
+    with torch.cuda.device(a.device):
+        ws = torch.empty(_C.siglip_forward_workspace_elems(n, d, _device_index(a.device)), **f32)
+        _C.siglip_forward(
+            *_launch_args(a, b, scale, bias), total.data_ptr(), ws.data_ptr(), ws.numel(),
+            _stream(a.device),
+        )  # fmt: skip
+    return total
+
+
+def siglip_backward(
+    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], grad: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(da, db, dscale, dbias) of L = total / N for dL = grad; da/db in the input dtype."""
+    _check(a, b, scale, bias, "siglip")
+    if grad.numel() != 1 or grad.device != a.device:
+        raise ValueError(f"grad must be a single-element tensor on {a.device}")
+    n, d = a.shape
+    f32 = dict(dtype=torch.float32, device=a.device)
+    da = torch.zeros((n, d), dtype=a.dtype, device=a.device)
+    db = torch.zeros((n, d), dtype=b.dtype, device=a.device)
+    dscale, dbias = torch.zeros((), **f32), torch.zeros((), **f32)
+    if n == 0:
+        return da, db, dscale, dbias
+    scale, grad = _scalar(scale), _scalar(grad)
+    bias = None if bias is None else _scalar(bias)
+    if d == 0:  # dS = grad / N (sigmoid(b) - I): dbias = grad (N sigmoid(b) - 1)
+        if bias is not None:
+            dbias.copy_(grad * (n * torch.sigmoid(bias) - 1))
+        return da, db, dscale, dbias
+    with torch.cuda.device(a.device):
+        ws = torch.empty(_C.siglip_backward_workspace_elems(n, d, _device_index(a.device)), **f32)
+        _C.siglip_backward(
+            *_launch_args(a, b, scale, bias), grad.data_ptr(),
+            da.data_ptr(), db.data_ptr(), dscale.data_ptr(), dbias.data_ptr(),
+            ws.data_ptr(), ws.numel(), _stream(a.device),
+        )  # fmt: skip
+    return da, db, dscale, dbias
+
+
+# ----------------------------------------------------------------------------- multi-view
+
+
+def _check_selfsim(u: Tensor, scale: Tensor, groups: Optional[Tensor]):
+    dev = _check_many("multiview", {"u": u}, scale, ndim=3)
+    return dev, _groups_arg(groups, u.shape[1], dev)
+
+
+def _allowed_counts(v: int, n: int, per_view: bool, groups: Optional[Tensor], dev) -> Tensor:
+    """(N,) allowed columns per row (the same for every view): for the d == 0 case."""
+    size = (
+        _group_sizes(groups) if groups is not None else torch.ones(n, dtype=torch.int64, device=dev)
+    )
+    return (n - size) if per_view else (v * n - 1 - v * (size - 1))
+
+
+def _selfsim_args(u: Tensor, scale: Tensor, per_view: bool, groups: Optional[Tensor]) -> tuple:
+    v, n, d = u.shape
+    return (
+        u.data_ptr(), v, n, d, u.stride(0), u.stride(1), u.stride(2), _DTYPE_NAMES[u.dtype],
+        scale.data_ptr(), bool(per_view), 0 if groups is None else groups.data_ptr(),
+    )  # fmt: skip
+
+
+def selfsim_rowlse_forward(
+    u: Tensor, scale: Tensor, per_view: bool, groups: Optional[Tensor]
+) -> Tensor:
+    """(V, N) fp32 row LSEs of scale * <u_li, u_mj> over the allowed columns (-inf if none)."""
+    dev, groups = _check_selfsim(u, scale, groups)
+    v, n, d = u.shape
+    f32 = dict(dtype=torch.float32, device=dev)
+    if v == 0 or n == 0:
+        return torch.empty((v, n), **f32)
+    if d == 0:  # every logit is 0: log(number of allowed columns)
+        counts = _allowed_counts(v, n, per_view, groups, dev).to(torch.float32)
+        return counts.log().expand(v, n).contiguous()
+    scale = _scalar(scale)
+    row_lse = torch.empty((v, n), **f32)
+    with torch.cuda.device(dev):
+        elems = _C.selfsim_forward_workspace_elems(v, n, d, bool(per_view), _device_index(dev))
+        ws = torch.empty(elems, **f32)
+        _C.selfsim_rowlse_forward(
+            *_selfsim_args(u, scale, per_view, groups), row_lse.data_ptr(), ws.data_ptr(),
+            ws.numel(), _stream(dev),
+        )  # fmt: skip
+    return row_lse
+
+
+def selfsim_rowlse_backward(
+    u: Tensor,
+    scale: Tensor,
+    per_view: bool,
+    groups: Optional[Tensor],
+    row_lse: Tensor,
+    grad_rows: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """(du (V, N, D) in u's dtype, dscale 0-d fp32) of sum grad_rows * row_lse."""
+    dev, groups = _check_selfsim(u, scale, groups)
+    v, n, d = u.shape
+    f32 = dict(dtype=torch.float32, device=dev)
+    for name, t in (("row_lse", row_lse), ("grad_rows", grad_rows)):
+        if tuple(t.shape) != (v, n) or t.device != dev:
+            raise ValueError(
+                f"{name} must be {(v, n)} on {dev}, got {tuple(t.shape)} on {t.device}"
+            )
+    du = torch.zeros((v, n, d), dtype=u.dtype, device=dev)
+    dscale = torch.zeros((), **f32)
+    if v == 0 or n == 0 or d == 0:
+        return du, dscale
+    row_lse = row_lse.detach().to(torch.float32).contiguous()
+    grad_rows = grad_rows.detach().to(torch.float32).contiguous()
+    scale = _scalar(scale)
+    with torch.cuda.device(dev):
+        elems = _C.selfsim_backward_workspace_elems(v, n, d, bool(per_view), _device_index(dev))
+        ws = torch.empty(elems, **f32)
+        _C.selfsim_rowlse_backward(
+            *_selfsim_args(u, scale, per_view, groups), row_lse.data_ptr(),
+            grad_rows.data_ptr(), du.data_ptr(), dscale.data_ptr(), ws.data_ptr(), ws.numel(),
+            _stream(dev),
+        )  # fmt: skip
+    return du, dscale

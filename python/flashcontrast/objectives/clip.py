@@ -24,7 +24,6 @@ from .._validation import (
     check_features,
     check_pair,
 )
-from ..backends.triton import triton_unavailable_reason
 
 
 def _check_groups(groups: object, a: Tensor) -> Optional[Tensor]:
@@ -181,9 +180,7 @@ def clip_loss(
             distinct is the same as ``groups=None``. Ids are compared only for equality
             (any values, negatives included); groups receives no gradient. The kernels
             load the (N,) ids per tile: no N x N mask is built (except by
-            backend="reference", which materializes everything anyway). Not supported by
-            backend="cuda" (NotImplementedError); backend="auto" never picks "cuda" with
-            groups.
+            backend="reference", which materializes everything anyway).
         backend: "auto", "cuda", "triton", "torch" or "reference"
             (see :func:`flashcontrast.backend_for`).
 
@@ -199,20 +196,7 @@ def clip_loss(
     scale = as_scalar_tensor("logit_scale", logit_scale, a)
     bias = as_scalar_tensor("logit_bias", logit_bias, a, required=False)
     g = _check_groups(groups, a)
-    if g is not None and backend == "cuda":
-        raise NotImplementedError(
-            "backend='cuda' does not support groups= yet (no group masks in the CUDA CLIP "
-            "kernels): use backend='triton' or 'torch', or 'auto'"
-        )
     chosen = _dispatch.resolve("clip", a.device, backend)
-    if g is not None and chosen == "cuda":  # "auto" only: the CUDA kernels have no groups
-        chosen = _dispatch.resolve(
-            "clip",
-            a.device,
-            "torch"
-            if a.dtype == torch.float64 or triton_unavailable_reason(a.device) is not None
-            else "triton",
-        )
     if chosen == "reference":
         if g is not None:
             return _reference_masked(a, b, scale, bias, g)

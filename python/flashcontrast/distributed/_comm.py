@@ -1,0 +1,257 @@
+"""Shared communication helpers for ``flashcontrast.distributed``.
+
+Every public loss starts with :func:`setup`: local input checks, then one small all-gather
+of per-rank metadata (check status, N, D, dtype, bias present) so that a bad setup fails
+on EVERY rank with the same clear error instead of hanging in a later collective. The
+shard sizes learned there let ranks hold uneven shards.
+
+Byte accounting: each helper adds to a per-process counter what this rank puts on the
+wire under the bandwidth-optimal (ring) algorithm for that collective: all-gather of a
+c-byte chunk: (W - 1) c; reduce-scatter of W chunks of c bytes: (W - 1) c; all-reduce of
+M bytes: 2 (W - 1) / W * M; point-to-point: the bytes sent. Read it with
+:func:`comm_bytes`, reset it with :func:`reset_comm_bytes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .._validation import FEATURE_DTYPES, as_scalar_tensor, check_features, check_pair
+
+_SENT = {"bytes": 0}
+
+
+def comm_bytes() -> int:
+    """Bytes this process has sent through ``flashcontrast.distributed`` since the last
+    :func:`reset_comm_bytes` (ring-algorithm equivalents for collectives, see module doc)."""
+    return _SENT["bytes"]
+
+
+def reset_comm_bytes() -> None:
+    """Set the counter read by :func:`comm_bytes` to 0."""
+    _SENT["bytes"] = 0
+
+
+@dataclass
+class Layout:
+    """Where this rank's shard sits in the global batch."""
+
+    group: Optional[dist.ProcessGroup]
+    rank: int
+    world: int
+    sizes: list
+    device: torch.device
+
+    @property
+    def offsets(self) -> list:
+        out, acc = [], 0
+        for s in self.sizes:
+            out.append(acc)
+            acc += s
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def offset(self) -> int:
+        return self.offsets[self.rank]
+
+    @property
+    def n_max(self) -> int:
+        return max(self.sizes)
+
+    def global_rank(self, group_rank: int) -> int:
+        if self.group is None:
+            return group_rank
+        return dist.get_global_rank(self.group, group_rank)
+
+
+def _meta_device(group: Optional[dist.ProcessGroup], a: object) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if isinstance(a, Tensor) and dist.get_backend(group) != "gloo":
+        return a.device
+    return torch.device("cpu")
+
+
+def setup(
+    name: str,
+    image_features: object,
+    text_features: object,
+    logit_scale: object,
+    logit_bias: object,
+    group: Optional[dist.ProcessGroup],
+    strategy: str,
+    grad_scaling: str,
+) -> tuple:
+    """Check the local inputs, exchange metadata, and raise the same error on every rank
+    if any rank's inputs are bad or the ranks disagree. Returns (layout, a, b, scale, bias)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"flashcontrast.distributed.{name} needs an initialized default process group "
+            f"(torch.distributed.init_process_group); use flashcontrast.{name} in one process"
+        )
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    err: Optional[Exception] = None
+    a = b = scale = bias = None
+    try:
+        if strategy not in ("gather", "ring"):
+            raise ValueError(f"strategy must be 'gather' or 'ring', got {strategy!r}")
+        if grad_scaling not in ("ddp", "sum"):
+            raise ValueError(f"grad_scaling must be 'ddp' or 'sum', got {grad_scaling!r}")
+        a = check_features("image_features", image_features)
+        b = check_features("text_features", text_features)
+        check_pair("image_features", a, "text_features", b)
+        scale = as_scalar_tensor("logit_scale", logit_scale, a)
+        bias = as_scalar_tensor("logit_bias", logit_bias, a, required=False)
+    except (TypeError, ValueError) as e:
+        err = e
+    ok = err is None
+    meta = torch.tensor(
+        [
+            0 if ok else 1,
+            a.shape[0] if ok else 0,
+            a.shape[1] if ok else 0,
+            FEATURE_DTYPES.index(a.dtype) if ok else -1,
+            int(bias is not None) if ok else -1,
+        ],
+        dtype=torch.int64,
+        device=_meta_device(group, a),
+    )
+    if world > 1:
+        parts = [torch.empty_like(meta) for _ in range(world)]
+        dist.all_gather(parts, meta, group=group)
+        _SENT["bytes"] += (world - 1) * meta.numel() * meta.element_size()
+        table = torch.stack(parts).cpu().tolist()
+    else:
+        table = [meta.cpu().tolist()]
+    prefix = f"flashcontrast.distributed.{name}: "
+    if err is not None:
+        raise type(err)(f"{prefix}{err} (rank {rank}; every rank of the group raises)") from err
+    bad = [q for q, row in enumerate(table) if row[0] != 0]
+    if bad:
+        raise RuntimeError(
+            f"{prefix}the inputs on rank(s) {bad} failed their checks (the error is raised "
+            "there); every rank of the group raises"
+        )
+    dims = [row[2] for row in table]
+    if len(set(dims)) != 1:
+        raise ValueError(
+            f"{prefix}every rank must pass the same feature dimension D; got D = {dims} "
+            "on ranks 0..W-1"
+        )
+    dtypes = [FEATURE_DTYPES[row[3]] for row in table]
+    if len(set(dtypes)) != 1:
+        raise TypeError(
+            f"{prefix}every rank must pass features of the same dtype; got {dtypes} on ranks 0..W-1"
+        )
+    biases = [row[4] for row in table]
+    if len(set(biases)) != 1:
+        raise ValueError(
+            f"{prefix}logit_bias must be given on every rank or on none; given on ranks "
+            f"{[q for q, x in enumerate(biases) if x]}"
+        )
+    layout = Layout(group, rank, world, [row[1] for row in table], a.device)
+    return layout, a, b, scale, bias
+
+
+def all_gather_rows(x: Tensor, lay: Layout) -> Tensor:
+    """The (N, ...) concatenation of every rank's (n_q, ...) ``x`` in rank order. Shards
+    are padded to n_max rows for the collective (uneven sizes), then trimmed."""
+    if lay.world == 1:
+        return x
+    pad = x.new_zeros((lay.n_max, *x.shape[1:]))
+    pad[: x.shape[0]] = x
+    parts = [torch.empty_like(pad) for _ in range(lay.world)]
+    dist.all_gather(parts, pad, group=lay.group)
+    _SENT["bytes"] += (lay.world - 1) * pad.numel() * pad.element_size()
+    return torch.cat([p[:s] for p, s in zip(parts, lay.sizes)])
+
+
+def reduce_scatter_rows(full: Tensor, lay: Layout) -> Tensor:
+    """Sum ``full`` (N, ...) over ranks and return this rank's rows (n_r, ...): a
+    reduce-scatter over shards padded to n_max rows (uneven sizes)."""
+    if lay.world == 1:
+        return full
+    chunks = []
+    for off, s in zip(lay.offsets, lay.sizes):
+        c = full.new_zeros((lay.n_max, *full.shape[1:]))
+        c[:s] = full[off : off + s]
+        chunks.append(c)
+    out = torch.empty_like(chunks[0])
+    dist.reduce_scatter(out, chunks, group=lay.group)
+    _SENT["bytes"] += (lay.world - 1) * out.numel() * out.element_size()
+    return out[: lay.sizes[lay.rank]]
+
+
+def all_reduce(x: Tensor, lay: Layout, op=dist.ReduceOp.SUM) -> Tensor:
+    """In-place all-reduce of ``x`` (returned)."""
+    if lay.world > 1:
+        dist.all_reduce(x, op=op, group=lay.group)
+        _SENT["bytes"] += int(2 * (lay.world - 1) / lay.world * x.numel() * x.element_size())
+    return x
+
+
+def _exchange(lay: Layout, send: Sequence[Tensor], recv: Sequence[Tensor], tag: int) -> list:
+    """Post sends of ``send`` to the right neighbour and receives of ``recv`` from the
+    left one; returns the requests to wait on."""
+    right = lay.global_rank((lay.rank + 1) % lay.world)
+    left = lay.global_rank((lay.rank - 1) % lay.world)
+    ops = [dist.P2POp(dist.isend, t, right, lay.group, tag + i) for i, t in enumerate(send)]
+    ops += [dist.P2POp(dist.irecv, t, left, lay.group, tag + i) for i, t in enumerate(recv)]
+    _SENT["bytes"] += sum(t.numel() * t.element_size() for t in send)
+    return dist.batch_isend_irecv(ops)
+
+
+def ring_pass(
+    lay: Layout,
+    travel: Sequence[Tensor],
+    visit: Callable[[int, Sequence[Tensor]], Optional[Tensor]],
+    combine: Callable[[Tensor, Tensor], Tensor],
+) -> Optional[Tensor]:
+    """Visit every rank's shard of ``travel`` (own first), passing shards to the right.
+
+    ``travel``: this rank's tensors (n_r, ...) that every rank must see (rank q's arrive
+    with n_q rows). ``visit(q, tensors)`` computes with rank q's shard and returns a
+    per-shard contribution (n_q, ...) or None. Contributions to a shard are folded with
+    ``combine`` while they travel behind it, and arrive back at the owner after W - 1
+    hops; the return value is the complete fold for this rank's shard (None when visit
+    returns None). At most two foreign shards (the one in use and the one arriving) are
+    held at once. Feature transfers are posted before the compute on the current shard,
+    so they overlap it; the accumulator, which the compute changes, is sent after it.
+    """
+    w, r = lay.world, lay.rank
+    cur = [t.contiguous() for t in travel]
+    own = None
+    acc_in: Optional[Tensor] = None
+    for k in range(w):
+        q = (r - k) % w
+        nxt, reqs = None, []
+        if k < w - 1:
+            src = (r - k - 1) % w
+            nxt = [t.new_empty((lay.sizes[src], *t.shape[1:])) for t in cur]
+            reqs = _exchange(lay, cur, nxt, tag=0)
+        contrib = visit(q, cur)
+        if k == 0:
+            own = contrib
+        elif contrib is not None:
+            acc = contrib if k == 1 else combine(acc_in, contrib)
+            dst = (r - k - 1) % w  # the shard whose accumulator arrives next (own at the end)
+            acc_in = acc.new_empty((lay.sizes[dst], *acc.shape[1:]))
+            for req in _exchange(lay, [acc.contiguous()], [acc_in], tag=16):
+                req.wait()
+        for req in reqs:
+            req.wait()
+        if nxt is not None:
+            cur = nxt
+    if own is None or w == 1:
+        return own
+    return combine(own, acc_in)
