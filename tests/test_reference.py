@@ -303,7 +303,7 @@ def test_mv_dhel_by_hand():
 
 
 def _naive_mv_infonce(u, tau):
-    """Raw exp/log transcription of the published MVINFONCE arithmetic (no logsumexp)."""
+    """objectives.md's MV-InfoNCE written with raw exp and log (no logsumexp)."""
     v, n, d = u.shape
     z = u.reshape(v * n, d)
     sim = torch.exp(z @ z.T / tau) * (1 - torch.eye(v * n, dtype=u.dtype))
@@ -316,7 +316,7 @@ def _naive_mv_infonce(u, tau):
 
 
 def _naive_mv_dhel(u, tau):
-    """Raw exp/log transcription of the published MVDHEL arithmetic."""
+    """objectives.md's MV-DHEL written with raw exp and log."""
     v, n, _ = u.shape
     neg = 1
     for l in range(v):

@@ -1,0 +1,195 @@
+"""``info_nce.InfoNCE`` (pip ``info-nce-pytorch``), with a fused path for in-batch negatives.
+
+    from flashcontrast.compat.info_nce import InfoNCE, info_nce   # was: from info_nce import ...
+    loss = InfoNCE(temperature=0.1, reduction="mean", negative_mode="unpaired")(
+        query, positive_key, negative_keys=None)
+
+Semantics (the published ones): query, positive_key and negative_keys are L2-normalized
+inside (``F.normalize(x, dim=-1)``), logits are cosine similarities divided by
+``temperature``, and the loss is a cross entropy with ``reduction`` "mean", "sum" or
+"none":
+
+* ``negative_keys=None``: the other samples' positive keys are the negatives. Row i of
+  ``q @ k^T / T`` is classified with its positive on the diagonal: a ROW-ONLY InfoNCE
+  (one direction of CLIP). This path runs on the fused kernels (the row-only InfoNCE op
+  that Symile's O(N) negatives also use): O(N D) memory, no N x N logit matrix.
+* ``negative_mode="unpaired"``, ``negative_keys`` (M, D): every query's candidates are
+  its positive (column 0) and all M negatives.
+* ``negative_mode="paired"``, ``negative_keys`` (N, M, D): query i's candidates are its
+  positive and its own M negatives.
+
+The two explicit-negative modes are computed by a plain PyTorch implementation (the
+published formula; it materializes the (N, M + 1) logits, which are O(N M) like the
+paired input itself). ``backend="reference"`` sends the in-batch case there too.
+
+Deliberate differences: on the fused path 16-bit inputs give a float32 loss (the kernels
+accumulate in float32; the published code works in the inputs' dtype), and the logits
+are ``cos * (1 / T)`` rather than ``cos / T`` (the same to rounding). Input checks raise
+the published ValueErrors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _dispatch
+from .._validation import accumulation_dtype, as_scalar_tensor, check_features
+from ..objectives.symile import symile_rowce_fwd
+
+__all__ = ["InfoNCE", "info_nce"]
+
+Temperature = Union[float, torch.Tensor]
+_REDUCTIONS = ("none", "sum", "mean")
+_NEGATIVE_MODES = ("paired", "unpaired")
+
+
+def _check(query, positive_key, negative_keys, negative_mode, reduction) -> None:
+    """The published checks, in the published order, with the published messages."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if negative_mode not in _NEGATIVE_MODES:
+        raise ValueError(f"negative_mode must be one of {_NEGATIVE_MODES}, got {negative_mode!r}")
+    if query.dim() != 2:
+        raise ValueError("<query> must have 2 dimensions.")
+    if positive_key.dim() != 2:
+        raise ValueError("<positive_key> must have 2 dimensions.")
+    if negative_keys is not None:
+        if negative_mode == "unpaired" and negative_keys.dim() != 2:
+            raise ValueError(
+                "<negative_keys> must have 2 dimensions if <negative_mode> == 'unpaired'."
+            )
+        if negative_mode == "paired" and negative_keys.dim() != 3:
+            raise ValueError(
+                "<negative_keys> must have 3 dimensions if <negative_mode> == 'paired'."
+            )
+    if len(query) != len(positive_key):
+        raise ValueError("<query> and <positive_key> must must have the same number of samples.")
+    if negative_keys is not None and negative_mode == "paired" and len(query) != len(negative_keys):
+        raise ValueError(
+            "If negative_mode == 'paired', then <negative_keys> must have the same number of "
+            "samples as <query>."
+        )
+    if query.shape[-1] != positive_key.shape[-1]:
+        raise ValueError(
+            "Vectors of <query> and <positive_key> should have the same number of components."
+        )
+    if negative_keys is not None and query.shape[-1] != negative_keys.shape[-1]:
+        raise ValueError(
+            "Vectors of <query> and <negative_keys> should have the same number of components."
+        )
+
+
+def _reduce(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row
+
+
+def _plain(q, k, negative_keys, temperature, reduction, negative_mode) -> torch.Tensor:
+    """The published computation (q, k and the negatives already normalized)."""
+    if negative_keys is None:
+        logits = q @ k.T
+        labels = torch.arange(len(q), device=q.device)
+    else:
+        positive = (q * k).sum(dim=1, keepdim=True)
+        if negative_mode == "unpaired":
+            negative = q @ negative_keys.T
+        else:
+            negative = (q.unsqueeze(1) @ negative_keys.transpose(-2, -1)).squeeze(1)
+        logits = torch.cat([positive, negative], dim=1)
+        labels = torch.zeros(len(logits), dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits / temperature, labels, reduction=reduction)
+
+
+def info_nce(
+    query: torch.Tensor,
+    positive_key: torch.Tensor,
+    negative_keys: Optional[torch.Tensor] = None,
+    temperature: Temperature = 0.1,
+    reduction: str = "mean",
+    negative_mode: str = "unpaired",
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``info_nce.info_nce``: see the module docstring. ``backend`` picks flashcontrast's
+    backend for the in-batch-negatives case ("auto", "cuda", "triton", "torch"; "reference"
+    runs the plain published formula)."""
+    _check(query, positive_key, negative_keys, negative_mode, reduction)
+    q = F.normalize(query, dim=-1)
+    k = F.normalize(positive_key, dim=-1)
+    negatives = None if negative_keys is None else F.normalize(negative_keys, dim=-1)
+    if negatives is not None:
+        return _plain(q, k, negatives, temperature, reduction, negative_mode)
+
+    check_features("query", q)
+    check_features("positive_key", k)
+    chosen = _dispatch.resolve("symile", q.device, backend)
+    if chosen == "reference":
+        return _plain(q, k, None, temperature, reduction, negative_mode)
+    if chosen == "triton" and q.dtype == torch.float64:
+        chosen = _dispatch.resolve("symile", q.device, "torch")
+    if k.dtype != q.dtype:
+        raise TypeError(f"query and positive_key must share a dtype, got {q.dtype} and {k.dtype}")
+    acc = accumulation_dtype(q.dtype)
+    scale = as_scalar_tensor("1 / temperature", 1.0 / temperature, q)
+    diag_logit = scale * (q.to(acc) * k.to(acc)).sum(dim=1)  # positives, autograd above the op
+    row_lse = symile_rowce_fwd(q, k, scale, diag_logit, chosen)  # (N,) LSE_j s q_i.k_j
+    return _reduce(row_lse - diag_logit, reduction)
+
+
+class InfoNCE(nn.Module):
+    """``info_nce.InfoNCE(temperature=0.1, reduction="mean", negative_mode="unpaired")``.
+
+    Call: ``(query, positive_key, negative_keys=None)``: query and positive_key (N, D);
+    negative_keys None, (M, D) for "unpaired" or (N, M, D) for "paired". Returns the loss
+    (0-d for "mean" / "sum", (N,) for "none"). See the module docstring for the fused
+    path and the deliberate differences.
+
+    Args:
+        temperature: T (a float, or a one-element tensor that gets a gradient).
+        reduction: "mean", "sum" or "none".
+        negative_mode: "unpaired" or "paired".
+        backend: flashcontrast's backend for the in-batch-negatives case.
+    """
+
+    def __init__(
+        self,
+        temperature: Temperature = 0.1,
+        reduction: str = "mean",
+        negative_mode: str = "unpaired",
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.reduction = reduction
+        self.negative_mode = negative_mode
+        self.backend = backend
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        positive_key: torch.Tensor,
+        negative_keys: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return info_nce(
+            query,
+            positive_key,
+            negative_keys,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            negative_mode=self.negative_mode,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, reduction={self.reduction!r}, "
+            f"negative_mode={self.negative_mode!r}, backend={self.backend!r}"
+        )
