@@ -4,6 +4,8 @@ global batch's.
     loss = flashcontrast.distributed.clip_loss(img, txt, logit_scale, group=None,
                                                strategy="gather")   # or "ring"
     loss = flashcontrast.distributed.siglip_loss(img, txt, logit_scale, logit_bias)
+    loss = flashcontrast.distributed.multiview_infonce_loss(views, logit_scale)  # and
+    # multiview_dhel_loss, gram_loss(anchor, others, s), symile_loss(reps, s) (see below)
 
 Semantics
 ---------
@@ -92,12 +94,62 @@ bytes sent per rank: CLIP gather 3,158,166; CLIP ring 4,724,880; SigLIP gather
 3,145,872; SigLIP ring 4,718,736 (the 1.57 MB of (W-1) n D e is the feature exchange;
 the 1.57 MB of (W-1) n D f the column gradients).
 
-Not covered yet: MV-InfoNCE, MV-DHEL, GRAM and Symile; ``groups=`` for CLIP; the CUDA
-and Triton tile kernels (the tiles run as blockwise PyTorch on any device).
+Multi-view, GRAM and Symile
+---------------------------
+``multiview_infonce_loss(views, logit_scale, *, groups=None, ...)``,
+``multiview_dhel_loss(...)``, ``gram_loss(anchor, others, logit_scale, *,
+label_smoothing=0.0, ...)`` (strategies "gather" and "ring") and
+``symile_loss(representations, logit_scale, *, negative_sampling="n", generator=None,
+permutations=None, ...)`` ("gather" only: its negatives index rows of any rank; "ring"
+and "n_squared" raise NotImplementedError on every rank), each with ``group``,
+``strategy``, ``backend`` and ``grad_scaling`` as above and the same contract: the loss
+on every rank is the single-process loss of the concatenated batch, feature gradients W x
+("ddp") or 1x ("sum") the single-process ones of the rank's rows, ``logit_scale``'s
+gradient equal. Multi-view ``groups`` ids are global (each rank passes its samples' ids).
+Symile "n": group rank 0 draws the (M, M-1, N) permutations over the GLOBAL N exactly as
+the single-process call (``generator``, or its default CPU generator) and broadcasts them,
+so the loss equals :func:`flashcontrast.symile_loss` of the concatenated batch with rank
+0's generator state (other ranks' generators are untouched); explicit ``permutations``
+hold global row indices and must be equal on every rank (checksum in the metadata).
+Their metadata exchange (``_comm.setup_checked``) also compares V, K, M,
+label_smoothing, groups-or-not, strategy and grad_scaling across ranks. The backward
+recomputes each (rows x columns) tile and differentiates it with autograd inside the
+tile (row/column LSEs held fixed), so no block larger than the tile is held.
+
+Bytes sent per rank (notation above; V views, K others, M modalities; ar(x) =
+2(W-1)/W x for an all-reduce; metadata (W-1) 8 (6 + F), F = 2 fields for the multi-view
+losses and GRAM, 4 for Symile):
+
+* MV-InfoNCE / MV-DHEL "gather": forward (W-1) n V D e [+ (W-1) n 8 with groups]
+  + ar(f); backward (W-1) n V D f + 2 ar(f). Dominant: (W-1) n V D (e + f).
+* MV-InfoNCE / MV-DHEL "ring": forward (W-1) n V D e [+ (W-1) n 8] + ar(f); backward
+  (W-1) n V D e [+ (W-1) n 8] + (W-1) n V D f + 2 ar(f). Dominant: (W-1) n V D (2e + f).
+* GRAM "gather": forward (W-1) n K D e + ar(N f) + ar((N + 3) f); backward
+  (W-1) n K D f + 2 ar(f).
+* GRAM "ring": forward (W-1) n K D e + (W-1) n f + ar(4 f); backward (W-1) n K D e
+  + (W-1) n f + (W-1) n K D f + 2 ar(f).
+* Symile "gather": forward (W-1) n M D e + ar(f) [+ M (M-1) N 8 for the broadcast
+  permutations, counted once on every rank, when they are drawn]; backward
+  (W-1) n M D f + 2 ar(f).
+
+Not covered yet: ``groups=`` for CLIP; Symile "ring" and "n_squared"; the CUDA and
+Triton tile kernels (the tiles run as blockwise PyTorch on any device).
 """
 
 from ._comm import comm_bytes, reset_comm_bytes
 from .clip import clip_loss
+from .gram import gram_loss
+from .multiview import multiview_dhel_loss, multiview_infonce_loss
 from .siglip import siglip_loss
+from .symile import symile_loss
 
-__all__ = ["clip_loss", "comm_bytes", "reset_comm_bytes", "siglip_loss"]
+__all__ = [
+    "clip_loss",
+    "comm_bytes",
+    "gram_loss",
+    "multiview_dhel_loss",
+    "multiview_infonce_loss",
+    "reset_comm_bytes",
+    "siglip_loss",
+    "symile_loss",
+]

@@ -255,3 +255,117 @@ def ring_pass(
     if own is None or w == 1:
         return own
     return combine(own, acc_in)
+
+
+# ----------------------------------------------------------------------------- generic setup
+# (used by the multi-view, GRAM and Symile losses; clip/siglip keep :func:`setup`)
+
+
+def setup_checked(
+    name: str,
+    group: Optional[dist.ProcessGroup],
+    strategy: str,
+    grad_scaling: str,
+    fields: Sequence[str],
+    check: Callable[[], tuple],
+    ring: bool = True,
+) -> tuple:
+    """Generic :func:`setup`: ``check()`` validates this rank's inputs and returns
+    ``(payload, n, d, dtype, device, values)``, ``values`` one int per name in ``fields``
+    (they must agree across ranks, e.g. the number of views). One all-gather of
+    (status, n, d, dtype code, strategy code, scaling code, *values); a failed local check
+    (TypeError, ValueError, NotImplementedError) raises there and a RuntimeError on every
+    other rank; disagreeing D, dtype, strategy, grad_scaling or ``fields`` raise on every
+    rank. ``ring=False``: strategy="ring" raises NotImplementedError. Returns
+    (layout, payload)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"flashcontrast.distributed.{name} needs an initialized default process group "
+            f"(torch.distributed.init_process_group); use flashcontrast.{name} in one process"
+        )
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    err: Optional[Exception] = None
+    payload, row = None, None
+    device = torch.device("cpu")
+    try:
+        if strategy not in ("gather", "ring"):
+            raise ValueError(f"strategy must be 'gather' or 'ring', got {strategy!r}")
+        if grad_scaling not in ("ddp", "sum"):
+            raise ValueError(f"grad_scaling must be 'ddp' or 'sum', got {grad_scaling!r}")
+        if strategy == "ring" and not ring:
+            raise NotImplementedError(
+                f'strategy="ring" is not implemented for {name}; use strategy="gather"'
+            )
+        payload, n, d, dtype, device, values = check()
+        row = [0, n, d, FEATURE_DTYPES.index(dtype), ("gather", "ring").index(strategy)]
+        row += [("ddp", "sum").index(grad_scaling), *[int(v) for v in values]]
+    except (TypeError, ValueError, NotImplementedError) as e:
+        err = e
+    if row is None:
+        row = [1] + [0] * (5 + len(fields))
+    probe = device if err is None else None
+    meta_dev = _meta_device(group, torch.empty(0, device=probe) if probe is not None else None)
+    meta = torch.tensor(row, dtype=torch.int64, device=meta_dev)
+    if world > 1:
+        parts = [torch.empty_like(meta) for _ in range(world)]
+        dist.all_gather(parts, meta, group=group)
+        _SENT["bytes"] += (world - 1) * meta.numel() * meta.element_size()
+        table = torch.stack(parts).cpu().tolist()
+    else:
+        table = [meta.cpu().tolist()]
+    prefix = f"flashcontrast.distributed.{name}: "
+    if err is not None:
+        raise type(err)(f"{prefix}{err} (rank {rank}; every rank of the group raises)") from err
+    bad = [q for q, r in enumerate(table) if r[0] != 0]
+    if bad:
+        raise RuntimeError(
+            f"{prefix}the inputs on rank(s) {bad} failed their checks (the error is raised "
+            "there); every rank of the group raises"
+        )
+    labels = ["feature dimension D", "dtype", "strategy", "grad_scaling", *fields]
+    for col, label in zip(range(2, 6 + len(fields)), labels):
+        vals = [r[col] for r in table]
+        if len(set(vals)) != 1:
+            if label == "dtype":
+                shown = [FEATURE_DTYPES[v] for v in vals]
+                raise TypeError(
+                    f"{prefix}every rank must pass features of the same dtype; got {shown} "
+                    "on ranks 0..W-1"
+                )
+            if label == "feature dimension D":
+                raise ValueError(
+                    f"{prefix}every rank must pass the same feature dimension D; got D = "
+                    f"{vals} on ranks 0..W-1"
+                )
+            raise ValueError(
+                f"{prefix}every rank must pass the same {label}; got {vals} on ranks 0..W-1"
+            )
+    return Layout(group, rank, world, [r[1] for r in table], device), payload
+
+
+def broadcast(x: Tensor, lay: Layout, src: int = 0) -> Tensor:
+    """In-place broadcast of ``x`` from group rank ``src`` (returned). Counted as M bytes
+    on every rank (a pipelined chain: each rank but the last forwards the M bytes)."""
+    if lay.world > 1:
+        dist.broadcast(x, src=lay.global_rank(src), group=lay.group)
+        _SENT["bytes"] += x.numel() * x.element_size()
+    return x
+
+
+def mean_upstream(grad_loss: Tensor, lay: Layout, dtype: torch.dtype) -> Tensor:
+    """The upstream gradient averaged over ranks (0-d): every rank differentiates the
+    same function."""
+    g = all_reduce(grad_loss.detach().to(dtype).reshape(1).clone(), lay)
+    return g[0] / lay.world
+
+
+def lse_all_reduce(part: Tensor, extra: Tensor, lay: Layout) -> tuple:
+    """Combine partial logsumexps ``part`` (m,) over ranks (max, then the sum of
+    exponentials) and sum ``extra`` (k,) along in the second all-reduce. Returns
+    (lse (m,), summed extra (k,))."""
+    mx = all_reduce(part.clone(), lay, dist.ReduceOp.MAX)
+    packed = torch.cat([(part - mx).exp_(), extra])
+    all_reduce(packed, lay)
+    m = part.shape[0]
+    return mx + packed[:m].log(), packed[m:]
