@@ -1,36 +1,62 @@
-"""The benchmark runner produces real rows: a time and a peak for every backend it ran."""
+"""The benchmark runner produces real rows: times and a peak for every backend it ran."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
+
+import pytest
 
 from flashcontrast.bench.__main__ import main
+from flashcontrast.bench.measure import Row
+from flashcontrast.bench.plot import write_plots
+
+COLUMNS = {
+    "objective",
+    "backend",
+    "dtype",
+    "n",
+    "d",
+    *(f"{p}ms_{q}" for p in ("fwd_", "bwd_", "") for q in ("median", "p20", "p80")),
+    "peak_mib",
+    "tflops",
+    "device",
+    "versions",
+    "timestamp",
+}
 
 
 def test_bench_writes_rows_for_reference_and_torch(tmp_path):
-    assert (
-        main(
-            [
-                "--objectives",
-                "clip",
-                "--sizes",
-                "64",
-                "--dims",
-                "16",
-                "--repeats",
-                "2",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+    argv = ["--objectives", "clip", "--sizes", "64", "--dims", "16", "--repeats", "2"]
+    argv += ["--backends", "reference", "torch", "--out", str(tmp_path)]
+    assert main(argv) == 0
     (csv_path,) = tmp_path.glob("bench-*.csv")
     rows = list(csv.DictReader(open(csv_path)))
+    assert COLUMNS <= set(rows[0])
     assert {r["backend"] for r in rows} == {"reference", "torch"}
     for r in rows:
         assert r["objective"] == "clip" and r["n"] == "64" and r["d"] == "16"
-        assert float(r["ms_median"]) > 0 and float(r["peak_mib"]) > 0
+        assert r["versions"].startswith("flashcontrast") and r["timestamp"]
+        for key in ("fwd_ms_median", "bwd_ms_median", "ms_median", "peak_mib", "tflops"):
+            assert float(r[key]) > 0, key
+        assert float(r["ms_p20"]) <= float(r["ms_median"]) <= float(r["ms_p80"])
     (md_path,) = tmp_path.glob("bench-*.md")
     text = md_path.read_text()
     assert "versions: flashcontrast" in text and "command: python -m flashcontrast.bench" in text
+
+
+def _row(backend, n):
+    t = 0.1 * n
+    times = (t, t, t, t, t, t, 2 * t, 2 * t, 2 * t)
+    return Row("clip", backend, n, 16, "float32", "cpu", *times, 0.01 * n, 8.0 * n * n * 16)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None,
+    reason="matplotlib is not installed (pip install 'flashcontrast[bench]')",
+)
+def test_plot_writer_draws_one_png_per_objective(tmp_path):
+    rows = [_row(b, n) for b in ("reference", "torch") for n in (64, 128, 256)]
+    (path,) = write_plots(rows, tmp_path, "bench-x", print)
+    assert path.name == "bench-x-clip.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

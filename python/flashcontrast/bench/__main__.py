@@ -1,15 +1,20 @@
-"""``python -m flashcontrast.bench``: forward+backward of each objective, reference vs backends.
+"""``python -m flashcontrast.bench``: forward, backward and total time of each objective.
 
 Objectives: CLIP InfoNCE, SigLIP, MV-InfoNCE and MV-DHEL with 4 views, GRAM with M = 4,
 Symile "n" and "n_squared" with M = 3. On a
 GPU: every available backend at N from 4096 up (Symile "n_squared", N^3 D work, from
 1024), with a plain bf16 torch matmul as CLIP's speed-of-light row; on the CPU: small N,
 the reference and the torch backend (the Triton interpreter is a test tool, not a
-contender). Prints a table of median time (with p20-p80), peak memory beyond the inputs
-and, on a GPU, CLIP's TFLOP/s. Where the reference cannot fit, its row says so.
+contender). Baselines besides the reference: torch.compile of the reference, and Inf-CL's
+cal_inf_loss for CLIP on a GPU (see baselines.py); each is skipped with a note where it
+cannot run. Prints a table of median forward, backward and total time (total with
+p20-p80), peak memory beyond the inputs and, on a GPU, CLIP's TFLOP/s. Where the
+reference cannot fit, its row says so. ``--quick`` runs fewer sizes and repeats (about a
+minute on a 2-core CPU).
 
-``--out DIR`` also writes the rows as CSV and the table as Markdown, headed by the date,
-versions, device and command. ``--gpu-report`` is the one command for a machine with a
+``--out DIR`` also writes the rows as CSV, the table as Markdown, headed by the date,
+versions, device and command, and (when matplotlib imports) one PNG per objective: time
+and peak memory against N, log-log. ``--gpu-report`` is the one command for a machine with a
 GPU: it runs the test suite there, then the full matrix (D = 512 and 1024, bfloat16 and
 float32, N from 4096 until memory runs out), and writes both into
 benchmarks/results/<device>/.
@@ -24,16 +29,36 @@ from pathlib import Path
 import torch
 
 from .._dispatch import backend_for
+from .baselines import COMPILED, INF_CL, baseline_call, inf_cl_unavailable
 from .measure import CASES, measure, measure_matmul, reference_too_big
+from .plot import write_plots
 from .report import Report, device_slug, run_tests
 
 GPU_SIZES = {"default": [4096, 8192, 16384, 32768, 65536, 131072], "symile-n2": [512, 1024, 2048]}
-CPU_SIZES = {"default": [256, 1024, 4096], "symile-n2": [32, 128, 512]}
+# The CPU run finishes in a few minutes on 2 cores: the multi-view (4 N rows) and GRAM
+# (N^2 M^2) references grow fastest, Symile "n_squared" is N^3 D.
+CPU_SIZES = {
+    "default": [256, 1024, 4096],
+    "mv-infonce-v4": [256, 1024, 2048],
+    "mv-dhel-v4": [256, 1024, 2048],
+    "gram-m4": [256, 1024, 2048],
+    "symile-n2": [32, 128, 256],
+}
+CPU_REPEATS, GPU_REPEATS = 5, 10
+QUICK_SIZES = 2  # --quick: the smallest sizes only
+QUICK_REPEATS = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _available_backends(objective: str, device: torch.device) -> list[str]:
-    names = ["reference"]
+def _available_backends(
+    objective: str, device: torch.device, quick: bool
+) -> tuple[list[str], list[str]]:
+    """The implementations to run, and notes on the baselines that will not."""
+    names, notes = ["reference"], []
+    if quick:
+        notes.append(f"{COMPILED} skipped under --quick: each size compiles, ~10 s on a CPU")
+    else:
+        names.append(COMPILED)
     for name in ("torch", "triton", "cuda"):
         if device.type == "cpu" and name == "triton":
             continue
@@ -42,7 +67,13 @@ def _available_backends(objective: str, device: torch.device) -> list[str]:
         except RuntimeError:
             continue
         names.append(name)
-    return names
+    if objective == "clip":
+        reason = inf_cl_unavailable(objective, device)
+        if reason is None:
+            names.append(INF_CL)
+        else:
+            notes.append(f"{INF_CL} skipped: {reason}")
+    return names, notes
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,10 +84,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", type=int, nargs="+", help="feature dimensions D")
     p.add_argument("--dtypes", choices=sorted(DTYPES), nargs="+")
     p.add_argument("--backends", nargs="+", help="subset of backends to run")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="timed calls per row (default 10 on a GPU, 5 on the CPU; --quick: 3)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
-    p.add_argument("--quick", action="store_true", help="the two smallest sizes only")
-    p.add_argument("--out", type=Path, help="also write CSV and Markdown into this folder")
+    p.add_argument("--quick", action="store_true", help="the two smallest sizes, 3 repeats")
+    p.add_argument("--out", type=Path, help="also write CSV, Markdown and PNG plots here")
     p.add_argument(
         "--gpu-report",
         action="store_true",
@@ -76,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         args.dims = args.dims or [512, 1024]
         args.dtypes = args.dtypes or ["bfloat16", "float32"]
         args.out = args.out or Path("benchmarks/results") / device_slug(device)
+    default_repeats = GPU_REPEATS if on_gpu else CPU_REPEATS
+    args.repeats = args.repeats or (QUICK_REPEATS if args.quick else default_repeats)
     objectives = args.objectives or list(CASES)
     dims = args.dims or [512 if on_gpu else 256]
     dtypes = args.dtypes or ["bfloat16" if on_gpu else "float32"]
@@ -88,13 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     for objective in objectives:
         table = GPU_SIZES if on_gpu else CPU_SIZES
         sizes = args.sizes or table.get(objective, table["default"])
-        sizes = sizes[:2] if args.quick else sizes
-        backends = args.backends or _available_backends(objective, device)
+        sizes = sizes[:QUICK_SIZES] if args.quick else sizes
+        backends, notes = _available_backends(objective, device, args.quick)
+        backends = args.backends or backends
         for d in dims:
             for dtype_name in dtypes:
                 _run_section(report, objective, sizes, backends, d, dtype_name, args)
+                for text in notes if not args.backends else []:
+                    report.note(text)
     if args.out:
-        for path in report.write(args.out):
+        paths = report.write(args.out)
+        paths += write_plots(report.rows, args.out, paths[0].stem, report.note)
+        for path in paths:
             print(f"wrote {path}")
     return 0
 
@@ -102,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run_section(report, objective, sizes, backends, d, dtype_name, args) -> None:
     """One table: ``objective`` at every N for every backend, at one D and dtype."""
     device, repeats = report.device, args.repeats
-    report.section(f"{objective} forward+backward, D={d}, {dtype_name}, median of {repeats}")
-    out_of_memory: set[str] = set()
+    report.section(f"{objective}, D={d}, {dtype_name}, median of {repeats}")
+    out_of_memory: set[str] = set()  # and baselines that failed
     for n in sizes:
         if objective == "clip" and device.type == "cuda":
             report.add(measure_matmul(n, d, device, repeats))
@@ -111,12 +153,24 @@ def _run_section(report, objective, sizes, backends, d, dtype_name, args) -> Non
             if backend in out_of_memory:
                 continue
             too_big = reference_too_big(objective, n, d, device)
-            if backend == "reference" and too_big:
-                report.note(f"N={n}: {too_big}")
+            if backend in ("reference", COMPILED) and too_big:
+                report.note(f"{backend} N={n}: {too_big}")
                 continue
-            row = measure(
-                objective, backend, n, d, DTYPES[dtype_name], device, repeats, args.warmup
-            )
+            baseline = backend in (COMPILED, INF_CL)
+            # torch.compile: the first call compiles, the second may still specialize
+            warmup = max(args.warmup, 2) if backend == COMPILED else args.warmup
+            try:
+                fn = baseline_call(backend, objective) if baseline else None
+                row = measure(
+                    objective, backend, n, d, DTYPES[dtype_name], device, repeats, warmup, fn
+                )
+            except Exception as e:
+                if not baseline:  # flashcontrast's own backends must not fail
+                    raise
+                out_of_memory.add(backend)
+                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                report.note(f"{backend} skipped: {type(e).__name__}: {reason}")
+                continue
             if row is None:
                 out_of_memory.add(backend)
                 report.note(f"{backend} N={n}: out of memory; larger N skipped")

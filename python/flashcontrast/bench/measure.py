@@ -1,7 +1,10 @@
-"""Forward+backward time and peak memory of one objective, backend and size.
+"""Forward, backward and total time and peak memory of one objective, backend and size.
 
 Each objective is a :class:`Case`: how to make its inputs, how to call it, and how many
-flops a forward+backward counts as (where a GEMM count is meaningful).
+flops a forward+backward counts as (where a GEMM count is meaningful). Each repeat times
+the forward, then ``.backward()`` of that loss, and the two together: with CUDA events on
+a GPU (one stream, three events, so no host clock is involved) and ``perf_counter`` on the
+CPU. The baselines an implementation may be besides a backend are in ``baselines.py``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,13 @@ class Row:
     d: int
     dtype: str
     device: str
-    ms_median: float
+    fwd_ms_median: float
+    fwd_ms_p20: float
+    fwd_ms_p80: float
+    bwd_ms_median: Optional[float]  # None: nothing to differentiate (the matmul row)
+    bwd_ms_p20: Optional[float]
+    bwd_ms_p80: Optional[float]
+    ms_median: float  # total: forward + backward
     ms_p20: float
     ms_p80: float
     peak_mib: float
@@ -108,35 +117,62 @@ CASES = {
 }
 
 
-def _step(case: Case, backend: str, xs: list[torch.Tensor], scale: torch.Tensor) -> Callable:
-    def step() -> None:
-        for t in (*xs, scale):
-            t.grad = None
-        case.call(xs, scale, backend).backward()
+Call = Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor]
 
-    return step
+
+class _Clock:
+    """Marks on the device's timeline: CUDA events on a GPU, the host clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, start, end) -> float:
+        if not self.cuda:
+            return (end - start) * 1e3
+        end.synchronize()
+        return start.elapsed_time(end)
 
 
 def _times_ms(
-    step: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1
-) -> list[float]:
-    """Wall times of ``step`` after ``warmup`` untimed calls; CUDA work timed with events."""
-    for _ in range(warmup):
-        step()
-    out = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return out
+    fn: Call,
+    xs: list[torch.Tensor],
+    scale: torch.Tensor,
+    device: torch.device,
+    repeats: int,
+    warmup: int = 1,
+) -> tuple[list[float], list[float], list[float]]:
+    """(forward, backward, total) times of ``fn`` after ``warmup`` untimed calls."""
+    clock = _Clock(device)
+    fwd: list[float] = []
+    bwd: list[float] = []
+    total: list[float] = []
+    for i in range(warmup + repeats):
+        for t in (*xs, scale):
+            t.grad = None
+        t0 = clock.mark()
+        loss = fn(xs, scale)
+        t1 = clock.mark()
+        loss.backward()
+        t2 = clock.mark()
+        if i >= warmup:
+            fwd.append(clock.ms(t0, t1))
+            bwd.append(clock.ms(t1, t2))
+            total.append(clock.ms(t0, t2))
+    return fwd, bwd, total
+
+
+def _quantiles(times: Sequence[float]) -> tuple[float, float, float]:
+    """(median, p20, p80)."""
+    times = list(times)
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
+    return statistics.median(times), q[0], q[3]
 
 
 def _release(device: torch.device) -> None:
@@ -146,26 +182,50 @@ def _release(device: torch.device) -> None:
 
 
 def _row(objective, backend, n, d, dtype, device, times, peak_bytes, flops) -> Row:
-    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
+    fwd, bwd, total = times
     name = str(dtype).replace("torch.", "")
-    median = statistics.median(times)
+    b = _quantiles(bwd) if bwd else (None, None, None)
     return Row(
-        objective, backend, n, d, name, str(device), median, q[0], q[3], peak_bytes / 2**20, flops
+        objective,
+        backend,
+        n,
+        d,
+        name,
+        str(device),
+        *_quantiles(fwd),
+        *b,
+        *_quantiles(total),
+        peak_bytes / 2**20,
+        flops,
     )
 
 
 def measure_matmul(n: int, d: int, device: torch.device, repeats: int) -> Optional[Row]:
-    """The speed-of-light row: one plain bfloat16 torch matmul (N, D) @ (D, N)."""
+    """The speed-of-light row: one plain bfloat16 torch matmul (N, D) @ (D, N), forward only."""
     a = torch.randn(n, d, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, d, device=device, dtype=torch.bfloat16)
+    clock = _Clock(device)
     try:
-        times = _times_ms(lambda: torch.mm(a, b.t()), device, repeats)
+        torch.mm(a, b.t())
+        times = []
+        for _ in range(repeats):
+            t0 = clock.mark()
+            torch.mm(a, b.t())
+            times.append(clock.ms(t0, clock.mark()))
         mem = memory_use(lambda: torch.mm(a, b.t()), device)
     except torch.OutOfMemoryError:
         _release(device)
         return None
     return _row(
-        "matmul", "matmul-bf16", n, d, torch.bfloat16, device, times, mem.peak_bytes, 2 * n * n * d
+        "matmul",
+        "matmul-bf16",
+        n,
+        d,
+        torch.bfloat16,
+        device,
+        (times, [], times),
+        mem.peak_bytes,
+        2 * n * n * d,
     )
 
 
@@ -185,6 +245,26 @@ def reference_too_big(objective: str, n: int, d: int, device: torch.device) -> O
     return None
 
 
+def make_inputs(
+    objective: str, n: int, d: int, dtype: torch.dtype, device: torch.device
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Unit-norm (N, D) features, one per modality, and the case's logit scale."""
+    case = CASES[objective]
+    xs = [
+        torch.nn.functional.normalize(torch.randn(n, d, device=device), dim=1)
+        .to(dtype)
+        .requires_grad_()
+        for _ in range(case.modalities)
+    ]
+    return xs, torch.tensor(case.scale, device=device, requires_grad=True)
+
+
+def backend_call(objective: str, backend: str) -> Call:
+    """``objective`` through the dispatcher with ``backend``: fn(features, scale) -> loss."""
+    case = CASES[objective]
+    return lambda xs, scale: case.call(xs, scale, backend)
+
+
 def measure(
     objective: str,
     backend: str,
@@ -194,19 +274,23 @@ def measure(
     device: torch.device,
     repeats: int,
     warmup: int = 1,
+    fn: Optional[Call] = None,
 ) -> Optional[Row]:
-    """Time and peak memory of one configuration; None if it ran out of memory."""
+    """Times and peak memory of one configuration; None if it ran out of memory.
+
+    ``fn`` (features, scale) -> loss replaces the dispatcher's ``backend`` (a baseline).
+    """
     case = CASES[objective]
-    xs = [
-        torch.nn.functional.normalize(torch.randn(n, d, device=device), dim=1)
-        .to(dtype)
-        .requires_grad_()
-        for _ in range(case.modalities)
-    ]
-    scale = torch.tensor(case.scale, device=device, requires_grad=True)
-    step = _step(case, backend, xs, scale)
+    fn = fn or backend_call(objective, backend)
+    xs, scale = make_inputs(objective, n, d, dtype, device)
+
+    def step() -> None:
+        for t in (*xs, scale):
+            t.grad = None
+        fn(xs, scale).backward()
+
     try:
-        times = _times_ms(step, device, repeats, warmup)
+        times = _times_ms(fn, xs, scale, device, repeats, warmup)
         mem = memory_use(step, device)
     except torch.OutOfMemoryError:
         _release(device)

@@ -13,7 +13,7 @@ import platform
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +23,10 @@ from .. import __version__
 from .._cuda_ext import runtime_info
 from .measure import Row
 
-_COLUMNS = f"{'backend':>12} {'N':>7} {'ms':>10} {'p20-p80 ms':>19} {'peak MiB':>10}"
+_COLUMNS = (
+    f"{'implementation':>18} {'N':>7} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} "
+    f"{'p20-p80 ms':>19} {'peak MiB':>10}"
+)
 
 
 def _cpu_name() -> str:
@@ -92,15 +95,20 @@ class Report:
         )
     )
 
-    def header(self) -> list[str]:
+    def versions(self) -> str:
         info = runtime_info()
         cuda = info.get("cuda_runtime", "no _C") if info.get("has_c") else "no _C"
+        return (
+            f"flashcontrast {__version__}, torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda}), triton {_triton_version()}, _C CUDA runtime {cuda}, "
+            f"python {platform.python_version()}"
+        )
+
+    def header(self) -> list[str]:
         return [
             f"date: {self.started}",
             f"device: {self.device} ({device_name(self.device)})",
-            f"versions: flashcontrast {__version__}, torch {torch.__version__} "
-            f"(CUDA {torch.version.cuda}), triton {_triton_version()}, _C CUDA runtime {cuda}, "
-            f"python {platform.python_version()}",
+            f"versions: {self.versions()}",
             f"command: {self.command}",
         ]
 
@@ -131,9 +139,10 @@ class Report:
         if row is None:
             return
         self.rows.append(row)
+        bwd = "-" if row.bwd_ms_median is None else f"{row.bwd_ms_median:.2f}"
         line = (
-            f"{row.backend:>12} {row.n:>7} {row.ms_median:>10.2f} "
-            f"{row.ms_p20:>9.2f}-{row.ms_p80:<9.2f} {row.peak_mib:>10.1f}"
+            f"{row.backend:>18} {row.n:>7} {row.fwd_ms_median:>9.2f} {bwd:>9} "
+            f"{row.ms_median:>9.2f} {row.ms_p20:>9.2f}-{row.ms_p80:<9.2f} {row.peak_mib:>10.1f}"
         )
         if self.device.type == "cuda" and row.tflops is not None:
             ref = self._matmul_tflops(row)
@@ -143,24 +152,25 @@ class Report:
         print(line, flush=True)
 
     def write(self, folder: Path) -> list[Path]:
-        """Write <folder>/bench-<date>T<hhmm>.csv and .md; return their paths."""
+        """Write <folder>/bench-<date>T<hhmm>.csv and .md; return their paths (CSV first)."""
         folder.mkdir(parents=True, exist_ok=True)
         stamp = self.started[:16].replace(":", "")  # 2026-11-25T1805: one file per run
         stem = folder / f"bench-{stamp}"
         csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
         with open(csv_path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(
-                [*asdict(self.rows[0]).keys(), "tflops", "timestamp"] if self.rows else ["no rows"]
-            )
+            writer.writerow([*(x.name for x in fields(Row)), "tflops", "versions", "timestamp"])
+            versions = self.versions()
             for row in self.rows:
                 tflops = "" if row.tflops is None else f"{row.tflops:.3f}"
-                writer.writerow([*asdict(row).values(), tflops, self.started])
+                values = ["" if v is None else v for v in asdict(row).values()]
+                writer.writerow([*values, tflops, versions, self.started])
         text = ["# flashcontrast benchmark", "", *[f"- {h}" for h in self.header()]]
         if self.tests is not None:
             text.append(f"- tests on this device: {self.tests}")
         text += [
-            "- time: forward+backward, median and p20-p80 over the repeats; peak: memory "
+            "- time: forward, backward (.backward() of that loss) and their total, median "
+            "(total also p20-p80) over the repeats; peak: memory "
             "allocated beyond the inputs; TFLOP/s (CLIP) counts 8 N^2 D per forward+backward; "
             "'x matmul': that rate over a plain bf16 torch matmul of the same N and D",
             "",
