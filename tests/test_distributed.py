@@ -9,25 +9,12 @@ timeout and killed if it overruns.
 
 from __future__ import annotations
 
-import datetime
-import json
-import multiprocessing as mp
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 
-SIZES = {1: [5], 2: [3, 6], 3: [4, 1, 7], 4: [2, 5, 3, 6]}
+from dist_harness import SIZES, spawn
+
 D = 8
-TIMEOUT_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_data(n: int, dtype: torch.dtype, seed: int):
@@ -142,77 +129,36 @@ def _measure(rank, world, n, d):
     return out
 
 
-def _worker(rank, world, port, outdir):
-    import torch.distributed as dist
-
-    result = {}
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=TIMEOUT_S),
-        )
-        cases = {}
-        seed = 0
-        for name in ("clip", "siglip"):
-            for strategy in ("gather", "ring"):
-                for bias in (None, -1.5) if name == "clip" else (-10.0, None):
-                    seed += 1
-                    key = f"{name}/{strategy}/ddp/float64/bias={bias}"
-                    cases[key] = _run_case(
-                        rank, world, name, strategy, "ddp", torch.float64, bias, seed
-                    )
-                key = f"{name}/{strategy}/sum/float64"
-                cases[key] = _run_case(rank, world, name, strategy, "sum", torch.float64, 0.5, 9)
-                key = f"{name}/{strategy}/ddp/float32"
-                cases[key] = _run_case(rank, world, name, strategy, "ddp", torch.float32, 1.0, 11)
-        result["cases"] = cases
-        errors = {}
-        if world > 1:
-            for kind in ("dim", "dtype", "local"):
-                errors[kind] = _expect_error(rank, world, world - 1, kind)
-        result["errors"] = errors
-        result["bytes"] = _measure(rank, world, 256 if world == 4 else 16, 512)
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:
-        result["crash"] = traceback.format_exc()
-    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-
-
-def _spawn(world, tmp_path):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(r, world, port, str(tmp_path))) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(TIMEOUT_S)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * world, f"exit codes {codes} (a hang is killed after {TIMEOUT_S} s)"
-    results = []
-    for r in range(world):
-        with open(tmp_path / f"rank{r}.json") as f:
-            res = json.load(f)
-        assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
-        results.append(res)
-    return results
+def _body(rank, world):
+    """Every case on this rank: both losses, strategies and scalings, bad setups, bytes."""
+    cases = {}
+    seed = 0
+    for name in ("clip", "siglip"):
+        for strategy in ("gather", "ring"):
+            for bias in (None, -1.5) if name == "clip" else (-10.0, None):
+                seed += 1
+                key = f"{name}/{strategy}/ddp/float64/bias={bias}"
+                cases[key] = _run_case(
+                    rank, world, name, strategy, "ddp", torch.float64, bias, seed
+                )
+            key = f"{name}/{strategy}/sum/float64"
+            cases[key] = _run_case(rank, world, name, strategy, "sum", torch.float64, 0.5, 9)
+            key = f"{name}/{strategy}/ddp/float32"
+            cases[key] = _run_case(rank, world, name, strategy, "ddp", torch.float32, 1.0, 11)
+    errors = {}
+    if world > 1:
+        for kind in ("dim", "dtype", "local"):
+            errors[kind] = _expect_error(rank, world, world - 1, kind)
+    return {
+        "cases": cases,
+        "errors": errors,
+        "bytes": _measure(rank, world, 256 if world == 4 else 16, 512),
+    }
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_distributed_matches_single_process(world, tmp_path):
-    results = _spawn(world, tmp_path)
+    results = spawn(world, tmp_path, _body)
     for r, res in enumerate(results):
         for key, case in res["cases"].items():
             tol = 1e-10 if "float64" in key else 2e-5

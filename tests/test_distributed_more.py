@@ -9,25 +9,12 @@ every process is joined with a timeout and killed if it overruns.
 
 from __future__ import annotations
 
-import datetime
-import json
-import multiprocessing as mp
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 
-SIZES = {1: [5], 2: [3, 6], 3: [4, 1, 7], 4: [2, 5, 3, 6]}
+from dist_harness import SIZES, spawn
+
 D = 6
-TIMEOUT_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _err(x, y) -> float:
@@ -175,58 +162,17 @@ def _errors(rank, world):
     return msgs
 
 
-def _worker(rank, world, port, outdir):
-    import torch.distributed as dist
-
-    result = {}
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=TIMEOUT_S),
-        )
-        result["cases"] = _cases(rank, world)
-        result["errors"] = _errors(rank, world) if world > 1 else {}
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:
-        result["crash"] = traceback.format_exc()
-    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-
-
-def _spawn(world, tmp_path):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(r, world, port, str(tmp_path))) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(TIMEOUT_S)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * world, f"exit codes {codes} (a hang is killed after {TIMEOUT_S} s)"
-    results = []
-    for r in range(world):
-        with open(tmp_path / f"rank{r}.json") as f:
-            res = json.load(f)
-        assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
-        results.append(res)
-    return results
+def _body(rank, world):
+    """Every case on this rank, and the bad setups."""
+    return {
+        "cases": _cases(rank, world),
+        "errors": _errors(rank, world) if world > 1 else {},
+    }
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_more_objectives_match_single_process(world, tmp_path):
-    results = _spawn(world, tmp_path)
+    results = spawn(world, tmp_path, _body)
     for r, res in enumerate(results):
         assert len(res["cases"]) == 16 + 8 + 6
         for key, case in res["cases"].items():

@@ -1,0 +1,78 @@
+"""Running a function on W real processes over gloo, for the torch.distributed tests.
+
+``spawn(world, tmp_path, body)`` starts W processes; each joins a gloo process group on
+127.0.0.1, runs ``body(rank, world) -> dict`` (a module-level function, so the spawned
+processes can import it), tears the group down with a barrier before
+destroy_process_group (without it gloo ranks sometimes abort at exit) and writes the dict,
+or the traceback of a crash, to a JSON file per rank. Every process is joined with a
+timeout and killed if it overruns; a crash or a hang fails the test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from typing import Callable
+
+# Uneven shard sizes per world size, shared by the distributed tests.
+SIZES = {1: [5], 2: [3, 6], 3: [4, 1, 7], 4: [2, 5, 3, 6]}
+TIMEOUT_S = 60
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, outdir: str, body: Callable) -> None:
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=TIMEOUT_S),
+        )
+        result = body(rank, world)
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        result = {"crash": traceback.format_exc()}
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def spawn(world: int, tmp_path, body: Callable[[int, int], dict]) -> list[dict]:
+    """Run ``body`` on ``world`` gloo ranks; return each rank's dict, in rank order."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, str(tmp_path), body))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(TIMEOUT_S)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, f"exit codes {codes} (a hang is killed after {TIMEOUT_S} s)"
+    results = []
+    for r in range(world):
+        with open(tmp_path / f"rank{r}.json") as f:
+            res = json.load(f)
+        assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
+        results.append(res)
+    return results
