@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         args.dims = args.dims or [512, 1024]
         args.dtypes = args.dtypes or ["bfloat16", "float32"]
         args.out = args.out or Path("benchmarks/results") / device_slug(device)
+        # CLIP alone by default: its full matrix fits one 10-minute device session; name
+        # others with --objectives for further sessions.
+        args.objectives = args.objectives or ["clip"]
     default_repeats = GPU_REPEATS if on_gpu else CPU_REPEATS
     args.repeats = args.repeats or (QUICK_REPEATS if args.quick else default_repeats)
     objectives = args.objectives or list(CASES)
