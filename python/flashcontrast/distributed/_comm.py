@@ -73,6 +73,15 @@ class Layout:
         return dist.get_global_rank(self.group, group_rank)
 
 
+def check_backend(name: str, backend: str) -> None:
+    """The distributed losses run their local tiles as blockwise PyTorch only."""
+    if backend not in ("auto", "torch"):
+        raise ValueError(
+            f"flashcontrast.distributed.{name} runs its tiles as blockwise PyTorch: "
+            f"backend must be 'auto' or 'torch', got {backend!r}"
+        )
+
+
 def _meta_device(group: Optional[dist.ProcessGroup], a: object) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

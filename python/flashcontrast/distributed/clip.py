@@ -201,11 +201,7 @@ def clip_loss(
 
     Every rank must call the loss and its backward (both communicate).
     """
-    if backend not in ("auto", "torch"):
-        raise ValueError(
-            f"flashcontrast.distributed.clip_loss runs its tiles as blockwise PyTorch: "
-            f"backend must be 'auto' or 'torch', got {backend!r}"
-        )
+    _comm.check_backend("clip_loss", backend)
     lay, a, b, scale, bias = _comm.setup(
         "clip_loss",
         image_features,

@@ -214,11 +214,7 @@ def gram_loss(
     ``logit_scale`` 1x the single-process gradients; ``"sum"``: features 1x).
     ``strategy``: "gather" or "ring" (module doc); tiles are blockwise PyTorch.
     """
-    if backend not in ("auto", "torch"):
-        raise ValueError(
-            "flashcontrast.distributed.gram_loss runs its tiles as blockwise PyTorch: "
-            f"backend must be 'auto' or 'torch', got {backend!r}"
-        )
+    _comm.check_backend("gram_loss", backend)
 
     def check():
         a = check_features("anchor", anchor)

@@ -187,11 +187,7 @@ class _MultiviewDist(torch.autograd.Function):
 
 
 def _run(name, views, logit_scale, groups, group, strategy, backend, grad_scaling, per_view):
-    if backend not in ("auto", "torch"):
-        raise ValueError(
-            f"flashcontrast.distributed.{name} runs its tiles as blockwise PyTorch: "
-            f"backend must be 'auto' or 'torch', got {backend!r}"
-        )
+    _comm.check_backend(name, backend)
 
     def check():
         u = _stack(views)

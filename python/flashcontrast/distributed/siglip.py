@@ -157,11 +157,7 @@ def siglip_loss(
         backend: "auto" or "torch": the local tiles run as blockwise PyTorch.
         grad_scaling: "ddp" or "sum".
     """
-    if backend not in ("auto", "torch"):
-        raise ValueError(
-            f"flashcontrast.distributed.siglip_loss runs its tiles as blockwise PyTorch: "
-            f"backend must be 'auto' or 'torch', got {backend!r}"
-        )
+    _comm.check_backend("siglip_loss", backend)
     lay, a, b, scale, bias = _comm.setup(
         "siglip_loss",
         image_features,

@@ -155,11 +155,7 @@ def symile_loss(
     ("ring" raises NotImplementedError); ``negative_sampling="n_squared"`` raises
     NotImplementedError.
     """
-    if backend not in ("auto", "torch"):
-        raise ValueError(
-            "flashcontrast.distributed.symile_loss runs its tiles as blockwise PyTorch: "
-            f"backend must be 'auto' or 'torch', got {backend!r}"
-        )
+    _comm.check_backend("symile_loss", backend)
 
     def check():
         if negative_sampling != "n":
