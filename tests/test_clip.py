@@ -12,44 +12,16 @@ import torch
 
 import flashcontrast
 from flashcontrast import reference
-from flashcontrast.backends.triton import triton_unavailable_reason
-from verification import assert_by_rule
+from verification import BACKENDS, assert_by_rule, pair_inputs, pair_loss_and_grads
 
-TRITON_SKIP = triton_unavailable_reason(torch.device("cpu"))
-BACKENDS = [
-    "torch",
-    pytest.param(
-        "triton", marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
-    ),
-]
 NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")
 
 
-def _inputs(n: int, d: int, dtype: torch.dtype, normalize: bool = True):
-    a, b = torch.randn(n, d), torch.randn(n, d)
-    if normalize:
-        a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
-    return a.to(dtype), b.to(dtype)
-
-
-def _loss_and_grads(fn, a, b, scale, bias, grad_out, acc=None):
-    """Loss and gradients w.r.t. features, scale and bias, in ``acc`` (default: a's dtype)."""
-    a = a.detach().to(acc or a.dtype).requires_grad_()
-    b = b.detach().to(acc or b.dtype).requires_grad_()
-    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
-    s = torch.tensor(scale, dtype=dt, requires_grad=True)
-    bb = None if bias is None else torch.tensor(bias, dtype=dt, requires_grad=True)
-    loss = fn(a, b, s, bb)
-    inputs = [a, b, s] + ([bb] if bb is not None else [])
-    grads = torch.autograd.grad(loss * grad_out, inputs)
-    return [loss.detach(), *grads]
-
-
 def _check(backend, n, d, dtype, scale, bias, grad_out=1.7, normalize=True):
-    a, b = _inputs(n, d, dtype, normalize)
-    exact = _loss_and_grads(reference.clip_loss, a, b, scale, bias, grad_out, torch.float64)
-    same = _loss_and_grads(reference.clip_loss, a, b, scale, bias, grad_out, torch.float32)
-    ours = _loss_and_grads(
+    a, b = pair_inputs(n, d, dtype, normalize)
+    exact = pair_loss_and_grads(reference.clip_loss, a, b, scale, bias, grad_out, torch.float64)
+    same = pair_loss_and_grads(reference.clip_loss, a, b, scale, bias, grad_out, torch.float32)
+    ours = pair_loss_and_grads(
         lambda *x: flashcontrast.clip_loss(*x, backend=backend), a, b, scale, bias, grad_out
     )
     assert flashcontrast.last_backend() == backend
@@ -81,9 +53,9 @@ def test_extreme_scale_is_finite(backend):
     attention) are ~1e-3 relatively off, where the reference's fused log_softmax subtracts
     the exact row maximum first. The bound below is 1e-4 of each output's magnitude.
     """
-    a, b = _inputs(97, 100, torch.float32)
-    exact = _loss_and_grads(reference.clip_loss, a, b, 1e4, None, 1.7, torch.float64)
-    ours = _loss_and_grads(
+    a, b = pair_inputs(97, 100, torch.float32)
+    exact = pair_loss_and_grads(reference.clip_loss, a, b, 1e4, None, 1.7, torch.float64)
+    ours = pair_loss_and_grads(
         lambda *x: flashcontrast.clip_loss(*x, backend=backend), a, b, 1e4, None, 1.7
     )
     for name, got, want in zip(NAMES, ours, exact):
@@ -126,7 +98,7 @@ def test_gradcheck_float64_torch_backend():
 
 
 def test_scale_shapes_and_python_floats():
-    a, b = _inputs(13, 8, torch.float32)
+    a, b = pair_inputs(13, 8, torch.float32)
     want = reference.clip_loss(a, b, torch.tensor(7.0))
     for scale in (7.0, 7, torch.tensor([7.0]), torch.tensor(7.0, dtype=torch.float64)):
         torch.testing.assert_close(flashcontrast.clip_loss(a, b, scale, backend="torch"), want)
@@ -136,7 +108,7 @@ def test_scale_shapes_and_python_floats():
 
 
 def test_module_and_backend_visibility():
-    a, b = _inputs(13, 8, torch.float32)
+    a, b = pair_inputs(13, 8, torch.float32)
     module = flashcontrast.ClipLoss(backend="torch")
     assert "torch" in repr(module)
     torch.testing.assert_close(module(a, b, 3.0), reference.clip_loss(a, b, torch.tensor(3.0)))
@@ -146,7 +118,7 @@ def test_module_and_backend_visibility():
 
 
 def test_torch_compile_fullgraph():
-    a, b = _inputs(33, 16, torch.float32)
+    a, b = pair_inputs(33, 16, torch.float32)
 
     def step(x, y, s):
         return flashcontrast.clip_loss(x, y, s, backend="torch") * 2.0
@@ -183,7 +155,7 @@ def test_bad_input_raises_clearly(args, error, match):
 
 
 def test_unknown_and_unavailable_backends():
-    a, b = _inputs(4, 3, torch.float32)
+    a, b = pair_inputs(4, 3, torch.float32)
     with pytest.raises(ValueError, match="backend must be one of"):
         flashcontrast.clip_loss(a, b, 1.0, backend="fast")
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run clip"):

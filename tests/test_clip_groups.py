@@ -14,14 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import flashcontrast
-from flashcontrast.backends.triton import triton_unavailable_reason
-from verification import assert_by_rule
+from verification import BACKENDS, TRITON, TRITON_SKIP, assert_by_rule
 
-TRITON_SKIP = triton_unavailable_reason(torch.device("cpu"))
-TRITON = pytest.param(
-    "triton", marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
-)
-BACKENDS = ["torch", TRITON]
 NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")
 
 

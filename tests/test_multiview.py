@@ -16,17 +16,9 @@ from flashcontrast import (
     reference_groups,
 )
 from flashcontrast.backends import blockwise
-from flashcontrast.backends.triton import triton_unavailable_reason
 from flashcontrast.bench.memory import memory_use
-from verification import assert_by_rule
+from verification import BACKENDS, TRITON_SKIP, assert_by_rule
 
-TRITON_SKIP = triton_unavailable_reason(torch.device("cpu"))
-BACKENDS = [
-    "torch",
-    pytest.param(
-        "triton", marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
-    ),
-]
 NAMES = ("loss", "d_views", "d_scale")
 LOSSES = {
     "infonce": (multiview_infonce_loss, reference_groups.multiview_infonce_loss_masked),

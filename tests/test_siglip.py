@@ -9,38 +9,10 @@ import torch
 import flashcontrast
 from flashcontrast import SigLipLoss, reference, siglip_loss
 from flashcontrast.backends import blockwise
-from flashcontrast.backends.triton import triton_unavailable_reason
 from flashcontrast.bench.memory import memory_use
-from verification import assert_by_rule
+from verification import BACKENDS, TRITON_SKIP, assert_by_rule, pair_inputs, pair_loss_and_grads
 
-TRITON_SKIP = triton_unavailable_reason(torch.device("cpu"))
-BACKENDS = [
-    "torch",
-    pytest.param(
-        "triton", marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
-    ),
-]
 NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")
-
-
-def _inputs(n: int, d: int, dtype: torch.dtype, normalize: bool = True):
-    a, b = torch.randn(n, d), torch.randn(n, d)
-    if normalize:
-        a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
-    return a.to(dtype), b.to(dtype)
-
-
-def _loss_and_grads(fn, a, b, scale, bias, grad_out, acc=None):
-    """Loss and gradients w.r.t. features, scale and bias, in ``acc`` (default: a's dtype)."""
-    a = a.detach().to(acc or a.dtype).requires_grad_()
-    b = b.detach().to(acc or b.dtype).requires_grad_()
-    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
-    s = torch.tensor(scale, dtype=dt, requires_grad=True)
-    bb = None if bias is None else torch.tensor(bias, dtype=dt, requires_grad=True)
-    loss = fn(a, b, s, bb)
-    inputs = [a, b, s] + ([bb] if bb is not None else [])
-    grads = torch.autograd.grad(loss * grad_out, inputs)
-    return [loss.detach(), *grads]
 
 
 def _ours(backend):
@@ -48,11 +20,11 @@ def _ours(backend):
 
 
 def _check(backend, n, d, dtype, scale, bias, grad_out=1.7, normalize=True):
-    a, b = _inputs(n, d, dtype, normalize)
-    exact = _loss_and_grads(reference.siglip_loss, a, b, scale, bias, grad_out, torch.float64)
+    a, b = pair_inputs(n, d, dtype, normalize)
+    exact = pair_loss_and_grads(reference.siglip_loss, a, b, scale, bias, grad_out, torch.float64)
     same_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    same = _loss_and_grads(reference.siglip_loss, a, b, scale, bias, grad_out, same_dtype)
-    ours = _loss_and_grads(_ours(backend), a, b, scale, bias, grad_out)
+    same = pair_loss_and_grads(reference.siglip_loss, a, b, scale, bias, grad_out, same_dtype)
+    ours = pair_loss_and_grads(_ours(backend), a, b, scale, bias, grad_out)
     assert flashcontrast.last_backend() == backend
     assert ours[0].dtype == same_dtype and ours[1].dtype == dtype and ours[2].dtype == dtype
     assert_by_rule(NAMES, ours, same, exact, dtype)
@@ -118,17 +90,17 @@ def test_strided_inputs(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_many_blocks(backend, monkeypatch):
     """Several row blocks (torch) / small tiles, multi-chunk D and split grids (triton)."""
-    a, b = _inputs(130, 70, torch.float32)
-    exact = _loss_and_grads(reference.siglip_loss, a, b, 20.0, -5.0, 0.9, torch.float64)
-    same = _loss_and_grads(reference.siglip_loss, a, b, 20.0, -5.0, 0.9, torch.float32)
+    a, b = pair_inputs(130, 70, torch.float32)
+    exact = pair_loss_and_grads(reference.siglip_loss, a, b, 20.0, -5.0, 0.9, torch.float64)
+    same = pair_loss_and_grads(reference.siglip_loss, a, b, 20.0, -5.0, 0.9, torch.float32)
     if backend == "torch":
         monkeypatch.setitem(blockwise.MAX_BLOCK_ELEMENTS, "cpu", 17 * 130)
-        ours = _loss_and_grads(_ours(backend), a, b, 20.0, -5.0, 0.9)
+        ours = pair_loss_and_grads(_ours(backend), a, b, 20.0, -5.0, 0.9)
     else:
         from flashcontrast.backends.triton import siglip as triton_siglip
 
         with triton_siglip.override_tiles(block_m=16, block_n=32, block_d=16, max_programs=5):
-            ours = _loss_and_grads(_ours(backend), a, b, 20.0, -5.0, 0.9)
+            ours = pair_loss_and_grads(_ours(backend), a, b, 20.0, -5.0, 0.9)
     assert_by_rule(NAMES, ours, same, exact, torch.float32)
 
 
@@ -145,7 +117,7 @@ def test_gradcheck_float64_torch_backend(monkeypatch):
 
 
 def test_scalars_none_bias_and_module():
-    a, b = _inputs(13, 8, torch.float32)
+    a, b = pair_inputs(13, 8, torch.float32)
     want = reference.siglip_loss(a, b, torch.tensor(7.0), torch.tensor(-1.0))
     for scale in (7.0, 7, torch.tensor([7.0]), torch.tensor(7.0, dtype=torch.float64)):
         torch.testing.assert_close(siglip_loss(a, b, scale, -1.0, backend="torch"), want)
@@ -165,7 +137,7 @@ def test_scalars_none_bias_and_module():
 
 
 def test_torch_compile_fullgraph():
-    a, b = _inputs(33, 16, torch.float32)
+    a, b = pair_inputs(33, 16, torch.float32)
 
     def step(x, y, s, t):
         return siglip_loss(x, y, s, t, backend="torch") * 2.0
@@ -210,7 +182,7 @@ def test_bad_input_raises_clearly(args, error, match):
 
 
 def test_unknown_backend_and_triton_float64():
-    a, b = _inputs(4, 3, torch.float64)
+    a, b = pair_inputs(4, 3, torch.float64)
     with pytest.raises(ValueError, match="backend must be one of"):
         siglip_loss(a, b, 1.0, 0.0, backend="fast")
     if TRITON_SKIP is None:

@@ -12,15 +12,8 @@ import torch
 
 from flashcontrast import SymileLoss, _dispatch, reference, symile_loss
 from flashcontrast.backends import blockwise
-from flashcontrast.backends.triton import triton_unavailable_reason
 from flashcontrast.bench.memory import memory_use
-from verification import assert_by_rule
-
-TRITON_SKIP = triton_unavailable_reason(torch.device("cpu"))
-TRITON = pytest.param(
-    "triton", marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
-)
-BACKENDS = ["torch", TRITON]
+from verification import BACKENDS, TRITON_SKIP, assert_by_rule
 
 
 def _reps(m, n, d, dtype=torch.float32):
