@@ -6,10 +6,12 @@ import csv
 import importlib.util
 
 import pytest
+import torch
 
 from flashcontrast.bench.__main__ import main
 from flashcontrast.bench.measure import Row
 from flashcontrast.bench.plot import write_plots
+from flashcontrast.bench.report import Report
 
 COLUMNS = {
     "objective",
@@ -55,8 +57,47 @@ def _row(backend, n):
     importlib.util.find_spec("matplotlib") is None,
     reason="matplotlib is not installed (pip install 'flashcontrast[bench]')",
 )
-def test_plot_writer_draws_one_png_per_objective(tmp_path):
+def test_plot_writer_draws_a_png_and_an_svg_per_objective(tmp_path):
     rows = [_row(b, n) for b in ("reference", "torch") for n in (64, 128, 256)]
-    (path,) = write_plots(rows, tmp_path, "bench-x", print)
-    assert path.name == "bench-x-clip.png"
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    png, svg = write_plots(rows, tmp_path, "bench-x", print)
+    assert (png.name, svg.name) == ("bench-x-clip.png", "bench-x-clip.svg")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    text = svg.read_text()
+    # text kept as text (svg.fonttype none), both implementations in the legend
+    assert text.lstrip().startswith("<?xml") and "reference" in text and "torch" in text
+    again = tmp_path / "again"
+    again.mkdir()
+    write_plots(rows, again, "bench-x", print)
+    assert (again / svg.name).read_text() == text, "the same rows must give the same SVG"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None,
+    reason="matplotlib is not installed (pip install 'flashcontrast[bench]')",
+)
+def test_plots_redrawn_from_a_written_csv(tmp_path):
+    from flashcontrast.bench.plot import main as plot_main
+    from flashcontrast.bench.plot import read_rows
+
+    rows = [_row(b, n) for b in ("reference", "torch") for n in (64, 128)]
+    rows.append(
+        Row(
+            "clip",
+            "matmul-bf16",
+            64,
+            16,
+            "bfloat16",
+            "cpu",
+            *[1.0] * 3,
+            *[None] * 3,
+            *[1.0] * 3,
+            0.0,
+            None,
+        )
+    )
+    report = Report(torch.device("cpu"), "python -m flashcontrast.bench (test)")
+    report.rows.extend(rows)
+    csv_path, _ = report.write(tmp_path)
+    assert read_rows(csv_path) == rows
+    assert plot_main([str(csv_path)]) == 0
+    assert (tmp_path / f"{csv_path.stem}-clip.svg").exists()

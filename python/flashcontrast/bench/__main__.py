@@ -13,8 +13,9 @@ reference cannot fit, its row says so. ``--quick`` runs fewer sizes and repeats 
 minute on a 2-core CPU).
 
 ``--out DIR`` also writes the rows as CSV, the table as Markdown, headed by the date,
-versions, device and command, and (when matplotlib imports) one PNG per objective: time
-and peak memory against N, log-log. ``--gpu-report`` is the one command for a machine with a
+versions, device and command, and (when matplotlib imports) one plot per objective, as PNG
+and SVG: time and peak memory against N, log-log (``python -m flashcontrast.bench.plot
+CSV`` redraws them from a CSV). ``--gpu-report`` is the one command for a machine with a
 GPU: it runs the test suite there, then the full matrix (D = 512 and 1024, bfloat16 and
 float32, N from 4096 until memory runs out), and writes both into
 benchmarks/results/<device>/.
@@ -91,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
     p.add_argument("--quick", action="store_true", help="the two smallest sizes, 3 repeats")
-    p.add_argument("--out", type=Path, help="also write CSV, Markdown and PNG plots here")
+    p.add_argument("--out", type=Path, help="also write CSV, Markdown and PNG/SVG plots here")
     p.add_argument(
         "--gpu-report",
         action="store_true",

@@ -162,7 +162,7 @@ class Report:
             writer.writerow([*(x.name for x in fields(Row)), "tflops", "versions", "timestamp"])
             versions = self.versions()
             for row in self.rows:
-                tflops = "" if row.tflops is None else f"{row.tflops:.3f}"
+                tflops = "" if row.tflops is None else f"{row.tflops:.4g}"  # CPU rates are tiny
                 values = ["" if v is None else v for v in asdict(row).values()]
                 writer.writerow([*values, tflops, versions, self.started])
         text = ["# flashcontrast benchmark", "", *[f"- {h}" for h in self.header()]]
