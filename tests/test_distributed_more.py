@@ -146,11 +146,12 @@ def _errors(rank, world):
         msgs["views"] = None
     except (TypeError, ValueError, RuntimeError) as e:
         msgs["views"] = f"{type(e).__name__}: {e}"
-    try:  # ring Symile: NotImplementedError on every rank
-        fd.symile_loss([torch.randn(n, D) for _ in range(3)], 2.0, strategy="ring")
-        msgs["symile_ring"] = None
+    try:  # Symile "n_squared" over a process group: NotImplementedError on every rank
+        reps = [torch.randn(n, D) for _ in range(3)]
+        fd.symile_loss(reps, 2.0, negative_sampling="n_squared")
+        msgs["symile_n2"] = None
     except NotImplementedError as e:
-        msgs["symile_ring"] = f"{type(e).__name__}: {e}"
+        msgs["symile_n2"] = f"{type(e).__name__}: {e}"
     try:  # different explicit permutations on the last rank
         p = torch.stack([torch.arange(sum(SIZES[world]))] * 6).view(3, 2, -1)
         if bad:
@@ -185,8 +186,8 @@ def test_more_objectives_match_single_process(world, tmp_path):
         msg = res["errors"]["views"]
         assert msg is not None, f"rank {r} did not raise"
         assert "number of views V" in msg, msg
-        msg = res["errors"]["symile_ring"]
-        assert msg is not None and 'strategy="ring" is not implemented' in msg, msg
+        msg = res["errors"]["symile_n2"]
+        assert msg is not None and 'only negative_sampling="n"' in msg, msg
         msg = res["errors"]["perms"]
         assert msg is not None and "same permutations" in msg, msg
     assert last >= 1

@@ -3,6 +3,7 @@ global batch's.
 
     loss = flashcontrast.distributed.clip_loss(img, txt, logit_scale, group=None,
                                                strategy="gather")   # or "ring"
+    loss = flashcontrast.distributed.clip_loss(img, txt, logit_scale, groups=ids)  # (n_r,)
     loss = flashcontrast.distributed.siglip_loss(img, txt, logit_scale, logit_bias)
     loss = flashcontrast.distributed.multiview_infonce_loss(views, logit_scale)  # and
     # multiview_dhel_loss, gram_loss(anchor, others, s), symile_loss(reps, s) (see below)
@@ -15,7 +16,14 @@ exchanged first). Every rank returns the same loss: the single-process loss
 concatenation of the shards in rank order. Every rank must call the loss and its
 backward (both communicate). A bad setup (a rank whose inputs fail the checks, different
 D, dtype, or bias-or-not across ranks) raises on EVERY rank, from one metadata all-gather
-(N, D, dtype code, bias flag, check status) made before anything else.
+(N, D, dtype code, bias and groups flags, check status) made before anything else.
+
+``clip_loss(..., groups=ids)``: each rank passes the integer ids (n_r,) of its own
+samples; ids are global (equal ids on different ranks are one group). As in
+:func:`flashcontrast.clip_loss`, a pair i != j (global indices) with equal ids leaves both
+the row and the column logsumexp; the positives stay. The ids travel with the texts
+(gathered, or along the ring) and are masked per tile; groups given on some ranks only
+raise on every rank.
 
 Gradients, ``grad_scaling="ddp"`` (default): rank r's feature gradients are W times the
 single-process gradients of its rows; the gradients of ``logit_scale`` and
@@ -79,11 +87,13 @@ per shard, N = sum of shard sizes, D features, e bytes per feature element (4 fo
 float32), f bytes per statistic (4; 8 for float64 inputs), and the 40-byte metadata
 all-gather (W - 1) 40:
 
-* CLIP "gather": forward (W-1) n D e + 2(W-1)/W (N + (N + 2)) f; backward
-  (W-1) n D f + 2(W-1)/W 3 f. Dominant: (W-1) n D (e + f).
-* CLIP "ring" (equal shards): forward (W-1) n D e + (W-1) n f + 2(W-1)/W f; backward
-  (W-1) n D e + (W-1) n f + (W-1) n D f + 2(W-1)/W 3 f. Dominant: (W-1) n D (2e + f)
-  (the texts are sent twice: nothing O(N D) is kept between forward and backward).
+* CLIP "gather": forward (W-1) n D e + 2(W-1)/W (N + (N + 2)) f [+ (W-1) n 8 with
+  groups: the int64 ids, padded to n_max]; backward (W-1) n D f + 2(W-1)/W 3 f.
+  Dominant: (W-1) n D (e + f).
+* CLIP "ring" (equal shards): forward (W-1) n D e + (W-1) n f [+ (W-1) n 8] + 2(W-1)/W f;
+  backward (W-1) n D e + (W-1) n f [+ (W-1) n 8] + (W-1) n D f + 2(W-1)/W 3 f. Dominant:
+  (W-1) n D (2e + f) (the texts, and the ids, are sent twice: nothing O(N D) is kept
+  between forward and backward).
 * SigLIP "gather": forward (W-1) n D e + 2(W-1)/W f; backward (W-1) n D f + 2(W-1)/W 3 f.
 * SigLIP "ring": forward (W-1) n D e + 2(W-1)/W f; backward (W-1) n D (e + f)
   + 2(W-1)/W 3 f.
@@ -100,8 +110,10 @@ Multi-view, GRAM and Symile
 ``multiview_dhel_loss(...)``, ``gram_loss(anchor, others, logit_scale, *,
 label_smoothing=0.0, ...)`` (strategies "gather" and "ring") and
 ``symile_loss(representations, logit_scale, *, negative_sampling="n", generator=None,
-permutations=None, ...)`` ("gather" only: its negatives index rows of any rank; "ring"
-and "n_squared" raise NotImplementedError on every rank), each with ``group``,
+permutations=None, ...)`` ("gather" and "ring"; "ring" first sends each rank, by one
+all-to-all, the factor rows of the permuted columns it owns, then the anchor shards travel
+the ring, see :mod:`flashcontrast.distributed.symile`; "n_squared" raises
+NotImplementedError on every rank), each with ``group``,
 ``strategy``, ``backend`` and ``grad_scaling`` as above and the same contract: the loss
 on every rank is the single-process loss of the concatenated batch, feature gradients W x
 ("ddp") or 1x ("sum") the single-process ones of the rank's rows, ``logit_scale``'s
@@ -131,9 +143,17 @@ losses and GRAM, 4 for Symile):
 * Symile "gather": forward (W-1) n M D e + ar(f) [+ M (M-1) N 8 for the broadcast
   permutations, counted once on every rank, when they are drawn]; backward
   (W-1) n M D f + 2 ar(f).
+* Symile "ring": forward A_r D e + (N - n_{r+1}) M D e + (N - n_r) M f + ar(f); backward
+  ar(f) + (N - n_{r+1}) M (D e + f) + (N - n_r) M D f + B_r D f + ar(f), with A_r / B_r
+  the factor rows rank r sends / receives in the all-to-all (an all-to-all counts only
+  the chunks sent to other ranks; about M (M-1) n (W-1)/W each for random permutations).
+  Dominant: (W-1) n M D (2e + f + (M-1)(e + f)/W): about twice "gather", as for CLIP, since
+  the anchors are sent twice, and in exchange no rank holds more than its shard, the
+  factor rows of its columns and two visiting anchor shards.
 
-Not covered yet: ``groups=`` for CLIP; Symile "ring" and "n_squared"; the CUDA and
-Triton tile kernels (the tiles run as blockwise PyTorch on any device).
+Not covered yet: Symile "n_squared" over a process group; the CUDA and Triton tile
+kernels under these losses (the local tiles run as blockwise PyTorch on any device, GEMMs
+by the device's BLAS, so they are correct everywhere and slower than the fused kernels).
 """
 
 from ._comm import comm_bytes, reset_comm_bytes

@@ -1,19 +1,22 @@
 """Shared communication helpers for ``flashcontrast.distributed``.
 
 Every public loss starts with :func:`setup`: local input checks, then one small all-gather
-of per-rank metadata (check status, N, D, dtype, bias present) so that a bad setup fails
-on EVERY rank with the same clear error instead of hanging in a later collective. The
-shard sizes learned there let ranks hold uneven shards.
+of per-rank metadata (check status, N, D, dtype, flags: bias present | groups present) so
+that a bad setup fails on EVERY rank with the same clear error instead of hanging in a
+later collective. The shard sizes learned there let ranks hold uneven shards.
 
 Byte accounting: each helper adds to a per-process counter what this rank puts on the
 wire under the bandwidth-optimal (ring) algorithm for that collective: all-gather of a
 c-byte chunk: (W - 1) c; reduce-scatter of W chunks of c bytes: (W - 1) c; all-reduce of
-M bytes: 2 (W - 1) / W * M; point-to-point: the bytes sent. Read it with
-:func:`comm_bytes`, reset it with :func:`reset_comm_bytes`.
+M bytes: 2 (W - 1) / W * M; point-to-point: the bytes sent; all-to-all
+(:func:`all_to_all_rows`): the bytes of the chunks this rank sends to OTHER ranks (its
+chunk for itself is a local copy and is not counted; what it receives is counted by the
+senders). Read it with :func:`comm_bytes`, reset it with :func:`reset_comm_bytes`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -22,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._validation import FEATURE_DTYPES, as_scalar_tensor, check_features, check_pair
+from ..objectives.clip import _check_groups
 
 _SENT = {"bytes": 0}
 
@@ -99,9 +103,16 @@ def setup(
     group: Optional[dist.ProcessGroup],
     strategy: str,
     grad_scaling: str,
+    groups: object = None,
 ) -> tuple:
     """Check the local inputs, exchange metadata, and raise the same error on every rank
-    if any rank's inputs are bad or the ranks disagree. Returns (layout, a, b, scale, bias)."""
+    if any rank's inputs are bad or the ranks disagree. Returns (layout, a, b, scale, bias).
+
+    ``groups``: optional (n_r,) int32/int64 ids of this rank's samples (checked like
+    :func:`flashcontrast.clip_loss`'s, against this rank's n_r; the caller uses it as
+    given once this returns). Given on some ranks only raises on every rank. Its presence
+    shares the flags field with the bias (bit 0 bias, bit 1 groups), so the metadata stays
+    5 int64 (40 bytes) per rank with or without groups."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             f"flashcontrast.distributed.{name} needs an initialized default process group "
@@ -121,16 +132,18 @@ def setup(
         check_pair("image_features", a, "text_features", b)
         scale = as_scalar_tensor("logit_scale", logit_scale, a)
         bias = as_scalar_tensor("logit_bias", logit_bias, a, required=False)
+        _check_groups(groups, a)
     except (TypeError, ValueError) as e:
         err = e
     ok = err is None
+    flags = int(bias is not None) | (int(groups is not None) << 1)
     meta = torch.tensor(
         [
             0 if ok else 1,
             a.shape[0] if ok else 0,
             a.shape[1] if ok else 0,
             FEATURE_DTYPES.index(a.dtype) if ok else -1,
-            int(bias is not None) if ok else -1,
+            flags if ok else -1,
         ],
         dtype=torch.int64,
         device=_meta_device(group, a),
@@ -162,12 +175,13 @@ def setup(
         raise TypeError(
             f"{prefix}every rank must pass features of the same dtype; got {dtypes} on ranks 0..W-1"
         )
-    biases = [row[4] for row in table]
-    if len(set(biases)) != 1:
-        raise ValueError(
-            f"{prefix}logit_bias must be given on every rank or on none; given on ranks "
-            f"{[q for q, x in enumerate(biases) if x]}"
-        )
+    for bit, what in ((0, "logit_bias"), (1, "groups")):
+        given = [(row[4] >> bit) & 1 for row in table]
+        if len(set(given)) != 1:
+            raise ValueError(
+                f"{prefix}{what} must be given on every rank or on none; given on ranks "
+                f"{[q for q, x in enumerate(given) if x]}"
+            )
     layout = Layout(group, rank, world, [row[1] for row in table], a.device)
     return layout, a, b, scale, bias
 
@@ -207,6 +221,24 @@ def all_reduce(x: Tensor, lay: Layout, op=dist.ReduceOp.SUM) -> Tensor:
         dist.all_reduce(x, op=op, group=lay.group)
         _SENT["bytes"] += int(2 * (lay.world - 1) / lay.world * x.numel() * x.element_size())
     return x
+
+
+def all_to_all_rows(
+    x: Tensor, send_counts: Sequence[int], recv_counts: Sequence[int], lay: Layout
+) -> Tensor:
+    """Personalized exchange of rows (uneven counts): ``x`` (sum(send_counts), ...) holds
+    the rows for group rank 0, then rank 1, ...; returns (sum(recv_counts), ...): the rows
+    from rank 0, then rank 1, ... (every rank's ``send_counts[q]`` must equal rank q's
+    ``recv_counts[r]``). Counted: the rows sent to the other ranks (module doc)."""
+    if lay.world == 1:
+        return x
+    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+    dist.all_to_all_single(
+        out, x.contiguous(), list(recv_counts), list(send_counts), group=lay.group
+    )
+    row_bytes = math.prod(x.shape[1:]) * x.element_size()
+    _SENT["bytes"] += (sum(send_counts) - send_counts[lay.rank]) * row_bytes
+    return out
 
 
 def _exchange(lay: Layout, send: Sequence[Tensor], recv: Sequence[Tensor], tag: int) -> list:
