@@ -7,19 +7,31 @@ Same constructors, same call signatures, same return values (the loss tensor, or
 
 Single process (``world_size == 1``) these call :func:`flashcontrast.clip_loss` and
 :func:`flashcontrast.siglip_loss`: the same value and gradients as OpenCLIP without the
-N x N logit matrix. With ``world_size > 1`` they call :mod:`flashcontrast.distributed`
-over the default process group (which must be initialized, with that world size and this
-rank), with the gradient scaling that reproduces OpenCLIP's option (see each class).
+N x N logit matrix. With ``world_size > 1`` (the default process group must be
+initialized, with that world size and this rank) every rank returns what OpenCLIP returns
+on that rank, and every input gets OpenCLIP's gradient on that rank (each class says how):
+
+* ``ClipLoss(local_loss=False)``: the loss of the global batch, by
+  :func:`flashcontrast.distributed.clip_loss` (texts all-gathered once; column statistics
+  by all-reduce), with the gradient scaling that reproduces ``gather_with_grad``.
+* ``ClipLoss(local_loss=True)`` and ``SigLipLoss``: OpenCLIP returns a RANK-LOCAL loss
+  (this rank's rows against the global columns, divided by the local n). Here the
+  features are exchanged as OpenCLIP exchanges them (all-gather with or without gradient,
+  or ring shifts with gradient), and the local rows against the gathered columns run
+  through the blockwise kernels, (rows x N) blocks within their element budget: the
+  (n x N) logits are never held.
 
 Deliberate differences, all classes:
 
 * 16-bit features: the kernels accumulate in float32 and return a float32 loss; OpenCLIP
   builds the logits and the loss in the features' dtype. Values agree to the 16-bit
   rounding of OpenCLIP's logits (ours are the more accurate).
-* Distributed: the returned value is always the loss of the GLOBAL batch, the same on
-  every rank; OpenCLIP's ``local_loss=True`` and SigLIP's exchanges return each rank's own
-  partial loss (whose mean over ranks is the global loss for equal shards). Gradients are
-  as documented per class.
+* Shard sizes: OpenCLIP needs equal shards on every rank (its gathers and labels assume
+  them). ``ClipLoss(local_loss=True)`` and ``SigLipLoss`` check that first (one small
+  all-gather of (status, n, D, dtype)) and raise a ValueError on every rank otherwise;
+  ``ClipLoss(local_loss=False)`` also accepts uneven shards and then returns the global
+  loss of the concatenated batch. A rank whose inputs fail the checks makes every rank
+  raise, instead of hanging in a collective.
 * ``use_horovod=True`` raises NotImplementedError (no Horovod path).
 * ``cache_labels`` is accepted and ignored: no labels tensor is ever built.
 """
@@ -29,9 +41,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from .. import distributed as fc_dist
+from .._validation import accumulation_dtype
+from ..backends.blockwise import MAX_BLOCK_ELEMENTS
+from ..backends.blockwise import siglip as blockwise_siglip
+from ..backends.blockwise import symile as blockwise_symile
+from ..distributed import _comm
 from ..objectives.clip import clip_loss
 from ..objectives.siglip import siglip_loss
 
@@ -62,14 +80,188 @@ def _wrap(loss: torch.Tensor, output_dict: bool):
     return {"contrastive_loss": loss} if output_dict else loss
 
 
+# ----------------------------------------------------------------------------- process group
+# The rank-local losses (ClipLoss(local_loss=True), SigLipLoss): OpenCLIP's exchanges of
+# equal shards over the default group, then the local rows against the gathered columns.
+
+
+def _setup(
+    who: str, image_features: object, text_features: object, logit_scale, logit_bias
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Check the inputs on every rank (:func:`flashcontrast.distributed._comm.setup`: a
+    bad input or disagreeing D / dtype on any rank raises on every rank instead of hanging
+    in a later collective), then require equal shards, as OpenCLIP's gathers do. Returns
+    (scale, bias) as 0-d tensors (autograd flows back to the arguments)."""
+    lay, _, _, scale, bias = _comm.setup(
+        who, image_features, text_features, logit_scale, logit_bias, None, "gather", "ddp"
+    )
+    if len(set(lay.sizes)) != 1:
+        raise ValueError(
+            f"{who} with world_size > 1 needs equal shards on every rank (as OpenCLIP); "
+            f"got n = {lay.sizes} rows on ranks 0..W-1"
+        )
+    return scale, bias
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Every rank's shard concatenated in rank order; backward: the gradient of the whole
+    is summed over ranks and each rank gets its own rows (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        chunks = list(grad.contiguous().chunk(dist.get_world_size()))
+        out = torch.empty_like(chunks[0])
+        dist.reduce_scatter(out, chunks)
+        return out
+
+
+def _gather(x: Tensor, with_grad: bool) -> Tensor:
+    """Every rank's shard of ``x`` (equal shards), in rank order: with gradients summed
+    back to the owner, or as constants."""
+    if with_grad:
+        return _AllGatherWithGrad.apply(x)
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+def _own_first(full: Tensor, rank: int) -> Tensor:
+    """The gathered rows rotated to start at this rank's shard (the columns of its
+    positives first; the losses below do not depend on the order of the other columns)."""
+    return torch.roll(full, -rank * (full.shape[0] // dist.get_world_size()), 0)
+
+
+def _send_recv(x: Tensor, to: int, src: int) -> Tensor:
+    """Send ``x`` to rank ``to`` and receive a tensor like it from rank ``src``."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    ops = [dist.P2POp(dist.isend, x, to), dist.P2POp(dist.irecv, out, src)]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return out
+
+
+class _ShiftRight(torch.autograd.Function):
+    """Receive the left neighbour's tensor while sending ours to the right; the gradient
+    travels back the other way."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        ctx.left, ctx.right = (rank - 1) % world, (rank + 1) % world
+        return _send_recv(x, ctx.right, ctx.left)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _send_recv(grad, ctx.left, ctx.right)
+
+
+def _ring(x: Tensor) -> list[Tensor]:
+    """[own, rank r-1's, rank r-2's, ...]: W - 1 shifts to the right, with gradients."""
+    parts = [x]
+    for _ in range(dist.get_world_size() - 1):
+        parts.append(_ShiftRight.apply(parts[-1]))
+    return parts
+
+
+def _block_budget(rows: int, cols: int, device: torch.device) -> int:
+    """The ``max_block_elements`` for a blockwise call with ``rows`` queries and ``cols``
+    columns (the backends size their blocks by the row count): (block rows x cols) stays
+    within the backend's element budget."""
+    budget = MAX_BLOCK_ELEMENTS.get(device.type, 1 << 22)
+    return rows * max(1, budget // cols)
+
+
+class _RowLSE(torch.autograd.Function):
+    """Row logsumexps (n,) of ``scale * q @ keys^T`` (keys (N, D), N >= n) with entry
+    (i, i) replaced by ``diag[i]``: the blockwise row-only InfoNCE kernels."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, keys: Tensor, scale: Tensor, diag: Tensor) -> Tensor:
+        ctx.budget = _block_budget(q.shape[0], keys.shape[0], q.device)
+        lse = blockwise_symile.rowce_forward(q, keys, scale, diag, ctx.budget)
+        ctx.save_for_backward(q, keys, scale, diag, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, keys, scale, diag, lse = ctx.saved_tensors
+        dq, dkeys, dscale, ddiag = blockwise_symile.rowce_backward(
+            q, keys, scale, diag, lse, grad.to(lse.dtype), ctx.budget
+        )
+        return dq, dkeys, dscale.to(scale.dtype), ddiag.to(diag.dtype)
+
+
+def _row_cross_entropy(q: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor]):
+    """mean_i CE(s q_i keys^T + b, i): query i's positive is column i of ``keys``."""
+    acc = accumulation_dtype(q.dtype)
+    diag = scale * (q.to(acc) * keys[: q.shape[0]].to(acc)).sum(1)
+    lse = _RowLSE.apply(q, keys, scale, diag)
+    if bias is not None:  # b shifts every logit of a row and cancels; kept for its gradient
+        return ((lse + bias) - (diag + bias)).mean()
+    return (lse - diag).mean()
+
+
+def _local_clip_loss(
+    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], with_grad: bool, rank: int
+) -> Tensor:
+    """OpenCLIP's ``local_loss=True``: 1/2 [CE(s a_r B^T, o_r + i) + CE(s b_r A^T, o_r + i)]
+    with A, B gathered with or without gradient (the local shard is not re-inserted)."""
+    images = _own_first(_gather(a, with_grad), rank)
+    texts = _own_first(_gather(b, with_grad), rank)
+    return 0.5 * (
+        _row_cross_entropy(a, texts, scale, bias) + _row_cross_entropy(b, images, scale, bias)
+    )
+
+
+class _SigLipRows(torch.autograd.Function):
+    """``(1/n) sum_ij -log sigmoid(z_ij (s a_i.keys_j + b))`` over the n local rows and all
+    N columns, positives at (i, i): the blockwise SigLIP kernels."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+        ctx.budget = _block_budget(a.shape[0], keys.shape[0], a.device)
+        ctx.save_for_backward(a, keys, scale, bias)
+        total = blockwise_siglip.siglip_forward(a, keys, scale, bias, ctx.budget)
+        return total / a.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, keys, scale, bias = ctx.saved_tensors
+        da, dkeys, dscale, dbias = blockwise_siglip.siglip_backward(
+            a, keys, scale, bias, grad, ctx.budget
+        )
+        return da, dkeys, dscale.to(scale.dtype), None if bias is None else dbias.to(bias.dtype)
+
+
+def _local_siglip_loss(
+    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], dist_impl: str, rank: int
+) -> Tensor:
+    """OpenCLIP's rank-local SigLIP loss: the local images against every rank's texts,
+    which travel WITH gradients (ring shifts for "bidir" / "shift", an all-gather for
+    "reduce" / "gather")."""
+    if dist_impl in ("bidir", "shift"):
+        texts = torch.cat(_ring(b))
+    else:
+        texts = _own_first(_gather(b, with_grad=True), rank)
+    return _SigLipRows.apply(a, texts, scale, bias)
+
+
 class ClipLoss(nn.Module):
     """OpenCLIP ``ClipLoss``: symmetric InfoNCE, ``1/2 [CE(S) + CE(S^T)]``, S = s A B^T (+ b).
 
     Args (OpenCLIP's):
-        local_loss: OpenCLIP computes each rank's loss from its own rows only. Here it
-            changes nothing about the value (always the global-batch loss, the same on
-            every rank) and only selects the gradient scaling, see below.
-        gather_with_grad: whether OpenCLIP's all-gather carries gradients.
+        local_loss: with world_size > 1, each rank's loss is its own rows' cross entropies
+            against the global columns (both directions), as in OpenCLIP.
+        gather_with_grad: whether the all-gather of the features carries gradients.
         cache_labels: accepted, ignored (no labels tensor is built).
         rank, world_size: this process's place in the default process group.
         use_horovod: True raises NotImplementedError.
@@ -79,24 +271,29 @@ class ClipLoss(nn.Module):
     Call: ``(image_features, text_features, logit_scale, logit_bias=None,
     output_dict=False)`` -> the loss (0-d), or ``{"contrastive_loss": loss}``.
 
-    Gradients with ``world_size = W > 1`` (equal shards; rank r's feature gradients):
+    With ``world_size = W > 1`` (rank r, equal shards of n rows, N = W n), per rank, the
+    value and the gradients of OpenCLIP's own class:
 
-    * ``gather_with_grad=True`` (with or without ``local_loss``): OpenCLIP's gathered
-      features carry gradients back to their owner, so rank r gets W x the single-process
-      gradient of its rows; ``flashcontrast.distributed.clip_loss(grad_scaling="ddp")``
-      gives exactly that (and the single-process gradient of logit_scale / logit_bias on
-      every rank, which DDP's average leaves unchanged; OpenCLIP's local_loss gives
-      per-rank scale gradients whose average is the same).
-    * ``gather_with_grad=False, local_loss=False`` (OpenCLIP's default): the gathered
-      features are constants except this rank's own, re-inserted: 1x the single-process
-      gradient of its rows, ``grad_scaling="sum"`` (exactly OpenCLIP's).
-    * ``gather_with_grad=False, local_loss=True``: OpenCLIP's gradient reaches rank r's
-      features only through its own rows' logits (the paths through the other ranks'
-      rows are cut by the no-grad gather and the local rank's features are not
-      re-inserted), scaled by 1/n_r: W x the "query" part of the global gradient. No
-      exact counterpart exists here; we use ``grad_scaling="ddp"``, the exact global
-      gradient at the same scale (after DDP's average: the single-process gradient of the
-      global batch). This is a DELIBERATE DIFFERENCE: OpenCLIP drops the "key" part.
+    * ``local_loss=False``: the global-batch loss on every rank, by
+      :func:`flashcontrast.distributed.clip_loss`. ``gather_with_grad=True``: OpenCLIP's
+      gathered features carry gradients back to their owner, so rank r gets W x the
+      single-process gradients of its rows: ``grad_scaling="ddp"``.
+      ``gather_with_grad=False`` (OpenCLIP's default): the gathered features are
+      constants except this rank's own, re-inserted: 1x, ``grad_scaling="sum"``. Both
+      give the single-process gradients of ``logit_scale`` / ``logit_bias``.
+    * ``local_loss=True``: rank r's loss
+      ``1/2 [CE(s A_r B^T + b, o_r + i) + CE(s B_r A^T + b, o_r + i)]`` (its n rows,
+      divided by n; the mean over ranks is the global loss), and ``logit_scale`` /
+      ``logit_bias`` get that local loss's gradients. A and B are all-gathered (with
+      gradients when ``gather_with_grad``, the local shard not re-inserted, as OpenCLIP
+      does), then the row-only InfoNCE kernels run over the local rows in blocks.
+      Feature gradients: ``gather_with_grad=True``: W x the single-process gradients
+      (the gradients of every rank's loss summed back through the gather);
+      ``gather_with_grad=False``: only the paths through this rank's own rows (its
+      queries), at the W x scale, exactly as OpenCLIP.
+
+    The ``logit_bias`` gradient is 0 in exact arithmetic (a constant shift of every
+    logit cancels in a softmax cross entropy); OpenCLIP's is 0 up to rounding.
     """
 
     def __init__(
@@ -126,7 +323,11 @@ class ClipLoss(nn.Module):
 
     @property
     def grad_scaling(self) -> str:
-        """The flashcontrast.distributed gradient scaling used when world_size > 1."""
+        """The scale of this rank's feature gradients with world_size > 1, in
+        :mod:`flashcontrast.distributed`'s terms: "ddp" (W x) or "sum" (1x). It is the
+        ``grad_scaling`` passed to ``flashcontrast.distributed.clip_loss`` when
+        ``local_loss=False``; with ``local_loss=True`` OpenCLIP's gradients are at the W x
+        scale (without ``gather_with_grad``: of the paths through this rank's rows only)."""
         if self.gather_with_grad or self.local_loss:
             return "ddp"
         return "sum"
@@ -139,8 +340,13 @@ class ClipLoss(nn.Module):
         logit_bias=None,
         output_dict: bool = False,
     ):
-        if self.world_size > 1:
-            _check_world(self.rank, self.world_size, "ClipLoss")
+        if self.world_size <= 1:
+            loss = clip_loss(
+                image_features, text_features, logit_scale, logit_bias, backend=self.backend
+            )
+            return _wrap(loss, output_dict)
+        _check_world(self.rank, self.world_size, "ClipLoss")
+        if not self.local_loss:
             loss = fc_dist.clip_loss(
                 image_features,
                 text_features,
@@ -148,10 +354,13 @@ class ClipLoss(nn.Module):
                 logit_bias,
                 grad_scaling=self.grad_scaling,
             )
-        else:
-            loss = clip_loss(
-                image_features, text_features, logit_scale, logit_bias, backend=self.backend
-            )
+            return _wrap(loss, output_dict)
+        scale, bias = _setup(
+            "compat ClipLoss", image_features, text_features, logit_scale, logit_bias
+        )
+        loss = _local_clip_loss(
+            image_features, text_features, scale, bias, self.gather_with_grad, self.rank
+        )
         return _wrap(loss, output_dict)
 
     def extra_repr(self) -> str:
@@ -162,7 +371,7 @@ class ClipLoss(nn.Module):
 
 
 class SigLipLoss(nn.Module):
-    """OpenCLIP ``SigLipLoss``: ``-(1/N) sum_ij log sigmoid(z_ij (s a_i.b_j + b))``.
+    """OpenCLIP ``SigLipLoss``: ``-(1/n) sum_ij log sigmoid(z_ij (s a_i.b_j + b))``.
 
     Args (OpenCLIP's):
         cache_labels: accepted, ignored.
@@ -173,13 +382,16 @@ class SigLipLoss(nn.Module):
     Call: ``(image_features, text_features, logit_scale, logit_bias, output_dict=False)``
     (``logit_bias`` positional and required, as in OpenCLIP; None means no bias).
 
-    With ``world_size = W > 1``: every OpenCLIP ``dist_impl`` exchanges the text features
-    WITH gradients, so rank r's feature gradients are W x the single-process gradients of
-    the global loss; we use ``flashcontrast.distributed.siglip_loss(grad_scaling="ddp")``,
-    which gives exactly those, with ``strategy="ring"`` for "bidir" / "shift" (neighbour
-    exchange) and ``"gather"`` for "reduce" / "gather". OpenCLIP returns rank r's partial
-    loss (its rows against all columns, / n_r); we return the global loss (their mean
-    over ranks for equal shards), divided by the global N also for uneven shards.
+    With ``world_size = W > 1`` (equal shards of n rows), per rank, OpenCLIP's value and
+    gradients: rank r returns its rows' sum over all N columns divided by n (the mean over
+    ranks is the global loss), and ``logit_scale`` / ``logit_bias`` get that local loss's
+    gradients. Every OpenCLIP ``dist_impl`` sends the text features WITH gradients, so
+    the feature gradients are W x the single-process gradients of the global loss. Here
+    the texts travel by W - 1 ring shifts (point to point, to rank r + 1) for "bidir" and
+    "shift" (``strategy == "ring"``; OpenCLIP's "bidir" exchanges both ways, in half the
+    steps) and by one all-gather for "reduce" and "gather" (``strategy == "gather"``;
+    OpenCLIP's "reduce" makes W all-reduces): the same values and gradients, to rounding.
+    The local rows against the N columns run through the blockwise SigLIP kernels.
     """
 
     def __init__(
@@ -203,7 +415,8 @@ class SigLipLoss(nn.Module):
 
     @property
     def strategy(self) -> str:
-        """The flashcontrast.distributed strategy used when world_size > 1."""
+        """How the texts travel when world_size > 1: "ring" (point-to-point shifts) or
+        "gather" (one all-gather)."""
         return "ring" if self.dist_impl in ("bidir", "shift") else "gather"
 
     def forward(
@@ -214,20 +427,18 @@ class SigLipLoss(nn.Module):
         logit_bias,
         output_dict: bool = False,
     ):
-        if self.world_size > 1:
-            _check_world(self.rank, self.world_size, "SigLipLoss")
-            loss = fc_dist.siglip_loss(
-                image_features,
-                text_features,
-                logit_scale,
-                logit_bias,
-                strategy=self.strategy,
-                grad_scaling="ddp",
-            )
-        else:
+        if self.world_size <= 1:
             loss = siglip_loss(
                 image_features, text_features, logit_scale, logit_bias, backend=self.backend
             )
+            return _wrap(loss, output_dict)
+        _check_world(self.rank, self.world_size, "SigLipLoss")
+        scale, bias = _setup(
+            "compat SigLipLoss", image_features, text_features, logit_scale, logit_bias
+        )
+        loss = _local_siglip_loss(
+            image_features, text_features, scale, bias, self.dist_impl, self.rank
+        )
         return _wrap(loss, output_dict)
 
     def extra_repr(self) -> str:

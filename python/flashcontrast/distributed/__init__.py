@@ -102,7 +102,9 @@ Measured by tests/test_distributed.py (which checks the counter against these fo
 for W = 1..4): W = 4, n = 256 rows per rank, D = 512, float32, one forward + backward,
 bytes sent per rank: CLIP gather 3,158,166; CLIP ring 4,724,880; SigLIP gather
 3,145,872; SigLIP ring 4,718,736 (the 1.57 MB of (W-1) n D e is the feature exchange;
-the 1.57 MB of (W-1) n D f the column gradients).
+the 1.57 MB of (W-1) n D f the column gradients). The other objectives' figures, measured
+and checked against the formulas below by tests/test_distributed_bytes.py and
+tests/test_distributed_symile_ring.py, are in the README.
 
 Multi-view, GRAM and Symile
 ---------------------------
@@ -141,7 +143,7 @@ losses and GRAM, 4 for Symile):
 * GRAM "ring": forward (W-1) n K D e + (W-1) n f + ar(4 f); backward (W-1) n K D e
   + (W-1) n f + (W-1) n K D f + 2 ar(f).
 * Symile "gather": forward (W-1) n M D e + ar(f) [+ M (M-1) N 8 for the broadcast
-  permutations, counted once on every rank, when they are drawn]; backward
+  permutations, counted once on every rank, when they are drawn and W > 1]; backward
   (W-1) n M D f + 2 ar(f).
 * Symile "ring": forward A_r D e + (N - n_{r+1}) M D e + (N - n_r) M f + ar(f); backward
   ar(f) + (N - n_{r+1}) M (D e + f) + (N - n_r) M D f + B_r D f + ar(f), with A_r / B_r
