@@ -26,6 +26,8 @@ Deliberate differences, all classes:
 * 16-bit features: the kernels accumulate in float32 and return a float32 loss; OpenCLIP
   builds the logits and the loss in the features' dtype. Values agree to the 16-bit
   rounding of OpenCLIP's logits (ours are the more accurate).
+  Under ``torch.autocast`` too: the rank-local kernels run with autocast disabled
+  (OpenCLIP's logits are then bf16 / fp16 GEMMs).
 * Shard sizes: OpenCLIP needs equal shards on every rank (its gathers and labels assume
   them). ``ClipLoss(local_loss=True)`` and ``SigLipLoss`` check that first (one small
   all-gather of (status, n, D, dtype)) and raise a ValueError on every rank otherwise;
@@ -34,6 +36,8 @@ Deliberate differences, all classes:
   raise, instead of hanging in a collective.
 * ``use_horovod=True`` raises NotImplementedError (no Horovod path).
 * ``cache_labels`` is accepted and ignored: no labels tensor is ever built.
+* Double backward (``create_graph=True``) is not supported (the backward passes are
+  once-differentiable); OpenCLIP's dense autograd graph supports it.
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .. import distributed as fc_dist
+from .._amp import autocast_off
 from .._validation import accumulation_dtype
 from ..backends.blockwise import MAX_BLOCK_ELEMENTS
 from ..backends.blockwise import siglip as blockwise_siglip
@@ -115,6 +121,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return torch.cat(parts)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor) -> Tensor:
         chunks = list(grad.contiguous().chunk(dist.get_world_size()))
         out = torch.empty_like(chunks[0])
@@ -160,6 +167,7 @@ class _ShiftRight(torch.autograd.Function):
         return _send_recv(x, ctx.right, ctx.left)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor) -> Tensor:
         return _send_recv(grad, ctx.left, ctx.right)
 
@@ -185,6 +193,7 @@ class _RowLSE(torch.autograd.Function):
     (i, i) replaced by ``diag[i]``: the blockwise row-only InfoNCE kernels."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, q: Tensor, keys: Tensor, scale: Tensor, diag: Tensor) -> Tensor:
         ctx.budget = _block_budget(q.shape[0], keys.shape[0], q.device)
         lse = blockwise_symile.rowce_forward(q, keys, scale, diag, ctx.budget)
@@ -192,6 +201,8 @@ class _RowLSE(torch.autograd.Function):
         return lse
 
     @staticmethod
+    @once_differentiable
+    @autocast_off
     def backward(ctx, grad: Tensor):
         q, keys, scale, diag, lse = ctx.saved_tensors
         dq, dkeys, dscale, ddiag = blockwise_symile.rowce_backward(
@@ -227,6 +238,7 @@ class _SigLipRows(torch.autograd.Function):
     N columns, positives at (i, i): the blockwise SigLIP kernels."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, a: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
         ctx.budget = _block_budget(a.shape[0], keys.shape[0], a.device)
         ctx.save_for_backward(a, keys, scale, bias)
@@ -234,6 +246,8 @@ class _SigLipRows(torch.autograd.Function):
         return total / a.shape[0]
 
     @staticmethod
+    @once_differentiable
+    @autocast_off
     def backward(ctx, grad: Tensor):
         a, keys, scale, bias = ctx.saved_tensors
         da, dkeys, dscale, dbias = blockwise_siglip.siglip_backward(

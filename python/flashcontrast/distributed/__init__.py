@@ -17,6 +17,14 @@ concatenation of the shards in rank order. Every rank must call the loss and its
 backward (both communicate). A bad setup (a rank whose inputs fail the checks, different
 D, dtype, or bias-or-not across ranks) raises on EVERY rank, from one metadata all-gather
 (N, D, dtype code, bias and groups flags, check status) made before anything else.
+That all-gather runs on the CPU when the group's backend serves it (gloo, or a mixed
+"cpu:gloo,cuda:nccl" group), else (NCCL) on the features' GPU, which also creates the
+group's communicator there before any point-to-point batch; features on a device the
+backend does not serve (CPU tensors over NCCL) raise on every rank. Double backward
+(``create_graph=True``) is not supported: the backward is marked once-differentiable.
+``torch.autocast`` is disabled inside the losses' forward and backward: the tiles compute
+in float32 (float64 for float64 features) as without it, and 16-bit features still travel
+in 16 bits.
 
 ``clip_loss(..., groups=ids)``: each rank passes the integer ids (n_r,) of its own
 samples; ids are global (equal ids on different ranks are one group). As in

@@ -86,12 +86,46 @@ def check_backend(name: str, backend: str) -> None:
         )
 
 
-def _meta_device(group: Optional[dist.ProcessGroup], a: object) -> torch.device:
-    if dist.get_backend(group) == "nccl":
+def _backend_devices(group: Optional[dist.ProcessGroup]) -> set:
+    """The device types the group's backend serves: {"cuda"} for NCCL ("cuda:nccl"),
+    {"cpu", "cuda"} for gloo, both for a mixed "cpu:gloo,cuda:nccl" group."""
+    get_config = getattr(dist, "get_backend_config", None)
+    config = str(get_config(group) if get_config is not None else dist.get_backend(group))
+    if ":" not in config:  # a plain backend name (torch without get_backend_config)
+        return {"cuda"} if config == "nccl" else {"cpu", "cuda"}
+    return {pair.split(":")[0] for pair in config.split(",")}
+
+
+def _meta_device(
+    group: Optional[dist.ProcessGroup], device: Optional[torch.device]
+) -> torch.device:
+    """Where the metadata all-gather runs, given this rank's feature ``device`` (None when
+    its inputs failed the checks). The CPU whenever the backend serves it (gloo, or a
+    mixed "cpu:gloo,cuda:nccl" group: every rank then picks the CPU, whatever its inputs,
+    instead of some ranks the CPU and others the GPU); otherwise (NCCL) the features'
+    GPU, so that the group's communicator is created on the device every later
+    collective and point-to-point batch uses (the current device may differ when
+    ``torch.cuda.set_device`` was not called: every rank on cuda:0 fails NCCL's init),
+    and the current CUDA device on a rank whose inputs are unusable."""
+    served = _backend_devices(group)
+    if "cpu" in served:
+        return torch.device("cpu")
+    if device is not None and device.type in served:
+        return device
+    if "cuda" in served:
         return torch.device("cuda", torch.cuda.current_device())
-    if isinstance(a, Tensor) and dist.get_backend(group) != "gloo":
-        return a.device
-    return torch.device("cpu")
+    return device if device is not None else torch.device("cpu")
+
+
+def _check_served(group: Optional[dist.ProcessGroup], device: torch.device) -> None:
+    """Raise a ValueError if the group's backend cannot communicate tensors on
+    ``device`` (e.g. CPU features over NCCL), before any collective on them."""
+    served = _backend_devices(group)
+    if device.type not in served:
+        raise ValueError(
+            f"the features are on {device}, but the process group's backend "
+            f"({dist.get_backend(group)}) serves {sorted(served)} tensors only"
+        )
 
 
 def setup(
@@ -133,6 +167,7 @@ def setup(
         scale = as_scalar_tensor("logit_scale", logit_scale, a)
         bias = as_scalar_tensor("logit_bias", logit_bias, a, required=False)
         _check_groups(groups, a)
+        _check_served(group, a.device)
     except (TypeError, ValueError) as e:
         err = e
     ok = err is None
@@ -146,7 +181,7 @@ def setup(
             flags if ok else -1,
         ],
         dtype=torch.int64,
-        device=_meta_device(group, a),
+        device=_meta_device(group, a.device if ok else None),
     )
     if world > 1:
         parts = [torch.empty_like(meta) for _ in range(world)]
@@ -339,14 +374,14 @@ def setup_checked(
                 f'strategy="ring" is not implemented for {name}; use strategy="gather"'
             )
         payload, n, d, dtype, device, values = check()
+        _check_served(group, device)
         row = [0, n, d, FEATURE_DTYPES.index(dtype), ("gather", "ring").index(strategy)]
         row += [("ddp", "sum").index(grad_scaling), *[int(v) for v in values]]
     except (TypeError, ValueError, NotImplementedError) as e:
         err = e
     if row is None:
         row = [1] + [0] * (5 + len(fields))
-    probe = device if err is None else None
-    meta_dev = _meta_device(group, torch.empty(0, device=probe) if probe is not None else None)
+    meta_dev = _meta_device(group, device if err is None else None)
     meta = torch.tensor(row, dtype=torch.int64, device=meta_dev)
     if world > 1:
         parts = [torch.empty_like(meta) for _ in range(world)]

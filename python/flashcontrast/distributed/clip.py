@@ -46,7 +46,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from .._amp import autocast_off
 from .._validation import accumulation_dtype
 from ..backends.blockwise import block_rows
 from . import _comm
@@ -152,6 +154,7 @@ def _diag(a: Tensor, b: Tensor, scale, bias) -> Tensor:
 
 class _ClipDist(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, a, b, scale, bias, groups, lay, strategy, grad_scaling):
         acc = accumulation_dtype(a.dtype)
         a_acc, b_acc = a.to(acc), b.to(acc)
@@ -186,6 +189,8 @@ class _ClipDist(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # double backward raises (the exchanges are not differentiable)
+    @autocast_off
     def backward(ctx, grad_loss):
         a, b, scale, bias, row_lse, col_lse, groups, g_all = ctx.saved_tensors
         lay = ctx.lay

@@ -27,7 +27,9 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from .._amp import autocast_off
 from .._validation import accumulation_dtype, as_scalar_tensor, check_features
 from ..backends.blockwise import MAX_BLOCK_ELEMENTS, block_rows
 from ..objectives.gram import _check_label_smoothing, _check_others, column_constants
@@ -109,6 +111,7 @@ def _tile_grads(t, o, scale, row_lse, col_lse, coef, eps_n, dt, dscale):
 
 class _GramDist(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, t, o, scale, lay, eps, strategy, grad_scaling):
         acc = accumulation_dtype(t.dtype)
         ta, oa = t.to(acc), o.to(acc)
@@ -144,6 +147,8 @@ class _GramDist(torch.autograd.Function):
         return loss / (2 * n_tot)
 
     @staticmethod
+    @once_differentiable  # double backward raises (the exchanges are not differentiable)
+    @autocast_off
     def backward(ctx, grad_loss):
         t, o, scale, row_lse, col_lse, *rest = ctx.saved_tensors
         lay, eps = ctx.lay, ctx.eps

@@ -23,7 +23,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from .._amp import autocast_off
 from .._validation import accumulation_dtype, as_scalar_tensor
 from ..backends.blockwise import block_rows
 from ..objectives.multiview import Views, _check_groups, _stack
@@ -110,6 +112,7 @@ def _tile_grads(u, scale, per_view, row0, y, col0, gx, gy, row_lse, grow, du, ds
 
 class _MultiviewDist(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, u, scale, groups, lay, per_view, strategy, grad_scaling):
         acc = accumulation_dtype(u.dtype)
         ua = u.to(acc)
@@ -144,6 +147,8 @@ class _MultiviewDist(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # double backward raises (the exchanges are not differentiable)
+    @autocast_off
     def backward(ctx, grad_loss):
         u, scale, groups, row_lse, *rest = ctx.saved_tensors
         lay, per_view = ctx.lay, ctx.per_view

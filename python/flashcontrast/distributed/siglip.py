@@ -17,7 +17,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from .._amp import autocast_off
 from .._validation import accumulation_dtype
 from ..backends.blockwise import block_rows
 from . import _comm
@@ -74,6 +76,7 @@ def _tile_backward(
 
 class _SigLipDist(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, a, b, scale, bias, lay, strategy, grad_scaling):
         acc = accumulation_dtype(a.dtype)
         a_acc = a.to(acc)
@@ -97,6 +100,8 @@ class _SigLipDist(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # double backward raises (the exchanges are not differentiable)
+    @autocast_off
     def backward(ctx, grad_loss):
         a, b, scale, bias = ctx.saved_tensors
         lay = ctx.lay

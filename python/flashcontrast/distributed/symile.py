@@ -76,7 +76,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from .._amp import autocast_off
 from .._sampling import symile_negative_permutations
 from .._validation import accumulation_dtype, as_scalar_tensor
 from ..backends.blockwise import block_rows
@@ -106,6 +108,7 @@ def _block(x_blk, w, scale, diag_blk, col0):
 
 class _SymileDist(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, x, scale, perms, lay, grad_scaling):
         # x: (n_r, M, D) local representations
         acc = accumulation_dtype(x.dtype)
@@ -129,6 +132,8 @@ class _SymileDist(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # double backward raises (the exchanges are not differentiable)
+    @autocast_off
     def backward(ctx, grad_loss):
         x, scale, perms, cols, row_lse = ctx.saved_tensors
         lay = ctx.lay
@@ -141,7 +146,7 @@ class _SymileDist(torch.autograd.Function):
             xl = xa.detach().requires_grad_(True)
             sl = scale.detach().requires_grad_(True)
             diag = sl * xl.prod(dim=1).sum(dim=1)
-        d_diag = torch.full((n,), -m * coef, dtype=acc, device=x.device)
+        d_diag = (-m * coef).expand(n).clone()  # not torch.full: a 0-d fill syncs
         dx = torch.zeros_like(xa)
         dy = torch.zeros(cols.shape, dtype=acc, device=x.device)
         dscale = torch.zeros(1, dtype=acc, device=x.device)
@@ -201,11 +206,19 @@ class _RingPlan:
 
 
 def _plan(perms: Tensor, lay: _comm.Layout) -> _RingPlan:
-    """The all-to-all plan of rank ``lay.rank`` for perms (M, M-1, N)."""
+    """The all-to-all plan of rank ``lay.rank`` for perms (M, M-1, N) (global indices in
+    range(N), checked by the caller).
+
+    Built on the CPU (one device-to-host copy of ``perms`` when they are on a GPU): the
+    split sizes of the all-to-all are host integers anyway, and on the GPU each boolean
+    selection below would be a host synchronization (2 W + 1 per call). The index tensors
+    then go to the features' device (``lay.device``) in ONE host-to-device copy, so the
+    gathers / index_add_ of :func:`_fetch_factors` and :func:`_return_factor_grads` index
+    tensors of their own device."""
     m = perms.shape[0]
-    dev = perms.device
-    others = torch.tensor([[o for o in range(m) if o != a] for a in range(m)], device=dev)
-    ends = torch.tensor(lay.sizes, device=dev).cumsum(0)
+    perms = perms.to(device="cpu", dtype=torch.int64)
+    others = torch.tensor([[o for o in range(m) if o != a] for a in range(m)])
+    ends = torch.tensor(lay.sizes, dtype=torch.int64).cumsum(0)
     offs, r = lay.offsets, lay.rank
 
     def flat(q: int) -> tuple:
@@ -222,7 +235,9 @@ def _plan(perms: Tensor, lay: _comm.Layout) -> _RingPlan:
             recv_pos = [torch.nonzero(src == p).squeeze(1) for p in range(lay.world)]
         mine = src == r
         send_rows.append((idx[mine] - offs[r]) * m + mod[mine])
-    return _RingPlan(recv_pos, send_rows)
+    host = [*recv_pos, *send_rows]
+    moved = torch.cat(host).to(lay.device).split([t.numel() for t in host])
+    return _RingPlan(list(moved[: lay.world]), list(moved[lay.world :]))
 
 
 def _fetch_factors(x: Tensor, plan: _RingPlan, lay: _comm.Layout) -> Tensor:
@@ -321,6 +336,7 @@ def _rows_backward(
 
 class _SymileRing(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, x, scale, plan, lay, grad_scaling):
         # x: (n_r, M, D) local representations
         acc = accumulation_dtype(x.dtype)
@@ -342,6 +358,8 @@ class _SymileRing(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # double backward raises (the exchanges are not differentiable)
+    @autocast_off
     def backward(ctx, grad_loss):
         x, scale, f, row_lse = ctx.saved_tensors
         lay = ctx.lay
@@ -381,7 +399,8 @@ class _SymileRing(torch.autograd.Function):
 
 
 def _checksum(t: Tensor) -> int:
-    flat = t.reshape(-1).to(device="cpu", dtype=torch.int64)
+    """A position-weighted sum of the CPU tensor ``t`` (the metadata's permutations field)."""
+    flat = t.reshape(-1).to(dtype=torch.int64)
     weights = torch.arange(flat.numel(), dtype=torch.int64) % 1000003 + 1
     return int((flat * weights).sum())
 
@@ -440,6 +459,7 @@ def symile_loss(
                 raise TypeError(f"permutations must be an integer tensor, got {p.dtype}")
             if p.dim() != 3:
                 raise ValueError(f"permutations must be (M, M-1, N), got {tuple(p.shape)}")
+            p = p.to("cpu")  # the one copy to the host: checksum, range check, ring plan
             fields = [len(reps), 1, p.shape[-1], _checksum(p)]
         n, d = reps[0].shape
         return (reps, scale, p), n, d, reps[0].dtype, reps[0].device, fields
@@ -453,8 +473,14 @@ def symile_loss(
         check,
     )
     m, n_tot, device = len(reps), lay.total, reps[0].device
+    host = None  # the permutations on the CPU, when known without a copy
     if p is not None:
-        perms = _permutations(p, m, n_tot, device)  # the same outcome on every rank
+        # p is the CPU copy, identical on every rank (checksum): the shape and range
+        # checks raise on every rank alike, also for permutations given on a GPU (whose
+        # values _permutations does not check on the device, and which the "ring" plan
+        # would otherwise silently mis-route)
+        host = _permutations(p, m, n_tot, torch.device("cpu"))
+        perms = host.to(device)
     else:
         if lay.rank == 0:
             perms = symile_negative_permutations(m, n_tot, generator=generator, device=device)
@@ -463,5 +489,6 @@ def symile_loss(
         perms = _comm.broadcast(perms.contiguous(), lay)
     x = torch.stack(reps, dim=1)  # (n_r, M, D), differentiable
     if strategy == "ring":
-        return _SymileRing.apply(x, scale, _plan(perms, lay), lay, grad_scaling)
+        plan = _plan(perms if host is None else host, lay)
+        return _SymileRing.apply(x, scale, plan, lay, grad_scaling)
     return _SymileDist.apply(x, scale, perms, lay, grad_scaling)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, reference
+from .._amp import autocast_off
 from .._ops import backend_module
 from .._validation import (
     Scalar,
@@ -66,6 +67,7 @@ def clip_loss_from_stats(row_lse: Tensor, col_lse: Tensor, diag: Tensor) -> Tens
 
 
 @torch.library.custom_op("flashcontrast::clip_fwd", mutates_args=())
+@autocast_off
 def clip_fwd(
     a: Tensor,
     b: Tensor,
@@ -92,6 +94,7 @@ def _clip_fwd_fake(a, b, scale, bias, groups, backend):
 
 
 @torch.library.custom_op("flashcontrast::clip_bwd", mutates_args=())
+@autocast_off
 def clip_bwd(
     a: Tensor,
     b: Tensor,
@@ -143,6 +146,7 @@ torch.library.register_autograd(
 )
 
 
+@autocast_off
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _dispatch, reference
+from .._amp import autocast_off
 from .._ops import backend_module
 from .._validation import (
     Scalar,
@@ -118,6 +119,7 @@ def gram_loss_from_stats(
 
 
 @torch.library.custom_op("flashcontrast::gram_fwd", mutates_args=())
+@autocast_off
 def gram_fwd(
     anchor: Tensor,
     others: Tensor,
@@ -146,6 +148,7 @@ def _gram_fwd_fake(anchor, others, scale, det_h, adj_h, label_smoothing, backend
 
 
 @torch.library.custom_op("flashcontrast::gram_bwd", mutates_args=())
+@autocast_off
 def gram_bwd(
     anchor: Tensor,
     others: Tensor,
@@ -237,6 +240,7 @@ def _check_label_smoothing(label_smoothing: object) -> float:
     return float(label_smoothing)
 
 
+@autocast_off
 def gram_loss(
     anchor: Tensor,
     others: Sequence[Tensor],
@@ -286,6 +290,7 @@ def gram_loss(
     return loss
 
 
+@autocast_off
 def gram_volume(anchor: Tensor, others: Sequence[Tensor]) -> Tensor:
     """All (N_a, N_o) Gramian volumes V_ij = sqrt(max(det Gram(t_i, o^1_j, ..., o^K_j), 0)).
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, reference, reference_groups
+from .._amp import autocast_off
 from .._ops import backend_module
 from .._validation import FEATURE_DTYPES, Scalar, accumulation_dtype, as_scalar_tensor
 
@@ -52,6 +53,7 @@ Views = Union[Tensor, Sequence[Tensor]]
 
 
 @torch.library.custom_op("flashcontrast::selfsim_rowlse", mutates_args=())
+@autocast_off
 def selfsim_rowlse(
     u: Tensor, scale: Tensor, per_view: bool, groups: Optional[Tensor], backend: str
 ) -> Tensor:
@@ -65,6 +67,7 @@ def _selfsim_rowlse_fake(u, scale, per_view, groups, backend):
 
 
 @torch.library.custom_op("flashcontrast::selfsim_rowlse_bwd", mutates_args=())
+@autocast_off
 def selfsim_rowlse_bwd(
     u: Tensor,
     scale: Tensor,
@@ -192,6 +195,7 @@ def _positive_logits(u: Tensor, scale: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- public API
 
 
+@autocast_off
 def multiview_infonce_loss(
     views: Views,
     logit_scale: Scalar,
@@ -229,6 +233,7 @@ def multiview_infonce_loss(
     return (log_den - log_num).mean()
 
 
+@autocast_off
 def multiview_dhel_loss(
     views: Views,
     logit_scale: Scalar,

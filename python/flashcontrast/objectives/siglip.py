@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _dispatch, reference
+from .._amp import autocast_off
 from .._ops import backend_module
 from .._validation import (
     Scalar,
@@ -28,6 +29,7 @@ __all__ = ["SigLipLoss", "siglip_loss"]
 
 
 @torch.library.custom_op("flashcontrast::siglip_fwd", mutates_args=())
+@autocast_off
 def siglip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
     """The loss (0-d): total / N, total = sum_ij -log sigmoid(z_ij S_ij)."""
     total = backend_module(backend, "siglip").siglip_forward(a, b, scale, bias)
@@ -40,6 +42,7 @@ def _siglip_fwd_fake(a, b, scale, bias, backend):
 
 
 @torch.library.custom_op("flashcontrast::siglip_bwd", mutates_args=())
+@autocast_off
 def siglip_bwd(
     a: Tensor,
     b: Tensor,
@@ -82,6 +85,7 @@ torch.library.register_autograd(
 )
 
 
+@autocast_off
 def siglip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,

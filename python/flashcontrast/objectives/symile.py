@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _dispatch, reference
+from .._amp import autocast_off
 from .._ops import backend_module
 from .._sampling import symile_negative_permutations
 from .._validation import Scalar, accumulation_dtype, as_scalar_tensor, check_features, check_pair
@@ -42,6 +43,7 @@ def _contiguous_like(x: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("flashcontrast::symile_rowce_fwd", mutates_args=())
+@autocast_off
 def symile_rowce_fwd(
     a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor, backend: str
 ) -> Tensor:
@@ -55,6 +57,7 @@ def _rowce_fwd_fake(a, w, scale, diag_logit, backend):
 
 
 @torch.library.custom_op("flashcontrast::symile_rowce_bwd", mutates_args=())
+@autocast_off
 def symile_rowce_bwd(
     a: Tensor,
     w: Tensor,
@@ -104,6 +107,7 @@ torch.library.register_autograd(
 
 
 @torch.library.custom_op("flashcontrast::symile_n2_fwd", mutates_args=())
+@autocast_off
 def symile_n2_fwd(x: Tensor, y: Tensor, z: Tensor, scale: Tensor, backend: str) -> Tensor:
     """row_lse_i = LSE_{j,k} scale * MIP(x_i, y_j, z_k), (N,)."""
     return backend_module(backend, "symile").symile_n2_forward(x, y, z, scale)
@@ -115,6 +119,7 @@ def _n2_fwd_fake(x, y, z, scale, backend):
 
 
 @torch.library.custom_op("flashcontrast::symile_n2_bwd", mutates_args=())
+@autocast_off
 def symile_n2_bwd(
     x: Tensor,
     y: Tensor,
@@ -157,6 +162,7 @@ torch.library.register_autograd(
 
 
 @torch.library.custom_op("flashcontrast::symile_nk_fwd", mutates_args=())
+@autocast_off
 def symile_nk_fwd(anchor: Tensor, others: Tensor, scale: Tensor, backend: str) -> Tensor:
     """row_lse_i = LSE over all tuples of scale * MIP(anchor_i, o^1_j1, ..., o^K_jK)."""
     return backend_module(backend, "symile").symile_nk_forward(anchor, others, scale)
@@ -168,6 +174,7 @@ def _nk_fwd_fake(anchor, others, scale, backend):
 
 
 @torch.library.custom_op("flashcontrast::symile_nk_bwd", mutates_args=())
+@autocast_off
 def symile_nk_bwd(
     anchor: Tensor,
     others: Tensor,
@@ -253,6 +260,7 @@ def _permutations(perms: object, m: int, n: int, device: torch.device) -> Tensor
     return t.to(device=device, dtype=torch.long)
 
 
+@autocast_off
 def symile_loss(
     representations: Sequence[Tensor],
     logit_scale: Scalar,
