@@ -28,7 +28,9 @@ j the (BM x BK) logit tile is a plain GEMM whose left operand is formed on the f
 All tile products accumulate in fp32; the products x * y_j are formed in fp32 and rounded
 once to the input dtype for tl.dot (the reference rounds y (x) z to it likewise). Tiles
 hold the whole of D (BLOCK_D = next power of two >= D): gradient accumulators live on
-chip; for large D the row/column blocks shrink (:func:`_tiles`). Masked logits are -inf
+chip; for large D the row/column blocks shrink and the pipelining gets shallower
+(:func:`_tiles`, :func:`_num_stages`) so that they fit in shared memory (fp32 up to
+D = 1024, 16-bit up to 2048). Masked logits are -inf
 and every online max that may be -inf is replaced by 0 before it is subtracted.
 
 Interpreter (TRITON_INTERPRET=1): bf16 tiles are upcast to fp32 before tl.dot (its bf16
@@ -57,6 +59,7 @@ from ._common import (
     _online_lse,
     _scoped_update,
 )
+from .clip import _capability
 
 __all__ = [
     "override_tiles",
@@ -323,8 +326,8 @@ def override_tiles(**kwargs: int) -> Iterator[None]:
         yield
 
 
-def _tiles(d: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). Untimed on a GPU: tune first."""
+def _tiles(d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). Untimed on a GPU: tune first."""
     block_d = max(16, triton.next_power_of_2(d))
     if device.type != "cuda":
         bm = bn = 32
@@ -332,7 +335,25 @@ def _tiles(d: int, device: torch.device) -> tuple[int, int, int, int]:
         bm = bn = 64
     else:  # whole-D tiles: keep the on-chip operands and accumulators bounded
         bm = bn = 32 if block_d <= 256 else 16
-    return _OVERRIDE.get("block_m", bm), _OVERRIDE.get("block_n", bn), block_d, 4
+    bm, bn = _OVERRIDE.get("block_m", bm), _OVERRIDE.get("block_n", bn)
+    return bm, bn, block_d, 4, _num_stages(max(bm, bn), block_d, dtype, device)
+
+
+def _num_stages(block: int, block_d: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Software-pipelining depth for the streamed (block, BLOCK_D) whole-D tiles.
+
+    Triton keeps up to num_stages + 1 of them in shared memory (four at its default of 3,
+    in the dz pass of ``_n2_bwd_kernel``), in the dtype that reaches tl.dot. Compiled for
+    sm_80/sm_90 (``python -m flashcontrast.backends.triton._aot_check``), fp32 16 x 1024
+    tiles then need 192-256 KiB, more than one block may have on an A100 (163 KiB) or an
+    H100 (227 KiB); at 1 stage they need 128 KiB. So 3 stages while four tiles fit in
+    128 KiB, else 1. fp32 D > 1024 (16-bit D > 2048) fits no GPU even so: whole-D tiles
+    would have to become D chunks.
+    """
+    if device.type != "cuda":
+        return 1  # the interpreter ignores it
+    tile_bytes = block * block_d * (4 if dtype == torch.float32 else 2)
+    return 3 if 4 * tile_bytes <= 128 * 1024 else 1
 
 
 def _prepare(*tensors: Tensor) -> None:
@@ -351,12 +372,25 @@ def _prepare(*tensors: Tensor) -> None:
 
 
 def _setup(*tensors: Tensor):
-    """Checks the features, then (n, d, BLOCK_M, BLOCK_N, BLOCK_D, num_warps, DOT_DTYPE,
-    DOT_PRECISION) of a launch on them."""
+    """Checks the features, then (n, d, BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages,
+    DOT_DTYPE, DOT_PRECISION) of a launch on them."""
     _prepare(*tensors)
     first = tensors[0]
     n, d = first.shape
-    return (n, d, *_tiles(d, first.device), *_dot_setup(first.dtype, first.device))
+    tiles = _tiles(d, first.dtype, first.device)
+    return (n, d, *tiles, *_symile_dot_setup(first.dtype, tiles[2], first.device))
+
+
+def _symile_dot_setup(dtype: torch.dtype, block_d: int, device: torch.device):
+    """``_dot_setup``, except fp32 with TF32 allowed at BLOCK_D >= 1024 before Hopper: the
+    tensor-core operand copies of 16 x 1024 fp32 tiles need 192 KiB of shared memory in
+    the backward (three tiles), more than an A100 block may have (163 KiB), where IEEE
+    (FMA) products need two (128 KiB). Forward and backward take the same products, so
+    the recomputed logits match the forward's."""
+    dot_dtype, precision = _dot_setup(dtype, device)
+    if precision == "tf32" and block_d >= 1024 and _capability(device)[0] < 9:
+        precision = "ieee"
+    return dot_dtype, precision
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -368,14 +402,14 @@ def _f32(t: Tensor) -> Tensor:
 
 def rowce_forward(a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor) -> Tensor:
     """row_lse (N,) fp32 of scale * a @ w^T with the diagonal replaced by diag_logit."""
-    n, d, bm, bn, bd, warps, dot_dtype, precision = _setup(a, w)
+    n, d, bm, bn, bd, warps, stages, dot_dtype, precision = _setup(a, w)
     lse = torch.empty(n, dtype=torch.float32, device=a.device)
     with _guard(a.device):
         _rowce_fwd_kernel[(triton.cdiv(n, bm),)](
             a, w, _f32(scale), _f32(diag_logit), lse, n, d,
             a.stride(0), a.stride(1), w.stride(0), w.stride(1),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-            num_warps=warps,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return lse
 
@@ -384,13 +418,13 @@ def rowce_backward(
     a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor, row_lse: Tensor, grad_rows: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(da, dw, dscale, ddiag) of sum_i grad_rows_i row_lse_i."""
-    n, d, bm, bn, bd, warps, dot_dtype, precision = _setup(a, w)
+    n, d, bm, bn, bd, warps, stages, dot_dtype, precision = _setup(a, w)
     f32 = dict(dtype=torch.float32, device=a.device)
     da_raw, dw_raw = torch.empty((n, d), **f32), torch.empty((n, d), **f32)
     ddiag = torch.empty(n, **f32)
     s32, diag, lse, g = _f32(scale), _f32(diag_logit), _f32(row_lse), _f32(grad_rows)
     common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_DTYPE=dot_dtype,
-                  DOT_PRECISION=precision, num_warps=warps)  # fmt: skip
+                  DOT_PRECISION=precision, num_warps=warps, num_stages=stages)  # fmt: skip
     strides = (a.stride(0), a.stride(1), w.stride(0), w.stride(1))
     with _guard(a.device):
         _rowce_bwd_kernel[(triton.cdiv(n, bm),)](
@@ -405,14 +439,14 @@ def rowce_backward(
 
 def symile_n2_forward(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> Tensor:
     """row_lse_i = LSE_{j,k} scale * sum_d x_id y_jd z_kd, (N,) fp32."""
-    n, d, bm, bk, bd, warps, dot_dtype, precision = _setup(x, y, z)
+    n, d, bm, bk, bd, warps, stages, dot_dtype, precision = _setup(x, y, z)
     lse = torch.empty(n, dtype=torch.float32, device=x.device)
     with _guard(x.device):
         _n2_fwd_kernel[(triton.cdiv(n, bm),)](
             x, y, z, _f32(scale), lse, n, d,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1),
             BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-            num_warps=warps,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return lse
 
@@ -421,7 +455,7 @@ def symile_n2_backward(
     x: Tensor, y: Tensor, z: Tensor, scale: Tensor, row_lse: Tensor, grad_rows: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dy, dz, dscale) of sum_i grad_rows_i row_lse_i."""
-    n, d, bm, bk, bd, warps, dot_dtype, precision = _setup(x, y, z)
+    n, d, bm, bk, bd, warps, stages, dot_dtype, precision = _setup(x, y, z)
     outs = torch.empty((3, n, d), dtype=torch.float32, device=x.device)
     s32, lse, g = _f32(scale), _f32(row_lse), _f32(grad_rows)
     grids = (triton.cdiv(n, bm), n, triton.cdiv(n, bk))
@@ -431,7 +465,8 @@ def symile_n2_backward(
                 x, y, z, s32, lse, g, outs[which], n, d,
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1),
                 WHICH=which, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd,
-                DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, num_warps=warps,
+                DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+                num_warps=warps, num_stages=stages,
             )  # fmt: skip
     dscale = (x.float() * outs[0]).sum()
     outs.mul_(s32)

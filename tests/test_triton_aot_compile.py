@@ -1,0 +1,82 @@
+"""The Triton kernels compile for real GPUs (sm_80 and sm_90), without a GPU.
+
+The other Triton tests run the kernels in the interpreter (TRITON_INTERPRET=1, set by
+conftest.py), which accepts programs that the GPU compiler rejects. This test runs
+``flashcontrast.backends.triton._aot_check`` in a subprocess with the variable removed
+(Triton reads it when the kernels are defined, so it cannot be undone in this process) and
+no visible CUDA device: every kernel is compiled to a cubin for sm_80 and sm_90 with the
+configurations its launcher picks for one representative set of sizes (the ``smoke``
+preset), and must fit the shared memory of the arch. The full matrix of sizes, dtypes and
+optional arguments is ``python -m flashcontrast.backends.triton._aot_check`` (it takes tens
+of minutes on two cores). Compilation only: numerics are the interpreter tests' business.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"
+)
+
+ARCHS = (80, 90)
+# Modules whose kernels the check must have compiled (the check itself fails when an entry
+# kernel of the backend is launched by none of its cases).
+MODULES = ("_common", "clip", "siglip", "multiview", "gram", "symile")
+PACKAGE = "flashcontrast.backends.triton"
+
+
+def _run_check(out: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", f"{PACKAGE}._aot_check", "--arch", *map(str, ARCHS)]
+    cmd += ["--preset", "smoke", "--variants", "spec", "--jobs", "2", "--json", str(out), "-q"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("aot") / "aot.json"
+    proc = _run_check(out)
+    if not out.exists():
+        pytest.fail(f"the check wrote no report (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    data = json.loads(out.read_text())
+    data["returncode"] = proc.returncode
+    data["output"] = proc.stdout[-8000:]
+    return data
+
+
+def test_check_passes(report):
+    assert report["failures"] == [], report["output"]
+    assert report["returncode"] == 0, report["output"]
+
+
+def test_every_kernel_compiles_for_each_arch(report):
+    failed = [
+        f"{r['kernel']} sm_{r['arch']} {r['constexprs']}: {r['error']}"
+        for r in report["results"]
+        if not r["ok"]
+    ]
+    assert not failed, "\n".join(failed)
+    for arch in ARCHS:
+        modules = {r["kernel"].split(".")[-2] for r in report["results"] if r["arch"] == arch}
+        assert modules == set(MODULES), f"sm_{arch}: compiled kernels of {sorted(modules)}"
+    by_arch = {a: {r["kernel"] for r in report["results"] if r["arch"] == a} for a in ARCHS}
+    assert by_arch[80] == by_arch[90]
+
+
+def test_shared_memory_fits_the_arch(report):
+    limits = {80: 163 * 1024, 90: 227 * 1024}
+    for r in report["results"]:
+        assert r["shared"] is not None, r
+        assert r["shared"] <= limits[r["arch"]], (
+            f"{r['kernel']} sm_{r['arch']} {r['constexprs']} needs {r['shared']} bytes"
+        )
+        assert r["num_warps"] in (1, 2, 4, 8, 16), r
