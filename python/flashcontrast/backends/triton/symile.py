@@ -378,6 +378,13 @@ def _setup(*tensors: Tensor):
     first = tensors[0]
     n, d = first.shape
     tiles = _tiles(d, first.dtype, first.device)
+    max_d = 1024 if first.dtype == torch.float32 else 2048
+    if first.device.type == "cuda" and tiles[2] > max_d:
+        # whole-D tiles of that width fit no GPU's shared memory (see _num_stages)
+        raise RuntimeError(
+            f"the Triton Symile kernels hold whole-D tiles and take D <= {max_d} for "
+            f"{first.dtype} on a GPU, got D = {d}; use backend='torch' (or 'cuda')"
+        )
     return (n, d, *tiles, *_symile_dot_setup(first.dtype, tiles[2], first.device))
 
 
