@@ -28,9 +28,10 @@ no GPU and no CUDA build of torch:
    ``generic`` compiles the same launch with every parameter marked do-not-specialise
    (what any other strides, sizes or misaligned views would get).
 3. **Resource fit.** Each compiled kernel's shared memory is compared with the arch's
-   per-block opt-in limit (sm_80: 163 KiB, sm_90: 227 KiB), and ptxas' ``-v`` log (Triton
-   passes ``-v``; ``TRITON_DUMP_PTXAS_LOG`` makes it print it) gives registers, spills and
-   stack frame, reported (spills are a speed problem, not a failure).
+   per-block opt-in limit (sm_80: 163 KiB, sm_90: 227 KiB), each recorded grid with
+   CUDA's grid limits, and ptxas' ``-v`` log (Triton passes ``-v``;
+   ``TRITON_DUMP_PTXAS_LOG`` makes it print it) gives registers, spills and stack frame,
+   reported (spills are a speed problem, not a failure, unless ``--max-spill`` is given).
 4. **Coverage.** Every entry kernel (a ``@triton.jit`` function of the backend that no
    other one calls) must have been launched by some case: a new kernel that no case
    reaches fails the check. The jit helpers are inlined into the kernels that call them.
@@ -39,6 +40,11 @@ What it cannot tell: whether the kernels compute the right numbers (the interpre
 do that), how fast they run, or what happens at run time on a real device (driver/loader
 errors, illegal memory accesses, the occupancy the scheduler reaches). It proves
 compilation and static resource fit for the recorded configurations only.
+
+Triton versions: run with 3.6 and 3.9. The binder, ``JITFunction._pack_args`` and
+``KernelParam`` are Triton internals (stable from 3.6 to 3.9); a version that changes them
+shows up as "specialize" failures, not as silently wrong signatures. The ptxas that
+compiles is the one in the installed wheel (3.9 uses its CUDA 13 ptxas for sm_90).
 
 Exit status: 0 when every kernel x configuration compiles and fits, 1 otherwise. Needs a
 fresh process in which TRITON_INTERPRET is not "1" before the kernel modules are imported
@@ -215,6 +221,7 @@ def simulated_gpu(arch: Arch) -> Iterator[_Recorder]:
         major=major,
         minor=minor,
         multi_processor_count=arch.sm_count,
+        shared_memory_per_block_optin=arch.max_shared,
         total_memory=80 << 30,
     )
     recorder = _Recorder()
@@ -361,9 +368,10 @@ def preset_cases(preset: str) -> list[tuple[str, Case]]:
     ``full``, for each of fp32 (IEEE), tf32, fp16 and bf16: the plain calls at N in {97,
     4096, 65536} x D in {64, 100, 512, 1024}; the optional-argument variants at N = 4096
     with every D and at N = 97, D = 100; the plain calls at N = 2^21, D = 1024 (element
-    offsets beyond int32: the INDEX_64 path). ``smoke``: the plain calls in bf16 at
-    N = 4096, D = 512 (D in chunks, the largest tiles) and in fp32 at N = 97, D = 64
-    (IEEE FMA products, one D chunk, small-N plans): every kernel, a few tile regimes.
+    offsets beyond int32: the INDEX_64 path). ``smoke`` (what the test suite compiles, in
+    about a minute on two cores): the plain calls in bf16 at N = 4096, D = 512 (D in
+    chunks, the largest tiles, 16-bit tensor-core products), GRAM at K = 2 (K = 3 takes
+    ptxas twice as long): every kernel, and each constexpr branch of it, once per arch.
     """
     out: list[tuple[str, Case]] = []
     if preset == "full":
@@ -374,8 +382,9 @@ def preset_cases(preset: str) -> list[tuple[str, Case]]:
             for n, d, flags in grid:
                 out += [(dname, c) for c in _cases_at(n, d, dname, flags)]
     elif preset == "smoke":
-        out += [("bf16", c) for c in _cases_at(4096, 512, "bf16", False)]
-        out += [("fp32", c) for c in _cases_at(97, 64, "fp32", False)]
+        plain = [c for c in _cases_at(4096, 512, "bf16", False) if c.objective != "gram"]
+        gram = [c for c in _cases_at(4096, 512, "bf16", True) if c.objective == "gram"]
+        out += [("bf16", c) for c in plain + gram]
     else:
         raise ValueError(f"unknown preset {preset!r}; known: {PRESETS}")
     return out
@@ -441,6 +450,22 @@ def _specialize(launch: Launch, arch: Arch, variant: str) -> Job:
     return Job(kernel, arch, variant, signature, constexprs, attrs, options, [launch.case])
 
 
+_GRID_LIMITS = (2**31 - 1, 65535, 65535)  # CUDA's grid dimensions x, y, z
+
+
+def _grid_problem(grid: Any) -> Optional[str]:
+    """Why CUDA would refuse to launch this grid, or None (callable grids: not checked)."""
+    if callable(grid):
+        return None
+    grid = tuple(grid)
+    if not 1 <= len(grid) <= 3:
+        return f"grid {grid} must have 1 to 3 dimensions"
+    for size, limit, axis in zip(grid, _GRID_LIMITS, "xyz"):
+        if not 1 <= int(size) <= limit:
+            return f"grid {grid}: {axis} = {size} outside [1, {limit}]"
+    return None
+
+
 def entry_kernels(modules: Sequence[ModuleType]) -> dict[str, JITFunction]:
     """{qualified name: kernel} of the jit functions no other jit function calls."""
     jits = {}
@@ -466,8 +491,9 @@ def collect_jobs(
 ) -> tuple[list[Job], list[dict]]:
     """(unique compile jobs, failures) for the cases of ``preset`` on ``archs``.
 
-    Failures here are cases whose launchers raised under the simulated GPU and entry
-    kernels that no case launched.
+    Failures here are cases whose launchers raised under the simulated GPU, launches on a
+    grid CUDA would refuse (a dimension of 0, y or z beyond 65535) and entry kernels that
+    no case launched.
     """
     failures: list[dict] = []
     jobs: dict[tuple, Job] = {}
@@ -491,6 +517,17 @@ def collect_jobs(
                     )
         for launch in recorder.launches:
             launched.add(f"{launch.kernel.fn.__module__}.{launch.kernel.fn.__name__}")
+            problem = _grid_problem(launch.grid)
+            if problem is not None:
+                failures.append(
+                    dict(
+                        kind="grid",
+                        arch=arch.capability,
+                        case=launch.case,
+                        kernel=launch.kernel.fn.__name__,
+                        error=problem,
+                    )
+                )
             for variant in variants:
                 try:
                     job = _specialize(launch, arch, variant)
