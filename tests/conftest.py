@@ -22,3 +22,54 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; no
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ----------------------------------------------------------------------------- CUDA kernels
+# The CUDA backend's kernel tests (tests/test_cuda_*.py) run twice: on a GPU ("gpu", marked
+# `gpu`, skipped without one) and on csrc/ built for the CPU ("emulator",
+# tests/cuda_emulator; marked `emulator`, skipped where it cannot be built). The fixture
+# sets the test module's DEVICE to where that target's tensors live.
+
+
+def _gpu_skip_reason() -> str | None:
+    from flashcontrast import _cuda_ext
+
+    if not _cuda_ext.HAS_C:
+        return f"flashcontrast._C is not built: {_cuda_ext.C_UNAVAILABLE_REASON}"
+    if not HAS_CUDA:
+        return "needs a CUDA device; torch.cuda sees none"
+    return None
+
+
+def _emulator_skip_reason() -> str | None:
+    if os.environ.get("FLASHCONTRAST_SKIP_EMULATOR") == "1":
+        return "FLASHCONTRAST_SKIP_EMULATOR=1"
+    from cuda_emulator import UNAVAILABLE_REASON
+
+    return UNAVAILABLE_REASON
+
+
+_GPU_SKIP, _EMULATOR_SKIP = _gpu_skip_reason(), _emulator_skip_reason()
+KERNEL_TARGETS = [
+    pytest.param(
+        "gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(bool(_GPU_SKIP), reason=str(_GPU_SKIP))]
+    ),
+    pytest.param(
+        "emulator",
+        marks=[
+            pytest.mark.emulator,
+            pytest.mark.skipif(bool(_EMULATOR_SKIP), reason=str(_EMULATOR_SKIP)),
+        ],
+    ),
+]
+
+
+@pytest.fixture(params=KERNEL_TARGETS)
+def kernel_target(request, monkeypatch) -> str:
+    """'gpu' or 'emulator'; the requesting module's DEVICE becomes 'cuda' or 'cpu'."""
+    if request.param == "emulator":
+        import cuda_emulator
+
+        cuda_emulator.install(monkeypatch)
+    monkeypatch.setattr(request.module, "DEVICE", "cuda" if request.param == "gpu" else "cpu")
+    return request.param

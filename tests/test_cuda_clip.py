@@ -1,8 +1,10 @@
 """The CUDA backend's CLIP kernels (csrc/kernels/clip.cu) against a dense float64 computation.
 
-GPU tests are marked ``gpu`` and skipped, with the reason, where torch sees no CUDA device
-or ``flashcontrast._C`` was built without the CLIP kernels. One test runs everywhere ``_C``
-is built: without a GPU, the backend must refuse with a sentence, not crash.
+Kernel tests run on each ``kernel_target`` (tests/conftest.py): a GPU (marked ``gpu``,
+skipped with the reason where torch sees none or ``_C`` is not built) and csrc/ built for
+the CPU (tests/cuda_emulator, marked ``emulator``); the fixture sets DEVICE. The stream test
+needs a GPU. One test runs everywhere ``_C`` is built: without a GPU, the backend must
+refuse with a sentence, not crash.
 
 Rule (tests/verification.py): error(kernel) <= 2 * error(dense same-dtype torch) + atol,
 errors against float64. "Same-dtype" is the dense computation on the same (rounded) inputs
@@ -31,11 +33,10 @@ elif not HAS_CLIP:
 else:
     _SKIP = "needs a CUDA device; torch.cuda sees none"
 requires_cuda_clip = pytest.mark.skipif(not (HAS_C and HAS_CLIP and HAS_CUDA), reason=_SKIP)
-gpu = [pytest.mark.gpu, requires_cuda_clip]
 
 FWD_NAMES = ("row_lse", "col_lse", "diag")
 BWD_NAMES = ("da", "db", "dscale", "dbias")
-DEVICE = "cuda"
+DEVICE = "cuda"  # set per test by the kernel_target fixture
 
 
 # ----------------------------------------------------------------------------- the oracle
@@ -103,8 +104,7 @@ def _check_backend(a, b, scale, bias, grad=1.7):
 @pytest.mark.parametrize("n", [1, 7, 97, 300, 1025])
 @pytest.mark.parametrize("d", [3, 64, 100, 513])
 @pytest.mark.parametrize("dtype", [torch.float32], ids=["fp32"])
-@pytest.mark.gpu
-@requires_cuda_clip
+@pytest.mark.usefixtures("kernel_target")
 def test_fp32_sizes(n, d, dtype):
     a, b = _inputs(n, d, dtype)
     _check_backend(a, b, 14.3, None)
@@ -113,8 +113,7 @@ def test_fp32_sizes(n, d, dtype):
 @pytest.mark.parametrize("n", [1, 7, 300, 1025])
 @pytest.mark.parametrize("d", [3, 64, 513])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.gpu
-@requires_cuda_clip
+@pytest.mark.usefixtures("kernel_target")
 def test_half_precision_sizes(n, d, dtype):
     a, b = _inputs(n, d, dtype)
     _check_backend(a, b, 30.0, None)
@@ -125,23 +124,20 @@ def test_half_precision_sizes(n, d, dtype):
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
 )
-@pytest.mark.gpu
-@requires_cuda_clip
+@pytest.mark.usefixtures("kernel_target")
 def test_scales_bias_and_grad(scale, bias, dtype):
     a, b = _inputs(97, 100, dtype)
     _check_backend(a, b, scale, bias, grad=-0.6)
 
 
-@pytest.mark.gpu
-@requires_cuda_clip
+@pytest.mark.usefixtures("kernel_target")
 def test_unnormalized_features():
     a, b = _inputs(61, 40, torch.float32, normalize=False)
     _check_backend(a, b, 3.0, 0.25, grad=2.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.gpu
-@requires_cuda_clip
+@pytest.mark.usefixtures("kernel_target")
 def test_strided_inputs(dtype):
     """Column-major, column-sliced and row-strided views are read in place, not copied."""
     unit = torch.nn.functional.normalize
@@ -159,8 +155,7 @@ def test_strided_inputs(dtype):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
-@pytest.mark.gpu
-@requires_cuda_clip
+@pytest.mark.usefixtures("kernel_target")
 def test_extreme_scale_is_finite():
     """s = 1e4: logits span +-1e4. Finite, and within 1e-4 of each output's magnitude (a
     float32 LSE of 1e4 carries 1e-3 absolute rounding; see tests/test_clip.py)."""
@@ -179,8 +174,7 @@ def test_extreme_scale_is_finite():
         assert (got.double() - want).abs().max().item() <= bound, name
 
 
-@pytest.mark.gpu
-@requires_cuda_clip
+@pytest.mark.usefixtures("kernel_target")
 def test_forward_is_deterministic_and_backward_stable():
     a, b = _inputs(1025, 100, torch.bfloat16)
     s = torch.tensor(50.0, device=DEVICE)
@@ -211,8 +205,7 @@ def test_side_stream_and_workspace_reuse():
         torch.testing.assert_close(g_, w, rtol=0, atol=0)
 
 
-@pytest.mark.gpu
-@requires_cuda_clip
+@pytest.mark.usefixtures("kernel_target")
 def test_float64_raises_type_error():
     a = torch.randn(4, 3, device=DEVICE, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
@@ -234,8 +227,7 @@ def _dispatcher_has_cuda_clip() -> bool:
         (1025, 513, torch.bfloat16, 0.5),
     ],
 )
-@pytest.mark.gpu
-@requires_cuda_clip
+@pytest.mark.usefixtures("kernel_target")
 def test_public_clip_loss(n, d, dtype, bias):
     if not _dispatcher_has_cuda_clip():
         pytest.skip("the dispatcher does not route clip to the CUDA backend yet")

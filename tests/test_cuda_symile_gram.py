@@ -1,9 +1,10 @@
 """The CUDA backend's Symile and GRAM kernels (csrc/kernels/symile.cu, gram.cu) against dense
 float64 computations of the contract formulas in flashcontrast/backends/__init__.py.
 
-GPU tests are marked ``gpu`` and skipped, with the reason, where torch sees no CUDA device or
-``flashcontrast._C`` lacks the kernels. The last tests run everywhere: without a GPU the
-backend refuses CPU tensors with a sentence, and ``_C`` refuses bad arguments by name.
+Kernel tests run on each ``kernel_target`` (tests/conftest.py): a GPU (marked ``gpu``,
+skipped with the reason where torch sees none or ``_C`` is not built) and csrc/ built for the
+CPU (tests/cuda_emulator, marked ``emulator``); the fixture sets DEVICE. The last tests run
+without a GPU: the backend refuses CPU tensors with a sentence, ``_C`` bad arguments by name.
 
 Rule (tests/verification.py): error(kernel) <= 2 * error(dense float32 on the same rounded
 inputs) + atol, errors against float64 (as tests/test_cuda_clip.py).
@@ -24,19 +25,7 @@ HAS_SYMILE = "symile" in cuda_backend.OBJECTIVES
 HAS_GRAM = "gram" in cuda_backend.OBJECTIVES
 
 
-def _skip(has: bool, name: str):
-    if not HAS_C:
-        reason = f"flashcontrast._C is not built: {_cuda_ext.C_UNAVAILABLE_REASON}"
-    elif not has:
-        reason = f"flashcontrast._C has no {name} kernels (an older build?)"
-    else:
-        reason = "needs a CUDA device; torch.cuda sees none"
-    return pytest.mark.skipif(not (HAS_C and has and HAS_CUDA), reason=reason)
-
-
-requires_symile = _skip(HAS_SYMILE, "symile")
-requires_gram = _skip(HAS_GRAM, "gram")
-DEVICE = "cuda"
+DEVICE = "cuda"  # set per test by the kernel_target fixture
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
@@ -90,15 +79,13 @@ def _check_rowce(a, w, scale):
 @pytest.mark.parametrize("n", [1, 7, 97, 300])
 @pytest.mark.parametrize("d", [3, 100, 513])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.gpu
-@requires_symile
+@pytest.mark.usefixtures("kernel_target")
 def test_rowce(n, d, dtype):
     a, w = _unit(n, d, dtype, 2)
     _check_rowce(a, w, 14.3)
 
 
-@pytest.mark.gpu
-@requires_symile
+@pytest.mark.usefixtures("kernel_target")
 def test_rowce_strided():
     a = _unit(90, 100, torch.bfloat16)[0].t().contiguous().t()  # column-major
     w = torch.zeros(90, 260, device=DEVICE, dtype=torch.bfloat16)
@@ -136,16 +123,14 @@ def _check_n2(x, y, z, scale):
 @pytest.mark.parametrize("n", [1, 7, 67])
 @pytest.mark.parametrize("d", [3, 40, 100])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.gpu
-@requires_symile
+@pytest.mark.usefixtures("kernel_target")
 def test_symile_n2(n, d, dtype):
     # sum_d x y z of unit vectors is ~ 1/D: scale by sqrt(D) to keep logits O(scale).
     x, y, z = _unit(n, d, dtype, 3)
     _check_n2(x, y, z, 10.0 * d**0.5)
 
 
-@pytest.mark.gpu
-@requires_symile
+@pytest.mark.usefixtures("kernel_target")
 def test_symile_n2_strided():
     x, y = _unit(70, 48, torch.float32, 2)
     z_full = torch.zeros(70, 100, device=DEVICE)
@@ -208,16 +193,14 @@ def _check_gram(anchor, others, scale, eps=0.1, grad=1.3):
 @pytest.mark.parametrize("n", [1, 7, 97, 130])
 @pytest.mark.parametrize(("k", "d"), [(1, 7), (2, 64), (4, 100), (5, 33)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.gpu
-@requires_gram
+@pytest.mark.usefixtures("kernel_target")
 def test_gram(n, k, d, dtype):
     anchor = _unit(n, d, dtype)[0]
     others = torch.stack(_unit(n, d, dtype, k))
     _check_gram(anchor, others, 1 / 0.07)
 
 
-@pytest.mark.gpu
-@requires_gram
+@pytest.mark.usefixtures("kernel_target")
 def test_gram_strided_no_smoothing():
     anchor = _unit(77, 50, torch.float32)[0].t().contiguous().t()
     others = torch.stack(_unit(77, 50, torch.float32, 3), dim=1).transpose(0, 1)  # (K, N, D) view

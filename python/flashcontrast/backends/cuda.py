@@ -26,7 +26,9 @@ the compiled extension has kernels for.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from types import ModuleType
 from typing import Optional
 
 import torch
@@ -61,19 +63,31 @@ _KERNELS = {
     "multiview": ("selfsim_rowlse_forward", "selfsim_rowlse_backward"),
 }
 
+
 #: Objectives with kernels in this build of ``_C`` (empty without ``_C``).
-OBJECTIVES: frozenset = frozenset(
-    name for name, fns in _KERNELS.items() if _C is not None and all(hasattr(_C, f) for f in fns)
-)
+def objectives_of(c: Optional[ModuleType]) -> frozenset:
+    """The objectives whose kernels the extension module ``c`` (or None) has."""
+    return frozenset(
+        name for name, fns in _KERNELS.items() if c is not None and all(hasattr(c, f) for f in fns)
+    )
+
+
+OBJECTIVES: frozenset = objectives_of(_C)
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+def _emulated() -> bool:
+    """True only for the test suite's CPU build of csrc/ (tests/cuda_emulator), whose
+    "device memory" is host memory: it alone may take CPU tensors."""
+    return getattr(_C, "EMULATES_ON_CPU", False)
+
+
 def unavailable_reason(device: torch.device) -> Optional[str]:
     """None when the compiled extension can run on ``device``, else why it cannot."""
-    if not _cuda_ext.HAS_C:
+    if _C is None:
         return _cuda_ext.C_UNAVAILABLE_REASON
-    if device.type != "cuda":
+    if device.type != "cuda" and not (device.type == "cpu" and _emulated()):
         return f"the CUDA backend needs CUDA tensors, got tensors on {device}"
     return None
 
@@ -134,7 +148,19 @@ def _group_sizes(groups: Tensor) -> Tensor:
 
 
 def _device_index(device: torch.device) -> int:
+    if device.type == "cpu":  # the emulator's one device
+        return 0
     return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes ``device`` current (a no-op for the emulator's CPU tensors)."""
+    return contextlib.nullcontext() if device.type == "cpu" else torch.cuda.device(device)
+
+
+def _stream(device: torch.device) -> int:
+    """The current stream of ``device`` as an integer handle (0 for the emulator)."""
+    return 0 if device.type == "cpu" else torch.cuda.current_stream(device).cuda_stream
 
 
 def clip_forward(
@@ -163,13 +189,13 @@ def clip_forward(
         col_lse.copy_(row_lse)
         diag.copy_(b0)
         return row_lse, col_lse, diag
-    with torch.cuda.device(a.device):
+    with _on(a.device):
         ws = torch.empty(_C.clip_forward_workspace_elems(n, d, _device_index(a.device)), **f32)
         _C.clip_forward(
             *_launch_args(a, b, scale, bias),
             row_lse.data_ptr(), col_lse.data_ptr(), diag.data_ptr(),
             ws.data_ptr(), ws.numel(),
-            torch.cuda.current_stream(a.device).cuda_stream,
+            _stream(a.device),
             0 if groups is None else groups.data_ptr(),
         )  # fmt: skip
     return row_lse, col_lse, diag
@@ -205,14 +231,14 @@ def clip_backward(
     col_lse = col_lse.detach().to(torch.float32).contiguous()
     scale, grad = _scalar(scale), _scalar(grad.to(a.device))
     bias = None if bias is None else _scalar(bias)
-    with torch.cuda.device(a.device):
+    with _on(a.device):
         ws = torch.empty(_C.clip_backward_workspace_elems(n, d, _device_index(a.device)), **f32)
         _C.clip_backward(
             *_launch_args(a, b, scale, bias),
             row_lse.data_ptr(), col_lse.data_ptr(), grad.data_ptr(),
             da.data_ptr(), db.data_ptr(), dscale.data_ptr(), dbias.data_ptr(),
             ws.data_ptr(), ws.numel(),
-            torch.cuda.current_stream(a.device).cuda_stream,
+            _stream(a.device),
             0 if groups is None else groups.data_ptr(),
         )  # fmt: skip
     return da, db, dscale, dbias
@@ -255,10 +281,6 @@ def _vec(t: Tensor, n: int, name: str, device: torch.device, shape: tuple = ()) 
     return t.detach().to(torch.float32).contiguous()
 
 
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
-
-
 def rowce_forward(a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor) -> Tensor:
     """row_lse (N,) fp32 of logits scale * a @ w^T with the diagonal replaced by diag_logit."""
     dev = _check_many("symile", {"a": a, "w": w}, scale)
@@ -275,7 +297,7 @@ def rowce_forward(a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor) -> Te
         return torch.logaddexp(diag_logit, torch.full((n,), math.log(n - 1), **f32))
     scale = _scalar(scale)
     row_lse = torch.empty(n, **f32)
-    with torch.cuda.device(dev):
+    with _on(dev):
         ws = torch.empty(_C.rowce_forward_workspace_elems(n, d, _device_index(dev)), **f32)
         _C.rowce_forward(
             a.data_ptr(), w.data_ptr(), n, d, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
@@ -304,7 +326,7 @@ def rowce_backward(
         ddiag.copy_(grad_rows * torch.exp(diag_logit - row_lse))
         return da, dw, dscale, ddiag
     scale = _scalar(scale)
-    with torch.cuda.device(dev):
+    with _on(dev):
         ws = torch.empty(_C.rowce_backward_workspace_elems(n, d, _device_index(dev)), **f32)
         _C.rowce_backward(
             a.data_ptr(), w.data_ptr(), n, d, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
@@ -342,7 +364,7 @@ def symile_n2_forward(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> Tensor:
         return torch.full((n,), 2.0 * math.log(n) if n else 0.0, **f32)
     scale = _scalar(scale)
     row_lse = torch.empty(n, **f32)
-    with torch.cuda.device(dev):
+    with _on(dev):
         ws = torch.empty(_C.symile_n2_forward_workspace_elems(n, d, _device_index(dev)), **f32)
         _C.symile_n2_forward(
             *_triple_args(x, y, z, scale), row_lse.data_ptr(), ws.data_ptr(), ws.numel(),
@@ -365,7 +387,7 @@ def symile_n2_backward(
     if n == 0 or d == 0:
         return dx, dy, dz, dscale
     scale = _scalar(scale)
-    with torch.cuda.device(dev):
+    with _on(dev):
         ws = torch.empty(_C.symile_n2_backward_workspace_elems(n, d, _device_index(dev)), **f32)
         _C.symile_n2_backward(
             *_triple_args(x, y, z, scale), row_lse.data_ptr(), grad_rows.data_ptr(),
@@ -413,7 +435,7 @@ def gram_forward(
         lse = torch.full((n,), math.log(n), **f32)
         return lse, lse.clone(), torch.zeros(n, **f32), torch.zeros(n, **f32), torch.zeros(n, **f32)
     scale = _scalar(scale)
-    with torch.cuda.device(dev):
+    with _on(dev):
         ws = torch.empty(_C.gram_forward_workspace_elems(n, d, k, _device_index(dev)), **f32)
         _C.gram_forward(
             *_gram_args(anchor, others, scale, det_h, adj_h), *(o.data_ptr() for o in outs),
@@ -450,7 +472,7 @@ def gram_backward(
     if n == 0 or d == 0:
         return d_anchor, d_others, dscale, col_tt, col_uu
     scale, grad = _scalar(scale), _scalar(grad.to(dev))
-    with torch.cuda.device(dev):
+    with _on(dev):
         ws = torch.empty(_C.gram_backward_workspace_elems(n, d, k, _device_index(dev)), **f32)
         _C.gram_backward(
             *_gram_args(anchor, others, scale, det_h, adj_h), row_lse.data_ptr(),
@@ -478,7 +500,7 @@ def siglip_forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]) 
         sp = torch.nn.functional.softplus
         return n * sp(-b0, threshold=1e9) + (n * n - n) * sp(b0, threshold=1e9)
     total = torch.empty((), **f32)
-    with torch.cuda.device(a.device):
+    with _on(a.device):
         ws = torch.empty(_C.siglip_forward_workspace_elems(n, d, _device_index(a.device)), **f32)
         _C.siglip_forward(
             *_launch_args(a, b, scale, bias), total.data_ptr(), ws.data_ptr(), ws.numel(),
@@ -507,7 +529,7 @@ def siglip_backward(
         if bias is not None:
             dbias.copy_(grad * (n * torch.sigmoid(bias) - 1))
         return da, db, dscale, dbias
-    with torch.cuda.device(a.device):
+    with _on(a.device):
         ws = torch.empty(_C.siglip_backward_workspace_elems(n, d, _device_index(a.device)), **f32)
         _C.siglip_backward(
             *_launch_args(a, b, scale, bias), grad.data_ptr(),
@@ -555,7 +577,7 @@ def selfsim_rowlse_forward(
         return counts.log().expand(v, n).contiguous()
     scale = _scalar(scale)
     row_lse = torch.empty((v, n), **f32)
-    with torch.cuda.device(dev):
+    with _on(dev):
         elems = _C.selfsim_forward_workspace_elems(v, n, d, bool(per_view), _device_index(dev))
         ws = torch.empty(elems, **f32)
         _C.selfsim_rowlse_forward(
@@ -589,7 +611,7 @@ def selfsim_rowlse_backward(
     row_lse = row_lse.detach().to(torch.float32).contiguous()
     grad_rows = grad_rows.detach().to(torch.float32).contiguous()
     scale = _scalar(scale)
-    with torch.cuda.device(dev):
+    with _on(dev):
         elems = _C.selfsim_backward_workspace_elems(v, n, d, bool(per_view), _device_index(dev))
         ws = torch.empty(elems, **f32)
         _C.selfsim_rowlse_backward(

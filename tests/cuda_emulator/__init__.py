@@ -1,0 +1,37 @@
+"""csrc/'s CUDA kernels built for the CPU, so that the CUDA backend's tests run without a GPU.
+
+See README.md here for what the emulation checks and what only a GPU can. Tests reach it
+through the ``kernel_target`` fixture (tests/conftest.py); :func:`install` is that
+fixture's half that swaps the extension module in.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import pytest
+
+from . import build
+
+#: None when the emulator can be built here, else why not (the skip reason).
+UNAVAILABLE_REASON: str | None = build.unavailable_reason()
+
+
+@functools.cache
+def module() -> ModuleType:
+    """The emulated ``flashcontrast._C``, built once per session (cached on disk)."""
+    return build.load()
+
+
+def install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route ``backend="cuda"`` to the emulated ``_C`` for the rest of the test: CPU tensors
+    are accepted as its device memory."""
+    from flashcontrast import _dispatch
+    from flashcontrast.backends import cuda as cuda_backend
+
+    emulated = module()
+    objectives = cuda_backend.objectives_of(emulated)
+    monkeypatch.setattr(cuda_backend, "_C", emulated)
+    monkeypatch.setattr(cuda_backend, "OBJECTIVES", objectives)
+    monkeypatch.setattr(_dispatch, "CUDA_OBJECTIVES", objectives)
