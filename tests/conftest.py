@@ -49,7 +49,7 @@ def _emulator_skip_reason() -> str | None:
     return UNAVAILABLE_REASON
 
 
-_GPU_SKIP, _EMULATOR_SKIP = _gpu_skip_reason(), _emulator_skip_reason()
+_GPU_SKIP, EMULATOR_SKIP = _gpu_skip_reason(), _emulator_skip_reason()
 KERNEL_TARGETS = [
     pytest.param(
         "gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(bool(_GPU_SKIP), reason=str(_GPU_SKIP))]
@@ -58,7 +58,7 @@ KERNEL_TARGETS = [
         "emulator",
         marks=[
             pytest.mark.emulator,
-            pytest.mark.skipif(bool(_EMULATOR_SKIP), reason=str(_EMULATOR_SKIP)),
+            pytest.mark.skipif(bool(EMULATOR_SKIP), reason=str(EMULATOR_SKIP)),
         ],
     ),
 ]
@@ -70,6 +70,17 @@ def kernel_target(request, monkeypatch) -> str:
     if request.param == "emulator":
         import cuda_emulator
 
-        cuda_emulator.install(monkeypatch)
+        cuda_emulator.install(monkeypatch, request.node.nodeid)
     monkeypatch.setattr(request.module, "DEVICE", "cuda" if request.param == "gpu" else "cpu")
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _emulated_cuda_backend(request, monkeypatch):
+    """Objective tests parametrized with backend="cuda" (verification.BACKENDS) build their
+    inputs on the CPU: they run the CUDA backend on the emulator."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "cuda":
+        import cuda_emulator
+
+        cuda_emulator.install(monkeypatch, request.node.nodeid)

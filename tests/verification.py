@@ -11,6 +11,7 @@ from typing import Sequence
 import pytest
 import torch
 
+from conftest import EMULATOR_SKIP
 from flashcontrast.backends.triton import triton_unavailable_reason
 
 # Why the Triton backend cannot run on CPU tensors here (None: it can, in the interpreter).
@@ -18,8 +19,17 @@ TRITON_SKIP = triton_unavailable_reason(torch.device("cpu"))
 TRITON = pytest.param(
     "triton", marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
 )
+# The CUDA backend on CPU tensors: csrc/ built for the CPU (tests/cuda_emulator); the
+# conftest fixture `_emulated_cuda_backend` swaps it in for every test given backend="cuda".
+CUDA_EMULATED = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.emulator,
+        pytest.mark.skipif(EMULATOR_SKIP is not None, reason=str(EMULATOR_SKIP)),
+    ],
+)
 # The kernel backends every objective's tests run on the CPU.
-BACKENDS = ["torch", TRITON]
+BACKENDS = ["torch", TRITON, CUDA_EMULATED]
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 

@@ -8,6 +8,8 @@ fixture's half that swaps the extension module in.
 from __future__ import annotations
 
 import functools
+import os
+import zlib
 from types import ModuleType
 
 import pytest
@@ -24,11 +26,16 @@ def module() -> ModuleType:
     return build.load()
 
 
-def install(monkeypatch: pytest.MonkeyPatch) -> None:
+def install(monkeypatch: pytest.MonkeyPatch, test_id: str) -> None:
     """Route ``backend="cuda"`` to the emulated ``_C`` for the rest of the test: CPU tensors
-    are accepted as its device memory."""
+    are accepted as its device memory. Unless FC_EMU_SCHEDULE is set, threads and blocks
+    run in a random order seeded by ``test_id``: each test sees another interleaving, and
+    the same one on every run."""
     from flashcontrast import _dispatch
     from flashcontrast.backends import cuda as cuda_backend
+
+    if not os.environ.get("FC_EMU_SCHEDULE"):
+        monkeypatch.setenv("FC_EMU_SCHEDULE", f"shuffle:{zlib.crc32(test_id.encode())}")
 
     emulated = module()
     objectives = cuda_backend.objectives_of(emulated)

@@ -94,10 +94,20 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _sanitize_flags() -> list[str]:
+    """``FC_EMU_SANITIZE=address``: an AddressSanitizer build, which reports any kernel read
+    or write outside the tensors torch allocated (run Python with the compiler's libasan in
+    LD_PRELOAD and ASAN_OPTIONS=detect_leaks=0; see README.md here)."""
+    kind = os.environ.get("FC_EMU_SANITIZE", "")
+    if kind not in ("", "address"):
+        raise ValueError(f"FC_EMU_SANITIZE must be empty or 'address', got {kind!r}")
+    return ["-fsanitize=address", "-fno-omit-frame-pointer"] if kind else []
+
+
 def _flags(cuda_inc: Path, gen: Path) -> list[str]:
     import pybind11
 
-    return [
+    return [*_sanitize_flags(),
         "-std=c++17", "-O2", "-fPIC", "-g0", "-Wno-unknown-pragmas", "-fvisibility=hidden",
         "-include", str(HERE / "fc_emu.h"),
         f"-I{CSRC / 'include'}", f"-I{gen}", f"-I{cuda_inc}",
@@ -126,7 +136,7 @@ def build(
         kernels[cu] = rewrite(mutate(cu.name, text) if mutate else text)
     others = [*sorted((CSRC / "include").rglob("*.h*")), CSRC / "bindings.cpp"]
     others += [HERE / "fc_emu.h", HERE / "fc_emu.cpp"]
-    digest = hashlib.sha256(f"{cxx} {cuda_inc} {sys.version}".encode())
+    digest = hashlib.sha256(f"{cxx} {cuda_inc} {sys.version} {_sanitize_flags()}".encode())
     for path, text in kernels.items():
         digest.update(path.name.encode() + text.encode())
     for path in others:
@@ -164,7 +174,9 @@ def build(
         objects = list(pool.map(compile_one, units))
     tmp = root / f"_C.tmp{suffix}"
     proc = subprocess.run(
-        [cxx, "-shared", "-o", str(tmp), *map(str, objects)], capture_output=True, text=True
+        [cxx, "-shared", *_sanitize_flags(), "-o", str(tmp), *map(str, objects)],
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"cuda emulator: linking failed:\n{proc.stderr}")
