@@ -230,3 +230,16 @@ def test_scale_n8192_m4_on_cpu_memory_linear(monkeypatch):
     assert use.peak_bytes <= 8 * inputs_bytes + block_bytes, use
     assert use.peak_bytes < n * n * 4 / 8, use
     assert use.largest_allocation <= max(rows * n * k * 4, k * n * d * 4) + 64, use
+
+
+@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@pytest.mark.parametrize("m", [2, 6])
+def test_triton_gpu_tile_shapes(m):
+    """The GPU launchers' tiles (forward 64 x 64, backward 64 x 32, D chunks of 32: see
+    triton/gram.py's _tiles) give the reference's loss and gradients in the interpreter."""
+    from flashcontrast.backends.triton.clip import override_tiles
+
+    with override_tiles(block_m=64, block_n=32, block_d=32):
+        _check("triton", 97, 40, m, torch.float32, scale=10.0, eps=0.1)
+    with override_tiles(block_m=64, block_n=64, block_d=32):
+        _check("triton", 97, 40, m, torch.float32, scale=10.0, eps=0.1)

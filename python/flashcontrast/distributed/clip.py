@@ -195,10 +195,7 @@ class _ClipDist(torch.autograd.Function):
         a, b, scale, bias, row_lse, col_lse, groups, g_all = ctx.saved_tensors
         lay = ctx.lay
         acc = row_lse.dtype
-        # The ranks' upstream gradients are averaged (identical in normal use), so that
-        # every rank differentiates the same function.
-        g = _comm.all_reduce(grad_loss.detach().to(acc).reshape(1).clone(), lay) / lay.world
-        coef = g[0] / (2 * lay.total)
+        coef = _comm.mean_upstream(grad_loss, lay, acc) / (2 * lay.total)
         a_acc = a.to(acc)
         da = torch.zeros(a.shape, dtype=acc, device=a.device)
         scalars = torch.zeros(2, dtype=acc, device=a.device)

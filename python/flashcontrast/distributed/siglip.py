@@ -106,8 +106,7 @@ class _SigLipDist(torch.autograd.Function):
         a, b, scale, bias = ctx.saved_tensors
         lay = ctx.lay
         acc = accumulation_dtype(a.dtype)
-        g = _comm.all_reduce(grad_loss.detach().to(acc).reshape(1).clone(), lay) / lay.world
-        coef = g[0] / lay.total
+        coef = _comm.mean_upstream(grad_loss, lay, acc) / lay.total
         a_acc = a.to(acc)
         da = torch.zeros(a.shape, dtype=acc, device=a.device)
         scalars = torch.zeros(2, dtype=acc, device=a.device)

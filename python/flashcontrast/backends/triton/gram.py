@@ -259,12 +259,17 @@ def _gram_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _tiles(d: int, dtype: torch.dtype, device: torch.device) -> _Tiles:
-    # Not tuned on a GPU: 64 x 64 tiles keep two fp32 tiles plus q in registers.
+def _tiles(d: int, dtype: torch.dtype, device: torch.device, backward: bool = False) -> _Tiles:
+    """Tiles of the forward (or backward) kernel. Untimed on a GPU; chosen so that ptxas
+    spills nothing on sm_80/sm_90 for K <= 5 (``python -m flashcontrast.backends.triton.
+    _aot_check --objectives gram``): the 4-warp 64 x 64 x 64 tiles of CLIP spilled ~53 KB
+    per thread in the backward (its K + 2 fp32 tiles do not fit 4 warps' registers)."""
     block_d = _block_d(d, dtype, device)
     if device.type != "cuda":
         return _with_override(_Tiles(32, 32, block_d, 4, 1))
-    return _with_override(_Tiles(64, 64, min(block_d, 64), 4, 2))
+    if backward:
+        return _with_override(_Tiles(64, 32, min(block_d, 32), 8, 2))
+    return _with_override(_Tiles(64, 64, min(block_d, 32), 8, 2))
 
 
 def _prepare(anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor):
@@ -348,7 +353,7 @@ def gram_backward(
     _prepare(anchor, others, scale, det_h, adj_h)
     k, n, d = others.shape
     tt, deth, adj, w = _common(anchor, others, det_h, adj_h)
-    tiles = _tiles(d, anchor.dtype, anchor.device)
+    tiles = _tiles(d, anchor.dtype, anchor.device, backward=True)
     num_cb, split = _backward_grid_for(tiles, n, anchor.device)
     f32 = dict(dtype=torch.float32, device=anchor.device)
     da = torch.zeros((n, d), **f32)
