@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
 
 import pytest
 
+from cuda_emulator import SKIP_REASON as EMULATOR_SKIP
+
 HAS_CUDA = torch.cuda.is_available()
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; none is visible")
@@ -41,15 +43,7 @@ def _gpu_skip_reason() -> str | None:
     return None
 
 
-def _emulator_skip_reason() -> str | None:
-    if os.environ.get("FLASHCONTRAST_SKIP_EMULATOR") == "1":
-        return "FLASHCONTRAST_SKIP_EMULATOR=1"
-    from cuda_emulator import UNAVAILABLE_REASON
-
-    return UNAVAILABLE_REASON
-
-
-_GPU_SKIP, EMULATOR_SKIP = _gpu_skip_reason(), _emulator_skip_reason()
+_GPU_SKIP = _gpu_skip_reason()
 KERNEL_TARGETS = [
     pytest.param(
         "gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(bool(_GPU_SKIP), reason=str(_GPU_SKIP))]

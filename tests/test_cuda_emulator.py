@@ -19,9 +19,7 @@ import cuda_emulator
 pytestmark = [
     pytest.mark.emulator,
     pytest.mark.skipif(
-        cuda_emulator.UNAVAILABLE_REASON is not None
-        or os.environ.get("FLASHCONTRAST_SKIP_EMULATOR") == "1",
-        reason=str(cuda_emulator.UNAVAILABLE_REASON or "FLASHCONTRAST_SKIP_EMULATOR=1"),
+        cuda_emulator.SKIP_REASON is not None, reason=str(cuda_emulator.SKIP_REASON)
     ),
 ]
 

@@ -11,7 +11,7 @@ from typing import Sequence
 import pytest
 import torch
 
-from conftest import EMULATOR_SKIP
+from cuda_emulator import SKIP_REASON as EMULATOR_SKIP
 from flashcontrast.backends.triton import triton_unavailable_reason
 
 # Why the Triton backend cannot run on CPU tensors here (None: it can, in the interpreter).

@@ -19,6 +19,9 @@ fp16/bf16, SIMT FFMA for fp32; 4 GEMM-equivalents per training step). Inputs are
 with their strides, never copied. Workspaces (float32): forward 2 (G + H) N with
 G + H <= 2 x SMs + 1, backward (1 + SPLIT) N D with SPLIT <= 4 (sizes from ``_C``).
 
+The test suite also runs these wrappers over csrc/ built for the CPU (tests/cuda_emulator):
+that module says ``EMULATES_ON_CPU`` and is the only one given CPU tensors.
+
 ``unavailable_reason`` tells the dispatcher why the backend cannot run, so that
 ``backend="cuda"`` fails with a sentence, not a crash; ``OBJECTIVES`` names the objectives
 the compiled extension has kernels for.
@@ -64,7 +67,6 @@ _KERNELS = {
 }
 
 
-#: Objectives with kernels in this build of ``_C`` (empty without ``_C``).
 def objectives_of(c: Optional[ModuleType]) -> frozenset:
     """The objectives whose kernels the extension module ``c`` (or None) has."""
     return frozenset(
@@ -72,6 +74,7 @@ def objectives_of(c: Optional[ModuleType]) -> frozenset:
     )
 
 
+#: Objectives with kernels in this build of ``_C`` (empty without ``_C``).
 OBJECTIVES: frozenset = objectives_of(_C)
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}

@@ -483,6 +483,13 @@ def entry_kernels(modules: Sequence[ModuleType]) -> dict[str, JITFunction]:
     return {f"{jf.fn.__module__}.{name}": jf for name, jf in jits.items() if name not in called}
 
 
+def _failure(kind: str, error, arch, case: str, kernel: Optional[str] = None) -> dict:
+    """One failure record: ``error`` an exception (named by its type) or a sentence."""
+    text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error
+    record = dict(kind=kind, arch=arch.capability, case=case, error=text)
+    return record if kernel is None else {**record, "kernel": kernel}
+
+
 def collect_jobs(
     archs: Sequence[Arch],
     preset: str = "full",
@@ -507,39 +514,20 @@ def collect_jobs(
                     with _precision(dname):
                         case.call()
                 except Exception as exc:
-                    failures.append(
-                        dict(
-                            kind="record",
-                            arch=arch.capability,
-                            case=case.label,
-                            error=f"{type(exc).__name__}: {exc}",
-                        )
-                    )
+                    failures.append(_failure("record", exc, arch, case.label))
         for launch in recorder.launches:
             launched.add(f"{launch.kernel.fn.__module__}.{launch.kernel.fn.__name__}")
             problem = _grid_problem(launch.grid)
             if problem is not None:
                 failures.append(
-                    dict(
-                        kind="grid",
-                        arch=arch.capability,
-                        case=launch.case,
-                        kernel=launch.kernel.fn.__name__,
-                        error=problem,
-                    )
+                    _failure("grid", problem, arch, launch.case, launch.kernel.fn.__name__)
                 )
             for variant in variants:
                 try:
                     job = _specialize(launch, arch, variant)
                 except Exception as exc:
                     failures.append(
-                        dict(
-                            kind="specialize",
-                            arch=arch.capability,
-                            case=launch.case,
-                            kernel=launch.kernel.fn.__name__,
-                            error=f"{type(exc).__name__}: {exc}",
-                        )
+                        _failure("specialize", exc, arch, launch.case, launch.kernel.fn.__name__)
                     )
                     continue
                 seen = jobs.setdefault(job.key(), job)
