@@ -260,10 +260,11 @@ def _gram_bwd_kernel(
 
 
 def _tiles(d: int, dtype: torch.dtype, device: torch.device, backward: bool = False) -> _Tiles:
-    """Tiles of the forward (or backward) kernel. Untimed on a GPU; chosen so that ptxas
-    spills nothing on sm_80/sm_90 for K <= 5 (``python -m flashcontrast.backends.triton.
-    _aot_check --objectives gram``): the 4-warp 64 x 64 x 64 tiles of CLIP spilled ~53 KB
-    per thread in the backward (its K + 2 fp32 tiles do not fit 4 warps' registers)."""
+    """Tiles of the forward (or backward) kernel. Untimed on a GPU; chosen by ptxas's spill
+    report (``python -m flashcontrast.backends.triton._aot_check --objectives gram --arch
+    80``): CLIP's 4-warp 64 x 64 x 64 tiles spilled ~53 KB per thread in the bf16 backward
+    (its K + 2 fp32 tiles do not fit 4 warps' registers); these spill at most 252 bytes
+    on sm_80 over the check's full preset (K = 2, 3; fp32, fp16, bf16)."""
     block_d = _block_d(d, dtype, device)
     if device.type != "cuda":
         return _with_override(_Tiles(32, 32, block_d, 4, 1))
