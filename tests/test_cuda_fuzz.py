@@ -79,7 +79,12 @@ def test_siglip(n, d, dtype, scale, bias, grad_out):
     grad_out=GRADS,
 )  # fmt: skip
 def test_multiview(kind, v, n, d, tau, with_groups, grad_out):
-    groups = torch.randint(0, max(1, n // 2), (n,)) if with_groups else None
+    groups = None
+    if with_groups:
+        groups = torch.randint(0, max(1, n // 2), (n,))
+        # Two ids at least: one group holding every sample leaves MV-DHEL rows without a
+        # negative, whose loss is -inf by definition (objectives/multiview.py).
+        groups[-1] = groups.max() + 1
     _on_emulator(check_multiview, kind, "cuda", v, n, d, 1 / tau, groups=groups, grad_out=grad_out)
 
 
