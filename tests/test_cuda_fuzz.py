@@ -3,12 +3,14 @@
 gradients, and each draw is checked against the float64 reference by DESIGN.md's rule,
 with the same checks the objectives' own test files use.
 
-Derandomized (the same examples on every run) and small (emulated kernels are slow), so
-CI stays deterministic and short; ``--hypothesis-seed`` or a larger ``max_examples`` in a
-local run explores further.
+Derandomized (the same 25 examples per test on every run), so CI stays deterministic and
+short. To explore further: FLASHCONTRAST_FUZZ_EXAMPLES=500 draws that many random examples
+per test (a different set each run).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -30,7 +32,8 @@ pytestmark = [
     ),
 ]
 
-FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None)
+_EXPLORE = int(os.environ.get("FLASHCONTRAST_FUZZ_EXAMPLES", "0"))
+FUZZ = settings(max_examples=_EXPLORE or 25, deadline=None, derandomize=not _EXPLORE, database=None)
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 SCALES = st.floats(1.0, 100.0)
 GRADS = st.floats(-2.0, 2.0).filter(lambda g: abs(g) > 0.05)
@@ -94,8 +97,12 @@ def test_multiview(kind, v, n, d, tau, with_groups, grad_out):
     scale=SCALES, eps=st.sampled_from([0.0, 0.1]), grad_out=GRADS,
 )  # fmt: skip
 def test_gram(m, n, extra_d, dtype, scale, eps, grad_out):
-    # D >= M: with fewer dimensions than vectors every volume is 0 (see tests/test_gram.py).
-    _on_emulator(check_gram, "cuda", n, m + extra_d, m, dtype, scale, eps, grad_out)
+    # D >= 2 M. With D < M every volume is 0 (see tests/test_gram.py); near D = M random
+    # samples have small volumes whose 1/V gradients amplify rounding, and every fp32
+    # implementation (torch backend, Triton, CUDA, the fp32 reference itself) lands beyond
+    # twice the fp32 reference's error on some draws (D = M = 3, N = 36: up to 3.9x for the
+    # torch backend over 20 seeds): the rule does not separate them there.
+    _on_emulator(check_gram, "cuda", n, 2 * m + extra_d, m, dtype, scale, eps, grad_out)
 
 
 @FUZZ
