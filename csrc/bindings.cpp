@@ -235,7 +235,7 @@ void selfsim_rowlse_backward(u64 u_ptr, i64 v, i64 n, i64 d, i64 stride_v, i64 s
   fc::selfsim_rowlse_backward(selfsim_inputs(u_ptr, v, n, d, stride_v, stride_n, stride_d,
                                              dtype, scale_ptr, per_view, groups_ptr),
                               as_ptr<const float>(row_lse_ptr), as_ptr<const float>(grad_rows_ptr),
-                              as_ptr<void>(du_ptr), as_ptr<float>(dscale_ptr),
+                              as_ptr<float>(du_ptr), as_ptr<float>(dscale_ptr),
                               as_ptr<float>(workspace_ptr), workspace_elems,
                               as_ptr<void>(stream));
 }
@@ -427,5 +427,5 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("scale_ptr"), py::arg("per_view"), py::arg("groups_ptr"),
       py::arg("row_lse_ptr"), py::arg("grad_rows_ptr"), py::arg("du_ptr"), py::arg("dscale_ptr"),
       py::arg("workspace_ptr"), py::arg("workspace_elems"), py::arg("stream"),
-      "Writes du ((v, n, d) contiguous, input dtype) and dscale (float32 scalar).");
+      "Writes du ((v, n, d) contiguous float32) and dscale (float32 scalar).");
 }

@@ -3,11 +3,12 @@ rounding. When the positive pair's softmax weight is close to 1, the gradient is
 difference of two large parts (the softmax-weighted sum over candidates and the positive
 term); rounding each part to bf16 before they meet destroys it.
 
-CLIP and GRAM subtract the positive inside the backend's backward (fp32) and round once:
-they pass. MV-InfoNCE and Symile "n_squared" differentiate the positive logit above the
-backend op, so the op's gradient (the large part) reaches the bf16 leaf already rounded:
-marked xfail(strict) until the positive term moves into the backends' backward (see the
-issue notes); a fix makes these XPASS and fail, so the marks are removed with it.
+CLIP and GRAM subtract the positive inside the backend's backward (fp32) and round once.
+MV-InfoNCE differentiates its positives above the backend op, so the op hands its
+gradient back in fp32 to the fp32 copy of the views the positives use, and the sum is
+rounded once (objectives/multiview.py). Symile "n_squared" still rounds the op's gradient
+to the input dtype before the positive's joins it: marked xfail(strict) until it gets the
+same treatment; a fix makes it XPASS and fail, so the mark goes with the fix.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ LOSSES = {
 }
 KNOWN = pytest.mark.xfail(
     strict=True,
-    reason="positive logit differentiated above the backend op: two bf16-rounded partial "
-    "gradients cancel (open: move the positive term into the backends' backward)",
+    reason="Symile n_squared: the op's gradient is rounded to bf16 before the positive "
+    "logit's joins it (open: return it in fp32, as multiview does)",
 )
 
 
@@ -68,7 +69,7 @@ KNOWN = pytest.mark.xfail(
     [
         "clip",
         "gram",
-        pytest.param("mv-infonce", marks=KNOWN),
+        "mv-infonce",
         pytest.param("symile-n2", marks=KNOWN),
     ],
 )

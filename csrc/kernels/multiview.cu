@@ -318,14 +318,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
+// du stays fp32 for every input dtype: the objective adds the positives' gradient to it
+// before the one rounding to the input dtype (objectives/multiview.py).
 __global__ void selfsim_bwd_finalize_kernel(const float* __restrict__ du_ws, int64_t total,
                                             const float* __restrict__ scale,
-                                            T* __restrict__ du) {
+                                            float* __restrict__ du) {
   const float s = *scale;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride)
-    du[i] = from_float<T>(s * du_ws[i]);
+    du[i] = s * du_ws[i];
 }
 
 // One CTA, fixed order: deterministic.
@@ -415,7 +416,7 @@ void launch_forward(const SelfSimInputs& in, const Plan& plan, float* row_lse, f
 
 template <typename T>
 void launch_backward(const SelfSimInputs& in, const Plan& plan, const float* row_lse,
-                     const float* grad_rows, void* du, float* dscale, float* ws,
+                     const float* grad_rows, float* du, float* dscale, float* ws,
                      cudaStream_t stream) {
   const int64_t total = in.v * in.n * in.d;
   const int programs = plan.blocks * plan.h * plan.segs;
@@ -426,8 +427,7 @@ void launch_backward(const SelfSimInputs& in, const Plan& plan, const float* row
       make_params<T>(in, plan), row_lse, grad_rows, du_ws, partials);
   detail::check_launch("selfsim_bwd_kernel");
   const unsigned blocks = unsigned(std::min<int64_t>((total + 255) / 256, 8192));
-  selfsim_bwd_finalize_kernel<T><<<blocks, 256, 0, stream>>>(du_ws, total, in.scale,
-                                                             static_cast<T*>(du));
+  selfsim_bwd_finalize_kernel<<<blocks, 256, 0, stream>>>(du_ws, total, in.scale, du);
   detail::check_launch("selfsim_bwd_finalize_kernel");
   selfsim_bwd_scalar_kernel<<<1, kThreads, 0, stream>>>(partials, programs, dscale);
   detail::check_launch("selfsim_bwd_scalar_kernel");
@@ -470,7 +470,7 @@ void selfsim_rowlse_forward(const SelfSimInputs& in, float* row_lse, float* work
 }
 
 void selfsim_rowlse_backward(const SelfSimInputs& in, const float* row_lse,
-                             const float* grad_rows, void* du, float* dscale, float* workspace,
+                             const float* grad_rows, float* du, float* dscale, float* workspace,
                              int64_t workspace_elems, void* stream) {
   check_inputs(in);
   require(row_lse, "row_lse_ptr");

@@ -38,12 +38,12 @@ void selfsim_rowlse_forward(const SelfSimInputs& in, float* row_lse, float* work
 int64_t selfsim_backward_workspace_elems(int64_t v, int64_t n, int64_t d, bool per_view,
                                          int device);
 // Gradients of sum_r grad_rows_r row_lse_r (row_lse, grad_rows: (v, n) contiguous fp32):
-// du (v, n, d) contiguous in the input dtype, dscale a fp32 device scalar. With the
+// du (v, n, d) contiguous float32 (any input dtype), dscale a fp32 device scalar. With the
 // allowed set A (symmetric) and P_rc = exp(logit_rc - row_lse_r):
 // du_r = scale sum_{c in A(r)} (g_r P_rc + g_c P_cr) u_c, dscale = sum_A g_r P_rc <u_r, u_c>.
 // The workspace is zeroed on the stream.
 void selfsim_rowlse_backward(const SelfSimInputs& in, const float* row_lse,
-                             const float* grad_rows, void* du, float* dscale, float* workspace,
+                             const float* grad_rows, float* du, float* dscale, float* workspace,
                              int64_t workspace_elems, void* stream);
 
 }  // namespace flashcontrast

@@ -115,4 +115,7 @@ primitive, a row logsumexp over a symmetric self-similarity with the diagonal ex
         Gradients of sum_r grad_rows_r row_lse_r; with the allowed set A (symmetric) and
         P_rc = exp(logit_rc - row_lse_r) on A:
         du_r = scale sum_{c in A(r)} (g_r P_rc + g_c P_cr) u_c;  dscale = sum_A g_r P_rc <u_r, u_c>
+        du in the accumulation dtype (float32, float64 for float64 u), not u's: the objective
+        adds the positives' gradient before rounding once, since near convergence du nearly
+        cancels against it (tests/test_half_precision_gradients.py).
 """

@@ -598,7 +598,7 @@ def selfsim_rowlse_backward(
     row_lse: Tensor,
     grad_rows: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """(du (V, N, D) in u's dtype, dscale 0-d fp32) of sum grad_rows * row_lse."""
+    """(du (V, N, D) fp32, dscale 0-d fp32) of sum grad_rows * row_lse."""
     dev, groups = _check_selfsim(u, scale, groups)
     v, n, d = u.shape
     f32 = dict(dtype=torch.float32, device=dev)
@@ -607,7 +607,7 @@ def selfsim_rowlse_backward(
             raise ValueError(
                 f"{name} must be {(v, n)} on {dev}, got {tuple(t.shape)} on {t.device}"
             )
-    du = torch.zeros((v, n, d), dtype=u.dtype, device=dev)
+    du = torch.zeros((v, n, d), **f32)
     dscale = torch.zeros((), **f32)
     if v == 0 or n == 0 or d == 0:
         return du, dscale

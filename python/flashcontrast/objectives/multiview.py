@@ -52,17 +52,31 @@ Views = Union[Tensor, Sequence[Tensor]]
 # ----------------------------------------------------------------------------- ops
 
 
+# The forward reads u (any dtype: the kernels' tensor-core path for 16-bit u); the
+# gradient goes to u_acc, u in the accumulation dtype, which the positives read too. Near
+# convergence the two gradients nearly cancel (the softmax mass sits on the positives), so
+# they must meet in fp32 and be rounded to u's dtype once, by u_acc's cast; rounding each
+# to bf16 first loses the difference (tests/test_half_precision_gradients.py). For fp32
+# and float64 u, u_acc is u itself.
+
+
 @torch.library.custom_op("flashcontrast::selfsim_rowlse", mutates_args=())
 @autocast_off
 def selfsim_rowlse(
-    u: Tensor, scale: Tensor, per_view: bool, groups: Optional[Tensor], backend: str
+    u: Tensor,
+    u_acc: Tensor,
+    scale: Tensor,
+    per_view: bool,
+    groups: Optional[Tensor],
+    backend: str,
 ) -> Tensor:
-    """(V, N) row LSEs of scale * <u_li, u_mj> over the allowed columns (see module doc)."""
+    """(V, N) row LSEs of scale * <u_li, u_mj> over the allowed columns (see module doc).
+    u_acc: u in the accumulation dtype; read by nothing here, it receives the gradient."""
     return backend_module(backend, "multiview").selfsim_rowlse_forward(u, scale, per_view, groups)
 
 
 @selfsim_rowlse.register_fake
-def _selfsim_rowlse_fake(u, scale, per_view, groups, backend):
+def _selfsim_rowlse_fake(u, u_acc, scale, per_view, groups, backend):
     return u.new_empty(u.shape[:2], dtype=accumulation_dtype(u.dtype))
 
 
@@ -77,7 +91,7 @@ def selfsim_rowlse_bwd(
     grad_rows: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """(du, dscale) of sum grad_rows * row_lse."""
+    """(du in the accumulation dtype, dscale) of sum grad_rows * row_lse."""
     return backend_module(backend, "multiview").selfsim_rowlse_backward(
         u, scale, per_view, groups, row_lse, grad_rows
     )
@@ -86,11 +100,12 @@ def selfsim_rowlse_bwd(
 @selfsim_rowlse_bwd.register_fake
 def _selfsim_rowlse_bwd_fake(u, scale, per_view, groups, row_lse, grad_rows, backend):
     acc = accumulation_dtype(u.dtype)
-    return torch.empty_like(u, memory_format=torch.contiguous_format), u.new_empty((), dtype=acc)
+    du = u.new_empty(u.shape, dtype=acc)
+    return du, u.new_empty((), dtype=acc)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    u, scale, per_view, groups, backend = inputs
+    u, _u_acc, scale, per_view, groups, backend = inputs
     ctx.per_view = per_view
     ctx.backend = backend
     ctx.save_for_backward(u, scale, groups, output)
@@ -101,7 +116,7 @@ def _backward(ctx, grad_rows):
     du, dscale = selfsim_rowlse_bwd(
         u, scale, ctx.per_view, groups, row_lse, grad_rows.to(row_lse.dtype), ctx.backend
     )
-    return du, dscale.to(scale.dtype), None, None, None
+    return None, du, dscale.to(scale.dtype), None, None, None
 
 
 torch.library.register_autograd(
@@ -186,10 +201,9 @@ def _prepare(views, logit_scale, groups, backend):
     return u, g, scale, chosen
 
 
-def _positive_logits(u: Tensor, scale: Tensor) -> Tensor:
+def _positive_logits(u_acc: Tensor, scale: Tensor) -> Tensor:
     """(N, V, V) s u_il . u_il' in the accumulation dtype (O(V^2 N D), a torch einsum)."""
-    ua = u.to(scale.dtype)
-    return scale * torch.einsum("lnd,knd->nlk", ua, ua)
+    return scale * torch.einsum("lnd,knd->nlk", u_acc, u_acc)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -225,9 +239,10 @@ def multiview_infonce_loss(
             return reference.multiview_infonce_loss(u, scale)
         return reference_groups.multiview_infonce_loss_masked(u, scale, g)
     v = u.shape[0]
-    row_lse = selfsim_rowlse(u, scale, False, g, chosen)  # (V, N)
+    u_acc = u.to(scale.dtype)
+    row_lse = selfsim_rowlse(u, u_acc, scale, False, g, chosen)  # (V, N)
     log_den = torch.logsumexp(row_lse, dim=0)
-    pos = _positive_logits(u, scale)
+    pos = _positive_logits(u_acc, scale)
     eye = torch.eye(v, dtype=torch.bool, device=u.device)
     log_num = torch.logsumexp(pos.masked_fill(eye, float("-inf")).flatten(1), dim=1)
     return (log_den - log_num).mean()
@@ -256,9 +271,10 @@ def multiview_dhel_loss(
         if g is None:
             return reference.multiview_dhel_loss(u, scale)
         return reference_groups.multiview_dhel_loss_masked(u, scale, g)
-    row_lse = selfsim_rowlse(u, scale, True, g, chosen)  # (V, N)
+    u_acc = u.to(scale.dtype)
+    row_lse = selfsim_rowlse(u, u_acc, scale, True, g, chosen)  # (V, N)
     log_neg = row_lse.sum(dim=0)
-    pos = _positive_logits(u, scale)
+    pos = _positive_logits(u_acc, scale)
     rows, cols = torch.triu_indices(v, v, offset=1, device=u.device)
     log_pos = torch.logsumexp(pos[:, rows, cols], dim=1)
     return (log_neg - log_pos).mean()

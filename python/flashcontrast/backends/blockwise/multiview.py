@@ -22,8 +22,8 @@ above the backend, in objectives/multiview.py)::
         The allowed set A is symmetric, so with P_rc = exp(logit_rc - row_lse_r) on A:
         du_r = scale sum_{c in A(r)} (grad_rows_r P_rc + grad_rows_c P_cr) u_c
         dscale = sum_{(r, c) in A} grad_rows_r P_rc <u_r, u_c>
-        du (V, N, D) in u's dtype (contiguous); dscale 0-d, accumulation dtype. Rows with
-        row_lse = -inf contribute nothing.
+        du (V, N, D) in the accumulation dtype (contiguous; see backends/__init__.py);
+        dscale 0-d, accumulation dtype. Rows with row_lse = -inf contribute nothing.
 
 Blockwise: the (rows x columns) logit block of one segment (the whole (V N, D) stack, or
 one view) is visited a block of rows at a time; memory is O(block + V N D). Features are
@@ -124,4 +124,4 @@ def selfsim_rowlse_backward(
             dscale += (x_seg[lo:hi] * w_x).sum()  # sum_rc w_rc <x_r, x_c>
             dx_seg[lo:hi] += w_x
             dx_seg.addmm_(w.t(), x_seg[lo:hi])
-    return dx.mul_(scale).view(v, n, d).to(u.dtype), dscale
+    return dx.mul_(scale).view(v, n, d), dscale

@@ -358,4 +358,4 @@ def selfsim_rowlse_backward(
             DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
             num_warps=warps, num_stages=1 if _INTERPRET else 2,
         )  # fmt: skip
-    return du.view(v, n, d).to(u.dtype), part.sum()
+    return du.view(v, n, d), part.sum()
