@@ -369,7 +369,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("scale_ptr"), py::arg("row_lse_ptr"), py::arg("grad_rows_ptr"),
       py::arg("dx_ptr"), py::arg("dy_ptr"), py::arg("dz_ptr"), py::arg("dscale_ptr"),
       py::arg("workspace_ptr"), py::arg("workspace_elems"), py::arg("stream"),
-      "Writes dx, dy, dz (contiguous (n, d), input dtype) and dscale (fp32 scalar).");
+      "Writes dx, dy, dz (contiguous (n, d), float32) and dscale (fp32 scalar).");
   def(m, "gram_forward_workspace_elems", &fc::gram_forward_workspace_elems, py::arg("n"),
       py::arg("d"), py::arg("k"), py::arg("device"));
   def(m, "gram_backward_workspace_elems", &fc::gram_backward_workspace_elems, py::arg("n"),

@@ -524,8 +524,9 @@ void n2_bwd(const TripleInputs& in, int S, const float* row_lse, const float* gr
   detail::check_launch("symile_n2_bwd_kernel");
   void* outs[3] = {dx, dy, dz};
   for (int m = 0; m < 3; ++m) {
-    finalize_kernel<T><<<grid_1d(nd), 256, 0, st>>>(ws + m * nd, 1, nd, in.scale,
-                                                    static_cast<T*>(outs[m]));
+    // float32 for every input dtype: the objective adds the positive's gradient first.
+    finalize_kernel<float><<<grid_1d(nd), 256, 0, st>>>(ws + m * nd, 1, nd, in.scale,
+                                                        static_cast<float*>(outs[m]));
     detail::check_launch("finalize_kernel");
   }
   sum_partials_kernel<<<1, kThreads, 0, st>>>(partials, num_kb * S, dscale);

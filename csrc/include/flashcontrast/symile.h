@@ -46,8 +46,8 @@ void symile_n2_forward(const TripleInputs& in, float* row_lse, float* workspace,
                        int64_t workspace_elems, void* stream);
 // 3 * n * d + ceil(n/64) * S, S = min(n, max(1, ceil(4 * SMs / ceil(n/64)))).
 int64_t symile_n2_backward_workspace_elems(int64_t n, int64_t d, int device);
-// For sum_i grad_rows_i row_lse_i: dx, dy, dz contiguous (n, d) in the input dtype, dscale
-// a fp32 device scalar.
+// For sum_i grad_rows_i row_lse_i: dx, dy, dz contiguous (n, d) float32 (any input dtype:
+// the objective adds the positive's gradient before rounding once), dscale a fp32 scalar.
 void symile_n2_backward(const TripleInputs& in, const float* row_lse, const float* grad_rows,
                         void* dx, void* dy, void* dz, float* dscale, float* workspace,
                         int64_t workspace_elems, void* stream);

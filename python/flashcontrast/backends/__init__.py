@@ -57,6 +57,9 @@ Symile "n_squared" for M = 3 (anchor x, others y, z), module ``<backend>/symile.
         above the backend), with P_ijk = exp(logit_ijk - row_lse_i), c_ijk = grad_rows_i P_ijk:
         dx_i = scale sum_jk c_ijk y_j * z_k;  dy_j = scale sum_ik c_ijk x_i * z_k;
         dz_k = scale sum_ij c_ijk x_i * y_j;  dscale = sum_ijk c_ijk <x_i, y_j * z_k>.
+        dx, dy, dz in the accumulation dtype, not the inputs': near convergence they nearly
+        cancel against the positive term's gradient, and the objective adds that in fp32
+        before the one rounding (tests/test_half_precision_gradients.py).
 
 Symile "n_squared" for M > 3, "torch" backend only (``blockwise/symile.py``)::
 

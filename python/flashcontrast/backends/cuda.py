@@ -385,7 +385,7 @@ def symile_n2_backward(
     f32 = dict(dtype=torch.float32, device=dev)
     row_lse = _vec(row_lse, n, "row_lse", dev)
     grad_rows = _vec(grad_rows, n, "grad_rows", dev)
-    dx, dy, dz = (torch.zeros((n, d), dtype=x.dtype, device=dev) for _ in range(3))
+    dx, dy, dz = (torch.zeros((n, d), **f32) for _ in range(3))
     dscale = torch.zeros((), **f32)
     if n == 0 or d == 0:
         return dx, dy, dz, dscale

@@ -104,17 +104,33 @@ torch.library.register_autograd(
 
 
 # ----------------------------------------------------------------------------- n_squared, M = 3
+# The kernels read the features in their own dtype; the gradients go, in the accumulation
+# dtype, to the *_acc copies that the positive logits are computed from. Near convergence
+# the softmax mass sits on the positive tuple and the two gradients nearly cancel, so they
+# must meet in fp32 and be rounded to the input dtype once, by the copies' casts
+# (tests/test_half_precision_gradients.py). For fp32 and float64 inputs the copies are the
+# inputs themselves.
 
 
 @torch.library.custom_op("flashcontrast::symile_n2_fwd", mutates_args=())
 @autocast_off
-def symile_n2_fwd(x: Tensor, y: Tensor, z: Tensor, scale: Tensor, backend: str) -> Tensor:
-    """row_lse_i = LSE_{j,k} scale * MIP(x_i, y_j, z_k), (N,)."""
+def symile_n2_fwd(
+    x: Tensor,
+    y: Tensor,
+    z: Tensor,
+    x_acc: Tensor,
+    y_acc: Tensor,
+    z_acc: Tensor,
+    scale: Tensor,
+    backend: str,
+) -> Tensor:
+    """row_lse_i = LSE_{j,k} scale * MIP(x_i, y_j, z_k), (N,). The *_acc inputs (the
+    features in the accumulation dtype) are not read: they receive the gradients."""
     return backend_module(backend, "symile").symile_n2_forward(x, y, z, scale)
 
 
 @symile_n2_fwd.register_fake
-def _n2_fwd_fake(x, y, z, scale, backend):
+def _n2_fwd_fake(x, y, z, x_acc, y_acc, z_acc, scale, backend):
     return x.new_empty(x.shape[0], dtype=accumulation_dtype(x.dtype))
 
 
@@ -129,18 +145,22 @@ def symile_n2_bwd(
     grad_rows: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dy, dz, dscale) of sum_i grad_rows_i row_lse_i."""
+    """(dx, dy, dz, dscale), accumulation dtype, of sum_i grad_rows_i row_lse_i."""
     return backend_module(backend, "symile").symile_n2_backward(x, y, z, scale, row_lse, grad_rows)
+
+
+def _acc_like(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape, dtype=accumulation_dtype(x.dtype))
 
 
 @symile_n2_bwd.register_fake
 def _n2_bwd_fake(x, y, z, scale, row_lse, grad_rows, backend):
     acc = accumulation_dtype(x.dtype)
-    return _contiguous_like(x), _contiguous_like(y), _contiguous_like(z), x.new_empty((), dtype=acc)
+    return _acc_like(x), _acc_like(y), _acc_like(z), x.new_empty((), dtype=acc)
 
 
 def _n2_setup_context(ctx, inputs, output) -> None:
-    x, y, z, scale, backend = inputs
+    x, y, z, _x_acc, _y_acc, _z_acc, scale, backend = inputs
     ctx.backend = backend
     ctx.save_for_backward(x, y, z, scale, output)
 
@@ -150,7 +170,7 @@ def _n2_backward(ctx, grad_rows):
     dx, dy, dz, dscale = symile_n2_bwd(
         x, y, z, scale, row_lse, grad_rows.to(row_lse.dtype), ctx.backend
     )
-    return dx, dy, dz, dscale.to(scale.dtype), None
+    return None, None, None, dx, dy, dz, dscale.to(scale.dtype), None
 
 
 torch.library.register_autograd(
@@ -163,13 +183,17 @@ torch.library.register_autograd(
 
 @torch.library.custom_op("flashcontrast::symile_nk_fwd", mutates_args=())
 @autocast_off
-def symile_nk_fwd(anchor: Tensor, others: Tensor, scale: Tensor, backend: str) -> Tensor:
-    """row_lse_i = LSE over all tuples of scale * MIP(anchor_i, o^1_j1, ..., o^K_jK)."""
+def symile_nk_fwd(
+    anchor: Tensor, others: Tensor, anchor_acc: Tensor, others_acc: Tensor, scale: Tensor,
+    backend: str,
+) -> Tensor:  # fmt: skip
+    """row_lse_i = LSE over all tuples of scale * MIP(anchor_i, o^1_j1, ..., o^K_jK); the
+    *_acc inputs receive the gradients (as symile_n2_fwd)."""
     return backend_module(backend, "symile").symile_nk_forward(anchor, others, scale)
 
 
 @symile_nk_fwd.register_fake
-def _nk_fwd_fake(anchor, others, scale, backend):
+def _nk_fwd_fake(anchor, others, anchor_acc, others_acc, scale, backend):
     return anchor.new_empty(anchor.shape[0], dtype=accumulation_dtype(anchor.dtype))
 
 
@@ -183,7 +207,8 @@ def symile_nk_bwd(
     grad_rows: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(d_anchor, d_others (K, N, D), dscale) of sum_i grad_rows_i row_lse_i."""
+    """(d_anchor, d_others (K, N, D), dscale), accumulation dtype, of sum_i grad_rows_i
+    row_lse_i."""
     return backend_module(backend, "symile").symile_nk_backward(
         anchor, others, scale, row_lse, grad_rows
     )
@@ -192,11 +217,11 @@ def symile_nk_bwd(
 @symile_nk_bwd.register_fake
 def _nk_bwd_fake(anchor, others, scale, row_lse, grad_rows, backend):
     acc = accumulation_dtype(anchor.dtype)
-    return _contiguous_like(anchor), _contiguous_like(others), anchor.new_empty((), dtype=acc)
+    return _acc_like(anchor), _acc_like(others), anchor.new_empty((), dtype=acc)
 
 
 def _nk_setup_context(ctx, inputs, output) -> None:
-    anchor, others, scale, backend = inputs
+    anchor, others, _anchor_acc, _others_acc, scale, backend = inputs
     ctx.backend = backend
     ctx.save_for_backward(anchor, others, scale, output)
 
@@ -206,7 +231,7 @@ def _nk_backward(ctx, grad_rows):
     da, dothers, dscale = symile_nk_bwd(
         anchor, others, scale, row_lse, grad_rows.to(row_lse.dtype), ctx.backend
     )
-    return da, dothers, dscale.to(scale.dtype), None
+    return None, None, da, dothers, dscale.to(scale.dtype), None
 
 
 torch.library.register_autograd(
@@ -351,9 +376,14 @@ def symile_loss(
                 w = w * others_acc[k][perms[a, k]]
             row_lse = symile_rowce_fwd(reps[a], w.to(dtype), scale, diag_logit, chosen)
         elif m == 3:
-            row_lse = symile_n2_fwd(reps[a], others[0], others[1], scale, chosen)
+            o_acc = [r for o, r in enumerate(reps_acc) if o != a]
+            row_lse = symile_n2_fwd(
+                reps[a], others[0], others[1], reps_acc[a], o_acc[0], o_acc[1], scale, chosen
+            )
         else:
-            row_lse = symile_nk_fwd(reps[a], torch.stack(others), scale, chosen)
+            stacked = torch.stack(others)
+            o_acc = stacked if stacked.dtype == acc else stacked.to(acc)
+            row_lse = symile_nk_fwd(reps[a], stacked, reps_acc[a], o_acc, scale, chosen)
         term = (row_lse - diag_logit).mean()
         total = term if total is None else total + term
     return total / m

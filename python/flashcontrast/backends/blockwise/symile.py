@@ -168,7 +168,8 @@ def symile_nk_backward(
     grad_rows: Tensor,
     max_block_elements: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(d_anchor (N, D), d_others (K, N, D), dscale 0-d) of sum_i grad_rows_i row_lse_i."""
+    """(d_anchor (N, D), d_others (K, N, D), dscale 0-d), all in the accumulation dtype, of
+    sum_i grad_rows_i row_lse_i."""
     n, d = anchor.shape
     acc = accumulation_dtype(anchor.dtype)
     x = anchor.to(acc)
@@ -206,7 +207,7 @@ def symile_nk_backward(
                     dothers[k].index_add_(0, j, rest)
         dx[r0:r1] = dx_blk
     dscale = (x * dx).sum()
-    return (dx.mul_(scale).to(anchor.dtype), dothers.mul_(scale).to(others.dtype), dscale)
+    return dx.mul_(scale), dothers.mul_(scale), dscale  # accumulation dtype: see backends/
 
 
 def symile_n2_forward(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> Tensor:
@@ -220,4 +221,4 @@ def symile_n2_backward(
     """(dx, dy, dz, dscale) of sum_i grad_rows_i row_lse_i."""
     dx, dothers, dscale = symile_nk_backward(x, torch.stack((y, z)), scale, row_lse, grad_rows)
     # copies: outputs of a custom op may not alias one another
-    return dx, dothers[0].to(y.dtype, copy=True), dothers[1].to(z.dtype, copy=True), dscale
+    return dx, dothers[0].clone(), dothers[1].clone(), dscale

@@ -477,9 +477,5 @@ def symile_n2_backward(
             )  # fmt: skip
     dscale = (x.float() * outs[0]).sum()
     outs.mul_(s32)
-    return (
-        outs[0].to(x.dtype, copy=True),
-        outs[1].to(y.dtype, copy=True),
-        outs[2].to(z.dtype, copy=True),
-        dscale,
-    )
+    # fp32 (backends/__init__.py); copies: outputs of a custom op may not alias one another
+    return outs[0].clone(), outs[1].clone(), outs[2].clone(), dscale
