@@ -367,19 +367,16 @@ def symile_loss(
     total = None
     for a in range(m):
         others = [r for o, r in enumerate(reps) if o != a]
+        others_acc = [r for o, r in enumerate(reps_acc) if o != a]
         if negative_sampling == "n":
             if perms is None:
                 perms = symile_negative_permutations(m, n, generator=generator, device=device)
-            others_acc = [r for o, r in enumerate(reps_acc) if o != a]
             w = others_acc[0][perms[a, 0]]
             for k in range(1, m - 1):
                 w = w * others_acc[k][perms[a, k]]
             row_lse = symile_rowce_fwd(reps[a], w.to(dtype), scale, diag_logit, chosen)
         elif m == 3:
-            o_acc = [r for o, r in enumerate(reps_acc) if o != a]
-            row_lse = symile_n2_fwd(
-                reps[a], others[0], others[1], reps_acc[a], o_acc[0], o_acc[1], scale, chosen
-            )
+            row_lse = symile_n2_fwd(reps[a], *others, reps_acc[a], *others_acc, scale, chosen)
         else:
             stacked = torch.stack(others)
             o_acc = stacked if stacked.dtype == acc else stacked.to(acc)

@@ -463,7 +463,8 @@ def symile_n2_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dy, dz, dscale) of sum_i grad_rows_i row_lse_i."""
     n, d, bm, bk, bd, warps, stages, dot_dtype, precision = _setup(x, y, z)
-    outs = torch.empty((3, n, d), dtype=torch.float32, device=x.device)
+    # fp32 outputs (backends/__init__.py), three tensors: a custom op's outputs may not alias
+    outs = [torch.empty((n, d), dtype=torch.float32, device=x.device) for _ in range(3)]
     s32, lse, g = _f32(scale), _f32(row_lse), _f32(grad_rows)
     grids = (triton.cdiv(n, bm), n, triton.cdiv(n, bk))
     with _guard(x.device):
@@ -476,6 +477,6 @@ def symile_n2_backward(
                 num_warps=warps, num_stages=stages,
             )  # fmt: skip
     dscale = (x.float() * outs[0]).sum()
-    outs.mul_(s32)
-    # fp32 (backends/__init__.py); copies: outputs of a custom op may not alias one another
-    return outs[0].clone(), outs[1].clone(), outs[2].clone(), dscale
+    for out in outs:
+        out.mul_(s32)
+    return (*outs, dscale)
