@@ -243,7 +243,7 @@ void selfsim_rowlse_backward(u64 u_ptr, i64 v, i64 n, i64 d, i64 stride_v, i64 s
 fc::GramInputs gram_inputs(u64 anchor_ptr, u64 others_ptr, i64 n, i64 d, i64 k,
                            i64 anchor_stride0, i64 anchor_stride1, i64 others_stride0,
                            i64 others_stride1, i64 others_stride2, const std::string& dtype,
-                           u64 scale_ptr, u64 det_h_ptr, u64 adj_h_ptr) {
+                           u64 scale_ptr, u64 det_h_ptr, u64 adj_h_ptr, u64 floor_h_ptr) {
   fc::GramInputs in;
   in.anchor = as_ptr<const void>(anchor_ptr);
   in.others = as_ptr<const void>(others_ptr);
@@ -259,18 +259,19 @@ fc::GramInputs gram_inputs(u64 anchor_ptr, u64 others_ptr, i64 n, i64 d, i64 k,
   in.scale = as_ptr<const float>(scale_ptr);
   in.det_h = as_ptr<const float>(det_h_ptr);
   in.adj_h = as_ptr<const float>(adj_h_ptr);
+  in.floor_h = as_ptr<const float>(floor_h_ptr);
   return in;
 }
 
 void gram_forward(u64 anchor_ptr, u64 others_ptr, i64 n, i64 d, i64 k, i64 anchor_stride0,
                   i64 anchor_stride1, i64 others_stride0, i64 others_stride1,
                   i64 others_stride2, const std::string& dtype, u64 scale_ptr, u64 det_h_ptr,
-                  u64 adj_h_ptr, u64 row_lse_ptr, u64 col_lse_ptr, u64 diag_ptr,
-                  u64 row_sum_ptr, u64 col_sum_ptr, u64 workspace_ptr, i64 workspace_elems,
-                  u64 stream) {
+                  u64 adj_h_ptr, u64 floor_h_ptr, u64 row_lse_ptr, u64 col_lse_ptr,
+                  u64 diag_ptr, u64 row_sum_ptr, u64 col_sum_ptr, u64 workspace_ptr,
+                  i64 workspace_elems, u64 stream) {
   fc::gram_forward(gram_inputs(anchor_ptr, others_ptr, n, d, k, anchor_stride0, anchor_stride1,
                                others_stride0, others_stride1, others_stride2, dtype, scale_ptr,
-                               det_h_ptr, adj_h_ptr),
+                               det_h_ptr, adj_h_ptr, floor_h_ptr),
                    as_ptr<float>(row_lse_ptr), as_ptr<float>(col_lse_ptr), as_ptr<float>(diag_ptr),
                    as_ptr<float>(row_sum_ptr), as_ptr<float>(col_sum_ptr),
                    as_ptr<float>(workspace_ptr), workspace_elems, as_ptr<void>(stream));
@@ -279,13 +280,13 @@ void gram_forward(u64 anchor_ptr, u64 others_ptr, i64 n, i64 d, i64 k, i64 ancho
 void gram_backward(u64 anchor_ptr, u64 others_ptr, i64 n, i64 d, i64 k, i64 anchor_stride0,
                    i64 anchor_stride1, i64 others_stride0, i64 others_stride1,
                    i64 others_stride2, const std::string& dtype, u64 scale_ptr, u64 det_h_ptr,
-                   u64 adj_h_ptr, u64 row_lse_ptr, u64 col_lse_ptr, u64 grad_ptr,
-                   float label_smoothing, u64 d_anchor_ptr, u64 d_others_u_ptr, u64 dscale_ptr,
-                   u64 col_tt_ptr, u64 col_uu_ptr, u64 workspace_ptr, i64 workspace_elems,
-                   u64 stream) {
+                   u64 adj_h_ptr, u64 floor_h_ptr, u64 row_lse_ptr, u64 col_lse_ptr,
+                   u64 grad_ptr, float label_smoothing, u64 d_anchor_ptr, u64 d_others_u_ptr,
+                   u64 dscale_ptr, u64 col_tt_ptr, u64 col_uu_ptr, u64 workspace_ptr,
+                   i64 workspace_elems, u64 stream) {
   fc::gram_backward(gram_inputs(anchor_ptr, others_ptr, n, d, k, anchor_stride0, anchor_stride1,
                                 others_stride0, others_stride1, others_stride2, dtype, scale_ptr,
-                                det_h_ptr, adj_h_ptr),
+                                det_h_ptr, adj_h_ptr, floor_h_ptr),
                     as_ptr<const float>(row_lse_ptr), as_ptr<const float>(col_lse_ptr),
                     as_ptr<const float>(grad_ptr), label_smoothing, as_ptr<void>(d_anchor_ptr),
                     as_ptr<void>(d_others_u_ptr), as_ptr<float>(dscale_ptr),
@@ -378,7 +379,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("n"), py::arg("d"), py::arg("k"), py::arg("anchor_stride0"),
       py::arg("anchor_stride1"), py::arg("others_stride0"), py::arg("others_stride1"),
       py::arg("others_stride2"), py::arg("dtype"), py::arg("scale_ptr"), py::arg("det_h_ptr"),
-      py::arg("adj_h_ptr"), py::arg("row_lse_ptr"), py::arg("col_lse_ptr"), py::arg("diag_ptr"),
+      py::arg("adj_h_ptr"), py::arg("floor_h_ptr"), py::arg("row_lse_ptr"),
+      py::arg("col_lse_ptr"), py::arg("diag_ptr"),
       py::arg("row_sum_ptr"), py::arg("col_sum_ptr"), py::arg("workspace_ptr"),
       py::arg("workspace_elems"), py::arg("stream"),
       "L = -scale * volume: writes row_lse, col_lse, diag, row_sum, col_sum ((n,) float32).");
@@ -386,7 +388,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("n"), py::arg("d"), py::arg("k"), py::arg("anchor_stride0"),
       py::arg("anchor_stride1"), py::arg("others_stride0"), py::arg("others_stride1"),
       py::arg("others_stride2"), py::arg("dtype"), py::arg("scale_ptr"), py::arg("det_h_ptr"),
-      py::arg("adj_h_ptr"), py::arg("row_lse_ptr"), py::arg("col_lse_ptr"), py::arg("grad_ptr"),
+      py::arg("adj_h_ptr"), py::arg("floor_h_ptr"), py::arg("row_lse_ptr"),
+      py::arg("col_lse_ptr"), py::arg("grad_ptr"),
       py::arg("label_smoothing"), py::arg("d_anchor_ptr"), py::arg("d_others_u_ptr"),
       py::arg("dscale_ptr"), py::arg("col_tt_ptr"), py::arg("col_uu_ptr"),
       py::arg("workspace_ptr"), py::arg("workspace_elems"), py::arg("stream"),

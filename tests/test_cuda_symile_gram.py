@@ -142,19 +142,22 @@ def test_symile_n2_strided():
 
 
 def gram_constants(others):
-    """det_h (N,), adj_h (N, K, K) of the K x K Gram matrices (float64)."""
+    """det_h (N,), adj_h (N, K, K) of the K x K Gram matrices (float64), and the float32
+    degeneracy floor floor_h (N,) = 64 eps_32 prod_r |o^r_j|^2 (the contract's input)."""
     h = torch.einsum("rnd,snd->nrs", others.double(), others.double())
     det = torch.linalg.det(h)
-    return det, det[:, None, None] * torch.linalg.inv(h)
+    floor = 64 * torch.finfo(torch.float32).eps * h.diagonal(dim1=1, dim2=2).prod(dim=1)
+    return det, det[:, None, None] * torch.linalg.inv(h), floor
 
 
-def dense_gram(anchor, others, scale, det_h, adj_h, grad, eps):
-    """The contract's L = -scale sqrt(max(det, 0)) with det_h / adj_h as inputs (so that
-    autograd gives col_tt = d/d det_h and col_uu = -d/d adj_h), torch's smoothed CE."""
+def dense_gram(anchor, others, scale, det_h, adj_h, floor_h, grad, eps):
+    """The contract's L = -scale V, V = sqrt(det) above the floor |t_i|^2 floor_h_j, with
+    det_h / adj_h as inputs (so that autograd gives col_tt = d/d det_h and col_uu =
+    -d/d adj_h), torch's smoothed CE."""
     u = torch.einsum("id,rjd->ijr", anchor, others)
     tt = (anchor * anchor).sum(1)
     det = det_h[None, :] * tt[:, None] - torch.einsum("ijr,jrs,ijs->ij", u, adj_h, u)
-    pos = det > 0
+    pos = det > tt.detach()[:, None] * floor_h[None, :]
     v = torch.where(pos, torch.sqrt(torch.where(pos, det, torch.ones_like(det))), 0.0)
     logits = -scale * v
     labels = torch.arange(anchor.shape[0], device=anchor.device)
@@ -169,16 +172,17 @@ def dense_gram(anchor, others, scale, det_h, adj_h, grad, eps):
 
 def _check_gram(anchor, others, scale, eps=0.1, grad=1.3):
     k, n, d = others.shape
-    det_h, adj_h = gram_constants(others)
+    det_h, adj_h, floor_h = gram_constants(others)
     s32 = torch.tensor(scale, device=DEVICE)
-    fwd = cuda_backend.gram_forward(anchor, others, s32, det_h.float(), adj_h.float())
-    bwd = cuda_backend.gram_backward(anchor, others, s32, det_h.float(), adj_h.float(), fwd[0],
-                                     fwd[1], torch.tensor(grad, device=DEVICE), eps)  # fmt: skip
+    consts = det_h.float(), adj_h.float(), floor_h.float()
+    fwd = cuda_backend.gram_forward(anchor, others, s32, *consts)
+    bwd = cuda_backend.gram_backward(anchor, others, s32, *consts, fwd[0], fwd[1],
+                                     torch.tensor(grad, device=DEVICE), eps)  # fmt: skip
     ours = [*fwd, *bwd]
 
     def ref(dt):
         args = [anchor.to(dt), others.to(dt), torch.tensor(scale, dtype=dt, device=DEVICE),
-                det_h.to(dt), adj_h.to(dt)]  # fmt: skip
+                det_h.to(dt), adj_h.to(dt), floor_h.to(dt)]  # fmt: skip
         stats, (da, do, ds, dtt, dadj) = _grads(
             lambda *a: dense_gram(*a, grad, eps), args, (0, 1, 2, 3, 4)
         )
@@ -221,8 +225,8 @@ def test_cpu_tensors_raise_clearly():
         lambda: cuda_backend.rowce_backward(x, x, s, v, v, v),
         lambda: cuda_backend.symile_n2_forward(x, x, x, s),
         lambda: cuda_backend.symile_n2_backward(x, x, x, s, v, v),
-        lambda: cuda_backend.gram_forward(x, x[None], s, v, torch.ones(5, 1, 1)),
-        lambda: cuda_backend.gram_backward(x, x[None], s, v, torch.ones(5, 1, 1), v, v, s, 0.1),
+        lambda: cuda_backend.gram_forward(x, x[None], s, v, torch.ones(5, 1, 1), v),
+        lambda: cuda_backend.gram_backward(x, x[None], s, v, torch.ones(5, 1, 1), v, v, v, s, 0.1),
     ]
     for call in calls:
         with pytest.raises(RuntimeError, match=r"cannot run .*(needs CUDA tensors|not built|no )"):
@@ -238,7 +242,7 @@ def test_c_refuses_bad_arguments_by_name():
     with pytest.raises(ValueError, match=r"_C\.symile_n2_backward: n must be >= 1"):
         c.symile_n2_backward(8, 8, 8, 0, 3, 3, 1, 3, 1, 3, 1, "float32", *([8] * 8), 64, 0)
     with pytest.raises(ValueError, match=r"_C\.gram_forward: k \(others per sample\)"):
-        c.gram_forward(8, 8, 5, 3, 6, 3, 1, 15, 3, 1, "float32", *([8] * 9), 64, 0)
+        c.gram_forward(8, 8, 5, 3, 6, 3, 1, 15, 3, 1, "float32", *([8] * 10), 64, 0)
     with pytest.raises(RuntimeError, match=r"_C\.gram_forward_workspace_elems: .*failed"):
         c.gram_forward_workspace_elems(5, 3, 2, 0)
     with pytest.raises(RuntimeError, match=r"_C\.symile_n2_forward: .*failed"):

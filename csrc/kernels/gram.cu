@@ -3,8 +3,10 @@
 // Tiles of 64 anchor rows x 32 sample columns, D in chunks of 32, 128 threads. Per tile the
 // K = M - 1 dot-product tiles U_r = T_rb O^r_cb^T (one TileAcc, K D-sweeps over the same
 // anchor rows) go to shared memory as fp32, then the quadratic-form epilogue
-//   det_ij = det_h_j |t_i|^2 - u_ij^T adj_h_j u_ij,  V_ij = sqrt(max(det_ij, 0)),  L = -s V
-// with det_h / adj_h per column (loaded once per column block) and |t_i|^2 summed from the
+//   det_ij = det_h_j |t_i|^2 - u_ij^T adj_h_j u_ij,  L = -s V,
+//   V_ij = sqrt(det_ij) where det_ij > |t_i|^2 floor_h_j (the degeneracy floor), else
+//          sqrt(det_ij * 0) = 0 (NaN for a NaN det: NaN inputs reach the loss)
+// with det_h / adj_h / floor_h per column (loaded once per column block) and |t_i|^2 summed from the
 // anchor chunks of the first sweep. K is a runtime loop (1..5); loops over r run to
 // kGramMaxK with a guard so small per-element arrays stay in registers. Shared memory grows
 // with K (dynamic, up to ~80 KB at K = 5: opted in above 48 KB; fits sm_80..sm_120).
@@ -14,7 +16,7 @@
 //          gram_combine_kernel.
 // backward grid (column blocks, SPLIT) as clip_bwd_kernel. With c = grad / (2n),
 //          dL = c Dh, Dh_ij = P_row + P_col - 2 (1 - eps) [i == j] - 2 eps / n, and
-//          W_ij = Dh_ij (-s) / (2 V_ij) where det_ij > 0, else 0:
+//          W_ij = Dh_ij (-s) / (2 V_ij) above the floor, else 0:
 //            a_i      += sum_j W_ij det_h_j                       (row pass, atomics)
 //            col_tt_j += c sum_i W_ij |t_i|^2, col_uu_j += c sum_i W_ij u u^T  (atomics)
 //            for r: Q^r_ij = W_ij (adj_h_j u_ij)_r, normalized per tile, then per D chunk
@@ -54,7 +56,7 @@ struct Layout {
   static constexpr int kLdP = kWmma ? kBN + 8 : kBN + 1;  // Q tile (T)
   static constexpr int kLdS = kBK + 4;                    // staging for for_each (fp32)
   static constexpr int kUTile = align128(kBM * kLdU * 4);
-  static constexpr int kSmallFloats = 4 * kBM + kBN * (2 + kKK) + 4 * kThreads + 32;
+  static constexpr int kSmallFloats = 4 * kBM + kBN * (3 + kKK) + 4 * kThreads + 32;
   int a, b, u, w, p, stage, small, bytes;
   __host__ __device__ explicit Layout(int k, bool backward) {
     a = 0;
@@ -78,6 +80,7 @@ struct GramParams {
   const float* scale;
   const float* det_h;
   const float* adj_h;
+  const float* floor_h;
 };
 
 // U_r (r < K) = T[row0:+64] @ O^r[col0:+32]^T into Us (fp32, ld kLdU) and tt[i] = |t_i|^2.
@@ -128,14 +131,26 @@ __device__ __forceinline__ float det_at(const float* Us, int k, int i, int j, co
   return dh[j] * tt[i] - q;
 }
 
-__device__ __forceinline__ void load_column_constants(const float* det_h, const float* adj_h,
-                                                      int64_t n, int k, int64_t col0, float* dh,
-                                                      float* adj) {
+// (keep, V) for det and the floor thr = |t_i|^2 floor_h_j: keep = det > thr, V = sqrt(det)
+// there, else sqrt(det * 0): 0, or NaN for a NaN or infinite det (fmaxf would drop NaN).
+__device__ __forceinline__ float volume_at(float det, float thr, bool& keep) {
+  keep = det > thr;
+  return sqrtf(keep ? det : det * 0.0f);
+}
+
+template <typename T>
+__device__ __forceinline__ void load_column_constants(const GramParams<T>& p, int64_t col0,
+                                                      float* dh, float* adj, float* fl) {
+  const int64_t n = p.n;
+  const int k = p.k;
   for (int idx = threadIdx.x; idx < kBN * k * k; idx += kThreads) {
     const int c = idx / (k * k), q = idx % (k * k);
-    adj[c * kKK + q] = col0 + c < n ? adj_h[(col0 + c) * k * k + q] : 0.0f;
+    adj[c * kKK + q] = col0 + c < n ? p.adj_h[(col0 + c) * k * k + q] : 0.0f;
   }
-  for (int c = threadIdx.x; c < kBN; c += kThreads) dh[c] = col0 + c < n ? det_h[col0 + c] : 0.0f;
+  for (int c = threadIdx.x; c < kBN; c += kThreads) {
+    dh[c] = col0 + c < n ? p.det_h[col0 + c] : 0.0f;
+    fl[c] = col0 + c < n ? p.floor_h[col0 + c] : 0.0f;
+  }
 }
 
 // ----------------------------------------------------------------------------- forward
@@ -153,7 +168,8 @@ __global__ void __launch_bounds__(kThreads)
   float* tt = reinterpret_cast<float*>(smem + lay.small);
   float* dh = tt + kBM;
   float* adj = dh + kBN;
-  float* part = adj + kBN * kKK;  // 3 * kThreads: column partials (m, l, s)
+  float* fl = adj + kBN * kKK;
+  float* part = fl + kBN;  // 3 * kThreads: column partials (m, l, s)
 
   const int g = blockIdx.x, h = blockIdx.y, G = gridDim.x, H = gridDim.y;
   const int64_t n = p.n;
@@ -176,13 +192,14 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t col0 = int64_t(cb) * kBN;
       const int ncols = int(std::min<int64_t>(kBN, n - col0));
       __syncthreads();  // previous tile's readers of dh / adj / part / Us done
-      load_column_constants(p.det_h, p.adj_h, n, p.k, col0, dh, adj);
+      load_column_constants(p, col0, dh, adj, fl);
       gram_tiles<T>(p, row0, col0, As, Bs, Us, tt);
       for (int idx = tid; idx < kBM * kBN; idx += kThreads) {  // logits in place over U_0
         const int i = idx / kBN, j = idx % kBN;
         float u[kMaxK];
         const float det = det_at<T>(Us, p.k, i, j, tt, dh, adj, u);
-        Us[i * L::kLdU + j] = -scale * sqrtf(fmaxf(det, 0.0f));
+        bool keep;
+        Us[i * L::kLdU + j] = -scale * volume_at(det, tt[i] * fl[j], keep);
       }
       __syncthreads();
 
@@ -282,7 +299,8 @@ __global__ void __launch_bounds__(kThreads)
   float* dh = lse_r + kBM;
   float* lse_c = dh + kBN;
   float* adj = lse_c + kBN;
-  float* red = adj + kBN * kKK;
+  float* fl = adj + kBN * kKK;
+  float* red = fl + kBN;
 
   const int cb = blockIdx.x, sp = blockIdx.y, split = gridDim.y;
   const int64_t n = p.n, d = p.d;
@@ -297,7 +315,7 @@ __global__ void __launch_bounds__(kThreads)
   const int ncols = int(std::min<int64_t>(kBN, n - col0));
   float ds_acc = 0.0f;
 
-  load_column_constants(p.det_h, p.adj_h, n, k, col0, dh, adj);
+  load_column_constants(p, col0, dh, adj, fl);
   if (tid < kBN) lse_c[tid] = col0 + tid < n ? col_lse[col0 + tid] : 0.0f;
 
   for (int t = 0; t < count; ++t) {
@@ -314,11 +332,12 @@ __global__ void __launch_bounds__(kThreads)
       if (gi < n && gj < n) {
         float u[kMaxK];
         const float det = det_at<T>(Us, k, i, j, tt, dh, adj, u);
-        const float v = sqrtf(fmaxf(det, 0.0f));
+        bool keep;
+        const float v = volume_at(det, tt[i] * fl[j], keep);
         const float lg = -scale * v;
         const float dl = expf(lg - lse_r[i]) + expf(lg - lse_c[j]) - (gi == gj ? on : 0.0f) - off;
         ds_acc = fmaf(dl, -v, ds_acc);
-        if (det > 0.0f) w = dl * (-scale) / (2.0f * v);
+        if (keep) w = dl * (-scale) / (2.0f * v);
       }
       Ws[i * L::kLdU + j] = w;
     }
@@ -475,6 +494,7 @@ void check_inputs(const GramInputs& in) {
   require(in.scale, "scale_ptr");
   require(in.det_h, "det_h_ptr");
   require(in.adj_h, "adj_h_ptr");
+  require(in.floor_h, "floor_h_ptr");
 }
 
 void check_workspace(int64_t have, int64_t need) {
@@ -489,7 +509,7 @@ GramParams<T> make_params(const GramInputs& in) {
   return GramParams<T>{static_cast<const T*>(in.anchor), static_cast<const T*>(in.others),
                        in.n, in.d, int(in.k), in.anchor_stride0, in.anchor_stride1,
                        in.others_stride0, in.others_stride1, in.others_stride2, in.scale,
-                       in.det_h, in.adj_h};
+                       in.det_h, in.adj_h, in.floor_h};
 }
 
 // Opts the kernel in to `bytes` of dynamic shared memory where that exceeds 48 KB.

@@ -11,7 +11,8 @@ namespace flashcontrast {
 constexpr int kGramMaxK = 5;  // others per sample (M - 1), 1..5
 
 // anchor t (n, d); others (k, n, d): element (r, j, e) at others[r * s0 + j * s1 + e * s2];
-// det_h (n,) and adj_h (n, k, k) fp32 contiguous (per-column constants of objectives.md).
+// det_h (n,) and adj_h (n, k, k) fp32 contiguous (per-column constants of objectives.md);
+// floor_h (n,) fp32: the degeneracy floor, det_ij <= |t_i|^2 floor_h_j is a zero volume.
 struct GramInputs {
   const void* anchor = nullptr;
   const void* others = nullptr;
@@ -22,11 +23,13 @@ struct GramInputs {
   const float* scale = nullptr;
   const float* det_h = nullptr;
   const float* adj_h = nullptr;
+  const float* floor_h = nullptr;
 };
 
 // 3 * (G + H) * n, G = min(ceil(n/64), 2 SMs), H = min(ceil(n/32), max(1, 2 SMs / G)).
 int64_t gram_forward_workspace_elems(int64_t n, int64_t d, int64_t k, int device);
-// L_ij = -scale sqrt(max(det_h_j |t_i|^2 - u_ij^T adj_h_j u_ij, 0)); writes (n,) fp32
+// det_ij = det_h_j |t_i|^2 - u_ij^T adj_h_j u_ij, L_ij = -scale sqrt(det_ij) where
+// det_ij > |t_i|^2 floor_h_j, else -scale sqrt(det_ij * 0) (0, NaN for NaN); writes (n,) fp32
 // row_lse, col_lse, diag (L_ii), row_sum, col_sum.
 void gram_forward(const GramInputs& in, float* row_lse, float* col_lse, float* diag,
                   float* row_sum, float* col_sum, float* workspace, int64_t workspace_elems,

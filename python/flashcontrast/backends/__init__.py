@@ -77,17 +77,20 @@ stacked as others (K, N, D); per-column constants, computed above the backend in
 det_h (N,) = det H_j and adj_h (N, K, K) = adj H_j, H_j the K x K Gram matrix of
 (o^1_j, ..., o^K_j). u_ij (K,) = (<t_i, o^1_j>, ..., <t_i, o^K_j>)::
 
-    gram_forward(anchor, others, scale, det_h, adj_h)
+    gram_forward(anchor, others, scale, det_h, adj_h, floor_h)
         -> (row_lse, col_lse, diag, row_sum, col_sum)
-        det_ij = det_h_j |t_i|^2 - u_ij^T adj_h_j u_ij;  V_ij = sqrt(max(det_ij, 0));
-        logits L_ij = -scale V_ij. All (N,) fp32: LSE over j, LSE over i, L_ii, sum over j,
-        sum over i (the sums serve label smoothing).
-    gram_backward(anchor, others, scale, det_h, adj_h, row_lse, col_lse, grad, label_smoothing)
+        det_ij = det_h_j |t_i|^2 - u_ij^T adj_h_j u_ij;  logits L_ij = -scale V_ij with
+        V_ij = sqrt(det_ij) where det_ij > |t_i|^2 floor_h_j, else det_ij * 0 (0, or NaN
+        for a NaN / inf det: never a max() that drops NaN). floor_h (N,) is the
+        degeneracy floor rtol prod_r |o^r_j|^2 (objectives/gram.py). All (N,) fp32: LSE
+        over j, LSE over i, L_ii, sum over j, sum over i (the sums serve label smoothing).
+    gram_backward(anchor, others, scale, det_h, adj_h, floor_h, row_lse, col_lse, grad,
+                  label_smoothing)
         -> (d_anchor, d_others_u, dscale, col_tt, col_uu)
         With eps = label_smoothing and grad the upstream scalar of
         L = 1/2 [CE_rows(L) + CE_cols(L)] (torch's label-smoothed CE),
         dL_ij = grad / (2N) (P_row_ij + P_col_ij - 2 (1 - eps) [i == j] - 2 eps / N),
-        w_ij = dL_ij * (-scale) / (2 V_ij) where det_ij > 0, else 0 (the safe sqrt),
+        w_ij = dL_ij * (-scale) / (2 V_ij) where det_ij > |t_i|^2 floor_h_j, else 0,
         d_anchor_i = sum_j w_ij (2 det_h_j t_i - 2 sum_r (adj_h_j u_ij)_r o^r_j)   (N, D)
         d_others_u[r]_j = -2 sum_i w_ij (adj_h_j u_ij)_r t_i   (K, N, D): through u only
         dscale = sum_ij dL_ij (-V_ij)   0-d fp32

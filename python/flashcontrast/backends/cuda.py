@@ -400,7 +400,9 @@ def symile_n2_backward(
     return dx, dy, dz, dscale
 
 
-def _check_gram(anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor):
+def _check_gram(
+    anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor, floor_h: Tensor
+):
     dev = _check_many("gram", {"anchor": anchor}, scale)
     _check_many("gram", {"anchor": anchor, "others": others}, scale, ndim=None)
     if others.dim() != 3 or others.shape[1:] != anchor.shape:
@@ -412,23 +414,24 @@ def _check_gram(anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, ad
     if not 1 <= k <= 5:
         raise ValueError(f"the CUDA GRAM kernels take 1 to 5 other modalities, got K = {k}")
     # Per-column constants, O(N K^2): made fp32 contiguous (a copy only if they are not).
-    return dev, _vec(det_h, n, "det_h", dev), _vec(adj_h, n, "adj_h", dev, (k, k))
+    consts = _vec(det_h, n, "det_h", dev), _vec(adj_h, n, "adj_h", dev, (k, k))
+    return (dev, *consts, _vec(floor_h, n, "floor_h", dev))
 
 
-def _gram_args(anchor, others, scale, det_h, adj_h) -> tuple:
+def _gram_args(anchor, others, scale, det_h, adj_h, floor_h) -> tuple:
     k, n, d = others.shape
     return (
         anchor.data_ptr(), others.data_ptr(), n, d, k, anchor.stride(0), anchor.stride(1),
         others.stride(0), others.stride(1), others.stride(2), _DTYPE_NAMES[anchor.dtype],
-        scale.data_ptr(), det_h.data_ptr(), adj_h.data_ptr(),
+        scale.data_ptr(), det_h.data_ptr(), adj_h.data_ptr(), floor_h.data_ptr(),
     )  # fmt: skip
 
 
 def gram_forward(
-    anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor
+    anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor, floor_h: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(row_lse, col_lse, diag, row_sum, col_sum) of L = -scale * V, each (N,) fp32."""
-    dev, det_h, adj_h = _check_gram(anchor, others, scale, det_h, adj_h)
+    dev, det_h, adj_h, floor_h = _check_gram(anchor, others, scale, det_h, adj_h, floor_h)
     k, n, d = others.shape
     f32 = dict(dtype=torch.float32, device=dev)
     outs = tuple(torch.empty(n, **f32) for _ in range(5))
@@ -441,7 +444,8 @@ def gram_forward(
     with _on(dev):
         ws = torch.empty(_C.gram_forward_workspace_elems(n, d, k, _device_index(dev)), **f32)
         _C.gram_forward(
-            *_gram_args(anchor, others, scale, det_h, adj_h), *(o.data_ptr() for o in outs),
+            *_gram_args(anchor, others, scale, det_h, adj_h, floor_h),
+            *(o.data_ptr() for o in outs),
             ws.data_ptr(), ws.numel(), _stream(dev),
         )  # fmt: skip
     return outs
@@ -453,6 +457,7 @@ def gram_backward(
     scale: Tensor,
     det_h: Tensor,
     adj_h: Tensor,
+    floor_h: Tensor,
     row_lse: Tensor,
     col_lse: Tensor,
     grad: Tensor,
@@ -460,7 +465,7 @@ def gram_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_anchor, d_others_u, dscale, col_tt, col_uu) per backends/__init__.py; d_anchor and
     d_others_u in the input dtype, the rest fp32."""
-    dev, det_h, adj_h = _check_gram(anchor, others, scale, det_h, adj_h)
+    dev, det_h, adj_h, floor_h = _check_gram(anchor, others, scale, det_h, adj_h, floor_h)
     k, n, d = others.shape
     f32 = dict(dtype=torch.float32, device=dev)
     row_lse = _vec(row_lse, n, "row_lse", dev)
@@ -478,7 +483,7 @@ def gram_backward(
     with _on(dev):
         ws = torch.empty(_C.gram_backward_workspace_elems(n, d, k, _device_index(dev)), **f32)
         _C.gram_backward(
-            *_gram_args(anchor, others, scale, det_h, adj_h), row_lse.data_ptr(),
+            *_gram_args(anchor, others, scale, det_h, adj_h, floor_h), row_lse.data_ptr(),
             col_lse.data_ptr(), grad.data_ptr(), float(label_smoothing), d_anchor.data_ptr(),
             d_others.data_ptr(), dscale.data_ptr(), col_tt.data_ptr(), col_uu.data_ptr(),
             ws.data_ptr(), ws.numel(), _stream(dev),

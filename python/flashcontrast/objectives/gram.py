@@ -17,11 +17,20 @@ singular (torch.linalg.det / inv have unreliable gradients there). The backends 
 the gradients w.r.t. det_h and adj_h (col_tt, -col_uu, see ``flashcontrast.backends``), and
 autograd chains them through this differentiable precompute to the other modalities.
 
+Degenerate volumes: a computed det_ij carries rounding of order eps B_ij, B_ij =
+|t_i|^2 prod_r |o^r_j|^2 (Hadamard's bound, det <= B). Where det_ij <= rtol B_ij
+(``reference.gram_degenerate_rtol``: 64 eps of the accumulation dtype) the volume is
+taken as exactly 0, with derivative 0: collinear or coincident vectors (a duplicated
+modality, an anchor equal to another modality's vector) give the same loss and the same,
+finite gradient on every backend, whatever the rounding. The backends get the per-column
+part of the floor, floor_h_j = rtol prod_r |o^r_j|^2 (:func:`degeneracy_floor`), and
+compare det_ij with tt_i floor_h_j. Above the floor V = sqrt(det) with its true gradient.
+
 Differences from the published code (ispamm/GRAM ``utils/volume.py``): it takes
 ``sqrt(|det|)`` of an (N, N, M, M) float32 tensor, whose gradient is NaN where det = 0
-(collinear or coincident vectors, e.g. a duplicated sample). Here V = sqrt(max(det, 0))
-with derivative 0 wherever det <= 0, as ``reference.gram_volume``: finite gradients
-everywhere. Where det > 0 but tiny the gradient is the true ~1/sqrt(det), large.
+and rounding noise near it, and whose value there is sqrt of rounding noise (here 0).
+NaN or inf inputs give a NaN loss (the published code's NaN volume is kept, not mapped
+to 0).
 """
 
 from __future__ import annotations
@@ -99,6 +108,21 @@ def column_constants(others: Tensor) -> tuple[Tensor, Tensor]:
     return det_h, adj_h
 
 
+def degeneracy_floor(others: Tensor) -> Tensor:
+    """floor_h (N,) = rtol prod_r |o^r_j|^2, the per-column part of the degeneracy floor
+    (module docstring): det_ij <= |t_i|^2 floor_h_j counts as a zero volume.
+
+    Args:
+        others: (K, N, D) in the accumulation dtype (float32 or float64).
+
+    Not differentiated: a threshold, not a term of the loss. NaN in o^r_j gives a NaN
+    floor, and every comparison with it is False, so the volume is NaN (not 0).
+    """
+    with torch.no_grad():
+        norms = (others * others).sum(dim=-1)  # (K, N)
+        return norms.prod(dim=0).mul_(reference.gram_degenerate_rtol(others.dtype))
+
+
 def gram_loss_from_stats(
     row_lse: Tensor,
     col_lse: Tensor,
@@ -126,18 +150,20 @@ def gram_fwd(
     scale: Tensor,
     det_h: Tensor,
     adj_h: Tensor,
+    floor_h: Tensor,
     label_smoothing: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Loss (0-d), row LSE (N,) and column LSE (N,) of the logits -scale * V."""
-    stats = backend_module(backend, "gram").gram_forward(anchor, others, scale, det_h, adj_h)
+    module = backend_module(backend, "gram")
+    stats = module.gram_forward(anchor, others, scale, det_h, adj_h, floor_h)
     row_lse, col_lse, diag, row_sum, col_sum = stats
     loss = gram_loss_from_stats(row_lse, col_lse, diag, row_sum, col_sum, label_smoothing)
     return loss, row_lse, col_lse
 
 
 @gram_fwd.register_fake
-def _gram_fwd_fake(anchor, others, scale, det_h, adj_h, label_smoothing, backend):
+def _gram_fwd_fake(anchor, others, scale, det_h, adj_h, floor_h, label_smoothing, backend):
     acc = accumulation_dtype(anchor.dtype)
     n = anchor.shape[0]
     return (
@@ -155,6 +181,7 @@ def gram_bwd(
     scale: Tensor,
     det_h: Tensor,
     adj_h: Tensor,
+    floor_h: Tensor,
     row_lse: Tensor,
     col_lse: Tensor,
     grad: Tensor,
@@ -163,13 +190,13 @@ def gram_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_anchor, d_others_u, dscale, col_tt, col_uu) of the backend contract."""
     return backend_module(backend, "gram").gram_backward(
-        anchor, others, scale, det_h, adj_h, row_lse, col_lse, grad, label_smoothing
+        anchor, others, scale, det_h, adj_h, floor_h, row_lse, col_lse, grad, label_smoothing
     )
 
 
 @gram_bwd.register_fake
 def _gram_bwd_fake(
-    anchor, others, scale, det_h, adj_h, row_lse, col_lse, grad, label_smoothing, backend
+    anchor, others, scale, det_h, adj_h, floor_h, row_lse, col_lse, grad, label_smoothing, backend
 ):
     acc = accumulation_dtype(anchor.dtype)
     k, n, _ = others.shape
@@ -183,23 +210,23 @@ def _gram_bwd_fake(
 
 
 def _gram_setup_context(ctx, inputs, output) -> None:
-    anchor, others, scale, det_h, adj_h, label_smoothing, backend = inputs
+    anchor, others, scale, det_h, adj_h, floor_h, label_smoothing, backend = inputs
     _, row_lse, col_lse = output
     ctx.backend = backend
     ctx.label_smoothing = label_smoothing
-    ctx.save_for_backward(anchor, others, scale, det_h, adj_h, row_lse, col_lse)
+    ctx.save_for_backward(anchor, others, scale, det_h, adj_h, floor_h, row_lse, col_lse)
     ctx.mark_non_differentiable(row_lse, col_lse)
 
 
 def _gram_backward(ctx, grad_loss, _grad_row, _grad_col):
-    anchor, others, scale, det_h, adj_h, row_lse, col_lse = ctx.saved_tensors
+    anchor, others, scale, det_h, adj_h, floor_h, row_lse, col_lse = ctx.saved_tensors
     d_anchor, d_others_u, dscale, col_tt, col_uu = gram_bwd(
-        anchor, others, scale, det_h, adj_h, row_lse, col_lse,
+        anchor, others, scale, det_h, adj_h, floor_h, row_lse, col_lse,
         grad_loss.to(row_lse.dtype), ctx.label_smoothing, ctx.backend,
     )  # fmt: skip
     # col_tt = dL/d det_h and col_uu = -dL/d adj_h: autograd carries them on through
     # column_constants (outside this op) to the other modalities.
-    return d_anchor, d_others_u, dscale, col_tt, -col_uu, None, None
+    return d_anchor, d_others_u, dscale, col_tt, -col_uu, None, None, None
 
 
 torch.library.register_autograd(
@@ -257,7 +284,9 @@ def gram_loss(
     ``logit_scale = 1 / temperature`` (GRAM trains with label_smoothing=0.1).
 
     Unlike the published code the gradients are finite where det G_ij = 0 (collinear or
-    coincident vectors): V = sqrt(max(det, 0)) has derivative 0 there (module docstring).
+    coincident vectors): a determinant within rounding of 0 (below 64 eps of Hadamard's
+    bound) is a zero volume with derivative 0, the same on every backend (module
+    docstring). NaN or inf in the inputs give a NaN loss.
 
     Args:
         anchor: t, (N, D) float32, float16, bfloat16 or float64.
@@ -273,7 +302,7 @@ def gram_loss(
     Returns:
         The mean loss, a 0-d tensor: float32 for 32/16-bit features, float64 for float64.
 
-    NaN or inf in the inputs are not checked for and propagate to the loss.
+    NaN or inf in the inputs are not checked for and propagate to the loss (NaN).
     """
     a = check_features("anchor", anchor)
     others = _check_others(a, others)
@@ -285,8 +314,10 @@ def gram_loss(
     if chosen == "triton" and a.dtype == torch.float64:
         raise TypeError("backend='triton' supports float32, float16 and bfloat16, not float64")
     stacked = torch.stack(others)  # (K, N, D): the one visible copy of the others
-    det_h, adj_h = column_constants(stacked.to(accumulation_dtype(a.dtype)))
-    loss, _, _ = gram_fwd(a, stacked, scale, det_h, adj_h, eps, chosen)
+    others_acc = stacked.to(accumulation_dtype(a.dtype))
+    det_h, adj_h = column_constants(others_acc)
+    floor_h = degeneracy_floor(others_acc)
+    loss, _, _ = gram_fwd(a, stacked, scale, det_h, adj_h, floor_h, eps, chosen)
     return loss
 
 
@@ -298,7 +329,8 @@ def gram_volume(anchor: Tensor, others: Sequence[Tensor]) -> Tensor:
     for retrieval and evaluation (rank the candidates j of each anchor i by volume), not
     for training, which :func:`gram_loss` does in O(N D) memory. Row i = anchor sample,
     column j = the sample shared by the others; N_a and N_o may differ. Same formula and
-    safe square root as the loss (finite gradients where det <= 0), differentiable.
+    degeneracy floor as the loss (volume 0 and derivative 0 where det is within rounding
+    of 0; NaN for NaN or inf inputs), differentiable.
 
     Args:
         anchor: (N_a, D). others: list or tuple of K >= 1 tensors (N_o, D), same dtype and
@@ -328,9 +360,9 @@ def gram_volume(anchor: Tensor, others: Sequence[Tensor]) -> Tensor:
     det_h, adj_h = column_constants(o)
     u = torch.matmul(t, o.transpose(1, 2))  # (K, N_a, N_o)
     q = torch.einsum("rij,jrs,sij->ij", u, adj_h, u)
-    det = det_h[None, :] * (t * t).sum(dim=1)[:, None] - q
-    positive = det > 0
-    return torch.where(positive, torch.where(positive, det, 1.0).sqrt(), 0.0)
+    tt = (t * t).sum(dim=1)
+    det = det_h[None, :] * tt[:, None] - q
+    return reference._safe_sqrt(det, tt.detach()[:, None] * degeneracy_floor(o)[None, :])
 
 
 class GramLoss(nn.Module):

@@ -1,15 +1,16 @@
 """GRAM volume loss on the "torch" backend (contract: ``flashcontrast.backends``).
 
-The (N, N) logits L_ij = -s sqrt(max(det_ij, 0)) are visited one block of rows at a time:
+The (N, N) logits L_ij = -s V_ij are visited one block of rows at a time:
 
     u_r  = T_blk @ O_r^T                          K dot-product blocks (rows x N)
     v_r  = sum_s adj_h[:, r, s] * u_s             (adj_h u)_r, elementwise per column
     det  = det_h_j |t_i|^2 - sum_r u_r v_r        the quadratic form, never (N, N, M, M)
+    V    = sqrt(det) where det > |t_i|^2 floor_h_j, else 0 (the degeneracy floor; NaN kept)
 
 forward   row LSE / sums / diagonal directly per block; column LSE online (running max and
           sum of exp), column sums by accumulation.
 backward  recompute u, v, det; dL = g/(2N) (P_row + P_col - 2(1-eps) I - 2 eps/N),
-          w = dL (-s) / (2V) where det > 0 (else 0), then
+          w = dL (-s) / (2V) above the floor (else 0), then
           d_anchor_blk = 2 (w det_h) t_blk - 2 sum_r (w * v_r) @ O_r
           d_others_u[r] += -2 (w * v_r)^T @ T_blk,  col_tt += tt_blk @ w,
           col_uu[:, r, s] += sum_i w u_r u_s,  dscale += sum dL (-V).
@@ -35,8 +36,9 @@ def _rows(n: int, k: int, device: torch.device, max_block_elements: Optional[int
     return block_rows(n, device, max(1, budget // (2 * k + 6)))
 
 
-def _block(t_blk, tt_blk, o, det_h, adj_h, scale):
-    """u (K, rows, N), v = adj u (K, rows, N), det (rows, N), V (rows, N), logits."""
+def _block(t_blk, tt_blk, o, det_h, adj_h, floor_h, scale):
+    """u (K, rows, N), v = adj u (K, rows, N), keep (rows, N) (det above the degeneracy
+    floor), V (rows, N), logits (rows, N)."""
     k = o.shape[0]
     u = torch.matmul(t_blk, o.transpose(1, 2))  # (K, rows, N)
     v = torch.empty_like(u)
@@ -47,16 +49,19 @@ def _block(t_blk, tt_blk, o, det_h, adj_h, scale):
     det = torch.outer(tt_blk, det_h)
     for r in range(k):
         det.addcmul_(u[r], v[r], value=-1.0)
-    vol = det.clamp(min=0).sqrt_()
-    return u, v, det, vol, vol * -scale
+    keep = det > torch.outer(tt_blk, floor_h)
+    vol = det.mul_(keep).sqrt_()  # det * 0 below the floor: 0, or NaN for NaN / inf det
+    return u, v, keep, vol, vol * -scale
 
 
-def gram_forward(anchor, others, scale, det_h, adj_h, max_block_elements: Optional[int] = None):
+def gram_forward(
+    anchor, others, scale, det_h, adj_h, floor_h, max_block_elements: Optional[int] = None
+):
     """(row_lse, col_lse, diag, row_sum, col_sum), each (N,) in the accumulation dtype."""
     k, n, _ = others.shape
     acc = accumulation_dtype(anchor.dtype)
     t, o = anchor.to(acc), others.to(acc)
-    det_h, adj_h = det_h.to(acc), adj_h.to(acc)
+    det_h, adj_h, floor_h = det_h.to(acc), adj_h.to(acc), floor_h.to(acc)
     tt = (t * t).sum(dim=1)
     kw = dict(dtype=acc, device=anchor.device)
     row_lse, diag, row_sum = torch.empty(n, **kw), torch.empty(n, **kw), torch.empty(n, **kw)
@@ -66,7 +71,7 @@ def gram_forward(anchor, others, scale, det_h, adj_h, max_block_elements: Option
     rows = _rows(n, k, anchor.device, max_block_elements)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        *_, logits = _block(t[start:stop], tt[start:stop], o, det_h, adj_h, scale)
+        *_, logits = _block(t[start:stop], tt[start:stop], o, det_h, adj_h, floor_h, scale)
         row_lse[start:stop] = torch.logsumexp(logits, dim=1)
         row_sum[start:stop] = logits.sum(dim=1)
         col_sum += logits.sum(dim=0)
@@ -83,6 +88,7 @@ def gram_backward(
     scale,
     det_h,
     adj_h,
+    floor_h,
     row_lse,
     col_lse,
     grad,
@@ -93,7 +99,7 @@ def gram_backward(
     k, n, _ = others.shape
     acc = accumulation_dtype(anchor.dtype)
     t, o = anchor.to(acc), others.to(acc)
-    det_h, adj_h = det_h.to(acc), adj_h.to(acc)
+    det_h, adj_h, floor_h = det_h.to(acc), adj_h.to(acc), floor_h.to(acc)
     row_lse, col_lse = row_lse.to(acc), col_lse.to(acc)
     tt = (t * t).sum(dim=1)
     eps = float(label_smoothing)
@@ -108,14 +114,13 @@ def gram_backward(
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         t_blk, tt_blk = t[start:stop], tt[start:stop]
-        u, v, det, vol, logits = _block(t_blk, tt_blk, o, det_h, adj_h, scale)
+        u, v, keep, vol, logits = _block(t_blk, tt_blk, o, det_h, adj_h, floor_h, scale)
         dl = (logits - row_lse[start:stop, None]).exp_()
         dl.add_(logits.sub_(col_lse).exp_()).sub_(2.0 * eps / n)
         dl.diagonal(offset=start).sub_(2.0 * (1.0 - eps))
         dl.mul_(coef)  # dL/d logits
         dscale -= (dl * vol).sum()
-        positive = det > 0
-        w = dl.mul_(-0.5 * scale).div_(torch.where(positive, vol, 1.0)).mul_(positive)
+        w = dl.mul_(-0.5 * scale).div_(torch.where(keep, vol, 1.0)).mul_(keep)
         col_tt += tt_blk @ w
         da = t_blk * (2.0 * (w @ det_h))[:, None]
         for r in range(k):

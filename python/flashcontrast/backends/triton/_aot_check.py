@@ -313,9 +313,9 @@ def _gram_case(k: int, n: int, d: int, dtype: torch.dtype) -> None:
     from . import gram
 
     anchor, others = _cuda(n, d, dtype=dtype), _cuda(k, n, d, dtype=dtype)
-    scale, det_h, adj_h = _cuda(), _cuda(n), _cuda(n, k, k)
-    row_lse, col_lse, *_ = gram.gram_forward(anchor, others, scale, det_h, adj_h)
-    gram.gram_backward(anchor, others, scale, det_h, adj_h, row_lse, col_lse, _cuda(), 0.1)
+    scale, det_h, adj_h, floor_h = _cuda(), _cuda(n), _cuda(n, k, k), _cuda(n)
+    row_lse, col_lse, *_ = gram.gram_forward(anchor, others, scale, det_h, adj_h, floor_h)
+    gram.gram_backward(anchor, others, scale, det_h, adj_h, floor_h, row_lse, col_lse, _cuda(), 0.1)
 
 
 def _symile_case(n: int, d: int, dtype: torch.dtype) -> None:

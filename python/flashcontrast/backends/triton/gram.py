@@ -11,8 +11,9 @@ torch work, so that (adj_h_j u_ij)_r = <t_i, w^r_j> is a tile product too and
 
     q_ij = sum_r <t_i, o^r_j> <t_i, w^r_j>          (loop over r, K a constexpr)
 
-With V = sqrt(max(det, 0)), L = -s V, dL = g/(2N)(P_row + P_col - 2(1-eps) I - 2 eps/N) and
-w_ij = dL_ij (-s) / (2 V_ij) where det_ij > 0 (else 0):
+With V = sqrt(det) above the degeneracy floor det_ij > tt_i floor_h_j (else det * 0: 0, or
+NaN for a NaN det), L = -s V, dL = g/(2N)(P_row + P_col - 2(1-eps) I - 2 eps/N) and
+w_ij = dL_ij (-s) / (2 V_ij) above the floor (else 0):
 
     d_anchor_i  = 2 t_i sum_j w_ij det_h_j - 2 sum_s sum_j (w_ij u_ij[s]) w^s_j
     Z^s_j       = sum_i w_ij u_ij[s] t_i                      (K, N, D), fp32 atomics
@@ -106,12 +107,20 @@ def _det_tile(
     return tt[:, None] * deth[None, :] - q
 
 
+@triton.jit
+def _volume(det, tt, floor):
+    """(keep, V): keep = det above the degeneracy floor tt_i floor_h_j; V = sqrt(det)
+    there, else sqrt(det * 0) (0, or NaN for a NaN or infinite det: NaN reaches the loss)."""
+    keep = det > tt[:, None] * floor[None, :]
+    return keep, tl.sqrt(tl.where(keep, det, det * 0.0))
+
+
 # Forward, one sweep, 2K GEMM-equivalents: per tile, q (2K dot tiles), det, V, L = -s V;
 # rows: online (max, sumexp) and sum in registers; columns: the same in this program's
 # partial rows; diagonal from the tile that holds it.
 @triton.jit
 def _gram_fwd_kernel(
-    t_ptr, o_ptr, w_ptr, tt_ptr, deth_ptr, scale_ptr,
+    t_ptr, o_ptr, w_ptr, tt_ptr, deth_ptr, floor_ptr, scale_ptr,
     ws_m_ptr, ws_l_ptr, ws_s_ptr,  # (H + G, N) fp32 partials: max, sumexp, sum
     diag_ptr,
     N, D, stride_tn, stride_td, stride_ok, stride_on, stride_od,
@@ -137,13 +146,15 @@ def _gram_fwd_kernel(
             cols = cb * BLOCK_N + offs_n
             cmask = cols < N
             deth = tl.load(deth_ptr + cols, mask=cmask, other=0.0)
+            floor = tl.load(floor_ptr + cols, mask=cmask, other=0.0)
             cols = _widen(cols, INDEX_64)
             det = _det_tile(
                 t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, N, D,
                 stride_tn, stride_td, stride_ok, stride_on, stride_od,
                 K, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, W_PRECISION,
             )  # fmt: skip
-            logit = -scale * tl.sqrt(tl.maximum(det, 0.0))
+            _, vol = _volume(det, tt, floor)
+            logit = -scale * vol
             valid = rmask[:, None] & cmask[None, :]
             s = tl.where(valid, logit, float("-inf"))
             s0 = tl.where(valid, logit, 0.0)
@@ -169,7 +180,8 @@ def _gram_fwd_kernel(
 # u_s (K), d_anchor -= 2 (w u_s) @ W_s (K, atomics), Z_s += (w u_s)^T @ T (K, atomics).
 @triton.jit
 def _gram_bwd_kernel(
-    t_ptr, o_ptr, w_ptr, tt_ptr, deth_ptr, scale_ptr, grad_ptr, row_lse_ptr, col_lse_ptr,
+    t_ptr, o_ptr, w_ptr, tt_ptr, deth_ptr, floor_ptr, scale_ptr, grad_ptr,
+    row_lse_ptr, col_lse_ptr,
     da_ptr,  # (N, D) fp32 zeros
     z_ptr,  # (K, N, D) fp32 zeros
     coltt_ptr,  # (N,) fp32 zeros
@@ -191,6 +203,7 @@ def _gram_bwd_kernel(
     cmask = cols < N
     col_lse = tl.load(col_lse_ptr + cols, mask=cmask, other=0.0)
     deth = tl.load(deth_ptr + cols, mask=cmask, other=0.0)
+    floor = tl.load(floor_ptr + cols, mask=cmask, other=0.0)
     cols = _widen(cols, INDEX_64)
     coltt_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     ds_acc = 0.0
@@ -207,14 +220,14 @@ def _gram_bwd_kernel(
             stride_tn, stride_td, stride_ok, stride_on, stride_od,
             K, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, W_PRECISION,
         )  # fmt: skip
-        vol = tl.sqrt(tl.maximum(det, 0.0))
+        keep, vol = _volume(det, tt, floor)
         valid = rmask[:, None] & cmask[None, :]
         s = tl.where(valid, -scale * vol, float("-inf"))  # as in the forward
         dl = tl.exp(s - row_lse[:, None]) + tl.exp(s - col_lse[None, :]) - smooth
         dl = tl.where(rows[:, None] == cols[None, :], dl - target, dl)
         dl = tl.where(valid, dl, 0.0) * coef  # dLoss / dL_ij
         ds_acc += tl.sum(tl.sum(-dl * vol, axis=1), axis=0)
-        pos = valid & (det > 0)
+        pos = valid & keep
         w = tl.where(pos, dl * (-0.5 * scale) / tl.where(pos, vol, 1.0), 0.0)
         coltt_acc += tl.sum(w * tt[:, None], axis=0)
         rw = 2.0 * tl.sum(w * deth[None, :], axis=1)  # (BLOCK_M,)
@@ -273,7 +286,9 @@ def _tiles(d: int, dtype: torch.dtype, device: torch.device, backward: bool = Fa
     return _with_override(_Tiles(64, 64, min(block_d, 32), 8, 2))
 
 
-def _prepare(anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor):
+def _prepare(
+    anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor, floor_h: Tensor
+):
     if anchor.dim() != 2 or others.dim() != 3 or others.shape[1:] != anchor.shape:
         raise ValueError(
             f"anchor must be (N, D) and others (K, N, D), got {tuple(anchor.shape)} and "
@@ -287,21 +302,31 @@ def _prepare(anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h
     device = anchor.device
     _check_runnable(device, "flashcontrast.backends.triton")
     k, n, _ = others.shape
-    for name, t in (("others", others), ("scale", scale), ("det_h", det_h), ("adj_h", adj_h)):
+    named = (("others", others), ("scale", scale), ("det_h", det_h), ("adj_h", adj_h))
+    for name, t in (*named, ("floor_h", floor_h)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device}, anchor on {device}")
-    if det_h.shape != (n,) or adj_h.shape != (n, k, k) or scale.numel() != 1:
-        raise ValueError("det_h must be (N,), adj_h (N, K, K) and scale a single element")
+    if (
+        det_h.shape != (n,)
+        or floor_h.shape != (n,)
+        or adj_h.shape != (n, k, k)
+        or scale.numel() != 1
+    ):
+        raise ValueError(
+            "det_h and floor_h must be (N,), adj_h (N, K, K) and scale a single element"
+        )
 
 
-def _common(anchor, others, det_h, adj_h):
+def _common(anchor, others, det_h, adj_h, floor_h):
+    """tt (N,), det_h (N,), floor_h (N,), adj_h (N, K, K) and W (K, N, D), all fp32."""
     f32 = torch.float32
     t32 = anchor.to(f32)
     tt = (t32 * t32).sum(dim=1)
     adj = adj_h.to(f32)
     # W_r = sum_s adj_h[:, r, s] o^s: (K, N, D) fp32, contiguous.
     w = torch.einsum("nrs,snd->rnd", adj, others.to(f32)).contiguous()
-    return tt.contiguous(), det_h.to(f32).contiguous(), adj, w
+    deth, floor = det_h.to(f32).contiguous(), floor_h.to(f32).contiguous()
+    return tt.contiguous(), deth, floor, adj, w
 
 
 def _launch_args(anchor, others):
@@ -317,11 +342,13 @@ def _kernel_kwargs(k: int, tiles: _Tiles, dtype: torch.dtype, device: torch.devi
     return dict(K=k, W_PRECISION=w_precision, **_launch_kwargs(tiles, dtype, device))
 
 
-def gram_forward(anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor):
+def gram_forward(
+    anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor, floor_h: Tensor
+):
     """(row_lse, col_lse, diag, row_sum, col_sum), each (N,) float32."""
-    _prepare(anchor, others, scale, det_h, adj_h)
+    _prepare(anchor, others, scale, det_h, adj_h, floor_h)
     k, n, d = others.shape
-    tt, deth, _, w = _common(anchor, others, det_h, adj_h)
+    tt, deth, floor, _, w = _common(anchor, others, det_h, adj_h, floor_h)
     tiles = _tiles(d, anchor.dtype, anchor.device)
     g, h = _forward_grid_for(tiles, n, anchor.device)
     f32 = dict(dtype=torch.float32, device=anchor.device)
@@ -329,7 +356,7 @@ def gram_forward(anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, a
     diag, row_lse, col_lse = (torch.empty(n, **f32) for _ in range(3))
     with _guard(anchor.device):
         _gram_fwd_kernel[(g, h)](
-            anchor, others, w, tt, deth, scale, ws[0], ws[1], ws[2], diag,
+            anchor, others, w, tt, deth, floor, scale, ws[0], ws[1], ws[2], diag,
             n, *_launch_args(anchor, others),
             INDEX_64=_index_64(anchor, others, w),
             **_kernel_kwargs(k, tiles, anchor.dtype, anchor.device),
@@ -344,6 +371,7 @@ def gram_backward(
     scale: Tensor,
     det_h: Tensor,
     adj_h: Tensor,
+    floor_h: Tensor,
     row_lse: Tensor,
     col_lse: Tensor,
     grad: Tensor,
@@ -351,9 +379,9 @@ def gram_backward(
 ):
     """(d_anchor (N, D) anchor dtype, d_others_u (K, N, D) others dtype, dscale 0-d fp32,
     col_tt (N,) fp32, col_uu (N, K, K) fp32)."""
-    _prepare(anchor, others, scale, det_h, adj_h)
+    _prepare(anchor, others, scale, det_h, adj_h, floor_h)
     k, n, d = others.shape
-    tt, deth, adj, w = _common(anchor, others, det_h, adj_h)
+    tt, deth, floor, adj, w = _common(anchor, others, det_h, adj_h, floor_h)
     tiles = _tiles(d, anchor.dtype, anchor.device, backward=True)
     num_cb, split = _backward_grid_for(tiles, n, anchor.device)
     f32 = dict(dtype=torch.float32, device=anchor.device)
@@ -363,7 +391,7 @@ def gram_backward(
     part = torch.empty(num_cb * split, **f32)
     with _guard(anchor.device):
         _gram_bwd_kernel[(num_cb, split)](
-            anchor, others, w, tt, deth, scale, grad,
+            anchor, others, w, tt, deth, floor, scale, grad,
             row_lse.to(torch.float32).contiguous(), col_lse.to(torch.float32).contiguous(),
             da, z, col_tt, part,
             float(label_smoothing), n, *_launch_args(anchor, others),
