@@ -112,6 +112,50 @@ def test_siglip_arguments():
         coc.SigLipLoss(dist_impl="bogus")
 
 
+@pytest.mark.parametrize("negative_only", [False, True])
+@pytest.mark.parametrize("n", [1, 64, 70])
+def test_siglip_block_loss_matches_openclip(oc, negative_only, n):
+    """OpenCLIP's ``_loss(..., negative_only)`` (3.3.0's, unchunked), values and gradients
+    of features, scale and bias; every ``chunk_size`` of OpenCLIP's main branch (1, 8, an
+    uneven 32 at n = 70, 64, 0 = unchunked) gives ours bit for bit the same."""
+    leaves = [
+        _unit(n, 24),
+        _unit(n, 24),
+        torch.tensor(10.0, dtype=F64),
+        torch.tensor(-10.0, dtype=F64),
+    ]
+    theirs = oc.SigLipLoss()
+    results = []
+    for chunk_size in (0, 1, 8, 32, 64):
+        ours = coc.SigLipLoss(chunk_size=chunk_size)
+        _same(
+            lambda *x, o=ours: o._loss(*x, negative_only=negative_only),
+            lambda *x: theirs._loss(*x, negative_only=negative_only),
+            leaves,
+        )
+        results.append(
+            _loss_and_grads(lambda *x, o=ours: o._loss(*x, negative_only=negative_only), leaves)
+        )
+    for loss, grads in results[1:]:
+        assert torch.equal(loss, results[0][0])
+        assert all(torch.equal(g, w) for g, w in zip(grads, results[0][1]))
+
+
+def test_siglip_openclip_helpers_and_chunk_size_checks(oc):
+    a, b = _unit(5, 3), _unit(5, 3)
+    ours, theirs = coc.SigLipLoss(chunk_size=2), oc.SigLipLoss()
+    for neg in (False, True):
+        _close(
+            ours.get_ground_truth(a.device, a.dtype, 5, neg),
+            theirs.get_ground_truth(a.device, a.dtype, 5, neg),
+        )
+    _close(ours.get_logits(a, b, 3.0, -1.0), theirs.get_logits(a, b, 3.0, -1.0))
+    assert "chunk_size=2" in repr(ours)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            coc.SigLipLoss(chunk_size=bad)
+
+
 def test_openclip_gradient_scaling_choice():
     """The distributed mapping documented in compat/open_clip.py."""
     assert coc.ClipLoss(gather_with_grad=True).grad_scaling == "ddp"

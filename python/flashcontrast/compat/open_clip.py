@@ -387,10 +387,16 @@ class ClipLoss(nn.Module):
 class SigLipLoss(nn.Module):
     """OpenCLIP ``SigLipLoss``: ``-(1/n) sum_ij log sigmoid(z_ij (s a_i.b_j + b))``.
 
-    Args (OpenCLIP's):
+    Args (OpenCLIP's; both its 3.3.0 release and its main branch's, which added
+    ``chunk_size``):
         cache_labels: accepted, ignored.
         rank, world_size: this process's place in the default process group.
         dist_impl: None (= "bidir"), "bidir", "shift", "reduce" or "gather".
+        chunk_size: accepted and checked (an int >= 0), otherwise ignored: OpenCLIP's
+            ``chunk_size > 0`` computes the logits ``chunk_size`` rows at a time to save
+            memory; here they are never materialized, whatever the chunk size, so every
+            chunk size gives the same value bit for bit (OpenCLIP's own tests accept a
+            1e-5 difference between its chunked and unchunked sums).
         backend: flashcontrast's backend for the single-process path.
 
     Call: ``(image_features, text_features, logit_scale, logit_bias, output_dict=False)``
@@ -406,6 +412,14 @@ class SigLipLoss(nn.Module):
     steps) and by one all-gather for "reduce" and "gather" (``strategy == "gather"``;
     OpenCLIP's "reduce" makes W all-reduces): the same values and gradients, to rounding.
     The local rows against the N columns run through the blockwise SigLIP kernels.
+
+    ``_loss(image_features, text_features, logit_scale, logit_bias=None,
+    negative_only=False)`` is OpenCLIP's single-block loss (its tests call it): with
+    ``negative_only`` every pair is a negative (z = -1 everywhere, OpenCLIP's term for
+    another rank's texts), computed without logits as the loss with positives plus
+    mean_i S_ii (softplus(S) - softplus(-S) = S). ``get_ground_truth`` and
+    ``get_logits`` are OpenCLIP's helpers, dense by definition (n x n): for inspection,
+    not used by the loss.
     """
 
     def __init__(
@@ -414,6 +428,7 @@ class SigLipLoss(nn.Module):
         rank: int = 0,
         world_size: int = 1,
         dist_impl: Optional[str] = None,
+        chunk_size: int = 0,
         *,
         backend: str = "auto",
     ) -> None:
@@ -421,11 +436,51 @@ class SigLipLoss(nn.Module):
         dist_impl = dist_impl or "bidir"
         if dist_impl not in _SIGLIP_DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {_SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+            raise ValueError(f"chunk_size must be an int >= 0, got {chunk_size!r}")
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
         self.dist_impl = dist_impl
+        self.chunk_size = chunk_size
         self.backend = backend
+
+    def get_ground_truth(
+        self, device, dtype, num_logits: int, negative_only: bool = False
+    ) -> torch.Tensor:
+        """OpenCLIP's (num_logits, num_logits) labels: -1 off the diagonal, +1 on it
+        (-1 everywhere with ``negative_only``). Dense; the loss never builds it."""
+        labels = -torch.ones((num_logits, num_logits), device=device, dtype=dtype)
+        if not negative_only:
+            labels = 2 * torch.eye(num_logits, device=device, dtype=dtype) + labels
+        return labels
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """OpenCLIP's dense (n, m) logits ``logit_scale * a @ b.T + logit_bias``, for
+        inspection (the loss never builds them)."""
+        logits = logit_scale * image_features @ text_features.T
+        if logit_bias is not None:
+            logits = logits + logit_bias
+        return logits
+
+    def _loss(
+        self, image_features, text_features, logit_scale, logit_bias=None, negative_only=False
+    ) -> torch.Tensor:
+        """OpenCLIP's ``_loss``: -(1/n) sum_ij log sigmoid(z_ij S_ij) over this block, with
+        z = +1 on the diagonal (-1 everywhere when ``negative_only``); (n, D) and (n, D)
+        features, a 0-d float32 (float64 for float64) loss, memory-linear."""
+        loss = siglip_loss(
+            image_features, text_features, logit_scale, logit_bias, backend=self.backend
+        )
+        if not negative_only:
+            return loss
+        # softplus(S_ii) - softplus(-S_ii) = S_ii: the positives turned into negatives.
+        acc = accumulation_dtype(image_features.dtype)
+        dots = (image_features.to(acc) * text_features.to(acc)).sum(dim=1)
+        diag = torch.as_tensor(logit_scale, device=dots.device).reshape(()) * dots
+        if logit_bias is not None:
+            diag = diag + torch.as_tensor(logit_bias, device=dots.device).reshape(())
+        return loss + diag.mean().to(loss.dtype)
 
     @property
     def strategy(self) -> str:
@@ -458,5 +513,5 @@ class SigLipLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}, "
-            f"backend={self.backend!r}"
+            f"chunk_size={self.chunk_size}, backend={self.backend!r}"
         )
