@@ -317,6 +317,51 @@ def test_gram_loss_matches_reference(k):
         )
 
 
+def _gram_published_training_loss(t, temp, *others):
+    """GRAM's model/gram.py forward_ret on one process, with concat_all_gather (an
+    all_gather without gradient) as .detach(): the d2a term sees the others as constants,
+    the a2d term the anchor."""
+    volume = _abs_det_volume(t, *[o.detach() for o in others]).to(t.dtype) / temp
+    volume_t = _abs_det_volume(t.detach(), *others).to(t.dtype).T / temp
+    targets = torch.arange(t.shape[0])
+    return (
+        F.cross_entropy(-volume, targets, label_smoothing=0.1)
+        + F.cross_entropy(-volume_t, targets, label_smoothing=0.1)
+    ) / 2
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_gram_published_gradient_matches_gram_training_code(k):
+    """gradient="published" gives GRAM's own training gradient (its volume_computation is
+    float32 sqrt|det|: the tolerance is float32's); "full" differs from it."""
+    n, d = 10, 12
+    leaves = [_unit(n, d), torch.tensor(0.07, dtype=F64), *[_unit(n, d) for _ in range(k)]]
+    for loss_fn in (
+        cgram.gram_contrastive_loss,
+        cgram.GramContrastiveLoss(gradient="published", backend="torch"),
+    ):
+        kw = {"gradient": "published"} if loss_fn is cgram.gram_contrastive_loss else {}
+        _same(
+            lambda tt, s, *o, f=loss_fn, kw=kw: f(tt, *o, temperature=s, **kw),
+            _gram_published_training_loss,
+            leaves,
+            1e-5,
+            1e-6,
+        )
+    full = _loss_and_grads(
+        lambda tt, s, *o: cgram.gram_contrastive_loss(tt, *o, temperature=s), leaves
+    )
+    pub = _loss_and_grads(
+        lambda tt, s, *o: cgram.gram_contrastive_loss(tt, *o, temperature=s, gradient="published"),
+        leaves,
+    )
+    _close(full[0], pub[0])
+    assert not torch.allclose(full[1][0], pub[1][0], rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="gradient"):
+        cgram.gram_contrastive_loss(leaves[0], leaves[2], gradient="d2a")
+    assert "gradient='published'" in repr(cgram.GramContrastiveLoss(gradient="published"))
+
+
 def test_gram_gradients_finite_where_abs_det_form_is_nan():
     t = _unit(4, 6)
     leaves = [t, t.clone(), _unit(4, 6)]  # anchor == first other: det G_ii = 0

@@ -198,6 +198,36 @@ def test_degenerate_volumes_property(backend):
     check()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("m", "n", "d"), [(2, 7, 17), (4, 37, 17), (3, 37, 64)])
+def test_published_gradient_by_rule(backend, m, n, d):
+    """gradient="published" (GRAM's training code: the anchor through the row term only,
+    the others through the column term only) against the float64 reference of that
+    gradient, by the rule, on every backend."""
+    xs = _inputs(n, d, m, torch.float32)
+    names = ["loss", "d_anchor", *[f"d_others[{k}]" for k in range(m - 1)], "d_scale"]
+
+    def ref(a, o, s):
+        vol_rows = reference.gram_volume(a, [x.detach() for x in o])  # d2a: others constant
+        vol_cols = reference.gram_volume(a.detach(), o)  # a2d: anchor constant
+        labels = torch.arange(a.shape[0])
+        ce = torch.nn.functional.cross_entropy
+        return 0.5 * (
+            ce(-s * vol_rows, labels, label_smoothing=0.1)
+            + ce((-s * vol_cols).T, labels, label_smoothing=0.1)
+        )
+
+    def ours(a, o, s):
+        return gram_loss(a, o, s, label_smoothing=0.1, gradient="published", backend=backend)
+
+    exact = _loss_and_grads(ref, xs, 10.0, 1.3, torch.float64)
+    same = _loss_and_grads(ref, xs, 10.0, 1.3, torch.float32)
+    got = _loss_and_grads(ours, xs, 10.0, 1.3)
+    assert_by_rule(names, got, same, exact, torch.float32)
+    with pytest.raises(ValueError, match="published"):
+        gram_loss(xs[0], xs[1:], 1.0, gradient="published", backend="reference")
+
+
 def test_gram_volume_matches_reference():
     a = torch.randn(11, 9, dtype=torch.float64, requires_grad=True)
     o = [torch.randn(5, 9, dtype=torch.float64, requires_grad=True) for _ in range(3)]

@@ -28,6 +28,11 @@ Deliberate differences from the published code:
 * The fused backends do not call ``torch.det`` per pair: det G_ij comes from the
   adjugate expansion det(H_j) t_i.t_i - u_ij^T adj(H_j) u_ij (objectives.md), equal up
   to rounding.
+* Gradient: by default the loss's full gradient. GRAM's training code gathers the
+  features with a no-grad all_gather, even on one process, so its d2a term
+  differentiates only the anchor and its a2d term only the other modalities:
+  ``gram_contrastive_loss(..., gradient="published")`` reproduces that gradient (same
+  value, one more backward sweep).
 * dtype: GRAM computes ``torch.det(G.float())`` and so returns float32 volumes even for
   float64 inputs; here float64 inputs give float64 volumes and loss (32/16-bit inputs
   give float32, as GRAM).
@@ -90,6 +95,7 @@ def gram_contrastive_loss(
     *inputs: torch.Tensor,
     temperature: Temperature = 0.07,
     label_smoothing: float = 0.1,
+    gradient: str = "full",
     backend: str = "auto",
 ) -> torch.Tensor:
     """GRAM's two-direction volume loss, ``(CE(-V / T) + CE(-V^T / T)) / 2``, label-smoothed.
@@ -105,6 +111,15 @@ def gram_contrastive_loss(
         temperature: T, a float or a one-element tensor (gets a gradient when it requires
             one, like GRAM's ``nn.Parameter``).
         label_smoothing: in [0, 1), in both cross entropies.
+        gradient: "full" (default): the gradient of the loss above. "published": the
+            gradient GRAM's training code gets. Its loss (``model/gram.py``) takes
+            ``volume = volume_computation(feat_t, feat_v_all, feat_a_all)`` and
+            ``volumeT = volume_computation(feat_t_all, feat_v, feat_a).T`` where the
+            ``*_all`` tensors come from ``concat_all_gather``, an all_gather WITHOUT
+            gradient, even on one process: so the d2a term differentiates the anchor
+            only and the a2d term the other modalities only (the temperature gets both).
+            Same value; one more backward sweep. Choose "published" to reproduce a GRAM
+            training run; "full" is the loss's true gradient.
         backend: flashcontrast's backend ("auto", "triton", "torch", "reference").
 
     Returns:
@@ -117,6 +132,7 @@ def gram_contrastive_loss(
         list(inputs),
         1.0 / temperature,
         label_smoothing=label_smoothing,
+        gradient=gradient,
         backend=backend,
     )
 
@@ -128,15 +144,22 @@ class GramContrastiveLoss(nn.Module):
         temperature: the default T when the call gives none (GRAM learns it: pass the
             parameter at call time to get its gradient).
         label_smoothing: GRAM's 0.1 by default.
+        gradient: "full" (default) or "published" (:func:`gram_contrastive_loss`).
         backend: flashcontrast's backend.
     """
 
     def __init__(
-        self, temperature: float = 0.07, label_smoothing: float = 0.1, *, backend: str = "auto"
+        self,
+        temperature: float = 0.07,
+        label_smoothing: float = 0.1,
+        *,
+        gradient: str = "full",
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.temperature = temperature
         self.label_smoothing = label_smoothing
+        self.gradient = gradient
         self.backend = backend
 
     def forward(self, anchor: torch.Tensor, *inputs: torch.Tensor, temperature=None):
@@ -145,11 +168,12 @@ class GramContrastiveLoss(nn.Module):
             *inputs,
             temperature=self.temperature if temperature is None else temperature,
             label_smoothing=self.label_smoothing,
+            gradient=self.gradient,
             backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, label_smoothing={self.label_smoothing}, "
-            f"backend={self.backend!r}"
+            f"gradient={self.gradient!r}, backend={self.backend!r}"
         )

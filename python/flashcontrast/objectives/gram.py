@@ -35,6 +35,7 @@ to 0).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -152,9 +153,11 @@ def gram_fwd(
     adj_h: Tensor,
     floor_h: Tensor,
     label_smoothing: float,
+    gradient: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Loss (0-d), row LSE (N,) and column LSE (N,) of the logits -scale * V."""
+    """Loss (0-d), row LSE (N,) and column LSE (N,) of the logits -scale * V. ``gradient``
+    ("full" or "published") only selects the backward (see :func:`gram_loss`)."""
     module = backend_module(backend, "gram")
     stats = module.gram_forward(anchor, others, scale, det_h, adj_h, floor_h)
     row_lse, col_lse, diag, row_sum, col_sum = stats
@@ -163,7 +166,9 @@ def gram_fwd(
 
 
 @gram_fwd.register_fake
-def _gram_fwd_fake(anchor, others, scale, det_h, adj_h, floor_h, label_smoothing, backend):
+def _gram_fwd_fake(
+    anchor, others, scale, det_h, adj_h, floor_h, label_smoothing, gradient, backend
+):
     acc = accumulation_dtype(anchor.dtype)
     n = anchor.shape[0]
     return (
@@ -210,23 +215,40 @@ def _gram_bwd_fake(
 
 
 def _gram_setup_context(ctx, inputs, output) -> None:
-    anchor, others, scale, det_h, adj_h, floor_h, label_smoothing, backend = inputs
+    anchor, others, scale, det_h, adj_h, floor_h, label_smoothing, gradient, backend = inputs
     _, row_lse, col_lse = output
     ctx.backend = backend
     ctx.label_smoothing = label_smoothing
+    ctx.gradient = gradient
     ctx.save_for_backward(anchor, others, scale, det_h, adj_h, floor_h, row_lse, col_lse)
     ctx.mark_non_differentiable(row_lse, col_lse)
 
 
 def _gram_backward(ctx, grad_loss, _grad_row, _grad_col):
     anchor, others, scale, det_h, adj_h, floor_h, row_lse, col_lse = ctx.saved_tensors
-    d_anchor, d_others_u, dscale, col_tt, col_uu = gram_bwd(
-        anchor, others, scale, det_h, adj_h, floor_h, row_lse, col_lse,
-        grad_loss.to(row_lse.dtype), ctx.label_smoothing, ctx.backend,
-    )  # fmt: skip
+    consts = (anchor, others, scale, det_h, adj_h, floor_h)
+    grad = grad_loss.to(row_lse.dtype)
+    eps, backend = ctx.label_smoothing, ctx.backend
+    if ctx.gradient == "full":
+        d_anchor, d_others_u, dscale, col_tt, col_uu = gram_bwd(
+            *consts, row_lse, col_lse, grad, eps, backend
+        )
+    else:
+        # GRAM's published gradient: the anchor through the row term only, the others
+        # through the column term only. The backward's tile coefficient is
+        # g/(2N) (P_row + P_col - 2(1 - eps) I - 2 eps/N); an infinite column LSE drops
+        # P_col, a row LSE lowered by log 2 doubles P_row, and g/2 halves the rest: the
+        # row term alone, g/(2N) (P_row - (1 - eps) I - eps/N), and the column term alike.
+        # Two backward sweeps instead of one; the forward is shared.
+        inf = torch.full_like(row_lse, float("inf"))
+        half, log2 = grad * 0.5, math.log(2.0)
+        rows = gram_bwd(*consts, row_lse - log2, inf, half, eps, backend)
+        cols = gram_bwd(*consts, inf, col_lse - log2, half, eps, backend)
+        d_anchor, dscale = rows[0], rows[2] + cols[2]
+        d_others_u, col_tt, col_uu = cols[1], cols[3], cols[4]
     # col_tt = dL/d det_h and col_uu = -dL/d adj_h: autograd carries them on through
     # column_constants (outside this op) to the other modalities.
-    return d_anchor, d_others_u, dscale, col_tt, -col_uu, None, None, None
+    return d_anchor, d_others_u, dscale, col_tt, -col_uu, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -257,6 +279,15 @@ def _check_others(anchor: Tensor, others: object) -> list:
     return others
 
 
+GRADIENTS = ("full", "published")
+
+
+def _check_gradient(gradient: object) -> str:
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    return gradient
+
+
 def _check_label_smoothing(label_smoothing: object) -> float:
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(
@@ -274,6 +305,7 @@ def gram_loss(
     logit_scale: Scalar,
     *,
     label_smoothing: float = 0.0,
+    gradient: str = "full",
     backend: str = "auto",
 ) -> Tensor:
     """GRAM's volume contrastive loss, without the (N, N, M, M) Gram tensor or N x N logits.
@@ -296,6 +328,15 @@ def gram_loss(
         logit_scale: s = 1 / temperature, a float or a one-element tensor (gets a
             gradient when it requires one).
         label_smoothing: eps in [0, 1), applied in both cross entropies.
+        gradient: "full" (default), the gradient of this loss; or "published", the
+            gradient GRAM's training code (``model/gram.py``) produces: it computes the
+            row term ("d2a") from ``volume_computation(feat_t, feat_v_all, ...)`` and the
+            column term ("a2d") from ``volume_computation(feat_t_all, feat_v, ...)`` with
+            the ``*_all`` tensors from a no-grad all_gather (even on one process), so the
+            anchor gets the row term's gradient only and the other modalities the column
+            term's only (the logit scale both). Same loss value; costs a second backward
+            sweep. Not supported by backend="reference" (it differentiates the dense
+            loss): use "torch".
         backend: "auto", "triton", "torch" or "reference" (see
             :func:`flashcontrast.backend_for`).
 
@@ -308,8 +349,11 @@ def gram_loss(
     others = _check_others(a, others)
     scale = as_scalar_tensor("logit_scale", logit_scale, a)
     eps = _check_label_smoothing(label_smoothing)
+    gradient = _check_gradient(gradient)
     chosen = _dispatch.resolve("gram", a.device, backend)
     if chosen == "reference":
+        if gradient != "full":
+            raise ValueError('gradient="published" needs a kernel backend, not "reference"')
         return reference.gram_loss(a, others, scale, label_smoothing=eps)
     if chosen == "triton" and a.dtype == torch.float64:
         raise TypeError("backend='triton' supports float32, float16 and bfloat16, not float64")
@@ -317,7 +361,7 @@ def gram_loss(
     others_acc = stacked.to(accumulation_dtype(a.dtype))
     det_h, adj_h = column_constants(others_acc)
     floor_h = degeneracy_floor(others_acc)
-    loss, _, _ = gram_fwd(a, stacked, scale, det_h, adj_h, floor_h, eps, chosen)
+    loss, _, _ = gram_fwd(a, stacked, scale, det_h, adj_h, floor_h, eps, gradient, chosen)
     return loss
 
 
@@ -372,19 +416,31 @@ class GramLoss(nn.Module):
 
     Args:
         label_smoothing: eps in [0, 1) (GRAM's training uses 0.1).
+        gradient: "full" or "published" (see :func:`gram_loss`).
         backend: "auto", "triton", "torch" or "reference".
     """
 
-    def __init__(self, label_smoothing: float = 0.0, backend: str = "auto") -> None:
+    def __init__(
+        self, label_smoothing: float = 0.0, backend: str = "auto", *, gradient: str = "full"
+    ) -> None:
         super().__init__()
         self.label_smoothing = _check_label_smoothing(label_smoothing)
+        self.gradient = _check_gradient(gradient)
         self.backend = backend
 
     def forward(self, anchor: Tensor, others: Sequence[Tensor], logit_scale: Scalar) -> Tensor:
         """(N, D), K x (N, D), scalar -> 0-d mean loss."""
         return gram_loss(
-            anchor, others, logit_scale, label_smoothing=self.label_smoothing, backend=self.backend
+            anchor,
+            others,
+            logit_scale,
+            label_smoothing=self.label_smoothing,
+            gradient=self.gradient,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return f"label_smoothing={self.label_smoothing}, backend={self.backend!r}"
+        return (
+            f"label_smoothing={self.label_smoothing}, gradient={self.gradient!r}, "
+            f"backend={self.backend!r}"
+        )
