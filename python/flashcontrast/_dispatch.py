@@ -9,6 +9,11 @@ that says why.
 The choice is visible: :func:`backend_for` answers without running anything, the debug
 log of the ``flashcontrast`` logger names each choice, and :func:`last_backend` returns
 the backend of the most recent eager call.
+
+Selection traces under ``torch.compile(fullgraph=True)``: it reads module constants and
+asks the backends' availability checks, which Dynamo runs for real at trace time and
+keeps as constants (``backends/triton/__init__.py``), so the choice is made once, when the
+graph is traced, and the graph carries the chosen name to the ops.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ role of DESIGN.md's per-objective autograd Function, and unlike a Python autogra
 it is traced by AOTAutograd as one opaque op in both the forward and the backward graph.
 
 ``backend`` reaches the ops as a resolved name ("torch", "triton" or "cuda"), a string
-argument, so the choice is part of the traced graph.
+argument, so the choice is part of the traced graph. :func:`backend_module` (importlib)
+runs only inside the ops' implementations, which torch.compile does not trace (it traces
+the fake implementations and calls the op at run time), so it needs no care there.
 """
 
 from __future__ import annotations

@@ -9,17 +9,34 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-Scalar = Union[float, int, torch.Tensor]
+#: A scalar argument (logit scale, bias, temperature): a Python float or int, a NumPy real
+#: scalar (``np.floating`` / ``np.integer``) or one-element array, or a one-element
+#: floating tensor (the only kind that can receive a gradient).
+Scalar = Union[float, int, np.floating, np.integer, np.ndarray, torch.Tensor]
+
+
+def check_strided(name: str, x: torch.Tensor) -> None:
+    """Require a dense (strided) tensor: sparse (COO, CSR, ...) and mkldnn tensors have no
+    strides the kernels could read, and torch's own errors on them name no argument."""
+    if x.layout != torch.strided:
+        raise TypeError(
+            f"{name} must be a dense (strided) tensor, got layout {x.layout}; "
+            "convert it with .to_dense()"
+        )
 
 
 def check_features(name: str, x: object) -> torch.Tensor:
-    """Return ``x`` if it is a floating (N, D) tensor with N >= 1 and D >= 1, else raise."""
+    """Return ``x`` if it is a dense floating (N, D) tensor with N >= 1 and D >= 1, else
+    raise (TypeError for a non-tensor, a non-strided layout or a dtype outside
+    FEATURE_DTYPES; ValueError for a shape that is not (N >= 1, D >= 1))."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D), got {type(x).__name__}")
+    check_strided(name, x)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
     if x.dtype not in FEATURE_DTYPES:
@@ -51,26 +68,43 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _numpy_real(name: str, value: Union[np.generic, np.ndarray]) -> float:
+    """A NumPy real scalar or one-element array as a Python float (bool and complex raise)."""
+    kind = value.dtype.kind
+    if kind not in "fiu":  # b: bool, c: complex, O/U/S/M/m: not numbers
+        raise TypeError(f"{name} must be a real number, got a NumPy {value.dtype} value")
+    if value.size != 1:
+        raise ValueError(f"{name} must be a scalar (one element), got shape {value.shape}")
+    return float(value.reshape(()))
+
+
 def as_scalar_tensor(
     name: str, value: Optional[Scalar], like: torch.Tensor, required: bool = True
 ) -> Optional[torch.Tensor]:
-    """Turn a python number or a one-element tensor into a 0-d tensor for the kernels.
+    """Turn a number or a one-element tensor into a 0-d tensor for the kernels.
 
-    The result is on ``like``'s device in its accumulation dtype; autograd flows back to
-    ``value`` when it is a tensor that requires grad. A 0-d CPU tensor is moved to the
-    feature device (as PyTorch itself allows CPU scalars beside device tensors).
+    Accepted: a Python float or int (not bool), a NumPy real scalar (``np.float32``,
+    ``np.int64``, ...; not ``np.bool_``) or one-element real array, or a one-element
+    floating tensor. The result is 0-d, on ``like``'s device, in its accumulation dtype;
+    autograd flows back to ``value`` when it is a tensor that requires grad. A 0-d CPU
+    tensor is moved to the feature device (as PyTorch itself allows CPU scalars beside
+    device tensors). Numbers become a new tensor (no host synchronization either way).
     """
     acc = accumulation_dtype(like.dtype)
     if value is None:
         if required:
             raise TypeError(f"{name} is required, got None")
         return None
+    if isinstance(value, (np.generic, np.ndarray)):
+        return torch.tensor(_numpy_real(name, value), dtype=acc, device=like.device)
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(
-            f"{name} must be a float or a one-element tensor, got {type(value).__name__}"
+            f"{name} must be a float, an int, a NumPy real scalar or a one-element tensor, "
+            f"got {type(value).__name__}"
         )
     if not isinstance(value, torch.Tensor):
         return torch.tensor(float(value), dtype=acc, device=like.device)
+    check_strided(name, value)
     if value.numel() != 1:
         raise ValueError(f"{name} must be a scalar (one element), got shape {tuple(value.shape)}")
     if not value.is_floating_point():

@@ -15,6 +15,23 @@ MIP_i = MIP(x^1_i, ..., x^M_i) the positive (the same for every anchor).
 
 The positive logit s * MIP_i is computed here, in torch, and differentiated by autograd;
 the ops return row logsumexps only and their backward takes the gradient of those.
+
+Each row's cross entropy LSE_i - s MIP_i is >= 0 exactly (the LSE runs over a set that
+holds the positive). With "n" the op uses the given positive as its diagonal, so the
+computed LSE is >= it too. With "n_squared" the kernels generate the positive candidate
+themselves, with their own rounding: the 16-bit kernels (Triton, CUDA) form x_i * y_j and
+round it to the input dtype for the tensor-core dot, Triton fp32 on a GPU uses TF32, and
+fp32 sums in another order than ``prod.sum`` here. So their positive differs from this
+one in its last bits, and where the positive dominates (always at N = 1, where the LSE
+over one candidate is that candidate) LSE_i - s MIP_i came out negative: fp16 Triton at
+N = 1 -3e-4 to -2e-3 for scales up to 50, the CUDA bf16 kernels -3e-2, fp32 -1e-6.
+
+The exact fix is a diagonal override in the n_squared kernels, as rowce has; it changes
+the backend contract and every backend, csrc/ included. Until then the value of each
+n_squared row's cross entropy is clamped at 0, which is exact where it binds (the true
+value lies in [0, the rounding difference]), and its gradient is left the unclamped one:
+a rounding correction, not a change of the function, so a converged row keeps its small
+but real gradient (at N = 1 both are 0 up to rounding).
 """
 
 from __future__ import annotations
@@ -28,7 +45,14 @@ from .. import _dispatch, reference
 from .._amp import autocast_off
 from .._ops import backend_module
 from .._sampling import symile_negative_permutations
-from .._validation import Scalar, accumulation_dtype, as_scalar_tensor, check_features, check_pair
+from .._validation import (
+    Scalar,
+    accumulation_dtype,
+    as_scalar_tensor,
+    check_features,
+    check_pair,
+    check_strided,
+)
 
 __all__ = ["SymileLoss", "symile_loss"]
 
@@ -264,11 +288,21 @@ def _check_representations(representations: object) -> list:
 
 
 def _permutations(perms: object, m: int, n: int, device: torch.device) -> Tensor:
-    """Explicit (M, M-1, N) index maps, checked (values checked when they are on the CPU:
-    elsewhere the check would synchronize with the device)."""
+    """Explicit (M, M-1, N) index maps, checked, as int64 on ``device``.
+
+    A tensor must be dense, of an integer dtype, and on the features' device or on the CPU
+    (then copied over once, as PyTorch lets CPU indices index device tensors). The values
+    are checked only where that costs no synchronization: on the CPU and not while
+    torch.compile traces (there the check would be data-dependent control flow)."""
     if isinstance(perms, torch.Tensor):
+        check_strided("permutations", perms)
         if perms.dtype.is_floating_point or perms.dtype.is_complex or perms.dtype == torch.bool:
             raise TypeError(f"permutations must be an integer tensor, got {perms.dtype}")
+        if perms.device != device and perms.device.type != "cpu":
+            raise ValueError(
+                f"permutations is on {perms.device} but the representations are on {device}: "
+                "put it on their device (or on the CPU)"
+            )
         t = perms
     else:
         try:
@@ -310,11 +344,19 @@ def symile_loss(
             published package's order: after ``torch.manual_seed(k)`` this returns what
             ``symile.Symile("n")`` returns after the same seed.
         permutations: for "n", explicit (M, M-1, N) row index maps (``perms[m, k]``
-            shuffles the k-th non-anchor modality when m is the anchor).
+            shuffles the k-th non-anchor modality when m is the anchor): an integer
+            tensor (or nested lists) on the representations' device or on the CPU.
         backend: "auto", "cuda", "triton", "torch" or "reference".
 
     Returns:
         The mean loss, a 0-d tensor: float32 (float64 for float64 representations).
+
+    Under ``torch.compile(fullgraph=True)``: explicit ``permutations`` trace (their values
+    are then not range-checked); with neither ``permutations`` nor ``generator`` the
+    ``torch.randperm`` draws are traced into the graph and take the default generator's
+    stream as in eager mode; a ``generator`` cannot be traced (an error with
+    fullgraph=True, a graph break without). backend="reference" with explicit
+    permutations does not trace (the oracle reads their values).
     """
     reps = _check_representations(representations)
     if negative_sampling not in NEGATIVE_SAMPLING:
@@ -381,7 +423,11 @@ def symile_loss(
             stacked = torch.stack(others)
             o_acc = stacked if stacked.dtype == acc else stacked.to(acc)
             row_lse = symile_nk_fwd(reps[a], stacked, reps_acc[a], o_acc, scale, chosen)
-        term = (row_lse - diag_logit).mean()
+        ce = row_lse - diag_logit  # (N,) per-row cross entropies, >= 0 in exact arithmetic
+        if negative_sampling == "n_squared":  # the kernels round the positive their own way
+            # value max(ce, 0) exactly (x - x is 0; +inf stays), gradient that of ce
+            ce = ce - ce.detach().clamp_max(0.0)
+        term = ce.mean()
         total = term if total is None else total + term
     return total / m
 

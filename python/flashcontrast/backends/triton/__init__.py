@@ -24,6 +24,7 @@ __all__ = ["interpreting", "triton_available", "triton_unavailable_reason"]
 
 @functools.cache
 def _import_error() -> Optional[str]:
+    """Why ``triton`` does not import (None: it does); tried once per process."""
     try:
         importlib.import_module("triton")
         importlib.import_module("triton.language")
@@ -44,13 +45,23 @@ def interpreting() -> bool:
 
 def triton_unavailable_reason(device: torch.device | str) -> Optional[str]:
     """None when the Triton kernels can run on tensors of ``device``, else why not."""
-    device = torch.device(device)
+    return _unavailable_reason(torch.device(device).type)
+
+
+# Backend selection asks this while torch.compile traces the losses, and Dynamo refuses to
+# trace the import attempt (importlib) or the functools.cache around it. The answer is a
+# fact of the process (is Triton importable, is the interpreter on, which device type), so
+# Dynamo is told to call the function for real, at trace time, and to bake its result
+# (a str or None) into the graph as a constant. Eager calls run it normally: the
+# environment is read on every call, the import is tried once.
+@torch.compiler.assume_constant_result
+def _unavailable_reason(device_type: str) -> Optional[str]:
     error = _import_error()
     if error is not None:
         return f"Triton is not importable ({error}); install it with `pip install triton`"
-    if device.type == "cuda":
+    if device_type == "cuda":
         return None
-    if device.type == "cpu":
+    if device_type == "cpu":
         if interpreting():
             return None
         return (
@@ -58,5 +69,5 @@ def triton_unavailable_reason(device: torch.device | str) -> Optional[str]:
             "before importing flashcontrast"
         )
     return (
-        f"the Triton backend runs on CUDA devices (or on CPU in the interpreter), not {device.type}"
+        f"the Triton backend runs on CUDA devices (or on CPU in the interpreter), not {device_type}"
     )
