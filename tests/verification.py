@@ -1,7 +1,8 @@
 """DESIGN.md's verification rule and the helpers the backend tests share.
 
 error(kernel) <= 2 * error(same-dtype reference) + atol, errors measured against the
-float64 reference, per output (loss and each gradient), atol scaled by the output's size.
+float64 reference, per output (loss and each gradient), atol scaled by the output's size
+(the rule itself: ``flashcontrast.bench.rule``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from cuda_emulator import SKIP_REASON as EMULATOR_SKIP
 from flashcontrast.backends.triton import triton_unavailable_reason
+from flashcontrast.bench.rule import check_rule
 
 # Why the Triton backend cannot run on CPU tensors here (None: it can, in the interpreter).
 TRITON_SKIP = triton_unavailable_reason(torch.device("cpu"))
@@ -31,12 +33,6 @@ CUDA_EMULATED = pytest.param(
 # The kernel backends every objective's tests run on the CPU.
 BACKENDS = ["torch", TRITON, CUDA_EMULATED]
 
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
-
-
-def max_error(x: torch.Tensor, exact: torch.Tensor) -> float:
-    return (x.double() - exact.double()).abs().max().item()
-
 
 def assert_by_rule(
     names: Sequence[str],
@@ -45,14 +41,10 @@ def assert_by_rule(
     exact: Sequence[torch.Tensor],
     dtype: torch.dtype,
 ) -> None:
-    """Check each output of a kernel against the float64 oracle by the rule."""
-    for name, k, r, e in zip(names, kernel, same_dtype_ref, exact):
-        assert torch.isfinite(k).all(), f"{name}: non-finite values in the kernel output"
-        atol = ATOL[dtype] * (1.0 + e.abs().max().item())
-        k_err, r_err = max_error(k, e), max_error(r, e)
-        assert k_err <= 2 * r_err + atol, (
-            f"{name}: kernel error {k_err:.3e} > 2 x reference error {r_err:.3e} + {atol:.1e}"
-        )
+    """Check each output of a kernel against the float64 oracle by the rule
+    (``flashcontrast.bench.rule``, which the GPU report's smoke records too)."""
+    for result in check_rule(names, kernel, same_dtype_ref, exact, dtype):
+        assert result.ok, result.describe()
 
 
 def pair_inputs(n: int, d: int, dtype: torch.dtype, normalize: bool = True):

@@ -7,13 +7,13 @@ Gram-volume loss) and ``symile_loss`` (Symile, "n" and "n_squared" negatives) do
 for objectives whose references hold (N, N, M, M) and (N, N^2) tensors, and
 ``siglip_loss``, ``multiview_infonce_loss`` and ``multiview_dhel_loss`` complete the set.
 
-Backends (``backend=``): "cuda" (AOT kernels in the wheel, planned), "triton" (JIT
+Backends (``backend=``): "cuda" (AOT kernels in the wheel), "triton" (JIT
 kernels), "torch" (blockwise PyTorch, any device), "reference" (the materializing oracle),
 and "auto", which picks by what is built and where the tensors live. See
-:func:`backend_for` and :func:`last_backend` for which one runs.
+:func:`backend_for`, :func:`explain_backend` and :func:`last_backend` for which one runs.
 """
 
-from ._dispatch import BACKENDS, backend_for, last_backend
+from ._dispatch import BACKENDS, backend_for, explain_backend, last_backend
 from ._version import __version__
 from .functional import (
     clip_loss,
@@ -44,6 +44,7 @@ __all__ = [
     "__version__",
     "backend_for",
     "clip_loss",
+    "explain_backend",
     "gram_loss",
     "gram_volume",
     "last_backend",

@@ -1,19 +1,21 @@
 """Backend selection: which implementation runs for given tensors, and why.
 
-``backend="auto"`` picks, for tensors on a CUDA device: "cuda" when the compiled extension
-has the objective's kernels and they have been verified on a GPU, then "triton" when
-Triton can run, then "torch". For CPU tensors it picks "torch": the Triton interpreter is
-for testing, not speed. Explicitly requested backends that cannot run raise a RuntimeError
-that says why.
+``backend="auto"`` picks, for tensors on a CUDA device, the first of "cuda", "triton" that
+can run the objective in the inputs' dtype AND has passed on a GPU of this class (the
+verification record, ``_verified.py``: a kernel that has never run on a GPU never computes
+a user's loss unasked), else "torch". For CPU tensors it picks "torch": the Triton
+interpreter is for testing, not speed. Explicitly requested backends that cannot run raise
+a RuntimeError that says why; explicit "triton" or "cuda" run whether verified or not.
 
-The choice is visible: :func:`backend_for` answers without running anything, the debug
-log of the ``flashcontrast`` logger names each choice, and :func:`last_backend` returns
-the backend of the most recent eager call.
+The choice is visible: :func:`backend_for` answers without running anything,
+:func:`explain_backend` also says why each candidate was or was not taken, the debug log of
+the ``flashcontrast`` logger names each choice with that reason, and :func:`last_backend`
+returns the backend of the most recent eager call.
 
 Selection traces under ``torch.compile(fullgraph=True)``: it reads module constants and
 asks the backends' availability checks, which Dynamo runs for real at trace time and
-keeps as constants (``backends/triton/__init__.py``), so the choice is made once, when the
-graph is traced, and the graph carries the chosen name to the ops.
+keeps as constants (``backends/triton/__init__.py``, ``_verified.py``), so the choice is
+made once, when the graph is traced, and the graph carries the chosen name to the ops.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from . import _verified
 from .backends import cuda as cuda_backend
 from .backends.triton import triton_unavailable_reason
 
@@ -31,13 +34,10 @@ BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
 # Objectives each compiled or JIT backend implements today; "torch" and "reference"
 # implement every objective that has a public function.
 CUDA_OBJECTIVES: frozenset = cuda_backend.OBJECTIVES
-# CUDA kernels "auto" may pick. A kernel joins only after its tests have passed on a GPU:
-# until then it runs when asked for by name (backend="cuda") and "auto" skips it, so an
-# unverified kernel never computes a user's loss unasked. The CLIP kernels compile for
-# every target but have not yet run on a GPU (see the CUDA backend issue).
-CUDA_AUTO_OBJECTIVES: frozenset = frozenset()
 TRITON_OBJECTIVES = frozenset({"clip", "gram", "multiview", "siglip", "symile"})
 TORCH_OBJECTIVES = frozenset({"clip", "gram", "multiview", "siglip", "symile"})
+# The feature dtypes each kernel backend takes (float64 runs on "torch" and "reference").
+KERNEL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 _log = logging.getLogger("flashcontrast")
 _last: Optional[str] = None
@@ -61,8 +61,39 @@ def _unavailable(backend: str, objective: str, device: torch.device) -> Optional
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def backend_for(objective: str, device: torch.device | str, backend: str = "auto") -> str:
-    """The backend that ``backend`` resolves to for ``objective`` on ``device``.
+def _auto_skip(
+    candidate: str, objective: str, device: torch.device, dtype: Optional[torch.dtype]
+) -> Optional[str]:
+    """Why "auto" does not take ``candidate`` (None: it does)."""
+    reason = _unavailable(candidate, objective, device)
+    if reason is not None:
+        return reason
+    if candidate in ("torch", "reference"):
+        return None
+    if dtype is not None and dtype not in KERNEL_DTYPES:
+        return f"its kernels take float32, float16 and bfloat16, not {dtype}"
+    checked = torch.float32 if dtype is None else dtype
+    if not _verified.is_verified(device, objective, candidate, checked):
+        cls = _verified.device_class(device)
+        name = str(checked).replace("torch.", "")
+        return (
+            f"not yet verified on a {cls} GPU for {objective} in {name} (no GPU report has "
+            "passed it: flashcontrast/verified_gpu.json); backend="
+            + repr(candidate)
+            + " runs it anyway"
+        )
+    return None
+
+
+def explain_backend(
+    objective: str,
+    device: torch.device | str,
+    backend: str = "auto",
+    dtype: Optional[torch.dtype] = None,
+) -> tuple[str, str]:
+    """(the backend ``backend`` resolves to, why): the reasons each better candidate was
+    passed over, for ``objective`` on ``device`` with features of ``dtype`` (None: the
+    dtype is not known; "auto" then asks the record about float32).
 
     Raises ValueError for an unknown backend name and RuntimeError, with the reason, for
     an explicit backend that cannot run there.
@@ -74,25 +105,51 @@ def backend_for(objective: str, device: torch.device | str, backend: str = "auto
         reason = _unavailable(backend, objective, device)
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} cannot run {objective} on {device}: {reason}")
-        return backend
-    order = ("cuda", "triton", "torch") if device.type == "cuda" else ("torch",)
-    for candidate in order:
-        if candidate == "cuda" and objective not in CUDA_AUTO_OBJECTIVES:
-            continue
-        if _unavailable(candidate, objective, device) is None:
-            return candidate
-    return "reference"
+        return backend, "asked for by name"
+    if device.type != "cuda":
+        return "torch", f"{device.type} tensors: the blockwise torch backend"
+    passed = []
+    for candidate in ("cuda", "triton", "torch"):
+        skip = _auto_skip(candidate, objective, device, dtype)
+        if skip is None:
+            took = (
+                "torch: blockwise PyTorch, correct on every device"
+                if candidate == "torch"
+                else f"{candidate}: passed a GPU report on {_verified.device_class(device)}"
+            )
+            return candidate, "; ".join([*passed, took])
+        passed.append(f"not {candidate}: {skip}")
+    return "reference", "; ".join(passed)
 
 
-def resolve(objective: str, device: torch.device, backend: str) -> str:
-    """:func:`backend_for`, recorded for :func:`last_backend` and the debug log."""
-    chosen = backend_for(objective, device, backend)
+def backend_for(
+    objective: str,
+    device: torch.device | str,
+    backend: str = "auto",
+    dtype: Optional[torch.dtype] = None,
+) -> str:
+    """The backend that ``backend`` resolves to for ``objective`` on ``device`` (features
+    of ``dtype``, when known; :func:`explain_backend` says why).
+
+    Raises ValueError for an unknown backend name and RuntimeError, with the reason, for
+    an explicit backend that cannot run there.
+    """
+    return explain_backend(objective, device, backend, dtype)[0]
+
+
+def resolve(
+    objective: str, device: torch.device, backend: str, dtype: Optional[torch.dtype] = None
+) -> str:
+    """:func:`backend_for`, recorded for :func:`last_backend` and the debug log (with the
+    reason)."""
+    chosen, why = explain_backend(objective, device, backend, dtype)
     if not torch.compiler.is_compiling():
         global _last
         _last = chosen
         _log.debug(
-            "flashcontrast.%s: backend=%r resolved to %r on %s", objective, backend, chosen, device
-        )
+            "flashcontrast.%s: backend=%r resolved to %r on %s (%s)",
+            objective, backend, chosen, device, why,
+        )  # fmt: skip
     return chosen
 
 

@@ -15,25 +15,30 @@ minute on a 2-core CPU).
 ``--out DIR`` also writes the rows as CSV, the table as Markdown, headed by the date,
 versions, device and command, and (when matplotlib imports) one plot per objective, as PNG
 and SVG: time and peak memory against N, log-log (``python -m flashcontrast.bench.plot
-CSV`` redraws them from a CSV). ``--gpu-report`` is the one command for a machine with a
-GPU: it runs the test suite there, then the full matrix (D = 512 and 1024, bfloat16 and
-float32, N from 4096 until memory runs out), and writes both into
-benchmarks/results/<device>/.
+CSV`` redraws them from a CSV). The run says at the start how many rows it will measure
+and about how long that takes (``estimate.py``), and prints its progress as it goes.
+
+``--gpu-report`` is the budgeted first-contact report for a machine with a GPU
+(``first_contact.py``: environment and roofline, build, correctness smoke, CLIP and SigLIP
+timings, the other objectives, the GPU tests, within ``--budget-s``); ``--dry-run`` prints
+its plan and estimates without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from .._dispatch import backend_for
+from . import estimate
 from .baselines import COMPILED, INF_CL, baseline_call, inf_cl_unavailable
 from .measure import CASES, measure, measure_matmul, reference_too_big
 from .plot import write_plots
-from .report import Report, device_slug, run_tests
+from .report import Report
 
 GPU_SIZES = {"default": [4096, 8192, 16384, 32768, 65536, 131072], "symile-n2": [512, 1024, 2048]}
 # The CPU run finishes in a few minutes on 2 cores: the multi-view (4 N rows) and GRAM
@@ -96,36 +101,55 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gpu-report",
         action="store_true",
-        help="on a GPU: run the tests, then the full matrix, into benchmarks/results/<device>/",
+        help="the budgeted first-contact GPU report (first_contact.py) into --out "
+        "(default benchmarks/results/<device>/)",
     )
+    p.add_argument(
+        "--budget-s", type=float, default=420.0, help="--gpu-report: seconds for the whole run"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="--gpu-report: print the plan and its estimates, run nothing (no GPU needed)",
+    )
+    p.add_argument("--smoke-workers", type=int, help="--gpu-report: smoke worker processes")
+    p.add_argument(
+        "--smoke-case-timeout",
+        type=float,
+        default=180.0,
+        help="--gpu-report: seconds without a smoke result before a worker counts as hung",
+    )
+    p.add_argument(
+        "--smoke-tiny", action="store_true", help="--gpu-report: toy smoke sizes (tests)"
+    )
+    # set by the report itself when it restarts after building _C
+    p.add_argument("--stamp", help=argparse.SUPPRESS)
+    p.add_argument("--started", type=float, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(raw)
+    if args.gpu_report:
+        from . import first_contact
+
+        # --dry-run plans for a GPU whether or not this machine has one
+        device = torch.device("cuda" if args.dry_run else args.device)
+        args.argv = [a for a in raw]
+        args.command = "python -m flashcontrast.bench " + " ".join(raw)
+        return first_contact.run(args, device)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    if args.gpu_report:
-        if not on_gpu:
-            print("--gpu-report needs a CUDA device; none is visible", file=sys.stderr)
-            return 2
-        args.dims = args.dims or [512, 1024]
-        args.dtypes = args.dtypes or ["bfloat16", "float32"]
-        args.out = args.out or Path("benchmarks/results") / device_slug(device)
-        # CLIP alone by default: its full matrix fits one 10-minute device session; name
-        # others with --objectives for further sessions.
-        args.objectives = args.objectives or ["clip"]
     default_repeats = GPU_REPEATS if on_gpu else CPU_REPEATS
     args.repeats = args.repeats or (QUICK_REPEATS if args.quick else default_repeats)
     objectives = args.objectives or list(CASES)
     dims = args.dims or [512 if on_gpu else 256]
     dtypes = args.dtypes or ["bfloat16" if on_gpu else "float32"]
 
-    report = Report(device, "python -m flashcontrast.bench " + " ".join(argv or sys.argv[1:]))
+    report = Report(device, "python -m flashcontrast.bench " + " ".join(raw))
     report.print_header()
-    if args.gpu_report:
-        report.tests = run_tests()
-        print(f"tests: {report.tests}", flush=True)
+    sections = []
     for objective in objectives:
         table = GPU_SIZES if on_gpu else CPU_SIZES
         sizes = args.sizes or table.get(objective, table["default"])
@@ -134,9 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         backends = args.backends or backends
         for d in dims:
             for dtype_name in dtypes:
-                _run_section(report, objective, sizes, backends, d, dtype_name, args)
-                for text in notes if not args.backends else []:
-                    report.note(text)
+                sections.append((objective, sizes, backends, d, dtype_name, notes))
+    progress = _Progress(sections, device, args)
+    for objective, sizes, backends, d, dtype_name, notes in sections:
+        _run_section(report, objective, sizes, backends, d, dtype_name, args, progress)
+        for text in notes if not args.backends else []:
+            report.note(text)
+    print(f"measured {progress.done} rows in {time.perf_counter() - progress.t0:.0f} s", flush=True)
     if args.out:
         paths = report.write(args.out)
         paths += write_plots(report.rows, args.out, paths[0].stem, report.note)
@@ -145,7 +173,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_section(report, objective, sizes, backends, d, dtype_name, args) -> None:
+class _Progress:
+    """Says at the start how many rows there are and about how long they take (CPU:
+    ``estimate.py``; on a GPU the count only), then one line per row as it starts."""
+
+    def __init__(self, sections, device: torch.device, args) -> None:
+        self.t0 = time.perf_counter()
+        self.done = 0
+        rows = [(o, b, n, d) for o, sizes, backends, d, _, _ in sections for n in sizes
+                for b in backends]  # fmt: skip
+        self.total = len(rows)
+        calls = args.warmup + args.repeats + 1  # warm-up, timed, memory
+        if device.type == "cpu":
+            unit = estimate.calibrate(device)
+            self.eta = sum(estimate.row_seconds(*r, calls, unit) for r in rows)
+            how = (
+                f"about {self.eta / 60:.1f} min (from a {unit * 1e3:.1f} ms calibration call "
+                "and the committed CPU run's relative costs; see bench/estimate.py)"
+            )
+        else:
+            self.eta, how = None, "no estimate on a GPU (see --gpu-report --dry-run)"
+        print(f"plan: {self.total} rows at most (fewer where memory runs out), {how}", flush=True)
+
+    def step(self, objective: str, backend: str, n: int, d: int) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.t0
+        left = f", ~{max(0.0, self.eta - elapsed):.0f} s left" if self.eta is not None else ""
+        print(
+            f"  [{self.done}/{self.total}] {objective} {backend} N={n} D={d} "
+            f"({elapsed:.0f} s{left})",
+            flush=True,
+        )
+
+
+def _run_section(report, objective, sizes, backends, d, dtype_name, args, progress) -> None:
     """One table: ``objective`` at every N for every backend, at one D and dtype."""
     device, repeats = report.device, args.repeats
     report.section(f"{objective}, D={d}, {dtype_name}, median of {repeats}")
@@ -156,6 +217,7 @@ def _run_section(report, objective, sizes, backends, d, dtype_name, args) -> Non
         for backend in backends:
             if backend in out_of_memory:
                 continue
+            progress.step(objective, backend, n, d)
             too_big = reference_too_big(objective, n, d, device)
             if backend in ("reference", COMPILED) and too_big:
                 report.note(f"{backend} N={n}: {too_big}")

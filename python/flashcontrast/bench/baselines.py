@@ -5,6 +5,9 @@
   dtype) gets its own static-shape graph; the compile happens in the untimed warm-up.
   Where torch.compile fails (no C++ compiler for the CPU, no Triton for the GPU) the
   runner prints a note and skips it.
+- ``openclip``: OpenCLIP's own ``ClipLoss`` / ``SigLipLoss`` (the dense N x N loss users
+  replace), loaded from ``open_clip/loss.py`` by file path (``import open_clip`` needs
+  torchvision), where open-clip-torch is installed (``pip install --no-deps``).
 - ``inf-cl``: Inf-CL's ``cal_inf_loss`` (CLIP only, GPU only, when ``inf_cl`` imports).
   ``cal_inf_loss(q, k, scale=...)`` is the row-only InfoNCE: cross-entropy of each row
   of ``scale * q k^T`` against its diagonal. The CLIP loss averages the row and the
@@ -15,6 +18,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -23,6 +28,52 @@ from .measure import Call, backend_call
 
 COMPILED = "reference-compiled"
 INF_CL = "inf-cl"
+OPENCLIP = "openclip"
+
+
+def _openclip_loss_module():
+    """open_clip/loss.py loaded on its own (None where open-clip-torch is not installed)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
+    if not path.is_file():
+        return None
+    file_spec = importlib.util.spec_from_file_location("_bench_open_clip_loss", path)
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    return module
+
+
+def openclip_unavailable(objective: str) -> Optional[str]:
+    """None if OpenCLIP's loss can run for ``objective``, else why not."""
+    if objective not in ("clip", "siglip"):
+        return "OpenCLIP has CLIP and SigLIP losses only"
+    try:
+        module = _openclip_loss_module()
+    except Exception as e:  # a broken install: say so
+        return f"open_clip/loss.py does not load ({type(e).__name__}: {e})"
+    if module is None:
+        return "open-clip-torch is not installed (pip install --no-deps open-clip-torch)"
+    return None
+
+
+def openclip_call(objective: str) -> Call:
+    """OpenCLIP's ClipLoss or SigLipLoss (bias -10, as the benchmark's SigLIP case)."""
+    module = _openclip_loss_module()
+    if objective == "clip":
+        loss = module.ClipLoss()
+        return lambda xs, scale: loss(xs[0], xs[1], scale)
+    loss = module.SigLipLoss()
+    bias = None
+
+    def siglip(xs, scale):
+        nonlocal bias
+        if bias is None:
+            bias = torch.tensor(-10.0, device=xs[0].device, dtype=scale.dtype)
+        return loss(xs[0], xs[1], scale, bias)
+
+    return siglip
 
 
 def compiled_reference(objective: str) -> Call:
@@ -59,5 +110,9 @@ def inf_cl_clip() -> Call:
 
 
 def baseline_call(name: str, objective: str) -> Call:
-    """The callable for baseline ``name`` (COMPILED or INF_CL)."""
-    return compiled_reference(objective) if name == COMPILED else inf_cl_clip()
+    """The callable for baseline ``name`` (COMPILED, OPENCLIP or INF_CL)."""
+    if name == COMPILED:
+        return compiled_reference(objective)
+    if name == OPENCLIP:
+        return openclip_call(objective)
+    return inf_cl_clip()

@@ -8,9 +8,12 @@ its own peak counter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -26,9 +29,37 @@ class MemoryUse:
     largest_allocation: Optional[int]  # None where the allocator does not say (CUDA)
 
 
+@contextlib.contextmanager
+def _quiet_native_output():
+    """Send the process's stdout and stderr file descriptors to /dev/null for a while.
+
+    torch.profiler's native side prints "profiler_start" / "profiler_stop" lines and a
+    CPUAllocator warning straight to the file descriptors, past Python's sys.stdout, on
+    every profiled call; they would land between the benchmark's rows. Python exceptions
+    are unaffected (they propagate, and are printed after the descriptors are restored).
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 def _cpu_memory_use(fn: Callable[[], object]) -> MemoryUse:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    with _quiet_native_output(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the profiler's own Python warnings, if any
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:

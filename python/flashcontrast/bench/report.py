@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import csv
 import datetime
-import os
 import platform
 import re
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -63,27 +60,6 @@ def _triton_version() -> str:
         return "not installed"
 
 
-def run_tests() -> str:
-    """Run the repository's test suite here (from a checkout) and return its summary line.
-
-    The CPU emulation of the CUDA kernels (tests/cuda_emulator) is skipped: CI runs it,
-    and on a GPU machine the kernels themselves run."""
-    if not Path("tests").is_dir():
-        return "not run: no tests/ folder here (run from a checkout of the repository)"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["FLASHCONTRAST_SKIP_EMULATOR"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "tests"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
-    summary = lines[-1] if lines else f"pytest printed nothing (exit {proc.returncode})"
-    return "; ".join([summary, *failed[:20]])
-
-
 @dataclass
 class Report:
     """Rows and notes of one benchmark run, printed as they come and written at the end."""
@@ -92,7 +68,6 @@ class Report:
     command: str
     rows: list[Row] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
-    tests: Optional[str] = None
     started: str = field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"
@@ -170,8 +145,6 @@ class Report:
                 values = ["" if v is None else v for v in asdict(row).values()]
                 writer.writerow([*values, tflops, versions, self.started])
         text = ["# flashcontrast benchmark", "", *[f"- {h}" for h in self.header()]]
-        if self.tests is not None:
-            text.append(f"- tests on this device: {self.tests}")
         text += [
             "- time: forward, backward (.backward() of that loss) and their total, median "
             "(total also p20-p80) over the repeats; peak: memory "

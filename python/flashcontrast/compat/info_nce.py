@@ -129,7 +129,7 @@ def info_nce(
 
     check_features("query", q)
     check_features("positive_key", k)
-    chosen = _dispatch.resolve("symile", q.device, backend)
+    chosen = _dispatch.resolve("symile", q.device, backend, q.dtype)
     if chosen == "reference":
         return _plain(q, k, None, temperature, reduction, negative_mode)
     if chosen == "triton" and q.dtype == torch.float64:

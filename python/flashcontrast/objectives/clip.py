@@ -200,7 +200,7 @@ def clip_loss(
     scale = as_scalar_tensor("logit_scale", logit_scale, a)
     bias = as_scalar_tensor("logit_bias", logit_bias, a, required=False)
     g = _check_groups(groups, a)
-    chosen = _dispatch.resolve("clip", a.device, backend)
+    chosen = _dispatch.resolve("clip", a.device, backend, a.dtype)
     if chosen == "reference":
         if g is not None:
             return _reference_masked(a, b, scale, bias, g)

@@ -350,7 +350,7 @@ def gram_loss(
     scale = as_scalar_tensor("logit_scale", logit_scale, a)
     eps = _check_label_smoothing(label_smoothing)
     gradient = _check_gradient(gradient)
-    chosen = _dispatch.resolve("gram", a.device, backend)
+    chosen = _dispatch.resolve("gram", a.device, backend, a.dtype)
     if chosen == "reference":
         if gradient != "full":
             raise ValueError('gradient="published" needs a kernel backend, not "reference"')

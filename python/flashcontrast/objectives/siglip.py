@@ -122,7 +122,7 @@ def siglip_loss(
     check_pair("image_features", a, "text_features", b)
     scale = as_scalar_tensor("logit_scale", logit_scale, a)
     bias = as_scalar_tensor("logit_bias", logit_bias, a, required=False)
-    chosen = _dispatch.resolve("siglip", a.device, backend)
+    chosen = _dispatch.resolve("siglip", a.device, backend, a.dtype)
     if chosen == "reference":
         return reference.siglip_loss(a, b, scale, bias)
     if chosen == "triton" and a.dtype == torch.float64:

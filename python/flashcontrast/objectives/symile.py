@@ -377,11 +377,11 @@ def symile_loss(
 
     general_n2 = negative_sampling == "n_squared" and m > 3
     if general_n2 and backend == "auto":
-        chosen = _dispatch.resolve("symile", device, backend)
+        chosen = _dispatch.resolve("symile", device, backend, dtype)
         if chosen not in ("torch", "reference"):  # only "torch" has kernels for M > 3
-            chosen = _dispatch.resolve("symile", device, "torch")
+            chosen = _dispatch.resolve("symile", device, "torch", dtype)
     else:
-        chosen = _dispatch.resolve("symile", device, backend)
+        chosen = _dispatch.resolve("symile", device, backend, dtype)
     if chosen == "reference":
         return reference.symile_loss(
             reps,
