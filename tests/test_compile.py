@@ -170,19 +170,9 @@ def _assert_same(eager, compiled):
         torch.testing.assert_close(c, e, msg=lambda m, name=name: f"{name}: {m}")
 
 
-# reference.symile_loss checks explicit permutations' values with int(perms.min()), a
-# data-dependent host read that Dynamo cannot trace (objectives/symile.py skips its own
-# value check while compiling). reference.py is not this change's file: reported.
-_REFERENCE_PERMS = pytest.mark.xfail(
-    strict=True, reason="reference.py _as_permutations reads the values (int(t.min()))"
-)
-
-
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 @pytest.mark.parametrize("objective", list(FUNCTIONS))
-def test_functions_compile_fullgraph(request, objective, backend):
-    if objective == "symile_n" and backend == "reference":
-        request.applymarker(_REFERENCE_PERMS)
+def test_functions_compile_fullgraph(objective, backend):
     leaves, call = FUNCTIONS[objective]()
     eager, compiled = _eager_and_compiled(leaves, call, backend)
     _assert_same(eager, compiled)
@@ -190,9 +180,7 @@ def test_functions_compile_fullgraph(request, objective, backend):
 
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 @pytest.mark.parametrize("objective", list(FUNCTIONS))
-def test_modules_compile_fullgraph(request, objective, backend):
-    if objective == "symile_n" and backend == "reference":
-        request.applymarker(_REFERENCE_PERMS)
+def test_modules_compile_fullgraph(objective, backend):
     leaves, _ = FUNCTIONS[objective]()
     make, invoke = MODULES[objective]
     module = make(backend)

@@ -429,8 +429,11 @@ def _as_permutations(permutations, m: int, n: int, device: torch.device) -> torc
         raise ValueError(
             f"permutations must have shape (M, M-1, N) = {(m, m - 1, n)}, got {tuple(perms.shape)}"
         )
-    if perms.numel() and (int(perms.min()) < 0 or int(perms.max()) >= n):
-        raise ValueError(f"permutations must hold row indices in [0, {n})")
+    # The value check reads the tensor (a host sync Dynamo cannot trace): skipped while
+    # compiling, as objectives/symile.py does.
+    if perms.numel() and not torch.compiler.is_compiling():
+        if int(perms.min()) < 0 or int(perms.max()) >= n:
+            raise ValueError(f"permutations must hold row indices in [0, {n})")
     return perms
 
 

@@ -37,7 +37,13 @@ from torch import Tensor
 from .. import _dispatch, reference, reference_groups
 from .._amp import autocast_off
 from .._ops import backend_module
-from .._validation import FEATURE_DTYPES, Scalar, accumulation_dtype, as_scalar_tensor
+from .._validation import (
+    FEATURE_DTYPES,
+    Scalar,
+    accumulation_dtype,
+    as_scalar_tensor,
+    check_strided,
+)
 
 __all__ = [
     "MultiviewDHELLoss",
@@ -131,6 +137,7 @@ def _stack(views: Views) -> Tensor:
     """(V, N, D) features: the tensor itself, or one torch.stack of a sequence."""
     if isinstance(views, Tensor):
         u = views
+        check_strided("views", u)
         if u.dim() != 3:
             raise ValueError(
                 f"views must be (V, N, D) or a sequence of (N, D), got {tuple(u.shape)}"
@@ -145,6 +152,7 @@ def _stack(views: Views) -> Tensor:
         for k, x in enumerate(views):
             if not isinstance(x, Tensor):
                 raise TypeError(f"views[{k}] must be a torch.Tensor, got {type(x).__name__}")
+            check_strided(f"views[{k}]", x)
             if x.dim() != 2:
                 raise ValueError(f"views[{k}] must be 2-D (N, D), got {tuple(x.shape)}")
         if len(views) < 2:
@@ -245,7 +253,11 @@ def multiview_infonce_loss(
     pos = _positive_logits(u_acc, scale)
     eye = torch.eye(v, dtype=torch.bool, device=u.device)
     log_num = torch.logsumexp(pos.masked_fill(eye, float("-inf")).flatten(1), dim=1)
-    return (log_den - log_num).mean()
+    # Each sample's term is >= 0 exactly (the denominator's set holds the numerator's),
+    # but the two LSEs are rounded apart (at N = 1 they cover the same logits): the value
+    # is clamped at 0, the gradient left the unclamped one (a rounding correction).
+    term = log_den - log_num
+    return (term - term.detach().clamp_max(0)).mean()
 
 
 @autocast_off
