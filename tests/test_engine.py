@@ -1,0 +1,281 @@
+"""The pair engine's contract (flashcontrast/backends/pair.py), every backend against the
+dense float64 oracle (tests/engine_oracle.py) by the verification rule: every epilogue,
+positive structure, exclusion, group mask, positive-logit override, rectangular blocks at
+offsets (how the process-group losses call it), empty rows, extreme scales; and the
+merges across blocks that distributed and blockwise sweeps rely on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from engine_oracle import dense
+from flashcontrast._ops import backend_module
+from flashcontrast.backends.pair import Coefs, Pair, lse, merge_lse
+from verification import ENGINE_BACKENDS, assert_by_rule
+
+
+@dataclasses.dataclass
+class Case:
+    pair: Pair
+    n: int
+    m: int
+    row_offset: int = 0
+    col_offset: int = 0
+    groups: bool = False
+    override: bool = False
+    bias: bool = False
+    scale: float = 10.0
+    coefs: tuple = ("rows", "pos_rows", "cols", "pos_cols")
+
+
+SOFTMAX, ROWS = Pair("softmax"), Pair("rows")
+CASES = {
+    "clip": Case(SOFTMAX, 37, 37, bias=True),
+    "clip-block": Case(SOFTMAX, 13, 40, row_offset=20),  # a rank's rows vs all columns
+    "clip-shard-away": Case(SOFTMAX, 13, 9, row_offset=20, col_offset=5),  # no positives
+    "clip-shard-overlap": Case(SOFTMAX, 13, 17, row_offset=20, col_offset=15),
+    "clip-groups": Case(SOFTMAX, 41, 41, groups=True, bias=True),
+    "infonce-rows": Case(ROWS, 30, 45, coefs=("rows", "pos_rows")),
+    "mv-infonce": Case(
+        Pair("rows", exclude_self=True, period=11), 33, 33, coefs=("rows", "pos_rows")
+    ),
+    "mv-infonce-block": Case(
+        Pair("rows", exclude_self=True, period=11),
+        12,
+        33,
+        row_offset=14,
+        groups=True,
+        coefs=("rows", "pos_rows"),
+    ),
+    "mv-dhel-view": Case(
+        Pair("rows", positives=False, exclude_self=True), 29, 29, groups=True, coefs=("rows",)
+    ),
+    "softmax-self": Case(Pair("softmax", exclude_self=True, period=7), 21, 21),
+    "siglip": Case(Pair("sigmoid"), 35, 35, bias=True, coefs=("total",)),
+    "siglip-negatives": Case(Pair("sigmoid", positives=False), 19, 27, bias=True, coefs=("total",)),
+    "siglip-groups": Case(Pair("sigmoid"), 23, 23, groups=True, bias=True, coefs=("total",)),
+    "symile-override": Case(ROWS, 31, 31, override=True, coefs=("rows", "pos_rows")),
+    "clip-scale-1e4": Case(SOFTMAX, 33, 33, scale=1e4),
+}
+
+
+def _inputs(case: Case, d: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.nn.functional.normalize(torch.randn(case.n, d, generator=g), dim=1).to(dtype)
+    b = torch.nn.functional.normalize(torch.randn(case.m, d, generator=g), dim=1).to(dtype)
+    rg = cg = pl = None
+    if case.groups:
+        ids = torch.randint(
+            0, 6, (case.row_offset + case.n + case.col_offset + case.m,), generator=g
+        )
+        rg = ids[case.row_offset : case.row_offset + case.n]
+        cg = ids[case.col_offset : case.col_offset + case.m]
+    if case.override:
+        pl = torch.randn(case.n, generator=g, dtype=torch.float64) * 3
+    coefs = {
+        k: torch.rand(
+            case.n if k in ("rows", "pos_rows") else case.m, generator=g, dtype=torch.float64
+        )
+        + 0.5
+        for k in case.coefs
+        if k != "total"
+    }
+    if "total" in case.coefs:
+        coefs["total"] = torch.tensor(0.7, dtype=torch.float64)
+    return a, b, rg, cg, pl, coefs
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _oracle(case, a, b, rg, cg, pl, coefs, dtype):
+    """(outputs, names) of the dense contract in ``dtype``."""
+    leaves = [a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()]
+    scale = torch.tensor(case.scale, dtype=dtype, requires_grad=True)
+    bias = torch.tensor(-1.5, dtype=dtype, requires_grad=True) if case.bias else None
+    pos = None if pl is None else pl.to(dtype).requires_grad_()
+    c = {k: v.to(dtype) for k, v in coefs.items()}
+    stats, loss = dense(
+        leaves[0],
+        leaves[1],
+        scale,
+        bias,
+        case.pair,
+        c,
+        case.row_offset,
+        case.col_offset,
+        rg,
+        cg,
+        pos,
+    )
+    wrt = [
+        *leaves,
+        scale,
+        *([bias] if bias is not None else []),
+        *([pos] if pos is not None else []),
+    ]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+    names = sorted(stats)
+    return [stats[k].detach() for k in names] + list(grads), names
+
+
+def _ours(module, case, a, b, rg, cg, pl, coefs):
+    acc = _acc(a.dtype)
+    scale = torch.tensor(case.scale, dtype=acc)
+    bias = torch.tensor(-1.5, dtype=acc) if case.bias else None
+    pos = None if pl is None else pl.to(acc)
+    kw = dict(
+        row_offset=case.row_offset,
+        col_offset=case.col_offset,
+        row_groups=rg,
+        col_groups=cg,
+        positive_logits=pos,
+    )
+    stats = module.pair_forward(a, b, scale, bias, case.pair, **kw)
+    c = Coefs(**{k: v.to(acc) for k, v in coefs.items()})
+    grads = module.pair_backward(a, b, scale, bias, case.pair, stats, c, **kw)
+    out = {}
+    if stats.total is not None:
+        out["total"] = stats.total
+    for key, (mx, sm) in {
+        "row": (stats.row_max, stats.row_sum),
+        "pos": (stats.pos_max, stats.pos_sum),
+        "col": (stats.col_max, stats.col_sum),
+        "cpos": (stats.cpos_max, stats.cpos_sum),
+    }.items():
+        if mx is not None:
+            out[key] = lse(mx, sm)
+    g = [grads.da, grads.db, grads.dscale]
+    if case.bias:
+        g.append(grads.dbias)
+    if pl is not None:
+        g.append(grads.dpos)
+    return out, g
+
+
+def _finite_or_equal_inf(got, want):
+    """Empty sets: -inf in both, then compared as 0."""
+    both = torch.isneginf(got.double()) & torch.isneginf(want.double())
+    assert torch.equal(torch.isneginf(got.double()), torch.isneginf(want.double()))
+    return got.double().masked_fill(both, 0.0), want.double().masked_fill(both, 0.0)
+
+
+@pytest.mark.parametrize("backend", ENGINE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(CASES))
+def test_contract_against_the_dense_oracle(backend, dtype, name):
+    case = CASES[name]
+    if case.scale > 100 and dtype != torch.float32:
+        pytest.skip("logit scale 1e4 is a float32 accuracy case (16-bit logits overflow it)")
+    module = backend_module(backend, "pair")
+    for seed, d in ((0, 20), (1, 7)):
+        a, b, rg, cg, pl, coefs = _inputs(case, d, dtype, seed)
+        stats, grads = _ours(module, case, a, b, rg, cg, pl, coefs)
+        exact, names = _oracle(case, a, b, rg, cg, pl, coefs, torch.float64)
+        same, _ = _oracle(
+            case, a, b, rg, cg, pl, coefs, _acc(dtype) if dtype == torch.float32 else dtype
+        )
+        assert sorted(stats) == names
+        got = [stats[k] for k in names] + grads
+        pairs = [_finite_or_equal_inf(g, e) for g, e in zip(got, exact)]
+        same = [_finite_or_equal_inf(s, e)[0] for s, e in zip(same, exact)]
+        labels = (
+            names
+            + ["da", "db", "dscale"]
+            + (["dbias"] if case.bias else [])
+            + (["dpos"] if pl is not None else [])
+        )
+        assert_by_rule(labels, [p[0] for p in pairs], same, [p[1] for p in pairs], dtype)
+        assert grads[0].dtype == dtype and grads[1].dtype == dtype
+
+
+@pytest.mark.parametrize("backend", ENGINE_BACKENDS)
+def test_empty_rows_have_no_statistic_and_no_gradient(backend):
+    """Every other sample in a row's group and no positives: the row's set is empty, its
+    logsumexp -inf, its softmax weights 0 (never NaN)."""
+    module = backend_module(backend, "pair")
+    pair = Pair("rows", positives=False, exclude_self=True)
+    a = torch.randn(6, 4)
+    groups = torch.zeros(6, dtype=torch.int64)  # one group: no row has a negative
+    stats = module.pair_forward(
+        a, a, torch.tensor(2.0), None, pair, row_groups=groups, col_groups=groups
+    )
+    assert torch.isneginf(stats.row_max).all() and (stats.row_sum == 0).all()
+    grads = module.pair_backward(
+        a,
+        a,
+        torch.tensor(2.0),
+        None,
+        pair,
+        stats,
+        Coefs(rows=torch.ones(6)),
+        row_groups=groups,
+        col_groups=groups,
+    )
+    assert torch.count_nonzero(grads.da) == 0 and torch.count_nonzero(grads.db) == 0
+
+
+@pytest.mark.parametrize("backend", ENGINE_BACKENDS)
+def test_column_and_row_splits_merge_to_the_whole(backend):
+    """The statistics of a sweep split into column shards (the ring) or row blocks (the
+    ranks' partial column statistics) merge, by merge_lse, into the whole sweep's."""
+    module = backend_module(backend, "pair")
+    a, b = torch.randn(19, 8), torch.randn(23, 8)
+    s = torch.tensor(3.0)
+    whole = module.pair_forward(a, b, s, None, SOFTMAX)
+    left = module.pair_forward(a, b[:10], s, None, SOFTMAX)
+    right = module.pair_forward(a, b[10:], s, None, SOFTMAX, col_offset=10)
+    m, t = merge_lse(left.row_max, left.row_sum, right.row_max, right.row_sum)
+    torch.testing.assert_close(lse(m, t), lse(whole.row_max, whole.row_sum))
+    m, t = merge_lse(left.pos_max, left.pos_sum, right.pos_max, right.pos_sum)
+    torch.testing.assert_close(lse(m, t), lse(whole.pos_max, whole.pos_sum))
+    top = module.pair_forward(a[:7], b, s, None, SOFTMAX)
+    bottom = module.pair_forward(a[7:], b, s, None, SOFTMAX, row_offset=7)
+    m, t = merge_lse(top.col_max, top.col_sum, bottom.col_max, bottom.col_sum)
+    torch.testing.assert_close(lse(m, t), lse(whole.col_max, whole.col_sum))
+    # the sum over the blocks' gradients is the whole sweep's
+    c = Coefs(
+        rows=torch.full((19,), 0.1),
+        pos_rows=torch.full((19,), 0.1),
+        cols=torch.full((23,), 0.2),
+        pos_cols=torch.full((23,), 0.2),
+    )
+    g_all = module.pair_backward(a, b, s, None, SOFTMAX, whole, c)
+    g_left = module.pair_backward(
+        a,
+        b[:10],
+        s,
+        None,
+        SOFTMAX,
+        whole._replace(
+            col_max=whole.col_max[:10],
+            col_sum=whole.col_sum[:10],
+            cpos_max=whole.cpos_max[:10],
+            cpos_sum=whole.cpos_sum[:10],
+        ),
+        c._replace(cols=c.cols[:10], pos_cols=c.pos_cols[:10]),
+    )
+    g_right = module.pair_backward(
+        a,
+        b[10:],
+        s,
+        None,
+        SOFTMAX,
+        whole._replace(
+            col_max=whole.col_max[10:],
+            col_sum=whole.col_sum[10:],
+            cpos_max=whole.cpos_max[10:],
+            cpos_sum=whole.cpos_sum[10:],
+        ),
+        c._replace(cols=c.cols[10:], pos_cols=c.pos_cols[10:]),
+        col_offset=10,
+    )
+    torch.testing.assert_close(g_left.da + g_right.da, g_all.da)
+    torch.testing.assert_close(torch.cat([g_left.db, g_right.db]), g_all.db)
+    torch.testing.assert_close(g_left.dscale + g_right.dscale, g_all.dscale)
