@@ -6,11 +6,17 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "flashcontrast/clip.h"
 #include "flashcontrast/gram.h"
 #include "flashcontrast/multiview.h"
+#include "flashcontrast/pair.h"
 #include "flashcontrast/runtime_info.h"
 #include "flashcontrast/siglip.h"
 #include "flashcontrast/symile.h"
@@ -26,6 +32,10 @@ namespace {
     throw;
   } catch (const py::error_already_set&) {
     throw;
+  } catch (const py::type_error& e) {  // an argument of the wrong Python type, by name
+    throw py::type_error(prefix + e.what());
+  } catch (const py::value_error& e) {
+    throw py::value_error(prefix + e.what());
   } catch (const std::invalid_argument& e) {
     throw py::value_error(prefix + e.what());
   } catch (const std::exception& e) {
@@ -134,50 +144,6 @@ void rowce_backward(u64 a_ptr, u64 w_ptr, i64 n, i64 d, i64 a_stride0, i64 a_str
                      as_ptr<float>(workspace_ptr), workspace_elems, as_ptr<void>(stream));
 }
 
-fc::TripleInputs triple_inputs(u64 x_ptr, u64 y_ptr, u64 z_ptr, i64 n, i64 d, i64 x_stride0,
-                               i64 x_stride1, i64 y_stride0, i64 y_stride1, i64 z_stride0,
-                               i64 z_stride1, const std::string& dtype, u64 scale_ptr) {
-  fc::TripleInputs in;
-  in.x = as_ptr<const void>(x_ptr);
-  in.y = as_ptr<const void>(y_ptr);
-  in.z = as_ptr<const void>(z_ptr);
-  in.n = n;
-  in.d = d;
-  in.x_stride0 = x_stride0;
-  in.x_stride1 = x_stride1;
-  in.y_stride0 = y_stride0;
-  in.y_stride1 = y_stride1;
-  in.z_stride0 = z_stride0;
-  in.z_stride1 = z_stride1;
-  in.dtype = fc::parse_dtype(dtype);
-  in.scale = as_ptr<const float>(scale_ptr);
-  return in;
-}
-
-void symile_n2_forward(u64 x_ptr, u64 y_ptr, u64 z_ptr, i64 n, i64 d, i64 x_stride0,
-                       i64 x_stride1, i64 y_stride0, i64 y_stride1, i64 z_stride0,
-                       i64 z_stride1, const std::string& dtype, u64 scale_ptr, u64 row_lse_ptr,
-                       u64 workspace_ptr, i64 workspace_elems, u64 stream) {
-  fc::symile_n2_forward(triple_inputs(x_ptr, y_ptr, z_ptr, n, d, x_stride0, x_stride1, y_stride0,
-                                      y_stride1, z_stride0, z_stride1, dtype, scale_ptr),
-                        as_ptr<float>(row_lse_ptr), as_ptr<float>(workspace_ptr),
-                        workspace_elems, as_ptr<void>(stream));
-}
-
-void symile_n2_backward(u64 x_ptr, u64 y_ptr, u64 z_ptr, i64 n, i64 d, i64 x_stride0,
-                        i64 x_stride1, i64 y_stride0, i64 y_stride1, i64 z_stride0,
-                        i64 z_stride1, const std::string& dtype, u64 scale_ptr,
-                        u64 row_lse_ptr, u64 grad_rows_ptr, u64 dx_ptr, u64 dy_ptr, u64 dz_ptr,
-                        u64 dscale_ptr, u64 workspace_ptr, i64 workspace_elems, u64 stream) {
-  fc::symile_n2_backward(triple_inputs(x_ptr, y_ptr, z_ptr, n, d, x_stride0, x_stride1,
-                                       y_stride0, y_stride1, z_stride0, z_stride1, dtype,
-                                       scale_ptr),
-                         as_ptr<const float>(row_lse_ptr), as_ptr<const float>(grad_rows_ptr),
-                         as_ptr<void>(dx_ptr), as_ptr<void>(dy_ptr), as_ptr<void>(dz_ptr),
-                         as_ptr<float>(dscale_ptr), as_ptr<float>(workspace_ptr),
-                         workspace_elems, as_ptr<void>(stream));
-}
-
 void siglip_forward(u64 a_ptr, u64 b_ptr, i64 n, i64 d, i64 a_stride0, i64 a_stride1,
                     i64 b_stride0, i64 b_stride1, const std::string& dtype, u64 scale_ptr,
                     u64 bias_ptr, u64 total_ptr, u64 workspace_ptr, i64 workspace_elems,
@@ -240,60 +206,380 @@ void selfsim_rowlse_backward(u64 u_ptr, i64 v, i64 n, i64 d, i64 stride_v, i64 s
                               as_ptr<void>(stream));
 }
 
-fc::GramInputs gram_inputs(u64 anchor_ptr, u64 others_ptr, i64 n, i64 d, i64 k,
-                           i64 anchor_stride0, i64 anchor_stride1, i64 others_stride0,
-                           i64 others_stride1, i64 others_stride2, const std::string& dtype,
-                           u64 scale_ptr, u64 det_h_ptr, u64 adj_h_ptr, u64 floor_h_ptr) {
-  fc::GramInputs in;
-  in.anchor = as_ptr<const void>(anchor_ptr);
-  in.others = as_ptr<const void>(others_ptr);
-  in.n = n;
-  in.d = d;
-  in.k = k;
-  in.anchor_stride0 = anchor_stride0;
-  in.anchor_stride1 = anchor_stride1;
-  in.others_stride0 = others_stride0;
-  in.others_stride1 = others_stride1;
-  in.others_stride2 = others_stride2;
-  in.dtype = fc::parse_dtype(dtype);
-  in.scale = as_ptr<const float>(scale_ptr);
-  in.det_h = as_ptr<const float>(det_h_ptr);
-  in.adj_h = as_ptr<const float>(adj_h_ptr);
-  in.floor_h = as_ptr<const float>(floor_h_ptr);
-  return in;
+// ----------------------------------------------------------------------------- typed structs
+// The launchers below take their inputs as structs with named fields (PairParams,
+// PairStats, PairCoefs, PairGrads, GramParams, TripleParams) and every other integer as a
+// keyword-only argument, so that no call is a list of integers a swap would still fit.
+// Every field and argument is converted here: a value of the wrong Python type raises
+// TypeError naming it ("PairParams.n must be an int, got float"); ranges and null
+// pointers are checked by the launchers in C++ (ValueError naming the field).
+
+std::string type_name(py::handle v) {
+  return py::str(py::type::of(v).attr("__name__")).cast<std::string>();
 }
 
-void gram_forward(u64 anchor_ptr, u64 others_ptr, i64 n, i64 d, i64 k, i64 anchor_stride0,
-                  i64 anchor_stride1, i64 others_stride0, i64 others_stride1,
-                  i64 others_stride2, const std::string& dtype, u64 scale_ptr, u64 det_h_ptr,
-                  u64 adj_h_ptr, u64 floor_h_ptr, u64 row_lse_ptr, u64 col_lse_ptr,
-                  u64 diag_ptr, u64 row_sum_ptr, u64 col_sum_ptr, u64 workspace_ptr,
-                  i64 workspace_elems, u64 stream) {
-  fc::gram_forward(gram_inputs(anchor_ptr, others_ptr, n, d, k, anchor_stride0, anchor_stride1,
-                               others_stride0, others_stride1, others_stride2, dtype, scale_ptr,
-                               det_h_ptr, adj_h_ptr, floor_h_ptr),
-                   as_ptr<float>(row_lse_ptr), as_ptr<float>(col_lse_ptr), as_ptr<float>(diag_ptr),
-                   as_ptr<float>(row_sum_ptr), as_ptr<float>(col_sum_ptr),
-                   as_ptr<float>(workspace_ptr), workspace_elems, as_ptr<void>(stream));
+std::uintptr_t to_address(py::handle v, const std::string& field) {
+  if (!PyLong_Check(v.ptr()) || PyBool_Check(v.ptr())) {
+    throw py::type_error(field + " must be an int (a device address, 0 for none), got " +
+                         type_name(v));
+  }
+  const unsigned long long x = PyLong_AsUnsignedLongLong(v.ptr());
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error(field + " must be a device address in [0, 2^64), got " +
+                          py::repr(v).cast<std::string>());
+  }
+  return static_cast<std::uintptr_t>(x);
 }
 
-void gram_backward(u64 anchor_ptr, u64 others_ptr, i64 n, i64 d, i64 k, i64 anchor_stride0,
-                   i64 anchor_stride1, i64 others_stride0, i64 others_stride1,
-                   i64 others_stride2, const std::string& dtype, u64 scale_ptr, u64 det_h_ptr,
-                   u64 adj_h_ptr, u64 floor_h_ptr, u64 row_lse_ptr, u64 col_lse_ptr,
-                   u64 grad_ptr, float label_smoothing, u64 d_anchor_ptr, u64 d_others_u_ptr,
-                   u64 dscale_ptr, u64 col_tt_ptr, u64 col_uu_ptr, u64 workspace_ptr,
-                   i64 workspace_elems, u64 stream) {
-  fc::gram_backward(gram_inputs(anchor_ptr, others_ptr, n, d, k, anchor_stride0, anchor_stride1,
-                                others_stride0, others_stride1, others_stride2, dtype, scale_ptr,
-                                det_h_ptr, adj_h_ptr, floor_h_ptr),
-                    as_ptr<const float>(row_lse_ptr), as_ptr<const float>(col_lse_ptr),
-                    as_ptr<const float>(grad_ptr), label_smoothing, as_ptr<void>(d_anchor_ptr),
-                    as_ptr<void>(d_others_u_ptr), as_ptr<float>(dscale_ptr),
-                    as_ptr<float>(col_tt_ptr), as_ptr<float>(col_uu_ptr),
-                    as_ptr<float>(workspace_ptr), workspace_elems, as_ptr<void>(stream));
+std::int64_t to_int64(py::handle v, const std::string& field) {
+  if (!PyLong_Check(v.ptr()) || PyBool_Check(v.ptr())) {
+    throw py::type_error(field + " must be an int, got " + type_name(v));
+  }
+  const long long x = PyLong_AsLongLong(v.ptr());
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error(field + " must fit in int64, got " + py::repr(v).cast<std::string>());
+  }
+  return static_cast<std::int64_t>(x);
 }
 
+bool to_bool(py::handle v, const std::string& field) {
+  if (!PyBool_Check(v.ptr())) throw py::type_error(field + " must be a bool, got " + type_name(v));
+  return v.ptr() == Py_True;
+}
+
+float to_float(py::handle v, const std::string& field) {
+  if (!(PyFloat_Check(v.ptr()) || PyLong_Check(v.ptr())) || PyBool_Check(v.ptr())) {
+    throw py::type_error(field + " must be a float, got " + type_name(v));
+  }
+  return static_cast<float>(PyFloat_AsDouble(v.ptr()));
+}
+
+std::string to_string(py::handle v, const std::string& field) {
+  if (!PyUnicode_Check(v.ptr())) {
+    throw py::type_error(field + " must be a str, got " + type_name(v));
+  }
+  return v.cast<std::string>();
+}
+
+// py::class_<S> whose fields are properties with the converting setters above, a
+// keyword-only constructor (S(field=value, ...): unknown names and missing required fields
+// raise TypeError naming them) and a repr listing every field. Module-local: the tests load
+// the CPU-emulated build of this module (tests/cuda_emulator) next to the real one, and
+// pybind11 types are otherwise registered process-wide.
+template <typename S>
+class Struct {
+ public:
+  Struct(py::module_& m, const char* name, const char* doc)
+      : cls_(m, name, doc, py::module_local()),
+        name_(name),
+        table_(std::make_shared<Table>()) {}
+
+  template <typename P>
+  Struct& address(const char* field, P S::*member, bool required, const char* doc) {
+    const std::string full = name_ + "." + field;
+    return add(field, required, doc,
+               [member](const S& s) -> py::object {
+                 return py::int_(reinterpret_cast<std::uintptr_t>(s.*member));
+               },
+               [member, full](S& s, py::handle v) {
+                 s.*member = reinterpret_cast<P>(to_address(v, full));
+               });
+  }
+  Struct& int64(const char* field, std::int64_t S::*member, bool required, const char* doc) {
+    const std::string full = name_ + "." + field;
+    return add(field, required, doc,
+               [member](const S& s) -> py::object { return py::int_(s.*member); },
+               [member, full](S& s, py::handle v) { s.*member = to_int64(v, full); });
+  }
+  Struct& flag(const char* field, bool S::*member, bool required, const char* doc) {
+    const std::string full = name_ + "." + field;
+    return add(field, required, doc,
+               [member](const S& s) -> py::object { return py::bool_(s.*member); },
+               [member, full](S& s, py::handle v) { s.*member = to_bool(v, full); });
+  }
+  Struct& dtype(const char* field, fc::DType S::*member, bool required, const char* doc) {
+    const std::string full = name_ + "." + field;
+    return add(field, required, doc,
+               [member](const S& s) -> py::object { return py::str(fc::dtype_name(s.*member)); },
+               [member, full](S& s, py::handle v) {
+                 try {
+                   s.*member = fc::parse_dtype(to_string(v, full), full.c_str());
+                 } catch (const std::invalid_argument& e) {
+                   throw py::value_error(e.what());
+                 }
+               });
+  }
+  Struct& epilogue(const char* field, fc::Epilogue S::*member, bool required, const char* doc) {
+    const std::string full = name_ + "." + field;
+    return add(field, required, doc,
+               [member](const S& s) -> py::object {
+                 return py::str(fc::epilogue_name(s.*member));
+               },
+               [member, full](S& s, py::handle v) {
+                 try {
+                   s.*member = fc::parse_epilogue(to_string(v, full), full.c_str());
+                 } catch (const std::invalid_argument& e) {
+                   throw py::value_error(e.what());
+                 }
+               });
+  }
+
+  // The constructor and repr; call once, after the fields.
+  void done() {
+    auto table = table_;
+    const std::string name = name_;
+    cls_.def(py::init([table, name](py::kwargs kwargs) {
+               S s{};
+               for (auto item : kwargs) {
+                 const std::string key = py::str(item.first).cast<std::string>();
+                 auto it = table->setters.find(key);
+                 if (it == table->setters.end()) {
+                   throw py::type_error(name + "() has no field '" + key + "'");
+                 }
+                 it->second(s, item.second);
+               }
+               for (const auto& field : table->required) {
+                 if (!kwargs.contains(py::str(field))) {
+                   throw py::type_error(name + "() missing required field '" + field + "'");
+                 }
+               }
+               return s;
+             }),
+             ("Keyword arguments only; required fields: " + join(table->required)).c_str());
+    cls_.def("__repr__", [table, name](const S& s) {
+      std::string out = name + "(";
+      for (std::size_t i = 0; i < table->order.size(); ++i) {
+        const auto& field = table->order[i];
+        out += (i ? ", " : "") + field + "=" +
+               py::repr(table->getters.at(field)(s)).template cast<std::string>();
+      }
+      return out + ")";
+    });
+  }
+
+ private:
+  struct Table {
+    std::map<std::string, std::function<void(S&, py::handle)>> setters;
+    std::map<std::string, std::function<py::object(const S&)>> getters;
+    std::vector<std::string> order, required;
+  };
+
+  static std::string join(const std::vector<std::string>& names) {
+    std::string out;
+    for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+    return out.empty() ? "none" : out;
+  }
+
+  template <typename G, typename St>
+  Struct& add(const char* field, bool required, const char* doc, G getter, St setter) {
+    table_->setters[field] = setter;
+    table_->getters[field] = getter;
+    table_->order.push_back(field);
+    if (required) table_->required.push_back(field);
+    cls_.def_property(field, getter, setter, doc);
+    return *this;
+  }
+
+  py::class_<S> cls_;
+  std::string name_;
+  std::shared_ptr<Table> table_;
+};
+
+constexpr bool kRequired = true, kOptional = false;
+
+// ---- the pair engine (pair.h)
+
+std::int64_t pair_forward_workspace_elems(const fc::PairParams& params, py::handle device) {
+  return fc::pair_forward_workspace_elems(params, int(to_int64(device, "device")));
+}
+
+std::int64_t pair_backward_workspace_elems(const fc::PairParams& params, py::handle device) {
+  return fc::pair_backward_workspace_elems(params, int(to_int64(device, "device")));
+}
+
+void pair_forward(const fc::PairParams& params, const fc::PairStats& stats, py::handle workspace,
+                  py::handle workspace_elems, py::handle stream) {
+  fc::pair_forward(params, stats, as_ptr<float>(to_address(workspace, "workspace")),
+                   to_int64(workspace_elems, "workspace_elems"),
+                   as_ptr<void>(to_address(stream, "stream")));
+}
+
+void pair_backward(const fc::PairParams& params, const fc::PairStats& stats,
+                   const fc::PairCoefs& coefs, const fc::PairGrads& grads, py::handle workspace,
+                   py::handle workspace_elems, py::handle stream) {
+  fc::pair_backward(params, stats, coefs, grads,
+                    as_ptr<float>(to_address(workspace, "workspace")),
+                    to_int64(workspace_elems, "workspace_elems"),
+                    as_ptr<void>(to_address(stream, "stream")));
+}
+
+// ---- GRAM (gram.h)
+
+std::int64_t gram_forward_workspace_elems(const fc::GramInputs& params, py::handle device) {
+  return fc::gram_forward_workspace_elems(params, int(to_int64(device, "device")));
+}
+
+std::int64_t gram_backward_workspace_elems(const fc::GramInputs& params, py::handle device) {
+  return fc::gram_backward_workspace_elems(params, int(to_int64(device, "device")));
+}
+
+void gram_forward(const fc::GramInputs& params, py::handle row_lse, py::handle col_lse,
+                  py::handle diag, py::handle row_sum, py::handle col_sum, py::handle workspace,
+                  py::handle workspace_elems, py::handle stream) {
+  fc::gram_forward(params, as_ptr<float>(to_address(row_lse, "row_lse")),
+                   as_ptr<float>(to_address(col_lse, "col_lse")),
+                   as_ptr<float>(to_address(diag, "diag")),
+                   as_ptr<float>(to_address(row_sum, "row_sum")),
+                   as_ptr<float>(to_address(col_sum, "col_sum")),
+                   as_ptr<float>(to_address(workspace, "workspace")),
+                   to_int64(workspace_elems, "workspace_elems"),
+                   as_ptr<void>(to_address(stream, "stream")));
+}
+
+void gram_backward(const fc::GramInputs& params, py::handle row_lse, py::handle col_lse,
+                   py::handle grad, py::handle label_smoothing, py::handle d_anchor,
+                   py::handle d_others_u, py::handle dscale, py::handle col_tt,
+                   py::handle col_uu, py::handle workspace, py::handle workspace_elems,
+                   py::handle stream) {
+  fc::gram_backward(params, as_ptr<const float>(to_address(row_lse, "row_lse")),
+                    as_ptr<const float>(to_address(col_lse, "col_lse")),
+                    as_ptr<const float>(to_address(grad, "grad")),
+                    to_float(label_smoothing, "label_smoothing"),
+                    as_ptr<void>(to_address(d_anchor, "d_anchor")),
+                    as_ptr<void>(to_address(d_others_u, "d_others_u")),
+                    as_ptr<float>(to_address(dscale, "dscale")),
+                    as_ptr<float>(to_address(col_tt, "col_tt")),
+                    as_ptr<float>(to_address(col_uu, "col_uu")),
+                    as_ptr<float>(to_address(workspace, "workspace")),
+                    to_int64(workspace_elems, "workspace_elems"),
+                    as_ptr<void>(to_address(stream, "stream")));
+}
+
+// ---- Symile n_squared (symile.h)
+
+std::int64_t symile_n2_forward_workspace_elems(const fc::TripleInputs& params, py::handle device) {
+  return fc::symile_n2_forward_workspace_elems(params, int(to_int64(device, "device")));
+}
+
+std::int64_t symile_n2_backward_workspace_elems(const fc::TripleInputs& params,
+                                                py::handle device) {
+  return fc::symile_n2_backward_workspace_elems(params, int(to_int64(device, "device")));
+}
+
+void symile_n2_forward(const fc::TripleInputs& params, py::handle row_lse, py::handle workspace,
+                       py::handle workspace_elems, py::handle stream) {
+  fc::symile_n2_forward(params, as_ptr<float>(to_address(row_lse, "row_lse")),
+                        as_ptr<float>(to_address(workspace, "workspace")),
+                        to_int64(workspace_elems, "workspace_elems"),
+                        as_ptr<void>(to_address(stream, "stream")));
+}
+
+void symile_n2_backward(const fc::TripleInputs& params, py::handle row_lse, py::handle grad_rows,
+                        py::handle dx, py::handle dy, py::handle dz, py::handle dscale,
+                        py::handle workspace, py::handle workspace_elems, py::handle stream) {
+  fc::symile_n2_backward(params, as_ptr<const float>(to_address(row_lse, "row_lse")),
+                         as_ptr<const float>(to_address(grad_rows, "grad_rows")),
+                         as_ptr<void>(to_address(dx, "dx")), as_ptr<void>(to_address(dy, "dy")),
+                         as_ptr<void>(to_address(dz, "dz")),
+                         as_ptr<float>(to_address(dscale, "dscale")),
+                         as_ptr<float>(to_address(workspace, "workspace")),
+                         to_int64(workspace_elems, "workspace_elems"),
+                         as_ptr<void>(to_address(stream, "stream")));
+}
+
+void register_structs(py::module_& m) {
+  using P = fc::PairParams;
+  Struct<P>(m, "PairParams", "One sweep of the pair engine: inputs and static options (pair.h).")
+      .address("a", &P::a, kRequired, "(n, d) rows, device address")
+      .address("b", &P::b, kRequired, "(m, d) columns, device address (may equal a)")
+      .int64("n", &P::n, kRequired, "rows of a")
+      .int64("m", &P::m, kRequired, "rows of b")
+      .int64("d", &P::d, kRequired, "features")
+      .int64("a_stride0", &P::a_stride0, kRequired, "element stride of a's rows")
+      .int64("a_stride1", &P::a_stride1, kRequired, "element stride of a's features")
+      .int64("b_stride0", &P::b_stride0, kRequired, "element stride of b's rows")
+      .int64("b_stride1", &P::b_stride1, kRequired, "element stride of b's features")
+      .dtype("dtype", &P::dtype, kRequired, "'float32' | 'float16' | 'bfloat16' (a and b)")
+      .address("scale", &P::scale, kRequired, "fp32 device scalar")
+      .address("bias", &P::bias, kOptional, "fp32 device scalar, 0 for none")
+      .epilogue("epilogue", &P::epilogue, kRequired, "'softmax' | 'rows' | 'sigmoid'")
+      .flag("positives", &P::positives, kRequired, "entries of one sample are positives")
+      .flag("exclude_self", &P::exclude_self, kOptional, "global row == column is excluded")
+      .int64("period", &P::period, kOptional, "sample(k) = k mod period; 0: k")
+      .int64("row_offset", &P::row_offset, kOptional, "global index of row 0")
+      .int64("col_offset", &P::col_offset, kOptional, "global index of column 0")
+      .address("row_groups", &P::row_groups, kOptional, "(n,) int64 ids, 0 for none")
+      .address("col_groups", &P::col_groups, kOptional, "(m,) int64 ids, 0 for none")
+      .address("positive_logits", &P::positive_logits, kOptional,
+               "(n,) fp32 logits of the positives ('rows' with positives), 0 for none")
+      .done();
+  using St = fc::PairStats;
+  Struct<St>(m, "PairStats",
+             "fp32 (max, sum) statistics, device addresses (0: not used by the epilogue).")
+      .address("row_max", &St::row_max, kOptional, "(n,)")
+      .address("row_sum", &St::row_sum, kOptional, "(n,)")
+      .address("pos_max", &St::pos_max, kOptional, "(n,) over the row's positives")
+      .address("pos_sum", &St::pos_sum, kOptional, "(n,)")
+      .address("col_max", &St::col_max, kOptional, "(m,), partial over the sweep's rows")
+      .address("col_sum", &St::col_sum, kOptional, "(m,)")
+      .address("cpos_max", &St::cpos_max, kOptional, "(m,) over the column's positives")
+      .address("cpos_sum", &St::cpos_sum, kOptional, "(m,)")
+      .address("total", &St::total, kOptional, "0-d, 'sigmoid'")
+      .done();
+  using C = fc::PairCoefs;
+  Struct<C>(m, "PairCoefs", "The backward's fp32 coefficients, device addresses (0: zero).")
+      .address("rows", &C::rows, kOptional, "(n,) gr")
+      .address("pos_rows", &C::pos_rows, kOptional, "(n,) gpr")
+      .address("cols", &C::cols, kOptional, "(m,) gc")
+      .address("pos_cols", &C::pos_cols, kOptional, "(m,) gpc")
+      .address("total", &C::total, kOptional, "0-d g, 'sigmoid' (required there)")
+      .done();
+  using G = fc::PairGrads;
+  Struct<G>(m, "PairGrads", "The backward's outputs, device addresses.")
+      .address("da", &G::da, kRequired, "(n, d) contiguous, out_dtype")
+      .address("db", &G::db, kRequired, "(m, d) contiguous, out_dtype")
+      .address("dscale", &G::dscale, kRequired, "fp32 scalar")
+      .address("dbias", &G::dbias, kRequired, "fp32 scalar")
+      .address("dpos", &G::dpos, kOptional, "(n,) fp32, with positive_logits only")
+      .dtype("out_dtype", &G::out_dtype, kRequired, "the inputs' dtype or 'float32'")
+      .done();
+  using GP = fc::GramInputs;
+  Struct<GP>(m, "GramParams", "GRAM's inputs (gram.h).")
+      .address("anchor", &GP::anchor, kRequired, "(n, d) device address")
+      .address("others", &GP::others, kRequired, "(k, n, d) device address")
+      .int64("n", &GP::n, kRequired, "samples")
+      .int64("d", &GP::d, kRequired, "features")
+      .int64("k", &GP::k, kRequired, "others per sample, 1..5")
+      .int64("anchor_stride0", &GP::anchor_stride0, kRequired, "")
+      .int64("anchor_stride1", &GP::anchor_stride1, kRequired, "")
+      .int64("others_stride0", &GP::others_stride0, kRequired, "")
+      .int64("others_stride1", &GP::others_stride1, kRequired, "")
+      .int64("others_stride2", &GP::others_stride2, kRequired, "")
+      .dtype("dtype", &GP::dtype, kRequired, "'float32' | 'float16' | 'bfloat16'")
+      .address("scale", &GP::scale, kRequired, "fp32 device scalar")
+      .address("det_h", &GP::det_h, kRequired, "(n,) fp32")
+      .address("adj_h", &GP::adj_h, kRequired, "(n, k, k) fp32")
+      .address("floor_h", &GP::floor_h, kRequired, "(n,) fp32")
+      .done();
+  using TP = fc::TripleInputs;
+  Struct<TP>(m, "TripleParams", "Symile n_squared's inputs x, y, z (symile.h).")
+      .address("x", &TP::x, kRequired, "(n, d) device address")
+      .address("y", &TP::y, kRequired, "(n, d) device address")
+      .address("z", &TP::z, kRequired, "(n, d) device address")
+      .int64("n", &TP::n, kRequired, "samples")
+      .int64("d", &TP::d, kRequired, "features")
+      .int64("x_stride0", &TP::x_stride0, kRequired, "")
+      .int64("x_stride1", &TP::x_stride1, kRequired, "")
+      .int64("y_stride0", &TP::y_stride0, kRequired, "")
+      .int64("y_stride1", &TP::y_stride1, kRequired, "")
+      .int64("z_stride0", &TP::z_stride0, kRequired, "")
+      .int64("z_stride1", &TP::z_stride1, kRequired, "")
+      .dtype("dtype", &TP::dtype, kRequired, "'float32' | 'float16' | 'bfloat16'")
+      .address("scale", &TP::scale, kRequired, "fp32 device scalar")
+      .done();
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -354,47 +640,45 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dscale_ptr"), py::arg("ddiag_ptr"), py::arg("workspace_ptr"),
       py::arg("workspace_elems"), py::arg("stream"),
       "Writes da, dw (contiguous (n, d), input dtype), dscale (fp32 scalar), ddiag ((n,) fp32).");
-  def(m, "symile_n2_forward_workspace_elems", &fc::symile_n2_forward_workspace_elems,
-      py::arg("n"), py::arg("d"), py::arg("device"));
-  def(m, "symile_n2_backward_workspace_elems", &fc::symile_n2_backward_workspace_elems,
-      py::arg("n"), py::arg("d"), py::arg("device"));
-  def(m, "symile_n2_forward", &symile_n2_forward, py::arg("x_ptr"), py::arg("y_ptr"),
-      py::arg("z_ptr"), py::arg("n"), py::arg("d"), py::arg("x_stride0"), py::arg("x_stride1"),
-      py::arg("y_stride0"), py::arg("y_stride1"), py::arg("z_stride0"), py::arg("z_stride1"),
-      py::arg("dtype"), py::arg("scale_ptr"), py::arg("row_lse_ptr"), py::arg("workspace_ptr"),
-      py::arg("workspace_elems"), py::arg("stream"),
-      "row_lse_i = LSE_{j,k} scale * sum_d x_id y_jd z_kd ((n,) float32).");
-  def(m, "symile_n2_backward", &symile_n2_backward, py::arg("x_ptr"), py::arg("y_ptr"),
-      py::arg("z_ptr"), py::arg("n"), py::arg("d"), py::arg("x_stride0"), py::arg("x_stride1"),
-      py::arg("y_stride0"), py::arg("y_stride1"), py::arg("z_stride0"), py::arg("z_stride1"),
-      py::arg("dtype"), py::arg("scale_ptr"), py::arg("row_lse_ptr"), py::arg("grad_rows_ptr"),
-      py::arg("dx_ptr"), py::arg("dy_ptr"), py::arg("dz_ptr"), py::arg("dscale_ptr"),
-      py::arg("workspace_ptr"), py::arg("workspace_elems"), py::arg("stream"),
-      "Writes dx, dy, dz (contiguous (n, d), float32) and dscale (fp32 scalar).");
-  def(m, "gram_forward_workspace_elems", &fc::gram_forward_workspace_elems, py::arg("n"),
-      py::arg("d"), py::arg("k"), py::arg("device"));
-  def(m, "gram_backward_workspace_elems", &fc::gram_backward_workspace_elems, py::arg("n"),
-      py::arg("d"), py::arg("k"), py::arg("device"));
-  def(m, "gram_forward", &gram_forward, py::arg("anchor_ptr"), py::arg("others_ptr"),
-      py::arg("n"), py::arg("d"), py::arg("k"), py::arg("anchor_stride0"),
-      py::arg("anchor_stride1"), py::arg("others_stride0"), py::arg("others_stride1"),
-      py::arg("others_stride2"), py::arg("dtype"), py::arg("scale_ptr"), py::arg("det_h_ptr"),
-      py::arg("adj_h_ptr"), py::arg("floor_h_ptr"), py::arg("row_lse_ptr"),
-      py::arg("col_lse_ptr"), py::arg("diag_ptr"),
-      py::arg("row_sum_ptr"), py::arg("col_sum_ptr"), py::arg("workspace_ptr"),
-      py::arg("workspace_elems"), py::arg("stream"),
+  // Typed launchers: params structs (register_structs) and keyword-only addresses.
+  register_structs(m);
+  def(m, "pair_forward_workspace_elems", &pair_forward_workspace_elems, py::arg("params"),
+      py::kw_only(), py::arg("device"),
+      "float32 elements of pair_forward's workspace on CUDA device `device`.");
+  def(m, "pair_backward_workspace_elems", &pair_backward_workspace_elems, py::arg("params"),
+      py::kw_only(), py::arg("device"),
+      "float32 elements of pair_backward's workspace on CUDA device `device`.");
+  def(m, "pair_forward", &pair_forward, py::arg("params"), py::arg("stats"), py::kw_only(),
+      py::arg("workspace"), py::arg("workspace_elems"), py::arg("stream"),
+      "One sweep's statistics into `stats` (PairStats: the fields the epilogue has).");
+  def(m, "pair_backward", &pair_backward, py::arg("params"), py::arg("stats"), py::arg("coefs"),
+      py::arg("grads"), py::kw_only(), py::arg("workspace"), py::arg("workspace_elems"),
+      py::arg("stream"), "The gradients of the loss `coefs` define, from merged `stats`.");
+  def(m, "gram_forward_workspace_elems", &gram_forward_workspace_elems, py::arg("params"),
+      py::kw_only(), py::arg("device"));
+  def(m, "gram_backward_workspace_elems", &gram_backward_workspace_elems, py::arg("params"),
+      py::kw_only(), py::arg("device"));
+  def(m, "gram_forward", &gram_forward, py::arg("params"), py::kw_only(), py::arg("row_lse"),
+      py::arg("col_lse"), py::arg("diag"), py::arg("row_sum"), py::arg("col_sum"),
+      py::arg("workspace"), py::arg("workspace_elems"), py::arg("stream"),
       "L = -scale * volume: writes row_lse, col_lse, diag, row_sum, col_sum ((n,) float32).");
-  def(m, "gram_backward", &gram_backward, py::arg("anchor_ptr"), py::arg("others_ptr"),
-      py::arg("n"), py::arg("d"), py::arg("k"), py::arg("anchor_stride0"),
-      py::arg("anchor_stride1"), py::arg("others_stride0"), py::arg("others_stride1"),
-      py::arg("others_stride2"), py::arg("dtype"), py::arg("scale_ptr"), py::arg("det_h_ptr"),
-      py::arg("adj_h_ptr"), py::arg("floor_h_ptr"), py::arg("row_lse_ptr"),
-      py::arg("col_lse_ptr"), py::arg("grad_ptr"),
-      py::arg("label_smoothing"), py::arg("d_anchor_ptr"), py::arg("d_others_u_ptr"),
-      py::arg("dscale_ptr"), py::arg("col_tt_ptr"), py::arg("col_uu_ptr"),
-      py::arg("workspace_ptr"), py::arg("workspace_elems"), py::arg("stream"),
+  def(m, "gram_backward", &gram_backward, py::arg("params"), py::kw_only(), py::arg("row_lse"),
+      py::arg("col_lse"), py::arg("grad"), py::arg("label_smoothing"), py::arg("d_anchor"),
+      py::arg("d_others_u"), py::arg("dscale"), py::arg("col_tt"), py::arg("col_uu"),
+      py::arg("workspace"), py::arg("workspace_elems"), py::arg("stream"),
       "Writes d_anchor (n, d), d_others_u (k, n, d) (input dtype), dscale, col_tt (n,), "
       "col_uu (n, k, k) (float32).");
+  def(m, "symile_n2_forward_workspace_elems", &symile_n2_forward_workspace_elems,
+      py::arg("params"), py::kw_only(), py::arg("device"));
+  def(m, "symile_n2_backward_workspace_elems", &symile_n2_backward_workspace_elems,
+      py::arg("params"), py::kw_only(), py::arg("device"));
+  def(m, "symile_n2_forward", &symile_n2_forward, py::arg("params"), py::kw_only(),
+      py::arg("row_lse"), py::arg("workspace"), py::arg("workspace_elems"), py::arg("stream"),
+      "row_lse_i = LSE_{j,k} scale * sum_d x_id y_jd z_kd ((n,) float32).");
+  def(m, "symile_n2_backward", &symile_n2_backward, py::arg("params"), py::kw_only(),
+      py::arg("row_lse"), py::arg("grad_rows"), py::arg("dx"), py::arg("dy"), py::arg("dz"),
+      py::arg("dscale"), py::arg("workspace"), py::arg("workspace_elems"), py::arg("stream"),
+      "Writes dx, dy, dz (contiguous (n, d), float32) and dscale (fp32 scalar).");
   // SigLIP (siglip.h): conventions as CLIP; bias_ptr 0 for no bias.
   def(m, "siglip_forward_workspace_elems", &fc::siglip_forward_workspace_elems, py::arg("n"),
       py::arg("d"), py::arg("device"));

@@ -23,29 +23,33 @@ pytestmark = [
     ),
 ]
 
-# tile_logits (clip.cu): the barrier between loading the A/B chunks into shared memory and
-# the tile product that reads every thread's part of them.
-_BARRIER = """    __syncthreads();
-    acc.template mma<kBK, true, false>(As, L::kLdK, Bs, L::kLdK);"""
+# pair.cu's forward, columns: the barrier between the half-column partials one half of the
+# CTA writes to shared memory and the merge the other half reads them for.
+_BARRIER = """          __syncthreads();
+          if (ch == 0 && cc < ncols) {"""
 
 
 def _drop_barrier(name: str, source: str) -> str:
-    if name != "clip.cu":
+    if name != "pair.cu":
         return source
-    assert source.count(_BARRIER) == 1, "clip.cu changed: update the mutation"
-    return source.replace(
-        _BARRIER, "    acc.template mma<kBK, true, false>(As, L::kLdK, Bs, L::kLdK);"
-    )
+    assert source.count(_BARRIER) == 1, "pair.cu changed: update the mutation"
+    return source.replace(_BARRIER, "          if (ch == 0 && cc < ncols) {")
 
 
-def _clip_row_lse(c, a, b, scale):
-    n, d = a.shape
-    out = [torch.empty(n) for _ in range(3)]
-    ws = torch.empty(c.clip_forward_workspace_elems(n, d, 0))
-    c.clip_forward(a.data_ptr(), b.data_ptr(), n, d, *a.stride(), *b.stride(), "float32",
-                   scale.data_ptr(), 0, *(t.data_ptr() for t in out), ws.data_ptr(), ws.numel(),
-                   0, 0)  # fmt: skip
-    return out[0]
+def _col_lse(c, a, b, scale):
+    """The column logsumexps of one softmax sweep (pair.cu) through the typed structs."""
+    (n, d), m = a.shape, b.shape[0]
+    out = {k: torch.empty(n) for k in ("row_max", "row_sum")}
+    out.update({k: torch.empty(m) for k in ("col_max", "col_sum")})
+    p = c.PairParams(
+        a=a.data_ptr(), b=b.data_ptr(), n=n, m=m, d=d, a_stride0=a.stride(0),
+        a_stride1=a.stride(1), b_stride0=b.stride(0), b_stride1=b.stride(1), dtype="float32",
+        scale=scale.data_ptr(), epilogue="softmax", positives=False,
+    )  # fmt: skip
+    ws = torch.empty(c.pair_forward_workspace_elems(p, device=0))
+    stats = c.PairStats(**{k: t.data_ptr() for k, t in out.items()})
+    c.pair_forward(p, stats, workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=0)
+    return out["col_max"] + out["col_sum"].log()
 
 
 _MUTANT_RUN = """
@@ -57,9 +61,9 @@ torch.manual_seed(0)
 a = torch.nn.functional.normalize(torch.randn(97, 64), dim=1)
 b = torch.nn.functional.normalize(torch.randn(97, 64), dim=1)
 scale = torch.tensor(10.0)
-want = torch.logsumexp(scale * a.double() @ b.double().t(), 1)
+want = torch.logsumexp(scale * a.double() @ b.double().t(), 0)
 mutant = build.load(build.build(mutate=t._drop_barrier if sys.argv[2] == "mutant" else None))
-got = t._clip_row_lse(mutant, a, b, scale).double()
+got = t._col_lse(mutant, a, b, scale).double()
 print("close" if torch.allclose(got, want, atol=1e-5) else "wrong")
 """
 
@@ -82,4 +86,4 @@ def test_bad_schedule_is_refused(monkeypatch):
     a = torch.randn(8, 4)
     monkeypatch.setenv("FC_EMU_SCHEDULE", "sideways")
     with pytest.raises(ValueError, match="FC_EMU_SCHEDULE"):
-        _clip_row_lse(cuda_emulator.module(), a, a, torch.tensor(1.0))
+        _col_lse(cuda_emulator.module(), a, a, torch.tensor(1.0))

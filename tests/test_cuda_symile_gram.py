@@ -239,11 +239,26 @@ def test_c_refuses_bad_arguments_by_name():
     c = _cuda_ext._C
     with pytest.raises(ValueError, match=r"_C\.rowce_forward: a_ptr is null"):
         c.rowce_forward(0, 0, 5, 3, 3, 1, 3, 1, "float32", 0, 0, 0, 0, 0, 0)
-    with pytest.raises(ValueError, match=r"_C\.symile_n2_backward: n must be >= 1"):
-        c.symile_n2_backward(8, 8, 8, 0, 3, 3, 1, 3, 1, 3, 1, "float32", *([8] * 8), 64, 0)
-    with pytest.raises(ValueError, match=r"_C\.gram_forward: k \(others per sample\)"):
-        c.gram_forward(8, 8, 5, 3, 6, 3, 1, 15, 3, 1, "float32", *([8] * 10), 64, 0)
+    # symile_n2 and GRAM take typed structs (named fields) and keyword-only addresses.
+    triple = c.TripleParams(
+        x=8, y=8, z=8, n=0, d=3, x_stride0=3, x_stride1=1, y_stride0=3, y_stride1=1,
+        z_stride0=3, z_stride1=1, dtype="float32", scale=8,
+    )  # fmt: skip
+    ws = dict(workspace=8, workspace_elems=64, stream=0)
+    with pytest.raises(ValueError, match=r"_C\.symile_n2_backward: TripleParams\.n must be >= 1"):
+        c.symile_n2_backward(triple, row_lse=8, grad_rows=8, dx=8, dy=8, dz=8, dscale=8, **ws)
+    gram = c.GramParams(
+        anchor=8, others=8, n=5, d=3, k=6, anchor_stride0=3, anchor_stride1=1,
+        others_stride0=15, others_stride1=3, others_stride2=1, dtype="float32", scale=8,
+        det_h=8, adj_h=8, floor_h=8,
+    )  # fmt: skip
+    outs = dict(row_lse=8, col_lse=8, diag=8, row_sum=8, col_sum=8, **ws)
+    with pytest.raises(ValueError, match=r"_C\.gram_forward: GramParams\.k \(others per sample\)"):
+        c.gram_forward(gram, **outs)
+    gram.k = 2
     with pytest.raises(RuntimeError, match=r"_C\.gram_forward_workspace_elems: .*failed"):
-        c.gram_forward_workspace_elems(5, 3, 2, 0)
+        c.gram_forward_workspace_elems(gram, device=0)
+    triple.x = triple.y = triple.z = 1 << 20
+    triple.n = 5
     with pytest.raises(RuntimeError, match=r"_C\.symile_n2_forward: .*failed"):
-        c.symile_n2_forward(*([1 << 20] * 3), 5, 3, 3, 1, 3, 1, 3, 1, "float32", 8, 8, 8, 64, 0)
+        c.symile_n2_forward(triple, row_lse=8, **ws)

@@ -35,7 +35,7 @@ BACKENDS = ["torch", TRITON, CUDA_EMULATED]
 # The backends the pair engine's contract tests run (backends/pair.py): each kernel
 # backend joins when its pair_forward / pair_backward exist.
 TRITON_ENGINE: list = []
-CUDA_ENGINE: list = []
+CUDA_ENGINE: list = [CUDA_EMULATED]
 ENGINE_BACKENDS = ["torch", *TRITON_ENGINE, *CUDA_ENGINE]
 
 

@@ -21,54 +21,20 @@ namespace clip_impl {
 
 using namespace tiles;
 
-constexpr int kBM = 64;  // rows of A per tile
-constexpr int kBN = 64;  // rows of B (columns of S) per tile
-constexpr int kBK = 32;  // D chunk
+constexpr int kBM = kTileM;  // rows of A per tile
+constexpr int kBN = kTileN;  // rows of B (columns of S) per tile
+constexpr int kBK = kTileK;  // D chunk
 constexpr int kMaxSplit = 4;
 
-constexpr int align128(int bytes) { return (bytes + 127) / 128 * 128; }
-
-// Shared-memory layout of both kernels. 16-bit types pad rows to keep WMMA's alignment
-// (ld % 8 == 0 elements, fp32 ld % 4 == 0); fp32 pads by one word against bank conflicts.
-// P (the backward's dS / coefficient tile) is a separate T tile for WMMA and overwrites X
-// in place for fp32, where X is then dead and the SIMT for_each needs no staging.
+// Shared-memory layout of both kernels: the tile engine's (TileSmem), then small scratch
+// (2 * 64 floats of column partials / tile LSEs + 32 for block sums) and the group ids of
+// the tile's 64 rows and 64 columns (int64, used only with groups).
+constexpr int kGroupsOff = (2 * 64 + 32) * 4;  // 8-byte aligned
 template <typename T>
-struct Smem {
-  static constexpr bool kWmma = kUsesWmma<T>;
-  static constexpr int kLdK = kWmma ? kBK + 8 : kBK + 1;  // A / B chunks, T
-  static constexpr int kLdX = kWmma ? kBN + 4 : kBN + 1;  // X tile, fp32
-  static constexpr int kLdP = kWmma ? kBN + 8 : kLdX;     // P tile, T
-  static constexpr int kA = 0;
-  static constexpr int kB = kA + align128(kBM * kLdK * int(sizeof(T)));
-  static constexpr int kX = kB + align128(kBN * kLdK * int(sizeof(T)));
-  static constexpr int kP = kWmma ? kX + align128(kBM * kLdX * 4) : kX;
-  static constexpr int kSmall = kP + (kWmma ? align128(kBM * kLdP * int(sizeof(T)))
-                                            : align128(kBM * kLdX * 4));
-  // Small scratch: 2 * 64 floats (column partials / tile LSEs) + 32 for block sums.
-  static constexpr int kGroups = kSmall + (2 * 64 + 32) * 4;  // 8-byte aligned
-  // Group ids of the tile's 64 rows and 64 columns (int64), used only with groups.
-  static constexpr int kBytes = kGroups + (kBM + kBN) * 8;
-  static_assert(kBytes <= 48 * 1024, "static shared memory above 48 KiB");
+struct Smem : TileSmem<T, kGroupsOff + (kBM + kBN) * 8> {
+  static constexpr int kSmall = TileSmem<T, kGroupsOff + (kBM + kBN) * 8>::kExtraOff;
+  static constexpr int kGroups = kSmall + kGroupsOff;
 };
-
-// X = A[row0 : row0+64] @ B[col0 : col0+64]^T into Xs (fp32, ld kLdX); ends with a barrier.
-// Starts with one too, so the caller may still be reading As/Bs/Xs of the previous tile.
-template <typename T>
-__device__ __forceinline__ void tile_logits(const PairParams<T>& p, int64_t row0, int64_t col0,
-                                            T* As, T* Bs, float* Xs) {
-  using L = Smem<T>;
-  TileAcc<T, kBM, kBN> acc;
-  acc.zero();
-  for (int64_t k0 = 0; k0 < p.d; k0 += kBK) {
-    __syncthreads();
-    load_tile<T, kBM, kBK>(As, L::kLdK, p.a, p.a_stride0, p.a_stride1, row0, p.n_a, k0, p.d);
-    load_tile<T, kBN, kBK>(Bs, L::kLdK, p.b, p.b_stride0, p.b_stride1, col0, p.n_b, k0, p.d);
-    __syncthreads();
-    acc.template mma<kBK, true, false>(As, L::kLdK, Bs, L::kLdK);
-  }
-  acc.store(Xs, L::kLdX);
-  __syncthreads();
-}
 
 // ----------------------------------------------------------------------------- groups
 // Optional group ids (n,) int64, nullptr = none: pairs i != j with groups[i] == groups[j]
@@ -101,7 +67,7 @@ __device__ __forceinline__ bool group_masked(const int64_t* groups, const int64_
 // lse_combine_kernel then merges the H row and G column partials: LSE = m + log l.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    clip_fwd_kernel(PairParams<T> p, const int64_t* __restrict__ groups,
+    clip_fwd_kernel(Operands<T> p, const int64_t* __restrict__ groups,
                     float* __restrict__ ws_m, float* __restrict__ ws_l,
                     float* __restrict__ diag) {
   using L = Smem<T>;
@@ -209,7 +175,7 @@ __global__ void lse_combine_kernel(const float* __restrict__ ws_m, const float* 
 // clip_bwd_scalars_kernel: dscale = c sum ds partials, dbias = c sum db partials.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    clip_bwd_kernel(PairParams<T> p, const int64_t* __restrict__ groups,
+    clip_bwd_kernel(Operands<T> p, const int64_t* __restrict__ groups,
                     const float* __restrict__ row_lse,
                     const float* __restrict__ col_lse, float* __restrict__ da_ws,
                     float* __restrict__ db_ws, float* __restrict__ partials) {
@@ -359,8 +325,8 @@ void require(const void* ptr, const char* name) {
 }
 
 template <typename T>
-PairParams<T> make_params(const PairInputs& in) {
-  return PairParams<T>{static_cast<const T*>(in.a), static_cast<const T*>(in.b), in.n, in.n,
+Operands<T> make_params(const PairInputs& in) {
+  return Operands<T>{static_cast<const T*>(in.a), static_cast<const T*>(in.b), in.n, in.n,
                        in.d, in.a_stride0, in.a_stride1, in.b_stride0, in.b_stride1,
                        in.scale, in.bias};
 }
@@ -419,13 +385,6 @@ FC_INSTANTIATE_CLIP(__nv_bfloat16)
 #undef FC_INSTANTIATE_CLIP
 
 using namespace clip_impl;
-
-DType parse_dtype(const std::string& name) {
-  if (name == "float32" || name == "float") return DType::kFloat32;
-  if (name == "float16" || name == "half") return DType::kFloat16;
-  if (name == "bfloat16" || name == "bf16") return DType::kBFloat16;
-  throw std::invalid_argument("dtype must be float32, float16 or bfloat16, got '" + name + "'");
-}
 
 int64_t clip_forward_workspace_elems(int64_t n, int64_t d, int device) {
   if (n < 1 || d < 1) throw std::invalid_argument("n and d must be >= 1");

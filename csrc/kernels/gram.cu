@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "flashcontrast/cuda_check.h"
 #include "flashcontrast/gram.h"
@@ -45,7 +46,6 @@ constexpr int kBK = 32;  // D chunk
 constexpr int kMaxK = kGramMaxK;
 constexpr int kKK = kMaxK * kMaxK;
 
-constexpr int align128(int bytes) { return (bytes + 127) / 128 * 128; }
 
 // Dynamic shared-memory layout for K others. Offsets in bytes.
 template <typename T>
@@ -454,7 +454,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ----------------------------------------------------------------------------- launchers
 
-int64_t blocks_of(int64_t n, int64_t b) { return (n + b - 1) / b; }
 
 struct Plan {
   int g, h;
@@ -477,24 +476,38 @@ void require(const void* ptr, const char* name) {
   if (!ptr) throw std::invalid_argument(std::string(name) + " is null");
 }
 
-void check_sizes(int64_t n, int64_t d, int64_t k) {
-  if (n < 1) throw std::invalid_argument("n must be >= 1, got " + std::to_string(n));
-  if (d < 1) throw std::invalid_argument("d must be >= 1, got " + std::to_string(d));
+// Sizes and strides of GramParams (the Python name of GramInputs), errors naming the field.
+void check_sizes(const GramInputs& in) {
+  const int64_t n = in.n, d = in.d, k = in.k;
+  if (n < 1) throw std::invalid_argument("GramParams.n must be >= 1, got " + std::to_string(n));
+  if (d < 1) throw std::invalid_argument("GramParams.d must be >= 1, got " + std::to_string(d));
   if (k < 1 || k > kMaxK) {
-    throw std::invalid_argument("k (others per sample) must be in 1.." + std::to_string(kMaxK) +
-                                ", got " + std::to_string(k));
+    throw std::invalid_argument("GramParams.k (others per sample) must be in 1.." +
+                                std::to_string(kMaxK) + ", got " + std::to_string(k));
   }
-  if (n > (int64_t(1) << 31) - kBM) throw std::invalid_argument("n is too large");
+  if (n > (int64_t(1) << 31) - kBM) {
+    throw std::invalid_argument("GramParams.n must be < 2^31 - 64, got " + std::to_string(n));
+  }
+  const std::pair<int64_t, const char*> strides[] = {
+      {in.anchor_stride0, "anchor_stride0"}, {in.anchor_stride1, "anchor_stride1"},
+      {in.others_stride0, "others_stride0"}, {in.others_stride1, "others_stride1"},
+      {in.others_stride2, "others_stride2"}};
+  for (const auto& st : strides) {
+    if (st.first < 0) {
+      throw std::invalid_argument(std::string("GramParams.") + st.second + " must be >= 0, got " +
+                                  std::to_string(st.first));
+    }
+  }
 }
 
 void check_inputs(const GramInputs& in) {
-  check_sizes(in.n, in.d, in.k);
-  require(in.anchor, "anchor_ptr");
-  require(in.others, "others_ptr");
-  require(in.scale, "scale_ptr");
-  require(in.det_h, "det_h_ptr");
-  require(in.adj_h, "adj_h_ptr");
-  require(in.floor_h, "floor_h_ptr");
+  check_sizes(in);
+  require(in.anchor, "GramParams.anchor");
+  require(in.others, "GramParams.others");
+  require(in.scale, "GramParams.scale");
+  require(in.det_h, "GramParams.det_h");
+  require(in.adj_h, "GramParams.adj_h");
+  require(in.floor_h, "GramParams.floor_h");
 }
 
 void check_workspace(int64_t have, int64_t need) {
@@ -571,24 +584,14 @@ void launch_backward(const GramInputs& in, int split, const float* row_lse,
   detail::check_launch("gram_sum_kernel");
 }
 
-template <typename F>
-void dispatch(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32:
-      return f(static_cast<float*>(nullptr));
-    case DType::kFloat16:
-      return f(static_cast<__half*>(nullptr));
-    case DType::kBFloat16:
-      return f(static_cast<__nv_bfloat16*>(nullptr));
-  }
-}
 
 }  // namespace gram_impl
 
 using namespace gram_impl;
 
-int64_t gram_forward_workspace_elems(int64_t n, int64_t d, int64_t k, int device) {
-  check_sizes(n, d, k);
+int64_t gram_forward_workspace_elems(const GramInputs& in, int device) {
+  check_sizes(in);
+  const int64_t n = in.n;
   const Plan plan = forward_plan(n, detail::sm_count(device));
   return 3 * int64_t(plan.g + plan.h) * n;
 }
@@ -597,25 +600,26 @@ void gram_forward(const GramInputs& in, float* row_lse, float* col_lse, float* d
                   float* row_sum, float* col_sum, float* workspace, int64_t workspace_elems,
                   void* stream) {
   check_inputs(in);
-  require(row_lse, "row_lse_ptr");
-  require(col_lse, "col_lse_ptr");
-  require(diag, "diag_ptr");
-  require(row_sum, "row_sum_ptr");
-  require(col_sum, "col_sum_ptr");
-  require(workspace, "workspace_ptr");
-  const int device = detail::device_of(in.anchor, "anchor_ptr");
+  require(row_lse, "row_lse");
+  require(col_lse, "col_lse");
+  require(diag, "diag");
+  require(row_sum, "row_sum");
+  require(col_sum, "col_sum");
+  require(workspace, "workspace");
+  const int device = detail::device_of(in.anchor, "GramParams.anchor");
   detail::DeviceScope scope(device);
   const Plan plan = forward_plan(in.n, detail::sm_count(device));
   check_workspace(workspace_elems, 3 * int64_t(plan.g + plan.h) * in.n);
   const auto st = static_cast<cudaStream_t>(stream);
-  dispatch(in.dtype, [&](auto* tag) {
+  dispatch_dtype(in.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     launch_forward<T>(in, plan, row_lse, col_lse, diag, row_sum, col_sum, workspace, device, st);
   });
 }
 
-int64_t gram_backward_workspace_elems(int64_t n, int64_t d, int64_t k, int device) {
-  check_sizes(n, d, k);
+int64_t gram_backward_workspace_elems(const GramInputs& in, int device) {
+  check_sizes(in);
+  const int64_t n = in.n, d = in.d, k = in.k;
   const int split = backward_split(n, detail::sm_count(device));
   return (1 + k) * n * d + n + blocks_of(n, kBN) * split;
 }
@@ -625,25 +629,26 @@ void gram_backward(const GramInputs& in, const float* row_lse, const float* col_
                    float* dscale, float* col_tt, float* col_uu, float* workspace,
                    int64_t workspace_elems, void* stream) {
   check_inputs(in);
-  require(row_lse, "row_lse_ptr");
-  require(col_lse, "col_lse_ptr");
-  require(grad, "grad_ptr");
-  require(d_anchor, "d_anchor_ptr");
-  require(d_others_u, "d_others_u_ptr");
-  require(dscale, "dscale_ptr");
-  require(col_tt, "col_tt_ptr");
-  require(col_uu, "col_uu_ptr");
-  require(workspace, "workspace_ptr");
+  require(row_lse, "row_lse");
+  require(col_lse, "col_lse");
+  require(grad, "grad");
+  require(d_anchor, "d_anchor");
+  require(d_others_u, "d_others_u");
+  require(dscale, "dscale");
+  require(col_tt, "col_tt");
+  require(col_uu, "col_uu");
+  require(workspace, "workspace");
   if (!(label_smoothing >= 0.0f && label_smoothing <= 1.0f)) {
-    throw std::invalid_argument("label_smoothing must be in [0, 1]");
+    throw std::invalid_argument("label_smoothing must be in [0, 1], got " +
+                                std::to_string(label_smoothing));
   }
-  const int device = detail::device_of(in.anchor, "anchor_ptr");
+  const int device = detail::device_of(in.anchor, "GramParams.anchor");
   detail::DeviceScope scope(device);
   const int split = backward_split(in.n, detail::sm_count(device));
   check_workspace(workspace_elems,
                   (1 + in.k) * in.n * in.d + in.n + blocks_of(in.n, kBN) * split);
   const auto st = static_cast<cudaStream_t>(stream);
-  dispatch(in.dtype, [&](auto* tag) {
+  dispatch_dtype(in.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     launch_backward<T>(in, split, row_lse, col_lse, grad, label_smoothing, d_anchor, d_others_u,
                        dscale, col_tt, col_uu, workspace, device, st);

@@ -29,8 +29,6 @@ constexpr int kBM = 64;  // rows per tile (and columns: kBM == kBN, square segme
 constexpr int kBN = 64;
 constexpr int kBK = 32;
 
-constexpr int align128(int bytes) { return (bytes + 127) / 128 * 128; }
-
 template <typename T>
 struct Smem {
   static constexpr bool kWmma = kUsesWmma<T>;

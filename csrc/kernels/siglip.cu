@@ -23,47 +23,17 @@ namespace siglip_impl {
 
 using namespace tiles;
 
-constexpr int kBM = 64;
-constexpr int kBN = 64;
-constexpr int kBK = 32;
+constexpr int kBM = kTileM;
+constexpr int kBN = kTileN;
+constexpr int kBK = kTileK;
 constexpr int kMaxSplit = 4;
 
-constexpr int align128(int bytes) { return (bytes + 127) / 128 * 128; }
-
-// As clip.cu's Smem: Q overwrites X in place for fp32, is a separate T tile for WMMA.
+// The tile engine's layout (TileSmem: Q overwrites X in place for fp32, is a separate T
+// tile for WMMA), then block-sum scratch.
 template <typename T>
-struct Smem {
-  static constexpr bool kWmma = kUsesWmma<T>;
-  static constexpr int kLdK = kWmma ? kBK + 8 : kBK + 1;
-  static constexpr int kLdX = kWmma ? kBN + 4 : kBN + 1;
-  static constexpr int kLdP = kWmma ? kBN + 8 : kLdX;
-  static constexpr int kA = 0;
-  static constexpr int kB = kA + align128(kBM * kLdK * int(sizeof(T)));
-  static constexpr int kX = kB + align128(kBN * kLdK * int(sizeof(T)));
-  static constexpr int kP = kWmma ? kX + align128(kBM * kLdX * 4) : kX;
-  static constexpr int kSmall = kP + (kWmma ? align128(kBM * kLdP * int(sizeof(T)))
-                                            : align128(kBM * kLdX * 4));
-  static constexpr int kBytes = kSmall + 32 * 4;  // block-sum scratch
-  static_assert(kBytes <= 48 * 1024, "static shared memory above 48 KiB");
+struct Smem : TileSmem<T, 32 * 4> {
+  static constexpr int kSmall = TileSmem<T, 32 * 4>::kExtraOff;
 };
-
-// X = A[row0 : row0+64] @ B[col0 : col0+64]^T into Xs; barriers before and after.
-template <typename T>
-__device__ __forceinline__ void tile_logits(const PairParams<T>& p, int64_t row0, int64_t col0,
-                                            T* As, T* Bs, float* Xs) {
-  using L = Smem<T>;
-  TileAcc<T, kBM, kBN> acc;
-  acc.zero();
-  for (int64_t k0 = 0; k0 < p.d; k0 += kBK) {
-    __syncthreads();
-    load_tile<T, kBM, kBK>(As, L::kLdK, p.a, p.a_stride0, p.a_stride1, row0, p.n_a, k0, p.d);
-    load_tile<T, kBN, kBK>(Bs, L::kLdK, p.b, p.b_stride0, p.b_stride1, col0, p.n_b, k0, p.d);
-    __syncthreads();
-    acc.template mma<kBK, true, false>(As, L::kLdK, Bs, L::kLdK);
-  }
-  acc.store(Xs, L::kLdX);
-  __syncthreads();
-}
 
 // ----------------------------------------------------------------------------- forward
 // Grid (G, H) as CLIP's forward: program (g, h) sums softplus(-z S) over its tiles
@@ -72,7 +42,7 @@ __device__ __forceinline__ void tile_logits(const PairParams<T>& p, int64_t row0
 // in a fixed order: the total is deterministic run to run.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    siglip_fwd_kernel(PairParams<T> p, float* __restrict__ partials) {
+    siglip_fwd_kernel(Operands<T> p, float* __restrict__ partials) {
   using L = Smem<T>;
   __shared__ __align__(128) unsigned char smem[L::kBytes];
   T* As = reinterpret_cast<T*>(smem + L::kA);
@@ -130,7 +100,7 @@ __global__ void __launch_bounds__(kThreads)
 // dbias = c sum db, with c = grad / n.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    siglip_bwd_kernel(PairParams<T> p, float* __restrict__ da_ws, float* __restrict__ db_ws,
+    siglip_bwd_kernel(Operands<T> p, float* __restrict__ da_ws, float* __restrict__ db_ws,
                       float* __restrict__ partials) {
   using L = Smem<T>;
   __shared__ __align__(128) unsigned char smem[L::kBytes];
@@ -276,8 +246,8 @@ void require_workspace(int64_t have, int64_t need) {
 }
 
 template <typename T>
-PairParams<T> make_params(const PairInputs& in) {
-  return PairParams<T>{static_cast<const T*>(in.a), static_cast<const T*>(in.b), in.n, in.n,
+Operands<T> make_params(const PairInputs& in) {
+  return Operands<T>{static_cast<const T*>(in.a), static_cast<const T*>(in.b), in.n, in.n,
                        in.d, in.a_stride0, in.a_stride1, in.b_stride0, in.b_stride1,
                        in.scale, in.bias};
 }

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "flashcontrast/cuda_check.h"
 #include "flashcontrast/symile.h"
@@ -37,29 +38,16 @@ namespace symile_impl {
 
 using namespace tiles;
 
-constexpr int kBM = 64;
-constexpr int kBN = 64;
-constexpr int kBK = 32;
+constexpr int kBM = kTileM;
+constexpr int kBN = kTileN;
+constexpr int kBK = kTileK;
 constexpr int kMaxSplit = 4;
 
-constexpr int align128(int bytes) { return (bytes + 127) / 128 * 128; }
-
-// Same layout as clip.cu: A/B chunks (T), X (fp32), P (T; in place over X for fp32),
-// then 3 * 64 + 64 floats of small scratch.
+// The tile engine's layout (TileSmem: A/B chunks (T), X (fp32), P (T; in place over X for
+// fp32)), then 3 * 64 + 64 floats of small scratch.
 template <typename T>
-struct Smem {
-  static constexpr bool kWmma = kUsesWmma<T>;
-  static constexpr int kLdK = kWmma ? kBK + 8 : kBK + 1;
-  static constexpr int kLdX = kWmma ? kBN + 4 : kBN + 1;
-  static constexpr int kLdP = kWmma ? kBN + 8 : kLdX;
-  static constexpr int kA = 0;
-  static constexpr int kB = kA + align128(kBM * kLdK * int(sizeof(T)));
-  static constexpr int kX = kB + align128(kBN * kLdK * int(sizeof(T)));
-  static constexpr int kP = kWmma ? kX + align128(kBM * kLdX * 4) : kX;
-  static constexpr int kSmall = kP + (kWmma ? align128(kBM * kLdP * int(sizeof(T)))
-                                            : align128(kBM * kLdX * 4));
-  static constexpr int kBytes = kSmall + (4 * 64) * 4;
-  static_assert(kBytes <= 48 * 1024, "static shared memory above 48 KiB");
+struct Smem : TileSmem<T, 4 * 64 * 4> {
+  static constexpr int kSmall = TileSmem<T, 4 * 64 * 4>::kExtraOff;
 };
 
 // Where the A chunk comes from: plain rows of a (rowce), or x * y_j (symile_n2).
@@ -132,7 +120,7 @@ __global__ void rows_combine_kernel(const float* __restrict__ ws_m,
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    rowce_fwd_kernel(PairParams<T> p, const float* __restrict__ diag_logit,
+    rowce_fwd_kernel(Operands<T> p, const float* __restrict__ diag_logit,
                      float* __restrict__ ws_m, float* __restrict__ ws_l) {
   using L = Smem<T>;
   __shared__ __align__(128) unsigned char smem[L::kBytes];
@@ -164,7 +152,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    rowce_bwd_kernel(PairParams<T> p, const float* __restrict__ diag_logit,
+    rowce_bwd_kernel(Operands<T> p, const float* __restrict__ diag_logit,
                      const float* __restrict__ row_lse, const float* __restrict__ grad_rows,
                      float* __restrict__ da_ws, float* __restrict__ dw_ws,
                      float* __restrict__ ddiag, float* __restrict__ partials) {
@@ -402,8 +390,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ----------------------------------------------------------------------------- launchers
 
-int64_t blocks_of(int64_t n, int64_t b) { return (n + b - 1) / b; }
-
 // Programs sharing the rows of one row block: enough for ~4 CTAs per SM in all.
 int64_t sweep_split(int64_t n_blocks, int64_t cap, int sms) {
   const int64_t target = 4 * int64_t(std::max(sms, 1));
@@ -420,10 +406,14 @@ void require(const void* ptr, const char* name) {
   if (!ptr) throw std::invalid_argument(std::string(name) + " is null");
 }
 
-void check_nd(int64_t n, int64_t d) {
-  if (n < 1) throw std::invalid_argument("n must be >= 1, got " + std::to_string(n));
-  if (d < 1) throw std::invalid_argument("d must be >= 1, got " + std::to_string(d));
-  if (n > (int64_t(1) << 31) - kBM) throw std::invalid_argument("n is too large");
+// `prefix` names the struct the sizes came from ("TripleParams." for symile_n2, "" for the
+// positional rowce binding).
+void check_nd(int64_t n, int64_t d, const std::string& prefix = "") {
+  if (n < 1) throw std::invalid_argument(prefix + "n must be >= 1, got " + std::to_string(n));
+  if (d < 1) throw std::invalid_argument(prefix + "d must be >= 1, got " + std::to_string(d));
+  if (n > (int64_t(1) << 31) - kBM) {
+    throw std::invalid_argument(prefix + "n must be < 2^31 - 64, got " + std::to_string(n));
+  }
 }
 
 void check_workspace(int64_t have, int64_t need) {
@@ -441,17 +431,30 @@ void check_pair(const PairInputs& in) {
   if (in.bias) throw std::invalid_argument("rowce takes no bias");
 }
 
+void check_triple_sizes(const TripleInputs& in) {
+  check_nd(in.n, in.d, "TripleParams.");
+  const std::pair<int64_t, const char*> strides[] = {
+      {in.x_stride0, "x_stride0"}, {in.x_stride1, "x_stride1"}, {in.y_stride0, "y_stride0"},
+      {in.y_stride1, "y_stride1"}, {in.z_stride0, "z_stride0"}, {in.z_stride1, "z_stride1"}};
+  for (const auto& st : strides) {
+    if (st.first < 0) {
+      throw std::invalid_argument(std::string("TripleParams.") + st.second +
+                                  " must be >= 0, got " + std::to_string(st.first));
+    }
+  }
+}
+
 void check_triple(const TripleInputs& in) {
-  check_nd(in.n, in.d);
-  require(in.x, "x_ptr");
-  require(in.y, "y_ptr");
-  require(in.z, "z_ptr");
-  require(in.scale, "scale_ptr");
+  check_triple_sizes(in);
+  require(in.x, "TripleParams.x");
+  require(in.y, "TripleParams.y");
+  require(in.z, "TripleParams.z");
+  require(in.scale, "TripleParams.scale");
 }
 
 template <typename T>
-PairParams<T> pair_params(const PairInputs& in) {
-  return PairParams<T>{static_cast<const T*>(in.a), static_cast<const T*>(in.b), in.n, in.n,
+Operands<T> pair_params(const PairInputs& in) {
+  return Operands<T>{static_cast<const T*>(in.a), static_cast<const T*>(in.b), in.n, in.n,
                        in.d, in.a_stride0, in.a_stride1, in.b_stride0, in.b_stride1,
                        in.scale, nullptr};
 }
@@ -538,18 +541,6 @@ int rowce_fwd_split(int64_t n, int sms) {
   return int(sweep_split(blocks_of(n, kBM), blocks_of(n, kBN), sms));
 }
 
-// Dispatch on the dtype: F is a generic lambda taking a T* tag.
-template <typename F>
-void dispatch(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32:
-      return f(static_cast<float*>(nullptr));
-    case DType::kFloat16:
-      return f(static_cast<__half*>(nullptr));
-    case DType::kBFloat16:
-      return f(static_cast<__nv_bfloat16*>(nullptr));
-  }
-}
 
 }  // namespace symile_impl
 
@@ -571,7 +562,7 @@ void rowce_forward(const PairInputs& in, const float* diag_logit, float* row_lse
   const int H = rowce_fwd_split(in.n, detail::sm_count(device));
   check_workspace(workspace_elems, 2 * int64_t(H) * in.n);
   const auto st = static_cast<cudaStream_t>(stream);
-  dispatch(in.dtype, [&](auto* tag) {
+  dispatch_dtype(in.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     rowce_fwd<T>(in, diag_logit, row_lse, workspace, H, st);
   });
@@ -601,35 +592,37 @@ void rowce_backward(const PairInputs& in, const float* diag_logit, const float* 
   check_workspace(workspace_elems,
                   (1 + int64_t(split)) * in.n * in.d + blocks_of(in.n, kBN) * split);
   const auto st = static_cast<cudaStream_t>(stream);
-  dispatch(in.dtype, [&](auto* tag) {
+  dispatch_dtype(in.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     rowce_bwd<T>(in, split, diag_logit, row_lse, grad_rows, da, dw, dscale, ddiag, workspace, st);
   });
 }
 
-int64_t symile_n2_forward_workspace_elems(int64_t n, int64_t d, int device) {
-  check_nd(n, d);
+int64_t symile_n2_forward_workspace_elems(const TripleInputs& in, int device) {
+  check_triple_sizes(in);
+  const int64_t n = in.n;
   return 2 * int64_t(n2_split(n, detail::sm_count(device))) * n;
 }
 
 void symile_n2_forward(const TripleInputs& in, float* row_lse, float* workspace,
                        int64_t workspace_elems, void* stream) {
   check_triple(in);
-  require(row_lse, "row_lse_ptr");
-  require(workspace, "workspace_ptr");
-  const int device = detail::device_of(in.x, "x_ptr");
+  require(row_lse, "row_lse");
+  require(workspace, "workspace");
+  const int device = detail::device_of(in.x, "TripleParams.x");
   detail::DeviceScope scope(device);
   const int H = n2_split(in.n, detail::sm_count(device));
   check_workspace(workspace_elems, 2 * int64_t(H) * in.n);
   const auto st = static_cast<cudaStream_t>(stream);
-  dispatch(in.dtype, [&](auto* tag) {
+  dispatch_dtype(in.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     n2_fwd<T>(in, row_lse, workspace, H, st);
   });
 }
 
-int64_t symile_n2_backward_workspace_elems(int64_t n, int64_t d, int device) {
-  check_nd(n, d);
+int64_t symile_n2_backward_workspace_elems(const TripleInputs& in, int device) {
+  check_triple_sizes(in);
+  const int64_t n = in.n, d = in.d;
   const int S = n2_split(n, detail::sm_count(device));
   return 3 * n * d + blocks_of(n, kBN) * S;
 }
@@ -638,19 +631,19 @@ void symile_n2_backward(const TripleInputs& in, const float* row_lse, const floa
                         void* dx, void* dy, void* dz, float* dscale, float* workspace,
                         int64_t workspace_elems, void* stream) {
   check_triple(in);
-  require(row_lse, "row_lse_ptr");
-  require(grad_rows, "grad_rows_ptr");
-  require(dx, "dx_ptr");
-  require(dy, "dy_ptr");
-  require(dz, "dz_ptr");
-  require(dscale, "dscale_ptr");
-  require(workspace, "workspace_ptr");
-  const int device = detail::device_of(in.x, "x_ptr");
+  require(row_lse, "row_lse");
+  require(grad_rows, "grad_rows");
+  require(dx, "dx");
+  require(dy, "dy");
+  require(dz, "dz");
+  require(dscale, "dscale");
+  require(workspace, "workspace");
+  const int device = detail::device_of(in.x, "TripleParams.x");
   detail::DeviceScope scope(device);
   const int S = n2_split(in.n, detail::sm_count(device));
   check_workspace(workspace_elems, 3 * in.n * in.d + blocks_of(in.n, kBN) * S);
   const auto st = static_cast<cudaStream_t>(stream);
-  dispatch(in.dtype, [&](auto* tag) {
+  dispatch_dtype(in.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     n2_bwd<T>(in, S, row_lse, grad_rows, dx, dy, dz, dscale, workspace, st);
   });

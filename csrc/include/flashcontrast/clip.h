@@ -8,12 +8,9 @@
 #include <cstdint>
 #include <string>
 
+#include "flashcontrast/dtype.h"  // DType, parse_dtype
+
 namespace flashcontrast {
-
-enum class DType { kFloat32, kFloat16, kBFloat16 };
-
-// "float32" | "float16" | "bfloat16" (also "float", "half", "bf16"); else invalid_argument.
-DType parse_dtype(const std::string& name);
 
 // A (n, d) and B (n, d) of one dtype with element strides, and S = scale * A B^T + bias.
 struct PairInputs {

@@ -10,6 +10,7 @@ namespace flashcontrast {
 
 constexpr int kGramMaxK = 5;  // others per sample (M - 1), 1..5
 
+// Python: flashcontrast._C.GramParams (named fields; errors name them, "GramParams.k ...").
 // anchor t (n, d); others (k, n, d): element (r, j, e) at others[r * s0 + j * s1 + e * s2];
 // det_h (n,) and adj_h (n, k, k) fp32 contiguous (per-column constants of objectives.md);
 // floor_h (n,) fp32: the degeneracy floor, det_ij <= |t_i|^2 floor_h_j is a zero volume.
@@ -27,7 +28,7 @@ struct GramInputs {
 };
 
 // 3 * (G + H) * n, G = min(ceil(n/64), 2 SMs), H = min(ceil(n/32), max(1, 2 SMs / G)).
-int64_t gram_forward_workspace_elems(int64_t n, int64_t d, int64_t k, int device);
+int64_t gram_forward_workspace_elems(const GramInputs& in, int device);  // sizes only
 // det_ij = det_h_j |t_i|^2 - u_ij^T adj_h_j u_ij, L_ij = -scale sqrt(det_ij) where
 // det_ij > |t_i|^2 floor_h_j, else -scale sqrt(det_ij * 0) (0, NaN for NaN); writes (n,) fp32
 // row_lse, col_lse, diag (L_ii), row_sum, col_sum.
@@ -36,7 +37,7 @@ void gram_forward(const GramInputs& in, float* row_lse, float* col_lse, float* d
                   void* stream);
 // (1 + k) * n * d + n + ceil(n/32) * SPLIT, SPLIT = max(1, min(ceil(n/64), ceil(2 SMs /
 // ceil(n/32)))).
-int64_t gram_backward_workspace_elems(int64_t n, int64_t d, int64_t k, int device);
+int64_t gram_backward_workspace_elems(const GramInputs& in, int device);  // sizes only
 // Per backends/__init__.py: d_anchor (n, d) and d_others_u (k, n, d), contiguous, input
 // dtype; dscale fp32 scalar; col_tt (n,) and col_uu (n, k, k) fp32. grad: fp32 scalar.
 void gram_backward(const GramInputs& in, const float* row_lse, const float* col_lse,

@@ -27,6 +27,7 @@ void rowce_backward(const PairInputs& in, const float* diag_logit, const float* 
                     float* workspace, int64_t workspace_elems, void* stream);
 
 // ---- symile_n2: M = 3 "n_squared", row_lse_i = LSE_{j,k} scale sum_d x_id y_jd z_kd.
+// Python: flashcontrast._C.TripleParams (named fields; errors name them, "TripleParams.n ...").
 struct TripleInputs {
   const void* x = nullptr;
   const void* y = nullptr;
@@ -41,11 +42,11 @@ struct TripleInputs {
 };
 
 // 2 * H * n, H = min(n, max(1, ceil(4 * SMs / ceil(n/64)))).
-int64_t symile_n2_forward_workspace_elems(int64_t n, int64_t d, int device);
+int64_t symile_n2_forward_workspace_elems(const TripleInputs& in, int device);  // sizes only
 void symile_n2_forward(const TripleInputs& in, float* row_lse, float* workspace,
                        int64_t workspace_elems, void* stream);
 // 3 * n * d + ceil(n/64) * S, S = min(n, max(1, ceil(4 * SMs / ceil(n/64)))).
-int64_t symile_n2_backward_workspace_elems(int64_t n, int64_t d, int device);
+int64_t symile_n2_backward_workspace_elems(const TripleInputs& in, int device);  // sizes only
 // For sum_i grad_rows_i row_lse_i: dx, dy, dz contiguous (n, d) float32 (any input dtype:
 // the objective adds the positive's gradient before rounding once), dscale a fp32 scalar.
 void symile_n2_backward(const TripleInputs& in, const float* row_lse, const float* grad_rows,

@@ -1,6 +1,6 @@
 // The tile engine: device-side building blocks shared by every objective's kernels.
 //
-//   PairParams<T>     A (n_a, d) and B (n_b, d) with element strides, scale/bias pointers.
+//   Operands<T>       A (n_a, d) and B (n_b, d) with element strides, scale/bias pointers.
 //   load_tile         global (any strides) -> shared memory tile, zero outside the matrix.
 //   TileAcc<T, M, N>  an M x N fp32 accumulator owned by a CTA of kThreads threads:
 //                       mma<K, A_ROW, B_ROW>(a, lda, b, ldb)  C += A (M x K) @ B (K x N),
@@ -12,6 +12,10 @@
 //                     fp32 accumulators, 4 warps as 2 x 2. T = float: SIMT FFMA register
 //                     tiles (IEEE fp32 products, no TF32: TF32 would change numerics).
 //   LSE helpers       online (max, sum) merging, safe against -inf maxima.
+//   TileSmem<T, X>    the shared-memory layout every 64 x 64 sweep uses (A / B chunks, the
+//                     fp32 X tile, the T coefficient tile P), then X bytes of its own.
+//   tile_logits       X = A_rb B_cb^T over the D chunks into shared memory (fp32).
+//   Host side         dispatch_dtype (DType -> T), sweep_grid / sweep_split (the plan).
 //
 // Requires sm_80+ (bf16 WMMA); every default build target is sm_80 or newer.
 #pragma once
@@ -21,9 +25,12 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+
+#include "flashcontrast/dtype.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "flashcontrast kernels need sm_80 or newer (bf16 tensor cores)"
@@ -33,11 +40,16 @@ namespace flashcontrast {
 namespace tiles {
 
 constexpr int kThreads = 128;  // every tile-engine CTA: 4 warps
+constexpr int kTileM = 64;     // rows of A per tile
+constexpr int kTileN = 64;     // rows of B (columns of S) per tile
+constexpr int kTileK = 32;     // D chunk
+
+constexpr int align128(int bytes) { return (bytes + 127) / 128 * 128; }
 
 // ----------------------------------------------------------------------------- operands
 
 template <typename T>
-struct PairParams {
+struct Operands {
   const T* a;  // (n_a, d): element (i, k) at a[i * a_stride0 + k * a_stride1]
   const T* b;  // (n_b, d)
   int64_t n_a, n_b, d;
@@ -292,6 +304,96 @@ __device__ __forceinline__ float tile_norm(float cmax, float& inv) {
   const bool ok = cmax > 1e-30f && cmax < 1e30f;
   inv = ok ? 1.0f / cmax : 1.0f;
   return ok ? cmax : 1.0f;
+}
+
+// ----------------------------------------------------------------------------- layout
+
+// Shared memory of a 64 x 64 sweep, then kExtra bytes at kExtraOff (128-aligned) for the
+// kernel's own tables. 16-bit types pad rows to keep WMMA's alignment (ld % 8 == 0
+// elements, fp32 ld % 4 == 0); fp32 pads by one word against bank conflicts. P (the
+// backward's coefficient tile) is a separate T tile for WMMA and overwrites X in place
+// for fp32, where X is then dead and the SIMT for_each needs no staging.
+template <typename T, int kExtra = 0>
+struct TileSmem {
+  static constexpr bool kWmma = kUsesWmma<T>;
+  static constexpr int kLdK = kWmma ? kTileK + 8 : kTileK + 1;  // A / B chunks, T
+  static constexpr int kLdX = kWmma ? kTileN + 4 : kTileN + 1;  // X tile, fp32
+  static constexpr int kLdP = kWmma ? kTileN + 8 : kLdX;        // P tile, T
+  static constexpr int kA = 0;
+  static constexpr int kB = kA + align128(kTileM * kLdK * int(sizeof(T)));
+  static constexpr int kX = kB + align128(kTileN * kLdK * int(sizeof(T)));
+  static constexpr int kP = kWmma ? kX + align128(kTileM * kLdX * 4) : kX;
+  static constexpr int kExtraOff = kP + (kWmma ? align128(kTileM * kLdP * int(sizeof(T)))
+                                               : align128(kTileM * kLdX * 4));
+  static constexpr int kBytes = kExtraOff + align128(kExtra);
+  static_assert(kBytes <= 48 * 1024, "static shared memory above 48 KiB");
+};
+
+// X = A[row0 : row0+64] @ B[col0 : col0+64]^T into Xs (fp32, ld TileSmem<T>::kLdX); ends
+// with a barrier. Starts with one too, so the caller may still be reading As/Bs/Xs of the
+// previous tile, and whatever the caller wrote to shared memory before it is published.
+// The accumulation order depends on the tile and D only: a backward that recomputes the
+// tile gets the forward's X bit for bit.
+template <typename T>
+__device__ __forceinline__ void tile_logits(const Operands<T>& p, int64_t row0, int64_t col0,
+                                            T* As, T* Bs, float* Xs) {
+  using L = TileSmem<T>;
+  TileAcc<T, kTileM, kTileN> acc;
+  acc.zero();
+  for (int64_t k0 = 0; k0 < p.d; k0 += kTileK) {
+    __syncthreads();
+    load_tile<T, kTileM, kTileK>(As, L::kLdK, p.a, p.a_stride0, p.a_stride1, row0, p.n_a, k0,
+                                 p.d);
+    load_tile<T, kTileN, kTileK>(Bs, L::kLdK, p.b, p.b_stride0, p.b_stride1, col0, p.n_b, k0,
+                                 p.d);
+    __syncthreads();
+    acc.template mma<kTileK, true, false>(As, L::kLdK, Bs, L::kLdK);
+  }
+  acc.store(Xs, L::kLdX);
+  __syncthreads();
+}
+
+// ----------------------------------------------------------------------------- host side
+
+// f(static_cast<T*>(nullptr)) for the T of `dtype`: launchers are written once, as a
+// generic lambda over the tag's pointee type.
+template <typename F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(static_cast<float*>(nullptr));
+    case DType::kFloat16:
+      return f(static_cast<__half*>(nullptr));
+    case DType::kBFloat16:
+      return f(static_cast<__nv_bfloat16*>(nullptr));
+  }
+}
+
+__host__ __device__ constexpr int64_t blocks_of(int64_t count, int64_t block) {
+  return (count + block - 1) / block;
+}
+
+// The forward's (G, H) grid: program (g, h) owns row blocks g, g + G, ... and column blocks
+// h, h + H, ...; about 2 CTAs per SM: G = min(row blocks, 2 SMs), H = min(column blocks,
+// max(1, 2 SMs / G)). Every g has a row block and every h a column block.
+struct SweepGrid {
+  int g, h;
+};
+
+inline SweepGrid sweep_grid(int64_t row_blocks, int64_t col_blocks, int sms) {
+  const int64_t target = 2 * int64_t(std::max(sms, 1));
+  const int64_t g = std::max<int64_t>(1, std::min(row_blocks, target));
+  const int64_t h = std::max<int64_t>(1, std::min(col_blocks, std::max<int64_t>(1, target / g)));
+  return {int(g), int(h)};
+}
+
+// The backward's row split: grid (column blocks, SPLIT), program (cb, sp) visits the row
+// blocks rb = sp (mod SPLIT); SPLIT = max(1, min(row blocks, ceil(2 SMs / column blocks),
+// max_split)), so that narrow sweeps (few column blocks) still fill the machine.
+inline int sweep_split(int64_t row_blocks, int64_t col_blocks, int sms, int64_t max_split) {
+  const int64_t target = 2 * int64_t(std::max(sms, 1));
+  const int64_t want = blocks_of(target, std::max<int64_t>(col_blocks, 1));
+  return int(std::max<int64_t>(1, std::min({row_blocks, want, max_split})));
 }
 
 }  // namespace tiles

@@ -5,6 +5,10 @@ stream as integers. This module allocates every output and workspace with torch 
 inputs' device, makes that device current and passes its current stream, so the kernels
 run where and when torch expects. Nothing here synchronizes with the host.
 
+The pair engine (contract: ``backends/pair.py``): ``pair_forward`` / ``pair_backward``, with
+the torch implementation's signatures, over csrc/kernels/pair.cu (one forward and one
+backward kernel templated on the epilogue and options; ``_C.PairParams`` and friends carry
+every argument by name).
 CLIP InfoNCE (contract: ``flashcontrast.backends``): ``clip_forward`` / ``clip_backward``.
 Symile: ``rowce_forward`` / ``rowce_backward`` ("n") and ``symile_n2_forward`` /
 ``symile_n2_backward`` ("n_squared", M = 3), csrc/kernels/symile.cu. GRAM: ``gram_forward``
@@ -38,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .. import _cuda_ext
+from .pair import Coefs, Grads, Pair, Stats
 
 __all__ = [
     "OBJECTIVES",
@@ -45,6 +50,8 @@ __all__ = [
     "clip_forward",
     "gram_backward",
     "gram_forward",
+    "pair_backward",
+    "pair_forward",
     "rowce_backward",
     "rowce_forward",
     "selfsim_rowlse_backward",
@@ -59,16 +66,25 @@ __all__ = [
 _C = _cuda_ext._C
 
 _KERNELS = {
+    "pair": ("pair_forward", "pair_backward", "PairParams"),
     "clip": ("clip_forward", "clip_backward"),
-    "symile": ("rowce_forward", "rowce_backward", "symile_n2_forward", "symile_n2_backward"),
-    "gram": ("gram_forward", "gram_backward"),
+    "symile": (
+        "rowce_forward",
+        "rowce_backward",
+        "symile_n2_forward",
+        "symile_n2_backward",
+        "TripleParams",
+    ),
+    "gram": ("gram_forward", "gram_backward", "GramParams"),
     "siglip": ("siglip_forward", "siglip_backward"),
     "multiview": ("selfsim_rowlse_forward", "selfsim_rowlse_backward"),
 }
 
 
 def objectives_of(c: Optional[ModuleType]) -> frozenset:
-    """The objectives whose kernels the extension module ``c`` (or None) has."""
+    """The objectives whose kernels the extension module ``c`` (or None) has; "pair" is the
+    pair engine (``pair_forward`` / ``pair_backward``), the capability every objective built
+    on it needs."""
     return frozenset(
         name for name, fns in _KERNELS.items() if c is not None and all(hasattr(c, f) for f in fns)
     )
@@ -340,12 +356,13 @@ def rowce_backward(
     return da, dw, dscale, ddiag
 
 
-def _triple_args(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> tuple:
+def _triple_params(x: Tensor, y: Tensor, z: Tensor, scale: Tensor):
     n, d = x.shape
-    return (
-        x.data_ptr(), y.data_ptr(), z.data_ptr(), n, d,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1),
-        _DTYPE_NAMES[x.dtype], scale.data_ptr(),
+    return _C.TripleParams(
+        x=x.data_ptr(), y=y.data_ptr(), z=z.data_ptr(), n=n, d=d,
+        x_stride0=x.stride(0), x_stride1=x.stride(1), y_stride0=y.stride(0),
+        y_stride1=y.stride(1), z_stride0=z.stride(0), z_stride1=z.stride(1),
+        dtype=_DTYPE_NAMES[x.dtype], scale=scale.data_ptr(),
     )  # fmt: skip
 
 
@@ -367,11 +384,14 @@ def symile_n2_forward(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> Tensor:
         return torch.full((n,), 2.0 * math.log(n) if n else 0.0, **f32)
     scale = _scalar(scale)
     row_lse = torch.empty(n, **f32)
+    params = _triple_params(x, y, z, scale)
     with _on(dev):
-        ws = torch.empty(_C.symile_n2_forward_workspace_elems(n, d, _device_index(dev)), **f32)
+        ws = torch.empty(
+            _C.symile_n2_forward_workspace_elems(params, device=_device_index(dev)), **f32
+        )
         _C.symile_n2_forward(
-            *_triple_args(x, y, z, scale), row_lse.data_ptr(), ws.data_ptr(), ws.numel(),
-            _stream(dev),
+            params, row_lse=row_lse.data_ptr(), workspace=ws.data_ptr(),
+            workspace_elems=ws.numel(), stream=_stream(dev),
         )  # fmt: skip
     return row_lse
 
@@ -390,12 +410,15 @@ def symile_n2_backward(
     if n == 0 or d == 0:
         return dx, dy, dz, dscale
     scale = _scalar(scale)
+    params = _triple_params(x, y, z, scale)
     with _on(dev):
-        ws = torch.empty(_C.symile_n2_backward_workspace_elems(n, d, _device_index(dev)), **f32)
+        ws = torch.empty(
+            _C.symile_n2_backward_workspace_elems(params, device=_device_index(dev)), **f32
+        )
         _C.symile_n2_backward(
-            *_triple_args(x, y, z, scale), row_lse.data_ptr(), grad_rows.data_ptr(),
-            dx.data_ptr(), dy.data_ptr(), dz.data_ptr(), dscale.data_ptr(),
-            ws.data_ptr(), ws.numel(), _stream(dev),
+            params, row_lse=row_lse.data_ptr(), grad_rows=grad_rows.data_ptr(),
+            dx=dx.data_ptr(), dy=dy.data_ptr(), dz=dz.data_ptr(), dscale=dscale.data_ptr(),
+            workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=_stream(dev),
         )  # fmt: skip
     return dx, dy, dz, dscale
 
@@ -418,12 +441,15 @@ def _check_gram(
     return (dev, *consts, _vec(floor_h, n, "floor_h", dev))
 
 
-def _gram_args(anchor, others, scale, det_h, adj_h, floor_h) -> tuple:
+def _gram_params(anchor, others, scale, det_h, adj_h, floor_h):
     k, n, d = others.shape
-    return (
-        anchor.data_ptr(), others.data_ptr(), n, d, k, anchor.stride(0), anchor.stride(1),
-        others.stride(0), others.stride(1), others.stride(2), _DTYPE_NAMES[anchor.dtype],
-        scale.data_ptr(), det_h.data_ptr(), adj_h.data_ptr(), floor_h.data_ptr(),
+    return _C.GramParams(
+        anchor=anchor.data_ptr(), others=others.data_ptr(), n=n, d=d, k=k,
+        anchor_stride0=anchor.stride(0), anchor_stride1=anchor.stride(1),
+        others_stride0=others.stride(0), others_stride1=others.stride(1),
+        others_stride2=others.stride(2), dtype=_DTYPE_NAMES[anchor.dtype],
+        scale=scale.data_ptr(), det_h=det_h.data_ptr(), adj_h=adj_h.data_ptr(),
+        floor_h=floor_h.data_ptr(),
     )  # fmt: skip
 
 
@@ -432,7 +458,7 @@ def gram_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(row_lse, col_lse, diag, row_sum, col_sum) of L = -scale * V, each (N,) fp32."""
     dev, det_h, adj_h, floor_h = _check_gram(anchor, others, scale, det_h, adj_h, floor_h)
-    k, n, d = others.shape
+    _, n, d = others.shape
     f32 = dict(dtype=torch.float32, device=dev)
     outs = tuple(torch.empty(n, **f32) for _ in range(5))
     if n == 0:
@@ -441,12 +467,13 @@ def gram_forward(
         lse = torch.full((n,), math.log(n), **f32)
         return lse, lse.clone(), torch.zeros(n, **f32), torch.zeros(n, **f32), torch.zeros(n, **f32)
     scale = _scalar(scale)
+    params = _gram_params(anchor, others, scale, det_h, adj_h, floor_h)
+    names = ("row_lse", "col_lse", "diag", "row_sum", "col_sum")
     with _on(dev):
-        ws = torch.empty(_C.gram_forward_workspace_elems(n, d, k, _device_index(dev)), **f32)
+        ws = torch.empty(_C.gram_forward_workspace_elems(params, device=_device_index(dev)), **f32)
         _C.gram_forward(
-            *_gram_args(anchor, others, scale, det_h, adj_h, floor_h),
-            *(o.data_ptr() for o in outs),
-            ws.data_ptr(), ws.numel(), _stream(dev),
+            params, **{k: o.data_ptr() for k, o in zip(names, outs)},
+            workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=_stream(dev),
         )  # fmt: skip
     return outs
 
@@ -480,13 +507,15 @@ def gram_backward(
     if n == 0 or d == 0:
         return d_anchor, d_others, dscale, col_tt, col_uu
     scale, grad = _scalar(scale), _scalar(grad.to(dev))
+    params = _gram_params(anchor, others, scale, det_h, adj_h, floor_h)
     with _on(dev):
-        ws = torch.empty(_C.gram_backward_workspace_elems(n, d, k, _device_index(dev)), **f32)
+        ws = torch.empty(_C.gram_backward_workspace_elems(params, device=_device_index(dev)), **f32)
         _C.gram_backward(
-            *_gram_args(anchor, others, scale, det_h, adj_h, floor_h), row_lse.data_ptr(),
-            col_lse.data_ptr(), grad.data_ptr(), float(label_smoothing), d_anchor.data_ptr(),
-            d_others.data_ptr(), dscale.data_ptr(), col_tt.data_ptr(), col_uu.data_ptr(),
-            ws.data_ptr(), ws.numel(), _stream(dev),
+            params, row_lse=row_lse.data_ptr(), col_lse=col_lse.data_ptr(),
+            grad=grad.data_ptr(), label_smoothing=float(label_smoothing),
+            d_anchor=d_anchor.data_ptr(), d_others_u=d_others.data_ptr(),
+            dscale=dscale.data_ptr(), col_tt=col_tt.data_ptr(), col_uu=col_uu.data_ptr(),
+            workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=_stream(dev),
         )  # fmt: skip
     return d_anchor, d_others, dscale, col_tt, col_uu
 
@@ -628,3 +657,229 @@ def selfsim_rowlse_backward(
             _stream(dev),
         )  # fmt: skip
     return du, dscale
+
+
+# ----------------------------------------------------------------------------- pair engine
+
+
+def _check_pair(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], pair: Pair):
+    """Raise before touching ``_C`` (as _check, for the rectangular sweep)."""
+    reason = unavailable_reason(a.device)
+    if reason is None and "pair" not in OBJECTIVES:
+        reason = "this build of flashcontrast._C has no pair engine kernels"
+    if reason is not None:
+        raise RuntimeError(f"flashcontrast CUDA backend cannot run the pair engine: {reason}")
+    if not isinstance(pair, Pair):
+        raise TypeError(f"pair must be a backends.pair.Pair, got {type(pair).__name__}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"a and b must be (n, D) and (m, D), got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.dtype != b.dtype or a.dtype not in _DTYPE_NAMES:
+        raise TypeError(
+            "CUDA pair kernels take float32, float16 or bfloat16 a and b of one dtype, "
+            f"got {a.dtype} and {b.dtype} (float64: use backend='torch')"
+        )
+    for name, t in (("b", b), ("scale", scale), ("bias", bias)):
+        if t is not None and t.device != a.device:
+            raise ValueError(f"{name} is on {t.device}, a on {a.device}")
+    if scale.numel() != 1 or (bias is not None and bias.numel() != 1):
+        raise ValueError("scale and bias must be single-element tensors")
+
+
+def _pair_groups(row_groups, col_groups, n: int, m: int, device) -> tuple:
+    """(row ids, column ids) as contiguous int64 device tensors (int32 converted), or Nones."""
+    if (row_groups is None) != (col_groups is None):
+        raise ValueError("row_groups and col_groups must be given together")
+    if row_groups is None:
+        return None, None
+    out = []
+    for name, g, size in (("row_groups", row_groups, n), ("col_groups", col_groups, m)):
+        if g.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be an int32 or int64 tensor, got {g.dtype}")
+        if tuple(g.shape) != (size,):
+            raise ValueError(f"{name} must be ({size},), got {tuple(g.shape)}")
+        if g.device != device:
+            raise ValueError(f"{name} is on {g.device}, expected {device}")
+        out.append(g.detach().to(torch.int64).contiguous())
+    return tuple(out)
+
+
+def _pair_vec(t: Optional[Tensor], size: int, name: str, device) -> Optional[Tensor]:
+    """None, or an fp32 contiguous (size,) device tensor (no copy in the normal case)."""
+    return None if t is None else _vec(t, size, name, device)
+
+
+def _addr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _pair_params(a, b, scale, bias, pair: Pair, row_offset, col_offset, groups, pos_logits):
+    if row_offset < 0 or col_offset < 0:
+        raise ValueError(f"row_offset and col_offset must be >= 0, got {row_offset}, {col_offset}")
+    (n, d), m = a.shape, b.shape[0]
+    return _C.PairParams(
+        a=a.data_ptr(), b=b.data_ptr(), n=n, m=m, d=d,
+        a_stride0=a.stride(0), a_stride1=a.stride(1),
+        b_stride0=b.stride(0), b_stride1=b.stride(1),
+        dtype=_DTYPE_NAMES[a.dtype], scale=scale.data_ptr(), bias=_addr(bias),
+        epilogue=pair.epilogue, positives=bool(pair.positives),
+        exclude_self=bool(pair.exclude_self), period=int(pair.period),
+        row_offset=int(row_offset), col_offset=int(col_offset),
+        row_groups=_addr(groups[0]), col_groups=_addr(groups[1]),
+        positive_logits=_addr(pos_logits),
+    )  # fmt: skip
+
+
+def _stat_fields(pair: Pair) -> tuple:
+    """The Stats fields this pair's forward produces, with their sides ("row"/"col")."""
+    if pair.epilogue == "sigmoid":
+        return ()
+    fields = [("row_max", "row"), ("row_sum", "row")]
+    if pair.positives:
+        fields += [("pos_max", "row"), ("pos_sum", "row")]
+    if pair.epilogue == "softmax":
+        fields += [("col_max", "col"), ("col_sum", "col")]
+        if pair.positives:
+            fields += [("cpos_max", "col"), ("cpos_sum", "col")]
+    return tuple(fields)
+
+
+def _check_override(pair: Pair, positive_logits: Optional[Tensor]) -> None:
+    if positive_logits is not None and not (pair.epilogue == "rows" and pair.positives):
+        raise ValueError(
+            "positive_logits needs the 'rows' epilogue with positives, got "
+            f"epilogue={pair.epilogue!r}, positives={pair.positives}"
+        )
+
+
+def pair_forward(
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    bias: Optional[Tensor],
+    pair: Pair,
+    row_offset: int = 0,
+    col_offset: int = 0,
+    row_groups: Optional[Tensor] = None,
+    col_groups: Optional[Tensor] = None,
+    positive_logits: Optional[Tensor] = None,
+    max_block_elements: Optional[int] = None,
+) -> Stats:
+    """The sweep's statistics (``backends/pair.py``), float32 (max, sum) pairs, from
+    csrc/kernels/pair.cu. ``max_block_elements`` (the torch backend's block size) is
+    accepted and ignored: the kernels work in 64 x 64 tiles."""
+    del max_block_elements
+    _check_pair(a, b, scale, bias, pair)
+    _check_override(pair, positive_logits)
+    dev, (n, _), m = a.device, a.shape, b.shape[0]
+    groups = _pair_groups(row_groups, col_groups, n, m, dev)
+    pos = _pair_vec(positive_logits, n, "positive_logits", dev)
+    f32 = dict(dtype=torch.float32, device=dev)
+    if pair.epilogue == "sigmoid":
+        total = torch.zeros((), **f32)
+        if n == 0 or m == 0:
+            return Stats(total=total)
+        outs = {"total": total}
+    else:
+        size = {"row": n, "col": m}
+        outs = {k: torch.empty(size[side], **f32) for k, side in _stat_fields(pair)}
+        if n == 0 or m == 0:  # empty sets: (-inf, 0) on the side that has entries
+            for k, t in outs.items():
+                t.fill_(-math.inf if k.endswith("_max") else 0.0)
+            return Stats(**outs)
+    scale = _scalar(scale)
+    bias = None if bias is None else _scalar(bias)
+    params = _pair_params(a, b, scale, bias, pair, row_offset, col_offset, groups, pos)
+    stats = _C.PairStats(**{k: t.data_ptr() for k, t in outs.items()})
+    with _on(dev):
+        elems = _C.pair_forward_workspace_elems(params, device=_device_index(dev))
+        ws = torch.empty(elems, **f32)
+        _C.pair_forward(
+            params, stats, workspace=ws.data_ptr(), workspace_elems=ws.numel(),
+            stream=_stream(dev),
+        )  # fmt: skip
+    return Stats(**outs)
+
+
+def pair_backward(
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    bias: Optional[Tensor],
+    pair: Pair,
+    stats: Stats,
+    coefs: Coefs,
+    row_offset: int = 0,
+    col_offset: int = 0,
+    row_groups: Optional[Tensor] = None,
+    col_groups: Optional[Tensor] = None,
+    positive_logits: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    max_block_elements: Optional[int] = None,
+) -> Grads:
+    """(dA, dB, dscale, dbias[, dpos]) of the loss the coefficients define, from the merged
+    statistics (``backends/pair.py``); da / db contiguous in ``out_dtype`` (None: the
+    inputs' dtype; float32 allowed), dscale / dbias / dpos float32."""
+    del max_block_elements
+    _check_pair(a, b, scale, bias, pair)
+    _check_override(pair, positive_logits)
+    dev, (n, d), m = a.device, a.shape, b.shape[0]
+    groups = _pair_groups(row_groups, col_groups, n, m, dev)
+    pos = _pair_vec(positive_logits, n, "positive_logits", dev)
+    out = out_dtype or a.dtype
+    if out not in (a.dtype, torch.float32):
+        raise TypeError(f"out_dtype must be the inputs' dtype ({a.dtype}) or float32, got {out}")
+    f32 = dict(dtype=torch.float32, device=dev)
+    da = torch.zeros((n, d), dtype=out, device=dev)
+    db = torch.zeros((m, d), dtype=out, device=dev)
+    dscale, dbias = torch.zeros((), **f32), torch.zeros((), **f32)
+    dpos = torch.zeros(n, **f32) if pos is not None else None
+    # The coefficients this epilogue uses (others are 0 by the contract), and the merged
+    # statistics those need.
+    size = {"row": n, "col": m}
+    use = {"rows": "row", "pos_rows": "row", "cols": "col", "pos_cols": "col"}
+    if pair.epilogue == "sigmoid":
+        use = {}
+    elif pair.epilogue == "rows":
+        use = {k: v for k, v in use.items() if k in ("rows", "pos_rows")}
+    if not pair.positives:
+        use = {k: v for k, v in use.items() if not k.startswith("pos_")}
+    need = {"rows": ("row_max", "row_sum"), "pos_rows": ("pos_max", "pos_sum"),
+            "cols": ("col_max", "col_sum"), "pos_cols": ("cpos_max", "cpos_sum")}  # fmt: skip
+    c_args, s_args = {}, {}
+    for k, side in use.items():
+        c = _pair_vec(getattr(coefs, k), size[side], f"coefs.{k}", dev)
+        if c is None:
+            continue
+        c_args[k] = c
+        for field in need[k]:
+            t = getattr(stats, field)
+            if t is None:
+                raise ValueError(f"coefs.{k} is given but stats.{field} is None")
+            s_args[field] = _vec(t, size[side], f"stats.{field}", dev)
+    if pair.epilogue == "sigmoid":
+        if coefs.total is None:
+            raise ValueError("the 'sigmoid' epilogue needs coefs.total")
+        if coefs.total.numel() != 1 or coefs.total.device != dev:
+            raise ValueError(f"coefs.total must be a single-element tensor on {dev}")
+        c_args["total"] = _scalar(coefs.total)
+    if n == 0 or m == 0:
+        return Grads(da, db, dscale, dbias, dpos)
+    scale = _scalar(scale)
+    bias = None if bias is None else _scalar(bias)
+    params = _pair_params(a, b, scale, bias, pair, row_offset, col_offset, groups, pos)
+    grads = _C.PairGrads(
+        da=da.data_ptr(), db=db.data_ptr(), dscale=dscale.data_ptr(), dbias=dbias.data_ptr(),
+        dpos=_addr(dpos), out_dtype=_DTYPE_NAMES[out],
+    )  # fmt: skip
+    with _on(dev):
+        elems = _C.pair_backward_workspace_elems(params, device=_device_index(dev))
+        ws = torch.empty(elems, **f32)
+        _C.pair_backward(
+            params,
+            _C.PairStats(**{k: t.data_ptr() for k, t in s_args.items()}),
+            _C.PairCoefs(**{k: t.data_ptr() for k, t in c_args.items()}),
+            grads, workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=_stream(dev),
+        )  # fmt: skip
+    return Grads(da, db, dscale, dbias, dpos)
