@@ -97,7 +97,7 @@ def expected_bytes(name, strategy, world, n, d, e=4, f=4):
     def ar(m):
         return int(2 * (w - 1) / w * m)
 
-    meta = (w - 1) * 5 * 8
+    meta = (w - 1) * (7 + 2) * 8  # setup: 7 + F int64, F = 2 (bias, groups given)
     grads = ar(f) + ar(2 * f)  # upstream-gradient mean, (d scale, d bias)
     nde, ndf = (w - 1) * n * d * e, (w - 1) * n * d * f
     if name == "clip" and strategy == "gather":

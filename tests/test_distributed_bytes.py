@@ -34,8 +34,8 @@ def _ar(w: int, numel: int, size: int = F) -> int:
 
 
 def _meta(w: int, fields: int) -> int:
-    """The metadata all-gather of setup_checked: 6 + F int64 per rank."""
-    return (w - 1) * 8 * (6 + fields)
+    """The metadata all-gather of setup_checked: 7 + F int64 per rank."""
+    return (w - 1) * 8 * (7 + fields)
 
 
 def multiview_bytes(w: int, n: int, d: int, v: int, strategy: str, groups: bool) -> int:

@@ -124,7 +124,7 @@ def expected_bytes(strategy: str, world: int, n: int, d: int, grouped: bool) -> 
     def ar(m: int) -> int:
         return int(2 * (w - 1) / w * m)
 
-    meta = (w - 1) * 40
+    meta = (w - 1) * (7 + 2) * 8  # setup: 7 + F int64, F = 2 (bias, groups given)
     grads = ar(f) + ar(2 * f)  # upstream-gradient mean, (d scale, d bias)
     nde, ndf, ids = (w - 1) * n * d * e, (w - 1) * n * d * f, (w - 1) * n * 8
     if strategy == "gather":

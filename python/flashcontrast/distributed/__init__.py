@@ -11,13 +11,19 @@ global batch's.
 Semantics
 ---------
 Rank r passes rows [o_r, o_r + n_r) of the global batch (shard sizes may differ; they are
-exchanged first). Every rank returns the same loss: the single-process loss
+exchanged first; a shard may be empty, n_r = 0, as in the last, uneven batch of an epoch:
+its rank then gets (0, D) feature gradients; an empty GLOBAL batch raises on every
+rank). Every rank returns the same loss: the single-process loss
 (:func:`flashcontrast.clip_loss` / :func:`flashcontrast.siglip_loss`) of the
 concatenation of the shards in rank order. Every rank must call the loss and its
-backward (both communicate). A bad setup (a rank whose inputs fail the checks, different
-D, dtype, or bias-or-not across ranks) raises on EVERY rank, from one metadata all-gather
-(N, D, dtype code, bias and groups flags, check status) made before anything else.
-That all-gather runs on the CPU when the group's backend serves it (gloo, or a mixed
+backward (both communicate). A bad setup raises on EVERY rank, from one metadata
+all-gather made before anything else (check status, n_r, D, dtype, strategy,
+grad_scaling and backend codes, then the objective's fields: logit_bias and groups given
+or not for CLIP and SigLIP): a rank whose inputs fail their checks (whatever the
+exception: that rank raises it, the others a RuntimeError naming the rank and relaying
+its error; sparse, mkldnn and nested tensors are rejected there), or ranks that disagree
+on D, dtype, strategy, grad_scaling, backend, or bias or groups given. That all-gather
+runs on the CPU when the group's backend serves it (gloo, or a mixed
 "cpu:gloo,cuda:nccl" group), else (NCCL) on the features' GPU, which also creates the
 group's communicator there before any point-to-point batch; features on a device the
 backend does not serve (CPU tensors over NCCL) raise on every rank. Double backward
@@ -92,8 +98,8 @@ Counted by :func:`comm_bytes` for what this code sends, with collectives counted
 their bandwidth-optimal ring algorithms send (all-gather and reduce-scatter of a c-byte
 chunk: (W - 1) c; all-reduce of M bytes: 2 (W - 1)/W M). With W ranks, n = n_max rows
 per shard, N = sum of shard sizes, D features, e bytes per feature element (4 for
-float32), f bytes per statistic (4; 8 for float64 inputs), and the 40-byte metadata
-all-gather (W - 1) 40:
+float32), f bytes per statistic (4; 8 for float64 inputs), and the 72-byte metadata
+all-gather (W - 1) 72:
 
 * CLIP "gather": forward (W-1) n D e + 2(W-1)/W (N + (N + 2)) f [+ (W-1) n 8 with
   groups: the int64 ids, padded to n_max]; backward (W-1) n D f + 2(W-1)/W 3 f.
@@ -108,8 +114,8 @@ all-gather (W - 1) 40:
 
 Measured by tests/test_distributed.py (which checks the counter against these formulas
 for W = 1..4): W = 4, n = 256 rows per rank, D = 512, float32, one forward + backward,
-bytes sent per rank: CLIP gather 3,158,166; CLIP ring 4,724,880; SigLIP gather
-3,145,872; SigLIP ring 4,718,736 (the 1.57 MB of (W-1) n D e is the feature exchange;
+bytes sent per rank: CLIP gather 3,158,262; CLIP ring 4,724,976; SigLIP gather
+3,145,968; SigLIP ring 4,718,832 (the 1.57 MB of (W-1) n D e is the feature exchange;
 the 1.57 MB of (W-1) n D f the column gradients). The other objectives' figures, measured
 and checked against the formulas below by tests/test_distributed_bytes.py and
 tests/test_distributed_symile_ring.py, are in the README.
@@ -133,13 +139,14 @@ the single-process call (``generator``, or its default CPU generator) and broadc
 so the loss equals :func:`flashcontrast.symile_loss` of the concatenated batch with rank
 0's generator state (other ranks' generators are untouched); explicit ``permutations``
 hold global row indices and must be equal on every rank (checksum in the metadata).
-Their metadata exchange (``_comm.setup_checked``) also compares V, K, M,
-label_smoothing, groups-or-not, strategy and grad_scaling across ranks. The backward
+Their metadata exchange (``_comm.setup_checked``, the same one) also compares V, K, M,
+label_smoothing, groups given or not, permutations given or not (and their checksum)
+across ranks; ``negative_sampling`` other than "n" fails Symile's local checks. The backward
 recomputes each (rows x columns) tile and differentiates it with autograd inside the
 tile (row/column LSEs held fixed), so no block larger than the tile is held.
 
 Bytes sent per rank (notation above; V views, K others, M modalities; ar(x) =
-2(W-1)/W x for an all-reduce; metadata (W-1) 8 (6 + F), F = 2 fields for the multi-view
+2(W-1)/W x for an all-reduce; metadata (W-1) 8 (7 + F), F = 2 fields for the multi-view
 losses and GRAM, 4 for Symile):
 
 * MV-InfoNCE / MV-DHEL "gather": forward (W-1) n V D e [+ (W-1) n 8 with groups]

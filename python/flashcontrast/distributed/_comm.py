@@ -1,9 +1,14 @@
 """Shared communication helpers for ``flashcontrast.distributed``.
 
-Every public loss starts with :func:`setup`: local input checks, then one small all-gather
-of per-rank metadata (check status, N, D, dtype, flags: bias present | groups present) so
-that a bad setup fails on EVERY rank with the same clear error instead of hanging in a
-later collective. The shard sizes learned there let ranks hold uneven shards.
+Every public loss starts with :func:`setup_checked` (:func:`setup` for the two-tower
+losses): this rank's local input checks, then ONE small all-gather of per-rank metadata,
+7 + F int64 per rank: check status, n_r, D, dtype, strategy, grad_scaling and backend
+codes, then F objective-specific fields (logit_bias / groups given or not, the number of
+views, K, M, label_smoothing, the permutations' checksum, ...). Whatever this rank's
+checks raise, the exchange still happens, so a bad setup on one rank (a failed check, or
+arguments the ranks disagree on) fails on EVERY rank with a clear error instead of
+hanging in a later collective. The shard sizes learned there let ranks hold uneven
+shards, empty ones included (the global batch must not be empty).
 
 Byte accounting: each helper adds to a per-process counter what this rank puts on the
 wire under the bandwidth-optimal (ring) algorithm for that collective: all-gather of a
@@ -11,20 +16,22 @@ c-byte chunk: (W - 1) c; reduce-scatter of W chunks of c bytes: (W - 1) c; all-r
 M bytes: 2 (W - 1) / W * M; point-to-point: the bytes sent; all-to-all
 (:func:`all_to_all_rows`): the bytes of the chunks this rank sends to OTHER ranks (its
 chunk for itself is a local copy and is not counted; what it receives is counted by the
-senders). Read it with :func:`comm_bytes`, reset it with :func:`reset_comm_bytes`.
+senders). The metadata all-gather is (W - 1) 8 (7 + F) bytes. Read the counter with
+:func:`comm_bytes`, reset it with :func:`reset_comm_bytes`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._validation import FEATURE_DTYPES, as_scalar_tensor, check_features, check_pair
+from .._validation import FEATURE_DTYPES, as_scalar_tensor, check_pair
+from ..backends.blockwise import block_rows
 from ..objectives.clip import _check_groups
 
 _SENT = {"bytes": 0}
@@ -77,15 +84,6 @@ class Layout:
         return dist.get_global_rank(self.group, group_rank)
 
 
-def check_backend(name: str, backend: str) -> None:
-    """The distributed losses run their local tiles as blockwise PyTorch only."""
-    if backend not in ("auto", "torch"):
-        raise ValueError(
-            f"flashcontrast.distributed.{name} runs its tiles as blockwise PyTorch: "
-            f"backend must be 'auto' or 'torch', got {backend!r}"
-        )
-
-
 def _backend_devices(group: Optional[dist.ProcessGroup]) -> set:
     """The device types the group's backend serves: {"cuda"} for NCCL ("cuda:nccl"),
     {"cpu", "cuda"} for gloo, both for a mixed "cpu:gloo,cuda:nccl" group."""
@@ -128,6 +126,221 @@ def _check_served(group: Optional[dist.ProcessGroup], device: torch.device) -> N
         )
 
 
+# ----------------------------------------------------------------------------- local checks
+# The distributed versions of the single-process input checks: the same errors, except
+# that a shard may be empty (n_r = 0 rows: the last, uneven batch of an epoch), which the
+# single-process losses reject. Layouts other than dense strided (sparse, mkldnn, nested)
+# are rejected here too, before the exchange, instead of failing in a later collective
+# on one rank only.
+
+
+def check_dense(name: str, x: Tensor) -> Tensor:
+    """Raise a TypeError unless the tensor ``x`` is dense (strided layout, not nested)."""
+    if x.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+    return x
+
+
+def check_shard(name: str, x: object) -> Tensor:
+    """``x`` if it is a dense floating (n_r, D) tensor with D >= 1, else raise: the
+    single-process ``check_features``, with n_r = 0 (an empty shard) allowed."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (N, D), got {type(x).__name__}")
+    check_dense(name, x)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
+    if x.dtype not in FEATURE_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has no features (D = 0)")
+    return x
+
+
+def scalar(name: str, value: object, like: Tensor, required: bool = True) -> Optional[Tensor]:
+    """``as_scalar_tensor`` with dense tensors only."""
+    if isinstance(value, Tensor):
+        check_dense(name, value)
+    return as_scalar_tensor(name, value, like, required=required)
+
+
+def tile_rows(n: int, m: int, device: torch.device, max_elements: Optional[int] = None) -> int:
+    """Rows per (rows x m) block for n local rows against m columns (the blockwise
+    backend's budget); m = 0 (a visiting empty shard): one block of all n rows, which
+    holds no elements."""
+    return block_rows(m, device, max_elements) if m > 0 else max(n, 1)
+
+
+# ----------------------------------------------------------------------------- setup
+
+STRATEGIES = ("gather", "ring")
+GRAD_SCALINGS = ("ddp", "sum")
+BACKENDS = ("auto", "torch")
+_MESSAGE_BYTES = 1024  # per rank, exchanged only when some rank's checks failed
+
+Field = Union[str, tuple]
+
+
+def _check_modes(name: str, strategy: object, grad_scaling: object, backend: object, ring: bool):
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be 'gather' or 'ring', got {strategy!r}")
+    if grad_scaling not in GRAD_SCALINGS:
+        raise ValueError(f"grad_scaling must be 'ddp' or 'sum', got {grad_scaling!r}")
+    if backend not in BACKENDS:
+        raise ValueError(
+            "backend must be 'auto' or 'torch' (the distributed losses run their tiles as "
+            f"blockwise PyTorch), got {backend!r}"
+        )
+    if strategy == "ring" and not ring:
+        raise NotImplementedError(
+            f'strategy="ring" is not implemented for {name}; use strategy="gather"'
+        )
+
+
+def _all_gather_host(row: Tensor, group: Optional[dist.ProcessGroup], world: int) -> list:
+    """Every rank's ``row`` (1-D, same shape on every rank), as host lists in rank order."""
+    if world == 1:
+        return [row.cpu().tolist()]
+    parts = [torch.empty_like(row) for _ in range(world)]
+    dist.all_gather(parts, row, group=group)
+    _SENT["bytes"] += (world - 1) * row.numel() * row.element_size()
+    return torch.stack(parts).cpu().tolist()
+
+
+def _exchange_messages(
+    err: Optional[BaseException], group: Optional[dist.ProcessGroup], world: int, device
+) -> list:
+    """Every rank's error text ("" where its checks passed; the first
+    ``_MESSAGE_BYTES`` bytes of "Type: message"), so that every rank's error names the
+    failed argument. Run (by every rank) only when some rank's checks failed."""
+    text = "" if err is None else f"{type(err).__name__}: {err}"
+    data = text.encode("utf-8", "replace")[:_MESSAGE_BYTES]
+    buf = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
+    if data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    rows = _all_gather_host(buf.to(device), group, world)
+    return [bytes(r).rstrip(b"\0").decode("utf-8", "replace") for r in rows]
+
+
+def _reraise(err: BaseException, prefix: str, rank: int):
+    """Raise this rank's failed-check error again, prefixed with the loss's name (the
+    same exception type; the original itself when that type cannot take a message)."""
+    msg = f"{prefix}{err} (rank {rank}; every rank of the group raises)"
+    try:
+        new = type(err)(msg)
+    except Exception:
+        raise err from None
+    raise new from err
+
+
+def _label(field: Field) -> str:
+    return field if isinstance(field, str) else field[0]
+
+
+def _decoded(field: Field, vals: list) -> list:
+    return vals if isinstance(field, str) else [field[1](v) for v in vals]
+
+
+def setup_checked(
+    name: str,
+    group: Optional[dist.ProcessGroup],
+    strategy: str,
+    grad_scaling: str,
+    backend: str,
+    fields: Sequence[Field],
+    check: Callable[[], tuple],
+    ring: bool = True,
+) -> tuple:
+    """Check this rank's arguments, exchange metadata, and raise the same error on every
+    rank if any rank's arguments are bad or the ranks disagree. Returns (layout, payload).
+
+    ``check()`` validates this rank's inputs and returns ``(payload, n, d, dtype,
+    device, values)``: ``values`` one int per entry of ``fields``, which must agree
+    across ranks. A field is a label (``"number of views V"``), or (label, decode) where
+    ``decode(int)`` shows the value in the error; a label ending in " given" is a
+    presence flag ("logit_bias given": 1 or 0). One all-gather of 7 + F int64 per rank
+    (status, n, d, dtype code, strategy, grad_scaling and backend codes, *values), also
+    when ``check`` (or the strategy / grad_scaling / backend checks) raised ANY
+    exception: then this rank re-raises it and every other rank raises a RuntimeError
+    naming the failed rank(s) and their errors (a second, failure-only all-gather of
+    the error texts). Disagreeing D, dtype (TypeError), strategy, grad_scaling, backend
+    or ``fields`` raise on every rank (ValueError), as does an empty global batch (every
+    rank's n = 0; one rank's n = 0 is an empty shard, allowed). ``ring=False``:
+    strategy="ring" raises NotImplementedError."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"flashcontrast.distributed.{name} needs an initialized default process group "
+            f"(torch.distributed.init_process_group); use flashcontrast.{name} in one process"
+        )
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    err: Optional[Exception] = None
+    payload, device = None, None
+    try:
+        _check_modes(name, strategy, grad_scaling, backend, ring)
+        payload, n, d, dtype, device, values = check()
+        _check_served(group, device)
+        values = [int(v) for v in values]
+        if len(values) != len(fields):
+            raise RuntimeError(f"internal: {len(values)} values for {len(fields)} fields")
+        codes = [STRATEGIES.index(strategy), GRAD_SCALINGS.index(grad_scaling)]
+        row = [0, int(n), int(d), FEATURE_DTYPES.index(dtype), *codes, BACKENDS.index(backend)]
+        row += values
+    except Exception as e:  # any exception: the exchange must still happen
+        err, payload, device = e, None, None
+        row = [1] + [0] * (6 + len(fields))
+    meta_dev = _meta_device(group, device)
+    table = _all_gather_host(torch.tensor(row, dtype=torch.int64, device=meta_dev), group, world)
+    prefix = f"flashcontrast.distributed.{name}: "
+    bad = [q for q, r in enumerate(table) if r[0] != 0]
+    if bad:
+        texts = _exchange_messages(err, group, world, meta_dev)
+        if err is not None:
+            _reraise(err, prefix, rank)
+        detail = "; ".join(f"rank {q}: {texts[q]}" for q in bad)
+        raise RuntimeError(
+            f"{prefix}the inputs on rank(s) {bad} failed their checks (the error is raised "
+            f"there); every rank of the group raises. {detail}"
+        )
+    columns: list = [
+        "feature dimension D",
+        ("dtype", FEATURE_DTYPES.__getitem__),
+        ("strategy", STRATEGIES.__getitem__),
+        ("grad_scaling", GRAD_SCALINGS.__getitem__),
+        ("backend", BACKENDS.__getitem__),
+        *fields,
+    ]
+    for col, field in enumerate(columns, start=2):
+        vals = [r[col] for r in table]
+        if len(set(vals)) == 1:
+            continue
+        label = _label(field)
+        if label == "dtype":
+            raise TypeError(
+                f"{prefix}every rank must pass features of the same dtype; got "
+                f"{_decoded(field, vals)} on ranks 0..W-1"
+            )
+        if label.endswith(" given"):
+            what = label[: -len(" given")]
+            raise ValueError(
+                f"{prefix}{what} must be given on every rank or on none; given on ranks "
+                f"{[q for q, x in enumerate(vals) if x]}"
+            )
+        shown = "D = " if label == "feature dimension D" else ""
+        raise ValueError(
+            f"{prefix}every rank must pass the same {label}; got {shown}"
+            f"{_decoded(field, vals)} on ranks 0..W-1"
+        )
+    sizes = [r[1] for r in table]
+    if sum(sizes) == 0:
+        raise ValueError(
+            f"{prefix}the global batch is empty: every rank passed 0 rows (N = 0), the loss "
+            "is undefined (every rank of the group raises)"
+        )
+    return Layout(group, rank, world, sizes, device), payload
+
+
 def setup(
     name: str,
     image_features: object,
@@ -138,87 +351,33 @@ def setup(
     strategy: str,
     grad_scaling: str,
     groups: object = None,
+    backend: str = "auto",
 ) -> tuple:
-    """Check the local inputs, exchange metadata, and raise the same error on every rank
-    if any rank's inputs are bad or the ranks disagree. Returns (layout, a, b, scale, bias).
+    """:func:`setup_checked` for the two-tower losses (CLIP, SigLIP): image and text
+    shards (n_r, D) (n_r = 0 allowed), the scale, the optional bias and ``groups``
+    (optional (n_r,) int32/int64 ids of this rank's samples, checked like
+    :func:`flashcontrast.clip_loss`'s against this rank's n_r; the caller uses it as
+    given once this returns). F = 2 fields: logit_bias given, groups given (given on some
+    ranks only raises on every rank), so the metadata is 9 int64 (72 bytes) per rank,
+    with or without bias and groups. Returns (layout, a, b, scale, bias)."""
 
-    ``groups``: optional (n_r,) int32/int64 ids of this rank's samples (checked like
-    :func:`flashcontrast.clip_loss`'s, against this rank's n_r; the caller uses it as
-    given once this returns). Given on some ranks only raises on every rank. Its presence
-    shares the flags field with the bias (bit 0 bias, bit 1 groups), so the metadata stays
-    5 int64 (40 bytes) per rank with or without groups."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            f"flashcontrast.distributed.{name} needs an initialized default process group "
-            f"(torch.distributed.init_process_group); use flashcontrast.{name} in one process"
-        )
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    err: Optional[Exception] = None
-    a = b = scale = bias = None
-    try:
-        if strategy not in ("gather", "ring"):
-            raise ValueError(f"strategy must be 'gather' or 'ring', got {strategy!r}")
-        if grad_scaling not in ("ddp", "sum"):
-            raise ValueError(f"grad_scaling must be 'ddp' or 'sum', got {grad_scaling!r}")
-        a = check_features("image_features", image_features)
-        b = check_features("text_features", text_features)
+    def check():
+        a = check_shard("image_features", image_features)
+        b = check_shard("text_features", text_features)
         check_pair("image_features", a, "text_features", b)
-        scale = as_scalar_tensor("logit_scale", logit_scale, a)
-        bias = as_scalar_tensor("logit_bias", logit_bias, a, required=False)
+        scale = scalar("logit_scale", logit_scale, a)
+        bias = scalar("logit_bias", logit_bias, a, required=False)
+        if isinstance(groups, Tensor):
+            check_dense("groups", groups)
         _check_groups(groups, a)
-        _check_served(group, a.device)
-    except (TypeError, ValueError) as e:
-        err = e
-    ok = err is None
-    flags = int(bias is not None) | (int(groups is not None) << 1)
-    meta = torch.tensor(
-        [
-            0 if ok else 1,
-            a.shape[0] if ok else 0,
-            a.shape[1] if ok else 0,
-            FEATURE_DTYPES.index(a.dtype) if ok else -1,
-            flags if ok else -1,
-        ],
-        dtype=torch.int64,
-        device=_meta_device(group, a.device if ok else None),
+        n, d = a.shape
+        flags = [bias is not None, groups is not None]
+        return (a, b, scale, bias), n, d, a.dtype, a.device, flags
+
+    lay, (a, b, scale, bias) = setup_checked(
+        name, group, strategy, grad_scaling, backend, ["logit_bias given", "groups given"], check
     )
-    if world > 1:
-        parts = [torch.empty_like(meta) for _ in range(world)]
-        dist.all_gather(parts, meta, group=group)
-        _SENT["bytes"] += (world - 1) * meta.numel() * meta.element_size()
-        table = torch.stack(parts).cpu().tolist()
-    else:
-        table = [meta.cpu().tolist()]
-    prefix = f"flashcontrast.distributed.{name}: "
-    if err is not None:
-        raise type(err)(f"{prefix}{err} (rank {rank}; every rank of the group raises)") from err
-    bad = [q for q, row in enumerate(table) if row[0] != 0]
-    if bad:
-        raise RuntimeError(
-            f"{prefix}the inputs on rank(s) {bad} failed their checks (the error is raised "
-            "there); every rank of the group raises"
-        )
-    dims = [row[2] for row in table]
-    if len(set(dims)) != 1:
-        raise ValueError(
-            f"{prefix}every rank must pass the same feature dimension D; got D = {dims} "
-            "on ranks 0..W-1"
-        )
-    dtypes = [FEATURE_DTYPES[row[3]] for row in table]
-    if len(set(dtypes)) != 1:
-        raise TypeError(
-            f"{prefix}every rank must pass features of the same dtype; got {dtypes} on ranks 0..W-1"
-        )
-    for bit, what in ((0, "logit_bias"), (1, "groups")):
-        given = [(row[4] >> bit) & 1 for row in table]
-        if len(set(given)) != 1:
-            raise ValueError(
-                f"{prefix}{what} must be given on every rank or on none; given on ranks "
-                f"{[q for q, x in enumerate(given) if x]}"
-            )
-    layout = Layout(group, rank, world, [row[1] for row in table], a.device)
-    return layout, a, b, scale, bias
+    return lay, a, b, scale, bias
 
 
 def all_gather_rows(x: Tensor, lay: Layout) -> Tensor:
@@ -278,13 +437,23 @@ def all_to_all_rows(
 
 def _exchange(lay: Layout, send: Sequence[Tensor], recv: Sequence[Tensor], tag: int) -> list:
     """Post sends of ``send`` to the right neighbour and receives of ``recv`` from the
-    left one; returns the requests to wait on."""
+    left one; returns the requests to wait on. Empty tensors (an empty shard, or its
+    accumulator) are neither sent nor received: both ends know the shard sizes, so they
+    skip the same transfers (tags stay those of the full lists)."""
     right = lay.global_rank((lay.rank + 1) % lay.world)
     left = lay.global_rank((lay.rank - 1) % lay.world)
-    ops = [dist.P2POp(dist.isend, t, right, lay.group, tag + i) for i, t in enumerate(send)]
-    ops += [dist.P2POp(dist.irecv, t, left, lay.group, tag + i) for i, t in enumerate(recv)]
+    ops = [
+        dist.P2POp(dist.isend, t, right, lay.group, tag + i)
+        for i, t in enumerate(send)
+        if t.numel() > 0
+    ]
+    ops += [
+        dist.P2POp(dist.irecv, t, left, lay.group, tag + i)
+        for i, t in enumerate(recv)
+        if t.numel() > 0
+    ]
     _SENT["bytes"] += sum(t.numel() * t.element_size() for t in send)
-    return dist.batch_isend_irecv(ops)
+    return dist.batch_isend_irecv(ops) if ops else []
 
 
 def ring_pass(
@@ -296,7 +465,8 @@ def ring_pass(
     """Visit every rank's shard of ``travel`` (own first), passing shards to the right.
 
     ``travel``: this rank's tensors (n_r, ...) that every rank must see (rank q's arrive
-    with n_q rows). ``visit(q, tensors)`` computes with rank q's shard and returns a
+    with n_q rows; n_q = 0 for an empty shard, whose transfers are skipped, and whose
+    visit gets (0, ...) tensors). ``visit(q, tensors)`` computes with rank q's shard and returns a
     per-shard contribution (n_q, ...) or None. Contributions to a shard are folded with
     ``combine`` while they travel behind it, and arrive back at the owner after W - 1
     hops; the return value is the complete fold for this rank's shard (None when visit
@@ -331,93 +501,6 @@ def ring_pass(
     if own is None or w == 1:
         return own
     return combine(own, acc_in)
-
-
-# ----------------------------------------------------------------------------- generic setup
-# (used by the multi-view, GRAM and Symile losses; clip/siglip keep :func:`setup`)
-
-
-def setup_checked(
-    name: str,
-    group: Optional[dist.ProcessGroup],
-    strategy: str,
-    grad_scaling: str,
-    fields: Sequence[str],
-    check: Callable[[], tuple],
-    ring: bool = True,
-) -> tuple:
-    """Generic :func:`setup`: ``check()`` validates this rank's inputs and returns
-    ``(payload, n, d, dtype, device, values)``, ``values`` one int per name in ``fields``
-    (they must agree across ranks, e.g. the number of views). One all-gather of
-    (status, n, d, dtype code, strategy code, scaling code, *values); a failed local check
-    (TypeError, ValueError, NotImplementedError) raises there and a RuntimeError on every
-    other rank; disagreeing D, dtype, strategy, grad_scaling or ``fields`` raise on every
-    rank. ``ring=False``: strategy="ring" raises NotImplementedError. Returns
-    (layout, payload)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            f"flashcontrast.distributed.{name} needs an initialized default process group "
-            f"(torch.distributed.init_process_group); use flashcontrast.{name} in one process"
-        )
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    err: Optional[Exception] = None
-    payload, row = None, None
-    device = torch.device("cpu")
-    try:
-        if strategy not in ("gather", "ring"):
-            raise ValueError(f"strategy must be 'gather' or 'ring', got {strategy!r}")
-        if grad_scaling not in ("ddp", "sum"):
-            raise ValueError(f"grad_scaling must be 'ddp' or 'sum', got {grad_scaling!r}")
-        if strategy == "ring" and not ring:
-            raise NotImplementedError(
-                f'strategy="ring" is not implemented for {name}; use strategy="gather"'
-            )
-        payload, n, d, dtype, device, values = check()
-        _check_served(group, device)
-        row = [0, n, d, FEATURE_DTYPES.index(dtype), ("gather", "ring").index(strategy)]
-        row += [("ddp", "sum").index(grad_scaling), *[int(v) for v in values]]
-    except (TypeError, ValueError, NotImplementedError) as e:
-        err = e
-    if row is None:
-        row = [1] + [0] * (5 + len(fields))
-    meta_dev = _meta_device(group, device if err is None else None)
-    meta = torch.tensor(row, dtype=torch.int64, device=meta_dev)
-    if world > 1:
-        parts = [torch.empty_like(meta) for _ in range(world)]
-        dist.all_gather(parts, meta, group=group)
-        _SENT["bytes"] += (world - 1) * meta.numel() * meta.element_size()
-        table = torch.stack(parts).cpu().tolist()
-    else:
-        table = [meta.cpu().tolist()]
-    prefix = f"flashcontrast.distributed.{name}: "
-    if err is not None:
-        raise type(err)(f"{prefix}{err} (rank {rank}; every rank of the group raises)") from err
-    bad = [q for q, r in enumerate(table) if r[0] != 0]
-    if bad:
-        raise RuntimeError(
-            f"{prefix}the inputs on rank(s) {bad} failed their checks (the error is raised "
-            "there); every rank of the group raises"
-        )
-    labels = ["feature dimension D", "dtype", "strategy", "grad_scaling", *fields]
-    for col, label in zip(range(2, 6 + len(fields)), labels):
-        vals = [r[col] for r in table]
-        if len(set(vals)) != 1:
-            if label == "dtype":
-                shown = [FEATURE_DTYPES[v] for v in vals]
-                raise TypeError(
-                    f"{prefix}every rank must pass features of the same dtype; got {shown} "
-                    "on ranks 0..W-1"
-                )
-            if label == "feature dimension D":
-                raise ValueError(
-                    f"{prefix}every rank must pass the same feature dimension D; got D = "
-                    f"{vals} on ranks 0..W-1"
-                )
-            raise ValueError(
-                f"{prefix}every rank must pass the same {label}; got {vals} on ranks 0..W-1"
-            )
-    return Layout(group, rank, world, [r[1] for r in table], device), payload
 
 
 def broadcast(x: Tensor, lay: Layout, src: int = 0) -> Tensor:

@@ -26,7 +26,7 @@ owner's part always holds the positive, so the combined LSE is finite.
 
 Bytes sent per rank (the notation of :mod:`flashcontrast.distributed`: W ranks, equal
 shards of n rows, D features, e bytes per feature element, f per statistic; ar(x) =
-2(W-1)/W x for an all-reduce; metadata (W-1) 40, with or without groups):
+2(W-1)/W x for an all-reduce; metadata (W-1) 72, with or without bias and groups):
 
 * "gather": forward (W-1) n D e + ar(N f) + ar((N + 2) f) [+ (W-1) n 8 with groups];
   backward (W-1) n D f + ar(f) + ar(2 f).
@@ -50,7 +50,6 @@ from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
 from .._validation import accumulation_dtype
-from ..backends.blockwise import block_rows
 from . import _comm
 
 
@@ -94,7 +93,7 @@ def _tile_stats(
     ``diag_offset``: the column of local row 0's positive within ``b``, or None."""
     n, m = a.shape[0], b.shape[0]
     col = torch.full((m,), float("-inf"), dtype=a.dtype, device=a.device)
-    rows = block_rows(m, a.device)
+    rows = _comm.tile_rows(n, m, a.device)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         s = _mask_groups(_block(a[start:stop], b, scale, bias), gx, gy, start, diag_offset)
@@ -124,7 +123,7 @@ def _tile_backward(
     if not in this tile. ``gx`` (n,), ``gy`` (m,): ids, masked as in :func:`_tile_stats`."""
     n = a.shape[0]
     db = torch.zeros_like(b)
-    rows = block_rows(b.shape[0], a.device)
+    rows = _comm.tile_rows(n, b.shape[0], a.device)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         a_blk = a[start:stop]
@@ -253,10 +252,11 @@ def clip_loss(
     """CLIP's symmetric InfoNCE over the global batch of a process group.
 
     Each rank passes its own shard (n_r, D) of image and text features (n_r may differ
-    between ranks), and optionally the group ids (n_r,) of its samples; the global batch
-    is the concatenation in rank order, and every rank returns the same value:
-    :func:`flashcontrast.clip_loss` of the global batch (with ``groups`` the concatenated
-    ids).
+    between ranks, and be 0 on some: an empty shard gets (0, D) gradients; an empty
+    global batch raises on every rank), and optionally the group ids (n_r,) of its
+    samples; the global batch is the concatenation in rank order, and every rank returns
+    the same value: :func:`flashcontrast.clip_loss` of the global batch (with ``groups``
+    the concatenated ids).
 
     Gradients (``grad_scaling="ddp"``, the default): each rank's feature gradients are W
     times the single-process gradients of its rows, and the gradients of ``logit_scale``
@@ -286,9 +286,11 @@ def clip_loss(
         backend: "auto" or "torch": the local tiles run as blockwise PyTorch.
         grad_scaling: "ddp" or "sum" (see above).
 
-    Every rank must call the loss and its backward (both communicate).
+    ``strategy``, ``backend`` and ``grad_scaling`` must be the same on every rank
+    (checked with D, dtype, bias and groups given or not in one metadata exchange: a
+    mismatch, or a failed check on one rank, raises on every rank). Every rank must
+    call the loss and its backward (both communicate).
     """
-    _comm.check_backend("clip_loss", backend)
     lay, a, b, scale, bias = _comm.setup(
         "clip_loss",
         image_features,
@@ -299,6 +301,7 @@ def clip_loss(
         strategy,
         grad_scaling,
         groups,
+        backend,
     )
     ids = None if groups is None else groups.to(torch.int64)  # checked by setup
     return _ClipDist.apply(a, b, scale, bias, ids, lay, strategy, grad_scaling)

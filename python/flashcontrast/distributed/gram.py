@@ -30,9 +30,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
-from .._validation import accumulation_dtype, as_scalar_tensor, check_features
-from ..backends.blockwise import MAX_BLOCK_ELEMENTS, block_rows
-from ..objectives.gram import _check_label_smoothing, _check_others, column_constants
+from .._validation import accumulation_dtype, check_pair
+from ..backends.blockwise import MAX_BLOCK_ELEMENTS
+from ..objectives.gram import MAX_OTHERS, _check_label_smoothing, column_constants
 from . import _comm
 
 
@@ -57,9 +57,10 @@ def _diag(t: Tensor, o: Tensor, det_h: Tensor, adj_h: Tensor, scale) -> Tensor:
     return _volume(det) * -scale
 
 
-def _rows(m: int, k: int, device) -> int:
+def _rows(n: int, m: int, k: int, device) -> int:
+    """Rows per block for n anchor rows against m columns (m = 0: one empty block)."""
     budget = MAX_BLOCK_ELEMENTS.get(device.type, 1 << 22)
-    return block_rows(m, device, max(1, budget // (2 * k + 6)))
+    return _comm.tile_rows(n, m, device, max(1, budget // (2 * k + 6)))
 
 
 def _tile_stats(t, o, det_h, adj_h, scale, row_lse, totals):
@@ -67,7 +68,7 @@ def _tile_stats(t, o, det_h, adj_h, scale, row_lse, totals):
     the partial column LSEs (m,)."""
     n, m = t.shape[0], o.shape[1]
     col = torch.full((m,), float("-inf"), dtype=t.dtype, device=t.device)
-    rows = _rows(m, o.shape[0], t.device)
+    rows = _rows(n, m, o.shape[0], t.device)
     for a in range(0, n, rows):
         b = min(a + rows, n)
         lg = _logits(t[a:b], o, det_h, adj_h, scale)
@@ -81,7 +82,7 @@ def _tile_grads(t, o, scale, row_lse, col_lse, coef, eps_n, dt, dscale):
     """Gradients of the tile surrogate: adds to dt (n, D) and dscale (1,); returns do
     (K, m, D), chained through the column constants of o."""
     n, m = t.shape[0], o.shape[1]
-    rows = _rows(m, o.shape[0], t.device)
+    rows = _rows(n, m, o.shape[0], t.device)
     with torch.enable_grad():
         ol = o.detach().requires_grad_(True)
         det_h, adj_h = column_constants(ol)
@@ -198,6 +199,31 @@ def _float_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
+def _bits_float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", int(bits)))[0]
+
+
+def _check_shard_others(anchor: Tensor, others: object) -> list:
+    """``objectives.gram._check_others`` for this rank's shard: n_r = 0 allowed."""
+    if isinstance(others, Tensor) or not isinstance(others, Sequence):
+        raise TypeError(
+            "others must be a list or tuple of (N, D) tensors, one per other modality, "
+            f"got {type(others).__name__}"
+        )
+    others = list(others)
+    if not others:
+        raise ValueError("others is empty: GRAM needs at least one other modality (M >= 2)")
+    if len(others) > MAX_OTHERS:
+        raise ValueError(
+            f"GRAM supports up to {MAX_OTHERS} other modalities (M <= {MAX_OTHERS + 1}), "
+            f"got {len(others)}"
+        )
+    for k, o in enumerate(others):
+        _comm.check_shard(f"others[{k}]", o)
+        check_pair("anchor", anchor, f"others[{k}]", o)
+    return others
+
+
 def gram_loss(
     anchor: Tensor,
     others: Sequence[Tensor],
@@ -212,19 +238,19 @@ def gram_loss(
     """GRAM's volume contrastive loss over the global batch of a process group.
 
     Each rank passes its own rows: ``anchor`` (n_r, D) and K ``others`` (n_r, D) (n_r may
-    differ between ranks; K, D, dtype and ``label_smoothing`` may not: checked, a
-    mismatch raises on every rank). Every rank returns :func:`flashcontrast.gram_loss` of
-    the concatenation of the shards in rank order. Gradients as
-    :func:`flashcontrast.distributed.clip_loss` (``grad_scaling="ddp"``: features W x,
-    ``logit_scale`` 1x the single-process gradients; ``"sum"``: features 1x).
-    ``strategy``: "gather" or "ring" (module doc); tiles are blockwise PyTorch.
+    differ between ranks and be 0; K, D, dtype, ``label_smoothing``, ``strategy``,
+    ``backend`` and ``grad_scaling`` may not: checked, a mismatch raises on every rank).
+    Every rank returns :func:`flashcontrast.gram_loss` of the concatenation of the shards
+    in rank order. Gradients as :func:`flashcontrast.distributed.clip_loss`
+    (``grad_scaling="ddp"``: features W x, ``logit_scale`` 1x the single-process
+    gradients; ``"sum"``: features 1x). ``strategy``: "gather" or "ring" (module doc);
+    tiles are blockwise PyTorch.
     """
-    _comm.check_backend("gram_loss", backend)
 
     def check():
-        a = check_features("anchor", anchor)
-        oth = _check_others(a, others)
-        scale = as_scalar_tensor("logit_scale", logit_scale, a)
+        a = _comm.check_shard("anchor", anchor)
+        oth = _check_shard_others(a, others)
+        scale = _comm.scalar("logit_scale", logit_scale, a)
         eps = _check_label_smoothing(label_smoothing)
         n, d = a.shape
         return (a, oth, scale, eps), n, d, a.dtype, a.device, [len(oth), _float_bits(eps)]
@@ -234,7 +260,8 @@ def gram_loss(
         group,
         strategy,
         grad_scaling,
-        ["number of other modalities K", "label_smoothing (bits)"],
+        backend,
+        ["number of other modalities K", ("label_smoothing", _bits_float)],
         check,
     )
     stacked = torch.stack(oth)  # (K, n_r, D), differentiable

@@ -19,16 +19,16 @@ behind the shard ("ring"), as for :func:`flashcontrast.distributed.clip_loss`.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
-from .._validation import accumulation_dtype, as_scalar_tensor
+from .._validation import FEATURE_DTYPES, accumulation_dtype, check_pair
 from ..backends.blockwise import block_rows
-from ..objectives.multiview import Views, _check_groups, _stack
+from ..objectives.multiview import Views, _check_groups
 from . import _comm
 
 _NEG_INF = float("-inf")
@@ -50,7 +50,8 @@ def _tile(x, y, scale, per_view, row0, col0, gx, gy):
         s = torch.bmm(x, y.transpose(1, 2)) * scale  # (V, b, m)
         mask = same if other_group is None else same | other_group
         return s.masked_fill(mask, _NEG_INF)
-    s = (torch.mm(x.reshape(v * b, -1), y.reshape(v * m, -1).t()) * scale).view(v, b, v, m)
+    d = x.shape[-1]  # not -1 in the reshapes: ambiguous for an empty shard
+    s = (torch.mm(x.reshape(v * b, d), y.reshape(v * m, d).t()) * scale).view(v, b, v, m)
     eye = torch.eye(v, dtype=torch.bool, device=x.device)
     mask = eye[:, None, :, None] & same[None, :, None, :]
     if other_group is not None:
@@ -71,7 +72,11 @@ def _head(u: Tensor, scale: Tensor, row_lse: Tensor, per_view: bool) -> Tensor:
     return (torch.logsumexp(row_lse, 0) - log_num).sum()
 
 
-def _samples_per_block(v: int, m: int, per_view: bool, device) -> int:
+def _samples_per_block(v: int, n: int, m: int, per_view: bool, device) -> int:
+    """Local samples per block for n local samples against m column samples (m = 0, an
+    empty visiting shard: one block of all n samples, which holds no elements)."""
+    if m == 0:
+        return max(n, 1)
     width = v * m if not per_view else m
     return max(1, block_rows(width, device) // v)
 
@@ -79,7 +84,7 @@ def _samples_per_block(v: int, m: int, per_view: bool, device) -> int:
 def _fold_lse(u, scale, per_view, row0, y, col0, gx, gy, row_lse):
     """row_lse (V, n) <- logaddexp with the local rows' LSE over columns y."""
     n = u.shape[1]
-    step = _samples_per_block(u.shape[0], y.shape[1], per_view, u.device)
+    step = _samples_per_block(u.shape[0], n, y.shape[1], per_view, u.device)
     for a in range(0, n, step):
         b = min(a + step, n)
         s = _tile(u[:, a:b], y, scale, per_view, row0 + a, col0, _sl(gx, a, b), gy)
@@ -94,7 +99,7 @@ def _tile_grads(u, scale, per_view, row0, y, col0, gx, gy, row_lse, grow, du, ds
     """Add the local rows' gradients to du (V, n, D) and dscale (1,); return dy."""
     n = u.shape[1]
     dy = torch.zeros_like(y)
-    step = _samples_per_block(u.shape[0], y.shape[1], per_view, u.device)
+    step = _samples_per_block(u.shape[0], n, y.shape[1], per_view, u.device)
     for a in range(0, n, step):
         b = min(a + step, n)
         with torch.enable_grad():
@@ -191,18 +196,55 @@ class _MultiviewDist(torch.autograd.Function):
         return (du * factor).to(u.dtype), dscale[0].to(scale.dtype), None, None, None, None, None
 
 
-def _run(name, views, logit_scale, groups, group, strategy, backend, grad_scaling, per_view):
-    _comm.check_backend(name, backend)
+def _stack_shard(views: Views) -> Tensor:
+    """This rank's (V, n_r, D) views: ``objectives.multiview._stack``'s checks, with
+    n_r = 0 (an empty shard) allowed and dense (strided) tensors only."""
+    if isinstance(views, Tensor):
+        u = _comm.check_dense("views", views)
+        if u.dim() != 3:
+            raise ValueError(
+                f"views must be (V, N, D) or a sequence of (N, D), got {tuple(u.shape)}"
+            )
+    else:
+        if isinstance(views, (str, bytes)) or not isinstance(views, Sequence):
+            raise TypeError(
+                f"views must be a (V, N, D) tensor or a sequence of (N, D) tensors, "
+                f"got {type(views).__name__}"
+            )
+        views = list(views)
+        for k, x in enumerate(views):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"views[{k}] must be a torch.Tensor, got {type(x).__name__}")
+            _comm.check_dense(f"views[{k}]", x)
+            if x.dim() != 2:
+                raise ValueError(f"views[{k}] must be 2-D (N, D), got {tuple(x.shape)}")
+        if len(views) < 2:
+            raise ValueError(f"multi-view losses need V >= 2 views, got V = {len(views)}")
+        for k, x in enumerate(views[1:], 1):
+            check_pair("views[0]", views[0], f"views[{k}]", x)
+        u = torch.stack(views)  # the one copy a sequence costs
+    if u.dtype not in FEATURE_DTYPES:
+        raise TypeError(f"views must be float32, float16, bfloat16 or float64, got {u.dtype}")
+    v, _, d = u.shape
+    if v < 2:
+        raise ValueError(f"multi-view losses need V >= 2 views, got V = {v}")
+    if d == 0:
+        raise ValueError("views have no features (D = 0)")
+    return u
 
+
+def _run(name, views, logit_scale, groups, group, strategy, backend, grad_scaling, per_view):
     def check():
-        u = _stack(views)
+        u = _stack_shard(views)
+        if isinstance(groups, Tensor):
+            _comm.check_dense("groups", groups)
         g = _check_groups(groups, u)
-        scale = as_scalar_tensor("logit_scale", logit_scale, u)
+        scale = _comm.scalar("logit_scale", logit_scale, u)
         v, n, d = u.shape
         return (u, g, scale), n, d, u.dtype, u.device, [v, g is not None]
 
     lay, (u, g, scale) = _comm.setup_checked(
-        name, group, strategy, grad_scaling, ["number of views V", "groups-or-not"], check
+        name, group, strategy, grad_scaling, backend, ["number of views V", "groups given"], check
     )
     if per_view and lay.total < 2:
         raise ValueError(
@@ -227,10 +269,11 @@ def multiview_infonce_loss(
     """MV-InfoNCE over the global batch of a process group.
 
     Each rank passes its own samples: ``views`` (V, n_r, D) or V tensors (n_r, D) (n_r may
-    differ between ranks; V, D and dtype may not), and optionally their ``groups`` ids
-    (n_r,) (ids are global: equal ids on different ranks are one group). Every rank
-    returns :func:`flashcontrast.multiview_infonce_loss` of the concatenation of the
-    shards in rank order. Gradients as :func:`flashcontrast.distributed.clip_loss`
+    differ between ranks and be 0; V, D, dtype, groups given or not, ``strategy``,
+    ``backend`` and ``grad_scaling`` may not: checked on every rank), and optionally their
+    ``groups`` ids (n_r,) (ids are global: equal ids on different ranks are one group).
+    Every rank returns :func:`flashcontrast.multiview_infonce_loss` of the concatenation
+    of the shards in rank order. Gradients as :func:`flashcontrast.distributed.clip_loss`
     (``grad_scaling="ddp"``: features W x, ``logit_scale`` 1x the single-process
     gradients; ``"sum"``: features 1x). ``strategy``: "gather" or "ring" (module doc).
     """

@@ -21,7 +21,6 @@ from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
 from .._validation import accumulation_dtype
-from ..backends.blockwise import block_rows
 from . import _comm
 from .clip import _block
 
@@ -30,7 +29,7 @@ def _tile_total(a: Tensor, b: Tensor, scale, bias, diag_offset: Optional[int]) -
     """sum_ij softplus(-z_ij S_ij) over local rows x columns ``b``."""
     n = a.shape[0]
     total = torch.zeros((), dtype=a.dtype, device=a.device)
-    rows = block_rows(b.shape[0], a.device)
+    rows = _comm.tile_rows(n, b.shape[0], a.device)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         zs = _block(a[start:stop], b, scale, bias).neg_()
@@ -53,7 +52,7 @@ def _tile_backward(
     """As clip._tile_backward, for dS = coef (sigmoid(S) - I)."""
     n = a.shape[0]
     db = torch.zeros_like(b)
-    rows = block_rows(b.shape[0], a.device)
+    rows = _comm.tile_rows(n, b.shape[0], a.device)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         a_blk = a[start:stop]
@@ -146,7 +145,8 @@ def siglip_loss(
 ) -> Tensor:
     """SigLIP's pairwise sigmoid loss over the global batch of a process group.
 
-    Each rank passes its own (n_r, D) shard (n_r may differ between ranks); every rank
+    Each rank passes its own (n_r, D) shard (n_r may differ between ranks and be 0;
+    checked on every rank as for :func:`flashcontrast.distributed.clip_loss`); every rank
     returns :func:`flashcontrast.siglip_loss` of the global batch (the concatenation in
     rank order): the sum over all N^2 pairs divided by the global N. Gradients as
     :func:`flashcontrast.distributed.clip_loss` (``grad_scaling="ddp"``: features W x,
@@ -161,7 +161,6 @@ def siglip_loss(
         backend: "auto" or "torch": the local tiles run as blockwise PyTorch.
         grad_scaling: "ddp" or "sum".
     """
-    _comm.check_backend("siglip_loss", backend)
     lay, a, b, scale, bias = _comm.setup(
         "siglip_loss",
         image_features,
@@ -171,5 +170,6 @@ def siglip_loss(
         group,
         strategy,
         grad_scaling,
+        backend=backend,
     )
     return _SigLipDist.apply(a, b, scale, bias, lay, strategy, grad_scaling)

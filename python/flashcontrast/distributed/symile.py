@@ -46,7 +46,7 @@ A_r = #{(a, k, j): j not in R_r, pi_ak(j) in R_r} (factor rows r sends) and
 B_r = #{(a, k, j): j in R_r, pi_ak(j) not in R_r} (factor rows r receives; A_r = B_r when
 every pi_ak is a permutation, E = M (M-1) n (W-1)/W for random ones with equal shards):
 
-* metadata (W-1) 80 [+ M (M-1) N 8 for the broadcast permutations, when drawn];
+* metadata (W-1) 88 [+ M (M-1) N 8 for the broadcast permutations, when drawn];
 * forward: A_r D e + (N - n_{r+1}) M D e + (N - n_r) M f + ar(f);
 * backward: ar(f) + (N - n_{r+1}) M (D e + f) + (N - n_r) M D f + B_r D f + ar(f).
 
@@ -54,8 +54,8 @@ Equal shards: forward (W-1) n M D e + A D e + (W-1) n M f + ar(f); backward
 (W-1) n M (D e + f) + (W-1) n M D f + B D f + 2 ar(f). Dominant, random permutations:
 (W-1) n M D (2e + f + (M-1)(e + f)/W). Measured by tests/test_distributed_symile_ring.py
 (which asserts the formula for W = 1..4): W = 4, n = 256, D = 512, float32, M = 3, one
-draw of random permutations: 18,753,794 to 18,970,882 bytes per rank (expectation
-18,893,058; "gather": 9,437,442). Twice "gather", as CLIP "ring" is: nothing O(N D) is
+draw of random permutations: 18,753,818 to 18,970,906 bytes per rank (expectation
+18,893,082; "gather": 9,437,466). Twice "gather", as CLIP "ring" is: nothing O(N D) is
 kept between forward and backward, so the anchors travel twice.
 
 Permutations: the single-process loss draws ONE (M, M-1, N) tensor with
@@ -80,9 +80,9 @@ from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
 from .._sampling import symile_negative_permutations
-from .._validation import accumulation_dtype, as_scalar_tensor
+from .._validation import accumulation_dtype, check_pair
 from ..backends.blockwise import block_rows
-from ..objectives.symile import _check_representations, _permutations
+from ..objectives.symile import _permutations
 from . import _comm
 
 # ----------------------------------------------------------------------------- "gather"
@@ -294,7 +294,7 @@ def _rows_lse(x: Tensor, w: Tensor, scale: Tensor, diag: Optional[Tensor]) -> Te
     """LSE (n_q,) of visiting anchor rows x (n_q, D) over the local columns w (n_c, D);
     ``diag`` (n_q,): the positives, when x is this rank's own shard (row i <-> column i)."""
     out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    rows = block_rows(w.shape[0], x.device)
+    rows = _comm.tile_rows(x.shape[0], w.shape[0], x.device)
     for i in range(0, x.shape[0], rows):
         j = min(i + rows, x.shape[0])
         _, s = _logits(x[i:j], w, scale, None if diag is None else diag[i:j], i)
@@ -320,7 +320,7 @@ def _rows_backward(
     # dx_i = s sum_j dS_ij w_j, dw_j = s sum_i dS_ij x_i, ds = sum_ij dS_ij x_i.w_j; the
     # diagonal dS_ii belongs to the positive logit s MIP_i instead.
     dx = torch.empty_like(x)
-    rows = block_rows(w.shape[0], x.device)
+    rows = _comm.tile_rows(x.shape[0], w.shape[0], x.device)
     for i in range(0, x.shape[0], rows):
         j = min(i + rows, x.shape[0])
         raw, s = _logits(x[i:j], w, scale, None if diag is None else diag[i:j], i)
@@ -398,6 +398,29 @@ class _SymileRing(torch.autograd.Function):
         return (dx * factor).to(x.dtype), dscale[0].to(scale.dtype), None, None, None
 
 
+def _check_shard_representations(representations: object) -> list:
+    """``objectives.symile._check_representations`` for this rank's shard: n_r = 0
+    allowed."""
+    if isinstance(representations, Tensor) or not isinstance(representations, (list, tuple)):
+        raise TypeError(
+            "representations must be a list or tuple of M >= 3 tensors (N, D), got "
+            f"{type(representations).__name__}"
+        )
+    reps = list(representations)
+    if len(reps) == 2:
+        raise ValueError(
+            "Symile with M = 2 modalities is CLIP InfoNCE (the multilinear inner product "
+            "of two vectors is their dot product): use flashcontrast.distributed.clip_loss"
+        )
+    if len(reps) < 3:
+        raise ValueError(f"Symile needs M >= 3 representations, got {len(reps)}")
+    for k, r in enumerate(reps):
+        _comm.check_shard(f"representations[{k}]", r)
+    for k, r in enumerate(reps[1:], start=1):
+        check_pair("representations[0]", reps[0], f"representations[{k}]", r)
+    return reps
+
+
 def _checksum(t: Tensor) -> int:
     """A position-weighted sum of the CPU tensor ``t`` (the metadata's permutations field)."""
     flat = t.reshape(-1).to(dtype=torch.int64)
@@ -419,19 +442,20 @@ def symile_loss(
 ) -> Tensor:
     """Symile with negative_sampling="n" over the global batch of a process group.
 
-    Each rank passes its own rows: M >= 3 tensors (n_r, D) (n_r may differ between ranks;
-    M, D and dtype may not). Every rank returns :func:`flashcontrast.symile_loss` of the
-    concatenation of the shards in rank order with the same permutations: group rank 0
-    draws them over the GLOBAL N from ``generator`` (or its default CPU generator), as the
-    single-process call would, and broadcasts them; explicit ``permutations``
-    (M, M-1, N) hold GLOBAL row indices and must be identical on every rank (checked).
-    Gradients as :func:`flashcontrast.distributed.clip_loss`. ``strategy="gather"``
-    (all-gather the (N, M, D) representations) or ``"ring"`` (an all-to-all of the factor
-    rows of each rank's columns, then the anchor shards travel the ring: O(M^2 n D)
-    memory; see the module doc); ``negative_sampling="n_squared"`` raises
-    NotImplementedError on every rank.
+    Each rank passes its own rows: M >= 3 tensors (n_r, D) (n_r may differ between ranks
+    and be 0; M, D, dtype, ``strategy``, ``backend`` and ``grad_scaling`` may not:
+    checked, a mismatch raises on every rank). Every rank returns
+    :func:`flashcontrast.symile_loss` of the concatenation of the shards in rank order
+    with the same permutations: group rank 0 draws them over the GLOBAL N from
+    ``generator`` (or its default CPU generator), as the single-process call would, and
+    broadcasts them; explicit ``permutations`` (M, M-1, N) hold GLOBAL row indices and
+    must be identical on every rank (checked). Gradients as
+    :func:`flashcontrast.distributed.clip_loss`. ``strategy="gather"`` (all-gather the
+    (N, M, D) representations) or ``"ring"`` (an all-to-all of the factor rows of each
+    rank's columns, then the anchor shards travel the ring: O(M^2 n D) memory; see the
+    module doc); ``negative_sampling="n_squared"`` raises NotImplementedError on every
+    rank.
     """
-    _comm.check_backend("symile_loss", backend)
 
     def check():
         if negative_sampling != "n":
@@ -439,12 +463,12 @@ def symile_loss(
                 'only negative_sampling="n" is distributed; got '
                 f"{negative_sampling!r} (use flashcontrast.symile_loss in one process)"
             )
-        reps = _check_representations(representations)
+        reps = _check_shard_representations(representations)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if permutations is not None and generator is not None:
             raise ValueError("give either permutations or generator, not both")
-        scale = as_scalar_tensor("logit_scale", logit_scale, reps[0])
+        scale = _comm.scalar("logit_scale", logit_scale, reps[0])
         p, fields = None, [len(reps), 0, 0, 0]
         if permutations is not None:
             p = permutations
@@ -455,6 +479,7 @@ def symile_loss(
                     raise TypeError(
                         f"permutations must be an (M, M-1, N) integer tensor: {exc}"
                     ) from exc
+            _comm.check_dense("permutations", p)
             if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
                 raise TypeError(f"permutations must be an integer tensor, got {p.dtype}")
             if p.dim() != 3:
@@ -469,7 +494,8 @@ def symile_loss(
         group,
         strategy,
         grad_scaling,
-        ["number of modalities M", "permutations-or-not", "permutations N", "permutations"],
+        backend,
+        ["number of modalities M", "permutations given", "permutations N", "permutations"],
         check,
     )
     m, n_tot, device = len(reps), lay.total, reps[0].device
