@@ -12,7 +12,13 @@ import torch
 
 import flashcontrast
 from flashcontrast import reference
-from verification import BACKENDS, assert_by_rule, pair_inputs, pair_loss_and_grads
+from verification import (
+    BACKENDS,
+    assert_by_rule,
+    clip_lse_rounding_allowance,
+    pair_inputs,
+    pair_loss_and_grads,
+)
 
 NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")
 
@@ -47,21 +53,25 @@ def test_scales_and_bias(backend, scale, bias):
 def test_extreme_scale_is_finite(backend):
     """s = 1e4: the logits span +-1e4, where a naive exp overflows.
 
-    The result must be finite and close to the float64 value. The rule's factor of 2 is
-    not asked here: a float32 LSE of magnitude 1e4 carries an absolute rounding of 1e-3,
-    so softmax probabilities recomputed from saved LSEs (the blockwise design, as in flash
-    attention) are ~1e-3 relatively off, where the reference's fused log_softmax subtracts
-    the exact row maximum first. The bound below is 1e-4 of each output's magnitude.
+    The result must be finite and meet the rule against the float32 reference, with the
+    gradients allowed the error the contract's float32 LSEs owe: softmax probabilities
+    recomputed from saved LSEs of magnitude 1e4 (the blockwise design, as in flash
+    attention) are up to |lse| 2^-24 ~ 6e-4 relatively off, where the reference's fused
+    log_softmax subtracts the exact row maximum first (verification.
+    clip_lse_rounding_allowance). A fixed bound (1e-4 of each output's magnitude, as here
+    before) is not one: how far the gradient moves depends on how many rows have their top
+    two logits within a few units of each other: it failed at torch.manual_seed 81, 117
+    and 149 (the float32 reference itself failed it at 81 and 149).
     """
     a, b = pair_inputs(97, 100, torch.float32)
     exact = pair_loss_and_grads(reference.clip_loss, a, b, 1e4, None, 1.7, torch.float64)
+    same = pair_loss_and_grads(reference.clip_loss, a, b, 1e4, None, 1.7, torch.float32)
     ours = pair_loss_and_grads(
         lambda *x: flashcontrast.clip_loss(*x, backend=backend), a, b, 1e4, None, 1.7
     )
-    for name, got, want in zip(NAMES, ours, exact):
-        assert torch.isfinite(got).all(), name
-        bound = 1e-4 * (1 + want.abs().max().item())
-        assert (got.double() - want).abs().max().item() <= bound, name
+    extra = clip_lse_rounding_allowance(a, b, 1e4, None, 1.7)
+    allowance = [0.0, extra["da"], extra["db"], extra["dscale"]]
+    assert_by_rule(NAMES[:4], ours, same, exact, torch.float32, allowance)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -20,7 +20,7 @@ import torch
 import flashcontrast
 from flashcontrast import _cuda_ext
 from flashcontrast.backends import cuda as cuda_backend
-from verification import assert_by_rule
+from verification import assert_by_rule, clip_lse_rounding_allowance
 
 HAS_C = _cuda_ext.HAS_C
 HAS_CUDA = torch.cuda.is_available()
@@ -157,21 +157,26 @@ def test_strided_inputs(dtype):
 
 @pytest.mark.usefixtures("kernel_target")
 def test_extreme_scale_is_finite():
-    """s = 1e4: logits span +-1e4. Finite, and within 1e-4 of each output's magnitude (a
-    float32 LSE of 1e4 carries 1e-3 absolute rounding; see tests/test_clip.py)."""
+    """s = 1e4: logits span +-1e4. Finite, and by the rule against dense float32, the
+    gradients allowed the error the contract's float32 LSEs owe (P recomputed from an LSE
+    of magnitude 1e4 is ~6e-4 relatively off: verification.clip_lse_rounding_allowance,
+    tests/test_clip.py). The fixed 1e-4 of each output's magnitude this had before is
+    below what the gradients' conditioning allows at some draws (0.77 of it reached within
+    40 seeds on the emulator; test_clip.py's twin failed at three of 200)."""
     a, b = _inputs(97, 100, torch.float32)
     s32, _ = _scalars(1e4, None, torch.float32)
     s64, _ = _scalars(1e4, None, torch.float64)
+    grad = 1.7
     fwd = cuda_backend.clip_forward(a, b, s32, None)
     bwd = cuda_backend.clip_backward(
-        a, b, s32, None, fwd[0], fwd[1], torch.tensor(1.7, device=DEVICE)
+        a, b, s32, None, fwd[0], fwd[1], torch.tensor(grad, device=DEVICE)
     )
     exact = (*dense_stats(a.double(), b.double(), s64, None),
-             *dense_grads(a.double(), b.double(), s64, None, 1.7))  # fmt: skip
-    for name, got, want in zip(FWD_NAMES + BWD_NAMES, (*fwd, *bwd), exact):
-        assert torch.isfinite(got).all(), name
-        bound = 1e-4 * (1 + want.abs().max().item())
-        assert (got.double() - want).abs().max().item() <= bound, name
+             *dense_grads(a.double(), b.double(), s64, None, grad))  # fmt: skip
+    same = (*dense_stats(a, b, s32, None), *dense_grads(a, b, s32, None, grad))
+    extra = clip_lse_rounding_allowance(a, b, 1e4, None, grad)
+    allowance = [0.0, 0.0, 0.0, *(extra[name] for name in BWD_NAMES)]
+    assert_by_rule(FWD_NAMES + BWD_NAMES, (*fwd, *bwd), same, exact, torch.float32, allowance)
 
 
 @pytest.mark.usefixtures("kernel_target")

@@ -107,14 +107,12 @@ def test_siglip_strided(dtype):
 
 @pytest.mark.usefixtures("kernel_target")
 def test_siglip_extreme_scale_is_finite():
+    """s = 1e4: finite, and by the rule against dense float32 (as tests/test_siglip.py
+    checks the public loss there), not a fixed fraction of each output: how far the
+    gradients move under rounding depends on how many logits land within a few units of
+    0 at that scale, which changes with the draw."""
     a, b = _unit(97, 100, dtype=torch.float32), _unit(97, 100, dtype=torch.float32)
-    s32, s64 = _t(1e4, torch.float32), _t(1e4, torch.float64)
-    got = (cuda_backend.siglip_forward(a, b, s32, None),
-           *cuda_backend.siglip_backward(a, b, s32, None, _t(1.0, torch.float32)))  # fmt: skip
-    exact = dense_siglip(a.double(), b.double(), s64, None, 1.0)
-    for name, g, w in zip(("total", "da", "db", "dscale", "dbias"), got, exact):
-        assert torch.isfinite(g).all(), name
-        assert (g.double() - w).abs().max().item() <= 1e-4 * (1 + w.abs().max().item()), name
+    _check_siglip(a, b, 1e4, None, grad=1.0)
 
 
 # ----------------------------------------------------------------------------- multi-view oracle

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from flashcontrast import GramLoss, _dispatch, gram_loss, gram_volume, reference
 from flashcontrast.backends import blockwise
 from flashcontrast.bench.memory import memory_use
-from verification import BACKENDS, TRITON_SKIP, assert_by_rule
+from verification import BACKENDS, TRITON_SKIP, assert_by_rule, gram_det_rounding_allowance
 
 
 def _inputs(n, d, m, dtype, normalize=True):
@@ -48,7 +48,11 @@ def _check(backend, n, d, m, dtype, scale, eps, grad_out=1.7, normalize=True):
     got = _loss_and_grads(ours, xs, scale, grad_out)
     assert _dispatch.last_backend() == backend
     assert got[1].dtype == dtype and got[2].dtype == dtype
-    assert_by_rule(names, got, same, exact, dtype)
+    # Near-singular G_ij (M = D = 3 above all) make one entry's det rounding dominate the
+    # gradients' error, the kernel's and the reference's two independent draws of it: the
+    # rule is widened by what that rounding can cost at these inputs (verification.py).
+    allowance = gram_det_rounding_allowance(xs[0], xs[1:], scale, eps, grad_out, dtype)
+    assert_by_rule(names, got, same, exact, dtype, allowance)
 
 
 # D >= M throughout: with D < M the M vectors are always dependent, every volume is 0 in
@@ -108,7 +112,8 @@ def _check_given(backend, xs, scale, eps, grad_out=1.3):
     exact = _loss_and_grads(ref, xs, scale, grad_out, torch.float64)
     same = _loss_and_grads(ref, xs, scale, grad_out, torch.float32)
     got = _loss_and_grads(ours, xs, scale, grad_out)
-    assert_by_rule(names, got, same, exact, torch.float32)
+    allowance = gram_det_rounding_allowance(xs[0], xs[1:], scale, eps, grad_out, torch.float32)
+    assert_by_rule(names, got, same, exact, torch.float32, allowance)
     return got
 
 
@@ -348,7 +353,7 @@ def test_scale_n8192_m4_on_cpu_memory_linear(monkeypatch):
 def test_triton_gpu_tile_shapes(m):
     """The GPU launchers' tiles (forward 64 x 64, backward 64 x 32, D chunks of 32: see
     triton/gram.py's _tiles) give the reference's loss and gradients in the interpreter."""
-    from flashcontrast.backends.triton.clip import override_tiles
+    from flashcontrast.backends.triton._plan import override_tiles
 
     with override_tiles(block_m=64, block_n=32, block_d=32):
         _check("triton", 97, 40, m, torch.float32, scale=10.0, eps=0.1)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cuda_emulator import SKIP_REASON as EMULATOR_SKIP
+from flashcontrast import reference
 from flashcontrast.backends.triton import triton_unavailable_reason
 from flashcontrast.bench.rule import check_rule
 
@@ -34,7 +35,7 @@ CUDA_EMULATED = pytest.param(
 BACKENDS = ["torch", TRITON, CUDA_EMULATED]
 # The backends the pair engine's contract tests run (backends/pair.py): each kernel
 # backend joins when its pair_forward / pair_backward exist.
-TRITON_ENGINE: list = []
+TRITON_ENGINE: list = [TRITON]
 CUDA_ENGINE: list = [CUDA_EMULATED]
 ENGINE_BACKENDS = ["torch", *TRITON_ENGINE, *CUDA_ENGINE]
 
@@ -50,10 +51,10 @@ def assert_by_rule(
     """Check each output of a kernel against the float64 oracle by the rule
     (``flashcontrast.bench.rule``, which the GPU report's smoke records too).
 
-    ``allowance`` (one absolute error per output, or None): error the kernel's contract owes
-    on top of the same-dtype reference's, derived from the inputs (see
-    clip_lse_rounding_allowance); it widens the bound by 2 x allowance, as the rule's 2x
-    does the reference error."""
+    ``allowance`` (one absolute error per output, or None): error a correct kernel may owe
+    beyond 2 x the same-dtype reference's, derived from the inputs' conditioning (see
+    clip_lse_rounding_allowance, gram_det_rounding_allowance); it widens the bound by
+    2 x allowance, as the rule's 2x does the reference error."""
     extra = allowance if allowance is not None else [0.0] * len(names)
     for result, more in zip(check_rule(names, kernel, same_dtype_ref, exact, dtype), extra):
         if more == 0.0:
@@ -61,7 +62,7 @@ def assert_by_rule(
             continue
         bound = result.bound + 2 * more
         assert result.finite and result.kernel_error <= bound, (
-            f"{result.describe()} + 2 x LSE-rounding allowance {more:.3e} (bound {bound:.3e})"
+            f"{result.describe()} + 2 x allowance {more:.3e} (bound {bound:.3e})"
         )
 
 
@@ -92,6 +93,84 @@ def clip_lse_rounding_allowance(a, b, scale, bias, grad_out) -> dict[str, float]
         "dscale": (err * x.abs()).sum().item(),
         "dbias": err.sum().item(),
     }
+
+
+def gram_det_rounding_allowance(anchor, others, scale, label_smoothing, grad_out, dtype):
+    """What one near-singular G_ij's det rounding can cost each GRAM output (loss, d_anchor,
+    d_others..., d_scale) in ``dtype`` (float32 for 16-bit inputs), to first order, from the
+    inputs' conditioning (computed in float64).
+
+    Why the rule alone is not enough: where some G_ij is near singular (D close to M: M = D
+    = 3, or M = 5 in D = 6) its computed det is off by a few u B_ij (B_ij = prod diag G_ij,
+    Hadamard's bound; u = 2^-24), and dV_ij = d det_ij / (2 V_ij), d(dV_ij / dx) =
+    -(d det_ij / dx) d det_ij / (4 V_ij^3) let that one entry dominate an output's error.
+    The kernel's error and the reference's are then two independent draws of it, not sums
+    over many entries (which the rule's 2x covers), and the kernel's exceeds twice the
+    reference's by chance: at 12% of seeds at M = D = 3, N = 7 (torch backend), and at
+    hypothesis draws with M = 5, D = 6. The kernels' det (det(H) |t|^2 - u^T adj(H) u) is as
+    accurate as the reference's LU: both err by 0.75 u B (median), 3.3-3.9 u B (99th
+    percentile), 7 u B at most over 2e5 random triples at D = 3 and D = 64.
+
+    So, for each entry: |delta det_ij| <= 4 u B_ij (the rule doubles the allowance), carried
+    to first order through V_ij, dV_ij / dx and the softmax weights w = g dL/dV (g the
+    upstream gradient, s the logit scale: |delta P_ij| <= P_ij ((1 - P_ij) dV_ij +
+    sum_{l != j} P_il dV_il), rows and columns alike); an entry that close to the
+    degeneracy floor may land on either side of it, so it is owed its whole volume and
+    gradient. The allowance is the largest single entry's contribution to each output
+    (component): errors spread over many entries are the rule's. Well-conditioned inputs
+    get <= 1% of the rule's bound at D >= 37, ~20% at M = 6, D = 17.
+    """
+    work = torch.promote_types(dtype, torch.float32)
+    unit = torch.finfo(work).eps / 2
+    t = anchor.detach().double()
+    o = [x.detach().double() for x in others]
+    n, d = t.shape
+    m = len(o) + 1
+    s, g, eps = abs(float(scale)), abs(float(grad_out)), float(label_smoothing)
+    x = torch.cat(
+        [
+            t[:, None, None, :].expand(n, n, 1, d),
+            torch.stack(o, dim=1)[None].expand(n, n, m - 1, d),
+        ],
+        dim=2,
+    )  # (N, N, M, D): anchor i and sample j's others
+    gram = x @ x.transpose(-1, -2)
+    det = torch.linalg.det(gram)
+    bound = gram.diagonal(dim1=-2, dim2=-1).prod(-1)
+    floor = reference.gram_degenerate_rtol(work) * bound
+    err = 4 * unit * bound
+    ambiguous = (det - floor).abs() <= err
+    kept = (det > floor) & ~ambiguous
+    live = kept | ambiguous
+    eye = torch.eye(m, dtype=gram.dtype).expand_as(gram)
+    safe = torch.where(live[..., None, None], gram, eye)
+    adj = torch.linalg.det(safe)[..., None, None] * torch.linalg.inv(safe)
+    ddet = (2 * adj @ x).abs() * live[..., None, None]  # |d det_ij / d x|, (N, N, M, D)
+    vol = torch.sqrt(torch.where(live, torch.maximum(det, floor), torch.ones_like(det)))
+    zero = torch.zeros_like(det)
+    dv = torch.where(kept, err / (2 * vol), torch.where(ambiguous, vol, zero))
+    ddv = torch.where(kept, err / (4 * vol**3), torch.where(ambiguous, 1 / (2 * vol), zero))
+    dvdx = torch.where(live, 1 / (2 * vol), zero)  # times ddet: |dV_ij / dx|
+    v_model = torch.where(det > floor, vol, zero)  # the volumes a `work` evaluation sees
+    z = -s * v_model
+    p_row, p_col = torch.softmax(z, 1), torch.softmax(z, 0)
+    target = (1 - eps) * torch.eye(n, dtype=z.dtype) + eps / n
+    dl_dz = (p_row + p_col - 2 * target) / (2 * n)
+    dz = g * dl_dz  # grad_out * dL/dz: the gradients are those of grad_out * L
+    w = s * dz.abs()  # |grad_out dL/dV|
+    # |delta P_ij| = P_ij |dV_ij - sum_l P_il dV_il| <= P_ij ((1 - P_ij) dV_ij + the rest)
+    row_mix = (p_row * dv).sum(1, keepdim=True) - p_row * dv
+    col_mix = (p_col * dv).sum(0, keepdim=True) - p_col * dv
+    mix = p_row * ((1 - p_row) * dv + row_mix) + p_col * ((1 - p_col) * dv + col_mix)
+    ddz = s * g / (2 * n) * mix  # |delta dz|
+    dw = s * ddz
+    per = ddet * (w * ddv + dw * dvdx)[..., None, None]  # (N, N, M, D)
+    return [
+        (s * dl_dz.abs() * dv).max().item(),  # the loss itself, not grad_out * L
+        per[:, :, 0, :].amax(1).max().item(),
+        *(per[:, :, r, :].amax(0).max().item() for r in range(1, m)),
+        (dz.abs() * dv + ddz * v_model).max().item(),
+    ]
 
 
 def pair_inputs(n: int, d: int, dtype: torch.dtype, normalize: bool = True):
