@@ -163,7 +163,7 @@ def test_int32_and_int64_ids_agree(backend):
     ],
 )
 def test_triton_tile_layouts(tiles):
-    from flashcontrast.backends.triton.clip import override_tiles
+    from flashcontrast.backends.triton._plan import override_tiles
 
     with override_tiles(**tiles):
         _check("triton", 71, 40, "dups", scale=25.0, bias=0.1, grad_out=0.9)

@@ -156,7 +156,7 @@ def test_half_precision_and_strided(backend):
 def test_triton_d_chunks_and_small_tiles():
     if TRITON_SKIP is not None:
         pytest.skip(str(TRITON_SKIP))
-    from flashcontrast.backends.triton.multiview import override_tiles
+    from flashcontrast.backends.triton._plan import override_tiles
 
     with override_tiles(block_m=16, block_n=32, block_d=16):
         _check("infonce", "triton", 3, 23, 50, scale=10.0, groups=torch.randint(0, 5, (23,)))

@@ -97,9 +97,9 @@ def test_many_blocks(backend, monkeypatch):
         monkeypatch.setitem(blockwise.MAX_BLOCK_ELEMENTS, "cpu", 17 * 130)
         ours = pair_loss_and_grads(_ours(backend), a, b, 20.0, -5.0, 0.9)
     else:
-        from flashcontrast.backends.triton import siglip as triton_siglip
+        from flashcontrast.backends.triton._plan import override_tiles
 
-        with triton_siglip.override_tiles(block_m=16, block_n=32, block_d=16, max_programs=5):
+        with override_tiles(block_m=16, block_n=32, block_d=16, max_programs=5):
             ours = pair_loss_and_grads(_ours(backend), a, b, 20.0, -5.0, 0.9)
     assert_by_rule(NAMES, ours, same, exact, torch.float32)
 

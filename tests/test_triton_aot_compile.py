@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 ARCHS = (80, 90)
 # Modules whose kernels the check must have compiled (the check itself fails when an entry
 # kernel of the backend is launched by none of its cases).
-MODULES = ("_common", "clip", "siglip", "multiview", "gram", "symile")
+MODULES = ("_common", "clip", "siglip", "multiview", "gram", "symile", "pair")
 PACKAGE = "flashcontrast.backends.triton"
 
 
@@ -80,3 +80,30 @@ def test_shared_memory_fits_the_arch(report):
             f"{r['kernel']} sm_{r['arch']} {r['constexprs']} needs {r['shared']} bytes"
         )
         assert r["num_warps"] in (1, 2, 4, 8, 16), r
+
+
+# The pair engine's constexpr combinations the objectives use (triton/pair.py; the smoke
+# preset compiles each objective's optional-argument variants): (EPILOGUE, POSITIVES,
+# EXCLUDE_SELF, PERIOD, HAS_GROUPS, HAS_BIAS, OVERRIDE).
+PAIR_COMBOS = {
+    ("softmax", True, False, False, False, True, False),  # CLIP + bias
+    ("softmax", True, False, False, True, False, False),  # CLIP + groups
+    ("softmax", True, False, False, True, True, False),  # CLIP + bias + groups
+    ("sigmoid", True, False, False, False, False, False),  # SigLIP
+    ("sigmoid", False, False, False, False, True, False),  # SigLIP's negative-only blocks
+    ("rows", True, False, False, False, False, True),  # InfoNCE / Symile "n" override
+    ("rows", True, True, True, True, False, False),  # MV-InfoNCE + groups
+    ("rows", False, True, False, True, False, False),  # MV-DHEL + groups
+}
+_PAIR_KEYS = ("EPILOGUE", "POSITIVES", "EXCLUDE_SELF", "PERIOD", "HAS_GROUPS", "HAS_BIAS")
+
+
+def test_pair_kernels_cover_the_objectives(report):
+    for arch in ARCHS:
+        for kernel in ("_pair_fwd_kernel", "_pair_bwd_kernel"):
+            got = {
+                tuple(r["constexprs"][k] for k in (*_PAIR_KEYS, "OVERRIDE"))
+                for r in report["results"]
+                if r["arch"] == arch and r["kernel"].endswith(f".{kernel}")
+            }
+            assert PAIR_COMBOS <= got, f"sm_{arch} {kernel}: missing {PAIR_COMBOS - got}"

@@ -91,8 +91,9 @@ from triton.runtime.jit import JITFunction, KernelParam, create_function_from_si
 __all__ = ["ARCHS", "Result", "collect_jobs", "main", "run_check"]
 
 _PACKAGE = "flashcontrast.backends.triton"
-OBJECTIVES = ("clip", "siglip", "multiview", "gram", "symile")
+OBJECTIVES = ("clip", "siglip", "multiview", "gram", "symile", "pair")
 _KERNEL_MODULES = ("_common", *OBJECTIVES)
+_PLANNING_MODULES = ("_plan",)  # no kernels; their device-property caches are cleared
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +206,7 @@ def _kernel_modules(names: Sequence[str] = _KERNEL_MODULES) -> list[ModuleType]:
 
 def _clear_caches() -> None:
     """The launchers cache device properties (functools caches): forget them."""
-    for module in _kernel_modules():
+    for module in _kernel_modules((*_KERNEL_MODULES, *_PLANNING_MODULES)):
         for value in vars(module).values():
             if callable(getattr(value, "cache_clear", None)):
                 value.cache_clear()
@@ -329,14 +330,61 @@ def _symile_case(n: int, d: int, dtype: torch.dtype) -> None:
     symile.symile_n2_backward(x, y, z, scale, lse, _cuda(n))
 
 
+# The pair engine (triton/pair.py) as each objective calls it: (Pair options, coefficients
+# given); the kernels' constexprs follow from these and the optional arguments.
+_PAIR_OBJECTIVES = {
+    "clip": (dict(epilogue="softmax"), ("rows", "pos_rows", "cols", "pos_cols")),
+    "siglip": (dict(epilogue="sigmoid"), ("total",)),
+    "siglip-negatives": (dict(epilogue="sigmoid", positives=False), ("total",)),
+    "infonce": (dict(epilogue="rows"), ("rows", "pos_rows")),
+    "mv-infonce": (dict(epilogue="rows", exclude_self=True, period=1024), ("rows", "pos_rows")),
+    "mv-dhel": (dict(epilogue="rows", positives=False, exclude_self=True), ("rows",)),
+}
+
+
+def _pair_case(
+    n: int, d: int, dtype: torch.dtype, kind: str, bias: bool, groups, override: bool
+) -> None:
+    from ..pair import Coefs, Pair
+    from . import pair as triton_pair
+
+    options, given = _PAIR_OBJECTIVES[kind]
+    pair = Pair(**options)
+    a, b, scale = _cuda(n, d, dtype=dtype), _cuda(n, d, dtype=dtype), _cuda()
+    bias_t = _cuda() if bias else None
+    rg = cg = None if groups is None else _cuda(n, dtype=groups)
+    pl = _cuda(n) if override else None
+    kw = dict(row_groups=rg, col_groups=cg, positive_logits=pl)
+    stats = triton_pair.pair_forward(a, b, scale, bias_t, pair, **kw)
+    coefs = Coefs(**{k: _cuda() if k == "total" else _cuda(n) for k in given})
+    triton_pair.pair_backward(a, b, scale, bias_t, pair, stats, coefs, **kw)
+
+
+def _pair_variants(flags: bool) -> list[tuple[str, bool, Any, bool]]:
+    """(objective, bias, groups, override) of the pair engine's calls: each objective's
+    plainest, or with ``flags`` its optional arguments (CLIP bias and groups, SigLIP
+    without bias and negatives only, Symile "n"'s positive logits, the multi-view
+    losses' groups)."""
+    if not flags:
+        return [("clip", False, None, False), ("siglip", True, None, False),
+                ("infonce", False, None, False), ("mv-infonce", False, None, False),
+                ("mv-dhel", False, None, False)]  # fmt: skip
+    return [("clip", True, None, False), ("clip", False, torch.int64, False),
+            ("clip", True, torch.int32, False), ("siglip", False, None, False),
+            ("siglip-negatives", True, None, False), ("infonce", False, None, True),
+            ("mv-infonce", False, torch.int64, False), ("mv-infonce", False, torch.int32, False),
+            ("mv-dhel", False, torch.int64, False)]  # fmt: skip
+
+
 _GROUPS = {None: "", torch.int64: " groups=i64", torch.int32: " groups=i32"}
 
 
 def _cases_at(n: int, d: int, dname: str, flags: bool) -> list[Case]:
     """Every objective's cases at N = n, D = d, dtype ``dname``: the plainest call of each
     (CLIP without bias or groups, SigLIP with bias, MV-InfoNCE and MV-DHEL, GRAM K = 3,
-    Symile), and with ``flags`` the other variants of the optional arguments (bias,
-    groups int32/int64, SigLIP without bias, GRAM K = 2) instead."""
+    Symile, the pair engine as each objective calls it), and with ``flags`` the other
+    variants of the optional arguments (bias, groups int32/int64, SigLIP without bias,
+    GRAM K = 2, the pair engine's: :func:`_pair_variants`) instead."""
     dtype, size = _DTYPES[dname], f"{dname} N={n} D={d}"
     cases: list[Case] = []
 
@@ -356,10 +404,15 @@ def _cases_at(n: int, d: int, dname: str, flags: bool) -> list[Case]:
     add("gram", f" K={2 if flags else 3}", _gram_case, 2 if flags else 3, n, d, dtype)
     if not flags:
         add("symile", "", _symile_case, n, d, dtype)
+    for kind, bias, groups, override in _pair_variants(flags):
+        label = f" {kind}{' bias' if bias else ''}{_GROUPS[groups]}"
+        add("pair", label + (" override" if override else ""), _pair_case, n, d, dtype, kind,
+            bias, groups, override)  # fmt: skip
     return cases
 
 
 PRESETS = ("full", "smoke")
+_FLAGGED = ("gram", "pair")  # objectives the smoke preset compiles with their flags
 
 
 def preset_cases(preset: str) -> list[tuple[str, Case]]:
@@ -371,7 +424,9 @@ def preset_cases(preset: str) -> list[tuple[str, Case]]:
     offsets beyond int32: the INDEX_64 path). ``smoke`` (what the test suite compiles, in
     about a minute on two cores): the plain calls in bf16 at N = 4096, D = 512 (D in
     chunks, the largest tiles, 16-bit tensor-core products), GRAM at K = 2 (K = 3 takes
-    ptxas twice as long): every kernel, and each constexpr branch of it, once per arch.
+    ptxas twice as long), the pair engine's optional-argument variants (each objective's
+    constexprs with bias, groups and positive logits: a superset of the plain calls'
+    branches): every kernel, and each constexpr branch of it, once per arch.
     """
     out: list[tuple[str, Case]] = []
     if preset == "full":
@@ -382,9 +437,9 @@ def preset_cases(preset: str) -> list[tuple[str, Case]]:
             for n, d, flags in grid:
                 out += [(dname, c) for c in _cases_at(n, d, dname, flags)]
     elif preset == "smoke":
-        plain = [c for c in _cases_at(4096, 512, "bf16", False) if c.objective != "gram"]
-        gram = [c for c in _cases_at(4096, 512, "bf16", True) if c.objective == "gram"]
-        out += [("bf16", c) for c in plain + gram]
+        plain = [c for c in _cases_at(4096, 512, "bf16", False) if c.objective not in _FLAGGED]
+        flagged = [c for c in _cases_at(4096, 512, "bf16", True) if c.objective in _FLAGGED]
+        out += [("bf16", c) for c in plain + flagged]
     else:
         raise ValueError(f"unknown preset {preset!r}; known: {PRESETS}")
     return out
@@ -714,12 +769,20 @@ def run_check(
 
 
 _SHOWN_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK", "K", "ONE_CHUNK")
+# The pair kernels' boolean constexprs that name no HAS_ / BY_ / INDEX_ flag.
+_SHOWN_FLAGS = ("POSITIVES", "EXCLUDE_SELF", "PERIOD", "OVERRIDE", "NORMALIZE", "TWO")
 
 
 def _describe(result: Result) -> str:
     c = result.constexprs
     parts = [f"{k}={c[k]}" for k in _SHOWN_CONSTEXPRS if k in c]
-    flags = [k for k, v in c.items() if k.isupper() and k.startswith(("HAS_", "BY_", "INDEX_"))]
+    if "EPILOGUE" in c:
+        parts.append(str(c["EPILOGUE"]))
+    flags = [
+        k
+        for k, v in c.items()
+        if k.isupper() and (k.startswith(("HAS_", "BY_", "INDEX_")) or k in _SHOWN_FLAGS)
+    ]
     parts += [k for k in flags if c[k] is True]
     if "WHICH" in c:
         parts.append(f"WHICH={c['WHICH']}")

@@ -152,6 +152,31 @@ def _lse_finish(m, l, mask):
 
 
 @triton.jit
+def _softplus(t):
+    """log(1 + e^t), stable for any t: max(t, 0) + log1p(e^-|t|)."""
+    e = tl.exp(-tl.abs(t))
+    u = 1.0 + e
+    tiny = u == 1.0
+    log1p = tl.where(tiny, e, tl.log(u) * (e / tl.where(tiny, 1.0, u - 1.0)))
+    return tl.maximum(t, 0.0) + log1p
+
+
+@triton.jit
+def _sigmoid(t):
+    """1 / (1 + e^-t), stable for any t."""
+    e = tl.exp(-tl.abs(t))
+    return tl.where(t >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _log_sum(m, s):
+    """(max, log sum) of (max, sum) pairs for the backward's exp((S - max) - log sum):
+    empty sets (max -inf, sum 0) become (0, +inf), so their weights are exactly 0."""
+    empty = m == float("-inf")
+    return tl.where(empty, 0.0, m), tl.where(empty, float("inf"), tl.log(tl.where(empty, 1.0, s)))
+
+
+@triton.jit
 def _store_diag(
     diag_ptr, s, rows, cols, rmask, rb, cb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 ):

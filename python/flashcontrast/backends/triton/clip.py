@@ -28,7 +28,7 @@ Why not locks (Triton's layer-norm tutorial) or one partial row per row block? L
 serialise the column updates and make the result depend on arrival order; per-row-block
 partials are O(N^2 / BLOCK_M). (G, H) is the pair with G * H <= the programs the GPU
 runs at once (SMs x programs per SM) that minimises the tiles of the busiest program
-(:func:`_forward_grid`): for large N that is H = 1 or a few, for small N the column split
+(``_plan._forward_grid``): for large N that is H = 1 or a few, for small N the column split
 keeps the GPU busy where there are too few row blocks. No program ever waits on another,
 so any G * H is safe.
 
@@ -40,7 +40,7 @@ programs add into different rows of dA. dA partials go through fp32 atomics into
 program at the end (SPLIT = 1: a single add per element onto zeros); with several, one
 add per tile and chunk. ds and db partials go to a (2, programs) buffer summed by torch.
 SPLIT > 1 only when there are too few column blocks to fill the GPU
-(:func:`_backward_split`). The forward is deterministic; dA (and dB when SPLIT > 1 or D
+(``_plan._backward_split``). The forward is deterministic; dA (and dB when SPLIT > 1 or D
 spans chunks) are sums of fp32 atomics, equal run to run only up to rounding.
 
 Precision: every tile product accumulates in fp32. fp32 inputs use IEEE fp32 products
@@ -65,18 +65,15 @@ and extreme scales stay finite.
 
 Interpreter (TRITON_INTERPRET=1, CPU tensors): read once, at import. There bf16 tl.dot is
 wrong in Triton <= 3.9, so bf16 tiles are upcast to fp32 before every tl.dot, and the
-tiles default to 32 x 32 with a small program count (see :func:`override_tiles`, which
+tiles default to 32 x 32 with a small program count (``_plan.override_tiles``, which
 tests use to force tile sizes and program counts). On a GPU the tile sizes come from
-:func:`_forward_plan` / :func:`_backward_plan`: heuristics by dtype, D and N (no
+``_plan._forward_plan`` / ``_plan._backward_plan``: heuristics by dtype, D and N (no
 autotuning, so the first call compiles one kernel and never times anything).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from dataclasses import dataclass, replace
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -87,12 +84,10 @@ from ._common import (
     _TORCH_TO_TL,
     _bwd_program,
     _bwd_row_block,
-    _check_block_size,
     _check_groups,
     _check_runnable,
     _col_lse_rmw,
     _combine_lse,
-    _dot_setup,
     _fwd_program,
     _group_keep,
     _guard,
@@ -101,15 +96,25 @@ from ._common import (
     _load_rows_t,
     _lse_init,
     _online_lse,
-    _scoped_update,
     _seen_columns,
     _store_diag,
-    _tensor_cores,
     _tile_logits,
     _widen,
 )
 
-__all__ = ["clip_backward", "clip_forward", "override_tiles"]
+# The planning lives in _plan.py; gram.py still imports the names it plans with from here.
+from ._plan import (  # noqa: F401
+    _backward_grid_for,
+    _backward_plan,
+    _block_d,
+    _forward_grid_for,
+    _forward_plan,
+    _launch_kwargs,
+    _Tiles,
+    _with_override,
+)
+
+__all__ = ["clip_backward", "clip_forward"]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -333,177 +338,6 @@ def _clip_bwd_kernel(
     num_programs = tl.num_programs(0) * SPLIT
     tl.store(part_ptr + pid, ds_acc * coef)
     tl.store(part_ptr + num_programs + pid, dbias_acc * coef)
-
-
-# ----------------------------------------------------------------------------- planning
-
-
-@dataclass(frozen=True)
-class _Tiles:
-    block_m: int
-    block_n: int
-    block_d: int
-    num_warps: int
-    num_stages: int
-    per_sm: int = 1  # programs resident per SM (register-bound: ~1 at 8 warps)
-
-
-_OVERRIDE: dict = {}
-_OVERRIDE_KEYS = frozenset({"block_m", "block_n", "block_d", "max_programs"})
-
-
-@contextlib.contextmanager
-def override_tiles(**kwargs: int) -> Iterator[None]:
-    """Force tile sizes and the concurrent program count (tests, benchmarks, tuning).
-
-    Keys: block_m, block_n, block_d (powers of two >= 16) and max_programs (the number of
-    programs the grid is planned for, SMs x programs per SM on a GPU, 8 in the
-    interpreter). D <= block_d takes the single-chunk path of both kernels.
-    """
-    unknown = set(kwargs) - _OVERRIDE_KEYS
-    if unknown:
-        raise ValueError(f"unknown overrides {sorted(unknown)}; allowed: {sorted(_OVERRIDE_KEYS)}")
-    for key, value in kwargs.items():
-        if key == "max_programs":
-            if value < 1:
-                raise ValueError(f"max_programs must be >= 1, got {value}")
-        else:
-            _check_block_size(key, value)
-    with _scoped_update(_OVERRIDE, kwargs):
-        yield
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _slots(device: torch.device, tiles: _Tiles) -> int:
-    """How many programs run at once: the size the grids are planned for."""
-    if "max_programs" in _OVERRIDE:
-        return _OVERRIDE["max_programs"]
-    if device.type != "cuda":
-        return 8  # interpreter: a few programs, several tiles each
-    return _sm_count_of(device) * tiles.per_sm
-
-
-def _with_override(tiles: _Tiles) -> _Tiles:
-    keys = {k: v for k, v in _OVERRIDE.items() if k in ("block_m", "block_n")}
-    return replace(tiles, **keys) if keys else tiles
-
-
-def _block_d(d: int, dtype: torch.dtype, device: torch.device) -> int:
-    """D chunk, shared by forward and backward: equal chunking (and operand layout) makes
-    the backward's recomputed logits bitwise equal to the forward's, so exp(S - lse)
-    sums to 1 up to the rounding of lse itself."""
-    if "block_d" in _OVERRIDE:
-        return _OVERRIDE["block_d"]
-    d_pad = max(16, triton.next_power_of_2(d))
-    if device.type != "cuda":
-        return min(d_pad, 64)
-    if dtype == torch.float32:  # IEEE (FMA) or tf32 products
-        return min(d_pad, 32)
-    return d_pad if d_pad <= 128 else 64
-
-
-# Tile heuristics for sm_90 (H100), checked by compiling offline with Triton 3.9 for
-# sm_90a: the 16-bit and tf32 configurations use wgmma, and all fit in 255 registers
-# without spilling (128 x 128 forward tiles, or 128-wide dB accumulators with D = 128,
-# spill). Not timed on a GPU yet: these are the numbers to tune first.
-def _forward_tiles(n: int, d: int, dtype: torch.dtype, device: torch.device) -> _Tiles:
-    block_d = _block_d(d, dtype, device)
-    if device.type != "cuda":
-        return _Tiles(32, 32, block_d, 4, 1)
-    if not _tensor_cores(dtype):  # IEEE fp32: FMA products
-        return _Tiles(64, 64, block_d, 8, 2)
-    if triton.cdiv(n, 128) * triton.cdiv(n, 64) < _sm_count_of(device):
-        return _Tiles(64, 64, block_d, 4, 3, per_sm=2)  # small N: more, smaller tiles
-    return _Tiles(128, 64, block_d, 8, 3)
-
-
-def _backward_tiles(n: int, d: int, dtype: torch.dtype, device: torch.device) -> _Tiles:
-    block_d = _block_d(d, dtype, device)
-    if device.type != "cuda":
-        return _Tiles(32, 32, block_d, 4, 1)
-    if not _tensor_cores(dtype):  # IEEE fp32: FMA products
-        return _Tiles(32, 32, block_d, 4, 2, per_sm=2)
-    if d <= block_d:  # single chunk: B block and the 64 x D fp32 dB accumulator on chip
-        return _Tiles(64, 64, block_d, 8, 2)
-    # D in chunks, dB by atomics per tile. Before Hopper (mma.sync keeps the products in
-    # registers) 64 x 128 spills: sm_80 gets 64 x 64.
-    return _Tiles(64, 128 if _capability(device)[0] >= 9 else 64, block_d, 8, 2)
-
-
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def _sm_count_of(device: torch.device) -> int:
-    return _sm_count(_index(device))
-
-
-@functools.cache
-def _capability_of(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def _capability(device: torch.device) -> tuple[int, int]:
-    return _capability_of(_index(device))
-
-
-@functools.lru_cache(maxsize=4096)
-def _forward_grid(num_rb: int, num_cb: int, slots: int) -> tuple[int, int]:
-    """(G, H) with G * H <= slots minimising the tiles of the busiest program."""
-    best = (num_rb * num_cb + 1, 0, 1, 1)
-    for g in range(1, min(num_rb, slots) + 1):
-        h = min(num_cb, slots // g)
-        cost = triton.cdiv(num_rb, g) * triton.cdiv(num_cb, h)
-        best = min(best, (cost, g + h, g, h))  # ties: smaller partial buffers
-    return best[2], best[3]
-
-
-@functools.lru_cache(maxsize=4096)
-def _backward_split(num_rb: int, num_cb: int, slots: int) -> int:
-    """Row-block split minimising waves x tiles per program; ties: fewer dB atomics."""
-    best = (num_rb * num_cb + 1, 1)
-    for split in range(1, num_rb + 1):
-        waves = triton.cdiv(num_cb * split, slots)
-        best = min(best, (waves * triton.cdiv(num_rb, split), split))
-        if num_cb * split >= slots:
-            break
-    return best[1]
-
-
-def _forward_grid_for(tiles: _Tiles, n: int, device: torch.device) -> tuple[int, int]:
-    """(G, H) of the forward grid for N = n with these tiles (:func:`_forward_grid`)."""
-    num_rb, num_cb = triton.cdiv(n, tiles.block_m), triton.cdiv(n, tiles.block_n)
-    return _forward_grid(num_rb, num_cb, _slots(device, tiles))
-
-
-def _backward_grid_for(tiles: _Tiles, n: int, device: torch.device) -> tuple[int, int]:
-    """(column blocks, SPLIT) of the backward grid for N = n with these tiles."""
-    num_rb, num_cb = triton.cdiv(n, tiles.block_m), triton.cdiv(n, tiles.block_n)
-    return num_cb, _backward_split(num_rb, num_cb, _slots(device, tiles))
-
-
-def _launch_kwargs(tiles: _Tiles, dtype: torch.dtype, device: torch.device) -> dict:
-    """The launch keywords the CLIP and GRAM kernels share: tile sizes, dot setup, warps."""
-    dot_dtype, precision = _dot_setup(dtype, device)
-    return dict(
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
-        DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )  # fmt: skip
-
-
-def _forward_plan(n: int, d: int, dtype: torch.dtype, device: torch.device):
-    tiles = _with_override(_forward_tiles(n, d, dtype, device))
-    return (tiles, *_forward_grid_for(tiles, n, device))
-
-
-def _backward_plan(n: int, d: int, dtype: torch.dtype, device: torch.device):
-    tiles = _with_override(_backward_tiles(n, d, dtype, device))
-    return (tiles, *_backward_grid_for(tiles, n, device))
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -33,14 +33,13 @@ Excluded entries are -inf; every -inf max or LSE is replaced by 0 before it is s
 (inf - inf never occurs): temperatures down to 0.01 and many views stay finite.
 
 Interpreter (TRITON_INTERPRET=1, CPU tensors): bf16 tiles are upcast to fp32 before
-tl.dot (``_dot_setup``) and tiles default to 32 x 32; :func:`override_tiles` forces them.
+tl.dot (``_dot_setup``) and tiles default to 32 x 32; ``_plan.override_tiles`` forces them.
 GPU tile sizes are untuned heuristics (never run on a GPU yet).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -50,19 +49,18 @@ from torch import Tensor
 from ._common import (
     _INTERPRET,
     _TORCH_TO_TL,
-    _check_block_size,
     _check_runnable,
     _dot_setup,
     _guard,
     _index_64,
     _lse_finish,
     _online_lse,
-    _scoped_update,
     _tile_logits,
     _widen,
 )
+from ._plan import _OVERRIDE  # the one tile-override registry (_plan.override_tiles)
 
-__all__ = ["override_tiles", "selfsim_rowlse_backward", "selfsim_rowlse_forward"]
+__all__ = ["selfsim_rowlse_backward", "selfsim_rowlse_forward"]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -234,23 +232,6 @@ def _selfsim_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- planning
-
-
-_OVERRIDE: dict = {}
-_OVERRIDE_KEYS = frozenset({"block_m", "block_n", "block_d"})
-
-
-@contextlib.contextmanager
-def override_tiles(**kwargs: int) -> Iterator[None]:
-    """Force tile sizes (tests, tuning): block_m, block_n, block_d, powers of two >= 16.
-    D <= block_d takes the backward's single-chunk (on-chip accumulator) path."""
-    unknown = set(kwargs) - _OVERRIDE_KEYS
-    if unknown:
-        raise ValueError(f"unknown overrides {sorted(unknown)}; allowed: {sorted(_OVERRIDE_KEYS)}")
-    for key, value in kwargs.items():
-        _check_block_size(key, value)
-    with _scoped_update(_OVERRIDE, kwargs):
-        yield
 
 
 def _plan(d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:

@@ -39,9 +39,9 @@ computed as -sigmoid(-S_ii) (no cancellation where sigmoid(S_ii) rounds to 1); Q
 to the input dtype for the two tensor-core GEMMs and (grad / N) * s is applied to their
 fp32 results. Masked (padded) entries contribute 0 to every sum.
 
-Tiles, program counts, the D chunk, ``override_tiles`` and the interpreter handling
-(bf16 tiles upcast to fp32 before tl.dot under TRITON_INTERPRET=1) are CLIP's: see
-``flashcontrast.backends.triton.clip``; ``clip.override_tiles`` (re-exported here) also
+Tiles, program counts, the D chunk and the interpreter handling (bf16 tiles upcast to
+fp32 before tl.dot under TRITON_INTERPRET=1) are CLIP's: see
+``flashcontrast.backends.triton.clip`` and ``_plan.py``, whose ``override_tiles`` also
 governs these kernels.
 """
 
@@ -62,32 +62,14 @@ from ._common import (
     _index_64,
     _load_rows,
     _load_rows_t,
+    _sigmoid,
+    _softplus,
     _tile_logits,
     _widen,
 )
-from .clip import _backward_plan, _forward_plan, override_tiles
+from ._plan import _backward_plan, _forward_plan
 
-__all__ = ["override_tiles", "siglip_backward", "siglip_forward"]
-
-
-# ----------------------------------------------------------------------------- jit helpers
-
-
-@triton.jit
-def _softplus(t):
-    """log(1 + e^t), stable for any t: max(t, 0) + log1p(e^-|t|)."""
-    e = tl.exp(-tl.abs(t))
-    u = 1.0 + e
-    tiny = u == 1.0
-    log1p = tl.where(tiny, e, tl.log(u) * (e / tl.where(tiny, 1.0, u - 1.0)))
-    return tl.maximum(t, 0.0) + log1p
-
-
-@triton.jit
-def _sigmoid(t):
-    """1 / (1 + e^-t), stable for any t."""
-    e = tl.exp(-tl.abs(t))
-    return tl.where(t >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+__all__ = ["siglip_backward", "siglip_forward"]
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -34,13 +34,11 @@ D = 1024, 16-bit up to 2048). Masked logits are -inf
 and every online max that may be -inf is replaced by 0 before it is subtracted.
 
 Interpreter (TRITON_INTERPRET=1): bf16 tiles are upcast to fp32 before tl.dot (its bf16
-tl.dot is wrong), as in ``clip.py``; :func:`override_tiles` forces the block sizes.
+tl.dot is wrong), as in ``clip.py``; ``_plan.override_tiles`` forces the block sizes
+(block_m and block_n: the tiles hold the whole of D).
 """
 
 from __future__ import annotations
-
-import contextlib
-from typing import Iterator
 
 import torch
 import triton
@@ -49,7 +47,6 @@ from torch import Tensor
 
 from ._common import (
     _TORCH_TO_TL,
-    _check_block_size,
     _check_runnable,
     _dot_setup,
     _guard,
@@ -57,12 +54,10 @@ from ._common import (
     _lse_finish,
     _lse_init,
     _online_lse,
-    _scoped_update,
 )
-from .clip import _capability
+from ._plan import _OVERRIDE, _capability  # the one tile-override registry
 
 __all__ = [
-    "override_tiles",
     "rowce_backward",
     "rowce_forward",
     "symile_n2_backward",
@@ -309,21 +304,6 @@ def _n2_bwd_kernel(x_ptr, y_ptr, z_ptr, scale_ptr, lse_ptr, g_ptr, out_ptr, N, D
 
 
 # ----------------------------------------------------------------------------- planning
-
-
-_OVERRIDE: dict = {}
-
-
-@contextlib.contextmanager
-def override_tiles(**kwargs: int) -> Iterator[None]:
-    """Force block sizes (tests, tuning). Keys: block_m, block_n (powers of two >= 16)."""
-    unknown = set(kwargs) - {"block_m", "block_n"}
-    if unknown:
-        raise ValueError(f"unknown overrides {sorted(unknown)}; allowed: block_m, block_n")
-    for key, value in kwargs.items():
-        _check_block_size(key, value)
-    with _scoped_update(_OVERRIDE, kwargs):
-        yield
 
 
 def _tiles(d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int, int]:
