@@ -3,12 +3,14 @@ rounding. When the positive pair's softmax weight is close to 1, the gradient is
 difference of two large parts (the softmax-weighted sum over candidates and the positive
 term); rounding each part to bf16 before they meet destroys it.
 
-CLIP and GRAM subtract the positive inside the backend's backward (fp32) and round once.
-MV-InfoNCE and Symile "n_squared" differentiate their positives above the backend op, so
-the op hands its gradient back in fp32 to the fp32 copy of the features the positives use,
-and the sum is rounded once (objectives/multiview.py, objectives/symile.py). Before that,
-these two lost far more than rounding (MV-InfoNCE: 12% of the largest entry; the Symile
-case: an exact 8e-4 computed as +-2^-5). One case stays open, marked below.
+CLIP, SigLIP and MV-InfoNCE run on the pair engine, which subtracts the positives inside
+the tile (fp32) before the one rounding; GRAM subtracts them inside its backward too.
+Symile "n_squared" differentiates its positives above the backend op, which hands its
+gradient back in fp32 to the fp32 copy of the features the positives use, and the sum is
+rounded once (objectives/symile.py). Before that, MV-InfoNCE lost 12% of the largest
+entry and the Symile case computed an exact 8e-4 as +-2^-5; MV-InfoNCE on the CUDA
+tensor-core kernel (multiview.cu, which rounded P ~ 1 to bf16 before the positives met
+it) stayed a strict xfail until the engine replaced it.
 """
 
 from __future__ import annotations
@@ -72,21 +74,10 @@ def _losses(backend: str) -> dict:
 _PERMS = torch.stack([torch.stack([torch.roll(torch.arange(N), k + 1) for k in range(2)])] * 3)
 
 
-# Still open on the tensor-core kernels: csrc/kernels/multiview.cu rounds the coefficient
-# tile P (about 1 on the positives) to bf16 for the P @ U product, so the large part is off
-# by 2^-9 of itself before the positives' fp32 gradient meets it. The fix is clip.cu's:
-# subtract the positives inside P before rounding. (The Triton kernels would show the same
-# on a GPU; the interpreter computes bf16 dots in fp32, so they pass here.)
-_TENSOR_CORE_P = pytest.mark.xfail(
-    strict=True, reason="multiview.cu rounds P ~ 1 on the positives to bf16 (see above)"
-)
-
-
 def _case(name: str, backend: str):
     """One (objective, backend) case with the backend's skip marks (verification.py)."""
     marks = {"torch": [], "triton": list(TRITON.marks), "cuda": list(CUDA_EMULATED.marks)}
-    extra = [_TENSOR_CORE_P] if (name, backend) == ("mv-infonce", "cuda") else []
-    return pytest.param(name, backend, marks=marks[backend] + extra, id=f"{name}-{backend}")
+    return pytest.param(name, backend, marks=marks[backend], id=f"{name}-{backend}")
 
 
 CASES = [_case(name, b) for name in _losses("torch") for b in ("torch", "triton", "cuda")]

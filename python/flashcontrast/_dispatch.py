@@ -34,8 +34,8 @@ BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
 # Objectives each compiled or JIT backend implements today; "torch" and "reference"
 # implement every objective that has a public function.
 CUDA_OBJECTIVES: frozenset = cuda_backend.OBJECTIVES
-TRITON_OBJECTIVES = frozenset({"clip", "gram", "multiview", "siglip", "symile"})
-TORCH_OBJECTIVES = frozenset({"clip", "gram", "multiview", "siglip", "symile"})
+TRITON_OBJECTIVES = frozenset({"clip", "gram", "infonce", "multiview", "siglip", "symile"})
+TORCH_OBJECTIVES = frozenset({"clip", "gram", "infonce", "multiview", "siglip", "symile"})
 # The feature dtypes each kernel backend takes (float64 runs on "torch" and "reference").
 KERNEL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 

@@ -7,6 +7,7 @@ live there once, whatever backend runs.
 
 from .objectives.clip import clip_loss
 from .objectives.gram import gram_loss, gram_volume
+from .objectives.infonce import infonce_loss
 from .objectives.multiview import multiview_dhel_loss, multiview_infonce_loss
 from .objectives.siglip import siglip_loss
 from .objectives.symile import symile_loss
@@ -15,6 +16,7 @@ __all__ = [
     "clip_loss",
     "gram_loss",
     "gram_volume",
+    "infonce_loss",
     "multiview_dhel_loss",
     "multiview_infonce_loss",
     "siglip_loss",

@@ -65,9 +65,13 @@ __all__ = [
 
 _C = _cuda_ext._C
 
+_PAIR = ("pair_forward", "pair_backward", "PairParams")
 _KERNELS = {
-    "pair": ("pair_forward", "pair_backward", "PairParams"),
-    "clip": ("clip_forward", "clip_backward"),
+    "pair": _PAIR,
+    # objectives that are epilogues of the pair engine need nothing else
+    "clip": _PAIR,
+    "siglip": _PAIR,
+    "infonce": _PAIR,
     "symile": (
         "rowce_forward",
         "rowce_backward",
@@ -76,7 +80,6 @@ _KERNELS = {
         "TripleParams",
     ),
     "gram": ("gram_forward", "gram_backward", "GramParams"),
-    "siglip": ("siglip_forward", "siglip_backward"),
     "multiview": ("selfsim_rowlse_forward", "selfsim_rowlse_backward"),
 }
 

@@ -11,8 +11,9 @@ inside (``F.normalize(x, dim=-1)``), logits are cosine similarities divided by
 
 * ``negative_keys=None``: the other samples' positive keys are the negatives. Row i of
   ``q @ k^T / T`` is classified with its positive on the diagonal: a ROW-ONLY InfoNCE
-  (one direction of CLIP). This path runs on the fused kernels (the row-only InfoNCE op
-  that Symile's O(N) negatives also use): O(N D) memory, no N x N logit matrix.
+  (one direction of CLIP). This path runs on the pair engine
+  (``flashcontrast.infonce_loss``, one "rows" sweep that owns the
+  positive term too): O(N D) memory, no N x N logit matrix.
 * ``negative_mode="unpaired"``, ``negative_keys`` (M, D): every query's candidates are
   its positive (column 0) and all M negatives.
 * ``negative_mode="paired"``, ``negative_keys`` (N, M, D): query i's candidates are its
@@ -37,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _dispatch
-from .._validation import accumulation_dtype, as_scalar_tensor, check_features
-from ..objectives.symile import symile_rowce_fwd
+from .._validation import as_scalar_tensor, check_features
+from ..objectives.infonce import infonce_loss
 
 __all__ = ["InfoNCE", "info_nce"]
 
@@ -129,18 +130,16 @@ def info_nce(
 
     check_features("query", q)
     check_features("positive_key", k)
-    chosen = _dispatch.resolve("symile", q.device, backend, q.dtype)
+    chosen = _dispatch.resolve("infonce", q.device, backend, q.dtype)
     if chosen == "reference":
         return _plain(q, k, None, temperature, reduction, negative_mode)
     if chosen == "triton" and q.dtype == torch.float64:
-        chosen = _dispatch.resolve("symile", q.device, "torch")
+        chosen = _dispatch.resolve("infonce", q.device, "torch")
     if k.dtype != q.dtype:
         raise TypeError(f"query and positive_key must share a dtype, got {q.dtype} and {k.dtype}")
-    acc = accumulation_dtype(q.dtype)
     scale = as_scalar_tensor("1 / temperature", 1.0 / temperature, q)
-    diag_logit = scale * (q.to(acc) * k.to(acc)).sum(dim=1)  # positives, autograd above the op
-    row_lse = symile_rowce_fwd(q, k, scale, diag_logit, chosen)  # (N,) LSE_j s q_i.k_j
-    return _reduce(row_lse - diag_logit, reduction)
+    # (N,) LSE_j s q_i.k_j - s q_i.k_i: one engine sweep, the positive term included
+    return _reduce(infonce_loss(q, k, scale, reduction="none", backend=chosen), reduction)
 
 
 class InfoNCE(nn.Module):

@@ -49,14 +49,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .. import _dispatch
 from .. import distributed as fc_dist
-from .._amp import autocast_off
 from .._validation import accumulation_dtype
-from ..backends.blockwise import MAX_BLOCK_ELEMENTS
-from ..backends.blockwise import siglip as blockwise_siglip
-from ..backends.blockwise import symile as blockwise_symile
 from ..distributed import _comm
+from ..objectives._pair_op import sweep
 from ..objectives.clip import clip_loss
+from ..objectives.infonce import infonce_loss
+from ..objectives.siglip import PAIR as SIGLIP_PAIR
 from ..objectives.siglip import siglip_loss
 
 __all__ = ["ClipLoss", "SigLipLoss"]
@@ -180,84 +180,45 @@ def _ring(x: Tensor) -> list[Tensor]:
     return parts
 
 
-def _block_budget(rows: int, cols: int, device: torch.device) -> int:
-    """The ``max_block_elements`` for a blockwise call with ``rows`` queries and ``cols``
-    columns (the backends size their blocks by the row count): (block rows x cols) stays
-    within the backend's element budget."""
-    budget = MAX_BLOCK_ELEMENTS.get(device.type, 1 << 22)
-    return rows * max(1, budget // cols)
+def _engine_backend(objective: str, x: Tensor, backend: str) -> str:
+    """The engine backend the rank-local paths run: ``backend`` resolved for ``x``
+    ("reference" has no rectangular form: its blockwise torch reading runs instead)."""
+    chosen = _dispatch.resolve(objective, x.device, backend, x.dtype)
+    return "torch" if chosen == "reference" else chosen
 
 
-class _RowLSE(torch.autograd.Function):
-    """Row logsumexps (n,) of ``scale * q @ keys^T`` (keys (N, D), N >= n) with entry
-    (i, i) replaced by ``diag[i]``: the blockwise row-only InfoNCE kernels."""
-
-    @staticmethod
-    @autocast_off
-    def forward(ctx, q: Tensor, keys: Tensor, scale: Tensor, diag: Tensor) -> Tensor:
-        ctx.budget = _block_budget(q.shape[0], keys.shape[0], q.device)
-        lse = blockwise_symile.rowce_forward(q, keys, scale, diag, ctx.budget)
-        ctx.save_for_backward(q, keys, scale, diag, lse)
-        return lse
-
-    @staticmethod
-    @once_differentiable
-    @autocast_off
-    def backward(ctx, grad: Tensor):
-        q, keys, scale, diag, lse = ctx.saved_tensors
-        dq, dkeys, dscale, ddiag = blockwise_symile.rowce_backward(
-            q, keys, scale, diag, lse, grad.to(lse.dtype), ctx.budget
-        )
-        return dq, dkeys, dscale.to(scale.dtype), ddiag.to(diag.dtype)
-
-
-def _row_cross_entropy(q: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor]):
+def _row_cross_entropy(q: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor], backend):
     """mean_i CE(s q_i keys^T + b, i): query i's positive is column i of ``keys``."""
-    acc = accumulation_dtype(q.dtype)
-    diag = scale * (q.to(acc) * keys[: q.shape[0]].to(acc)).sum(1)
-    lse = _RowLSE.apply(q, keys, scale, diag)
-    if bias is not None:  # b shifts every logit of a row and cancels; kept for its gradient
-        return ((lse + bias) - (diag + bias)).mean()
-    return (lse - diag).mean()
+    return infonce_loss(q, keys, scale, bias, backend=_engine_backend("infonce", q, backend))
 
 
 def _local_clip_loss(
-    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], with_grad: bool, rank: int
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    bias: Optional[Tensor],
+    with_grad: bool,
+    rank: int,
+    backend: str,
 ) -> Tensor:
     """OpenCLIP's ``local_loss=True``: 1/2 [CE(s a_r B^T, o_r + i) + CE(s b_r A^T, o_r + i)]
     with A, B gathered with or without gradient (the local shard is not re-inserted)."""
     images = _own_first(_gather(a, with_grad), rank)
     texts = _own_first(_gather(b, with_grad), rank)
     return 0.5 * (
-        _row_cross_entropy(a, texts, scale, bias) + _row_cross_entropy(b, images, scale, bias)
+        _row_cross_entropy(a, texts, scale, bias, backend)
+        + _row_cross_entropy(b, images, scale, bias, backend)
     )
 
 
-class _SigLipRows(torch.autograd.Function):
-    """``(1/n) sum_ij -log sigmoid(z_ij (s a_i.keys_j + b))`` over the n local rows and all
-    N columns, positives at (i, i): the blockwise SigLIP kernels."""
-
-    @staticmethod
-    @autocast_off
-    def forward(ctx, a: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-        ctx.budget = _block_budget(a.shape[0], keys.shape[0], a.device)
-        ctx.save_for_backward(a, keys, scale, bias)
-        total = blockwise_siglip.siglip_forward(a, keys, scale, bias, ctx.budget)
-        return total / a.shape[0]
-
-    @staticmethod
-    @once_differentiable
-    @autocast_off
-    def backward(ctx, grad: Tensor):
-        a, keys, scale, bias = ctx.saved_tensors
-        da, dkeys, dscale, dbias = blockwise_siglip.siglip_backward(
-            a, keys, scale, bias, grad, ctx.budget
-        )
-        return da, dkeys, dscale.to(scale.dtype), None if bias is None else dbias.to(bias.dtype)
-
-
 def _local_siglip_loss(
-    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], dist_impl: str, rank: int
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    bias: Optional[Tensor],
+    dist_impl: str,
+    rank: int,
+    backend: str,
 ) -> Tensor:
     """OpenCLIP's rank-local SigLIP loss: the local images against every rank's texts,
     which travel WITH gradients (ring shifts for "bidir" / "shift", an all-gather for
@@ -266,7 +227,10 @@ def _local_siglip_loss(
         texts = torch.cat(_ring(b))
     else:
         texts = _own_first(_gather(b, with_grad=True), rank)
-    return _SigLipRows.apply(a, texts, scale, bias)
+    # (1/n) sum_ij -log sigmoid(z_ij S_ij) over the n local rows and all columns, the
+    # positives at (i, i): one "sigmoid" sweep
+    chosen = _engine_backend("siglip", a, backend)
+    return sweep(a, texts, scale, bias, SIGLIP_PAIR, chosen)["total"] / a.shape[0]
 
 
 class ClipLoss(nn.Module):
@@ -280,7 +244,8 @@ class ClipLoss(nn.Module):
         rank, world_size: this process's place in the default process group.
         use_horovod: True raises NotImplementedError.
         backend: flashcontrast's backend for the single-process path ("auto", "cuda",
-            "triton", "torch", "reference"); the distributed path runs blockwise torch.
+            "triton", "torch", "reference"); with local_loss the rank-local sweeps run on it
+            too ("reference": the torch engine).
 
     Call: ``(image_features, text_features, logit_scale, logit_bias=None,
     output_dict=False)`` -> the loss (0-d), or ``{"contrastive_loss": loss}``.
@@ -373,7 +338,13 @@ class ClipLoss(nn.Module):
             "compat ClipLoss", image_features, text_features, logit_scale, logit_bias
         )
         loss = _local_clip_loss(
-            image_features, text_features, scale, bias, self.gather_with_grad, self.rank
+            image_features,
+            text_features,
+            scale,
+            bias,
+            self.gather_with_grad,
+            self.rank,
+            self.backend,
         )
         return _wrap(loss, output_dict)
 
@@ -397,7 +368,8 @@ class SigLipLoss(nn.Module):
             memory; here they are never materialized, whatever the chunk size, so every
             chunk size gives the same value bit for bit (OpenCLIP's own tests accept a
             1e-5 difference between its chunked and unchunked sums).
-        backend: flashcontrast's backend for the single-process path.
+        backend: flashcontrast's backend for the single-process path and the rank-local
+            sweep of world_size > 1 ("reference" there: the torch engine).
 
     Call: ``(image_features, text_features, logit_scale, logit_bias, output_dict=False)``
     (``logit_bias`` positional and required, as in OpenCLIP; None means no bias).
@@ -506,7 +478,7 @@ class SigLipLoss(nn.Module):
             "compat SigLipLoss", image_features, text_features, logit_scale, logit_bias
         )
         loss = _local_siglip_loss(
-            image_features, text_features, scale, bias, self.dist_impl, self.rank
+            image_features, text_features, scale, bias, self.dist_impl, self.rank, self.backend
         )
         return _wrap(loss, output_dict)
 

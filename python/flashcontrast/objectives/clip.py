@@ -1,8 +1,8 @@
 """CLIP InfoNCE (objectives.md section 1): checks, torch.library ops, autograd, public API.
 
-L = 1/2 [mean_i (LSE_j S_ij - S_ii) + mean_j (LSE_i S_ij - S_jj)], S = s A B^T + b. The
-backends compute (row LSE, column LSE, diagonal) and, from them, the gradients; the loss
-is reduced here, once for all backends.
+L = 1/2 [mean_i (LSE_j S_ij - S_ii) + mean_j (LSE_i S_ij - S_jj)], S = s A B^T + b, on the pair
+engine (``backends/pair.py``): one "softmax" sweep gives the row and column logsumexps and
+the positives' (the diagonal), and its backward the gradients of the whole loss.
 
 Groups (``groups=``, optional (N,) integer ids): S_ij with i != j and groups_i == groups_j
 is excluded (-inf) from both LSEs; the backends mask per tile from the (N,) vector.
@@ -17,14 +17,14 @@ from torch import Tensor
 
 from .. import _dispatch, reference
 from .._amp import autocast_off
-from .._ops import backend_module
 from .._validation import (
     Scalar,
-    accumulation_dtype,
     as_scalar_tensor,
     check_features,
     check_pair,
 )
+from ..backends.pair import Pair
+from ._pair_op import sweep
 
 
 def _check_groups(groups: object, a: Tensor) -> Optional[Tensor]:
@@ -66,84 +66,13 @@ def clip_loss_from_stats(row_lse: Tensor, col_lse: Tensor, diag: Tensor) -> Tens
     return 0.5 * ((row_lse - diag).mean() + (col_lse - diag).mean())
 
 
-@torch.library.custom_op("flashcontrast::clip_fwd", mutates_args=())
-@autocast_off
-def clip_fwd(
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    bias: Optional[Tensor],
-    groups: Optional[Tensor],
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Loss (0-d), row LSE (N,) and column LSE (N,) of S = scale * a @ b^T + bias (with
-    groups: S_ij = -inf where i != j and groups_i == groups_j)."""
-    module = backend_module(backend, "clip")
-    if groups is None:  # the ungrouped call, exactly as before groups existed
-        row_lse, col_lse, diag = module.clip_forward(a, b, scale, bias)
-    else:
-        row_lse, col_lse, diag = module.clip_forward(a, b, scale, bias, groups)
-    return clip_loss_from_stats(row_lse, col_lse, diag), row_lse, col_lse
+#: CLIP on the pair engine: row and column softmaxes, the positive of row i at column i.
+PAIR = Pair("softmax")
 
 
-@clip_fwd.register_fake
-def _clip_fwd_fake(a, b, scale, bias, groups, backend):
-    acc = accumulation_dtype(a.dtype)
-    n = a.shape[0]
-    return a.new_empty((), dtype=acc), a.new_empty(n, dtype=acc), a.new_empty(n, dtype=acc)
-
-
-@torch.library.custom_op("flashcontrast::clip_bwd", mutates_args=())
-@autocast_off
-def clip_bwd(
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    bias: Optional[Tensor],
-    row_lse: Tensor,
-    col_lse: Tensor,
-    grad: Tensor,
-    groups: Optional[Tensor],
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dA (N, D), dB (N, D), d(scale) and d(bias) (0-d) for upstream gradient ``grad``."""
-    module = backend_module(backend, "clip")
-    if groups is None:
-        return module.clip_backward(a, b, scale, bias, row_lse, col_lse, grad)
-    return module.clip_backward(a, b, scale, bias, row_lse, col_lse, grad, groups)
-
-
-@clip_bwd.register_fake
-def _clip_bwd_fake(a, b, scale, bias, row_lse, col_lse, grad, groups, backend):
-    acc = accumulation_dtype(a.dtype)
-    return (
-        torch.empty_like(a, memory_format=torch.contiguous_format),
-        torch.empty_like(b, memory_format=torch.contiguous_format),
-        a.new_empty((), dtype=acc),
-        a.new_empty((), dtype=acc),
-    )
-
-
-def _clip_setup_context(ctx, inputs, output) -> None:
-    a, b, scale, bias, groups, backend = inputs
-    _, row_lse, col_lse = output
-    ctx.backend = backend
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(a, b, scale, bias, row_lse, col_lse, groups)
-    ctx.mark_non_differentiable(row_lse, col_lse)
-
-
-def _clip_backward(ctx, grad_loss, _grad_row, _grad_col):
-    a, b, scale, bias, row_lse, col_lse, groups = ctx.saved_tensors
-    da, db, dscale, dbias = clip_bwd(
-        a, b, scale, bias, row_lse, col_lse, grad_loss.to(row_lse.dtype), groups, ctx.backend
-    )
-    return da, db, dscale, (dbias if ctx.has_bias else None), None, None
-
-
-torch.library.register_autograd(
-    "flashcontrast::clip_fwd", _clip_backward, setup_context=_clip_setup_context
-)
+def clip_from_sweep(st: dict) -> Tensor:
+    """The loss from the engine's logsumexps: 1/2 [mean(row - pos) + mean(col - cpos)]."""
+    return 0.5 * ((st["row"] - st["pos"]).mean() + (st["col"] - st["cpos"]).mean())
 
 
 @autocast_off
@@ -207,5 +136,5 @@ def clip_loss(
         return reference.clip_loss(a, b, scale, bias)
     if chosen == "triton" and a.dtype == torch.float64:
         raise TypeError("backend='triton' supports float32, float16 and bfloat16, not float64")
-    loss, _, _ = clip_fwd(a, b, scale, bias, g, chosen)
-    return loss
+    groups_ = None if g is None else (g, g)
+    return clip_from_sweep(sweep(a, b, scale, bias, PAIR, chosen, groups=groups_))

@@ -8,11 +8,16 @@ pakoromilas/Multi-View-CL (``MVINFONCE``, ``MVDHEL``) computes them:
                                    - LSE_{l != l'} s u_il.u_il' ]
     MV-DHEL:     L = (1/N) sum_i [ sum_l LSE_{j != i} s u_il.u_jl - LSE_{l < l'} s u_il.u_il' ]
 
-The negatives are row logsumexps of a symmetric self-similarity with its diagonal
-excluded exactly: of the whole stacked (V N, V N) matrix for MV-InfoNCE, of the V per-view
-(N, N) blocks for MV-DHEL. One op, ``flashcontrast::selfsim_rowlse`` (contract in
-backends/blockwise/multiview.py), computes them without materializing any of it; the
-positives (O(V^2 N D)) and the reductions are plain torch, differentiated by autograd.
+Both run on the pair engine (``backends/pair.py``) as self-similarities with the diagonal
+excluded exactly. MV-InfoNCE is ONE "rows" sweep of the stacked (V N, D) matrix against
+itself with sample(k) = k mod N: its row statistics are the denominator's inner LSE and,
+as the positives' LSE, LSE_{l' != l} s u_il.u_il', so the whole loss, numerator
+included, is differentiated inside the sweep (the positives subtracted in the tile, in
+fp32, before any rounding to 16 bits). MV-DHEL's negatives are V "rows" sweeps, one per
+view (every other sample a negative); its positives, LSE over the V (V - 1) / 2 pairs
+l < l', are O(V^2 N D): ``flashcontrast::mv_positive_lse``, row chunks upcast in the
+forward and again in the backward, so neither loss keeps a float32 copy of 16-bit views
+until the backward (the ops save the views themselves and O(V N) statistics).
 
 Groups (optional integer tensor (N,) of group ids): two DIFFERENT samples j != i with the
 same id are not negatives of each other, so every similarity between them (any views)
@@ -22,9 +27,10 @@ is the same as no groups. A row left with no negative (MV-DHEL when every other 
 shares i's group) has an empty LSE = -inf, and the loss is -inf (as the reference's is for
 N = 1): nothing checks for that, since it would need a host sync.
 
-Views: a (V, N, D) tensor is used in place (the Triton kernels read any strides; the torch
-backend casts half inputs to float32 and reshapes to (V N, D), copying only when the
-strides do not allow a view); a sequence of V (N, D) tensors costs one torch.stack.
+Views: a (V, N, D) tensor is used in place: MV-InfoNCE reshapes it to (V N, D), a view
+whenever the strides allow one (a copy otherwise, e.g. for a (N, V, D) tensor transposed),
+MV-DHEL sweeps each u[l] as it lies (the engine reads any strides); a sequence of V (N, D)
+tensors costs one torch.stack.
 """
 
 from __future__ import annotations
@@ -36,7 +42,6 @@ from torch import Tensor
 
 from .. import _dispatch, reference, reference_groups
 from .._amp import autocast_off
-from .._ops import backend_module
 from .._validation import (
     FEATURE_DTYPES,
     Scalar,
@@ -44,6 +49,8 @@ from .._validation import (
     as_scalar_tensor,
     check_strided,
 )
+from ..backends.pair import Pair
+from ._pair_op import sweep
 
 __all__ = [
     "MultiviewDHELLoss",
@@ -58,75 +65,92 @@ Views = Union[Tensor, Sequence[Tensor]]
 # ----------------------------------------------------------------------------- ops
 
 
-# The forward reads u (any dtype: the kernels' tensor-core path for 16-bit u); the
-# gradient goes to u_acc, u in the accumulation dtype, which the positives read too. Near
-# convergence the two gradients nearly cancel (the softmax mass sits on the positives), so
-# they must meet in fp32 and be rounded to u's dtype once, by u_acc's cast; rounding each
-# to bf16 first loses the difference (tests/test_half_precision_gradients.py). For fp32
-# and float64 u, u_acc is u itself.
+def _infonce_pair(n: int) -> Pair:
+    """MV-InfoNCE: the (V N, D) stack against itself, the entry of a row with itself left
+    out, sample(k) = k mod N, so a row's positives are its sample's other views."""
+    return Pair("rows", positives=True, exclude_self=True, period=n)
 
 
-@torch.library.custom_op("flashcontrast::selfsim_rowlse", mutates_args=())
+#: MV-DHEL's negatives: one view against itself, every other sample a negative.
+DHEL_PAIR = Pair("rows", positives=False, exclude_self=True)
+
+# Rows of the positives' chunks: (V, rows, D) float32 per chunk, about 4 MiB.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _chunks(u: Tensor):
+    v, n, d = u.shape
+    step = max(1, _CHUNK_ELEMENTS // (v * d))
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+def _pair_logits(u_c: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(raw <u_il, u_il'> (c, P), rows, cols) over the P = V (V - 1) / 2 pairs l < l' of
+    one chunk u_c (V, c, D) in the accumulation dtype."""
+    v = u_c.shape[0]
+    rows, cols = torch.triu_indices(v, v, offset=1, device=u_c.device)
+    raw = torch.einsum("lnd,knd->nlk", u_c, u_c)[:, rows, cols]
+    return raw, rows, cols
+
+
+@torch.library.custom_op("flashcontrast::mv_positive_lse", mutates_args=())
 @autocast_off
-def selfsim_rowlse(
-    u: Tensor,
-    u_acc: Tensor,
-    scale: Tensor,
-    per_view: bool,
-    groups: Optional[Tensor],
-    backend: str,
-) -> Tensor:
-    """(V, N) row LSEs of scale * <u_li, u_mj> over the allowed columns (see module doc).
-    u_acc: u in the accumulation dtype; read by nothing here, it receives the gradient."""
-    return backend_module(backend, "multiview").selfsim_rowlse_forward(u, scale, per_view, groups)
-
-
-@selfsim_rowlse.register_fake
-def _selfsim_rowlse_fake(u, u_acc, scale, per_view, groups, backend):
-    return u.new_empty(u.shape[:2], dtype=accumulation_dtype(u.dtype))
-
-
-@torch.library.custom_op("flashcontrast::selfsim_rowlse_bwd", mutates_args=())
-@autocast_off
-def selfsim_rowlse_bwd(
-    u: Tensor,
-    scale: Tensor,
-    per_view: bool,
-    groups: Optional[Tensor],
-    row_lse: Tensor,
-    grad_rows: Tensor,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    """(du in the accumulation dtype, dscale) of sum grad_rows * row_lse."""
-    return backend_module(backend, "multiview").selfsim_rowlse_backward(
-        u, scale, per_view, groups, row_lse, grad_rows
-    )
-
-
-@selfsim_rowlse_bwd.register_fake
-def _selfsim_rowlse_bwd_fake(u, scale, per_view, groups, row_lse, grad_rows, backend):
+def mv_positive_lse(u: Tensor, scale: Tensor) -> Tensor:
+    """(N,) LSE_{l < l'} s <u_il, u_il'> of u (V, N, D), in the accumulation dtype: MV-DHEL's
+    positives, O(V^2 N D), in row chunks of u upcast (no copy of u outlives the call)."""
     acc = accumulation_dtype(u.dtype)
-    du = u.new_empty(u.shape, dtype=acc)
-    return du, u.new_empty((), dtype=acc)
+    out = u.new_empty(u.shape[1], dtype=acc)
+    for start, stop in _chunks(u):
+        raw, _, _ = _pair_logits(u[:, start:stop].to(acc), scale)
+        out[start:stop] = torch.logsumexp(scale * raw, dim=1)
+    return out
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    u, _u_acc, scale, per_view, groups, backend = inputs
-    ctx.per_view = per_view
-    ctx.backend = backend
-    ctx.save_for_backward(u, scale, groups, output)
+@mv_positive_lse.register_fake
+def _mv_positive_lse_fake(u, scale):
+    return u.new_empty(u.shape[1], dtype=accumulation_dtype(u.dtype))
 
 
-def _backward(ctx, grad_rows):
-    u, scale, groups, row_lse = ctx.saved_tensors
-    du, dscale = selfsim_rowlse_bwd(
-        u, scale, ctx.per_view, groups, row_lse, grad_rows.to(row_lse.dtype), ctx.backend
-    )
-    return None, du, dscale.to(scale.dtype), None, None, None
+@torch.library.custom_op("flashcontrast::mv_positive_lse_bwd", mutates_args=())
+@autocast_off
+def mv_positive_lse_bwd(u: Tensor, scale: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """(du (V, N, D) in u's dtype, dscale) of sum_i grad_i LSE_{l < l'} s <u_il, u_il'>:
+    w = grad_i softmax_pairs, du_il = s sum_l' w_ll' u_il' (w symmetric), dscale = sum w raw."""
+    acc = accumulation_dtype(u.dtype)
+    du = torch.empty_like(u, memory_format=torch.contiguous_format)
+    dscale = torch.zeros((), dtype=acc, device=u.device)
+    v = u.shape[0]
+    for start, stop in _chunks(u):
+        u_c = u[:, start:stop].to(acc)
+        raw, rows, cols = _pair_logits(u_c, scale)
+        w = torch.softmax(scale * raw, dim=1) * grad[start:stop, None]
+        full = w.new_zeros(stop - start, v, v)
+        full[:, rows, cols] = w
+        full = full + full.transpose(1, 2)
+        du[:, start:stop] = (scale * torch.einsum("nlk,knd->lnd", full, u_c)).to(u.dtype)
+        dscale += (w * raw).sum()
+    return du, dscale
+
+
+@mv_positive_lse_bwd.register_fake
+def _mv_positive_lse_bwd_fake(u, scale, grad):
+    du = torch.empty_like(u, memory_format=torch.contiguous_format)
+    return du, u.new_empty((), dtype=accumulation_dtype(u.dtype))
+
+
+def _positives_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _positives_backward(ctx, grad):
+    u, scale = ctx.saved_tensors
+    du, dscale = mv_positive_lse_bwd(u, scale, grad.to(scale.dtype))
+    return du, dscale.to(scale.dtype)
 
 
 torch.library.register_autograd(
-    "flashcontrast::selfsim_rowlse", _backward, setup_context=_setup_context
+    "flashcontrast::mv_positive_lse", _positives_backward, setup_context=_positives_setup
 )
 
 
@@ -246,13 +270,12 @@ def multiview_infonce_loss(
         if g is None:
             return reference.multiview_infonce_loss(u, scale)
         return reference_groups.multiview_infonce_loss_masked(u, scale, g)
-    v = u.shape[0]
-    u_acc = u.to(scale.dtype)
-    row_lse = selfsim_rowlse(u, u_acc, scale, False, g, chosen)  # (V, N)
-    log_den = torch.logsumexp(row_lse, dim=0)
-    pos = _positive_logits(u_acc, scale)
-    eye = torch.eye(v, dtype=torch.bool, device=u.device)
-    log_num = torch.logsumexp(pos.masked_fill(eye, float("-inf")).flatten(1), dim=1)
+    v, n, d = u.shape
+    flat = u.reshape(v * n, d)  # a view wherever u's strides allow one
+    ids = None if g is None else (g.repeat(v),) * 2
+    st = sweep(flat, None, scale, None, _infonce_pair(n), chosen, groups=ids)
+    log_den = torch.logsumexp(st["row"].view(v, n), dim=0)  # LSE_l LSE_(j,m) != (i,l)
+    log_num = torch.logsumexp(st["pos"].view(v, n), dim=0)  # LSE_l LSE_l' != l
     # Each sample's term is >= 0 exactly (the denominator's set holds the numerator's),
     # but the two LSEs are rounded apart (at N = 1 they cover the same logits): the value
     # is clamped at 0, the gradient left the unclamped one (a rounding correction).
@@ -283,12 +306,12 @@ def multiview_dhel_loss(
         if g is None:
             return reference.multiview_dhel_loss(u, scale)
         return reference_groups.multiview_dhel_loss_masked(u, scale, g)
-    u_acc = u.to(scale.dtype)
-    row_lse = selfsim_rowlse(u, u_acc, scale, True, g, chosen)  # (V, N)
-    log_neg = row_lse.sum(dim=0)
-    pos = _positive_logits(u_acc, scale)
-    rows, cols = torch.triu_indices(v, v, offset=1, device=u.device)
-    log_pos = torch.logsumexp(pos[:, rows, cols], dim=1)
+    ids = None if g is None else (g, g)
+    # sum_l LSE_{j != i} s u_il.u_jl: one sweep per view
+    log_neg = sum(
+        sweep(u[k], None, scale, None, DHEL_PAIR, chosen, groups=ids)["row"] for k in range(v)
+    )
+    log_pos = mv_positive_lse(u, scale)
     return (log_neg - log_pos).mean()
 
 

@@ -1,9 +1,9 @@
 """SigLIP (objectives.md section 2): checks, torch.library ops, autograd, public API.
 
 S = s A B^T + b, z_ij = +1 on the diagonal and -1 elsewhere,
-L = -(1/N) sum_ij log sigmoid(z_ij S_ij). Every pair is independent, so the backends
-return one number, the tile sum ``total = sum_ij -log sigmoid(z_ij S_ij)`` (no O(N)
-statistics at all), and the backward recomputes each tile with
+L = -(1/N) sum_ij log sigmoid(z_ij S_ij), on the pair engine (``backends/pair.py``): the
+"sigmoid" epilogue returns one number, the tile sum ``total = sum_ij -log sigmoid(z_ij
+S_ij)`` (no O(N) statistics at all), and its backward recomputes each tile with
 dL/dS_ij = (1/N) (sigmoid(S_ij) - [i == j]). The division by N happens here, once.
 """
 
@@ -12,77 +12,19 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .. import _dispatch, reference
 from .._amp import autocast_off
-from .._ops import backend_module
-from .._validation import (
-    Scalar,
-    accumulation_dtype,
-    as_scalar_tensor,
-    check_features,
-    check_pair,
-)
+from .._validation import Scalar, as_scalar_tensor, check_features, check_pair
+from ..backends.pair import Pair
+from ._pair_op import sweep
 
 __all__ = ["SigLipLoss", "siglip_loss"]
 
 
-@torch.library.custom_op("flashcontrast::siglip_fwd", mutates_args=())
-@autocast_off
-def siglip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
-    """The loss (0-d): total / N, total = sum_ij -log sigmoid(z_ij S_ij)."""
-    total = backend_module(backend, "siglip").siglip_forward(a, b, scale, bias)
-    return total / a.shape[0]
-
-
-@siglip_fwd.register_fake
-def _siglip_fwd_fake(a, b, scale, bias, backend):
-    return a.new_empty((), dtype=accumulation_dtype(a.dtype))
-
-
-@torch.library.custom_op("flashcontrast::siglip_bwd", mutates_args=())
-@autocast_off
-def siglip_bwd(
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    bias: Optional[Tensor],
-    grad: Tensor,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dA (N, D), dB (N, D), d(scale) and d(bias) (0-d) for upstream gradient ``grad``."""
-    return backend_module(backend, "siglip").siglip_backward(a, b, scale, bias, grad)
-
-
-@siglip_bwd.register_fake
-def _siglip_bwd_fake(a, b, scale, bias, grad, backend):
-    acc = accumulation_dtype(a.dtype)
-    return (
-        torch.empty_like(a, memory_format=torch.contiguous_format),
-        torch.empty_like(b, memory_format=torch.contiguous_format),
-        a.new_empty((), dtype=acc),
-        a.new_empty((), dtype=acc),
-    )
-
-
-def _siglip_setup_context(ctx, inputs, output) -> None:
-    a, b, scale, bias, backend = inputs
-    ctx.backend = backend
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(a, b, scale, bias)
-
-
-def _siglip_backward(ctx, grad_loss):
-    a, b, scale, bias = ctx.saved_tensors
-    acc = accumulation_dtype(a.dtype)
-    da, db, dscale, dbias = siglip_bwd(a, b, scale, bias, grad_loss.to(acc), ctx.backend)
-    return da, db, dscale, (dbias if ctx.has_bias else None), None
-
-
-torch.library.register_autograd(
-    "flashcontrast::siglip_fwd", _siglip_backward, setup_context=_siglip_setup_context
-)
+#: SigLIP on the pair engine: z = +1 on the positive (column i of row i), -1 elsewhere.
+PAIR = Pair("sigmoid")
 
 
 @autocast_off
@@ -127,7 +69,7 @@ def siglip_loss(
         return reference.siglip_loss(a, b, scale, bias)
     if chosen == "triton" and a.dtype == torch.float64:
         raise TypeError("backend='triton' supports float32, float16 and bfloat16, not float64")
-    return siglip_fwd(a, b, scale, bias, chosen)
+    return sweep(a, b, scale, bias, PAIR, chosen)["total"] / a.shape[0]
 
 
 class SigLipLoss(nn.Module):

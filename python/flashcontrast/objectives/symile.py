@@ -5,19 +5,21 @@ others keep their list order; L = (1/M) sum_m mean_i (LSE_c logits_m[i, c] - s M
 MIP_i = MIP(x^1_i, ..., x^M_i) the positive (the same for every anchor).
 
 "n"          the candidates of anchor row i are the columns j of W^m = prod_o x^o[pi_mo]
-             (N, D), built here in torch (O(M N D), differentiated by autograd), with
-             column i replaced by the positive: ONE ``symile_rowce_fwd`` call per anchor
-             (row-only InfoNCE with a diagonal override). The permutations pi are drawn
-             by ``symile_negative_permutations``: the published package's random stream.
+             (N, D), with column i replaced by the positive: ONE op for the whole loss,
+             ``flashcontrast::symile_n`` (objectives/_symile_n.py): a pair-engine "rows"
+             sweep per anchor with the positive logit as the override, W rebuilt in the
+             backward. The permutations pi are drawn by ``symile_negative_permutations``:
+             the published package's random stream.
 "n_squared"  all N^(M-1) index tuples of the others: ``symile_n2_fwd`` (M = 3, every
              backend) or ``symile_nk_fwd`` (M > 3, the "torch" backend only), which
              generate the candidates block by block and never store them.
 
-The positive logit s * MIP_i is computed here, in torch, and differentiated by autograd;
-the ops return row logsumexps only and their backward takes the gradient of those.
+With "n_squared" the positive logit s * MIP_i is computed here, in torch, and
+differentiated by autograd; the ops return row logsumexps only and their backward takes
+the gradient of those.
 
 Each row's cross entropy LSE_i - s MIP_i is >= 0 exactly (the LSE runs over a set that
-holds the positive). With "n" the op uses the given positive as its diagonal, so the
+holds the positive). With "n" the op uses its own positive as the override, so the
 computed LSE is >= it too. With "n_squared" the kernels generate the positive candidate
 themselves, with their own rounding: the 16-bit kernels (Triton, CUDA) form x_i * y_j and
 round it to the input dtype for the tensor-core dot, Triton fp32 on a GPU uses TF32, and
@@ -26,7 +28,7 @@ one in its last bits, and where the positive dominates (always at N = 1, where t
 over one candidate is that candidate) LSE_i - s MIP_i came out negative: fp16 Triton at
 N = 1 -3e-4 to -2e-3 for scales up to 50, the CUDA bf16 kernels -3e-2, fp32 -1e-6.
 
-The exact fix is a diagonal override in the n_squared kernels, as rowce has; it changes
+The exact fix is a diagonal override in the n_squared kernels, as the engine has; it changes
 the backend contract and every backend, csrc/ included. Until then the value of each
 n_squared row's cross entropy is clamped at 0, which is exact where it binds (the true
 value lies in [0, the rounding difference]), and its gradient is left the unclamped one:
@@ -53,6 +55,7 @@ from .._validation import (
     check_pair,
     check_strided,
 )
+from ._symile_n import symile_n
 
 __all__ = ["SymileLoss", "symile_loss"]
 
@@ -61,70 +64,6 @@ NEGATIVE_SAMPLING = ("n", "n_squared")
 
 def _contiguous_like(x: Tensor) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-# ----------------------------------------------------------------------------- rowce
-
-
-@torch.library.custom_op("flashcontrast::symile_rowce_fwd", mutates_args=())
-@autocast_off
-def symile_rowce_fwd(
-    a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor, backend: str
-) -> Tensor:
-    """Row LSEs (N,) of scale * a @ w^T with the diagonal replaced by diag_logit."""
-    return backend_module(backend, "symile").rowce_forward(a, w, scale, diag_logit)
-
-
-@symile_rowce_fwd.register_fake
-def _rowce_fwd_fake(a, w, scale, diag_logit, backend):
-    return a.new_empty(a.shape[0], dtype=accumulation_dtype(a.dtype))
-
-
-@torch.library.custom_op("flashcontrast::symile_rowce_bwd", mutates_args=())
-@autocast_off
-def symile_rowce_bwd(
-    a: Tensor,
-    w: Tensor,
-    scale: Tensor,
-    diag_logit: Tensor,
-    row_lse: Tensor,
-    grad_rows: Tensor,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(da, dw, dscale, ddiag) of sum_i grad_rows_i row_lse_i."""
-    return backend_module(backend, "symile").rowce_backward(
-        a, w, scale, diag_logit, row_lse, grad_rows
-    )
-
-
-@symile_rowce_bwd.register_fake
-def _rowce_bwd_fake(a, w, scale, diag_logit, row_lse, grad_rows, backend):
-    acc = accumulation_dtype(a.dtype)
-    return (
-        _contiguous_like(a),
-        _contiguous_like(w),
-        a.new_empty((), dtype=acc),
-        a.new_empty(a.shape[0], dtype=acc),
-    )
-
-
-def _rowce_setup_context(ctx, inputs, output) -> None:
-    a, w, scale, diag_logit, backend = inputs
-    ctx.backend = backend
-    ctx.save_for_backward(a, w, scale, diag_logit, output)
-
-
-def _rowce_backward(ctx, grad_rows):
-    a, w, scale, diag_logit, row_lse = ctx.saved_tensors
-    da, dw, dscale, ddiag = symile_rowce_bwd(
-        a, w, scale, diag_logit, row_lse, grad_rows.to(row_lse.dtype), ctx.backend
-    )
-    return da, dw, dscale.to(scale.dtype), ddiag.to(diag_logit.dtype), None
-
-
-torch.library.register_autograd(
-    "flashcontrast::symile_rowce_fwd", _rowce_backward, setup_context=_rowce_setup_context
-)
 
 
 # ----------------------------------------------------------------------------- n_squared, M = 3
@@ -399,6 +338,12 @@ def symile_loss(
     if chosen == "triton" and dtype == torch.float64:
         raise TypeError("backend='triton' supports float32, float16 and bfloat16, not float64")
 
+    if negative_sampling == "n":
+        if perms is None:
+            perms = symile_negative_permutations(m, n, generator=generator, device=device)
+        ce, _, _ = symile_n(reps, perms, scale, chosen)  # (M, N): the whole loss in one op
+        return ce.mean(dim=1).sum() / m
+
     acc = accumulation_dtype(dtype)
     reps_acc = [r.to(acc) for r in reps]
     prod = reps_acc[0]
@@ -410,23 +355,16 @@ def symile_loss(
     for a in range(m):
         others = [r for o, r in enumerate(reps) if o != a]
         others_acc = [r for o, r in enumerate(reps_acc) if o != a]
-        if negative_sampling == "n":
-            if perms is None:
-                perms = symile_negative_permutations(m, n, generator=generator, device=device)
-            w = others_acc[0][perms[a, 0]]
-            for k in range(1, m - 1):
-                w = w * others_acc[k][perms[a, k]]
-            row_lse = symile_rowce_fwd(reps[a], w.to(dtype), scale, diag_logit, chosen)
-        elif m == 3:
+        if m == 3:
             row_lse = symile_n2_fwd(reps[a], *others, reps_acc[a], *others_acc, scale, chosen)
         else:
             stacked = torch.stack(others)
             o_acc = stacked if stacked.dtype == acc else stacked.to(acc)
             row_lse = symile_nk_fwd(reps[a], stacked, reps_acc[a], o_acc, scale, chosen)
         ce = row_lse - diag_logit  # (N,) per-row cross entropies, >= 0 in exact arithmetic
-        if negative_sampling == "n_squared":  # the kernels round the positive their own way
-            # value max(ce, 0) exactly (x - x is 0; +inf stays), gradient that of ce
-            ce = ce - ce.detach().clamp_max(0.0)
+        # the kernels round the positive their own way: value max(ce, 0) exactly (x - x is
+        # 0; +inf stays), gradient that of ce
+        ce = ce - ce.detach().clamp_max(0.0)
         term = ce.mean()
         total = term if total is None else total + term
     return total / m

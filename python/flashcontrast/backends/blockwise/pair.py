@@ -34,45 +34,92 @@ _NEG = float("-inf")
 
 
 class _Sets:
-    """The entry sets of one row block (rows start .. start + r of the sweep)."""
+    """The entry sets of one row block (rows start .. start + r of the sweep), applied to
+    its logits S (r, m) in place: excluded and masked entries become -inf (then they are
+    in no statistic, contribute 0 to SigLIP's sum and get weight 0 in the backward,
+    without an (r, m) mask); the positives are kept as indices where each row has one at
+    most (period 0: global row == global column, CLIP's diagonal wherever the block sits),
+    as an (r, m) boolean only with a period (the multi-view stacks)."""
 
     def __init__(
         self, pair: Pair, start: int, r: int, m: int, row_offset: int, col_offset: int,
         row_groups: Optional[Tensor], col_groups: Optional[Tensor], device,
     ) -> None:  # fmt: skip
+        self.start, self.r = start, r
+        # the entries with global row == global column: local (row, column) index pairs
         gi = torch.arange(row_offset + start, row_offset + start + r, device=device)
-        gj = torch.arange(col_offset, col_offset + m, device=device)
-        si = sample_ids(row_offset + start, r, pair.period, device)
-        sj = sample_ids(col_offset, m, pair.period, device)
-        same = si[:, None] == sj[None, :]
-        self_ = gi[:, None] == gj[None, :]
-        allowed = ~self_ if pair.exclude_self else torch.ones_like(same)
-        if row_groups is not None:
+        cj = gi - col_offset
+        hit = (cj >= 0) & (cj < m)
+        self.diag = (torch.nonzero(hit).flatten(), cj[hit])
+        self.exclude = pair.exclude_self
+        self.groups = None
+        if row_groups is not None:  # equal id and different sample: masked
+            si = sample_ids(row_offset + start, r, pair.period, device)
+            sj = sample_ids(col_offset, m, pair.period, device)
             rg = row_groups[start : start + r]
-            allowed &= ~((rg[:, None] == col_groups[None, :]) & ~same)
-        self.allowed = allowed
-        self.pos = (same & ~self_ if pair.exclude_self else same) if pair.positives else None
+            self.groups = (rg[:, None] == col_groups[None, :]) & (si[:, None] != sj[None, :])
+        self.pos_mask = self.pos_idx = None
+        if pair.positives and pair.period > 0:
+            si = sample_ids(row_offset + start, r, pair.period, device)
+            sj = sample_ids(col_offset, m, pair.period, device)
+            self.pos_mask = si[:, None] == sj[None, :]
+            if pair.exclude_self:
+                self.pos_mask[self.diag] = False
+        elif pair.positives and not pair.exclude_self:
+            self.pos_idx = self.diag
+
+    @property
+    def has_pos(self) -> bool:
+        return self.pos_mask is not None or self.pos_idx is not None
+
+    def apply(self, s: Tensor) -> None:
+        """Excluded and masked entries of S to -inf, in place."""
+        if self.exclude:
+            s[self.diag] = _NEG
+        if self.groups is not None:
+            s.masked_fill_(self.groups, _NEG)
+
+    def pos_pairs(self, s: Tensor, dim: int, size: int) -> tuple[Tensor, Tensor]:
+        """(max, sum) over the positives along ``dim`` (``size`` outputs)."""
+        if self.pos_mask is not None:
+            return _pairs(s.masked_fill(~self.pos_mask, _NEG), dim)
+        mx = s.new_full((size,), _NEG)
+        sm = s.new_zeros(size)
+        rows, cols = self.pos_idx
+        at = rows if dim == 1 else cols
+        mx[at] = s[rows, cols]
+        sm[at] = 1.0
+        return mx, sm
+
+    def pos_softmax(self, s: Tensor, mx: Tensor, ls: Tensor, dim: int) -> Tensor:
+        """Q: exp((S - max) - log sum) over the positives, (r, m) with the mask, else the
+        values at the positive indices (rows, cols order)."""
+        if self.pos_mask is not None:
+            q = _softmax(s, mx, ls, dim)
+            return q.masked_fill_(~self.pos_mask, 0.0)
+        rows, cols = self.pos_idx
+        at = rows if dim == 1 else cols
+        return torch.exp((s[rows, cols] - mx[at]) - ls[at])
 
 
-def _logits(a_blk: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]) -> tuple:
-    x = torch.mm(a_blk, b.t())
-    s = x * scale
-    return x, (s if bias is None else s.add_(bias))
+def _logits(a_blk: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """S = scale a_blk b^T + bias, (r, m), in one buffer."""
+    s = torch.mm(a_blk, b.t()).mul_(scale)
+    return s if bias is None else s.add_(bias)
 
 
-def _override(s: Tensor, sets: _Sets, pos_logits: Optional[Tensor], start: int) -> None:
+def _override(s: Tensor, sets: _Sets, pos_logits: Optional[Tensor]) -> None:
     """S on the positives replaced by the given logits (one positive per row at most)."""
-    if pos_logits is not None:
-        rows = pos_logits[start : start + s.shape[0], None].expand_as(s)
-        s.masked_scatter_(sets.pos, rows[sets.pos])
+    if pos_logits is not None and sets.pos_idx is not None:
+        rows, cols = sets.pos_idx
+        s[rows, cols] = pos_logits[sets.start + rows]
 
 
-def _pairs(s: Tensor, keep: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """(max, sum exp(S - max)) along ``dim`` over the kept entries."""
-    masked = s.masked_fill(~keep, _NEG)
-    mx = masked.amax(dim=dim)
+def _pairs(s: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """(max, sum exp(S - max)) along ``dim`` (-inf entries are out of the set)."""
+    mx = s.amax(dim=dim)
     safe = torch.where(torch.isneginf(mx), torch.zeros_like(mx), mx)
-    return mx, torch.exp(masked - safe.unsqueeze(dim)).sum(dim=dim)
+    return mx, torch.exp(s - safe.unsqueeze(dim)).sum(dim=dim)
 
 
 def pair_forward(
@@ -110,19 +157,25 @@ def pair_forward(
     for start in range(0, n, rows):
         r = min(rows, n - start)
         sets = _Sets(pair, start, r, m, row_offset, col_offset, row_groups, col_groups, a.device)
-        _, s = _logits(a_acc[start : start + r], b_acc, scale, bias)
-        _override(s, sets, pos_logits, start)
-        if pair.epilogue == "sigmoid":
-            z = torch.where(sets.pos, s, -s) if sets.pos is not None else -s
-            total -= F.logsigmoid(z).masked_fill(~sets.allowed, 0.0).sum()
+        s = _logits(a_acc[start : start + r], b_acc, scale, bias)
+        _override(s, sets, pos_logits)
+        sets.apply(s)
+        if pair.epilogue == "sigmoid":  # sum softplus(-z S): -inf entries add 0
+            if sets.pos_idx is not None:
+                s[sets.pos_idx] = -s[sets.pos_idx]
+                total -= F.logsigmoid(s.neg_()).sum()
+            elif sets.pos_mask is not None:
+                total -= F.logsigmoid(torch.where(sets.pos_mask, s, -s)).sum()
+            else:
+                total -= F.logsigmoid(s.neg_()).sum()
             continue
-        row_max[start : start + r], row_sum[start : start + r] = _pairs(s, sets.allowed, 1)
+        row_max[start : start + r], row_sum[start : start + r] = _pairs(s, 1)
         if pair.positives:
-            pos_max[start : start + r], pos_sum[start : start + r] = _pairs(s, sets.pos, 1)
+            pos_max[start : start + r], pos_sum[start : start + r] = sets.pos_pairs(s, 1, r)
         if cols:
-            col_max, col_sum = merge_lse(col_max, col_sum, *_pairs(s, sets.allowed, 0))
+            col_max, col_sum = merge_lse(col_max, col_sum, *_pairs(s, 0))
             if pair.positives:
-                cpos_max, cpos_sum = merge_lse(cpos_max, cpos_sum, *_pairs(s, sets.pos, 0))
+                cpos_max, cpos_sum = merge_lse(cpos_max, cpos_sum, *sets.pos_pairs(s, 0, m))
     if pair.epilogue == "sigmoid":
         return Stats(total=total)
     out = dict(row_max=row_max, row_sum=row_sum)
@@ -135,11 +188,19 @@ def pair_forward(
     return Stats(**out)
 
 
-def _softmax(s: Tensor, keep: Tensor, mx: Tensor, ls: Tensor, dim: int) -> Tensor:
-    """exp((S - max) - log sum) on the kept entries, 0 elsewhere (and on empty sets)."""
+def _softmax(s: Tensor, mx: Tensor, ls: Tensor, dim: int) -> Tensor:
+    """exp((S - max) - log sum), a new (r, m) buffer: 0 on -inf entries and empty sets."""
     shape = (-1, 1) if dim == 1 else (1, -1)
-    p = torch.exp((s - mx.view(shape)) - ls.view(shape))
-    return p.masked_fill_(~keep, 0.0)
+    return torch.exp_((s - mx.view(shape)).sub_(ls.view(shape)))
+
+
+def _sub_positive(ds: Tensor, sets: _Sets, q: Tensor, coef: Tensor, dim: int) -> None:
+    """dS -= coef Q over the positives (coef per row with dim 1, per column with dim 0)."""
+    if sets.pos_mask is not None:
+        ds.sub_(q.mul_(coef[:, None] if dim == 1 else coef[None, :]))
+        return
+    rows, cols = sets.pos_idx
+    ds[rows, cols] -= q * coef[rows if dim == 1 else cols]
 
 
 def pair_backward(
@@ -189,28 +250,39 @@ def pair_backward(
         sl = slice(start, start + r)
         sets = _Sets(pair, start, r, m, row_offset, col_offset, row_groups, col_groups, a.device)
         a_blk = a_acc[sl]
-        x, s = _logits(a_blk, b_acc, scale, bias)
-        _override(s, sets, pos_logits, start)
+        s = _logits(a_blk, b_acc, scale, bias)
+        _override(s, sets, pos_logits)
+        sets.apply(s)
         if pair.epilogue == "sigmoid":
-            ds = torch.sigmoid(s)
-            if sets.pos is not None:  # sigmoid(S) - 1 as -sigmoid(-S): exact near 1
-                ds = torch.where(sets.pos, -torch.sigmoid(-s), ds)
-            ds.masked_fill_(~sets.allowed, 0.0).mul_(coefs.total.to(acc))
+            g = coefs.total.to(acc)
+            if sets.pos_mask is not None:  # sigmoid(S) - 1 as -sigmoid(-S): exact near 1
+                ds = torch.where(sets.pos_mask, -torch.sigmoid(-s), torch.sigmoid(s))
+            else:
+                ds = torch.sigmoid(s)
+                if sets.pos_idx is not None:
+                    ds[sets.pos_idx] = -torch.sigmoid(-s[sets.pos_idx])
+            ds.mul_(g)
         else:
             ds = torch.zeros_like(s)
             if gr is not None:
-                ds += gr[sl, None] * _softmax(s, sets.allowed, rmax[sl], rlog[sl], 1)
-            if gpr is not None and pair.positives:
-                ds -= gpr[sl, None] * _softmax(s, sets.pos, pmax[sl], plog[sl], 1)
+                ds.add_(_softmax(s, rmax[sl], rlog[sl], 1).mul_(gr[sl, None]))
             if pair.epilogue == "softmax" and gc is not None:
-                ds += gc[None, :] * _softmax(s, sets.allowed, cmax, clog, 0)
+                ds.add_(_softmax(s, cmax, clog, 0).mul_(gc[None, :]))
+            # the positives, subtracted in the block before anything is rounded
+            if gpr is not None and pair.positives:
+                q = sets.pos_softmax(s, pmax[sl], plog[sl], 1)
+                _sub_positive(ds, sets, q, gpr[sl], 1)
             if pair.epilogue == "softmax" and gpc is not None and pair.positives:
-                ds -= gpc[None, :] * _softmax(s, sets.pos, cpmax, cplog, 0)
-        if dpos is not None:  # the positive's logit is not a_i . b_j: its gradient apart
-            dpos[sl] = (ds * sets.pos).sum(dim=1)
-            ds.masked_fill_(sets.pos, 0.0)
-        ds_b = torch.mm(ds, b_acc)
-        dscale += (ds * x).sum()
+                q = sets.pos_softmax(s, cpmax, cplog, 0)
+                _sub_positive(ds, sets, q, gpc, 0)
+        del s
+        if dpos is not None and sets.pos_idx is not None:
+            # the positive's logit is not a_i . b_j: its gradient goes apart
+            rows, cols = sets.pos_idx
+            dpos[start + rows] = ds[rows, cols]
+            ds[rows, cols] = 0.0
+        ds_b = torch.mm(ds, b_acc)  # (r, D)
+        dscale += (ds_b * a_blk).sum()  # sum_ij dS_ij <a_i, b_j> = sum_i <a_i, (dS B)_i>
         dbias += ds.sum()
         da[sl] = ds_b.mul_(scale)
         db.addmm_(ds.t(), a_blk)
