@@ -10,8 +10,10 @@ H_j = Gram(o^1_j, ..., o^K_j) (K x K) and u_ij = (<t_i, o^1_j>, ..., <t_i, o^K_j
 
 so no (N, N, M, M) Gram tensor is ever formed: the backends need K dot-product tiles per
 logit tile plus a quadratic form with per-column constants det_h_j = det H_j and
-adj_h_j = adj H_j. Those constants are computed here, once, in O(N K^3)-ish torch ops
-(:func:`column_constants`), by explicit Laplace (cofactor) expansion: a polynomial in the
+adj_h_j = adj H_j. Those constants are computed here, once: H_j by the op
+``flashcontrast::gram_matrices`` (row chunks upcast, so autograd keeps the features in
+their own dtype and no float32 copy), det and adj in O(N K^3)-ish torch ops on H
+(:func:`column_constants_from_gram`), by explicit Laplace (cofactor) expansion: a polynomial in the
 entries of H_j, so they and their gradients are exact and finite even where H_j is
 singular (torch.linalg.det / inv have unreliable gradients there). The backends return
 the gradients w.r.t. det_h and adj_h (col_tt, -col_uu, see ``flashcontrast.backends``), and
@@ -23,7 +25,7 @@ Degenerate volumes: a computed det_ij carries rounding of order eps B_ij, B_ij =
 taken as exactly 0, with derivative 0: collinear or coincident vectors (a duplicated
 modality, an anchor equal to another modality's vector) give the same loss and the same,
 finite gradient on every backend, whatever the rounding. The backends get the per-column
-part of the floor, floor_h_j = rtol prod_r |o^r_j|^2 (:func:`degeneracy_floor`), and
+part of the floor, floor_h_j = rtol prod_r |o^r_j|^2 (:func:`floor_from_gram`), and
 compare det_ij with tt_i floor_h_j. Above the floor V = sqrt(det) with its true gradient.
 
 Differences from the published code (ispamm/GRAM ``utils/volume.py``): it takes
@@ -96,6 +98,19 @@ def column_constants(others: Tensor) -> tuple[Tensor, Tensor]:
     for r in range(k):
         for s in range(r, k):
             h[r][s] = h[s][r] = (others[r] * others[s]).sum(dim=-1)  # (N,)
+    return _constants(h)
+
+
+def column_constants_from_gram(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`column_constants` from the (N, K, K) Gram matrices H_j themselves (autograd
+    then saves O(N K^2), not the features)."""
+    k = gram.shape[-1]
+    return _constants([[gram[:, r, s] for s in range(k)] for r in range(k)])
+
+
+def _constants(h: list) -> tuple[Tensor, Tensor]:
+    """(det, adj) of the batched K x K matrices given entry by entry, h[r][s] (N,)."""
+    k = len(h)
     one = torch.ones_like(h[0][0])
     memo: dict = {}
     full = tuple(range(k))
@@ -107,6 +122,75 @@ def column_constants(others: Tensor) -> tuple[Tensor, Tensor]:
             adj[r][c] = adj[c][r] = minor if (r + c) % 2 == 0 else -minor
     adj_h = torch.stack([torch.stack(row, dim=-1) for row in adj], dim=-2)  # (N, K, K)
     return det_h, adj_h
+
+
+# Rows of one chunk of the Gram products: (K, rows, D) in float32, about 4 MiB.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _row_chunks(others: Tensor):
+    k, n, d = others.shape
+    step = max(1, _CHUNK_ELEMENTS // max(1, k * d))
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+@torch.library.custom_op("flashcontrast::gram_matrices", mutates_args=())
+@autocast_off
+def gram_matrices(others: Tensor) -> Tensor:
+    """H_j = Gram(o^1_j, ..., o^K_j), (N, K, K) in the accumulation dtype, from others
+    (K, N, D) upcast a row chunk at a time: no copy of the features outlives the call."""
+    acc = accumulation_dtype(others.dtype)
+    out = others.new_empty((others.shape[1], others.shape[0], others.shape[0]), dtype=acc)
+    for start, stop in _row_chunks(others):
+        o = others[:, start:stop].to(acc)
+        out[start:stop] = torch.einsum("knd,lnd->nkl", o, o)
+    return out
+
+
+@gram_matrices.register_fake
+def _gram_matrices_fake(others):
+    k, n, _ = others.shape
+    return others.new_empty((n, k, k), dtype=accumulation_dtype(others.dtype))
+
+
+@torch.library.custom_op("flashcontrast::gram_matrices_bwd", mutates_args=())
+@autocast_off
+def gram_matrices_bwd(others: Tensor, grad: Tensor) -> Tensor:
+    """d others (K, N, D), others' dtype: d o^r_j = sum_s (dH_j[r, s] + dH_j[s, r]) o^s_j."""
+    acc = accumulation_dtype(others.dtype)
+    out = torch.empty_like(others, memory_format=torch.contiguous_format)
+    for start, stop in _row_chunks(others):
+        g = grad[start:stop].to(acc)
+        g = g + g.transpose(1, 2)
+        out[:, start:stop] = torch.einsum("nkl,lnd->knd", g, others[:, start:stop].to(acc))
+    return out
+
+
+@gram_matrices_bwd.register_fake
+def _gram_matrices_bwd_fake(others, grad):
+    return torch.empty_like(others, memory_format=torch.contiguous_format)
+
+
+def _gram_matrices_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _gram_matrices_backward(ctx, grad):
+    (others,) = ctx.saved_tensors
+    return gram_matrices_bwd(others, grad)
+
+
+torch.library.register_autograd(
+    "flashcontrast::gram_matrices", _gram_matrices_backward, setup_context=_gram_matrices_setup
+)
+
+
+def floor_from_gram(gram: Tensor, dtype: torch.dtype) -> Tensor:
+    """:func:`degeneracy_floor` from the Gram matrices (N, K, K): rtol prod_r H_j[r, r]."""
+    with torch.no_grad():
+        diag = gram.diagonal(dim1=-2, dim2=-1)  # (N, K): |o^r_j|^2
+        return diag.prod(dim=-1).mul_(reference.gram_degenerate_rtol(dtype))
 
 
 def degeneracy_floor(others: Tensor) -> Tensor:
@@ -358,9 +442,9 @@ def gram_loss(
     if chosen == "triton" and a.dtype == torch.float64:
         raise TypeError("backend='triton' supports float32, float16 and bfloat16, not float64")
     stacked = torch.stack(others)  # (K, N, D): the one visible copy of the others
-    others_acc = stacked.to(accumulation_dtype(a.dtype))
-    det_h, adj_h = column_constants(others_acc)
-    floor_h = degeneracy_floor(others_acc)
+    gram = gram_matrices(stacked)  # (N, K, K), saving only the features for its backward
+    det_h, adj_h = column_constants_from_gram(gram)
+    floor_h = floor_from_gram(gram, gram.dtype)
     loss, _, _ = gram_fwd(a, stacked, scale, det_h, adj_h, floor_h, eps, gradient, chosen)
     return loss
 
