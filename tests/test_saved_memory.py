@@ -95,3 +95,14 @@ def test_saved_tensors_are_inputs_and_statistics(name, backend):
         f"{name} on {backend} keeps {extra} bytes beyond its bf16 inputs "
         f"(bound {BOUND}; a float32 copy of the features is {feature_bytes})"
     )
+
+
+def test_symile_n_squared_saves_inputs_and_statistics():
+    """Symile "n_squared" (its own kernels, N^2 candidates per row: the torch backend only
+    here, the others' n^2 kernels are slow on the CPU at this N) keeps the inputs and the
+    (M, N) LSEs, no float32 copy (it kept three before)."""
+    xs = _features(3)
+    extra = _saved_bytes_beyond_inputs(
+        lambda x, y, z: fc.symile_loss([x, y, z], 20.0, negative_sampling="n_squared"), xs
+    )
+    assert extra <= BOUND, extra

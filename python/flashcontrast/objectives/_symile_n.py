@@ -49,7 +49,7 @@ def _gathered(reps: list[Tensor], perms: Tensor, a: int) -> list[Tensor]:
     return [x[perms[a, k]] for k, x in enumerate(others)]
 
 
-def _mip(reps: list[Tensor], acc: torch.dtype) -> Tensor:
+def mip(reps: list[Tensor], acc: torch.dtype) -> Tensor:
     """MIP(x^1_i, ..., x^M_i) = sum_d prod_m x^m_id, (N,), in ``acc``."""
     return _product(reps, acc).sum(dim=1)
 
@@ -62,7 +62,7 @@ def symile_n(
     """(ce (M, N), row_max (M, N), row_sum (M, N)) in the accumulation dtype."""
     acc = accumulation_dtype(reps[0].dtype)
     engine = backend_module(backend, "pair")
-    p = scale * _mip(reps, acc)
+    p = scale * mip(reps, acc)
     ce, mx, sm = [], [], []
     for a in range(len(reps)):
         w = _product(_gathered(reps, perms, a), acc).to(reps[0].dtype)
@@ -95,8 +95,7 @@ def symile_n_bwd(
     acc = accumulation_dtype(reps[0].dtype)
     engine = backend_module(backend, "pair")
     m = len(reps)
-    mip = _mip(reps, acc)
-    p = scale * mip
+    p = scale * mip(reps, acc)
     d = [torch.zeros(r.shape, dtype=acc, device=r.device) for r in reps]
     dp = -grad.sum(dim=0)  # d ce_a / d p = -1 for every anchor
     dscale = torch.zeros((), dtype=acc, device=reps[0].device)
@@ -115,12 +114,19 @@ def symile_n_bwd(
         for k, o in enumerate(others):  # W^a = prod_k o_k[pi_ak]: the product rule
             rest = [x for k2, x in enumerate(gathered) if k2 != k]
             d[o].index_add_(0, perms[a, k], g.db * _product(rest, acc))
-    # p = s MIP: d x^m += dp s prod_{m' != m} x^m', d s += dp . MIP
-    dscale += (dp * mip).sum()
-    for k in range(m):
+    dscale += add_positive_gradient(d, reps, scale, dp, acc)
+    return [x.to(r.dtype) for x, r in zip(d, reps)] + [dscale]
+
+
+def add_positive_gradient(
+    d: list[Tensor], reps: list[Tensor], scale: Tensor, dp: Tensor, acc: torch.dtype
+) -> Tensor:
+    """p = s MIP with upstream dp (N,): d x^m += dp s prod_{m' != m} x^m' (into the float32
+    accumulators d, in place); returns d s = dp . MIP."""
+    for k in range(len(reps)):
         rest = [x for k2, x in enumerate(reps) if k2 != k]
         d[k] += (dp * scale)[:, None] * _product(rest, acc)
-    return [x.to(r.dtype) for x, r in zip(d, reps)] + [dscale]
+    return (dp * mip(reps, acc)).sum()
 
 
 @symile_n_bwd.register_fake

@@ -14,9 +14,8 @@ MIP_i = MIP(x^1_i, ..., x^M_i) the positive (the same for every anchor).
              backend) or ``symile_nk_fwd`` (M > 3, the "torch" backend only), which
              generate the candidates block by block and never store them.
 
-With "n_squared" the positive logit s * MIP_i is computed here, in torch, and
-differentiated by autograd; the ops return row logsumexps only and their backward takes
-the gradient of those.
+With "n_squared" the op ``flashcontrast::symile_n2`` computes the positive logit
+s * MIP_i itself and differentiates it in its backward, beside the kernels' gradients.
 
 Each row's cross entropy LSE_i - s MIP_i is >= 0 exactly (the LSE runs over a set that
 holds the positive). With "n" the op uses its own positive as the override, so the
@@ -55,7 +54,7 @@ from .._validation import (
     check_pair,
     check_strided,
 )
-from ._symile_n import symile_n
+from ._symile_n import add_positive_gradient, mip, symile_n
 
 __all__ = ["SymileLoss", "symile_loss"]
 
@@ -66,139 +65,97 @@ def _contiguous_like(x: Tensor) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-# ----------------------------------------------------------------------------- n_squared, M = 3
-# The kernels read the features in their own dtype; the gradients go, in the accumulation
-# dtype, to the *_acc copies that the positive logits are computed from. Near convergence
-# the softmax mass sits on the positive tuple and the two gradients nearly cancel, so they
-# must meet in fp32 and be rounded to the input dtype once, by the copies' casts
-# (tests/test_half_precision_gradients.py). For fp32 and float64 inputs the copies are the
-# inputs themselves.
+# ----------------------------------------------------------------------------- n_squared
+# One op owns the whole loss: the kernels (symile_n2_* for M = 3 on every backend,
+# symile_nk_* for M > 3 on "torch") give each anchor's row LSEs and their gradients in the
+# accumulation dtype; the positive logits p = s MIP are computed and differentiated inside
+# the op too, from row chunks upcast, and both gradients meet in float32 before the one
+# rounding to the inputs' dtype (near convergence they nearly cancel:
+# tests/test_half_precision_gradients.py). Only the inputs and the (M, N) LSEs are saved.
 
 
-@torch.library.custom_op("flashcontrast::symile_n2_fwd", mutates_args=())
+def _anchor_lse(reps: list[Tensor], a: int, scale: Tensor, backend: str) -> Tensor:
+    """Row LSEs (N,) of anchor a over all N^(M-1) tuples of the others."""
+    module = backend_module(backend, "symile")
+    others = [r for o, r in enumerate(reps) if o != a]
+    if len(reps) == 3:
+        return module.symile_n2_forward(reps[a], *others, scale)
+    return module.symile_nk_forward(reps[a], torch.stack(others), scale)
+
+
+@torch.library.custom_op("flashcontrast::symile_n2", mutates_args=())
 @autocast_off
-def symile_n2_fwd(
-    x: Tensor,
-    y: Tensor,
-    z: Tensor,
-    x_acc: Tensor,
-    y_acc: Tensor,
-    z_acc: Tensor,
-    scale: Tensor,
-    backend: str,
-) -> Tensor:
-    """row_lse_i = LSE_{j,k} scale * MIP(x_i, y_j, z_k), (N,). The *_acc inputs (the
-    features in the accumulation dtype) are not read: they receive the gradients."""
-    return backend_module(backend, "symile").symile_n2_forward(x, y, z, scale)
+def symile_n2(reps: list[Tensor], scale: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """(ce (M, N), row_lse (M, N)), accumulation dtype: ce_ai = LSE_ai - s MIP_i."""
+    acc = accumulation_dtype(reps[0].dtype)
+    p = scale * mip(reps, acc)
+    lse = torch.stack([_anchor_lse(reps, a, scale, backend) for a in range(len(reps))])
+    return lse - p, lse
 
 
-@symile_n2_fwd.register_fake
-def _n2_fwd_fake(x, y, z, x_acc, y_acc, z_acc, scale, backend):
-    return x.new_empty(x.shape[0], dtype=accumulation_dtype(x.dtype))
+@symile_n2.register_fake
+def _symile_n2_fake(reps, scale, backend):
+    acc = accumulation_dtype(reps[0].dtype)
+    shape = (len(reps), reps[0].shape[0])
+    return reps[0].new_empty(shape, dtype=acc), reps[0].new_empty(shape, dtype=acc)
 
 
 @torch.library.custom_op("flashcontrast::symile_n2_bwd", mutates_args=())
 @autocast_off
 def symile_n2_bwd(
-    x: Tensor,
-    y: Tensor,
-    z: Tensor,
-    scale: Tensor,
-    row_lse: Tensor,
-    grad_rows: Tensor,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dy, dz, dscale), accumulation dtype, of sum_i grad_rows_i row_lse_i."""
-    return backend_module(backend, "symile").symile_n2_backward(x, y, z, scale, row_lse, grad_rows)
-
-
-def _acc_like(x: Tensor) -> Tensor:
-    return x.new_empty(x.shape, dtype=accumulation_dtype(x.dtype))
+    reps: list[Tensor], scale: Tensor, row_lse: Tensor, grad: Tensor, backend: str
+) -> list[Tensor]:
+    """[d x^1, ..., d x^M (inputs' dtype), d scale (0-d, accumulation dtype)] of
+    sum_ai grad_ai ce_ai."""
+    acc = accumulation_dtype(reps[0].dtype)
+    module = backend_module(backend, "symile")
+    m = len(reps)
+    d = [torch.zeros(r.shape, dtype=acc, device=r.device) for r in reps]
+    dscale = torch.zeros((), dtype=acc, device=reps[0].device)
+    for a in range(m):
+        others = [o for o in range(m) if o != a]
+        if m == 3:
+            da, *dothers, ds = module.symile_n2_backward(
+                reps[a], *(reps[o] for o in others), scale, row_lse[a], grad[a]
+            )
+        else:
+            stacked = torch.stack([reps[o] for o in others])
+            da, dstack, ds = module.symile_nk_backward(reps[a], stacked, scale, row_lse[a], grad[a])
+            dothers = list(dstack)
+        d[a] += da
+        for o, x in zip(others, dothers):
+            d[o] += x
+        dscale += ds
+    dp = -grad.sum(dim=0)  # d ce_a / d p = -1: p = s MIP
+    dscale += add_positive_gradient(d, reps, scale, dp, acc)
+    return [x.to(r.dtype) for x, r in zip(d, reps)] + [dscale]
 
 
 @symile_n2_bwd.register_fake
-def _n2_bwd_fake(x, y, z, scale, row_lse, grad_rows, backend):
-    acc = accumulation_dtype(x.dtype)
-    return _acc_like(x), _acc_like(y), _acc_like(z), x.new_empty((), dtype=acc)
+def _symile_n2_bwd_fake(reps, scale, row_lse, grad, backend):
+    acc = accumulation_dtype(reps[0].dtype)
+    return [torch.empty_like(r, memory_format=torch.contiguous_format) for r in reps] + [
+        reps[0].new_empty((), dtype=acc)
+    ]
 
 
 def _n2_setup_context(ctx, inputs, output) -> None:
-    x, y, z, _x_acc, _y_acc, _z_acc, scale, backend = inputs
+    reps, scale, backend = inputs
     ctx.backend = backend
-    ctx.save_for_backward(x, y, z, scale, output)
+    ctx.m = len(reps)
+    ctx.save_for_backward(*reps, scale, output[1])
+    ctx.mark_non_differentiable(output[1])
 
 
-def _n2_backward(ctx, grad_rows):
-    x, y, z, scale, row_lse = ctx.saved_tensors
-    dx, dy, dz, dscale = symile_n2_bwd(
-        x, y, z, scale, row_lse, grad_rows.to(row_lse.dtype), ctx.backend
-    )
-    return None, None, None, dx, dy, dz, dscale.to(scale.dtype), None
+def _n2_backward(ctx, grad_ce, _grad_lse):
+    saved = ctx.saved_tensors
+    reps, (scale, row_lse) = list(saved[: ctx.m]), saved[ctx.m :]
+    out = symile_n2_bwd(reps, scale, row_lse, grad_ce.to(row_lse.dtype), ctx.backend)
+    return out[:-1], out[-1].to(scale.dtype), None
 
 
 torch.library.register_autograd(
-    "flashcontrast::symile_n2_fwd", _n2_backward, setup_context=_n2_setup_context
-)
-
-
-# ----------------------------------------------------------------------------- n_squared, M > 3
-
-
-@torch.library.custom_op("flashcontrast::symile_nk_fwd", mutates_args=())
-@autocast_off
-def symile_nk_fwd(
-    anchor: Tensor, others: Tensor, anchor_acc: Tensor, others_acc: Tensor, scale: Tensor,
-    backend: str,
-) -> Tensor:  # fmt: skip
-    """row_lse_i = LSE over all tuples of scale * MIP(anchor_i, o^1_j1, ..., o^K_jK); the
-    *_acc inputs receive the gradients (as symile_n2_fwd)."""
-    return backend_module(backend, "symile").symile_nk_forward(anchor, others, scale)
-
-
-@symile_nk_fwd.register_fake
-def _nk_fwd_fake(anchor, others, anchor_acc, others_acc, scale, backend):
-    return anchor.new_empty(anchor.shape[0], dtype=accumulation_dtype(anchor.dtype))
-
-
-@torch.library.custom_op("flashcontrast::symile_nk_bwd", mutates_args=())
-@autocast_off
-def symile_nk_bwd(
-    anchor: Tensor,
-    others: Tensor,
-    scale: Tensor,
-    row_lse: Tensor,
-    grad_rows: Tensor,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(d_anchor, d_others (K, N, D), dscale), accumulation dtype, of sum_i grad_rows_i
-    row_lse_i."""
-    return backend_module(backend, "symile").symile_nk_backward(
-        anchor, others, scale, row_lse, grad_rows
-    )
-
-
-@symile_nk_bwd.register_fake
-def _nk_bwd_fake(anchor, others, scale, row_lse, grad_rows, backend):
-    acc = accumulation_dtype(anchor.dtype)
-    return _acc_like(anchor), _acc_like(others), anchor.new_empty((), dtype=acc)
-
-
-def _nk_setup_context(ctx, inputs, output) -> None:
-    anchor, others, _anchor_acc, _others_acc, scale, backend = inputs
-    ctx.backend = backend
-    ctx.save_for_backward(anchor, others, scale, output)
-
-
-def _nk_backward(ctx, grad_rows):
-    anchor, others, scale, row_lse = ctx.saved_tensors
-    da, dothers, dscale = symile_nk_bwd(
-        anchor, others, scale, row_lse, grad_rows.to(row_lse.dtype), ctx.backend
-    )
-    return None, None, da, dothers, dscale.to(scale.dtype), None
-
-
-torch.library.register_autograd(
-    "flashcontrast::symile_nk_fwd", _nk_backward, setup_context=_nk_setup_context
+    "flashcontrast::symile_n2", _n2_backward, setup_context=_n2_setup_context
 )
 
 
@@ -344,30 +301,11 @@ def symile_loss(
         ce, _, _ = symile_n(reps, perms, scale, chosen)  # (M, N): the whole loss in one op
         return ce.mean(dim=1).sum() / m
 
-    acc = accumulation_dtype(dtype)
-    reps_acc = [r.to(acc) for r in reps]
-    prod = reps_acc[0]
-    for r in reps_acc[1:]:
-        prod = prod * r
-    diag_logit = scale * prod.sum(dim=1)  # (N,) the positive logits, autograd above the op
-
-    total = None
-    for a in range(m):
-        others = [r for o, r in enumerate(reps) if o != a]
-        others_acc = [r for o, r in enumerate(reps_acc) if o != a]
-        if m == 3:
-            row_lse = symile_n2_fwd(reps[a], *others, reps_acc[a], *others_acc, scale, chosen)
-        else:
-            stacked = torch.stack(others)
-            o_acc = stacked if stacked.dtype == acc else stacked.to(acc)
-            row_lse = symile_nk_fwd(reps[a], stacked, reps_acc[a], o_acc, scale, chosen)
-        ce = row_lse - diag_logit  # (N,) per-row cross entropies, >= 0 in exact arithmetic
-        # the kernels round the positive their own way: value max(ce, 0) exactly (x - x is
-        # 0; +inf stays), gradient that of ce
-        ce = ce - ce.detach().clamp_max(0.0)
-        term = ce.mean()
-        total = term if total is None else total + term
-    return total / m
+    ce, _ = symile_n2(reps, scale, chosen)  # (M, N) per-row cross entropies
+    # >= 0 in exact arithmetic; the kernels round the positive their own way: value
+    # max(ce, 0) exactly (x - x is 0; +inf stays), gradient that of ce
+    ce = ce - ce.detach().clamp_max(0.0)
+    return ce.mean(dim=1).sum() / m
 
 
 class SymileLoss(nn.Module):
