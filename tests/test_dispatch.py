@@ -71,6 +71,47 @@ def test_float64_never_goes_to_a_kernel_backend(gpu):
     assert chosen == "torch" and "not torch.float64" in why
 
 
+_OBJECTIVES = ("clip", "siglip", "infonce", "multiview", "gram", "symile")
+_VARIANTS = (None, *_dispatch.VARIANTS)
+
+
+def _every_entry():
+    return [
+        ("sm_90", objective, backend, dtype)
+        for objective in _OBJECTIVES
+        for backend in ("cuda", "triton")
+        for dtype in ("float32", "float16", "bfloat16", "float64")
+    ]
+
+
+@pytest.mark.parametrize("variant", _VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("objective", _OBJECTIVES)
+def test_auto_picks_only_what_runs_the_call(gpu, objective, dtype, variant):
+    """Whatever "auto" resolves to (here every kernel counts as verified), naming that
+    backend explicitly for the same call resolves without raising: auto never hands a
+    call to a backend that cannot run it (dtype, call variant)."""
+    gpu(*_every_entry())
+    chosen, why = flashcontrast.explain_backend(objective, CUDA, "auto", dtype, variant)
+    assert flashcontrast.backend_for(objective, CUDA, chosen, dtype, variant) == chosen, why
+    if dtype == torch.float64 or variant is not None:
+        assert chosen == "torch", why
+    else:
+        assert chosen == "cuda", why
+
+
+def test_explicit_backends_that_cannot_run_the_call_raise(gpu):
+    with pytest.raises(TypeError, match="float64"):
+        flashcontrast.backend_for("clip", CUDA, "triton", torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        flashcontrast.backend_for("gram", CUDA, "cuda", torch.float64)
+    with pytest.raises(RuntimeError, match="M > 3"):
+        flashcontrast.backend_for("symile", CUDA, "cuda", torch.float32, "symile_n_squared_many")
+    with pytest.raises(ValueError, match="unknown call variant"):
+        flashcontrast.backend_for("symile", CUDA, "torch", torch.float32, "no_such_variant")
+    assert flashcontrast.backend_for("clip", CUDA, "torch", torch.float64) == "torch"
+
+
 def test_cpu_tensors_take_torch():
     assert flashcontrast.explain_backend("clip", "cpu")[0] == "torch"
 

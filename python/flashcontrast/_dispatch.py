@@ -61,17 +61,48 @@ def _unavailable(backend: str, objective: str, device: torch.device) -> Optional
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+#: Call variants only some backends implement: variant -> (the backends that do, what it is).
+VARIANTS = {
+    "symile_n_squared_many": (
+        frozenset({"torch", "reference"}),
+        "Symile negative_sampling='n_squared' with M > 3 modalities (the n_squared kernels "
+        "cover M = 3; the blockwise torch backend any M, in bounded memory)",
+    ),
+}
+
+
+def _dtype_gap(candidate: str, dtype: Optional[torch.dtype]) -> Optional[str]:
+    """Why ``candidate`` cannot take features of ``dtype`` (None: it can)."""
+    if candidate in ("triton", "cuda") and dtype is not None and dtype not in KERNEL_DTYPES:
+        return f"its kernels take float32, float16 and bfloat16, not {dtype}"
+    return None
+
+
+def _variant_gap(candidate: str, variant: Optional[str]) -> Optional[str]:
+    """Why ``candidate`` cannot run the call variant (None: it can)."""
+    if variant is None:
+        return None
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown call variant {variant!r}; known: {sorted(VARIANTS)}")
+    able, what = VARIANTS[variant]
+    if candidate not in able:
+        return f"it has no kernels for {what}; use backend={' or '.join(map(repr, sorted(able)))}"
+    return None
+
+
 def _auto_skip(
-    candidate: str, objective: str, device: torch.device, dtype: Optional[torch.dtype]
+    candidate: str,
+    objective: str,
+    device: torch.device,
+    dtype: Optional[torch.dtype],
+    variant: Optional[str] = None,
 ) -> Optional[str]:
     """Why "auto" does not take ``candidate`` (None: it does)."""
     reason = _unavailable(candidate, objective, device)
-    if reason is not None:
+    if reason is None:
+        reason = _variant_gap(candidate, variant) or _dtype_gap(candidate, dtype)
+    if reason is not None or candidate in ("torch", "reference"):
         return reason
-    if candidate in ("torch", "reference"):
-        return None
-    if dtype is not None and dtype not in KERNEL_DTYPES:
-        return f"its kernels take float32, float16 and bfloat16, not {dtype}"
     checked = torch.float32 if dtype is None else dtype
     if not _verified.is_verified(device, objective, candidate, checked):
         cls = _verified.device_class(device)
@@ -90,27 +121,37 @@ def explain_backend(
     device: torch.device | str,
     backend: str = "auto",
     dtype: Optional[torch.dtype] = None,
+    variant: Optional[str] = None,
 ) -> tuple[str, str]:
     """(the backend ``backend`` resolves to, why): the reasons each better candidate was
     passed over, for ``objective`` on ``device`` with features of ``dtype`` (None: the
-    dtype is not known; "auto" then asks the record about float32).
+    dtype is not known; "auto" then asks the record about float32) and the call
+    ``variant`` (a key of :data:`VARIANTS`, or None), so that "auto" never picks a
+    backend that cannot run the call.
 
-    Raises ValueError for an unknown backend name and RuntimeError, with the reason, for
-    an explicit backend that cannot run there.
+    Raises ValueError for an unknown backend name, and, for an explicit backend that
+    cannot run the call, TypeError (the features' dtype) or RuntimeError (anything else)
+    with the reason.
     """
     device = torch.device(device)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
-        reason = _unavailable(backend, objective, device)
+        reason = _unavailable(backend, objective, device) or _variant_gap(backend, variant)
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} cannot run {objective} on {device}: {reason}")
+        gap = _dtype_gap(backend, dtype)
+        if gap is not None:
+            raise TypeError(f"backend={backend!r} cannot run {objective}: {gap}")
         return backend, "asked for by name"
     if device.type != "cuda":
-        return "torch", f"{device.type} tensors: the blockwise torch backend"
+        reason = _variant_gap("torch", variant) or _unavailable("torch", objective, device)
+        if reason is None:
+            return "torch", f"{device.type} tensors: the blockwise torch backend"
+        return "reference", f"{device.type} tensors; not torch: {reason}"
     passed = []
     for candidate in ("cuda", "triton", "torch"):
-        skip = _auto_skip(candidate, objective, device, dtype)
+        skip = _auto_skip(candidate, objective, device, dtype, variant)
         if skip is None:
             took = (
                 "torch: blockwise PyTorch, correct on every device"
@@ -127,6 +168,7 @@ def backend_for(
     device: torch.device | str,
     backend: str = "auto",
     dtype: Optional[torch.dtype] = None,
+    variant: Optional[str] = None,
 ) -> str:
     """The backend that ``backend`` resolves to for ``objective`` on ``device`` (features
     of ``dtype``, when known; :func:`explain_backend` says why).
@@ -134,15 +176,19 @@ def backend_for(
     Raises ValueError for an unknown backend name and RuntimeError, with the reason, for
     an explicit backend that cannot run there.
     """
-    return explain_backend(objective, device, backend, dtype)[0]
+    return explain_backend(objective, device, backend, dtype, variant)[0]
 
 
 def resolve(
-    objective: str, device: torch.device, backend: str, dtype: Optional[torch.dtype] = None
+    objective: str,
+    device: torch.device,
+    backend: str,
+    dtype: Optional[torch.dtype] = None,
+    variant: Optional[str] = None,
 ) -> str:
     """:func:`backend_for`, recorded for :func:`last_backend` and the debug log (with the
     reason)."""
-    chosen, why = explain_backend(objective, device, backend, dtype)
+    chosen, why = explain_backend(objective, device, backend, dtype, variant)
     if not torch.compiler.is_compiling():
         global _last
         _last = chosen

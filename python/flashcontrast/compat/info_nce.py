@@ -133,8 +133,6 @@ def info_nce(
     chosen = _dispatch.resolve("infonce", q.device, backend, q.dtype)
     if chosen == "reference":
         return _plain(q, k, None, temperature, reduction, negative_mode)
-    if chosen == "triton" and q.dtype == torch.float64:
-        chosen = _dispatch.resolve("infonce", q.device, "torch")
     if k.dtype != q.dtype:
         raise TypeError(f"query and positive_key must share a dtype, got {q.dtype} and {k.dtype}")
     scale = as_scalar_tensor("1 / temperature", 1.0 / temperature, q)

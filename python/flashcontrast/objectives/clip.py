@@ -134,7 +134,5 @@ def clip_loss(
         if g is not None:
             return _reference_masked(a, b, scale, bias, g)
         return reference.clip_loss(a, b, scale, bias)
-    if chosen == "triton" and a.dtype == torch.float64:
-        raise TypeError("backend='triton' supports float32, float16 and bfloat16, not float64")
     groups_ = None if g is None else (g, g)
     return clip_from_sweep(sweep(a, b, scale, bias, PAIR, chosen, groups=groups_))

@@ -90,8 +90,6 @@ def _terms(query, keys, logit_scale, logit_bias, offset, backend) -> Tensor:
         logits = scale * (q @ k.T) + (0.0 if bias is None else bias)
         rows = torch.arange(q.shape[0], device=q.device)
         return torch.logsumexp(logits, 1) - logits[rows, rows + offset]
-    if chosen == "triton" and q.dtype == torch.float64:
-        raise TypeError("backend='triton' supports float32, float16 and bfloat16, not float64")
     # the engine's positive is global row == global column: the rows sit at ``offset``. b
     # shifts a row's every logit and cancels: it is left out of the sweep and enters as
     # b - b, so that its gradient is exactly 0 (and a NaN bias still reaches the value).

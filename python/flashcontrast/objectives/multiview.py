@@ -228,8 +228,6 @@ def _prepare(views, logit_scale, groups, backend):
     g = _check_groups(groups, u)
     scale = as_scalar_tensor("logit_scale", logit_scale, u)
     chosen = _dispatch.resolve("multiview", u.device, backend, u.dtype)
-    if chosen == "triton" and u.dtype == torch.float64:
-        raise TypeError("backend='triton' supports float32, float16 and bfloat16, not float64")
     return u, g, scale, chosen
 
 

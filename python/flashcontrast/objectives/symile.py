@@ -271,13 +271,8 @@ def symile_loss(
     if negative_sampling == "n" and permutations is not None:
         perms = _permutations(permutations, m, n, device)
 
-    general_n2 = negative_sampling == "n_squared" and m > 3
-    if general_n2 and backend == "auto":
-        chosen = _dispatch.resolve("symile", device, backend, dtype)
-        if chosen not in ("torch", "reference"):  # only "torch" has kernels for M > 3
-            chosen = _dispatch.resolve("symile", device, "torch", dtype)
-    else:
-        chosen = _dispatch.resolve("symile", device, backend, dtype)
+    variant = "symile_n_squared_many" if negative_sampling == "n_squared" and m > 3 else None
+    chosen = _dispatch.resolve("symile", device, backend, dtype, variant)
     if chosen == "reference":
         return reference.symile_loss(
             reps,
@@ -286,14 +281,6 @@ def symile_loss(
             generator=generator,
             permutations=perms,
         )
-    if general_n2 and chosen != "torch":
-        raise RuntimeError(
-            f"backend={chosen!r} cannot run Symile negative_sampling='n_squared' with M = {m} "
-            "modalities: its kernels cover M = 3; use backend='torch' (blockwise, bounded "
-            "memory) or 'reference'"
-        )
-    if chosen == "triton" and dtype == torch.float64:
-        raise TypeError("backend='triton' supports float32, float16 and bfloat16, not float64")
 
     if negative_sampling == "n":
         if perms is None:
