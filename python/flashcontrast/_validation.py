@@ -63,6 +63,41 @@ def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
         )
 
 
+def check_groups(
+    groups: object, n: int, device: torch.device, owner: str = "the features"
+) -> Optional[torch.Tensor]:
+    """Return ``groups`` (None, or an (n,) int32 / int64 tensor on ``device``: the group
+    ids of false negatives), else raise (TypeError for a non-tensor or another dtype,
+    ValueError for the shape or the device; ``owner`` names what the ids belong to)."""
+    if groups is None:
+        return None
+    if not isinstance(groups, torch.Tensor):
+        raise TypeError(
+            f"groups must be an integer tensor of shape (N,), got {type(groups).__name__}"
+        )
+    if groups.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"groups must be an integer tensor (int32 or int64), got {groups.dtype}")
+    if groups.shape != (n,):
+        raise ValueError(f"groups must have shape (N,) = ({n},), got {tuple(groups.shape)}")
+    if groups.device != device:
+        raise ValueError(f"groups is on {groups.device} but {owner} are on {device}")
+    return groups
+
+
+def pair_arguments(
+    name_a: str, a: object, name_b: str, b: object, logit_scale: object, logit_bias: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The checked (a, b, scale, bias) of a two-tower loss: two (N, D) feature matrices
+    that agree in shape, dtype and device, the scale as a 0-d tensor, the bias as one or
+    None (see :func:`as_scalar_tensor`)."""
+    a = check_features(name_a, a)
+    b = check_features(name_b, b)
+    check_pair(name_a, a, name_b, b)
+    scale = as_scalar_tensor("logit_scale", logit_scale, a)
+    bias = as_scalar_tensor("logit_bias", logit_bias, a, required=False)
+    return a, b, scale, bias
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are kept in: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
 from . import functional
+from ._module import BackendLoss
 from ._validation import Scalar
 from .objectives.gram import GramLoss
 from .objectives.multiview import MultiviewDHELLoss, MultiviewInfoNCELoss
@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(BackendLoss):
     """CLIP's symmetric InfoNCE as a module: ``ClipLoss()(img, txt, logit_scale)``.
 
     Computes what OpenCLIP's single-process ``ClipLoss`` computes and returns the loss
@@ -33,10 +33,6 @@ class ClipLoss(nn.Module):
     Args:
         backend: "auto", "cuda", "triton", "torch" or "reference".
     """
-
-    def __init__(self, backend: str = "auto") -> None:
-        super().__init__()
-        self.backend = backend
 
     def forward(
         self,
@@ -57,6 +53,3 @@ class ClipLoss(nn.Module):
             groups=groups,
             backend=self.backend,
         )
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"

@@ -17,34 +17,14 @@ from torch import Tensor
 
 from .. import _dispatch, reference
 from .._amp import autocast_off
-from .._validation import (
-    Scalar,
-    as_scalar_tensor,
-    check_features,
-    check_pair,
-)
+from .._validation import Scalar, check_groups, pair_arguments
 from ..backends.pair import Pair
 from ._pair_op import sweep
 
 
 def _check_groups(groups: object, a: Tensor) -> Optional[Tensor]:
-    """groups itself if None or an int32/int64 (N,) tensor on a's device, else raise.
-    Looks at shape, dtype and device only (no host synchronization)."""
-    if groups is None:
-        return None
-    if not isinstance(groups, Tensor):
-        raise TypeError(
-            f"groups must be an integer tensor of shape (N,), got {type(groups).__name__}"
-        )
-    if groups.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"groups must be an int32 or int64 tensor, got {groups.dtype}")
-    if groups.shape != (a.shape[0],):
-        raise ValueError(
-            f"groups must have shape (N,) = ({a.shape[0]},), got {tuple(groups.shape)}"
-        )
-    if groups.device != a.device:
-        raise ValueError(f"groups is on {groups.device} but the features are on {a.device}")
-    return groups
+    """The (N,) group ids of ``a``'s rows, checked (``_validation.check_groups``)."""
+    return check_groups(groups, a.shape[0], a.device)
 
 
 def _reference_masked(
@@ -123,11 +103,9 @@ def clip_loss(
 
     NaN or inf in the inputs are not checked for and propagate to the loss.
     """
-    a = check_features("image_features", image_features)
-    b = check_features("text_features", text_features)
-    check_pair("image_features", a, "text_features", b)
-    scale = as_scalar_tensor("logit_scale", logit_scale, a)
-    bias = as_scalar_tensor("logit_bias", logit_bias, a, required=False)
+    a, b, scale, bias = pair_arguments(
+        "image_features", image_features, "text_features", text_features, logit_scale, logit_bias
+    )
     g = _check_groups(groups, a)
     chosen = _dispatch.resolve("clip", a.device, backend, a.dtype)
     if chosen == "reference":

@@ -41,10 +41,11 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import _dispatch, reference
 from .._amp import autocast_off
+from .._module import BackendLoss
 from .._ops import backend_module
 from .._validation import (
     Scalar,
@@ -491,7 +492,7 @@ def gram_volume(anchor: Tensor, others: Sequence[Tensor]) -> Tensor:
     return reference._safe_sqrt(det, tt.detach()[:, None] * degeneracy_floor(o)[None, :])
 
 
-class GramLoss(nn.Module):
+class GramLoss(BackendLoss):
     """GRAM's volume contrastive loss as a module: ``GramLoss()(anchor, others, scale)``.
 
     Holds no parameters: the logit scale (1 / temperature) belongs to the model.
@@ -505,10 +506,9 @@ class GramLoss(nn.Module):
     def __init__(
         self, label_smoothing: float = 0.0, backend: str = "auto", *, gradient: str = "full"
     ) -> None:
-        super().__init__()
+        super().__init__(backend)
         self.label_smoothing = _check_label_smoothing(label_smoothing)
         self.gradient = _check_gradient(gradient)
-        self.backend = backend
 
     def forward(self, anchor: Tensor, others: Sequence[Tensor], logit_scale: Scalar) -> Tensor:
         """(N, D), K x (N, D), scalar -> 0-d mean loss."""
@@ -521,8 +521,5 @@ class GramLoss(nn.Module):
             backend=self.backend,
         )
 
-    def extra_repr(self) -> str:
-        return (
-            f"label_smoothing={self.label_smoothing}, gradient={self.gradient!r}, "
-            f"backend={self.backend!r}"
-        )
+    def options(self) -> dict:
+        return {"label_smoothing": self.label_smoothing, "gradient": self.gradient}

@@ -42,11 +42,13 @@ from torch import Tensor
 
 from .. import _dispatch, reference, reference_groups
 from .._amp import autocast_off
+from .._module import BackendLoss
 from .._validation import (
     FEATURE_DTYPES,
     Scalar,
     accumulation_dtype,
     as_scalar_tensor,
+    check_groups,
     check_strided,
 )
 from ..backends.pair import Pair
@@ -207,20 +209,10 @@ def _stack(views: Views) -> Tensor:
     return u
 
 
-def _check_groups(groups: Optional[Tensor], u: Tensor) -> Optional[Tensor]:
-    if groups is None:
-        return None
-    if not isinstance(groups, Tensor):
-        raise TypeError(f"groups must be an integer tensor (N,), got {type(groups).__name__}")
-    if groups.dtype == torch.bool or groups.is_floating_point() or groups.is_complex():
-        raise TypeError(f"groups must be an integer tensor, got {groups.dtype}")
-    if groups.shape != (u.shape[1],):
-        raise ValueError(
-            f"groups must have shape (N,) = ({u.shape[1]},), got {tuple(groups.shape)}"
-        )
-    if groups.device != u.device:
-        raise ValueError(f"groups is on {groups.device} but the views are on {u.device}")
-    return groups
+def _check_groups(groups: object, u: Tensor) -> Optional[Tensor]:
+    """The (N,) group ids of the samples of u (V, N, D), checked
+    (``_validation.check_groups``)."""
+    return check_groups(groups, u.shape[1], u.device, "the views")
 
 
 def _prepare(views, logit_scale, groups, backend):
@@ -313,29 +305,15 @@ def multiview_dhel_loss(
     return (log_neg - log_pos).mean()
 
 
-class MultiviewInfoNCELoss(torch.nn.Module):
+class MultiviewInfoNCELoss(BackendLoss):
     """:func:`multiview_infonce_loss` as a module: ``forward(views, logit_scale, groups=None)``."""
-
-    def __init__(self, backend: str = "auto") -> None:
-        super().__init__()
-        self.backend = backend
 
     def forward(self, views: Views, logit_scale: Scalar, groups: Optional[Tensor] = None):
         return multiview_infonce_loss(views, logit_scale, groups=groups, backend=self.backend)
 
-    def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"
 
-
-class MultiviewDHELLoss(torch.nn.Module):
+class MultiviewDHELLoss(BackendLoss):
     """:func:`multiview_dhel_loss` as a module: ``forward(views, logit_scale, groups=None)``."""
-
-    def __init__(self, backend: str = "auto") -> None:
-        super().__init__()
-        self.backend = backend
 
     def forward(self, views: Views, logit_scale: Scalar, groups: Optional[Tensor] = None):
         return multiview_dhel_loss(views, logit_scale, groups=groups, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"

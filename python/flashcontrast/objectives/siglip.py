@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
 from .. import _dispatch, reference
 from .._amp import autocast_off
-from .._validation import Scalar, as_scalar_tensor, check_features, check_pair
+from .._module import BackendLoss
+from .._validation import Scalar, pair_arguments
 from ..backends.pair import Pair
 from ._pair_op import sweep
 
@@ -59,18 +59,16 @@ def siglip_loss(
 
     NaN or inf in the inputs are not checked for and propagate to the loss.
     """
-    a = check_features("image_features", image_features)
-    b = check_features("text_features", text_features)
-    check_pair("image_features", a, "text_features", b)
-    scale = as_scalar_tensor("logit_scale", logit_scale, a)
-    bias = as_scalar_tensor("logit_bias", logit_bias, a, required=False)
+    a, b, scale, bias = pair_arguments(
+        "image_features", image_features, "text_features", text_features, logit_scale, logit_bias
+    )
     chosen = _dispatch.resolve("siglip", a.device, backend, a.dtype)
     if chosen == "reference":
         return reference.siglip_loss(a, b, scale, bias)
     return sweep(a, b, scale, bias, PAIR, chosen)["total"] / a.shape[0]
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(BackendLoss):
     """SigLIP's sigmoid loss as a module: ``SigLipLoss()(img, txt, logit_scale, logit_bias)``.
 
     Computes what OpenCLIP's single-process ``SigLipLoss`` computes and returns the loss
@@ -79,10 +77,6 @@ class SigLipLoss(nn.Module):
     Args:
         backend: "auto", "cuda", "triton", "torch" or "reference".
     """
-
-    def __init__(self, backend: str = "auto") -> None:
-        super().__init__()
-        self.backend = backend
 
     def forward(
         self,
@@ -95,6 +89,3 @@ class SigLipLoss(nn.Module):
         return siglip_loss(
             image_features, text_features, logit_scale, logit_bias, backend=self.backend
         )
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"

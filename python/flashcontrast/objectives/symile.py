@@ -40,10 +40,11 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import _dispatch, reference
 from .._amp import autocast_off
+from .._module import BackendLoss
 from .._ops import backend_module
 from .._sampling import symile_negative_permutations
 from .._validation import (
@@ -295,7 +296,7 @@ def symile_loss(
     return ce.mean(dim=1).sum() / m
 
 
-class SymileLoss(nn.Module):
+class SymileLoss(BackendLoss):
     """Symile as a module: ``SymileLoss("n")([x, y, z], logit_scale)``.
 
     Holds no parameters (the logit scale belongs to the model).
@@ -306,13 +307,12 @@ class SymileLoss(nn.Module):
     """
 
     def __init__(self, negative_sampling: str = "n", backend: str = "auto") -> None:
-        super().__init__()
+        super().__init__(backend)
         if negative_sampling not in NEGATIVE_SAMPLING:
             raise ValueError(
                 f"negative_sampling must be 'n' or 'n_squared', got {negative_sampling!r}"
             )
         self.negative_sampling = negative_sampling
-        self.backend = backend
 
     def forward(
         self,
@@ -331,5 +331,5 @@ class SymileLoss(nn.Module):
             backend=self.backend,
         )
 
-    def extra_repr(self) -> str:
-        return f"negative_sampling={self.negative_sampling!r}, backend={self.backend!r}"
+    def options(self) -> dict:
+        return {"negative_sampling": self.negative_sampling}
