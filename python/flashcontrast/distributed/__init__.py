@@ -72,9 +72,13 @@ Next to OpenCLIP (``open_clip/loss.py``):
 
 Strategies
 ----------
-Both compute only the local rows of S against all columns, a block of rows at a time
-with the blockwise backend's element budget (never a larger N x N block), and use the
-same tile math (blockwise PyTorch, ``backend="auto" | "torch"``).
+Both compute only the local rows of S against all columns, never an N x N block, with
+the same tile math: CLIP and SigLIP sweep their rows against each column block with the
+pair engine (``backends/pair.py``) of the backend ``backend=`` names ("auto" resolved as
+the single-process losses resolve it, "torch", "triton", "cuda"; "reference" runs the
+"torch" tiles), column statistics as (max, sum) pairs merged across ranks; the other
+losses run blockwise PyTorch (``backend="auto" | "torch"``), a block of rows at a time
+with the blockwise backend's element budget.
 
 ``"gather"``: all-gather the text features once (shards padded to n_max rows, so uneven
 sizes work with every backend); memory: all of B, O(N D), kept for the backward. CLIP
@@ -168,9 +172,10 @@ losses and GRAM, 4 for Symile):
   the anchors are sent twice, and in exchange no rank holds more than its shard, the
   factor rows of its columns and two visiting anchor shards.
 
-Not covered yet: Symile "n_squared" over a process group; the CUDA and Triton tile
-kernels under these losses (the local tiles run as blockwise PyTorch on any device, GEMMs
-by the device's BLAS, so they are correct everywhere and slower than the fused kernels).
+Not covered yet: Symile "n_squared" over a process group; the CUDA and Triton kernels
+under the multi-view, GRAM and Symile losses (their local tiles run as blockwise PyTorch
+on any device, GEMMs by the device's BLAS, so they are correct everywhere and slower than
+the fused kernels).
 """
 
 from ._comm import comm_bytes, reset_comm_bytes

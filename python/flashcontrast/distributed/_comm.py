@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import _dispatch
 from .._validation import FEATURE_DTYPES, as_scalar_tensor, check_pair
 from ..backends.blockwise import block_rows
 from ..objectives.clip import _check_groups
@@ -176,21 +177,34 @@ def tile_rows(n: int, m: int, device: torch.device, max_elements: Optional[int] 
 
 STRATEGIES = ("gather", "ring")
 GRAD_SCALINGS = ("ddp", "sum")
-BACKENDS = ("auto", "torch")
+# Every backend name the setup exchange can carry (its index is the code); each loss
+# accepts a subset: CLIP and SigLIP run their tiles on the pair engine of any backend
+# (ENGINE_BACKENDS, "reference" meaning the float64-capable "torch" tiles), the others as
+# blockwise PyTorch (TORCH_BACKENDS).
+BACKENDS = ("auto", "torch", "triton", "cuda", "reference")
+ENGINE_BACKENDS = BACKENDS
+TORCH_BACKENDS = ("auto", "torch")
 _MESSAGE_BYTES = 1024  # per rank, exchanged only when some rank's checks failed
 
 Field = Union[str, tuple]
 
 
-def _check_modes(name: str, strategy: object, grad_scaling: object, backend: object, ring: bool):
+def _check_modes(
+    name: str, strategy: object, grad_scaling: object, backend: object, ring: bool,
+    backends: Sequence[str],
+):  # fmt: skip
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be 'gather' or 'ring', got {strategy!r}")
     if grad_scaling not in GRAD_SCALINGS:
         raise ValueError(f"grad_scaling must be 'ddp' or 'sum', got {grad_scaling!r}")
-    if backend not in BACKENDS:
+    if backend not in backends:
+        if tuple(backends) == TORCH_BACKENDS:
+            raise ValueError(
+                f"backend must be 'auto' or 'torch' ({name} runs its tiles as blockwise "
+                f"PyTorch), got {backend!r}"
+            )
         raise ValueError(
-            "backend must be 'auto' or 'torch' (the distributed losses run their tiles as "
-            f"blockwise PyTorch), got {backend!r}"
+            f"backend must be 'auto', 'torch', 'triton', 'cuda' or 'reference', got {backend!r}"
         )
     if strategy == "ring" and not ring:
         raise NotImplementedError(
@@ -251,6 +265,7 @@ def setup_checked(
     fields: Sequence[Field],
     check: Callable[[], tuple],
     ring: bool = True,
+    backends: Sequence[str] = TORCH_BACKENDS,
 ) -> tuple:
     """Check this rank's arguments, exchange metadata, and raise the same error on every
     rank if any rank's arguments are bad or the ranks disagree. Returns (layout, payload).
@@ -267,7 +282,8 @@ def setup_checked(
     the error texts). Disagreeing D, dtype (TypeError), strategy, grad_scaling, backend
     or ``fields`` raise on every rank (ValueError), as does an empty global batch (every
     rank's n = 0; one rank's n = 0 is an empty shard, allowed). ``ring=False``:
-    strategy="ring" raises NotImplementedError."""
+    strategy="ring" raises NotImplementedError. ``backends``: the backend names this loss
+    accepts (others fail the local checks)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             f"flashcontrast.distributed.{name} needs an initialized default process group "
@@ -278,7 +294,7 @@ def setup_checked(
     err: Optional[Exception] = None
     payload, device = None, None
     try:
-        _check_modes(name, strategy, grad_scaling, backend, ring)
+        _check_modes(name, strategy, grad_scaling, backend, ring, backends)
         payload, n, d, dtype, device, values = check()
         _check_served(group, device)
         values = [int(v) for v in values]
@@ -341,6 +357,69 @@ def setup_checked(
     return Layout(group, rank, world, sizes, device), payload
 
 
+def engine_backend(objective: str, backend: str, like: Tensor) -> str:
+    """The pair-engine backend ("torch", "triton" or "cuda") the local tiles of
+    ``objective`` ("clip" / "siglip") run on for features like ``like``:
+    ``flashcontrast._dispatch.resolve`` of ``backend`` ("reference" runs the
+    float64-capable "torch" tiles). Raises as the single-process losses do: RuntimeError
+    (with the reason) for an explicit backend that cannot run there, TypeError for
+    "triton" / "cuda" with float64 features."""
+    chosen = _dispatch.resolve(
+        objective, like.device, "torch" if backend == "reference" else backend, like.dtype
+    )
+    chosen = "torch" if chosen == "reference" else chosen
+    if chosen != "torch" and like.dtype == torch.float64:
+        raise TypeError(f"backend={chosen!r} supports float32, float16 and bfloat16, not float64")
+    return chosen
+
+
+def setup_pair(
+    name: str,
+    image_features: object,
+    text_features: object,
+    logit_scale: object,
+    logit_bias: object,
+    group: Optional[dist.ProcessGroup],
+    strategy: str,
+    grad_scaling: str,
+    groups: object = None,
+    backend: str = "auto",
+    objective: Optional[str] = None,
+) -> tuple:
+    """:func:`setup_checked` for the two-tower losses (CLIP, SigLIP): image and text
+    shards (n_r, D) (n_r = 0 allowed), the scale, the optional bias and ``groups``
+    (optional (n_r,) int32/int64 ids of this rank's samples, checked like
+    :func:`flashcontrast.clip_loss`'s against this rank's n_r; the caller uses it as
+    given once this returns). F = 2 fields: logit_bias given, groups given (given on some
+    ranks only raises on every rank), so the metadata is 9 int64 (72 bytes) per rank,
+    with or without bias and groups. ``objective`` ("clip" / "siglip"): the loss runs on
+    the pair engine, ``backend`` is one of ENGINE_BACKENDS and is resolved among this
+    rank's checks (:func:`engine_backend`: a backend that cannot run on one rank fails
+    on every rank); None: TORCH_BACKENDS, resolved to "torch". Returns (layout, a, b,
+    scale, bias, the resolved backend)."""
+
+    def check():
+        a = check_shard("image_features", image_features)
+        b = check_shard("text_features", text_features)
+        check_pair("image_features", a, "text_features", b)
+        scale = scalar("logit_scale", logit_scale, a)
+        bias = scalar("logit_bias", logit_bias, a, required=False)
+        if isinstance(groups, Tensor):
+            check_dense("groups", groups)
+        _check_groups(groups, a)
+        chosen = "torch" if objective is None else engine_backend(objective, backend, a)
+        n, d = a.shape
+        flags = [bias is not None, groups is not None]
+        return (a, b, scale, bias, chosen), n, d, a.dtype, a.device, flags
+
+    fields = ["logit_bias given", "groups given"]
+    backends = TORCH_BACKENDS if objective is None else ENGINE_BACKENDS
+    lay, payload = setup_checked(
+        name, group, strategy, grad_scaling, backend, fields, check, backends=backends
+    )
+    return (lay, *payload)
+
+
 def setup(
     name: str,
     image_features: object,
@@ -353,31 +432,10 @@ def setup(
     groups: object = None,
     backend: str = "auto",
 ) -> tuple:
-    """:func:`setup_checked` for the two-tower losses (CLIP, SigLIP): image and text
-    shards (n_r, D) (n_r = 0 allowed), the scale, the optional bias and ``groups``
-    (optional (n_r,) int32/int64 ids of this rank's samples, checked like
-    :func:`flashcontrast.clip_loss`'s against this rank's n_r; the caller uses it as
-    given once this returns). F = 2 fields: logit_bias given, groups given (given on some
-    ranks only raises on every rank), so the metadata is 9 int64 (72 bytes) per rank,
-    with or without bias and groups. Returns (layout, a, b, scale, bias)."""
-
-    def check():
-        a = check_shard("image_features", image_features)
-        b = check_shard("text_features", text_features)
-        check_pair("image_features", a, "text_features", b)
-        scale = scalar("logit_scale", logit_scale, a)
-        bias = scalar("logit_bias", logit_bias, a, required=False)
-        if isinstance(groups, Tensor):
-            check_dense("groups", groups)
-        _check_groups(groups, a)
-        n, d = a.shape
-        flags = [bias is not None, groups is not None]
-        return (a, b, scale, bias), n, d, a.dtype, a.device, flags
-
-    lay, (a, b, scale, bias) = setup_checked(
-        name, group, strategy, grad_scaling, backend, ["logit_bias given", "groups given"], check
-    )
-    return lay, a, b, scale, bias
+    """:func:`setup_pair` without the engine (backend "auto" or "torch"): (layout, a, b,
+    scale, bias)."""
+    args = (image_features, text_features, logit_scale, logit_bias, group, strategy)
+    return setup_pair(name, *args, grad_scaling, groups, backend)[:5]
 
 
 def all_gather_rows(x: Tensor, lay: Layout) -> Tensor:
@@ -517,6 +575,18 @@ def mean_upstream(grad_loss: Tensor, lay: Layout, dtype: torch.dtype) -> Tensor:
     same function."""
     g = all_reduce(grad_loss.detach().to(dtype).reshape(1).clone(), lay)
     return g[0] / lay.world
+
+
+def pair_all_reduce(mx: Tensor, sm: Tensor, extra: Tensor, lay: Layout) -> tuple:
+    """Merge every rank's partial (max, sum) logsumexp pairs (m,) exactly (``merge_lse``
+    over the ranks) and sum ``extra`` (k,) along: all-reduce the max (MAX, m elements),
+    rescale this rank's sums to it, all-reduce the sums with ``extra`` (SUM, m + k).
+    A rank's empty set (max -inf, sum 0) adds 0. Returns (max (m,), sum (m,), extra (k,))."""
+    gmax = all_reduce(mx.clone(), lay, dist.ReduceOp.MAX)
+    safe = torch.where(torch.isneginf(gmax), torch.zeros_like(gmax), gmax)
+    packed = all_reduce(torch.cat([sm * torch.exp(mx - safe), extra]), lay)
+    m = mx.shape[0]
+    return gmax, packed[:m], packed[m:]
 
 
 def lse_all_reduce(part: Tensor, extra: Tensor, lay: Layout) -> tuple:
