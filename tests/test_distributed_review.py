@@ -237,17 +237,17 @@ def test_autocast_does_not_change_the_loss_or_its_gradients(one_rank_group, name
 
 
 def test_compat_rank_local_kernels_ignore_autocast():
-    """compat.open_clip's rank-local InfoNCE and SigLIP kernels (no process group
+    """compat.open_clip's rank-local InfoNCE and SigLIP sweeps (no process group
     needed: the local rows against given columns)."""
-    from flashcontrast.compat.open_clip import _row_cross_entropy, _SigLipRows
+    from flashcontrast.compat.open_clip import SIGLIP_PAIR, _row_cross_entropy, sweep
 
     q = torch.nn.functional.normalize(torch.randn(8, 8), dim=1).requires_grad_(True)
     keys = torch.nn.functional.normalize(torch.randn(24, 8), dim=1).requires_grad_(True)
     scale = torch.tensor(50.0, requires_grad=True)
     bias = torch.tensor(-5.0, requires_grad=True)
     for run in (
-        lambda: _row_cross_entropy(q, keys, scale, None),
-        lambda: _SigLipRows.apply(q, keys, scale, bias),
+        lambda: _row_cross_entropy(q, keys, scale, None, "torch"),
+        lambda: sweep(q, keys, scale, bias, SIGLIP_PAIR, "torch")["total"] / q.shape[0],
     ):
         ref = run()
         ref_grads = torch.autograd.grad(ref, (q, keys, scale))

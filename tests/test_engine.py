@@ -279,3 +279,121 @@ def test_column_and_row_splits_merge_to_the_whole(backend):
     torch.testing.assert_close(g_left.da + g_right.da, g_all.da)
     torch.testing.assert_close(torch.cat([g_left.db, g_right.db]), g_all.db)
     torch.testing.assert_close(g_left.dscale + g_right.dscale, g_all.dscale)
+
+
+def _check_against_oracle(module, case, a, b, rg, cg, pl, coefs):
+    """Our sweep on these inputs against the dense oracle by the rule (float32 inputs)."""
+    stats, grads = _ours(module, case, a, b, rg, cg, pl, coefs)
+    exact, names = _oracle(case, a, b, rg, cg, pl, coefs, torch.float64)
+    same, _ = _oracle(case, a, b, rg, cg, pl, coefs, torch.float32)
+    got = [stats[k] for k in names] + grads
+    for name, t in zip([*names, "da", "db", "dscale", "dbias"], got):
+        assert not torch.isnan(t).any() and not torch.isposinf(t).any(), f"{name}: {t}"
+    pairs = [_finite_or_equal_inf(g, e) for g, e in zip(got, exact)]
+    same = [_finite_or_equal_inf(s, e)[0] for s, e in zip(same, exact)]
+    labels = names + ["da", "db", "dscale"] + (["dbias"] if case.bias else [])
+    assert_by_rule(labels, [p[0] for p in pairs], same, [p[1] for p in pairs], torch.float32)
+    return stats, grads
+
+
+@pytest.mark.parametrize("backend", ENGINE_BACKENDS)
+@pytest.mark.parametrize("n", [1, 7, 33])
+def test_extreme_scale_on_unnormalised_features(backend, n):
+    """s = 1e4 on unnormalised features (|S| up to ~1e5) with a near one-hot row next to
+    ordinary ones: no inf - inf anywhere (every statistic and gradient finite), and the
+    rule against the dense oracle. (Ported from the deleted Triton CLIP kernel tests.)"""
+    module = backend_module(backend, "pair")
+    case = Case(SOFTMAX, n, n, bias=True, scale=1e4)
+    g = torch.Generator().manual_seed(n)
+    a, b = torch.randn(n, 5, generator=g), torch.randn(n, 5, generator=g)
+    b[0] = a[0]
+    coefs = {k: torch.rand(n, generator=g, dtype=torch.float64) + 0.5 for k in case.coefs}
+    stats, grads = _check_against_oracle(module, case, a, b, None, None, None, coefs)
+    for t in list(stats.values()) + grads:
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("backend", ENGINE_BACKENDS)
+@pytest.mark.parametrize("name", ["clip-groups", "mv-infonce-block", "siglip", "symile-override"])
+def test_outputs_do_not_alias(backend, name):
+    """Every statistic and gradient is a tensor of its own storage: outputs of a
+    torch.library custom op may not alias one another (or the inputs)."""
+    case = CASES[name]
+    module = backend_module(backend, "pair")
+    a, b, rg, cg, pl, coefs = _inputs(case, 20, torch.float32, 0)
+    acc = torch.float32
+    kw = dict(row_offset=case.row_offset, col_offset=case.col_offset, row_groups=rg,
+              col_groups=cg, positive_logits=None if pl is None else pl.to(acc))  # fmt: skip
+    scale = torch.tensor(case.scale)
+    bias = torch.tensor(-1.5) if case.bias else None
+    stats = module.pair_forward(a, b, scale, bias, case.pair, **kw)
+    c = Coefs(**{k: v.to(acc) for k, v in coefs.items()})
+    grads = module.pair_backward(a, b, scale, bias, case.pair, stats, c, **kw)
+    outs = [t for t in (*stats, *grads) if t is not None]
+    storages = [t.untyped_storage().data_ptr() for t in outs]
+    inputs = {t.untyped_storage().data_ptr() for t in (a, b, scale)}
+    assert len(set(storages)) == len(storages), "two outputs share storage"
+    assert not inputs & set(storages), "an output aliases an input"
+
+
+def test_torch_small_blocks_with_groups():
+    """The blockwise engine with blocks of two rows against a group that spans the first 12
+    rows (every early block's rows have one allowed column in that group): the statistics
+    equal the dense masked LSEs and the gradients those of one big block. (Ported from the
+    deleted blockwise CLIP test of tests/test_clip_groups.py.)"""
+    from flashcontrast.backends.blockwise import pair as torch_pair
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(23, 7, generator=g, dtype=torch.float64), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(23, 7, generator=g, dtype=torch.float64), dim=1)
+    ids = torch.tensor([0] * 12 + list(range(1, 12)))
+    s = torch.tensor(40.0, dtype=torch.float64)
+    kw = dict(row_groups=ids, col_groups=ids)
+    small = torch_pair.pair_forward(a, b, s, None, SOFTMAX, **kw, max_block_elements=23 * 2)
+    dense_s = (s * (a @ b.T)).masked_fill(
+        (ids[:, None] == ids[None, :]) & ~torch.eye(23, dtype=torch.bool), float("-inf")
+    )
+    torch.testing.assert_close(lse(small.row_max, small.row_sum), dense_s.logsumexp(1))
+    torch.testing.assert_close(lse(small.col_max, small.col_sum), dense_s.logsumexp(0))
+    torch.testing.assert_close(lse(small.pos_max, small.pos_sum), dense_s.diagonal())
+    big = torch_pair.pair_forward(a, b, s, None, SOFTMAX, **kw)
+    for x, y in zip(small, big):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y)
+    c = Coefs(**{k: torch.full((23,), 0.3, dtype=torch.float64) for k in Coefs._fields[:4]})
+    g_small = torch_pair.pair_backward(
+        a, b, s, None, SOFTMAX, small, c, **kw, max_block_elements=23 * 2
+    )
+    g_big = torch_pair.pair_backward(a, b, s, None, SOFTMAX, big, c, **kw)
+    for x, y in zip(g_small, g_big):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("backend", ENGINE_BACKENDS)
+@pytest.mark.parametrize("epilogue", ["softmax", "rows", "sigmoid"])
+def test_an_empty_side_gives_empty_statistics_and_zero_gradients(backend, epilogue):
+    """A rank's empty shard: rows against 0 columns (and 0 rows against columns) give the
+    empty set's (-inf, 0) per row, nothing per column, a 0 total and zero gradients."""
+    module = backend_module(backend, "pair")
+    pair = Pair(epilogue)
+    scale = torch.tensor(3.0)
+    for n, m in ((5, 0), (0, 4)):
+        a, b = torch.randn(n, 8), torch.randn(m, 8)
+        st = module.pair_forward(a, b, scale, None, pair)
+        if epilogue == "sigmoid":
+            assert st.total.item() == 0.0
+            coefs = Coefs(total=torch.tensor(1.0))
+        else:
+            assert st.row_max.shape == (n,) and torch.isneginf(st.row_max).all()
+            assert (st.row_sum == 0).all()
+            coefs = Coefs(rows=torch.ones(n), pos_rows=torch.ones(n))
+            if epilogue == "softmax":
+                assert st.col_max.shape == (m,) and torch.isneginf(st.col_max).all()
+                coefs = coefs._replace(cols=torch.ones(m), pos_cols=torch.ones(m))
+        g = module.pair_backward(a, b, scale, None, pair, st, coefs)
+        assert g.da.shape == (n, 8) and g.db.shape == (m, 8)
+        assert g.da.abs().sum().item() == 0.0 and g.db.abs().sum().item() == 0.0
+        assert g.dscale.item() == 0.0

@@ -23,6 +23,7 @@ from .functional import (
     multiview_dhel_loss,
     multiview_infonce_loss,
     siglip_loss,
+    supcon_loss,
     symile_loss,
 )
 from .modules import (
@@ -31,6 +32,7 @@ from .modules import (
     MultiviewDHELLoss,
     MultiviewInfoNCELoss,
     SigLipLoss,
+    SupConLoss,
     SymileLoss,
 )
 
@@ -41,6 +43,7 @@ __all__ = [
     "MultiviewDHELLoss",
     "MultiviewInfoNCELoss",
     "SigLipLoss",
+    "SupConLoss",
     "SymileLoss",
     "__version__",
     "backend_for",
@@ -53,5 +56,6 @@ __all__ = [
     "multiview_dhel_loss",
     "multiview_infonce_loss",
     "siglip_loss",
+    "supcon_loss",
     "symile_loss",
 ]

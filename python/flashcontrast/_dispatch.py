@@ -33,9 +33,21 @@ BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
 
 # Objectives each compiled or JIT backend implements today; "torch" and "reference"
 # implement every objective that has a public function.
-CUDA_OBJECTIVES: frozenset = cuda_backend.OBJECTIVES
-TRITON_OBJECTIVES = frozenset({"clip", "gram", "infonce", "multiview", "siglip", "symile"})
-TORCH_OBJECTIVES = frozenset({"clip", "gram", "infonce", "multiview", "siglip", "symile"})
+#: Objectives that are epilogues of the pair engine and need no kernel of their own.
+ENGINE_OBJECTIVES = frozenset({"clip", "infonce", "multiview", "siglip", "supcon"})
+
+
+def cuda_objectives(kernels: frozenset) -> frozenset:
+    """The objectives a build of ``_C`` runs, from the kernel sets it has
+    (``backends.cuda.objectives_of``): with the pair engine, its epilogues too."""
+    return kernels | (ENGINE_OBJECTIVES if "pair" in kernels else frozenset())
+
+
+CUDA_OBJECTIVES: frozenset = cuda_objectives(cuda_backend.OBJECTIVES)
+TRITON_OBJECTIVES = frozenset(
+    {"clip", "gram", "infonce", "multiview", "siglip", "supcon", "symile"}
+)
+TORCH_OBJECTIVES = frozenset({"clip", "gram", "infonce", "multiview", "siglip", "supcon", "symile"})
 # The feature dtypes each kernel backend takes (float64 runs on "torch" and "reference").
 KERNEL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 

@@ -10,6 +10,7 @@ from .objectives.gram import gram_loss, gram_volume
 from .objectives.infonce import infonce_loss
 from .objectives.multiview import multiview_dhel_loss, multiview_infonce_loss
 from .objectives.siglip import siglip_loss
+from .objectives.supcon import supcon_loss
 from .objectives.symile import symile_loss
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "multiview_dhel_loss",
     "multiview_infonce_loss",
     "siglip_loss",
+    "supcon_loss",
     "symile_loss",
 ]

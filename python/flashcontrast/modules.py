@@ -12,6 +12,7 @@ from ._validation import Scalar
 from .objectives.gram import GramLoss
 from .objectives.multiview import MultiviewDHELLoss, MultiviewInfoNCELoss
 from .objectives.siglip import SigLipLoss
+from .objectives.supcon import SupConLoss
 from .objectives.symile import SymileLoss
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "MultiviewDHELLoss",
     "MultiviewInfoNCELoss",
     "SigLipLoss",
+    "SupConLoss",
     "SymileLoss",
 ]
 

@@ -36,6 +36,7 @@ __all__ = [
     "multiview_dhel_loss",
     "multiview_infonce_loss",
     "siglip_loss",
+    "supcon_loss",
     "symile_loss",
 ]
 
@@ -528,3 +529,26 @@ def symile_loss(
         return sum(losses) / m
 
     raise ValueError(f"negative_sampling must be 'n' or 'n_squared', got {negative_sampling!r}")
+
+
+def supcon_loss(
+    features: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    temperature: Scale,
+    base_temperature: float = 0.07,
+) -> torch.Tensor:
+    """Supervised contrastive loss (docs/objectives.md section 7) as HobbitLong/SupContrast's
+    ``SupConLoss`` (contrast_mode "all") computes it, features given as (V, N, D) (its
+    input is (N, V, D)): the (V N, V N) logits, the anchor masked out of its denominator,
+    the mean log-probability of its positives (0 where it has none), times -tau / base."""
+    v, n, d = features.shape
+    z = features.reshape(v * n, d)  # view-major, as torch.cat(torch.unbind(x, dim=1))
+    ids = torch.arange(n, device=z.device) if labels is None else labels
+    same = (ids[:, None] == ids[None, :]).repeat(v, v)
+    eye = torch.eye(v * n, dtype=torch.bool, device=z.device)
+    logits = (z @ z.T) / temperature
+    log_prob = logits - torch.logsumexp(logits.masked_fill(eye, float("-inf")), dim=1, keepdim=True)
+    pos = same & ~eye
+    count = pos.sum(dim=1)
+    mean_log_prob = (log_prob * pos).sum(dim=1) / torch.where(count > 0, count, 1)
+    return (-(temperature / base_temperature) * mean_log_prob).view(v, n).mean()

@@ -45,4 +45,4 @@ def install(monkeypatch: pytest.MonkeyPatch, test_id: str) -> None:
     objectives = cuda_backend.objectives_of(emulated)
     monkeypatch.setattr(cuda_backend, "_C", emulated)
     monkeypatch.setattr(cuda_backend, "OBJECTIVES", objectives)
-    monkeypatch.setattr(_dispatch, "CUDA_OBJECTIVES", objectives)
+    monkeypatch.setattr(_dispatch, "CUDA_OBJECTIVES", _dispatch.cuda_objectives(objectives))

@@ -11,6 +11,7 @@ GRAM d2a + a2d volume loss (``model/gram``)    ``gram.gram_contrastive_loss`` (+
 Multi-View-CL ``models/losses.py::MVINFONCE``  ``multiview.MVInfoNCE`` (alias ``MVINFONCE``)
 Multi-View-CL ``models/losses.py::MVDHEL``     ``multiview.MVDHEL``
 ``info_nce.InfoNCE`` (info-nce-pytorch)        ``info_nce.InfoNCE`` / ``info_nce.info_nce``
+``pytorch_metric_learning.losses.SupConLoss``  ``pytorch_metric_learning.SupConLoss``
 =============================================  ============================================
 
 Each class keeps the published constructor and call signature and return value (OpenCLIP's
@@ -23,6 +24,6 @@ Usage: ``from flashcontrast.compat.open_clip import ClipLoss`` where the code ha
 ``from open_clip.loss import ClipLoss``.
 """
 
-from . import gram, info_nce, multiview, open_clip, symile
+from . import gram, info_nce, multiview, open_clip, pytorch_metric_learning, symile
 
-__all__ = ["gram", "info_nce", "multiview", "open_clip", "symile"]
+__all__ = ["gram", "info_nce", "multiview", "open_clip", "pytorch_metric_learning", "symile"]

@@ -159,8 +159,9 @@ torch.library.register_autograd(
 # ----------------------------------------------------------------------------- checks
 
 
-def _stack(views: Views) -> Tensor:
-    """(V, N, D) features: the tensor itself, or one torch.stack of a sequence."""
+def _stack(views: Views, min_views: int = 2) -> Tensor:
+    """(V, N, D) features, V >= ``min_views``: the tensor itself, or one torch.stack of a
+    sequence."""
     if isinstance(views, Tensor):
         u = views
         check_strided("views", u)
@@ -181,8 +182,8 @@ def _stack(views: Views) -> Tensor:
             check_strided(f"views[{k}]", x)
             if x.dim() != 2:
                 raise ValueError(f"views[{k}] must be 2-D (N, D), got {tuple(x.shape)}")
-        if len(views) < 2:
-            raise ValueError(f"multi-view losses need V >= 2 views, got V = {len(views)}")
+        if len(views) < min_views:
+            raise ValueError(f"this loss needs V >= {min_views} views, got V = {len(views)}")
         first = views[0]
         for k, x in enumerate(views[1:], 1):
             if x.shape != first.shape:
@@ -200,8 +201,8 @@ def _stack(views: Views) -> Tensor:
     if u.dtype not in FEATURE_DTYPES:
         raise TypeError(f"views must be float32, float16, bfloat16 or float64, got {u.dtype}")
     v, n, d = u.shape
-    if v < 2:
-        raise ValueError(f"multi-view losses need V >= 2 views, got V = {v}")
+    if v < min_views:
+        raise ValueError(f"this loss needs V >= {min_views} views, got V = {v}")
     if n == 0:
         raise ValueError("views is an empty batch (N = 0): the loss is undefined")
     if d == 0:

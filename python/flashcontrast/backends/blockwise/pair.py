@@ -116,7 +116,11 @@ def _override(s: Tensor, sets: _Sets, pos_logits: Optional[Tensor]) -> None:
 
 
 def _pairs(s: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """(max, sum exp(S - max)) along ``dim`` (-inf entries are out of the set)."""
+    """(max, sum exp(S - max)) along ``dim`` (-inf entries are out of the set; an empty
+    dimension gives the empty set's (-inf, 0))."""
+    if s.shape[dim] == 0:
+        size = s.shape[1 - dim]
+        return s.new_full((size,), _NEG), s.new_zeros(size)
     mx = s.amax(dim=dim)
     safe = torch.where(torch.isneginf(mx), torch.zeros_like(mx), mx)
     return mx, torch.exp(s - safe.unsqueeze(dim)).sum(dim=dim)
