@@ -4,7 +4,7 @@ Where the published package installs on this CPU (OpenCLIP's open_clip/loss.py, 
 file path because ``import open_clip`` needs torchvision; ``symile``; ``info-nce-pytorch``)
 the values AND gradients are compared with it, in float64; otherwise the test skips with
 the reason. GRAM and Multi-View-CL are not packages: they are compared with
-flashcontrast.reference and the math of objectives.md. Single process only
+flashcontrast.reference and the math of docs/objectives.md. Single process only
 (the distributed routing is documented in compat/open_clip.py).
 """
 
@@ -275,10 +275,10 @@ def test_info_nce_published_errors():
 
 # --------------------------------------------------------------------------------------
 # GRAM and Multi-View-CL are not pip packages: checked against flashcontrast.reference
-# (itself checked by hand-worked cases in test_reference.py) and the math of objectives.md.
+# (itself checked by hand-worked cases in test_reference.py) and the math of docs/objectives.md.
 # --------------------------------------------------------------------------------------
 def _abs_det_volume(t, *others):
-    """V_ij = sqrt(|det G_ij|), the published code's formula (objectives.md section 4),
+    """V_ij = sqrt(|det G_ij|), the published code's formula (docs/objectives.md section 4),
     written here from the math: G_ij is the Gram matrix of (t_i, o^1_j, ..., o^K_j)."""
     n_a, n_o = t.shape[0], others[0].shape[0]
     vecs_j = torch.stack(others, dim=1)  # (N_o, K, D)
@@ -381,7 +381,7 @@ def test_gram_gradients_finite_where_abs_det_form_is_nan():
 
 
 def _dhel_pair(x, y, tau):
-    """DHEL of two (N, D) views = MV-DHEL with V = 2 (objectives.md section 3)."""
+    """DHEL of two (N, D) views = MV-DHEL with V = 2 (docs/objectives.md section 3)."""
     return ref.multiview_dhel_loss(torch.stack([x, y]), 1 / tau)
 
 

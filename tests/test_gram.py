@@ -1,5 +1,5 @@
-"""GRAM volume loss (objectives.md section 4) through the public API, on the torch and
-Triton backends, against the float64 reference by DESIGN.md's verification rule.
+"""GRAM volume loss (docs/objectives.md section 4) through the public API, on the torch and
+Triton backends, against the float64 reference by the verification rule (docs/verification.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """MV-InfoNCE and MV-DHEL on the torch and Triton backends, against the float64 reference
-(and, with groups, the masked oracles of reference_groups) by DESIGN.md's rule."""
+(and, with groups, the masked oracles of reference_groups) by the verification rule (docs/verification.md)."""
 
 from __future__ import annotations
 

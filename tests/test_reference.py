@@ -9,7 +9,7 @@ that reference trustworthy. Three kinds of evidence:
   values AND gradients, in float64;
 * small cases worked by hand, the arithmetic written out below (never a number produced
   by the code under test);
-* the properties objectives.md promises: DHEL equivalence at V = 2, no overflow at small
+* the properties docs/objectives.md promises: DHEL equivalence at V = 2, no overflow at small
   temperatures, finite GRAM gradients at degenerate inputs.
 """
 
@@ -303,7 +303,7 @@ def test_mv_dhel_by_hand():
 
 
 def _naive_mv_infonce(u, tau):
-    """objectives.md's MV-InfoNCE written with raw exp and log (no logsumexp)."""
+    """docs/objectives.md's MV-InfoNCE written with raw exp and log (no logsumexp)."""
     v, n, d = u.shape
     z = u.reshape(v * n, d)
     sim = torch.exp(z @ z.T / tau) * (1 - torch.eye(v * n, dtype=u.dtype))
@@ -316,7 +316,7 @@ def _naive_mv_infonce(u, tau):
 
 
 def _naive_mv_dhel(u, tau):
-    """objectives.md's MV-DHEL written with raw exp and log."""
+    """docs/objectives.md's MV-DHEL written with raw exp and log."""
     v, n, _ = u.shape
     neg = 1
     for l in range(v):
@@ -341,7 +341,7 @@ def test_mv_losses_match_raw_exp_formulas(v, n, d):
 
 
 def test_mv_dhel_two_views_is_dhel():
-    """objectives.md: at V = 2 MV-DHEL is DHEL (pakoromilas/DHEL-KCL, include_augs=True):
+    """docs/objectives.md: at V = 2 MV-DHEL is DHEL (pakoromilas/DHEL-KCL, include_augs=True):
     -mean_i log[ e^{s a_i.p_i} / (sum_{j!=i} e^{s a_i.a_j} * sum_{j!=i} e^{s p_i.p_j}) ]."""
     n, d, tau = 11, 9, 0.3
     a = F.normalize(torch.randn(n, d, dtype=F64), dim=-1)
@@ -460,7 +460,7 @@ def test_gram_loss_by_hand():
 
 @pytest.mark.parametrize("m", [3, 4])
 def test_gram_volume_matches_adjugate_identity(m):
-    """objectives.md: det G_ij = det(H_j) (t_i.t_i) - u_ij^T adj(H_j) u_ij, with
+    """docs/objectives.md: det G_ij = det(H_j) (t_i.t_i) - u_ij^T adj(H_j) u_ij, with
     u_ij[r] = t_i.o^r_j and H_j the Gram matrix of sample j's other modalities."""
     n_a, n_o, d = 5, 6, 7
     t = torch.randn(n_a, d, dtype=F64)

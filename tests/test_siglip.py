@@ -1,5 +1,5 @@
 """SigLIP through the public API, on every backend that can run here, against the
-float64 reference by DESIGN.md's verification rule."""
+float64 reference by the verification rule (docs/verification.md)."""
 
 from __future__ import annotations
 

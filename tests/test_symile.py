@@ -1,5 +1,5 @@
 """Symile through the public API on the torch and triton backends, against the
-reference (objectives.md section 5) by DESIGN.md's verification rule.
+reference (docs/objectives.md section 5) by the verification rule (docs/verification.md).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A roofline cost model: flops, bytes and exponentials of each objective x path, and the
 time they predict on a device from its measured rates.
 
-Every number here is a PREDICTION. The device rates are measurements (H200: DESIGN.md's
-"H200 facts", measured on this project's H200 machines); the per-path efficiencies are
+Every number here is a PREDICTION. The device rates are measurements (H200: docs/hardware.md,
+measured on this project's H200 machines); the per-path efficiencies are
 assumptions with their basis written beside them (a static review of the sm_90a output,
 or plain arithmetic), until a GPU run of ``python -m flashcontrast.bench --gpu-report``
 replaces them with measured rows. The benchmark's ``--dry-run`` uses this model for its
@@ -36,11 +36,11 @@ class Device:
 
 H200 = Device(
     name="NVIDIA H200",
-    bf16_flops=780e12,  # 769-798 TFLOP/s at 8192^3 on random data (DESIGN.md)
+    bf16_flops=780e12,  # 769-798 TFLOP/s at 8192^3 on random data (docs/hardware.md)
     fp32_flops=50e12,  # datasheet 67 TFLOP/s FFMA; cuBLAS SGEMM reaches about 3/4 of it
-    copy_bytes=4.3e12,  # measured, counting read + write (DESIGN.md)
-    exp_per_s=4.2e12,  # 16 per clock per SM x 132 SMs x 1.98 GHz (DESIGN.md)
-    basis="H200 rates measured on this project's H200 machines (shared/DESIGN.md), "
+    copy_bytes=4.3e12,  # measured, counting read + write (docs/hardware.md)
+    exp_per_s=4.2e12,  # 16 per clock per SM x 132 SMs x 1.98 GHz (docs/hardware.md)
+    basis="H200 rates measured on this project's H200 machines (docs/hardware.md), "
     "fp32 FFMA from the datasheet",
 )
 

@@ -1,7 +1,7 @@
 """Naive, materializing PyTorch implementations of every objective: the test oracle.
 
 Each function builds the full logit (or volume) tensor and reduces it with stock PyTorch
-ops, so that it is easy to read against shared/objectives.md and differentiable by
+ops, so that it is easy to read against docs/objectives.md and differentiable by
 autograd in any floating dtype (use float64 to get the "true" value a fused backend is
 held against). Nothing here is fast or memory-lean: an N x N (or N x N^(M-1)) tensor is
 built on purpose. The computation runs in the inputs' dtype, so the same function also

@@ -1,7 +1,7 @@
 """Materializing oracles for the group-masked multi-view losses (``groups=``).
 
 Same formulas as :func:`flashcontrast.reference.multiview_infonce_loss` and
-:func:`flashcontrast.reference.multiview_dhel_loss` (objectives.md section 3), with one
+:func:`flashcontrast.reference.multiview_dhel_loss` (docs/objectives.md section 3), with one
 extra mask. ``groups`` is an integer tensor (N,) of group ids: a pair of DIFFERENT samples
 j != i with groups[j] == groups[i] is not a negative pair, so its similarities leave the
 negative sums. Nothing else changes:

@@ -1,4 +1,4 @@
-"""DESIGN.md's verification rule, as a function: the tests assert it, the GPU report's
+"""the verification rule (docs/verification.md), as a function: the tests assert it, the GPU report's
 correctness smoke records it.
 
 For each output (the loss and every gradient), with errors measured against the float64

@@ -26,7 +26,7 @@ Deliberate differences from the published code:
   where det G = 0 (collinear or coincident vectors, e.g. an anchor equal to another
   modality's vector), where GRAM's are NaN. NaN inputs give NaN volumes, as GRAM's.
 * The fused backends do not call ``torch.det`` per pair: det G_ij comes from the
-  adjugate expansion det(H_j) t_i.t_i - u_ij^T adj(H_j) u_ij (objectives.md), equal up
+  adjugate expansion det(H_j) t_i.t_i - u_ij^T adj(H_j) u_ij (docs/objectives.md), equal up
   to rounding.
 * Gradient: by default the loss's full gradient. GRAM's training code gathers the
   features with a no-grad all_gather, even on one process, so its d2a term

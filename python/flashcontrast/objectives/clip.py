@@ -1,4 +1,4 @@
-"""CLIP InfoNCE (objectives.md section 1): checks, torch.library ops, autograd, public API.
+"""CLIP InfoNCE (docs/objectives.md section 1): checks, torch.library ops, autograd, public API.
 
 L = 1/2 [mean_i (LSE_j S_ij - S_ii) + mean_j (LSE_i S_ij - S_jj)], S = s A B^T + b, on the pair
 engine (``backends/pair.py``): one "softmax" sweep gives the row and column logsumexps and

@@ -1,4 +1,4 @@
-"""GRAM, the Gramian-volume contrastive loss (objectives.md section 4): checks, per-column
+"""GRAM, the Gramian-volume contrastive loss (docs/objectives.md section 4): checks, per-column
 constants, torch.library ops, autograd, public API.
 
 Anchor t_i (N, D) and K = M - 1 other modalities o^1_j .. o^K_j (N, D each). With

@@ -1,4 +1,4 @@
-"""MV-InfoNCE and MV-DHEL (objectives.md section 3): checks, torch.library ops, autograd,
+"""MV-InfoNCE and MV-DHEL (docs/objectives.md section 3): checks, torch.library ops, autograd,
 public API.
 
 With views u_il (sample i, view l; V views of N samples) and s = 1 / tau, as the code of

@@ -1,4 +1,4 @@
-"""SigLIP (objectives.md section 2): checks, torch.library ops, autograd, public API.
+"""SigLIP (docs/objectives.md section 2): checks, torch.library ops, autograd, public API.
 
 S = s A B^T + b, z_ij = +1 on the diagonal and -1 elsewhere,
 L = -(1/N) sum_ij log sigmoid(z_ij S_ij), on the pair engine (``backends/pair.py``): the

@@ -1,4 +1,4 @@
-"""Symile (objectives.md section 5): checks, torch.library ops, autograd, public API.
+"""Symile (docs/objectives.md section 5): checks, torch.library ops, autograd, public API.
 
 MIP(x^1, ..., x^M) = sum_d prod_m x^m_d. Each modality m in turn is the anchor; the
 others keep their list order; L = (1/M) sum_m mean_i (LSE_c logits_m[i, c] - s MIP_i),
