@@ -1,5 +1,6 @@
 """MV-InfoNCE and MV-DHEL on the torch and Triton backends, against the float64 reference
-(and, with groups, the masked oracles of reference_groups) by the verification rule (docs/verification.md)."""
+(and, with groups, the masked oracles of reference_groups) by the verification rule
+(docs/verification.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""the verification rule (docs/verification.md) and the helpers the backend tests share.
+"""The verification rule (docs/verification.md) and the helpers the backend tests share.
 
 error(kernel) <= 2 * error(same-dtype reference) + atol, errors measured against the
 float64 reference, per output (loss and each gradient), atol scaled by the output's size

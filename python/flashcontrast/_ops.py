@@ -5,8 +5,9 @@ Each objective lives in ``objectives/<name>.py``: its input checks, its torch.li
 both with fake implementations so that ``torch.compile(fullgraph=True)`` traces callers
 without graph breaks), the autograd formula attached with
 ``torch.library.register_autograd``, and the public function. register_autograd plays the
-role of the original design's per-objective autograd Function (docs/design.md), and unlike a Python autograd.Function
-it is traced by AOTAutograd as one opaque op in both the forward and the backward graph.
+role of the original design's per-objective autograd Function (docs/design.md), and
+unlike a Python autograd.Function it is traced by AOTAutograd as one opaque op in both
+the forward and the backward graph.
 
 ``backend`` reaches the ops as a resolved name ("torch", "triton" or "cuda"), a string
 argument, so the choice is part of the traced graph. :func:`backend_module` (importlib)

@@ -78,6 +78,25 @@ CASES = {
         lambda x, s, be: functional.siglip_loss(x[0], x[1], s, -10.0, backend=be),
         flops=lambda n, d: 8 * n * n * d,  # the same 4 GEMM-equivalents as CLIP
     ),
+    # 2 of CLIP's 4 GEMM-equivalents per direction: one direction only
+    "infonce": Case(
+        "infonce",
+        2,
+        20.0,
+        lambda x, s, be: functional.infonce_loss(x[0], x[1], s, backend=be),
+        flops=lambda n, d: 4 * n * n * d,
+    ),
+    # two views, four samples a class: the (2 N, 2 N) self-similarity
+    "supcon-v2": Case(
+        "supcon",
+        2,
+        1 / 0.07,
+        lambda x, s, be: functional.supcon_loss(
+            list(x), torch.arange(x[0].shape[0], device=x[0].device) // 4, 1 / s, backend=be
+        ),
+        flops=lambda n, d: 4 * (2 * n) ** 2 * d,  # rows only: S forward; S, dS Z backward
+        reference_bytes=lambda n, d: 6 * (2 * n) ** 2 * 4,
+    ),
     "mv-infonce-v4": Case(
         "multiview",
         4,

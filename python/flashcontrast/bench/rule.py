@@ -1,5 +1,5 @@
-"""the verification rule (docs/verification.md), as a function: the tests assert it, the GPU report's
-correctness smoke records it.
+"""The verification rule (docs/verification.md), as a function: the tests assert it, the
+GPU report's correctness smoke records it.
 
 For each output (the loss and every gradient), with errors measured against the float64
 oracle: error(kernel) <= 2 * error(same-dtype reference) + atol, atol = ATOL[dtype] x
