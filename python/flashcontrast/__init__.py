@@ -16,6 +16,7 @@ and "auto", which picks by what is built and where the tensors live. See
 from ._dispatch import BACKENDS, backend_for, explain_backend, last_backend
 from ._version import __version__
 from .functional import (
+    align_loss,
     clip_loss,
     gram_loss,
     gram_volume,
@@ -25,6 +26,7 @@ from .functional import (
     siglip_loss,
     supcon_loss,
     symile_loss,
+    uniform_loss,
 )
 from .modules import (
     ClipLoss,
@@ -46,6 +48,7 @@ __all__ = [
     "SupConLoss",
     "SymileLoss",
     "__version__",
+    "align_loss",
     "backend_for",
     "clip_loss",
     "explain_backend",
@@ -58,4 +61,5 @@ __all__ = [
     "siglip_loss",
     "supcon_loss",
     "symile_loss",
+    "uniform_loss",
 ]

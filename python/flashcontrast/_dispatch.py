@@ -34,7 +34,9 @@ BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
 # Objectives each compiled or JIT backend implements today; "torch" and "reference"
 # implement every objective that has a public function.
 #: Objectives that are epilogues of the pair engine and need no kernel of their own.
-ENGINE_OBJECTIVES = frozenset({"clip", "infonce", "multiview", "siglip", "supcon"})
+ENGINE_OBJECTIVES = frozenset({"clip", "infonce", "multiview", "siglip", "supcon", "uniformity"})
+TRITON_OBJECTIVES = ENGINE_OBJECTIVES | {"gram", "symile"}
+TORCH_OBJECTIVES = ENGINE_OBJECTIVES | {"gram", "symile"}
 
 
 def cuda_objectives(kernels: frozenset) -> frozenset:
@@ -44,10 +46,6 @@ def cuda_objectives(kernels: frozenset) -> frozenset:
 
 
 CUDA_OBJECTIVES: frozenset = cuda_objectives(cuda_backend.OBJECTIVES)
-TRITON_OBJECTIVES = frozenset(
-    {"clip", "gram", "infonce", "multiview", "siglip", "supcon", "symile"}
-)
-TORCH_OBJECTIVES = frozenset({"clip", "gram", "infonce", "multiview", "siglip", "supcon", "symile"})
 # The feature dtypes each kernel backend takes (float64 runs on "torch" and "reference").
 KERNEL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 

@@ -12,8 +12,10 @@ from .objectives.multiview import multiview_dhel_loss, multiview_infonce_loss
 from .objectives.siglip import siglip_loss
 from .objectives.supcon import supcon_loss
 from .objectives.symile import symile_loss
+from .objectives.uniformity import align_loss, uniform_loss
 
 __all__ = [
+    "align_loss",
     "clip_loss",
     "gram_loss",
     "gram_volume",
@@ -23,4 +25,5 @@ __all__ = [
     "siglip_loss",
     "supcon_loss",
     "symile_loss",
+    "uniform_loss",
 ]

@@ -1,0 +1,82 @@
+"""Alignment and uniformity (Wang & Isola 2020), the uniformity term on the pair engine.
+
+As their published ``align_loss`` / ``uniform_loss`` compute them:
+
+    align(x, y; alpha) = mean_i ||x_i - y_i||^alpha                      O(N D), plain torch
+    uniform(x; t)      = log mean_{i < j} exp(-t ||x_i - x_j||^2)        (torch.pdist there)
+
+Every published implementation forms the N (N - 1) / 2 pairwise distances. Here the mean
+over i < j is the mean over i != j (the summand is symmetric), and
+
+    -t ||x_i - x_j||^2 = 2t <x_i, x_j> - t |x_i|^2 - t |x_j|^2 = <a_i, b_j>,
+    a_i = (sqrt(2t) x_i, -t |x_i|^2, 1),   b_j = (sqrt(2t) x_j, 1, -t |x_j|^2),
+
+exactly, so uniform(x) = LSE_{i != j} <a_i, b_j> - log(N (N - 1)): one "rows" sweep of a
+against b with the diagonal excluded (``backends/pair.py``) and a logsumexp over the N row
+statistics. a and b are (N, D + 2) in float32 (float64 for float64 x), built by torch and
+differentiated by autograd back to x (the norms' gradient included); for unit-norm x the
+two extra columns are constants, -t and 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from .._amp import autocast_off
+from .._validation import accumulation_dtype, check_features
+from ..backends.pair import Pair
+from ._pair_op import sweep
+
+__all__ = ["align_loss", "uniform_loss"]
+
+#: every ordered pair i != j, no positives
+PAIR = Pair("rows", positives=False, exclude_self=True)
+
+
+def align_loss(x: Tensor, y: Tensor, alpha: float = 2.0) -> Tensor:
+    """mean_i ||x_i - y_i||_2^alpha for paired (N, D) features (Wang & Isola's
+    ``align_loss``; O(N D), no pairwise part)."""
+    x = check_features("x", x)
+    y = check_features("y", y)
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    return (x - y).norm(p=2, dim=1).pow(alpha).mean()
+
+
+@autocast_off
+def uniform_loss(x: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tensor:
+    """log mean_{i < j} exp(-t ||x_i - x_j||^2) of x (N, D), N >= 2, without the N (N - 1) / 2
+    distances (Wang & Isola's ``uniform_loss``; see the module docstring).
+
+    Args:
+        x: (N, D) float32, float16, bfloat16 or float64 features (normalize them first, as
+            the paper does; any x is computed exactly as the published formula).
+        t: the kernel's temperature t > 0 (a float).
+        backend: "auto", "cuda", "triton", "torch" or "reference" (torch.pdist).
+
+    Returns:
+        0-d, float32 (float64 for float64 x). NaN or inf in x propagate.
+    """
+    x = check_features("x", x)
+    if x.shape[0] < 2:
+        raise ValueError(f"uniform_loss needs N >= 2 samples (pairs i < j), got N = {x.shape[0]}")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+        raise ValueError(f"t must be a positive number, got {t!r}")
+    chosen = _dispatch.resolve("uniformity", x.device, backend, x.dtype)
+    if chosen == "reference":
+        return torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()
+    acc = accumulation_dtype(x.dtype)
+    xa = x.to(acc)
+    sq = -t * (xa * xa).sum(dim=1, keepdim=True)  # (N, 1)
+    one = torch.ones_like(sq)
+    root = math.sqrt(2.0 * t)
+    a = torch.cat([root * xa, sq, one], dim=1)
+    b = torch.cat([root * xa, one, sq], dim=1)
+    unit = torch.ones((), dtype=acc, device=x.device)
+    rows = sweep(a, b, unit, None, PAIR, chosen)["row"]  # LSE_{j != i} <a_i, b_j>
+    n = x.shape[0]
+    return torch.logsumexp(rows, dim=0) - math.log(n * (n - 1))
