@@ -13,12 +13,9 @@
 #include <utility>
 #include <vector>
 
-#include "flashcontrast/clip.h"
 #include "flashcontrast/gram.h"
-#include "flashcontrast/multiview.h"
 #include "flashcontrast/pair.h"
 #include "flashcontrast/runtime_info.h"
-#include "flashcontrast/siglip.h"
 #include "flashcontrast/symile.h"
 
 namespace py = pybind11;
@@ -65,145 +62,6 @@ void selftest_fill(std::uintptr_t ptr, std::int64_t n, float value, std::uintptr
 template <typename T>
 T* as_ptr(std::uintptr_t p) {
   return reinterpret_cast<T*>(p);
-}
-
-fc::PairInputs pair_inputs(std::uintptr_t a_ptr, std::uintptr_t b_ptr, std::int64_t n,
-                           std::int64_t d, std::int64_t a_stride0, std::int64_t a_stride1,
-                           std::int64_t b_stride0, std::int64_t b_stride1,
-                           const std::string& dtype, std::uintptr_t scale_ptr,
-                           std::uintptr_t bias_ptr) {
-  fc::PairInputs in;
-  in.a = as_ptr<const void>(a_ptr);
-  in.b = as_ptr<const void>(b_ptr);
-  in.n = n;
-  in.d = d;
-  in.a_stride0 = a_stride0;
-  in.a_stride1 = a_stride1;
-  in.b_stride0 = b_stride0;
-  in.b_stride1 = b_stride1;
-  in.dtype = fc::parse_dtype(dtype);
-  in.scale = as_ptr<const float>(scale_ptr);
-  in.bias = as_ptr<const float>(bias_ptr);  // 0: no bias
-  return in;
-}
-
-void clip_forward(std::uintptr_t a_ptr, std::uintptr_t b_ptr, std::int64_t n, std::int64_t d,
-                  std::int64_t a_stride0, std::int64_t a_stride1, std::int64_t b_stride0,
-                  std::int64_t b_stride1, const std::string& dtype, std::uintptr_t scale_ptr,
-                  std::uintptr_t bias_ptr, std::uintptr_t row_lse_ptr, std::uintptr_t col_lse_ptr,
-                  std::uintptr_t diag_ptr, std::uintptr_t workspace_ptr,
-                  std::int64_t workspace_elems, std::uintptr_t stream,
-                  std::uintptr_t groups_ptr) {
-  fc::PairInputs in = pair_inputs(a_ptr, b_ptr, n, d, a_stride0, a_stride1, b_stride0,
-                                  b_stride1, dtype, scale_ptr, bias_ptr);
-  in.groups = as_ptr<const std::int64_t>(groups_ptr);  // 0: no groups
-  fc::clip_forward(in, as_ptr<float>(row_lse_ptr), as_ptr<float>(col_lse_ptr), as_ptr<float>(diag_ptr),
-                   as_ptr<float>(workspace_ptr), workspace_elems, as_ptr<void>(stream));
-}
-
-void clip_backward(std::uintptr_t a_ptr, std::uintptr_t b_ptr, std::int64_t n, std::int64_t d,
-                   std::int64_t a_stride0, std::int64_t a_stride1, std::int64_t b_stride0,
-                   std::int64_t b_stride1, const std::string& dtype, std::uintptr_t scale_ptr,
-                   std::uintptr_t bias_ptr, std::uintptr_t row_lse_ptr,
-                   std::uintptr_t col_lse_ptr, std::uintptr_t grad_ptr, std::uintptr_t da_ptr,
-                   std::uintptr_t db_ptr, std::uintptr_t dscale_ptr, std::uintptr_t dbias_ptr,
-                   std::uintptr_t workspace_ptr, std::int64_t workspace_elems,
-                   std::uintptr_t stream, std::uintptr_t groups_ptr) {
-  fc::PairInputs in = pair_inputs(a_ptr, b_ptr, n, d, a_stride0, a_stride1, b_stride0,
-                                  b_stride1, dtype, scale_ptr, bias_ptr);
-  in.groups = as_ptr<const std::int64_t>(groups_ptr);  // 0: no groups
-  fc::clip_backward(in, as_ptr<const float>(row_lse_ptr), as_ptr<const float>(col_lse_ptr),
-                    as_ptr<const float>(grad_ptr), as_ptr<void>(da_ptr), as_ptr<void>(db_ptr),
-                    as_ptr<float>(dscale_ptr), as_ptr<float>(dbias_ptr),
-                    as_ptr<float>(workspace_ptr), workspace_elems, as_ptr<void>(stream));
-}
-
-using u64 = std::uintptr_t;
-using i64 = std::int64_t;
-
-void rowce_forward(u64 a_ptr, u64 w_ptr, i64 n, i64 d, i64 a_stride0, i64 a_stride1,
-                   i64 w_stride0, i64 w_stride1, const std::string& dtype, u64 scale_ptr,
-                   u64 diag_logit_ptr, u64 row_lse_ptr, u64 workspace_ptr, i64 workspace_elems,
-                   u64 stream) {
-  fc::rowce_forward(pair_inputs(a_ptr, w_ptr, n, d, a_stride0, a_stride1, w_stride0, w_stride1,
-                                dtype, scale_ptr, 0),
-                    as_ptr<const float>(diag_logit_ptr), as_ptr<float>(row_lse_ptr),
-                    as_ptr<float>(workspace_ptr), workspace_elems, as_ptr<void>(stream));
-}
-
-void rowce_backward(u64 a_ptr, u64 w_ptr, i64 n, i64 d, i64 a_stride0, i64 a_stride1,
-                    i64 w_stride0, i64 w_stride1, const std::string& dtype, u64 scale_ptr,
-                    u64 diag_logit_ptr, u64 row_lse_ptr, u64 grad_rows_ptr, u64 da_ptr,
-                    u64 dw_ptr, u64 dscale_ptr, u64 ddiag_ptr, u64 workspace_ptr,
-                    i64 workspace_elems, u64 stream) {
-  fc::rowce_backward(pair_inputs(a_ptr, w_ptr, n, d, a_stride0, a_stride1, w_stride0, w_stride1,
-                                 dtype, scale_ptr, 0),
-                     as_ptr<const float>(diag_logit_ptr), as_ptr<const float>(row_lse_ptr),
-                     as_ptr<const float>(grad_rows_ptr), as_ptr<void>(da_ptr),
-                     as_ptr<void>(dw_ptr), as_ptr<float>(dscale_ptr), as_ptr<float>(ddiag_ptr),
-                     as_ptr<float>(workspace_ptr), workspace_elems, as_ptr<void>(stream));
-}
-
-void siglip_forward(u64 a_ptr, u64 b_ptr, i64 n, i64 d, i64 a_stride0, i64 a_stride1,
-                    i64 b_stride0, i64 b_stride1, const std::string& dtype, u64 scale_ptr,
-                    u64 bias_ptr, u64 total_ptr, u64 workspace_ptr, i64 workspace_elems,
-                    u64 stream) {
-  fc::siglip_forward(pair_inputs(a_ptr, b_ptr, n, d, a_stride0, a_stride1, b_stride0,
-                                 b_stride1, dtype, scale_ptr, bias_ptr),
-                     as_ptr<float>(total_ptr), as_ptr<float>(workspace_ptr), workspace_elems,
-                     as_ptr<void>(stream));
-}
-
-void siglip_backward(u64 a_ptr, u64 b_ptr, i64 n, i64 d, i64 a_stride0, i64 a_stride1,
-                     i64 b_stride0, i64 b_stride1, const std::string& dtype, u64 scale_ptr,
-                     u64 bias_ptr, u64 grad_ptr, u64 da_ptr, u64 db_ptr, u64 dscale_ptr,
-                     u64 dbias_ptr, u64 workspace_ptr, i64 workspace_elems, u64 stream) {
-  fc::siglip_backward(pair_inputs(a_ptr, b_ptr, n, d, a_stride0, a_stride1, b_stride0,
-                                  b_stride1, dtype, scale_ptr, bias_ptr),
-                      as_ptr<const float>(grad_ptr), as_ptr<void>(da_ptr), as_ptr<void>(db_ptr),
-                      as_ptr<float>(dscale_ptr), as_ptr<float>(dbias_ptr),
-                      as_ptr<float>(workspace_ptr), workspace_elems, as_ptr<void>(stream));
-}
-
-fc::SelfSimInputs selfsim_inputs(u64 u_ptr, i64 v, i64 n, i64 d, i64 stride_v, i64 stride_n,
-                                 i64 stride_d, const std::string& dtype, u64 scale_ptr,
-                                 bool per_view, u64 groups_ptr) {
-  fc::SelfSimInputs in;
-  in.u = as_ptr<const void>(u_ptr);
-  in.v = v;
-  in.n = n;
-  in.d = d;
-  in.stride_v = stride_v;
-  in.stride_n = stride_n;
-  in.stride_d = stride_d;
-  in.dtype = fc::parse_dtype(dtype);
-  in.scale = as_ptr<const float>(scale_ptr);
-  in.per_view = per_view;
-  in.groups = as_ptr<const std::int64_t>(groups_ptr);  // 0: no groups
-  return in;
-}
-
-void selfsim_rowlse_forward(u64 u_ptr, i64 v, i64 n, i64 d, i64 stride_v, i64 stride_n,
-                            i64 stride_d, const std::string& dtype, u64 scale_ptr,
-                            bool per_view, u64 groups_ptr, u64 row_lse_ptr, u64 workspace_ptr,
-                            i64 workspace_elems, u64 stream) {
-  fc::selfsim_rowlse_forward(selfsim_inputs(u_ptr, v, n, d, stride_v, stride_n, stride_d, dtype,
-                                            scale_ptr, per_view, groups_ptr),
-                             as_ptr<float>(row_lse_ptr), as_ptr<float>(workspace_ptr),
-                             workspace_elems, as_ptr<void>(stream));
-}
-
-void selfsim_rowlse_backward(u64 u_ptr, i64 v, i64 n, i64 d, i64 stride_v, i64 stride_n,
-                             i64 stride_d, const std::string& dtype, u64 scale_ptr,
-                             bool per_view, u64 groups_ptr, u64 row_lse_ptr, u64 grad_rows_ptr,
-                             u64 du_ptr, u64 dscale_ptr, u64 workspace_ptr,
-                             i64 workspace_elems, u64 stream) {
-  fc::selfsim_rowlse_backward(selfsim_inputs(u_ptr, v, n, d, stride_v, stride_n, stride_d,
-                                             dtype, scale_ptr, per_view, groups_ptr),
-                              as_ptr<const float>(row_lse_ptr), as_ptr<const float>(grad_rows_ptr),
-                              as_ptr<float>(du_ptr), as_ptr<float>(dscale_ptr),
-                              as_ptr<float>(workspace_ptr), workspace_elems,
-                              as_ptr<void>(stream));
 }
 
 // ----------------------------------------------------------------------------- typed structs
@@ -596,51 +454,11 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream") = 0,
       "Fill n float32 values at device pointer `ptr` with `value` on `stream` (async).");
 
-  // CLIP InfoNCE. Pointers are device addresses (data_ptr()), strides in elements, dtype
-  // "float32" | "float16" | "bfloat16", bias_ptr 0 for no bias, stream a cudaStream_t.
-  // Outputs and workspaces are allocated by the caller; nothing synchronizes the host.
-  def(m, "clip_forward_workspace_elems", &fc::clip_forward_workspace_elems, py::arg("n"),
-      py::arg("d"), py::arg("device"),
-      "float32 elements of clip_forward's workspace for (n, d) inputs on CUDA device `device`.");
-  def(m, "clip_backward_workspace_elems", &fc::clip_backward_workspace_elems, py::arg("n"),
-      py::arg("d"), py::arg("device"),
-      "float32 elements of clip_backward's workspace for (n, d) inputs on CUDA device `device`.");
-  def(m, "clip_forward", &clip_forward, py::arg("a_ptr"), py::arg("b_ptr"), py::arg("n"),
-      py::arg("d"), py::arg("a_stride0"), py::arg("a_stride1"), py::arg("b_stride0"),
-      py::arg("b_stride1"), py::arg("dtype"), py::arg("scale_ptr"), py::arg("bias_ptr"),
-      py::arg("row_lse_ptr"), py::arg("col_lse_ptr"), py::arg("diag_ptr"),
-      py::arg("workspace_ptr"), py::arg("workspace_elems"), py::arg("stream"),
-      py::arg("groups_ptr") = 0,
-      "S = scale * A B^T + bias: writes row_lse, col_lse, diag ((n,) float32 each). "
-      "groups_ptr: (n,) int64 device group ids, or 0 for none (S_ij = -inf where i != j "
-      "and the ids are equal).");
-  def(m, "clip_backward", &clip_backward, py::arg("a_ptr"), py::arg("b_ptr"), py::arg("n"),
-      py::arg("d"), py::arg("a_stride0"), py::arg("a_stride1"), py::arg("b_stride0"),
-      py::arg("b_stride1"), py::arg("dtype"), py::arg("scale_ptr"), py::arg("bias_ptr"),
-      py::arg("row_lse_ptr"), py::arg("col_lse_ptr"), py::arg("grad_ptr"), py::arg("da_ptr"),
-      py::arg("db_ptr"), py::arg("dscale_ptr"), py::arg("dbias_ptr"), py::arg("workspace_ptr"),
-      py::arg("workspace_elems"), py::arg("stream"), py::arg("groups_ptr") = 0,
-      "Writes da, db (contiguous (n, d), input dtype) and dscale, dbias (float32 scalars); "
-      "groups_ptr as clip_forward (dS = 0 on masked pairs).");
-  // Symile (symile.h) and GRAM (gram.h): same conventions as CLIP. Workspace sizes from the
-  // *_workspace_elems functions; backward workspaces are zeroed on the stream.
-  def(m, "rowce_forward_workspace_elems", &fc::rowce_forward_workspace_elems, py::arg("n"),
-      py::arg("d"), py::arg("device"));
-  def(m, "rowce_backward_workspace_elems", &fc::rowce_backward_workspace_elems, py::arg("n"),
-      py::arg("d"), py::arg("device"));
-  def(m, "rowce_forward", &rowce_forward, py::arg("a_ptr"), py::arg("w_ptr"), py::arg("n"),
-      py::arg("d"), py::arg("a_stride0"), py::arg("a_stride1"), py::arg("w_stride0"),
-      py::arg("w_stride1"), py::arg("dtype"), py::arg("scale_ptr"), py::arg("diag_logit_ptr"),
-      py::arg("row_lse_ptr"), py::arg("workspace_ptr"), py::arg("workspace_elems"),
-      py::arg("stream"), "Row LSE of scale * a w^T with the diagonal replaced by diag_logit.");
-  def(m, "rowce_backward", &rowce_backward, py::arg("a_ptr"), py::arg("w_ptr"), py::arg("n"),
-      py::arg("d"), py::arg("a_stride0"), py::arg("a_stride1"), py::arg("w_stride0"),
-      py::arg("w_stride1"), py::arg("dtype"), py::arg("scale_ptr"), py::arg("diag_logit_ptr"),
-      py::arg("row_lse_ptr"), py::arg("grad_rows_ptr"), py::arg("da_ptr"), py::arg("dw_ptr"),
-      py::arg("dscale_ptr"), py::arg("ddiag_ptr"), py::arg("workspace_ptr"),
-      py::arg("workspace_elems"), py::arg("stream"),
-      "Writes da, dw (contiguous (n, d), input dtype), dscale (fp32 scalar), ddiag ((n,) fp32).");
-  // Typed launchers: params structs (register_structs) and keyword-only addresses.
+  // The launchers: params structs (register_structs) and keyword-only addresses. Pointers
+  // are device addresses (data_ptr()), strides in elements, dtype "float32" | "float16" |
+  // "bfloat16", stream a cudaStream_t. Outputs and workspaces are allocated by the caller
+  // (sizes from the *_workspace_elems functions; backward workspaces are zeroed on the
+  // stream); nothing synchronizes the host.
   register_structs(m);
   def(m, "pair_forward_workspace_elems", &pair_forward_workspace_elems, py::arg("params"),
       py::kw_only(), py::arg("device"),
@@ -679,40 +497,4 @@ PYBIND11_MODULE(_C, m) {
       py::arg("row_lse"), py::arg("grad_rows"), py::arg("dx"), py::arg("dy"), py::arg("dz"),
       py::arg("dscale"), py::arg("workspace"), py::arg("workspace_elems"), py::arg("stream"),
       "Writes dx, dy, dz (contiguous (n, d), float32) and dscale (fp32 scalar).");
-  // SigLIP (siglip.h): conventions as CLIP; bias_ptr 0 for no bias.
-  def(m, "siglip_forward_workspace_elems", &fc::siglip_forward_workspace_elems, py::arg("n"),
-      py::arg("d"), py::arg("device"));
-  def(m, "siglip_backward_workspace_elems", &fc::siglip_backward_workspace_elems, py::arg("n"),
-      py::arg("d"), py::arg("device"));
-  def(m, "siglip_forward", &siglip_forward, py::arg("a_ptr"), py::arg("b_ptr"), py::arg("n"),
-      py::arg("d"), py::arg("a_stride0"), py::arg("a_stride1"), py::arg("b_stride0"),
-      py::arg("b_stride1"), py::arg("dtype"), py::arg("scale_ptr"), py::arg("bias_ptr"),
-      py::arg("total_ptr"), py::arg("workspace_ptr"), py::arg("workspace_elems"),
-      py::arg("stream"), "total = sum_ij softplus(-z_ij S_ij) (float32 scalar at total_ptr).");
-  def(m, "siglip_backward", &siglip_backward, py::arg("a_ptr"), py::arg("b_ptr"), py::arg("n"),
-      py::arg("d"), py::arg("a_stride0"), py::arg("a_stride1"), py::arg("b_stride0"),
-      py::arg("b_stride1"), py::arg("dtype"), py::arg("scale_ptr"), py::arg("bias_ptr"),
-      py::arg("grad_ptr"), py::arg("da_ptr"), py::arg("db_ptr"), py::arg("dscale_ptr"),
-      py::arg("dbias_ptr"), py::arg("workspace_ptr"), py::arg("workspace_elems"),
-      py::arg("stream"),
-      "For L = total / n: writes da, db (contiguous (n, d), input dtype), dscale, dbias "
-      "(float32 scalars).");
-  // Multi-view self-similarity row LSE (multiview.h): u (v, n, d) with element strides;
-  // groups_ptr (n,) int64 ids or 0; row_lse / grad_rows (v, n) contiguous float32.
-  def(m, "selfsim_forward_workspace_elems", &fc::selfsim_forward_workspace_elems,
-      py::arg("v"), py::arg("n"), py::arg("d"), py::arg("per_view"), py::arg("device"));
-  def(m, "selfsim_backward_workspace_elems", &fc::selfsim_backward_workspace_elems,
-      py::arg("v"), py::arg("n"), py::arg("d"), py::arg("per_view"), py::arg("device"));
-  def(m, "selfsim_rowlse_forward", &selfsim_rowlse_forward, py::arg("u_ptr"), py::arg("v"),
-      py::arg("n"), py::arg("d"), py::arg("stride_v"), py::arg("stride_n"), py::arg("stride_d"),
-      py::arg("dtype"), py::arg("scale_ptr"), py::arg("per_view"), py::arg("groups_ptr"),
-      py::arg("row_lse_ptr"), py::arg("workspace_ptr"), py::arg("workspace_elems"),
-      py::arg("stream"),
-      "row_lse (v, n) float32: LSE of scale <u_r, u_c> over the allowed columns (-inf if none).");
-  def(m, "selfsim_rowlse_backward", &selfsim_rowlse_backward, py::arg("u_ptr"), py::arg("v"),
-      py::arg("n"), py::arg("d"), py::arg("stride_v"), py::arg("stride_n"), py::arg("stride_d"),
-      py::arg("dtype"), py::arg("scale_ptr"), py::arg("per_view"), py::arg("groups_ptr"),
-      py::arg("row_lse_ptr"), py::arg("grad_rows_ptr"), py::arg("du_ptr"), py::arg("dscale_ptr"),
-      py::arg("workspace_ptr"), py::arg("workspace_elems"), py::arg("stream"),
-      "Writes du ((v, n, d) contiguous float32) and dscale (float32 scalar).");
 }

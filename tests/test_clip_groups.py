@@ -170,57 +170,6 @@ def test_triton_tile_layouts(tiles):
         _check("triton", 71, 40, "pairs", scale=25.0, bias=None, grad_out=0.9)
 
 
-@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
-def test_triton_contract_groups_none_is_default():
-    """clip_forward/clip_backward(..., groups=None) equal the calls without the argument."""
-    from flashcontrast.backends.triton import clip
-
-    a, b = _inputs(37, 9)
-    s, grad = torch.tensor(8.0), torch.tensor(1.3)
-    f0 = clip.clip_forward(a, b, s, None)
-    f1 = clip.clip_forward(a, b, s, None, groups=None)
-    b0 = clip.clip_backward(a, b, s, None, f0[0], f0[1], grad)
-    b1 = clip.clip_backward(a, b, s, None, f1[0], f1[1], grad, groups=None)
-    for x, y in zip(f0 + b0, f1 + b1):
-        assert torch.equal(x, y)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_stats_against_dense(backend):
-    """The contract's statistics with groups: masked row/column LSEs and the diagonal."""
-    from flashcontrast._ops import backend_module
-
-    a, b = _inputs(29, 10)
-    g = _groups("pairs", 29)
-    s = torch.tensor(6.0)
-    row, col, diag = backend_module(backend, "clip").clip_forward(a, b, s, None, g)
-    dense = s.double() * (a.double() @ b.double().T)
-    same = (g[:, None] == g[None, :]) & ~torch.eye(29, dtype=torch.bool)
-    dense = dense.masked_fill(same, float("-inf"))
-    torch.testing.assert_close(row.double(), dense.logsumexp(1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(col.double(), dense.logsumexp(0), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(diag.double(), dense.diagonal(), rtol=1e-5, atol=1e-5)
-
-
-def test_torch_backend_small_blocks():
-    """The blockwise backend with blocks of a few rows (columns empty in early blocks)."""
-    from flashcontrast.backends.blockwise import clip as bw
-
-    a, b = _inputs(23, 7, torch.float64)
-    g = torch.tensor([0] * 12 + list(range(1, 12)))
-    s, grad = torch.tensor(40.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
-    row, col, _ = bw.clip_forward(a, b, s, None, g, max_block_elements=23 * 2)
-    dense = s * (a @ b.T)
-    same = (g[:, None] == g[None, :]) & ~torch.eye(23, dtype=torch.bool)
-    dense = dense.masked_fill(same, float("-inf"))
-    torch.testing.assert_close(row, dense.logsumexp(1))
-    torch.testing.assert_close(col, dense.logsumexp(0))
-    small = bw.clip_backward(a, b, s, None, row, col, grad, g, max_block_elements=23 * 2)
-    big = bw.clip_backward(a, b, s, None, row, col, grad, g)
-    for x, y in zip(small, big):
-        torch.testing.assert_close(x, y)
-
-
 def test_reference_backend_uses_the_mask():
     a, b = _inputs(31, 8, torch.float64)
     g = _groups("dups", 31)
@@ -300,13 +249,15 @@ def test_bad_groups_raise_clearly(backend, groups, error, match):
 
 
 def test_cuda_backend_with_groups_on_cpu_raises_clearly():
-    """The CUDA kernels take groups (tests/test_cuda_siglip_multiview.py, on a GPU); on CPU
-    tensors the backend refuses with the reason instead of crashing."""
+    """The CUDA pair engine takes group ids (tests/test_cuda_pair.py, on a GPU and on the
+    emulator); on CPU tensors the backend refuses with the reason instead of crashing."""
     a, b = _inputs(4, 3)
     g = torch.zeros(4, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="cuda"):
         flashcontrast.clip_loss(a, b, 1.0, groups=g, backend="cuda")
     from flashcontrast.backends import cuda
+    from flashcontrast.backends.pair import Pair
 
     with pytest.raises(RuntimeError, match="CUDA"):
-        cuda.clip_forward(a, b, torch.tensor(1.0), None, groups=g)
+        cuda.pair_forward(a, b, torch.tensor(1.0), None, Pair("softmax"), row_groups=g,
+                          col_groups=g)  # fmt: skip

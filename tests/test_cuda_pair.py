@@ -1,8 +1,10 @@
 """The CUDA pair engine (csrc/kernels/pair.cu through backends/cuda.py pair_forward /
 pair_backward) against the dense float64 oracle of the contract (tests/engine_oracle.py),
 by the verification rule, at the shapes tests/test_engine.py does not reach: tiles crossed
-in both directions, m != n, one row or column, D off the 32-wide chunk, strided inputs,
-int32 and int64 group ids, both workspaces' sizes; and the typed argument structs of
+in both directions, m != n, one row or column, D off the 32-wide chunk, large sweeps (1025
+rows, 17 D chunks), strided inputs, int32 and int64 group ids, both workspaces' sizes,
+determinism, streams (GPU only) and the public clip_loss on the target; and the typed
+argument structs of
 ``_C`` (PairParams, PairStats, PairCoefs, PairGrads, GramParams, TripleParams), which
 refuse a wrong field type, a missing or unknown field and a null pointer by name.
 
@@ -195,17 +197,144 @@ def test_full_option_set_runs_on_the_full_form():
 # ----------------------------------------------------------------------------- inputs
 
 
+@pytest.mark.parametrize(
+    "pair,override",
+    [(SOFTMAX, False), (SIGMOID, False), (Pair("rows"), True)],
+    ids=["softmax", "sigmoid", "rows-override"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.usefixtures("kernel_target")
-def test_strided_inputs_are_read_in_place(dtype):
+def test_strided_inputs_are_read_in_place(dtype, pair, override):
     """Column-major a and a column-strided view b give the contiguous copies' statistics
-    bit for bit (the forward's order depends on the tiles only) and pass the rule."""
-    stats, _, (a, b, *_) = _check(SOFTMAX, 70, 50, 40, dtype, bias=0.2, strided=True)
+    bit for bit (the forward's order depends on the tiles only) and pass the rule: CLIP's
+    sweep, SigLIP's and Symile "n"'s (rows with the positive logits given)."""
+    stats, _, (a, b, _, _, pl, _) = _check(
+        pair, 70, 50, 40, dtype, bias=0.2, strided=True, override=override
+    )
     s, bias = torch.tensor(10.0, device=DEVICE), torch.tensor(0.2, device=DEVICE)
-    want = cuda_backend.pair_forward(a.contiguous(), b.contiguous(), s, bias, SOFTMAX)
+    pos = None if pl is None else pl.float()
+    want = cuda_backend.pair_forward(
+        a.contiguous(), b.contiguous(), s, bias, pair, positive_logits=pos
+    )
     for got, ref in zip(stats, want):
+        assert (got is None) == (ref is None)
         if got is not None:
             torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("kernel_target")
+def test_forward_is_deterministic_and_backward_stable():
+    """Two forwards are equal bit for bit (exclusive partials, fixed-order merges); in the
+    backward dB (per-split slices summed in order), dscale and dbias (program partials
+    summed in a fixed order) are too, dA (fp32 atomics) up to rounding."""
+    g = torch.Generator().manual_seed(1)
+    a, b = _unit(200, 40, torch.bfloat16, g), _unit(150, 40, torch.bfloat16, g)
+    s, bias = torch.tensor(50.0, device=DEVICE), torch.tensor(-0.5, device=DEVICE)
+    first = cuda_backend.pair_forward(a, b, s, bias, SOFTMAX)
+    again = cuda_backend.pair_forward(a, b, s, bias, SOFTMAX)
+    for x, y in zip(first, again):
+        assert (x is None and y is None) or torch.equal(x, y)
+    c = Coefs(**{k: v.float().to(DEVICE) for k, v in _coefs(SOFTMAX, 200, 150, g).items()})
+    g1 = cuda_backend.pair_backward(a, b, s, bias, SOFTMAX, first, c)
+    g2 = cuda_backend.pair_backward(a, b, s, bias, SOFTMAX, first, c)
+    assert torch.equal(g1.db, g2.db)
+    assert torch.equal(g1.dscale, g2.dscale) and torch.equal(g1.dbias, g2.dbias)
+    torch.testing.assert_close(g1.da, g2.da)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (HAS_C and HAS_CUDA),
+    reason=f"_C is not built: {_cuda_ext.C_UNAVAILABLE_REASON}"
+    if not HAS_C
+    else "needs a CUDA device; torch.cuda sees none",
+)
+def test_side_stream_and_workspace_reuse():
+    """Runs on the current (non-default) stream of the inputs' device; the results equal
+    the default stream's bit for bit (the workspace is allocated and used on that
+    stream)."""
+    g = torch.Generator().manual_seed(2)
+    a, b = _unit(300, 64, torch.float16, g).cuda(), _unit(300, 64, torch.float16, g).cuda()
+    s = torch.tensor(10.0, device="cuda")
+    want = cuda_backend.pair_forward(a, b, s, None, SOFTMAX)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = cuda_backend.pair_forward(a, b, s, None, SOFTMAX)
+    torch.cuda.current_stream().wait_stream(side)
+    for x, y in zip(got, want):
+        assert (x is None and y is None) or torch.equal(x, y)
+
+
+@pytest.mark.usefixtures("kernel_target")
+def test_float64_raises_type_error():
+    a, s = torch.randn(4, 3, device=DEVICE, dtype=torch.float64), torch.tensor(1.0, device=DEVICE)
+    with pytest.raises(TypeError, match="float64"):
+        cuda_backend.pair_forward(a, a, s, None, SOFTMAX)
+    with pytest.raises(TypeError, match="float64"):
+        cuda_backend.pair_backward(a, a, s, None, SOFTMAX, None, Coefs())
+
+
+LARGE = [(1025, 1025, 513, torch.float32), (1025, 300, 513, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("n,m,d,dtype", LARGE, ids=["1025x1025x513-fp32", "1025x300x513-bf16"])
+@pytest.mark.parametrize("pair", [SOFTMAX, SIGMOID], ids=["softmax", "sigmoid"])
+@pytest.mark.usefixtures("kernel_target")
+def test_large_sweeps(pair, n, m, d, dtype):
+    """Many tiles and D chunks: 17 row blocks, 17 D chunks of 32 (the forward's G x H grid
+    and the backward's row split at their GPU sizes on a GPU). Biases as the deleted CLIP
+    and SigLIP kernel tests had them at these sizes: none for "softmax", -10 for
+    "sigmoid"."""
+    _check(pair, n, m, d, dtype, scale=14.3, bias=None if pair is SOFTMAX else -10.0)
+
+
+def _dispatcher_has_cuda_clip() -> bool:
+    import flashcontrast
+
+    try:
+        return flashcontrast.backend_for("clip", DEVICE, "cuda") == "cuda"
+    except RuntimeError:
+        return False
+
+
+PUBLIC = [(7, 3, torch.float32, None), (300, 100, torch.float32, -1.0),
+          (1025, 513, torch.bfloat16, 0.5)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("n", "d", "dtype", "bias"), PUBLIC)
+@pytest.mark.usefixtures("kernel_target")
+def test_public_clip_loss(n, d, dtype, bias):
+    """flashcontrast.clip_loss(backend="cuda") on the target (on a GPU: the real kernels
+    through the public API) against the dense loss by the rule."""
+    import flashcontrast
+
+    if not _dispatcher_has_cuda_clip():
+        pytest.skip("the dispatcher does not route clip to the CUDA backend")
+    g = torch.Generator().manual_seed(4)
+    a, b = _unit(n, d, dtype, g), _unit(n, d, dtype, g)
+
+    def run(fn, dt):
+        x = a.detach().to(dt).requires_grad_()
+        y = b.detach().to(dt).requires_grad_()
+        st = torch.float64 if dt == torch.float64 else torch.float32
+        args = [x, y, torch.tensor(14.3, device=DEVICE, dtype=st, requires_grad=True)]
+        if bias is not None:
+            args.append(torch.tensor(bias, device=DEVICE, dtype=st, requires_grad=True))
+        loss = fn(*args)
+        return [loss.detach(), *torch.autograd.grad(loss * 1.3, args)]
+
+    def dense_clip(x, y, s, bb=None):
+        logits = s * (x @ y.t()) + (0.0 if bb is None else bb)
+        labels = torch.arange(x.shape[0], device=x.device)
+        ce = torch.nn.functional.cross_entropy
+        return 0.5 * (ce(logits, labels) + ce(logits.t(), labels))
+
+    ours = run(lambda *x: flashcontrast.clip_loss(*x, backend="cuda"), dtype)
+    assert flashcontrast.last_backend() == "cuda"
+    same, exact = run(dense_clip, torch.float32), run(dense_clip, torch.float64)
+    names = ("loss", "d_image", "d_text", "d_scale", "d_bias")[: len(ours)]
+    assert_by_rule(names, ours, same, exact, dtype)
 
 
 @pytest.mark.usefixtures("kernel_target")
@@ -499,6 +628,21 @@ def test_backend_is_a_pair_capability():
 
 
 # ----------------------------------------------------------------------------- no GPU
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="a GPU is visible: this checks the no-GPU error path")
+def test_cpu_tensors_raise_clearly():
+    """With or without _C: CPU tensors get a RuntimeError with the reason, never a crash."""
+    x, s = torch.randn(5, 3), torch.tensor(1.0)
+    ids = torch.arange(5)
+    calls = [
+        lambda: cuda_backend.pair_forward(x, x, s, None, SOFTMAX),
+        lambda: cuda_backend.pair_forward(x, x, s, s, SIGMOID, row_groups=ids, col_groups=ids),
+        lambda: cuda_backend.pair_backward(x, x, s, None, MV, None, Coefs(rows=torch.ones(5))),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=r"cannot run .*(needs CUDA tensors|not built|no )"):
+            call()
 
 
 @pytest.mark.skipif(not HAS_C, reason=f"_C is not built: {_cuda_ext.C_UNAVAILABLE_REASON}")

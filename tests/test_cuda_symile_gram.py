@@ -1,5 +1,7 @@
-"""The CUDA backend's Symile and GRAM kernels (csrc/kernels/symile.cu, gram.cu) against dense
-float64 computations of the contract formulas in flashcontrast/backends/__init__.py.
+"""The CUDA backend's Symile "n_squared" and GRAM kernels (csrc/kernels/symile.cu, gram.cu)
+against dense float64 computations of the contract formulas in
+flashcontrast/backends/__init__.py. (Symile "n" runs on the pair engine:
+tests/test_cuda_pair.py, tests/test_engine.py.)
 
 Kernel tests run on each ``kernel_target`` (tests/conftest.py): a GPU (marked ``gpu``,
 skipped with the reason where torch sees none or ``_C`` is not built) and csrc/ built for the
@@ -7,7 +9,7 @@ CPU (tests/cuda_emulator, marked ``emulator``); the fixture sets DEVICE. The las
 without a GPU: the backend refuses CPU tensors with a sentence, ``_C`` bad arguments by name.
 
 Rule (tests/verification.py): error(kernel) <= 2 * error(dense float32 on the same rounded
-inputs) + atol, errors against float64 (as tests/test_cuda_clip.py).
+inputs) + atol, errors against float64 (as tests/test_cuda_pair.py).
 """
 
 from __future__ import annotations
@@ -43,54 +45,6 @@ def _grads(fn, inputs, wrt):
     *outs, loss = fn(*inputs)
     grads = torch.autograd.grad(loss, [inputs[i] for i in wrt])
     return [o.detach() for o in outs], list(grads)
-
-
-# ----------------------------------------------------------------------------- rowce
-
-
-def dense_rowce(a, w, scale, diag_logit, grad_rows):
-    logits = scale * (a @ w.t())
-    eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
-    logits = torch.where(eye, diag_logit[:, None].expand_as(logits), logits)
-    row_lse = torch.logsumexp(logits, 1)
-    return row_lse, (grad_rows * row_lse).sum()
-
-
-def _check_rowce(a, w, scale):
-    n = a.shape[0]
-    diag = torch.randn(n, device=DEVICE) * 3
-    grad_rows = torch.randn(n, device=DEVICE) / n
-    s32 = torch.tensor(scale, device=DEVICE)
-
-    lse = cuda_backend.rowce_forward(a, w, s32, diag)
-    ours = [lse, *cuda_backend.rowce_backward(a, w, s32, diag, lse, grad_rows)]
-
-    def ref(dt):
-        args = [a.to(dt), w.to(dt), torch.tensor(scale, dtype=dt, device=DEVICE), diag.to(dt),
-                grad_rows.to(dt)]  # fmt: skip
-        (lse,), (da, dw, ds, dd) = _grads(dense_rowce, args, (0, 1, 2, 3))
-        return [lse, da, dw, ds, dd]
-
-    assert ours[1].dtype == a.dtype and ours[2].dtype == a.dtype
-    assert_by_rule(("row_lse", "da", "dw", "dscale", "ddiag"), ours, ref(torch.float32),
-                   ref(torch.float64), a.dtype)  # fmt: skip
-
-
-@pytest.mark.parametrize("n", [1, 7, 97, 300])
-@pytest.mark.parametrize("d", [3, 100, 513])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.usefixtures("kernel_target")
-def test_rowce(n, d, dtype):
-    a, w = _unit(n, d, dtype, 2)
-    _check_rowce(a, w, 14.3)
-
-
-@pytest.mark.usefixtures("kernel_target")
-def test_rowce_strided():
-    a = _unit(90, 100, torch.bfloat16)[0].t().contiguous().t()  # column-major
-    w = torch.zeros(90, 260, device=DEVICE, dtype=torch.bfloat16)
-    w[:, 0:200:2] = _unit(90, 100, torch.bfloat16)[0]
-    _check_rowce(a, w[:, 0:200:2], 30.0)
 
 
 # ----------------------------------------------------------------------------- symile n2
@@ -221,8 +175,6 @@ def test_cpu_tensors_raise_clearly():
     s = torch.tensor(1.0)
     v = torch.zeros(5)
     calls = [
-        lambda: cuda_backend.rowce_forward(x, x, s, v),
-        lambda: cuda_backend.rowce_backward(x, x, s, v, v, v),
         lambda: cuda_backend.symile_n2_forward(x, x, x, s),
         lambda: cuda_backend.symile_n2_backward(x, x, x, s, v, v),
         lambda: cuda_backend.gram_forward(x, x[None], s, v, torch.ones(5, 1, 1), v),
@@ -237,8 +189,6 @@ def test_cpu_tensors_raise_clearly():
 @pytest.mark.skipif(HAS_CUDA, reason="a GPU is visible: this checks the no-GPU error path")
 def test_c_refuses_bad_arguments_by_name():
     c = _cuda_ext._C
-    with pytest.raises(ValueError, match=r"_C\.rowce_forward: a_ptr is null"):
-        c.rowce_forward(0, 0, 5, 3, 3, 1, 3, 1, "float32", 0, 0, 0, 0, 0, 0)
     # symile_n2 and GRAM take typed structs (named fields) and keyword-only addresses.
     triple = c.TripleParams(
         x=8, y=8, z=8, n=0, d=3, x_stride0=3, x_stride1=1, y_stride0=3, y_stride1=1,

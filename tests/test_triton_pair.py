@@ -1,7 +1,8 @@
 """The Triton pair engine (flashcontrast/backends/triton/pair.py) beyond the contract tests
 of tests/test_engine.py: tile shapes and D chunkings, the forward's (G, H) grid with
 exclusive partials, the backward's SPLIT > 1 path, 64-bit indexing, strided inputs read in
-place, int32 / int64 group ids, degenerate sizes and fp16's coefficient normalisation.
+place, int32 / int64 group ids (and groups=None as the default), degenerate sizes, fp16's
+coefficient normalisation and the backend's unavailability reasons.
 Every result is checked against the dense float64 oracle (tests/engine_oracle.py) by the
 verification rule, as in test_engine.py.
 
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
 
 from flashcontrast.backends.pair import Coefs, Pair
+from flashcontrast.backends.triton import triton_unavailable_reason
 from test_engine import Case, _finite_or_equal_inf, _inputs, _oracle, _ours
 from verification import TRITON_SKIP, assert_by_rule
 
@@ -302,3 +305,28 @@ def test_rejects_bad_inputs():
         triton_pair.pair_forward(a, b, s, None, p, positive_logits=torch.zeros(4))
     with pytest.raises(ValueError, match="row_offset"):
         triton_pair.pair_forward(a, b, s, None, SOFTMAX, row_offset=-1)
+
+
+def test_groups_none_is_the_default():
+    """row_groups=None / col_groups=None give the calls without the arguments, bit for
+    bit (the ungrouped kernels). (Ported from tests/test_clip_groups.py.)"""
+    case = SWEEP["clip-block"]
+    a, b, _, _, _, coefs = _inputs(case, 9, torch.float32, 0)
+    s, c = torch.tensor(8.0), Coefs(**{k: v.float() for k, v in coefs.items()})
+    kw = dict(row_offset=case.row_offset)
+    none = dict(row_groups=None, col_groups=None)
+    f0 = triton_pair.pair_forward(a, b, s, None, SOFTMAX, **kw)
+    f1 = triton_pair.pair_forward(a, b, s, None, SOFTMAX, **kw, **none)
+    b0 = triton_pair.pair_backward(a, b, s, None, SOFTMAX, f0, c, **kw)
+    b1 = triton_pair.pair_backward(a, b, s, None, SOFTMAX, f1, c, **kw, **none)
+    for x, y in zip((*f0, *b0), (*f1, *b1)):
+        assert (x is None and y is None) or torch.equal(x, y)
+
+
+def test_unavailable_reason(monkeypatch):
+    """The backend says why it cannot run: on CPU only in the interpreter, never on meta."""
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    assert (triton_unavailable_reason(torch.device("cpu")) is None) == interpreting
+    assert "not meta" in (triton_unavailable_reason(torch.device("meta")) or "")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1" in triton_unavailable_reason(torch.device("cpu"))

@@ -11,10 +11,10 @@
 // kGramMaxK with a guard so small per-element arrays stay in registers. Shared memory grows
 // with K (dynamic, up to ~80 KB at K = 5: opted in above 48 KB; fits sm_80..sm_120).
 //
-// forward  grid (G, H) as clip_fwd_kernel: rows (LSE and sum) in registers, columns in
+// forward  grid (G, H) (forward_plan, as pair.cu's): rows (LSE and sum) in registers, columns in
 //          exclusive per-program partials of a 3 (G + H) n workspace, diag L_ii, merged by
 //          gram_combine_kernel.
-// backward grid (column blocks, SPLIT) as clip_bwd_kernel. With c = grad / (2n),
+// backward grid (column blocks, SPLIT) (backward_split, as pair.cu's). With c = grad / (2n),
 //          dL = c Dh, Dh_ij = P_row + P_col - 2 (1 - eps) [i == j] - 2 eps / n, and
 //          W_ij = Dh_ij (-s) / (2 V_ij) above the floor, else 0:
 //            a_i      += sum_j W_ij det_h_j                       (row pass, atomics)

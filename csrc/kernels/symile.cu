@@ -1,19 +1,13 @@
-// Symile (shared/objectives.md section 5) on the tile engine (tiles.cuh): 64 x 64 tiles, D in
-// chunks of 32, 128 threads, fp32 accumulation (WMMA for fp16/bf16, SIMT FFMA for fp32).
+// Symile "n_squared" (shared/objectives.md section 5) on the tile engine (tiles.cuh): 64 x 64
+// tiles, D in chunks of 32, 128 threads, fp32 accumulation (WMMA for fp16/bf16, SIMT FFMA
+// for fp32). Symile "n" runs on the pair engine (pair.cu).
 //
-// rowce (negative_sampling="n"): CLIP's sweep restricted to rows, S_ij = s <a_i, w_j> with
-//   S_ii replaced by diag_logit_i.
-//   forward  grid (row blocks, H): program (rb, h) sweeps column blocks h, h+H, ...; online
-//            row LSE in registers, partial (m, l) to ws[h], merged by rows_combine_kernel.
-//   backward grid (column blocks, SPLIT) as clip_bwd_kernel: C_ij = g_i P_ij (j != i, 0 on
-//            the diagonal, whose g_i P_ii is ddiag_i), dA += C @ W (fp32 atomics),
-//            dW[sp] += C^T @ A (rows of the column block exclusive to the program),
-//            dscale partials sum C * X; finalize scales by s and converts.
 // symile_n2 (M = 3, "n_squared"): X^(j)_ik = sum_d (x_id y_jd) z_kd, one 64 x 64 tile per
 //   (row block rb, j, column block kb); the operand producer load_tile_hadamard forms the A
-//   chunk x_rb * y_j in shared memory, the rest is CLIP's tile product against z_kb.
+//   chunk x_rb * y_j in shared memory, the rest is the tile engine's product against z_kb.
 //   forward  grid (row blocks, H): program (rb, h) sweeps j = h, h+H, ... and every kb,
-//            online row LSE over all (j, k); rows_combine_kernel as for rowce.
+//            online row LSE over all (j, k), partial (m, l) to ws[h], merged by
+//            rows_combine_kernel.
 //   backward grid (column blocks, S): program (kb, sp) sweeps j = sp, sp+S, ... and every rb.
 //            C_ik = g_i exp(s X_ik - lse_i). Per D chunk, E = C @ z_kb and F = C^T @ (x * y_j):
 //              dx_i += y_j * E_i          (since dx_i = s sum_jk c_ijk y_j * z_k)
@@ -41,7 +35,6 @@ using namespace tiles;
 constexpr int kBM = kTileM;
 constexpr int kBN = kTileN;
 constexpr int kBK = kTileK;
-constexpr int kMaxSplit = 4;
 
 // The tile engine's layout (TileSmem: A/B chunks (T), X (fp32), P (T; in place over X for
 // fp32)), then 3 * 64 + 64 floats of small scratch.
@@ -50,27 +43,24 @@ struct Smem : TileSmem<T, 4 * 64 * 4> {
   static constexpr int kSmall = TileSmem<T, 4 * 64 * 4>::kExtraOff;
 };
 
-// Where the A chunk comes from: plain rows of a (rowce), or x * y_j (symile_n2).
+// The A chunk: x * y_j, rows of x times the row y_j (element e at v[e * v_stride]).
 template <typename T>
 struct AOperand {
   const T* a;
   int64_t s0, s1;
-  const T* v;  // nullptr: plain; else the row y_j, element e at v[e * v_stride]
+  const T* v;
   int64_t v_stride;
 };
 
 template <typename T>
 __device__ __forceinline__ void load_a(const AOperand<T>& op, T* As, int64_t row0, int64_t n,
                                        int64_t k0, int64_t d) {
-  if (op.v) {
-    load_tile_hadamard<T, kBM, kBK>(As, Smem<T>::kLdK, op.a, op.s0, op.s1, row0, n, k0, d, op.v,
-                                    op.v_stride);
-  } else {
-    load_tile<T, kBM, kBK>(As, Smem<T>::kLdK, op.a, op.s0, op.s1, row0, n, k0, d);
-  }
+  load_tile_hadamard<T, kBM, kBK>(As, Smem<T>::kLdK, op.a, op.s0, op.s1, row0, n, k0, d, op.v,
+                                  op.v_stride);
 }
 
-// X = A_op[row0:+64] @ B[col0:+64]^T into Xs; barriers at both ends (as clip.cu).
+// X = A_op[row0:+64] @ B[col0:+64]^T into Xs; barriers at both ends (as tiles.cuh's
+// tile_logits).
 template <typename T>
 __device__ __forceinline__ void tile_product(const AOperand<T>& op, const T* b, int64_t b_s0,
                                              int64_t b_s1, int64_t n, int64_t d, int64_t row0,
@@ -114,128 +104,6 @@ __global__ void rows_combine_kernel(const float* __restrict__ ws_m,
   float m = -INFINITY, l = 0.0f;
   for (int h = 0; h < H; ++h) lse_merge(m, l, ws_m[int64_t(h) * n + i], ws_l[int64_t(h) * n + i]);
   row_lse[i] = m + logf(l);
-}
-
-// ----------------------------------------------------------------------------- rowce
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    rowce_fwd_kernel(Operands<T> p, const float* __restrict__ diag_logit,
-                     float* __restrict__ ws_m, float* __restrict__ ws_l) {
-  using L = Smem<T>;
-  __shared__ __align__(128) unsigned char smem[L::kBytes];
-  T* As = reinterpret_cast<T*>(smem + L::kA);
-  T* Bs = reinterpret_cast<T*>(smem + L::kB);
-  float* Xs = reinterpret_cast<float*>(smem + L::kX);
-  const int rb = blockIdx.x, h = blockIdx.y, H = gridDim.y;
-  const int64_t n = p.n_a, row0 = int64_t(rb) * kBM;
-  const int num_cb = int((n + kBN - 1) / kBN);
-  const float scale = *p.scale;
-  const int rr = threadIdx.x / 2;
-  const int64_t gi = row0 + rr;
-  const float dl = gi < n ? diag_logit[gi] : 0.0f;
-  const AOperand<T> op{p.a, p.a_stride0, p.a_stride1, nullptr, 0};
-  float run_m = -INFINITY, run_l = 0.0f;
-  for (int cb = h; cb < num_cb; cb += H) {
-    const int64_t col0 = int64_t(cb) * kBN;
-    tile_product<T>(op, p.b, p.b_stride0, p.b_stride1, n, p.d, row0, col0, As, Bs, Xs);
-    const int ncols = int(std::min<int64_t>(kBN, n - col0));
-    row_pass<T>(Xs, ncols, run_m, run_l, [&](int r, int c, float x) {
-      return row0 + r == col0 + c ? dl : scale * x;
-    });
-  }
-  if (threadIdx.x % 2 == 0 && gi < n) {
-    ws_m[int64_t(h) * n + gi] = run_m;
-    ws_l[int64_t(h) * n + gi] = run_l;
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    rowce_bwd_kernel(Operands<T> p, const float* __restrict__ diag_logit,
-                     const float* __restrict__ row_lse, const float* __restrict__ grad_rows,
-                     float* __restrict__ da_ws, float* __restrict__ dw_ws,
-                     float* __restrict__ ddiag, float* __restrict__ partials) {
-  using L = Smem<T>;
-  __shared__ __align__(128) unsigned char smem[L::kBytes];
-  T* As = reinterpret_cast<T*>(smem + L::kA);
-  T* Bs = reinterpret_cast<T*>(smem + L::kB);
-  float* Xs = reinterpret_cast<float*>(smem + L::kX);
-  T* Ps = reinterpret_cast<T*>(smem + L::kP);
-  float* lse_r = reinterpret_cast<float*>(smem + L::kSmall);
-  float* g_r = lse_r + kBM;
-  float* dl_r = g_r + kBM;
-  float* red = dl_r + kBM;
-
-  const int cb = blockIdx.x, sp = blockIdx.y, split = gridDim.y;
-  const int64_t n = p.n_a, d = p.d;
-  const int num_rb = int((n + kBM - 1) / kBM);
-  const int count = (num_rb - sp + split - 1) / split;
-  const float scale = *p.scale;
-  const int tid = threadIdx.x;
-  const int64_t col0 = int64_t(cb) * kBN;
-  float* dw_slice = dw_ws + int64_t(sp) * n * d;
-  const AOperand<T> op{p.a, p.a_stride0, p.a_stride1, nullptr, 0};
-  float ds_acc = 0.0f;
-
-  for (int t = 0; t < count; ++t) {
-    const int rb = sp + ((t + cb) % count) * split;
-    const int64_t row0 = int64_t(rb) * kBM;
-    if (tid < kBM) {
-      const bool ok = row0 + tid < n;
-      lse_r[tid] = ok ? row_lse[row0 + tid] : 0.0f;
-      g_r[tid] = ok ? grad_rows[row0 + tid] : 0.0f;
-      dl_r[tid] = ok ? diag_logit[row0 + tid] : 0.0f;
-    }
-    tile_product<T>(op, p.b, p.b_stride0, p.b_stride1, n, d, row0, col0, As, Bs, Xs);
-
-    // Pass 1: C = g_i P_ij off the diagonal, fp32 in place over X (same thread, same slot).
-    float amax = 0.0f;
-    for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
-      const int i = idx / kBN, j = idx % kBN;
-      const int64_t gi = row0 + i, gj = col0 + j;
-      const float x = Xs[i * L::kLdX + j];
-      float c = 0.0f;
-      if (gi < n && gj < n) {
-        if (gi == gj) {
-          ddiag[gi] = g_r[i] * expf(dl_r[i] - lse_r[i]);  // the one visit of (i, i)
-        } else {
-          c = g_r[i] * expf(scale * x - lse_r[i]);
-          ds_acc = fmaf(c, x, ds_acc);
-          amax = fmaxf(amax, fabsf(c));
-        }
-      }
-      Xs[i * L::kLdX + j] = c;
-    }
-    float inv;
-    const float mult = tile_norm(block_max_all(amax, red), inv);
-    for (int idx = tid; idx < kBM * kBN; idx += kThreads) {  // pass 2: P = T(C / cmax)
-      const int i = idx / kBN, j = idx % kBN;
-      Ps[i * L::kLdP + j] = from_float<T>(Xs[i * L::kLdX + j] * inv);
-    }
-
-    for (int64_t k0 = 0; k0 < d; k0 += kBK) {
-      __syncthreads();
-      load_tile<T, kBM, kBK>(As, L::kLdK, p.a, p.a_stride0, p.a_stride1, row0, n, k0, d);
-      load_tile<T, kBN, kBK>(Bs, L::kLdK, p.b, p.b_stride0, p.b_stride1, col0, n, k0, d);
-      __syncthreads();
-      TileAcc<T, kBM, kBK> acc_a;  // P @ W chunk
-      acc_a.zero();
-      acc_a.template mma<kBN, true, true>(Ps, L::kLdP, Bs, L::kLdK);
-      TileAcc<T, kBN, kBK> acc_b;  // P^T @ A chunk
-      acc_b.zero();
-      acc_b.template mma<kBM, false, true>(Ps, L::kLdP, As, L::kLdK);
-      acc_a.for_each(Xs, L::kLdX, [&](int i, int c, float v) {
-        if (row0 + i < n && k0 + c < d) atomicAdd(da_ws + (row0 + i) * d + k0 + c, mult * v);
-      });
-      acc_b.for_each(Xs, L::kLdX, [&](int j, int c, float v) {
-        if (col0 + j < n && k0 + c < d) dw_slice[(col0 + j) * d + k0 + c] += mult * v;
-      });
-    }
-    __syncthreads();  // before the next tile overwrites lse_r / g_r / Ps
-  }
-  const float total = block_sum(ds_acc, red);
-  if (tid == 0) partials[blockIdx.x * split + sp] = total;
 }
 
 // out = T(scale * sum_{s < slices} ws[s * nd + i]).
@@ -396,19 +264,12 @@ int64_t sweep_split(int64_t n_blocks, int64_t cap, int sms) {
   return std::max<int64_t>(1, std::min(cap, blocks_of(target, n_blocks)));
 }
 
-int rowce_bwd_split(int64_t n, int sms) {  // == clip.cu's backward_split
-  const int64_t blocks = blocks_of(n, kBM);
-  const int64_t want = blocks_of(2 * int64_t(std::max(sms, 1)), blocks);
-  return int(std::max<int64_t>(1, std::min({blocks, want, int64_t(kMaxSplit)})));
-}
-
 void require(const void* ptr, const char* name) {
   if (!ptr) throw std::invalid_argument(std::string(name) + " is null");
 }
 
-// `prefix` names the struct the sizes came from ("TripleParams." for symile_n2, "" for the
-// positional rowce binding).
-void check_nd(int64_t n, int64_t d, const std::string& prefix = "") {
+// `prefix` names the struct the sizes came from ("TripleParams.").
+void check_nd(int64_t n, int64_t d, const std::string& prefix) {
   if (n < 1) throw std::invalid_argument(prefix + "n must be >= 1, got " + std::to_string(n));
   if (d < 1) throw std::invalid_argument(prefix + "d must be >= 1, got " + std::to_string(d));
   if (n > (int64_t(1) << 31) - kBM) {
@@ -421,14 +282,6 @@ void check_workspace(int64_t have, int64_t need) {
     throw std::invalid_argument("workspace has " + std::to_string(have) + " floats, needs " +
                                 std::to_string(need));
   }
-}
-
-void check_pair(const PairInputs& in) {
-  check_nd(in.n, in.d);
-  require(in.a, "a_ptr");
-  require(in.b, "w_ptr");
-  require(in.scale, "scale_ptr");
-  if (in.bias) throw std::invalid_argument("rowce takes no bias");
 }
 
 void check_triple_sizes(const TripleInputs& in) {
@@ -453,13 +306,6 @@ void check_triple(const TripleInputs& in) {
 }
 
 template <typename T>
-Operands<T> pair_params(const PairInputs& in) {
-  return Operands<T>{static_cast<const T*>(in.a), static_cast<const T*>(in.b), in.n, in.n,
-                       in.d, in.a_stride0, in.a_stride1, in.b_stride0, in.b_stride1,
-                       in.scale, nullptr};
-}
-
-template <typename T>
 TripleParams<T> triple_params(const TripleInputs& in) {
   return TripleParams<T>{static_cast<const T*>(in.x), static_cast<const T*>(in.y),
                          static_cast<const T*>(in.z), in.n, in.d, in.x_stride0, in.x_stride1,
@@ -468,39 +314,6 @@ TripleParams<T> triple_params(const TripleInputs& in) {
 
 unsigned grid_1d(int64_t elems) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>((elems + 255) / 256, 8192)));
-}
-
-template <typename T>
-void rowce_fwd(const PairInputs& in, const float* diag_logit, float* row_lse, float* ws, int H,
-               cudaStream_t st) {
-  const int64_t n = in.n;
-  const unsigned num_rb = unsigned(blocks_of(n, kBM));
-  rowce_fwd_kernel<T><<<dim3(num_rb, H), kThreads, 0, st>>>(pair_params<T>(in), diag_logit, ws,
-                                                            ws + int64_t(H) * n);
-  detail::check_launch("rowce_fwd_kernel");
-  rows_combine_kernel<<<unsigned(blocks_of(n, 256)), 256, 0, st>>>(ws, ws + int64_t(H) * n, n, H,
-                                                                   row_lse);
-  detail::check_launch("rows_combine_kernel");
-}
-
-template <typename T>
-void rowce_bwd(const PairInputs& in, int split, const float* diag_logit, const float* row_lse,
-               const float* grad_rows, void* da, void* dw, float* dscale, float* ddiag, float* ws,
-               cudaStream_t st) {
-  const int64_t n = in.n, nd = in.n * in.d;
-  const int num_cb = int(blocks_of(n, kBN));
-  float* partials = ws + (1 + int64_t(split)) * nd;
-  FC_CUDA_CHECK(cudaMemsetAsync(ws, 0, sizeof(float) * (1 + size_t(split)) * size_t(nd), st));
-  rowce_bwd_kernel<T><<<dim3(num_cb, split), kThreads, 0, st>>>(
-      pair_params<T>(in), diag_logit, row_lse, grad_rows, ws, ws + nd, ddiag, partials);
-  detail::check_launch("rowce_bwd_kernel");
-  finalize_kernel<T><<<grid_1d(nd), 256, 0, st>>>(ws, 1, nd, in.scale, static_cast<T*>(da));
-  detail::check_launch("finalize_kernel(da)");
-  finalize_kernel<T><<<grid_1d(nd), 256, 0, st>>>(ws + nd, split, nd, in.scale,
-                                                  static_cast<T*>(dw));
-  detail::check_launch("finalize_kernel(dw)");
-  sum_partials_kernel<<<1, kThreads, 0, st>>>(partials, num_cb * split, dscale);
-  detail::check_launch("sum_partials_kernel");
 }
 
 template <typename T>
@@ -537,66 +350,11 @@ void n2_bwd(const TripleInputs& in, int S, const float* row_lse, const float* gr
 }
 
 int n2_split(int64_t n, int sms) { return int(sweep_split(blocks_of(n, kBM), n, sms)); }
-int rowce_fwd_split(int64_t n, int sms) {
-  return int(sweep_split(blocks_of(n, kBM), blocks_of(n, kBN), sms));
-}
 
 
 }  // namespace symile_impl
 
 using namespace symile_impl;
-
-int64_t rowce_forward_workspace_elems(int64_t n, int64_t d, int device) {
-  check_nd(n, d);
-  return 2 * int64_t(rowce_fwd_split(n, detail::sm_count(device))) * n;
-}
-
-void rowce_forward(const PairInputs& in, const float* diag_logit, float* row_lse,
-                   float* workspace, int64_t workspace_elems, void* stream) {
-  check_pair(in);
-  require(diag_logit, "diag_logit_ptr");
-  require(row_lse, "row_lse_ptr");
-  require(workspace, "workspace_ptr");
-  const int device = detail::device_of(in.a, "a_ptr");
-  detail::DeviceScope scope(device);
-  const int H = rowce_fwd_split(in.n, detail::sm_count(device));
-  check_workspace(workspace_elems, 2 * int64_t(H) * in.n);
-  const auto st = static_cast<cudaStream_t>(stream);
-  dispatch_dtype(in.dtype, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    rowce_fwd<T>(in, diag_logit, row_lse, workspace, H, st);
-  });
-}
-
-int64_t rowce_backward_workspace_elems(int64_t n, int64_t d, int device) {
-  check_nd(n, d);
-  const int split = rowce_bwd_split(n, detail::sm_count(device));
-  return (1 + int64_t(split)) * n * d + blocks_of(n, kBN) * split;
-}
-
-void rowce_backward(const PairInputs& in, const float* diag_logit, const float* row_lse,
-                    const float* grad_rows, void* da, void* dw, float* dscale, float* ddiag,
-                    float* workspace, int64_t workspace_elems, void* stream) {
-  check_pair(in);
-  require(diag_logit, "diag_logit_ptr");
-  require(row_lse, "row_lse_ptr");
-  require(grad_rows, "grad_rows_ptr");
-  require(da, "da_ptr");
-  require(dw, "dw_ptr");
-  require(dscale, "dscale_ptr");
-  require(ddiag, "ddiag_ptr");
-  require(workspace, "workspace_ptr");
-  const int device = detail::device_of(in.a, "a_ptr");
-  detail::DeviceScope scope(device);
-  const int split = rowce_bwd_split(in.n, detail::sm_count(device));
-  check_workspace(workspace_elems,
-                  (1 + int64_t(split)) * in.n * in.d + blocks_of(in.n, kBN) * split);
-  const auto st = static_cast<cudaStream_t>(stream);
-  dispatch_dtype(in.dtype, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    rowce_bwd<T>(in, split, diag_logit, row_lse, grad_rows, da, dw, dscale, ddiag, workspace, st);
-  });
-}
 
 int64_t symile_n2_forward_workspace_elems(const TripleInputs& in, int device) {
   check_triple_sizes(in);

@@ -1,6 +1,6 @@
 // Host-side CUDA error handling shared by the kernel files (csrc/kernels/*.cu). Includes the
 // CUDA runtime, so only .cu files include it; bindings.cpp sees the torch- and CUDA-free
-// launch declarations (clip.h) only.
+// launch declarations (pair.h, gram.h, symile.h) only.
 #pragma once
 
 #include <cuda_runtime.h>

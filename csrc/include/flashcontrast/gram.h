@@ -1,10 +1,10 @@
 // GRAM (shared/objectives.md section 4): host launch declarations. Torch- and CUDA-free,
-// conventions as clip.h.
+// conventions as pair.h.
 #pragma once
 
 #include <cstdint>
 
-#include "flashcontrast/clip.h"  // DType
+#include "flashcontrast/dtype.h"
 
 namespace flashcontrast {
 

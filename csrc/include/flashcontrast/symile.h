@@ -1,30 +1,14 @@
-// Symile (shared/objectives.md section 5): host launch declarations. Torch- and CUDA-free,
-// conventions as clip.h (device pointers, element strides, `stream` a cudaStream_t, no host
-// synchronization, std::invalid_argument / flashcontrast::CudaError).
+// Symile "n_squared" (shared/objectives.md section 5): host launch declarations. Torch- and
+// CUDA-free, conventions as pair.h (device pointers, element strides, `stream` a
+// cudaStream_t, no host synchronization, std::invalid_argument / flashcontrast::CudaError).
+// Symile "n" runs on the pair engine (pair.h).
 #pragma once
 
 #include <cstdint>
 
-#include "flashcontrast/clip.h"  // DType, PairInputs
+#include "flashcontrast/dtype.h"
 
 namespace flashcontrast {
-
-// ---- rowce: row-only InfoNCE with a diagonal override (Symile "n").
-// in.a = a, in.b = w (the product rows prod_o x^o_{pi_o(j)}, formed above); in.bias must be
-// null. logits_ij = scale <a_i, w_j> (j != i), logits_ii = diag_logit_i ((n,) fp32).
-
-// 2 * H * n, H = min(ceil(n/64), max(1, ceil(4 * SMs / ceil(n/64)))).
-int64_t rowce_forward_workspace_elems(int64_t n, int64_t d, int device);
-// row_lse (n,) fp32.
-void rowce_forward(const PairInputs& in, const float* diag_logit, float* row_lse,
-                   float* workspace, int64_t workspace_elems, void* stream);
-// (1 + SPLIT) * n * d + ceil(n/64) * SPLIT, SPLIT as clip_backward_workspace_elems.
-int64_t rowce_backward_workspace_elems(int64_t n, int64_t d, int device);
-// For sum_i grad_rows_i row_lse_i: da, dw contiguous (n, d) in the input dtype, dscale a
-// fp32 device scalar, ddiag (n,) fp32. grad_rows (n,) fp32.
-void rowce_backward(const PairInputs& in, const float* diag_logit, const float* row_lse,
-                    const float* grad_rows, void* da, void* dw, float* dscale, float* ddiag,
-                    float* workspace, int64_t workspace_elems, void* stream);
 
 // ---- symile_n2: M = 3 "n_squared", row_lse_i = LSE_{j,k} scale sum_d x_id y_jd z_kd.
 // Python: flashcontrast._C.TripleParams (named fields; errors name them, "TripleParams.n ...").

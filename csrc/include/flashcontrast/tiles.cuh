@@ -285,7 +285,8 @@ __device__ __forceinline__ float block_max_all(float v, float* scratch) {
   return m;
 }
 
-// Stable elementwise functions (SigLIP): finite and exact to a few ulps for any t.
+// Stable elementwise functions (the pair engine's "sigmoid" epilogue, SigLIP): finite and
+// exact to a few ulps for any t.
 // softplus(t) = log(1 + e^t) = max(t, 0) + log1p(e^-|t|).
 __device__ __forceinline__ float softplus_stable(float t) {
   return fmaxf(t, 0.0f) + log1pf(expf(-fabsf(t)));

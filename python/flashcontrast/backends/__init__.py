@@ -5,47 +5,27 @@ objective, a forward that returns O(N) statistics and a backward that recomputes
 from them. Input checks, the reduction to a loss and the autograd wiring live once, above
 the backends (objectives/<name>.py); a backend adds kernels, not semantics.
 
-CLIP InfoNCE, for every backend module ``blockwise.clip`` / ``triton.clip`` / ``cuda``::
+The pair engine, module ``<backend>/pair.py`` (``cuda.py`` for "cuda"; contract:
+``backends/pair.py``)::
 
-    clip_forward(a, b, scale, bias, groups=None) -> (row_lse, col_lse, diag)
-        a, b:   (N, D) features, same dtype (float32, float16 or bfloat16), same device,
-                any strides.
-        scale:  0-d float32 tensor on the same device (the multiplier s, already exp'd).
-        bias:   0-d float32 tensor or None.
-        S_ij  = scale * <a_i, b_j> + bias, accumulated in float32.
-        row_lse: (N,) float32, LSE_j S_ij;  col_lse: (N,) float32, LSE_i S_ij;
-        diag:    (N,) float32, S_ii.
-        groups: None, or (N,) int32/int64 group ids on the same device. With groups,
-                S_ij := -inf wherever i != j and groups_i == groups_j (those pairs are not
-                negatives: they leave both LSEs); the diagonal always stays. The mask is
-                applied per tile from the (N,) ids, never as an N x N tensor. None gives
-                the ungrouped results bit for bit. The "cuda" backend raises
-                NotImplementedError for groups that are not None.
+    pair_forward(a, b, scale, bias, pair, row_offset=0, col_offset=0, row_groups=None,
+                 col_groups=None, positive_logits=None) -> Stats
+    pair_backward(a, b, scale, bias, pair, stats, coefs, row_offset=0, col_offset=0,
+                  row_groups=None, col_groups=None, positive_logits=None,
+                  out_dtype=None) -> Grads
 
-    clip_backward(a, b, scale, bias, row_lse, col_lse, grad, groups=None)
-        -> (da, db, dscale, dbias)
-        grad:   0-d float32 tensor, dL/dL_clip of L = 1/2 [mean(row_lse - diag)
-                                                          + mean(col_lse - diag)].
-        dS_ij = grad / (2N) * (exp(S_ij - row_lse_i) + exp(S_ij - col_lse_j) - 2 [i == j])
-                (with groups, S masked as in the forward: dS_ij = 0 on excluded pairs)
-        da = scale * dS @ b   (N, D) in a.dtype;  db = scale * dS^T @ a   (N, D) in b.dtype
-        dscale = sum_ij dS_ij <a_i, b_j>   0-d float32
-        dbias  = sum_ij dS_ij              0-d float32 (0 up to rounding; returned anyway)
+    One rectangular sweep of rows a (n, D) against columns b (m, D), S_ij = scale <a_i,
+    b_j> + bias, with the entry sets (exclusions, group masks, positives) decided per tile
+    from integers and the epilogue ``pair.epilogue`` ("softmax", "rows", "sigmoid")
+    choosing the O(n + m) statistics; the backward recomputes the tiles from the merged
+    statistics and the loss's coefficients. Every objective but GRAM and Symile
+    "n_squared" is an epilogue of it: CLIP ("softmax"), SigLIP ("sigmoid"), InfoNCE,
+    MV-InfoNCE, MV-DHEL and Symile "n" ("rows"; Symile's positive through
+    ``positive_logits``). The signatures, the sets, the statistics and the gradients are
+    specified in ``backends/pair.py``. "torch" and "cuda" also take
+    ``max_block_elements`` (the torch backend's block budget; "cuda" ignores it).
 
-Row-only InfoNCE with a diagonal override (Symile "n", objectives.md section 5), module
-``<backend>/symile.py`` (``cuda.py`` for "cuda")::
-
-    rowce_forward(a, w, scale, diag_logit) -> row_lse
-        a, w: (N, D) same dtype/device, any strides; scale: 0-d fp32; diag_logit: (N,) fp32.
-        logits_ij = scale * <a_i, w_j> for j != i, logits_ii = diag_logit_i.
-        row_lse: (N,) fp32, LSE_j logits_ij.
-    rowce_backward(a, w, scale, diag_logit, row_lse, grad_rows) -> (da, dw, dscale, ddiag)
-        For the loss sum_i grad_rows_i * row_lse_i (grad_rows: (N,) fp32; the -diag term of
-        the cross entropy is differentiated above the backend), P = softmax_j(logits):
-        da_i = scale sum_{j != i} grad_rows_i P_ij w_j
-        dw_j = scale sum_{i != j} grad_rows_i P_ij a_i
-        dscale = sum_{i != j} grad_rows_i P_ij <a_i, w_j>;  ddiag_i = grad_rows_i P_ii
-        da, dw in the input dtype; dscale 0-d fp32; ddiag (N,) fp32.
+The two objectives with kernels of their own follow.
 
 Symile "n_squared" for M = 3 (anchor x, others y, z), module ``<backend>/symile.py``::
 
@@ -70,7 +50,8 @@ Symile "n_squared" for M > 3, "torch" backend only (``blockwise/symile.py``)::
         -> (d_anchor, d_others (K, N, D), dscale), as symile_n2_backward.
 
 For Symile, "fp32" statistics mean the accumulation dtype: the "torch" backend keeps them
-in float64 for float64 inputs (as for CLIP); the Triton kernels take no float64.
+in float64 for float64 inputs (as its pair engine does); the Triton kernels take no
+float64.
 
 GRAM (objectives.md section 4), module ``<backend>/gram.py``. K = M - 1 other modalities
 stacked as others (K, N, D); per-column constants, computed above the backend in O(N K^3):
@@ -97,31 +78,4 @@ det_h (N,) = det H_j and adj_h (N, K, K) = adj H_j, H_j the K x K Gram matrix of
         col_tt_j = sum_i w_ij |t_i|^2 (N,), col_uu_j = sum_i w_ij u_ij u_ij^T (N, K, K):
         the gradients w.r.t. det_h_j and -adj_h_j, chained above the backend through the
         per-column constants to the others.
-
-SigLIP (objectives.md section 2), module ``<backend>/siglip.py``::
-
-    siglip_forward(a, b, scale, bias) -> total
-        S_ij = scale * <a_i, b_j> + bias (bias None = 0), z_ij = +1 if i == j else -1.
-        total: 0-d, sum_ij softplus(-z_ij S_ij), stable for any scale, accumulation dtype.
-        The loss is total / N (reduced above the backend).
-    siglip_backward(a, b, scale, bias, grad) -> (da, db, dscale, dbias)
-        dS_ij = (grad / N) (sigmoid(S_ij) - [i == j]);  da = scale dS @ b;
-        db = scale dS^T @ a;  dscale = sum_ij dS_ij <a_i, b_j>;  dbias = sum_ij dS_ij.
-
-MV-InfoNCE and MV-DHEL (objectives.md section 3), module ``<backend>/multiview.py``: one
-primitive, a row logsumexp over a symmetric self-similarity with the diagonal excluded::
-
-    selfsim_rowlse_forward(u, scale, per_view, groups) -> row_lse
-        u: (V, N, D), row (l, i) = sample i of view l; logits = scale * <u_li, u_mj>.
-        per_view=False (MV-InfoNCE): columns of (l, i) are every (m, j) != (l, i).
-        per_view=True  (MV-DHEL): columns are (l, j), j != i.
-        groups: None or integer (N,): also exclude columns with j != i and g_j == g_i.
-        row_lse: (V, N), -inf for a row with no allowed column.
-    selfsim_rowlse_backward(u, scale, per_view, groups, row_lse, grad_rows) -> (du, dscale)
-        Gradients of sum_r grad_rows_r row_lse_r; with the allowed set A (symmetric) and
-        P_rc = exp(logit_rc - row_lse_r) on A:
-        du_r = scale sum_{c in A(r)} (g_r P_rc + g_c P_cr) u_c;  dscale = sum_A g_r P_rc <u_r, u_c>
-        du in the accumulation dtype (float32, float64 for float64 u), not u's: the objective
-        adds the positives' gradient before rounding once, since near convergence du nearly
-        cancels against it (tests/test_half_precision_gradients.py).
 """

@@ -8,20 +8,15 @@ run where and when torch expects. Nothing here synchronizes with the host.
 The pair engine (contract: ``backends/pair.py``): ``pair_forward`` / ``pair_backward``, with
 the torch implementation's signatures, over csrc/kernels/pair.cu (one forward and one
 backward kernel templated on the epilogue and options; ``_C.PairParams`` and friends carry
-every argument by name).
-CLIP InfoNCE (contract: ``flashcontrast.backends``): ``clip_forward`` / ``clip_backward``.
-Symile: ``rowce_forward`` / ``rowce_backward`` ("n") and ``symile_n2_forward`` /
-``symile_n2_backward`` ("n_squared", M = 3), csrc/kernels/symile.cu. GRAM: ``gram_forward``
-/ ``gram_backward``, csrc/kernels/gram.cu (K = M - 1 <= 5 others). SigLIP:
-``siglip_forward`` / ``siglip_backward``, csrc/kernels/siglip.cu (CLIP's tiles and grids).
-MV-InfoNCE / MV-DHEL: ``selfsim_rowlse_forward`` / ``selfsim_rowlse_backward``,
-csrc/kernels/multiview.cu. CLIP takes ``groups`` (ids passed to the kernels as int64).
-Same conventions; their
-backward kernels add gradients with fp32 atomics, so those are not bitwise reproducible.
-Kernels: csrc/kernels/clip.cu (64 x 64 tiles, fp32 accumulation; WMMA tensor cores for
-fp16/bf16, SIMT FFMA for fp32; 4 GEMM-equivalents per training step). Inputs are used
-with their strides, never copied. Workspaces (float32): forward 2 (G + H) N with
-G + H <= 2 x SMs + 1, backward (1 + SPLIT) N D with SPLIT <= 4 (sizes from ``_C``).
+every argument by name). CLIP, SigLIP, InfoNCE, MV-InfoNCE, MV-DHEL and Symile "n" are its
+epilogues and need no other kernels. Symile "n_squared" (M = 3): ``symile_n2_forward`` /
+``symile_n2_backward``, csrc/kernels/symile.cu. GRAM: ``gram_forward`` / ``gram_backward``,
+csrc/kernels/gram.cu (K = M - 1 <= 5 others). Kernels work in 64 x 64 tiles with fp32
+accumulation (WMMA tensor cores for fp16/bf16, SIMT FFMA for fp32); inputs are used with
+their strides, never copied; group ids are passed to the kernels as int64. Workspaces
+(float32) are sized by ``_C`` (``*_workspace_elems``; pair.h, symile.h and gram.h give the
+formulas). The backward kernels add some gradients with fp32 atomics, so those are not
+bitwise reproducible; every forward is.
 
 The test suite also runs these wrappers over csrc/ built for the CPU (tests/cuda_emulator):
 that module says ``EMULATES_ON_CPU`` and is the only one given CPU tensors.
@@ -46,18 +41,10 @@ from .pair import Coefs, Grads, Pair, Stats
 
 __all__ = [
     "OBJECTIVES",
-    "clip_backward",
-    "clip_forward",
     "gram_backward",
     "gram_forward",
     "pair_backward",
     "pair_forward",
-    "rowce_backward",
-    "rowce_forward",
-    "selfsim_rowlse_backward",
-    "selfsim_rowlse_forward",
-    "siglip_backward",
-    "siglip_forward",
     "symile_n2_backward",
     "symile_n2_forward",
     "unavailable_reason",
@@ -72,15 +59,10 @@ _KERNELS = {
     "clip": _PAIR,
     "siglip": _PAIR,
     "infonce": _PAIR,
-    "symile": (
-        "rowce_forward",
-        "rowce_backward",
-        "symile_n2_forward",
-        "symile_n2_backward",
-        "TripleParams",
-    ),
+    "multiview": _PAIR,
+    # Symile: "n" on the pair engine, "n_squared" (M = 3) on its own kernels
+    "symile": (*_PAIR, "symile_n2_forward", "symile_n2_backward", "TripleParams"),
     "gram": ("gram_forward", "gram_backward", "GramParams"),
-    "multiview": ("selfsim_rowlse_forward", "selfsim_rowlse_backward"),
 }
 
 
@@ -114,59 +96,9 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-def _check(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], objective: str) -> None:
-    """Raise before touching ``_C``: everything it would otherwise crash or misread on."""
-    reason = unavailable_reason(a.device)
-    if reason is None and objective not in OBJECTIVES:
-        reason = f"this build of flashcontrast._C has no {objective} kernels"
-    if reason is not None:
-        raise RuntimeError(f"flashcontrast CUDA backend cannot run {objective}: {reason}")
-    if a.dim() != 2 or a.shape != b.shape:
-        raise ValueError(f"a and b must both be (N, D), got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.dtype != b.dtype or a.dtype not in _DTYPE_NAMES:
-        raise TypeError(
-            f"CUDA {objective} kernels take float32, float16 or bfloat16 a and b of one dtype, "
-            f"got {a.dtype} and {b.dtype} (float64: use backend='torch' or 'reference')"
-        )
-    for name, t in (("b", b), ("scale", scale), ("bias", bias)):
-        if t is not None and t.device != a.device:
-            raise ValueError(f"{name} is on {t.device}, a on {a.device}")
-    if scale.numel() != 1 or (bias is not None and bias.numel() != 1):
-        raise ValueError("scale and bias must be single-element tensors")
-
-
 def _scalar(t: Tensor) -> Tensor:
     """A float32 one-element device tensor (a no-op for the contract's 0-d float32)."""
     return t.detach().reshape(()).to(torch.float32).contiguous()
-
-
-def _launch_args(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]) -> tuple:
-    n, d = a.shape
-    return (
-        a.data_ptr(), b.data_ptr(), n, d,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        _DTYPE_NAMES[a.dtype],
-        scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
-    )  # fmt: skip
-
-
-def _groups_arg(groups: Optional[Tensor], n: int, device: torch.device) -> Optional[Tensor]:
-    """None, or the (N,) ids as a contiguous int64 device tensor (O(N); no copy for int64)."""
-    if groups is None:
-        return None
-    if groups.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"groups must be an int32 or int64 tensor, got {groups.dtype}")
-    if tuple(groups.shape) != (n,):
-        raise ValueError(f"groups must be ({n},), got {tuple(groups.shape)}")
-    if groups.device != device:
-        raise ValueError(f"groups is on {groups.device}, expected {device}")
-    return groups.detach().to(torch.int64).contiguous()
-
-
-def _group_sizes(groups: Tensor) -> Tensor:
-    """(N,) int64: the size of each sample's group (O(N log N), no N x N mask)."""
-    srt = groups.sort().values
-    return torch.searchsorted(srt, groups, right=True) - torch.searchsorted(srt, groups)
 
 
 def _device_index(device: torch.device) -> int:
@@ -183,87 +115,6 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager:
 def _stream(device: torch.device) -> int:
     """The current stream of ``device`` as an integer handle (0 for the emulator)."""
     return 0 if device.type == "cpu" else torch.cuda.current_stream(device).cuda_stream
-
-
-def clip_forward(
-    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], groups: Optional[Tensor] = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(row_lse, col_lse, diag), each (N,) float32, of S = scale * a @ b^T + bias (with
-    groups: S_ij = -inf where i != j and groups_i == groups_j)."""
-    _check(a, b, scale, bias, "clip")
-    n, d = a.shape
-    groups = _groups_arg(groups, n, a.device)
-    f32 = dict(dtype=torch.float32, device=a.device)
-    row_lse, col_lse, diag = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
-    if n == 0:
-        return row_lse, col_lse, diag
-    scale = _scalar(scale)
-    bias = None if bias is None else _scalar(bias)
-    if d == 0 and groups is not None:  # S = bias on the kept entries: N - |group| + 1 of them
-        b0 = bias if bias is not None else torch.zeros((), **f32)
-        row_lse.copy_(b0 + (n + 1 - _group_sizes(groups)).to(torch.float32).log())
-        col_lse.copy_(row_lse)
-        diag.copy_(b0.expand(n))
-        return row_lse, col_lse, diag
-    if d == 0:  # S = bias everywhere; no kernel needed
-        b0 = bias if bias is not None else torch.zeros((), **f32)
-        row_lse.copy_(b0 + torch.log(torch.full((), float(n), **f32)))
-        col_lse.copy_(row_lse)
-        diag.copy_(b0)
-        return row_lse, col_lse, diag
-    with _on(a.device):
-        ws = torch.empty(_C.clip_forward_workspace_elems(n, d, _device_index(a.device)), **f32)
-        _C.clip_forward(
-            *_launch_args(a, b, scale, bias),
-            row_lse.data_ptr(), col_lse.data_ptr(), diag.data_ptr(),
-            ws.data_ptr(), ws.numel(),
-            _stream(a.device),
-            0 if groups is None else groups.data_ptr(),
-        )  # fmt: skip
-    return row_lse, col_lse, diag
-
-
-def clip_backward(
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    bias: Optional[Tensor],
-    row_lse: Tensor,
-    col_lse: Tensor,
-    grad: Tensor,
-    groups: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(da, db, dscale, dbias) for dL/dL_clip = grad; da/db in the input dtype (with
-    groups: dS = 0 where i != j and groups_i == groups_j, as in the forward)."""
-    _check(a, b, scale, bias, "clip")
-    n, d = a.shape
-    groups = _groups_arg(groups, n, a.device)
-    f32 = dict(dtype=torch.float32, device=a.device)
-    da = torch.empty((n, d), dtype=a.dtype, device=a.device)
-    db = torch.empty((n, d), dtype=b.dtype, device=a.device)
-    dscale, dbias = torch.empty((), **f32), torch.empty((), **f32)
-    if n == 0 or d == 0:
-        return da.zero_(), db.zero_(), dscale.zero_(), dbias.zero_()
-    for name, t in (("row_lse", row_lse), ("col_lse", col_lse)):
-        if t.shape != (n,) or t.device != a.device:
-            raise ValueError(
-                f"{name} must be ({n},) on {a.device}, got {tuple(t.shape)} on {t.device}"
-            )
-    row_lse = row_lse.detach().to(torch.float32).contiguous()  # no copy in the normal case
-    col_lse = col_lse.detach().to(torch.float32).contiguous()
-    scale, grad = _scalar(scale), _scalar(grad.to(a.device))
-    bias = None if bias is None else _scalar(bias)
-    with _on(a.device):
-        ws = torch.empty(_C.clip_backward_workspace_elems(n, d, _device_index(a.device)), **f32)
-        _C.clip_backward(
-            *_launch_args(a, b, scale, bias),
-            row_lse.data_ptr(), col_lse.data_ptr(), grad.data_ptr(),
-            da.data_ptr(), db.data_ptr(), dscale.data_ptr(), dbias.data_ptr(),
-            ws.data_ptr(), ws.numel(),
-            _stream(a.device),
-            0 if groups is None else groups.data_ptr(),
-        )  # fmt: skip
-    return da, db, dscale, dbias
 
 
 # ----------------------------------------------------------------------------- Symile, GRAM
@@ -301,62 +152,6 @@ def _vec(t: Tensor, n: int, name: str, device: torch.device, shape: tuple = ()) 
             f"{name} must be {(n, *shape)} on {device}, got {tuple(t.shape)} on {t.device}"
         )
     return t.detach().to(torch.float32).contiguous()
-
-
-def rowce_forward(a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor) -> Tensor:
-    """row_lse (N,) fp32 of logits scale * a @ w^T with the diagonal replaced by diag_logit."""
-    dev = _check_many("symile", {"a": a, "w": w}, scale)
-    if a.shape != w.shape:
-        raise ValueError(f"a and w must both be (N, D), got {tuple(a.shape)}, {tuple(w.shape)}")
-    n, d = a.shape
-    f32 = dict(dtype=torch.float32, device=dev)
-    diag_logit = _vec(diag_logit, n, "diag_logit", dev)
-    if n == 0:
-        return torch.empty(0, **f32)
-    if d == 0:  # off-diagonal logits are 0: LSE(diag_i, 0 repeated n - 1 times)
-        if n == 1:
-            return diag_logit.clone()
-        return torch.logaddexp(diag_logit, torch.full((n,), math.log(n - 1), **f32))
-    scale = _scalar(scale)
-    row_lse = torch.empty(n, **f32)
-    with _on(dev):
-        ws = torch.empty(_C.rowce_forward_workspace_elems(n, d, _device_index(dev)), **f32)
-        _C.rowce_forward(
-            a.data_ptr(), w.data_ptr(), n, d, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
-            _DTYPE_NAMES[a.dtype], scale.data_ptr(), diag_logit.data_ptr(), row_lse.data_ptr(),
-            ws.data_ptr(), ws.numel(), _stream(dev),
-        )  # fmt: skip
-    return row_lse
-
-
-def rowce_backward(
-    a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor, row_lse: Tensor, grad_rows: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(da, dw, dscale, ddiag) of sum_i grad_rows_i row_lse_i (backends/__init__.py)."""
-    dev = _check_many("symile", {"a": a, "w": w}, scale)
-    if a.shape != w.shape:
-        raise ValueError(f"a and w must both be (N, D), got {tuple(a.shape)}, {tuple(w.shape)}")
-    n, d = a.shape
-    f32 = dict(dtype=torch.float32, device=dev)
-    diag_logit = _vec(diag_logit, n, "diag_logit", dev)
-    row_lse = _vec(row_lse, n, "row_lse", dev)
-    grad_rows = _vec(grad_rows, n, "grad_rows", dev)
-    da = torch.zeros((n, d), dtype=a.dtype, device=dev)
-    dw = torch.zeros((n, d), dtype=w.dtype, device=dev)
-    dscale, ddiag = torch.zeros((), **f32), torch.empty(n, **f32)
-    if n == 0 or d == 0:
-        ddiag.copy_(grad_rows * torch.exp(diag_logit - row_lse))
-        return da, dw, dscale, ddiag
-    scale = _scalar(scale)
-    with _on(dev):
-        ws = torch.empty(_C.rowce_backward_workspace_elems(n, d, _device_index(dev)), **f32)
-        _C.rowce_backward(
-            a.data_ptr(), w.data_ptr(), n, d, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
-            _DTYPE_NAMES[a.dtype], scale.data_ptr(), diag_logit.data_ptr(), row_lse.data_ptr(),
-            grad_rows.data_ptr(), da.data_ptr(), dw.data_ptr(), dscale.data_ptr(),
-            ddiag.data_ptr(), ws.data_ptr(), ws.numel(), _stream(dev),
-        )  # fmt: skip
-    return da, dw, dscale, ddiag
 
 
 def _triple_params(x: Tensor, y: Tensor, z: Tensor, scale: Tensor):
@@ -521,145 +316,6 @@ def gram_backward(
             workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=_stream(dev),
         )  # fmt: skip
     return d_anchor, d_others, dscale, col_tt, col_uu
-
-
-# ----------------------------------------------------------------------------- SigLIP
-
-
-def siglip_forward(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """total = sum_ij softplus(-z_ij S_ij), 0-d float32 (the loss is total / N)."""
-    _check(a, b, scale, bias, "siglip")
-    n, d = a.shape
-    f32 = dict(dtype=torch.float32, device=a.device)
-    if n == 0:
-        return torch.zeros((), **f32)
-    scale = _scalar(scale)
-    bias = None if bias is None else _scalar(bias)
-    if d == 0:  # S = bias everywhere: N softplus(-b) + (N^2 - N) softplus(b)
-        b0 = bias if bias is not None else torch.zeros((), **f32)
-        sp = torch.nn.functional.softplus
-        return n * sp(-b0, threshold=1e9) + (n * n - n) * sp(b0, threshold=1e9)
-    total = torch.empty((), **f32)
-    with _on(a.device):
-        ws = torch.empty(_C.siglip_forward_workspace_elems(n, d, _device_index(a.device)), **f32)
-        _C.siglip_forward(
-            *_launch_args(a, b, scale, bias), total.data_ptr(), ws.data_ptr(), ws.numel(),
-            _stream(a.device),
-        )  # fmt: skip
-    return total
-
-
-def siglip_backward(
-    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], grad: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(da, db, dscale, dbias) of L = total / N for dL = grad; da/db in the input dtype."""
-    _check(a, b, scale, bias, "siglip")
-    if grad.numel() != 1 or grad.device != a.device:
-        raise ValueError(f"grad must be a single-element tensor on {a.device}")
-    n, d = a.shape
-    f32 = dict(dtype=torch.float32, device=a.device)
-    da = torch.zeros((n, d), dtype=a.dtype, device=a.device)
-    db = torch.zeros((n, d), dtype=b.dtype, device=a.device)
-    dscale, dbias = torch.zeros((), **f32), torch.zeros((), **f32)
-    if n == 0:
-        return da, db, dscale, dbias
-    scale, grad = _scalar(scale), _scalar(grad)
-    bias = None if bias is None else _scalar(bias)
-    if d == 0:  # dS = grad / N (sigmoid(b) - I): dbias = grad (N sigmoid(b) - 1)
-        if bias is not None:
-            dbias.copy_(grad * (n * torch.sigmoid(bias) - 1))
-        return da, db, dscale, dbias
-    with _on(a.device):
-        ws = torch.empty(_C.siglip_backward_workspace_elems(n, d, _device_index(a.device)), **f32)
-        _C.siglip_backward(
-            *_launch_args(a, b, scale, bias), grad.data_ptr(),
-            da.data_ptr(), db.data_ptr(), dscale.data_ptr(), dbias.data_ptr(),
-            ws.data_ptr(), ws.numel(), _stream(a.device),
-        )  # fmt: skip
-    return da, db, dscale, dbias
-
-
-# ----------------------------------------------------------------------------- multi-view
-
-
-def _check_selfsim(u: Tensor, scale: Tensor, groups: Optional[Tensor]):
-    dev = _check_many("multiview", {"u": u}, scale, ndim=3)
-    return dev, _groups_arg(groups, u.shape[1], dev)
-
-
-def _allowed_counts(v: int, n: int, per_view: bool, groups: Optional[Tensor], dev) -> Tensor:
-    """(N,) allowed columns per row (the same for every view): for the d == 0 case."""
-    size = (
-        _group_sizes(groups) if groups is not None else torch.ones(n, dtype=torch.int64, device=dev)
-    )
-    return (n - size) if per_view else (v * n - 1 - v * (size - 1))
-
-
-def _selfsim_args(u: Tensor, scale: Tensor, per_view: bool, groups: Optional[Tensor]) -> tuple:
-    v, n, d = u.shape
-    return (
-        u.data_ptr(), v, n, d, u.stride(0), u.stride(1), u.stride(2), _DTYPE_NAMES[u.dtype],
-        scale.data_ptr(), bool(per_view), 0 if groups is None else groups.data_ptr(),
-    )  # fmt: skip
-
-
-def selfsim_rowlse_forward(
-    u: Tensor, scale: Tensor, per_view: bool, groups: Optional[Tensor]
-) -> Tensor:
-    """(V, N) fp32 row LSEs of scale * <u_li, u_mj> over the allowed columns (-inf if none)."""
-    dev, groups = _check_selfsim(u, scale, groups)
-    v, n, d = u.shape
-    f32 = dict(dtype=torch.float32, device=dev)
-    if v == 0 or n == 0:
-        return torch.empty((v, n), **f32)
-    if d == 0:  # every logit is 0: log(number of allowed columns)
-        counts = _allowed_counts(v, n, per_view, groups, dev).to(torch.float32)
-        return counts.log().expand(v, n).contiguous()
-    scale = _scalar(scale)
-    row_lse = torch.empty((v, n), **f32)
-    with _on(dev):
-        elems = _C.selfsim_forward_workspace_elems(v, n, d, bool(per_view), _device_index(dev))
-        ws = torch.empty(elems, **f32)
-        _C.selfsim_rowlse_forward(
-            *_selfsim_args(u, scale, per_view, groups), row_lse.data_ptr(), ws.data_ptr(),
-            ws.numel(), _stream(dev),
-        )  # fmt: skip
-    return row_lse
-
-
-def selfsim_rowlse_backward(
-    u: Tensor,
-    scale: Tensor,
-    per_view: bool,
-    groups: Optional[Tensor],
-    row_lse: Tensor,
-    grad_rows: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """(du (V, N, D) fp32, dscale 0-d fp32) of sum grad_rows * row_lse."""
-    dev, groups = _check_selfsim(u, scale, groups)
-    v, n, d = u.shape
-    f32 = dict(dtype=torch.float32, device=dev)
-    for name, t in (("row_lse", row_lse), ("grad_rows", grad_rows)):
-        if tuple(t.shape) != (v, n) or t.device != dev:
-            raise ValueError(
-                f"{name} must be {(v, n)} on {dev}, got {tuple(t.shape)} on {t.device}"
-            )
-    du = torch.zeros((v, n, d), **f32)
-    dscale = torch.zeros((), **f32)
-    if v == 0 or n == 0 or d == 0:
-        return du, dscale
-    row_lse = row_lse.detach().to(torch.float32).contiguous()
-    grad_rows = grad_rows.detach().to(torch.float32).contiguous()
-    scale = _scalar(scale)
-    with _on(dev):
-        elems = _C.selfsim_backward_workspace_elems(v, n, d, bool(per_view), _device_index(dev))
-        ws = torch.empty(elems, **f32)
-        _C.selfsim_rowlse_backward(
-            *_selfsim_args(u, scale, per_view, groups), row_lse.data_ptr(),
-            grad_rows.data_ptr(), du.data_ptr(), dscale.data_ptr(), ws.data_ptr(), ws.numel(),
-            _stream(dev),
-        )  # fmt: skip
-    return du, dscale
 
 
 # ----------------------------------------------------------------------------- pair engine

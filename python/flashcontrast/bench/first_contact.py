@@ -60,8 +60,9 @@ ESTIMATES = {
         "each at 780 TFLOP/s) + 13 copies of 8.6 GB (2 ms each at 4.3 TB/s)",
     ),
     # nvcc 13.0, -gencode sm_90a, one file per core, on the CI machine (2-core AMD EPYC,
-    # 2026-12-02): symile.cu 10.5 s, gram.cu 8.4, multiview.cu 8.0, clip.cu 7.4,
-    # siglip.cu 6.7, runtime_info.cu 2.5; bindings.cpp (g++, pybind11) 13 s.
+    # 2026-12-02): symile.cu 10.5 s, gram.cu 8.4, runtime_info.cu 2.5 (and the per-objective
+    # multiview.cu, clip.cu, siglip.cu, 6.7-8.0 s, since replaced by pair.cu, which was not
+    # in that measurement); bindings.cpp (g++, pybind11) 13 s.
     "build_s": (
         55.0,
         "per-file compile times for sm_90a measured on the CI machine (2-core "

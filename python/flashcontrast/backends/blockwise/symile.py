@@ -1,8 +1,6 @@
-"""Symile (objectives.md section 5) on the "torch" backend: blockwise, bounded memory.
+"""Symile "n_squared" (objectives.md section 5) on the "torch" backend: blockwise, bounded
+memory. (Symile "n" runs on the pair engine: ``blockwise/pair.py``.)
 
-rowce ("n" negatives)  L_ij = s <a_i, w_j> (j != i), L_ii = diag_logit_i, visited a block
-                       of rows at a time: forward row LSEs, backward recomputes the block,
-                       P = g_i softmax_j(L_ij), with P_ii split off as d(diag_logit).
 n_squared, K others    candidates of anchor row i are all tuples (j_1, ..., j_K). The
                        tuples of the first K - 1 others (the "prefix", flat index t, first
                        other most significant) are visited in blocks of T, with the prefix
@@ -27,80 +25,14 @@ import torch
 from torch import Tensor
 
 from ..._validation import accumulation_dtype
-from . import MAX_BLOCK_ELEMENTS, block_rows
+from . import MAX_BLOCK_ELEMENTS
 
 __all__ = [
-    "rowce_backward",
-    "rowce_forward",
     "symile_n2_backward",
     "symile_n2_forward",
     "symile_nk_backward",
     "symile_nk_forward",
 ]
-
-
-# ----------------------------------------------------------------------------- rowce
-
-
-def _rowce_block(a_blk, w, scale, diag, start):
-    s = torch.mm(a_blk, w.t()).mul_(scale)
-    s.diagonal(offset=start).copy_(diag[start : start + a_blk.shape[0]])
-    return s
-
-
-def rowce_forward(
-    a: Tensor,
-    w: Tensor,
-    scale: Tensor,
-    diag_logit: Tensor,
-    max_block_elements: Optional[int] = None,
-) -> Tensor:
-    """Row LSEs (N,) of L = scale * a @ w^T with the diagonal replaced by diag_logit."""
-    n = a.shape[0]
-    acc = accumulation_dtype(a.dtype)
-    a_acc, w_acc, diag = a.to(acc), w.to(acc), diag_logit.to(acc)
-    row_lse = torch.empty(n, dtype=acc, device=a.device)
-    rows = block_rows(n, a.device, max_block_elements)
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        row_lse[start:stop] = torch.logsumexp(
-            _rowce_block(a_acc[start:stop], w_acc, scale, diag, start), 1
-        )
-    return row_lse
-
-
-def rowce_backward(
-    a: Tensor,
-    w: Tensor,
-    scale: Tensor,
-    diag_logit: Tensor,
-    row_lse: Tensor,
-    grad_rows: Tensor,
-    max_block_elements: Optional[int] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(da, dw, dscale, ddiag) of sum_i grad_rows_i row_lse_i, block of rows by block."""
-    n = a.shape[0]
-    acc = accumulation_dtype(a.dtype)
-    a_acc, w_acc, diag = a.to(acc), w.to(acc), diag_logit.to(acc)
-    g = grad_rows.to(acc)
-    da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
-    dw = torch.zeros(w.shape, dtype=acc, device=a.device)
-    dscale = torch.zeros((), dtype=acc, device=a.device)
-    ddiag = torch.empty(n, dtype=acc, device=a.device)
-    rows = block_rows(n, a.device, max_block_elements)
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        a_blk = a_acc[start:stop]
-        p = _rowce_block(a_blk, w_acc, scale, diag, start)
-        p.sub_(row_lse[start:stop, None]).exp_().mul_(g[start:stop, None])
-        on_diag = p.diagonal(offset=start)
-        ddiag[start:stop] = on_diag
-        on_diag.zero_()
-        pw = torch.mm(p, w_acc)
-        dscale += (a_blk * pw).sum()
-        da[start:stop] = pw.mul_(scale)
-        dw.addmm_(p.t(), a_blk)
-    return da, dw.mul_(scale).to(w.dtype), dscale, ddiag
 
 
 # ----------------------------------------------------------------------------- n_squared

@@ -1,8 +1,9 @@
-"""The Triton backend: JIT kernels, one module per objective (``clip.py``, ...).
+"""The Triton backend: JIT kernels, the pair engine (``pair.py``) and the kernels that
+stay outside it (``gram.py``, ``symile.py``: Symile "n_squared").
 
 This package imports without Triton installed: nothing here imports ``triton`` at module
 level, so ``flashcontrast`` can always answer *why* the backend cannot run. The kernel
-modules (``from flashcontrast.backends.triton import clip``) do import Triton and must
+modules (``from flashcontrast.backends.triton import pair``) do import Triton and must
 only be imported once :func:`triton_unavailable_reason` has returned None.
 
 Triton compiles for CUDA (and ROCm) devices. On CPU tensors it runs only in its

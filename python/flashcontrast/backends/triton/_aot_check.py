@@ -3,7 +3,7 @@
 Run it as::
 
     python -m flashcontrast.backends.triton._aot_check [--arch 80 90] [--json OUT]
-        [--preset full|smoke] [--objectives clip siglip ...] [--jobs N]
+        [--preset full|smoke] [--objectives pair gram symile] [--jobs N]
 
 The tests run the Triton kernels in Triton's CPU interpreter (TRITON_INTERPRET=1), which
 accepts programs the GPU compiler rejects (tl.dot on a dimension below 16, mixed 16-bit
@@ -12,8 +12,9 @@ every ``@triton.jit`` kernel of the backend with Triton's real compiler for
 ``GPUTarget("cuda", arch, 32)`` down to a cubin (ptxas ships with the Triton wheel), with
 no GPU and no CUDA build of torch:
 
-1. **What is compiled comes from the launchers themselves.** Each objective's public
-   backend functions (``clip_forward``, ``clip_backward``, ...) are called on meta
+1. **What is compiled comes from the launchers themselves.** The public backend
+   functions (``pair_forward`` / ``pair_backward`` as each objective calls them,
+   ``gram_forward``, ``symile_n2_forward``, ... and their backwards) are called on meta
    tensors that report ``device == cuda:0`` inside a simulated GPU of the arch (SM count,
    compute capability), with ``JITFunction.run`` replaced by a recorder: every
    ``kernel[grid](...)`` launch is recorded (bound arguments, constexprs, num_warps,
@@ -91,7 +92,9 @@ from triton.runtime.jit import JITFunction, KernelParam, create_function_from_si
 __all__ = ["ARCHS", "Result", "collect_jobs", "main", "run_check"]
 
 _PACKAGE = "flashcontrast.backends.triton"
-OBJECTIVES = ("clip", "siglip", "multiview", "gram", "symile", "pair")
+# The kernel modules: the pair engine (every objective but GRAM and Symile "n_squared"),
+# GRAM, Symile "n_squared" (symile.py holds no other kernels).
+OBJECTIVES = ("pair", "gram", "symile")
 _KERNEL_MODULES = ("_common", *OBJECTIVES)
 _PLANNING_MODULES = ("_plan",)  # no kernels; their device-property caches are cleared
 
@@ -282,34 +285,6 @@ def _cuda(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="cuda")
 
 
-def _clip_case(n: int, d: int, dtype: torch.dtype, bias: bool, groups) -> None:
-    from . import clip
-
-    a, b, scale = _cuda(n, d, dtype=dtype), _cuda(n, d, dtype=dtype), _cuda()
-    bias_t = _cuda() if bias else None
-    g = None if groups is None else _cuda(n, dtype=groups)
-    row_lse, col_lse, _ = clip.clip_forward(a, b, scale, bias_t, g)
-    clip.clip_backward(a, b, scale, bias_t, row_lse, col_lse, _cuda(), g)
-
-
-def _siglip_case(n: int, d: int, dtype: torch.dtype, bias: bool) -> None:
-    from . import siglip
-
-    a, b, scale = _cuda(n, d, dtype=dtype), _cuda(n, d, dtype=dtype), _cuda()
-    bias_t = _cuda() if bias else None
-    siglip.siglip_forward(a, b, scale, bias_t)
-    siglip.siglip_backward(a, b, scale, bias_t, _cuda())
-
-
-def _multiview_case(v: int, n: int, d: int, dtype: torch.dtype, per_view: bool, groups) -> None:
-    from . import multiview
-
-    u, scale = _cuda(v, n, d, dtype=dtype), _cuda()
-    g = None if groups is None else _cuda(n, dtype=groups)
-    lse = multiview.selfsim_rowlse_forward(u, scale, per_view, g)
-    multiview.selfsim_rowlse_backward(u, scale, per_view, g, lse, _cuda(v, n))
-
-
 def _gram_case(k: int, n: int, d: int, dtype: torch.dtype) -> None:
     from . import gram
 
@@ -324,8 +299,6 @@ def _symile_case(n: int, d: int, dtype: torch.dtype) -> None:
 
     x, y, z = (_cuda(n, d, dtype=dtype) for _ in range(3))
     scale = _cuda()
-    lse = symile.rowce_forward(x, y, scale, _cuda(n))
-    symile.rowce_backward(x, y, scale, _cuda(n), lse, _cuda(n))
     lse = symile.symile_n2_forward(x, y, z, scale)
     symile.symile_n2_backward(x, y, z, scale, lse, _cuda(n))
 
@@ -380,27 +353,16 @@ _GROUPS = {None: "", torch.int64: " groups=i64", torch.int32: " groups=i32"}
 
 
 def _cases_at(n: int, d: int, dname: str, flags: bool) -> list[Case]:
-    """Every objective's cases at N = n, D = d, dtype ``dname``: the plainest call of each
-    (CLIP without bias or groups, SigLIP with bias, MV-InfoNCE and MV-DHEL, GRAM K = 3,
-    Symile, the pair engine as each objective calls it), and with ``flags`` the other
-    variants of the optional arguments (bias, groups int32/int64, SigLIP without bias,
-    GRAM K = 2, the pair engine's: :func:`_pair_variants`) instead."""
+    """Every kernel module's cases at N = n, D = d, dtype ``dname``: the plainest call of
+    each (the pair engine as each objective calls it, GRAM K = 3, Symile "n_squared"), and
+    with ``flags`` the other variants of the optional arguments (the pair engine's:
+    :func:`_pair_variants`; GRAM K = 2) instead."""
     dtype, size = _DTYPES[dname], f"{dname} N={n} D={d}"
     cases: list[Case] = []
 
     def add(objective: str, label: str, fn: Callable, *args: Any) -> None:
         cases.append(Case(objective, f"{objective} {size}{label}", lambda: fn(*args)))
 
-    clip_opts = [(False, None)] if not flags else [(True, None), (False, torch.int64)]
-    for bias, groups in clip_opts + ([(True, torch.int32)] if flags else []):
-        add("clip", f"{' bias' if bias else ''}{_GROUPS[groups]}", _clip_case, n, d, dtype,
-            bias, groups)  # fmt: skip
-    for bias in (False,) if flags else (True,):
-        add("siglip", " bias" if bias else "", _siglip_case, n, d, dtype, bias)
-    mv_opts = [(False, torch.int64), (True, torch.int32)] if flags else [(False, None)] * 2
-    for (_, groups), per_view in zip(mv_opts, (False, True)):
-        add("multiview", f" V=4 {'dhel' if per_view else 'infonce'}{_GROUPS[groups]}",
-            _multiview_case, 4, n, d, dtype, per_view, groups)  # fmt: skip
     add("gram", f" K={2 if flags else 3}", _gram_case, 2 if flags else 3, n, d, dtype)
     if not flags:
         add("symile", "", _symile_case, n, d, dtype)
@@ -423,10 +385,10 @@ def preset_cases(preset: str) -> list[tuple[str, Case]]:
     with every D and at N = 97, D = 100; the plain calls at N = 2^21, D = 1024 (element
     offsets beyond int32: the INDEX_64 path). ``smoke`` (what the test suite compiles, in
     about a minute on two cores): the plain calls in bf16 at N = 4096, D = 512 (D in
-    chunks, the largest tiles, 16-bit tensor-core products), GRAM at K = 2 (K = 3 takes
-    ptxas twice as long), the pair engine's optional-argument variants (each objective's
-    constexprs with bias, groups and positive logits: a superset of the plain calls'
-    branches): every kernel, and each constexpr branch of it, once per arch.
+    chunks, the largest tiles, 16-bit tensor-core products) of Symile "n_squared", GRAM at
+    K = 2 (K = 3 takes ptxas twice as long), the pair engine's optional-argument variants
+    (each objective's constexprs with bias, groups and positive logits: a superset of the
+    plain calls' branches): every kernel, and each constexpr branch of it, once per arch.
     """
     out: list[tuple[str, Case]] = []
     if preset == "full":
@@ -588,8 +550,8 @@ def collect_jobs(
                 seen = jobs.setdefault(job.key(), job)
                 if seen is not job:
                     seen.cases.append(launch.case)
-    # _common's kernel (the LSE combine) is launched by CLIP and GRAM.
-    common = ["_common"] if {"clip", "gram"} & set(objectives) else []
+    # _common's kernel (the LSE combine) is launched by GRAM.
+    common = ["_common"] if "gram" in objectives else []
     modules = _kernel_modules(common + [m for m in OBJECTIVES if m in objectives])
     for name in sorted(set(entry_kernels(modules)) - launched):
         failures.append(dict(kind="coverage", kernel=name, error="no case launches this kernel"))
@@ -818,9 +780,9 @@ def _versions() -> dict:
 
 def _check_compiling() -> Optional[str]:
     """Why the kernels cannot be compiled here (they were defined interpreted), or None."""
-    from . import clip
+    from . import pair
 
-    if not isinstance(clip._clip_fwd_kernel, JITFunction):
+    if not isinstance(pair._pair_fwd_kernel, JITFunction):
         return (
             "the Triton kernels were defined for the interpreter (TRITON_INTERPRET=1 was "
             "set when they were imported): run this module in a fresh process without it"

@@ -301,28 +301,3 @@ def _index_64(*tensors: Tensor) -> bool:
 def _guard(device: torch.device):
     # Triton launches on the current stream of the current device: make it a's device.
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------- group masks
-
-
-@triton.jit
-def _group_keep(g_ptr, rows, cols, rmask, cmask):
-    """(len(rows), len(cols)) mask of the pairs a group mask keeps: the diagonal i == j
-    and pairs of different groups; False where i != j and g[i] == g[j]. g_ptr: (N,) ids
-    (int32 or int64); padded lanes read id 0 (they are masked by rmask/cmask anyway)."""
-    gr = tl.load(g_ptr + rows, mask=rmask, other=0)
-    gc = tl.load(g_ptr + cols, mask=cmask, other=0)
-    return (gr[:, None] != gc[None, :]) | (rows[:, None] == cols[None, :])
-
-
-def _check_groups(groups, n: int, device: torch.device) -> None:
-    """ValueError/TypeError unless groups is None or an integer (N,) tensor on device."""
-    if groups is None:
-        return
-    if groups.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"groups must be an int32 or int64 tensor, got {groups.dtype}")
-    if groups.shape != (n,):
-        raise ValueError(f"groups must be ({n},), got {tuple(groups.shape)}")
-    if groups.device != device:
-        raise ValueError(f"groups is on {groups.device}, a on {device}")

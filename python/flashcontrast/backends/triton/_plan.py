@@ -1,11 +1,12 @@
 """Launch planning the Triton kernel modules share: tile heuristics, grids, overrides.
 
 One registry of forced tile sizes (:func:`override_tiles`) governs every kernel family
-(CLIP, SigLIP, GRAM, the pair engine, the multi-view and Symile kernels): keys a family
-does not use are ignored by it (Symile's tiles hold the whole of D, so it reads block_m and
-block_n only; the multi-view kernels plan no grid, so max_programs does not apply).
+(the pair engine, GRAM, Symile "n_squared"): keys a family does not use are ignored by it
+(Symile's tiles hold the whole of D and plan no grid, so it reads block_m and block_n
+only).
 
-Grids (see ``clip.py``'s module docstring for the kernels that use them):
+Grids (see ``pair.py``'s and ``gram.py``'s module docstrings for the kernels that use
+them):
 
 * forward, (G, H): program (g, h) owns row blocks g (mod G) and column blocks h (mod H),
   keeps its rows' online statistics in registers and its columns' in row g of a (G, m)

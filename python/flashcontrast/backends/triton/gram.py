@@ -27,20 +27,23 @@ backward 2K (recompute q) + K (recompute u_s) + K (d_anchor) + K (Z) = 5K; in al
 the extra 3K buy a kernel that never holds more than two (BLOCK_M, BLOCK_N) tiles.
 Nothing N x N is allocated: extra memory O((G + H) N) forward, O(K N D) backward.
 
-Kernels: ``_gram_fwd_kernel`` on the (G, H) grid of the CLIP forward (programs own row
-blocks g (mod G) and column blocks h (mod H); column statistics live in per-program
-partial rows, so no atomics; see triton/clip.py); the LSE partials are folded by CLIP's
-``_lse_combine_kernel`` and the row/column-sum partials by torch. ``_gram_bwd_kernel``
-on CLIP's backward grid (column block, row split); d_anchor, Z and col_tt are fp32
-atomics (sums equal run to run up to rounding).
+Kernels: ``_gram_fwd_kernel`` on the (G, H) forward grid of ``_plan.py`` (programs own
+row blocks g (mod G) and column blocks h (mod H); column statistics live in per-program
+partial rows, so no atomics; the pair engine's forward, triton/pair.py, works the same
+way); the LSE partials are folded by ``_common._lse_combine_kernel`` and the
+row/column-sum partials by torch. ``_gram_bwd_kernel`` on ``_plan.py``'s backward grid
+(column block, row split); d_anchor, Z and col_tt are fp32 atomics (sums equal run to
+run up to rounding).
 
-Precision: u tiles take CLIP's dot setup (input dtype; fp32 IEEE unless TF32 is allowed);
+Precision: u tiles take the shared dot setup (``_common._dot_setup``: input dtype; fp32
+IEEE unless TF32 is allowed);
 <t, w_r> tiles and every backward gradient product run in fp32 (W and w span many
 magnitudes; det is a difference that rounding in 16 bits would destroy). Masked logits
-are -inf and online maxima of -inf are replaced by 0 before subtraction, as in CLIP.
+are -inf and online maxima of -inf are replaced by 0 before subtraction, as in the pair
+engine.
 Offsets are int32 unless a tensor spans 2^31 elements (INDEX_64), except the stride
 between the K others (r * stride), which must stay below 2^31.
-Interpreter (TRITON_INTERPRET=1): tiles 32 x 32 (``override_tiles`` of triton/clip.py
+Interpreter (TRITON_INTERPRET=1): tiles 32 x 32 (``_plan.override_tiles``
 applies here too); bf16 upcast before tl.dot.
 """
 
@@ -70,7 +73,7 @@ from ._common import (
     _tile_logits,
     _widen,
 )
-from .clip import (
+from ._plan import (
     _backward_grid_for,
     _block_d,
     _forward_grid_for,
@@ -173,7 +176,7 @@ def _gram_fwd_kernel(
         tl.store(ws_m_ptr + row_part + rows, m_i, mask=rmask)
         tl.store(ws_l_ptr + row_part + rows, l_i, mask=rmask)
         tl.store(ws_s_ptr + row_part + rows, s_i, mask=rmask)
-        tl.debug_barrier()  # column partials re-read by the next row block (see clip.py)
+        tl.debug_barrier()  # column partials re-read by the next row block (as in pair.py)
 
 
 # Backward, 5K GEMM-equivalents: per tile recompute q (2K), then w, and for each s:
@@ -275,9 +278,10 @@ def _gram_bwd_kernel(
 def _tiles(d: int, dtype: torch.dtype, device: torch.device, backward: bool = False) -> _Tiles:
     """Tiles of the forward (or backward) kernel. Untimed on a GPU; chosen by ptxas's spill
     report (``python -m flashcontrast.backends.triton._aot_check --objectives gram --arch
-    80``): CLIP's 4-warp 64 x 64 x 64 tiles spilled ~53 KB per thread in the bf16 backward
-    (its K + 2 fp32 tiles do not fit 4 warps' registers); these spill at most 252 bytes
-    on sm_80 over the check's full preset (K = 2, 3; fp32, fp16, bf16)."""
+    80``): the (since deleted) CLIP kernel's 4-warp 64 x 64 x 64 tiles spilled ~53 KB per
+    thread in the bf16 backward (its K + 2 fp32 tiles do not fit 4 warps' registers); these
+    spill at most 252 bytes on sm_80 over the check's full preset (K = 2, 3; fp32, fp16,
+    bf16)."""
     block_d = _block_d(d, dtype, device)
     if device.type != "cuda":
         return _with_override(_Tiles(32, 32, block_d, 4, 1))
@@ -337,7 +341,8 @@ def _launch_args(anchor, others):
 
 
 def _kernel_kwargs(k: int, tiles: _Tiles, dtype: torch.dtype, device: torch.device) -> dict:
-    """Launch keywords of both GRAM kernels: CLIP's, plus K and the fp32 W_PRECISION."""
+    """Launch keywords of both GRAM kernels: ``_plan._launch_kwargs``, plus K and the fp32
+    W_PRECISION."""
     _, w_precision = _dot_setup(torch.float32, device)
     return dict(K=k, W_PRECISION=w_precision, **_launch_kwargs(tiles, dtype, device))
 

@@ -28,7 +28,7 @@ CLIP's single diagonal costs them on the diagonal tiles only.
 
 Kernels
 -------
-``_pair_fwd_kernel``, grid (G, H) as CLIP's forward (``_plan._forward_grid``): program
+``_pair_fwd_kernel``, grid (G, H) (``_plan._forward_grid``): program
 (g, h) sweeps the tiles (rb, cb), rb = g (mod G), cb = h (mod H). Its row pairs live in
 registers and are written once per row block into row h of (H, n) partial buffers (one
 per max and sum, and per set: allowed, positives); its column pairs into row g of (G, m)
@@ -41,7 +41,7 @@ the partials are the result and nothing is launched. Every statistic is a tensor
 own (no two outputs share storage). "sigmoid" writes one partial total per program,
 summed by torch.
 
-``_pair_bwd_kernel``, grid (column blocks, SPLIT) as CLIP's backward: program (cb, p)
+``_pair_bwd_kernel``, grid (column blocks, SPLIT) (``_plan._backward_split``): program (cb, p)
 keeps its B block (and, with ONE_CHUNK, its fp32 dB accumulator) on chip, visits the row
 blocks rb = p (mod SPLIT), recomputes S exactly as the forward did (same D chunking,
 operand layout and products), forms dS in fp32 with the positives subtracted in the tile,

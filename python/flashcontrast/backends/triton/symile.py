@@ -1,15 +1,7 @@
-"""Symile (objectives.md section 5) as Triton kernels: no N x N or N x N^2 buffer.
+"""Symile "n_squared" (objectives.md section 5) as Triton kernels: no N x N^2 buffer.
 
-Contract: flashcontrast/backends/__init__.py (rowce_*, symile_n2_*).
-
-rowce ("n" negatives). L_ij = s <a_i, w_j> for j != i, L_ii = diag_i; P = softmax_j(L):
-    forward   row_lse_i = LSE_j L_ij                 program per row block, online LSE
-    backward  c_ij = g_i P_ij; ddiag_i = c_ii; q = c with the diagonal zeroed;
-              da_i = s sum_j q_ij w_j    (program per row block, accumulator on chip)
-              dw_j = s sum_i q_ij a_i    (program per column block, accumulator on chip)
-              dscale = sum_i <a_i, sum_j q_ij w_j> = sum(a * da_raw), in torch
-    GEMM-equivalents (2 N^2 D flops each): forward 1, backward 2 recomputes + 2 = 5 in all
-    (one more than CLIP's 4: dA and dW each own their output, no atomics, deterministic).
+Contract: flashcontrast/backends/__init__.py (symile_n2_*). Symile "n" runs on the pair
+engine (``pair.py``).
 
 n_squared, M = 3 (anchor x, others y, z). logit_ijk = s sum_d x_id y_jd z_kd. For a fixed
 j the (BM x BK) logit tile is a plain GEMM whose left operand is formed on the fly:
@@ -34,7 +26,7 @@ D = 1024, 16-bit up to 2048). Masked logits are -inf
 and every online max that may be -inf is replaced by 0 before it is subtracted.
 
 Interpreter (TRITON_INTERPRET=1): bf16 tiles are upcast to fp32 before tl.dot (its bf16
-tl.dot is wrong), as in ``clip.py``; ``_plan.override_tiles`` forces the block sizes
+tl.dot is wrong), as in ``pair.py``; ``_plan.override_tiles`` forces the block sizes
 (block_m and block_n: the tiles hold the whole of D).
 """
 
@@ -57,12 +49,7 @@ from ._common import (
 )
 from ._plan import _OVERRIDE, _capability  # the one tile-override registry
 
-__all__ = [
-    "rowce_backward",
-    "rowce_forward",
-    "symile_n2_backward",
-    "symile_n2_forward",
-]
+__all__ = ["symile_n2_backward", "symile_n2_forward"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -101,94 +88,6 @@ def _load_lse_g(lse_ptr, g_ptr, rows, rmask):
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
     return lse, g
-
-
-# ----------------------------------------------------------------------------- rowce
-
-
-@triton.jit
-def _rowce_logits(a_tile, w_ptr, rows, cols, rmask, cmask, offs_d, dmask, stride_wn,
-                  stride_wd, diag_ptr, scale,
-                  DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """(raw dot, logits with the diagonal override and -inf outside, w tile)."""
-    w = _load_f32(w_ptr, cols, cmask, offs_d, dmask, stride_wn, stride_wd)
-    x = tl.dot(a_tile.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-    diag = tl.load(diag_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    on_diag = rows[:, None] == cols[None, :]
-    s = tl.where(on_diag, diag[:, None], x * scale)
-    s = tl.where(rmask[:, None] & cmask[None, :], s, float("-inf"))
-    return x, s, w, on_diag
-
-
-@triton.jit
-def _rowce_fwd_kernel(a_ptr, w_ptr, scale_ptr, diag_ptr, lse_ptr, N, D,
-                      stride_an, stride_ad, stride_wn, stride_wd,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
-    rows, rmask, offs_d, dmask, scale, a_tile = _fwd_rows(
-        a_ptr, scale_ptr, N, D, stride_an, stride_ad, BLOCK_M, BLOCK_D
-    )
-    m_i, l_i = _lse_init(BLOCK_M)
-    for c0 in range(0, N, BLOCK_N):
-        cols = (c0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        cmask = cols < N
-        _, s, _, _ = _rowce_logits(a_tile, w_ptr, rows, cols, rmask, cmask, offs_d, dmask,
-                                   stride_wn, stride_wd, diag_ptr, scale,
-                                   DOT_DTYPE, DOT_PRECISION)  # fmt: skip
-        m_i, l_i = _online_lse(m_i, l_i, s, 1)
-    tl.store(lse_ptr + rows, _lse_finish(m_i, l_i, rmask), mask=rmask)
-
-
-@triton.jit
-def _rowce_bwd_kernel(a_ptr, w_ptr, scale_ptr, diag_ptr, lse_ptr, g_ptr,
-                      out_ptr,  # (N, D) fp32: da_raw (BY_ROWS) or dw_raw
-                      ddiag_ptr, N, D, stride_an, stride_ad, stride_wn, stride_wd,
-                      BY_ROWS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """BY_ROWS: program per row block, da_raw = q @ w and ddiag; else program per column
-    block, dw_raw = q^T @ a. q_ij = g_i P_ij, diagonal zeroed."""
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    scale = tl.load(scale_ptr).to(tl.float32)
-    mine = (tl.program_id(0) * (BLOCK_M if BY_ROWS else BLOCK_N)
-            + tl.arange(0, BLOCK_M if BY_ROWS else BLOCK_N)).to(tl.int64)  # fmt: skip
-    mmask = mine < N
-    if BY_ROWS:
-        a_tile = _load_f32(a_ptr, mine, mmask, offs_d, dmask, stride_an, stride_ad)
-        lse, g = _load_lse_g(lse_ptr, g_ptr, mine, mmask)
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        dd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for o0 in range(0, N, BLOCK_N if BY_ROWS else BLOCK_M):
-        if BY_ROWS:
-            rows = mine
-            rmask = mmask
-            cols = (o0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-            cmask = cols < N
-        else:
-            cols = mine
-            cmask = mmask
-            rows = (o0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-            rmask = rows < N
-            a_tile = _load_f32(a_ptr, rows, rmask, offs_d, dmask, stride_an, stride_ad)
-            lse, g = _load_lse_g(lse_ptr, g_ptr, rows, rmask)
-        _, s, w, on_diag = _rowce_logits(a_tile, w_ptr, rows, cols, rmask, cmask, offs_d,
-                                         dmask, stride_wn, stride_wd, diag_ptr, scale,
-                                         DOT_DTYPE, DOT_PRECISION)  # fmt: skip
-        p = tl.where(rmask[:, None] & cmask[None, :], tl.exp(s - lse[:, None]) * g[:, None], 0.0)
-        q = tl.where(on_diag, 0.0, p)
-        if BY_ROWS:
-            dd += tl.sum(tl.where(on_diag, p, 0.0), axis=1)
-            acc = tl.dot(q.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(tl.trans(q.to(DOT_DTYPE)), a_tile.to(DOT_DTYPE), acc,
-                         input_precision=DOT_PRECISION)  # fmt: skip
-    tl.store(out_ptr + mine[:, None] * D + offs_d[None, :], acc,
-             mask=mmask[:, None] & dmask[None, :])  # fmt: skip
-    if BY_ROWS:
-        tl.store(ddiag_ptr + mine, dd, mask=mmask)
 
 
 # ----------------------------------------------------------------------------- n_squared
@@ -385,43 +284,6 @@ def _f32(t: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- launchers
-
-
-def rowce_forward(a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor) -> Tensor:
-    """row_lse (N,) fp32 of scale * a @ w^T with the diagonal replaced by diag_logit."""
-    n, d, bm, bn, bd, warps, stages, dot_dtype, precision = _setup(a, w)
-    lse = torch.empty(n, dtype=torch.float32, device=a.device)
-    with _guard(a.device):
-        _rowce_fwd_kernel[(triton.cdiv(n, bm),)](
-            a, w, _f32(scale), _f32(diag_logit), lse, n, d,
-            a.stride(0), a.stride(1), w.stride(0), w.stride(1),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-            num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-    return lse
-
-
-def rowce_backward(
-    a: Tensor, w: Tensor, scale: Tensor, diag_logit: Tensor, row_lse: Tensor, grad_rows: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(da, dw, dscale, ddiag) of sum_i grad_rows_i row_lse_i."""
-    n, d, bm, bn, bd, warps, stages, dot_dtype, precision = _setup(a, w)
-    f32 = dict(dtype=torch.float32, device=a.device)
-    da_raw, dw_raw = torch.empty((n, d), **f32), torch.empty((n, d), **f32)
-    ddiag = torch.empty(n, **f32)
-    s32, diag, lse, g = _f32(scale), _f32(diag_logit), _f32(row_lse), _f32(grad_rows)
-    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_DTYPE=dot_dtype,
-                  DOT_PRECISION=precision, num_warps=warps, num_stages=stages)  # fmt: skip
-    strides = (a.stride(0), a.stride(1), w.stride(0), w.stride(1))
-    with _guard(a.device):
-        _rowce_bwd_kernel[(triton.cdiv(n, bm),)](
-            a, w, s32, diag, lse, g, da_raw, ddiag, n, d, *strides, BY_ROWS=True, **common
-        )
-        _rowce_bwd_kernel[(triton.cdiv(n, bn),)](
-            a, w, s32, diag, lse, g, dw_raw, ddiag, n, d, *strides, BY_ROWS=False, **common
-        )
-    dscale = (a.float() * da_raw).sum()
-    return (da_raw * s32).to(a.dtype), (dw_raw * s32).to(w.dtype), dscale, ddiag
 
 
 def symile_n2_forward(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> Tensor:
