@@ -12,6 +12,7 @@ Multi-View-CL ``models/losses.py::MVINFONCE``  ``multiview.MVInfoNCE`` (alias ``
 Multi-View-CL ``models/losses.py::MVDHEL``     ``multiview.MVDHEL``
 ``info_nce.InfoNCE`` (info-nce-pytorch)        ``info_nce.InfoNCE`` / ``info_nce.info_nce``
 ``pytorch_metric_learning.losses.SupConLoss``  ``pytorch_metric_learning.SupConLoss``
+``sentence_transformers.losses.*RankingLoss``  ``sentence_transformers.*`` (same names)
 =============================================  ============================================
 
 Each class keeps the published constructor and call signature and return value (OpenCLIP's
@@ -27,3 +28,4 @@ Usage: ``from flashcontrast.compat.open_clip import ClipLoss`` where the code ha
 from . import gram, info_nce, multiview, open_clip, pytorch_metric_learning, symile
 
 __all__ = ["gram", "info_nce", "multiview", "open_clip", "pytorch_metric_learning", "symile"]
+from . import sentence_transformers as sentence_transformers  # lazy: its package on first use
