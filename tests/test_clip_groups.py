@@ -1,5 +1,6 @@
 """CLIP InfoNCE with group masks (``groups=``, false negatives), on every backend that can
-run here, against a masked materializing float64 oracle by DESIGN.md's verification rule.
+run here, against a masked materializing float64 oracle by the verification rule
+(docs/verification.md).
 
 Semantics under test: S_ij with i != j and groups_i == groups_j is excluded (-inf) from
 both the row and the column logsumexp; the positive S_ii always stays.

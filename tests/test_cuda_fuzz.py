@@ -1,7 +1,7 @@
 """Property-based tests of the CUDA backend through the public API, on the CPU emulator
 (tests/cuda_emulator): hypothesis draws sizes, dtypes, scales, biases, groups and upstream
-gradients, and each draw is checked against the float64 reference by DESIGN.md's rule,
-with the same checks the objectives' own test files use.
+gradients, and each draw is checked against the float64 reference by the verification rule
+(docs/verification.md), with the same checks the objectives' own test files use.
 
 Derandomized (the same 25 examples per test on every run), so CI stays deterministic and
 short. To explore further: FLASHCONTRAST_FUZZ_EXAMPLES=500 draws that many random examples

@@ -1,4 +1,4 @@
-// Symile "n_squared" (shared/objectives.md section 5) on the tile engine (tiles.cuh): 64 x 64
+// Symile "n_squared" (docs/objectives.md section 5) on the tile engine (tiles.cuh): 64 x 64
 // tiles, D in chunks of 32, 128 threads, fp32 accumulation (WMMA for fp16/bf16, SIMT FFMA
 // for fp32). Symile "n" runs on the pair engine (pair.cu).
 //

@@ -1,4 +1,4 @@
-// Symile "n_squared" (shared/objectives.md section 5): host launch declarations. Torch- and
+// Symile "n_squared" (docs/objectives.md section 5): host launch declarations. Torch- and
 // CUDA-free, conventions as pair.h (device pointers, element strides, `stream` a
 // cudaStream_t, no host synchronization, std::invalid_argument / flashcontrast::CudaError).
 // Symile "n" runs on the pair engine (pair.h).

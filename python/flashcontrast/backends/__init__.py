@@ -1,9 +1,10 @@
 """Backends: the kernels behind each objective.
 
-The contract (shared/DESIGN.md, "The backend contract"): a backend module supplies, per
-objective, a forward that returns O(N) statistics and a backward that recomputes tiles
-from them. Input checks, the reduction to a loss and the autograd wiring live once, above
-the backends (objectives/<name>.py); a backend adds kernels, not semantics.
+The contract (docs/design.md, "The backend contract"; the engine: backends/pair.py and
+docs/engine.md): a backend module supplies, per objective, a forward that returns O(N)
+statistics and a backward that recomputes tiles from them. Input checks, the reduction
+to a loss and the autograd wiring live once, above the backends (objectives/<name>.py);
+a backend adds kernels, not semantics.
 
 The pair engine, module ``<backend>/pair.py`` (``cuda.py`` for "cuda"; contract:
 ``backends/pair.py``)::
@@ -53,7 +54,7 @@ For Symile, "fp32" statistics mean the accumulation dtype: the "torch" backend k
 in float64 for float64 inputs (as its pair engine does); the Triton kernels take no
 float64.
 
-GRAM (objectives.md section 4), module ``<backend>/gram.py``. K = M - 1 other modalities
+GRAM (docs/objectives.md section 4), module ``<backend>/gram.py``. K = M - 1 other modalities
 stacked as others (K, N, D); per-column constants, computed above the backend in O(N K^3):
 det_h (N,) = det H_j and adj_h (N, K, K) = adj H_j, H_j the K x K Gram matrix of
 (o^1_j, ..., o^K_j). u_ij (K,) = (<t_i, o^1_j>, ..., <t_i, o^K_j>)::

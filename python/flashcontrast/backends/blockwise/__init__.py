@@ -3,9 +3,10 @@
 The pair engine (``pair.py``: CLIP, SigLIP, InfoNCE, the multi-view losses and Symile
 "n") and the kernels that stay outside it (``gram.py``; ``symile.py``: Symile
 "n_squared"), with the functions of the backend contract (``flashcontrast.backends``).
-Named blockwise rather than torch (DESIGN.md's name) so that it can never shadow the
-``torch`` package for code inside ``flashcontrast.backends``. Logits are visited a block
-of rows at a time; the block budget below bounds the memory of every objective.
+Named blockwise rather than torch (the first design notes' name, docs/design.md) so that
+it can never shadow the ``torch`` package for code inside ``flashcontrast.backends``.
+Logits are visited a block of rows at a time; the block budget below bounds the memory
+of every objective.
 """
 
 from __future__ import annotations

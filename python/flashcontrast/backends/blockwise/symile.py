@@ -1,4 +1,4 @@
-"""Symile "n_squared" (objectives.md section 5) on the "torch" backend: blockwise, bounded
+"""Symile "n_squared" (docs/objectives.md section 5) on the "torch" backend: blockwise, bounded
 memory. (Symile "n" runs on the pair engine: ``blockwise/pair.py``.)
 
 n_squared, K others    candidates of anchor row i are all tuples (j_1, ..., j_K). The

@@ -1,4 +1,4 @@
-"""Symile "n_squared" (objectives.md section 5) as Triton kernels: no N x N^2 buffer.
+"""Symile "n_squared" (docs/objectives.md section 5) as Triton kernels: no N x N^2 buffer.
 
 Contract: flashcontrast/backends/__init__.py (symile_n2_*). Symile "n" runs on the pair
 engine (``pair.py``).
