@@ -25,7 +25,23 @@ Usage: ``from flashcontrast.compat.open_clip import ClipLoss`` where the code ha
 ``from open_clip.loss import ClipLoss``.
 """
 
-from . import gram, info_nce, multiview, open_clip, pytorch_metric_learning, symile
+# sentence_transformers imports its package lazily, on first use of a class
+from . import (
+    gram,
+    info_nce,
+    multiview,
+    open_clip,
+    pytorch_metric_learning,
+    sentence_transformers,
+    symile,
+)
 
-__all__ = ["gram", "info_nce", "multiview", "open_clip", "pytorch_metric_learning", "symile"]
-from . import sentence_transformers as sentence_transformers  # lazy: its package on first use
+__all__ = [
+    "gram",
+    "info_nce",
+    "multiview",
+    "open_clip",
+    "pytorch_metric_learning",
+    "sentence_transformers",
+    "symile",
+]

@@ -61,8 +61,9 @@ fallbacks are the package's chunked ``calculate_loss``.
 Deliberate differences: 16-bit embeddings are normalized and swept in their dtype with
 float32 accumulation (the package's ``cos_sim`` / ``dot_score`` upcast them to float32
 first), so the logits carry the 16-bit rounding of the normalized vectors (within the
-verification rule's 16-bit tolerance); the loss is float32 either way. The logits of a direction are
-s <a_i, b_j> computed in the tile, the same as the package's s * (a @ b.T) to rounding.
+verification rule's 16-bit tolerance); the loss is float32 either way. The logits of a
+direction are s <a_i, b_j> computed in the tile, the same as the package's s * (a @ b.T)
+to rounding.
 
 The module imports without sentence-transformers; the classes are built (and the package
 imported) on first access.
