@@ -2,7 +2,8 @@
 
 One forward + backward of ``multiview_infonce_loss`` and ``multiview_dhel_loss`` (both
 strategies, with and without ``groups``), ``gram_loss`` (both strategies) and
-``symile_loss`` ("gather", permutations drawn by rank 0 and broadcast, or given) is
+``symile_loss`` ("gather", permutations drawn by rank 0 and broadcast, or given; and
+``negative_sampling="n_squared"``, "gather") is
 measured with ``comm_bytes()`` on W = 1..4 real gloo ranks (one spawn per world size,
 equal shards, float32) and compared with the formulas of the ``flashcontrast.distributed``
 module docstring ("Bytes sent per rank"), written out below. At W = 4 the shards are
@@ -61,13 +62,22 @@ def gram_bytes(w: int, n: int, d: int, k: int, strategy: str) -> int:
     return _meta(w, 2) + fwd + bwd
 
 
+#: Symile's metadata fields: M, permutations given, their N, their checksum, and
+#: negative_sampling (the fifth since "n_squared" runs over a process group too: the ranks
+#: must agree on it), so its all-gather is (W - 1) 8 (7 + 5) bytes.
+SYMILE_FIELDS = 5
+
+
 def symile_gather_bytes(w: int, n: int, d: int, m: int, drawn: bool) -> int:
-    """Symile "gather", the docstring's formula (F = 4 metadata fields); the broadcast
-    permutations (M, M-1, N) int64 are counted once on every rank, when W > 1."""
+    """Symile "gather", the docstring's formula (F = 5 metadata fields); the broadcast
+    permutations (M, M-1, N) int64 are counted once on every rank, when W > 1. The same
+    for "n_squared" (never drawn: no permutations): the (N, M, D) representations are
+    all-gathered (forward) and their gradients reduce-scattered (backward) as for "n", the
+    loss and d scale are one-element all-reduces, the upstream gradient's mean another."""
     perms = m * (m - 1) * w * n * 8 if drawn and w > 1 else 0
     fwd = (w - 1) * n * m * d * E + _ar(w, 1)
     bwd = (w - 1) * n * m * d * F + 2 * _ar(w, 1)
-    return _meta(w, 4) + perms + fwd + bwd
+    return _meta(w, SYMILE_FIELDS) + perms + fwd + bwd
 
 
 def _unit(*shape: int, requires_grad: bool = True) -> torch.Tensor:
@@ -111,6 +121,10 @@ def _body(rank: int, world: int) -> dict:
          for a in range(SYMILE_M)]
     )  # fmt: skip
     out["symile/gather/given"] = _measured(fd.symile_loss, reps, 5.0, permutations=perms)
+    small = [_unit(8, 16) for _ in range(SYMILE_M)]  # n_squared: N^2 pairs per row
+    out["symile_n2/gather/8/16"] = _measured(
+        fd.symile_loss, small, 5.0, negative_sampling="n_squared"
+    )
     return out
 
 
@@ -121,6 +135,8 @@ def _expected(key: str, world: int) -> int:
         return multiview_bytes(world, n, D, VIEWS, strategy, rest == ["groups=True"])
     if name == "gram":
         return gram_bytes(world, n, D, GRAM_M - 1, strategy)
+    if name == "symile_n2":
+        return symile_gather_bytes(world, int(rest[0]), int(rest[1]), SYMILE_M, False)
     return symile_gather_bytes(world, n, D, SYMILE_M, rest == ["drawn"])
 
 

@@ -181,3 +181,102 @@ def test_a_backend_that_cannot_run_raises_on_every_rank(backend, tmp_path):
     assert results[1]["cuda"][0] == "RuntimeError", results[1]
     assert "backend='cuda' cannot run clip" in results[1]["cuda"][1], results[1]
     assert "rank(s) [1] failed their checks" in results[0]["cuda"][1], results[0]
+
+
+# ----------------------------------------------------------------------------- multi-view, Symile
+# MV-InfoNCE, MV-DHEL and Symile "n" on the same engines, the same layouts: per world size
+# and backend both strategies of each (MV with groups on one strategy each, Symile with
+# explicit global permutations), float32 and one bfloat16 case each, "sum" scaling, the
+# upstream gradient 0.7, against the float64 single-process reference by the rule.
+
+D_MORE = 16
+VIEWS = 3
+# (loss, strategy, groups, feature dtype)
+MORE_CASES = (
+    ("mv_infonce", "gather", True, "float32"),
+    ("mv_infonce", "ring", False, "bfloat16"),
+    ("mv_dhel", "gather", False, "bfloat16"),
+    ("mv_dhel", "ring", True, "float32"),
+    ("symile", "gather", False, "float32"),
+    ("symile", "ring", False, "float32"),
+    ("symile", "ring", False, "bfloat16"),
+)
+
+
+def _more_data(n: int, case: tuple) -> tuple:
+    """The global features (V or M = 3, N, D) normalized in the case's dtype, group ids
+    (N,) in groups of 3, and Symile's permutations (3, 2, N) over the global N."""
+    g = torch.Generator().manual_seed(100 + MORE_CASES.index(case))
+    x = torch.nn.functional.normalize(torch.randn(VIEWS, n, D_MORE, generator=g), dim=-1)
+    perms = torch.stack([torch.stack([torch.randperm(n, generator=g) for _ in range(2)])
+                         for _ in range(3)])  # fmt: skip
+    return x.to(getattr(torch, case[3])), torch.arange(n) // 3, perms
+
+
+def _more_loss(case, x, s, ids, perms, backend, dist: bool, **kw):
+    """The case's loss: flashcontrast.distributed's (``dist``) or the single-process one."""
+    import flashcontrast
+    import flashcontrast.distributed as fd
+
+    name, _, grouped, _ = case
+    mod = fd if dist else flashcontrast
+    if name == "symile":
+        return mod.symile_loss(list(x), s, permutations=perms, backend=backend, **kw)
+    fn = mod.multiview_infonce_loss if name == "mv_infonce" else mod.multiview_dhel_loss
+    return fn(x, s, groups=ids if grouped else None, backend=backend, **kw)
+
+
+def _more_body(backend: str, rank: int, world: int) -> dict:
+    import flashcontrast
+
+    _install(backend)
+    sizes = SIZES[world]
+    sl = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    out = {}
+    for case in MORE_CASES:
+        x_all, ids, perms = _more_data(sum(sizes), case)
+        x = x_all[:, sl].clone().requires_grad_(True)
+        s = torch.tensor(SCALE, requires_grad=True)
+        kw = dict(strategy=case[1], grad_scaling="sum")
+        loss = _more_loss(case, x, s, ids[sl], perms, backend, True, **kw)
+        ran = flashcontrast.last_backend()
+        loss.backward(torch.tensor(GRAD_OUT))
+        out[_key(case)] = [ran, loss.item(), x.grad.float().tolist(), s.grad.item()]
+    return out
+
+
+def _more_reference(case: tuple, n: int, dtype: torch.dtype) -> list:
+    x_all, ids, perms = _more_data(n, case)
+    x = x_all.to(dtype).requires_grad_(True)
+    s = torch.tensor(SCALE, dtype=dtype, requires_grad=True)
+    loss = _more_loss(case, x, s, ids, perms, "reference", False)
+    loss.backward(torch.tensor(GRAD_OUT, dtype=dtype))
+    return [loss.detach(), x.grad, s.grad]
+
+
+@pytest.mark.parametrize("backend", [TRITON, CUDA_EMULATED])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_engine_backends_multiview_and_symile(world, backend, tmp_path):
+    import functools
+
+    results = _results(world, backend, tmp_path, functools.partial(_more_body, backend))
+    n = sum(SIZES[world])
+    for case in MORE_CASES:
+        key = _key(case)
+        exact = _more_reference(case, n, torch.float64)
+        same = _more_reference(case, n, torch.float32)
+        per_rank = [res[key] for res in results]
+        assert [r[0] for r in per_rank] == [backend] * world, (key, [r[0] for r in per_rank])
+        # (V, n_r, D) per rank, concatenated along the samples (an empty rank: (V, 0, D))
+        dx = torch.cat(
+            [torch.tensor(r[2], dtype=torch.float32).reshape(VIEWS, -1, D_MORE) for r in per_rank],
+            dim=1,
+        )
+        for rank, r in enumerate(per_rank):
+            kernel = [torch.tensor(r[1]), dx, torch.tensor(r[3])]
+            try:
+                assert_by_rule(("loss", "dx", "dscale"), kernel, same, exact,
+                               getattr(torch, case[3]))  # fmt: skip
+            except AssertionError as e:
+                raise AssertionError(f"{backend} W={world} rank {rank} {key}: {e}") from None
+            assert r[1] == per_rank[0][1], f"{key}: rank {rank}'s loss differs from rank 0's"

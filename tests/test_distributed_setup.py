@@ -3,15 +3,15 @@
 Bad setups (W = 2..4 gloo ranks, every objective): one rank passes an argument the others
 do not (a different strategy, grad_scaling or backend, D, dtype, bias or groups given on
 some ranks only, a different number of views / modalities / label_smoothing /
-permutations) or an input that fails its local checks (an invalid strategy, grad_scaling
-or backend value, a sparse or mkldnn or non-tensor feature input, a Symile
-negative_sampling that is not distributed, or a check that raises an exception of an
-unexpected type). Every rank must raise, within the harness timeout (a hang fails the
-test): the same error (TypeError for the dtype, else ValueError) naming the argument
-where the ranks disagree; the failed rank's own error where a local check fails, and on
-the other ranks a RuntimeError naming the failed rank and its error. Every rank passing
-an empty shard (an empty global batch) raises on every rank. After all the failures one
-valid call still gives the same loss on every rank (no collective left behind).
+permutations / Symile negative_sampling) or an input that fails its local checks (an
+invalid strategy, grad_scaling or backend value, a sparse or mkldnn or non-tensor feature
+input, or a check that raises an exception of an unexpected type). Every rank must raise,
+within the harness timeout (a hang fails the test): the same error (TypeError for the
+dtype, else ValueError) naming the argument where the ranks disagree; the failed rank's
+own error where a local check fails, and on the other ranks a RuntimeError naming the
+failed rank and its error. Every rank passing an empty shard (an empty global batch)
+raises on every rank. After all the failures one valid call still gives the same loss on
+every rank (no collective left behind).
 
 Empty shards: a global batch split unevenly with 0-row shards (one, two, or all but one
 rank empty) gives, on every rank and for every objective, both strategies, both gradient
@@ -70,8 +70,9 @@ KINDS = {
     "empty_global": ("exchange", "ValueError", "global batch is empty"),
     "strategy_value": ("local", "ValueError", "strategy must be 'gather' or 'ring'"),
     "grad_scaling_value": ("local", "ValueError", "grad_scaling must be 'ddp' or 'sum'"),
-    # "tpu" is no backend of any loss ("triton" is valid for CLIP and SigLIP, which run
-    # on the pair engine; the others accept "auto" or "torch")
+    # "tpu" is no backend of any loss ("triton" is valid for the losses on the pair
+    # engine: CLIP, SigLIP, the multi-view losses and Symile; GRAM accepts "auto" or
+    # "torch")
     "backend_value": ("local", "ValueError", "backend must be 'auto'"),
     "sparse": ("local", "TypeError", "{first} must be a dense (strided) tensor"),
     "mkldnn": ("local", "TypeError", "{first} must be a dense (strided) tensor"),
@@ -90,7 +91,8 @@ KINDS = {
         "permutations must be given on every rank or on none",
     ),
     "permutations_differ": ("exchange", "ValueError", "same permutations"),
-    "negative_sampling": ("local", "NotImplementedError", 'only negative_sampling="n"'),
+    # "n_squared" on one rank, "n" on the others (both run over a process group)
+    "negative_sampling": ("exchange", "ValueError", "same negative_sampling"),
 }
 COMMON = (
     "strategy", "grad_scaling", "backend", "dim", "dtype", "empty_global", "strategy_value",

@@ -40,7 +40,9 @@ def expected_ring_bytes(
     def ar(x: int) -> int:
         return int(2 * (w - 1) / w * x)
 
-    meta = (w - 1) * 8 * (7 + 4) + (m * (m - 1) * n_tot * 8 if drawn and w > 1 else 0)
+    # metadata: 7 + F int64 per rank, F = 5 (M, permutations given, N, checksum,
+    # negative_sampling)
+    meta = (w - 1) * 8 * (7 + 5) + (m * (m - 1) * n_tot * 8 if drawn and w > 1 else 0)
     fwd = a_r * d * e + (n_tot - n_next) * m * d * e + (n_tot - n_r) * m * f + ar(f)
     bwd = ar(f) + (n_tot - n_next) * m * (d * e + f) + (n_tot - n_r) * m * d * f
     bwd += b_r * d * f + ar(f)

@@ -73,12 +73,15 @@ Next to OpenCLIP (``open_clip/loss.py``):
 Strategies
 ----------
 Both compute only the local rows of S against all columns, never an N x N block, with
-the same tile math: CLIP and SigLIP sweep their rows against each column block with the
-pair engine (``backends/pair.py``) of the backend ``backend=`` names ("auto" resolved as
-the single-process losses resolve it, "torch", "triton", "cuda"; "reference" runs the
-"torch" tiles), column statistics as (max, sum) pairs merged across ranks; the other
-losses run blockwise PyTorch (``backend="auto" | "torch"``), a block of rows at a time
-with the blockwise backend's element budget.
+the same tile math: CLIP, SigLIP, MV-InfoNCE, MV-DHEL and Symile "n" sweep their rows
+against each column block with the pair engine (``backends/pair.py``) of the backend
+``backend=`` names ("auto" resolved as the single-process losses resolve it, "torch",
+"triton", "cuda"; "reference" runs the "torch" tiles; resolved among every rank's setup
+checks, so a backend that cannot run on one rank fails every rank), at the rows' and the
+columns' global offsets; CLIP's column statistics are (max, sum) pairs merged across
+ranks. GRAM still runs its own blockwise PyTorch tiles (``backend="auto" | "torch"``), and
+so does Symile "n_squared" (``backend="auto" | "torch" | "reference"``: the symile_n2
+kernels take rows and columns of one length, a rank's rows are n_r of the N).
 
 ``"gather"``: all-gather the text features once (shards padded to n_max rows, so uneven
 sizes work with every backend); memory: all of B, O(N D), kept for the backward. CLIP
@@ -132,8 +135,9 @@ label_smoothing=0.0, ...)`` (strategies "gather" and "ring") and
 ``symile_loss(representations, logit_scale, *, negative_sampling="n", generator=None,
 permutations=None, ...)`` ("gather" and "ring"; "ring" first sends each rank, by one
 all-to-all, the factor rows of the permuted columns it owns, then the anchor shards travel
-the ring, see :mod:`flashcontrast.distributed.symile`; "n_squared" raises
-NotImplementedError on every rank), each with ``group``,
+the ring, see :mod:`flashcontrast.distributed.symile`; ``negative_sampling="n_squared"``
+with M = 3 and "gather": the gathered others' N^2 pairs for every local anchor row;
+"ring" or M > 3 raise NotImplementedError on every rank), each with ``group``,
 ``strategy``, ``backend`` and ``grad_scaling`` as above and the same contract: the loss
 on every rank is the single-process loss of the concatenated batch, feature gradients W x
 ("ddp") or 1x ("sum") the single-process ones of the rank's rows, ``logit_scale``'s
@@ -144,14 +148,14 @@ so the loss equals :func:`flashcontrast.symile_loss` of the concatenated batch w
 0's generator state (other ranks' generators are untouched); explicit ``permutations``
 hold global row indices and must be equal on every rank (checksum in the metadata).
 Their metadata exchange (``_comm.setup_checked``, the same one) also compares V, K, M,
-label_smoothing, groups given or not, permutations given or not (and their checksum)
-across ranks; ``negative_sampling`` other than "n" fails Symile's local checks. The backward
-recomputes each (rows x columns) tile and differentiates it with autograd inside the
-tile (row/column LSEs held fixed), so no block larger than the tile is held.
+label_smoothing, groups given or not, permutations given or not (and their checksum) and
+Symile's ``negative_sampling`` across ranks. The backward recomputes each (rows x
+columns) tile from the saved statistics (the engine's backward; GRAM's and Symile
+"n_squared"'s torch tiles likewise), so no block larger than the tile is held.
 
 Bytes sent per rank (notation above; V views, K others, M modalities; ar(x) =
 2(W-1)/W x for an all-reduce; metadata (W-1) 8 (7 + F), F = 2 fields for the multi-view
-losses and GRAM, 4 for Symile):
+losses and GRAM, 5 for Symile):
 
 * MV-InfoNCE / MV-DHEL "gather": forward (W-1) n V D e [+ (W-1) n 8 with groups]
   + ar(f); backward (W-1) n V D f + 2 ar(f). Dominant: (W-1) n V D (e + f).
@@ -163,7 +167,8 @@ losses and GRAM, 4 for Symile):
   + (W-1) n f + (W-1) n K D f + 2 ar(f).
 * Symile "gather": forward (W-1) n M D e + ar(f) [+ M (M-1) N 8 for the broadcast
   permutations, counted once on every rank, when they are drawn and W > 1]; backward
-  (W-1) n M D f + 2 ar(f).
+  (W-1) n M D f + 2 ar(f). Symile "n_squared" ("gather"): the same, never with
+  permutations.
 * Symile "ring": forward A_r D e + (N - n_{r+1}) M D e + (N - n_r) M f + ar(f); backward
   ar(f) + (N - n_{r+1}) M (D e + f) + (N - n_r) M D f + B_r D f + ar(f), with A_r / B_r
   the factor rows rank r sends / receives in the all-to-all (an all-to-all counts only
@@ -172,10 +177,9 @@ losses and GRAM, 4 for Symile):
   the anchors are sent twice, and in exchange no rank holds more than its shard, the
   factor rows of its columns and two visiting anchor shards.
 
-Not covered yet: Symile "n_squared" over a process group; the CUDA and Triton kernels
-under the multi-view, GRAM and Symile losses (their local tiles run as blockwise PyTorch
-on any device, GEMMs by the device's BLAS, so they are correct everywhere and slower than
-the fused kernels).
+Not covered yet: GRAM's local tiles on the CUDA and Triton kernels (they run as its own
+blockwise PyTorch, GEMMs by the device's BLAS: correct everywhere, slower than the fused
+kernels), and Symile "n_squared"'s likewise (blockwise PyTorch, M = 3, "gather" only).
 """
 
 from ._comm import comm_bytes, reset_comm_bytes

@@ -178,9 +178,10 @@ def tile_rows(n: int, m: int, device: torch.device, max_elements: Optional[int] 
 STRATEGIES = ("gather", "ring")
 GRAD_SCALINGS = ("ddp", "sum")
 # Every backend name the setup exchange can carry (its index is the code); each loss
-# accepts a subset: CLIP and SigLIP run their tiles on the pair engine of any backend
-# (ENGINE_BACKENDS, "reference" meaning the float64-capable "torch" tiles), the others as
-# blockwise PyTorch (TORCH_BACKENDS).
+# accepts a subset: CLIP, SigLIP, the multi-view losses and Symile run their tiles on the
+# pair engine of any backend (ENGINE_BACKENDS, "reference" meaning the float64-capable
+# "torch" tiles; Symile "n_squared" accepts "auto", "torch" and "reference" only, its own
+# check), GRAM as blockwise PyTorch (TORCH_BACKENDS).
 BACKENDS = ("auto", "torch", "triton", "cuda", "reference")
 ENGINE_BACKENDS = BACKENDS
 TORCH_BACKENDS = ("auto", "torch")
@@ -359,7 +360,8 @@ def setup_checked(
 
 def engine_backend(objective: str, backend: str, like: Tensor) -> str:
     """The pair-engine backend ("torch", "triton" or "cuda") the local tiles of
-    ``objective`` ("clip" / "siglip") run on for features like ``like``:
+    ``objective`` ("clip", "siglip", "multiview", "symile": the names
+    ``flashcontrast._dispatch`` knows) run on for features like ``like``:
     ``flashcontrast._dispatch.resolve`` of ``backend`` ("reference" runs the
     float64-capable "torch" tiles). Raises as the single-process losses do: RuntimeError
     (with the reason) for an explicit backend that cannot run there, TypeError for

@@ -1,20 +1,44 @@
-"""MV-InfoNCE and MV-DHEL over a process group: the "gather" and "ring" strategies.
+"""MV-InfoNCE and MV-DHEL over a process group: the "gather" and "ring" strategies, on the
+pair engine.
 
 Rank r holds samples [o_r, o_r + n_r) of every view: a (V, n_r, D) shard; N = sum n_q.
 The negatives of row (l, i) are a row logsumexp over columns (m, j) of the global
 self-similarity s <u_il, u_jm> (MV-InfoNCE: every (m, j) != (l, i); MV-DHEL: m = l,
-j != i; with ``groups``, different samples of one group are dropped). The matrix is
-symmetric but only ROW statistics are needed, and the positives of sample i are local,
-so each rank computes its own rows against every column, a block of samples at a time
-(the blockwise backend's element budget), and the loss is one scalar all-reduce:
+j != i; with ``groups``, different samples of one group are dropped). Only ROW statistics
+are needed, so each rank sweeps its own rows against every column with the pair engine
+(``backends/pair.py``) of the backend ``backend=`` resolves to (``_comm.engine_backend``,
+among the setup checks), one :class:`flashcontrast.distributed.clip.LocalRows` per view
+(the per-block engine calls CLIP and SigLIP use), "rows" epilogue, row pairs merged over
+the column blocks with ``merge_lse``. The loss is one scalar all-reduce:
 L = (1/N) sum_r (sum of rank r's per-sample terms).
 
-Backward: with G_il = dL/d row_lse_il (local: the softmax over views for MV-InfoNCE, 1 for
-MV-DHEL, times g/N), each (rows x columns) tile contributes the gradient of
-sum G_il exp(S_il,jm - row_lse_il) (row_lse fixed), recomputed tile by tile and
-differentiated by autograd inside the tile (one block at a time). The column gradients
-belong to the columns' owners: a reduce-scatter ("gather") or an accumulator travelling
-behind the shard ("ring"), as for :func:`flashcontrast.distributed.clip_loss`.
+Global indices, as the single-process losses sweep them:
+
+* MV-InfoNCE (``Pair("rows", exclude_self=True, period=N)``, N the GLOBAL batch): the
+  (V N, D) stack of every view, row / column l N + j = sample j of view l, so
+  sample(k) = k mod N, the excluded entry is a row with itself and the positives of row
+  (l, i) are the other views of sample i. Rank r's rows of view l sit at
+  l N + o_r ..; the columns of view m of rank q's shard at m N + o_q ... "gather" sweeps
+  each view's rows against the whole gathered stack (V calls), "ring" each view's rows
+  against each view of the visiting shard (V^2 calls per shard; the positives, all in
+  the own shard, come with its visit). Per sample the loss is
+  LSE_l row_lse_li - LSE_l pos_lse_li (value clamped at 0 as in one process), O(N) torch.
+* MV-DHEL (``Pair("rows", positives=False, exclude_self=True)``): view l against itself,
+  rows and columns indexed by sample (o_r + i, o_q + j); the positives
+  (LSE_{l < l'} s u_il.u_il', all local) are ``flashcontrast::mv_positive_lse`` on the
+  rank's shard, as in one process.
+
+Groups: the engine's masked set (equal ids, different samples); the ids of the columns
+travel with them (all-gathered, or along the ring), repeated V times for the stack.
+
+Backward: the coefficients of the rows' statistics are local (MV-InfoNCE:
+gr_li = (g/N) softmax_l(row_lse)_li, gpr_li = (g/N) softmax_l(pos_lse)_li; MV-DHEL:
+gr = g/N and the positives' op backward), the engine's backward per block gives dA (this
+rank's rows, summed in the accumulation dtype), the columns' dB and d scale. The column
+gradients belong to the columns' owners: a reduce-scatter ("gather") or an accumulator
+travelling behind the shard ("ring"), as for :func:`flashcontrast.distributed.clip_loss`;
+everything is rounded to the features' dtype once. Bytes: the module doc of
+:mod:`flashcontrast.distributed` (unchanged by the engine: the same tensors travel).
 """
 
 from __future__ import annotations
@@ -26,174 +50,193 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
-from .._validation import FEATURE_DTYPES, accumulation_dtype, check_pair
-from ..backends.blockwise import block_rows
-from ..objectives.multiview import Views, _check_groups
+from .._validation import FEATURE_DTYPES, check_pair
+from ..backends.pair import Coefs, Pair, Stats, lse, merge_lse
+from ..objectives.multiview import (
+    DHEL_PAIR,
+    Views,
+    _check_groups,
+    mv_positive_lse,
+    mv_positive_lse_bwd,
+)
 from . import _comm
+from .clip import LocalRows
 
-_NEG_INF = float("-inf")
+
+def _infonce_pair(n_total: int) -> Pair:
+    """MV-InfoNCE on the global (V N, D) stack: sample(k) = k mod N (the global N)."""
+    return Pair("rows", positives=True, exclude_self=True, period=n_total)
 
 
-def _tile(x, y, scale, per_view, row0, col0, gx, gy):
-    """Logits of local rows x (V, b, D) (global samples row0..) against columns y
-    (V, m, D) (global samples col0..), excluded entries -inf. Shape (V, b, V * m) for
-    MV-InfoNCE, (V, b, m) for MV-DHEL."""
-    v, b, _ = x.shape
-    m = y.shape[1]
-    ri = torch.arange(row0, row0 + b, device=x.device)
-    cj = torch.arange(col0, col0 + m, device=x.device)
-    same = ri[:, None] == cj[None, :]  # (b, m)
-    other_group = None
-    if gx is not None:
-        other_group = (gx[:, None] == gy[None, :]) & ~same
+def _fold(acc: Optional[list], st: Optional[Stats]) -> Optional[list]:
+    """Fold one column block's row pairs (and positive pairs, when the sweep has them)
+    into ``acc`` [row_max, row_sum(, pos_max, pos_sum)] (merge_lse: exact, any order)."""
+    if st is None:
+        return acc
+    new = [st.row_max, st.row_sum] + ([] if st.pos_max is None else [st.pos_max, st.pos_sum])
+    if acc is None:
+        return new
+    out = list(merge_lse(acc[0], acc[1], new[0], new[1]))
+    if len(new) == 4:
+        out += merge_lse(acc[2], acc[3], new[2], new[3])
+    return out
+
+
+class _Sweeps:
+    """The V views of this rank's rows, one :class:`LocalRows` each, and the engine
+    calls of one column block of views (every column view for MV-InfoNCE, the row's own
+    view for MV-DHEL) at its global offsets."""
+
+    def __init__(self, u, scale, groups, lay: _comm.Layout, per_view: bool, backend: str):
+        self.v, self.n_total, self.per_view = u.shape[0], lay.total, per_view
+        self.pair = DHEL_PAIR if per_view else _infonce_pair(lay.total)
+        offsets = [lay.offset + (0 if per_view else k * lay.total) for k in range(self.v)]
+        self.rows = [
+            LocalRows(u[k], scale, None, groups, offsets[k], backend) for k in range(self.v)
+        ]
+        self.acc = self.rows[0].acc
+
+    def _blocks(self, l: int, cols: Tensor, col0: int):
+        """(column view m, its (m_q, D) block, its global offset) that rows of view l
+        meet: cols (V, m_q, D) are samples col0 .. of every view."""
+        views = [l] if self.per_view else range(self.v)
+        for m in views:
+            yield m, cols[m], col0 + (0 if self.per_view else m * self.n_total)
+
+    def stats(self, acc: list, cols: Tensor, col0: int, col_groups: Optional[Tensor]) -> None:
+        """Fold every view's row pairs against cols (V, m_q, D) into acc[l]."""
+        for l, rows in enumerate(self.rows):
+            for _, y, off in self._blocks(l, cols, col0):
+                acc[l] = _fold(acc[l], rows.stats(self.pair, y, off, col_groups))
+
+    def grads(self, cols, col0, col_groups, stats: list, coefs: list) -> Tensor:
+        """The engine's backward of every view's rows against cols (V, m_q, D): dA summed
+        in the LocalRows, the columns' gradient (V, m_q, D) (accumulation dtype) returned."""
+        db = torch.zeros(cols.shape, dtype=self.acc, device=cols.device)
+        for l, rows in enumerate(self.rows):
+            for m, y, off in self._blocks(l, cols, col0):
+                db[m] += rows.grads(self.pair, y, off, col_groups, stats[l], coefs[l])
+        return db
+
+    def da(self) -> Tensor:
+        """(V, n, D) the rows' gradients (accumulation dtype)."""
+        return torch.stack([rows.da for rows in self.rows])
+
+    def dscale(self) -> Tensor:
+        return sum(rows.dscalars[0] for rows in self.rows)
+
+
+def _loss_terms(u, scale, pairs: list, per_view: bool) -> Tensor:
+    """Sum over the local samples of the per-sample terms from the (V, n) pairs."""
+    row_lse = torch.stack([lse(p[0], p[1]) for p in pairs])  # (V, n)
     if per_view:
-        s = torch.bmm(x, y.transpose(1, 2)) * scale  # (V, b, m)
-        mask = same if other_group is None else same | other_group
-        return s.masked_fill(mask, _NEG_INF)
-    d = x.shape[-1]  # not -1 in the reshapes: ambiguous for an empty shard
-    s = (torch.mm(x.reshape(v * b, d), y.reshape(v * m, d).t()) * scale).view(v, b, v, m)
-    eye = torch.eye(v, dtype=torch.bool, device=x.device)
-    mask = eye[:, None, :, None] & same[None, :, None, :]
-    if other_group is not None:
-        mask = mask | other_group[None, :, None, :]
-    return s.masked_fill(mask, _NEG_INF).reshape(v, b, v * m)
+        return (row_lse.sum(0) - mv_positive_lse(u, scale)).sum()
+    pos_lse = torch.stack([lse(p[2], p[3]) for p in pairs])
+    term = torch.logsumexp(row_lse, 0) - torch.logsumexp(pos_lse, 0)
+    # >= 0 exactly; the two LSEs are rounded apart: the value clamped, as in one process
+    return term.clamp_min(0).sum()
 
 
-def _head(u: Tensor, scale: Tensor, row_lse: Tensor, per_view: bool) -> Tensor:
-    """Sum over the local samples of the per-sample terms, from the (V, n) row LSEs and
-    the local positives (as objectives/multiview.py)."""
-    v = u.shape[0]
-    pos = scale * torch.einsum("lnd,knd->nlk", u, u)
+def _coefs(pairs: list, c: Tensor, per_view: bool) -> tuple:
+    """(Stats, Coefs) per view from the saved pairs and c = g / N (module doc)."""
+    n = pairs[0][0].shape[0]
     if per_view:
-        rows, cols = torch.triu_indices(v, v, offset=1, device=u.device)
-        return (row_lse.sum(0) - torch.logsumexp(pos[:, rows, cols], dim=1)).sum()
-    eye = torch.eye(v, dtype=torch.bool, device=u.device)
-    log_num = torch.logsumexp(pos.masked_fill(eye, _NEG_INF).flatten(1), dim=1)
-    return (torch.logsumexp(row_lse, 0) - log_num).sum()
+        stats = [Stats(row_max=p[0], row_sum=p[1]) for p in pairs]
+        return stats, [Coefs(rows=c.expand(n).contiguous()) for _ in pairs]
+    stats = [Stats(row_max=p[0], row_sum=p[1], pos_max=p[2], pos_sum=p[3]) for p in pairs]
+    row_w = torch.softmax(torch.stack([lse(p[0], p[1]) for p in pairs]), 0) * c
+    pos_w = torch.softmax(torch.stack([lse(p[2], p[3]) for p in pairs]), 0) * c
+    coefs = [
+        Coefs(rows=row_w[k].contiguous(), pos_rows=pos_w[k].contiguous()) for k in range(len(pairs))
+    ]
+    return stats, coefs
 
 
-def _samples_per_block(v: int, n: int, m: int, per_view: bool, device) -> int:
-    """Local samples per block for n local samples against m column samples (m = 0, an
-    empty visiting shard: one block of all n samples, which holds no elements)."""
-    if m == 0:
-        return max(n, 1)
-    width = v * m if not per_view else m
-    return max(1, block_rows(width, device) // v)
-
-
-def _fold_lse(u, scale, per_view, row0, y, col0, gx, gy, row_lse):
-    """row_lse (V, n) <- logaddexp with the local rows' LSE over columns y."""
-    n = u.shape[1]
-    step = _samples_per_block(u.shape[0], n, y.shape[1], per_view, u.device)
-    for a in range(0, n, step):
-        b = min(a + step, n)
-        s = _tile(u[:, a:b], y, scale, per_view, row0 + a, col0, _sl(gx, a, b), gy)
-        row_lse[:, a:b] = torch.logaddexp(row_lse[:, a:b], torch.logsumexp(s, -1))
-
-
-def _sl(g, a, b):
-    return None if g is None else g[a:b]
-
-
-def _tile_grads(u, scale, per_view, row0, y, col0, gx, gy, row_lse, grow, du, dscale):
-    """Add the local rows' gradients to du (V, n, D) and dscale (1,); return dy."""
-    n = u.shape[1]
-    dy = torch.zeros_like(y)
-    step = _samples_per_block(u.shape[0], n, y.shape[1], per_view, u.device)
-    for a in range(0, n, step):
-        b = min(a + step, n)
-        with torch.enable_grad():
-            xl = u[:, a:b].detach().requires_grad_(True)
-            yl = y.detach().requires_grad_(True)
-            sl = scale.detach().requires_grad_(True)
-            s = _tile(xl, yl, sl, per_view, row0 + a, col0, _sl(gx, a, b), gy)
-            sur = (grow[:, a:b, None] * (s - row_lse[:, a:b, None]).exp()).sum()
-            gx_, gy_, gs_ = torch.autograd.grad(sur, (xl, yl, sl))
-        du[:, a:b] += gx_
-        dy += gy_
-        dscale += gs_
-    return dy
+def _travel(u: Tensor, groups: Optional[Tensor]) -> list:
+    """The ring's travelling tensors: the shard (n, V, D), its ids last when grouped."""
+    travel = [u.transpose(0, 1).contiguous()]
+    return travel if groups is None else [*travel, groups.contiguous()]
 
 
 class _MultiviewDist(torch.autograd.Function):
     @staticmethod
     @autocast_off
-    def forward(ctx, u, scale, groups, lay, per_view, strategy, grad_scaling):
-        acc = accumulation_dtype(u.dtype)
-        ua = u.to(acc)
-        v, n, _ = u.shape
-        row_lse = torch.full((v, n), _NEG_INF, dtype=acc, device=u.device)
+    def forward(ctx, u, scale, groups, lay, per_view, strategy, grad_scaling, backend):
+        sw = _Sweeps(u, scale, groups, lay, per_view, backend)
+        acc: list = [None] * sw.v
+        v = u.shape[0]
         if strategy == "gather":
             cols = _comm.all_gather_rows(u.transpose(0, 1).contiguous(), lay)  # (N, V, D)
+            stack = cols.transpose(0, 1).contiguous()  # (V, N, D): the global stack
             g_all = None if groups is None else _comm.all_gather_rows(groups, lay)
-            y = cols.transpose(0, 1).to(acc)
-            _fold_lse(ua, scale, per_view, lay.offset, y, 0, groups, g_all, row_lse)
-            ctx.save_for_backward(u, scale, groups, row_lse, cols, g_all)
+            if per_view:
+                sw.stats(acc, stack, 0, g_all)
+            else:  # the rows of every view against the whole (V N, D) stack at once
+                g_stack = None if g_all is None else g_all.repeat(v)
+                flat = stack.view(v * lay.total, stack.shape[-1])
+                for l, rows in enumerate(sw.rows):
+                    acc[l] = _fold(acc[l], rows.stats(sw.pair, flat, 0, g_stack))
+            saved = (stack, g_all)
         else:
-            travel = [u.transpose(0, 1).contiguous()]
-            if groups is not None:
-                travel.append(groups.contiguous())
 
             def visit(q, shard):
-                y = shard[0].transpose(0, 1).to(acc)
-                gy = shard[1] if groups is not None else None
-                _fold_lse(ua, scale, per_view, lay.offset, y, lay.offsets[q], groups, gy, row_lse)
+                gy = None if groups is None else shard[1]
+                sw.stats(acc, shard[0].transpose(0, 1).contiguous(), lay.offsets[q], gy)
 
-            _comm.ring_pass(lay, travel, visit, torch.add)
-            ctx.save_for_backward(u, scale, groups, row_lse)
-        part = _head(ua, scale, row_lse, per_view).reshape(1)
+            _comm.ring_pass(lay, _travel(u, groups), visit, torch.add)
+            saved = ()
+        part = _loss_terms(u, scale, acc, per_view).reshape(1)
         loss = _comm.all_reduce(part, lay)[0] / lay.total
-        ctx.lay, ctx.per_view, ctx.strategy, ctx.grad_scaling = (
-            lay,
-            per_view,
-            strategy,
-            grad_scaling,
-        )
+        flat_pairs = [t for p in acc for t in p]
+        ctx.save_for_backward(u, scale, groups, *saved, *flat_pairs)
+        ctx.lay, ctx.per_view, ctx.strategy = lay, per_view, strategy
+        ctx.grad_scaling, ctx.backend, ctx.num_saved = grad_scaling, backend, len(saved)
         return loss
 
     @staticmethod
     @once_differentiable  # double backward raises (the exchanges are not differentiable)
     @autocast_off
     def backward(ctx, grad_loss):
-        u, scale, groups, row_lse, *rest = ctx.saved_tensors
+        u, scale, groups, *rest = ctx.saved_tensors
+        saved, flat_pairs = rest[: ctx.num_saved], rest[ctx.num_saved :]
         lay, per_view = ctx.lay, ctx.per_view
-        acc = row_lse.dtype
-        g = _comm.mean_upstream(grad_loss, lay, acc)
-        ua = u.to(acc)
-        with torch.enable_grad():
-            ul = ua.detach().requires_grad_(True)
-            sl = scale.detach().requires_grad_(True)
-            ll = row_lse.detach().requires_grad_(True)
-            h = _head(ul, sl, ll, per_view) * (g / lay.total)
-            du, ds, grow = torch.autograd.grad(h, (ul, sl, ll))
-        du = du.clone()
-        dscale = ds.reshape(1).clone()
+        sw = _Sweeps(u, scale, groups, lay, per_view, ctx.backend)
+        v = u.shape[0]
+        k = len(flat_pairs) // v
+        pairs = [flat_pairs[i * k : (i + 1) * k] for i in range(v)]
+        c = _comm.mean_upstream(grad_loss, lay, sw.acc) / lay.total
+        stats, coefs = _coefs(pairs, c, per_view)
         if ctx.strategy == "gather":
-            cols, g_all = rest
-            y = cols.transpose(0, 1).to(acc)
-            dy = _tile_grads(
-                ua, scale, per_view, lay.offset, y, 0, groups, g_all, row_lse, grow, du, dscale
-            )
-            dcols = _comm.reduce_scatter_rows(dy.transpose(0, 1).contiguous(), lay)
+            stack, g_all = saved
+            if per_view:
+                db = sw.grads(stack, 0, g_all, stats, coefs)  # (V, N, D)
+            else:
+                g_stack = None if g_all is None else g_all.repeat(v)
+                flat = stack.view(v * lay.total, stack.shape[-1])
+                db = sum(
+                    rows.grads(sw.pair, flat, 0, g_stack, stats[l], coefs[l])
+                    for l, rows in enumerate(sw.rows)
+                ).view(v, lay.total, -1)
+            dcols = _comm.reduce_scatter_rows(db.transpose(0, 1).contiguous(), lay)
         else:
-            travel = [u.transpose(0, 1).contiguous()]
-            if groups is not None:
-                travel.append(groups.contiguous())
 
             def visit(q, shard):
-                y = shard[0].transpose(0, 1).to(acc)
-                gy = shard[1] if groups is not None else None
-                dy = _tile_grads(
-                    ua, scale, per_view, lay.offset, y, lay.offsets[q], groups, gy,
-                    row_lse, grow, du, dscale,
-                )  # fmt: skip
-                return dy.transpose(0, 1).contiguous()
+                gy = None if groups is None else shard[1]
+                cols = shard[0].transpose(0, 1).contiguous()
+                db = sw.grads(cols, lay.offsets[q], gy, stats, coefs)
+                return db.transpose(0, 1).contiguous()  # (n_q, V, D)
 
-            dcols = _comm.ring_pass(lay, travel, visit, torch.add)
-        du += dcols.transpose(0, 1)
+            dcols = _comm.ring_pass(lay, _travel(u, groups), visit, torch.add)
+        du = sw.da() + dcols.transpose(0, 1)
+        dscale = sw.dscale().reshape(1)
+        if per_view:  # the positives: d/du of -(g/N) sum_i LSE_{l<l'}, one rounding
+            du_pos, ds_pos = mv_positive_lse_bwd(u.to(sw.acc), scale, (-c).expand(u.shape[1]))
+            du += du_pos
+            dscale += ds_pos
         _comm.all_reduce(dscale, lay)
         factor = lay.world if ctx.grad_scaling == "ddp" else 1
-        return (du * factor).to(u.dtype), dscale[0].to(scale.dtype), None, None, None, None, None
+        du = (du * factor).to(u.dtype)
+        return du, dscale[0].to(scale.dtype), None, None, None, None, None, None
 
 
 def _stack_shard(views: Views) -> Tensor:
@@ -240,12 +283,15 @@ def _run(name, views, logit_scale, groups, group, strategy, backend, grad_scalin
             _comm.check_dense("groups", groups)
         g = _check_groups(groups, u)
         scale = _comm.scalar("logit_scale", logit_scale, u)
+        chosen = _comm.engine_backend("multiview", backend, u)
         v, n, d = u.shape
-        return (u, g, scale), n, d, u.dtype, u.device, [v, g is not None]
+        return (u, g, scale, chosen), n, d, u.dtype, u.device, [v, g is not None]
 
-    lay, (u, g, scale) = _comm.setup_checked(
-        name, group, strategy, grad_scaling, backend, ["number of views V", "groups given"], check
-    )
+    fields = ["number of views V", "groups given"]
+    lay, (u, g, scale, chosen) = _comm.setup_checked(
+        name, group, strategy, grad_scaling, backend, fields, check,
+        backends=_comm.ENGINE_BACKENDS,
+    )  # fmt: skip
     if per_view and lay.total < 2:
         raise ValueError(
             f"flashcontrast.distributed.{name}: MV-DHEL needs N >= 2 samples in the global "
@@ -253,7 +299,7 @@ def _run(name, views, logit_scale, groups, group, strategy, backend, grad_scalin
         )
     if g is not None:
         g = g.to(torch.int64)
-    return _MultiviewDist.apply(u, scale, g, lay, per_view, strategy, grad_scaling)
+    return _MultiviewDist.apply(u, scale, g, lay, per_view, strategy, grad_scaling, chosen)
 
 
 def multiview_infonce_loss(

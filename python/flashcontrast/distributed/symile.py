@@ -1,17 +1,22 @@
-"""Symile (negative_sampling="n") over a process group: the "gather" and "ring" strategies.
+"""Symile over a process group: "n" ("gather" and "ring") on the pair engine, and
+"n_squared" (M = 3, "gather").
 
 Rank r holds rows R_r = [o_r, o_r + n_r) of every modality x^1..x^M; N = sum n_q. For
 anchor a, column j of the logits is W^a_j = prod_k x^{o_k}[pi_ak(j)] (the other
 modalities o_1 < o_2 < ... in list order, pi = perm[a, k] GLOBAL index maps into range(N)),
 column i replaced by the positive s MIP_i;
 L = 1/(M N) sum_a sum_i (LSE_j S^a_ij - s MIP_i). The loss is row-only: no column
-statistics are needed.
+statistics are needed. The tiles are sweeps of the pair engine (``backends/pair.py``) of
+the backend ``backend=`` resolves to (``_comm.engine_backend``, among the setup checks),
+``Pair("rows")`` with the positive logits s MIP as the override, as
+``objectives/_symile_n.py`` runs them in one process: rows at their global offset, columns
+at theirs, so the positive of global row i is global column i wherever the block sits.
 
 "gather": the (N, M, D) representations are all-gathered once, every rank builds W^a
-(N, D) and computes its anchor rows against it, a block of rows at a time (row statistics
-only), one scalar all-reduce. Backward: the tiles' gradients (autograd inside each block,
-row LSEs fixed) reach the gathered representations through the products W^a, and a
-reduce-scatter routes them to their owners.
+(N, D) and sweeps its anchor rows against it, one scalar all-reduce. Backward: the
+engine's backward per anchor (dA, dW^a and the positive's gradient from the override, in
+the accumulation dtype) reaches the gathered representations through the products W^a
+(product rule, index_add_), and a reduce-scatter routes them to their owners.
 
 "ring": no rank holds more than its own shard, two foreign shards, and the factor rows of
 its own columns. Rank r OWNS columns R_r of every W^a:
@@ -25,11 +30,12 @@ its own columns. Rank r OWNS columns R_r of every W^a:
    over its own columns (diagonal override when the visitor is its own shard) into a
    partial row LSE (n_q, M) that travels behind the shard back to its owner (logaddexp),
    like CLIP's column LSEs;
-3. backward: the ring again with (x_q, row LSE_q); dS = c P on the tile gives
-   dx_q = s dS W (an accumulator (n_q, M, D) travelling behind x_q to its owner) and
-   dW = s dS^T x_q, which stays with the columns' owner; the chain rule through the
-   products gives the factor rows' gradients, scatter-added (index_add_) locally or sent
-   back to the rows' owners by the reverse all-to-all.
+3. backward: the ring again with (x_q, row LSE_q); the engine's backward of the tile
+   (the row softmax from the travelled logsumexp as the pair (lse, 1), as CLIP "ring"
+   forms its column softmax) gives dx_q = s dS W (an accumulator (n_q, M, D) travelling
+   behind x_q to its owner) and dW = s dS^T x_q, which stays with the columns' owner; the
+   chain rule through the products gives the factor rows' gradients, scatter-added
+   (index_add_) locally or sent back to the rows' owners by the reverse all-to-all.
 
 Why anchors travel and not the column shards (the other obvious design): the two move the
 same number of elements, but anchors travel in the INPUT dtype (e bytes) while W^a is
@@ -46,7 +52,8 @@ A_r = #{(a, k, j): j not in R_r, pi_ak(j) in R_r} (factor rows r sends) and
 B_r = #{(a, k, j): j in R_r, pi_ak(j) not in R_r} (factor rows r receives; A_r = B_r when
 every pi_ak is a permutation, E = M (M-1) n (W-1)/W for random ones with equal shards):
 
-* metadata (W-1) 88 [+ M (M-1) N 8 for the broadcast permutations, when drawn];
+* metadata (W-1) 96 (F = 5 fields: M, permutations given, their N, their checksum,
+  negative_sampling) [+ M (M-1) N 8 for the broadcast permutations, when drawn];
 * forward: A_r D e + (N - n_{r+1}) M D e + (N - n_r) M f + ar(f);
 * backward: ar(f) + (N - n_{r+1}) M (D e + f) + (N - n_r) M D f + B_r D f + ar(f).
 
@@ -54,8 +61,8 @@ Equal shards: forward (W-1) n M D e + A D e + (W-1) n M f + ar(f); backward
 (W-1) n M (D e + f) + (W-1) n M D f + B D f + 2 ar(f). Dominant, random permutations:
 (W-1) n M D (2e + f + (M-1)(e + f)/W). Measured by tests/test_distributed_symile_ring.py
 (which asserts the formula for W = 1..4): W = 4, n = 256, D = 512, float32, M = 3, one
-draw of random permutations: 18,753,818 to 18,970,906 bytes per rank (expectation
-18,893,082; "gather": 9,437,466). Twice "gather", as CLIP "ring" is: nothing O(N D) is
+draw of random permutations: 18,753,842 to 18,970,930 bytes per rank (expectation
+18,893,106; "gather": 9,437,490). Twice "gather", as CLIP "ring" is: nothing O(N D) is
 kept between forward and backward, so the anchors travel twice.
 
 Permutations: the single-process loss draws ONE (M, M-1, N) tensor with
@@ -67,6 +74,18 @@ rank 0; other ranks' generators are neither read nor advanced. Explicit ``permut
 (M, M-1, N) with global row indices must be identical on every rank (a checksum in the
 metadata exchange verifies it: a mismatch raises on every rank). They need not be
 permutations (any index maps into range(N) are accepted, as in one process).
+
+"n_squared" (M = 3, "gather" only): the candidates of anchor row i are all N^2 pairs (j, k)
+of the other two modalities, the positive (i, i) among them, so the rank's rows need the
+gathered others and no offset: LSE_i over the N^2 pairs minus the local s MIP_i. The
+backends' symile_n2 kernels take rows and columns of one length N (row i of x against
+the pairs of y, z of x's length), which a rank's n_r rows against N columns are not, so
+the rank's part runs as blockwise torch tiles (:func:`n2_rows_lse`,
+:func:`n2_rows_backward`: ``backends/blockwise/symile.py``'s n_squared tiles for n rows
+against m columns, any device); ``backend="triton"`` / ``"cuda"`` raise on every rank.
+The per-row cross entropies are clamped at 0 in value as in one process. Bytes as Symile
+"gather" without permutations: forward (W-1) n M D e + ar(f), backward
+(W-1) n M D f + 2 ar(f), metadata (W-1) 96.
 """
 
 from __future__ import annotations
@@ -79,55 +98,194 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
+from .._ops import backend_module
 from .._sampling import symile_negative_permutations
 from .._validation import accumulation_dtype, check_pair
-from ..backends.blockwise import block_rows
+from ..backends.blockwise import MAX_BLOCK_ELEMENTS
+from ..backends.pair import Coefs, Stats, lse
+from ..objectives._symile_n import PAIR, add_positive_gradient, mip
 from ..objectives.symile import _permutations
 from . import _comm
+
+#: negative_sampling values, coded in the metadata exchange
+NEGATIVE_SAMPLING = ("n", "n_squared")
 
 # ----------------------------------------------------------------------------- "gather"
 
 
-def _columns(x_all: Tensor, perms: Tensor, a: int) -> Tensor:
-    """W^a (N, D) from the gathered (N, M, D) representations."""
-    m = x_all.shape[1]
-    others = [o for o in range(m) if o != a]
-    w = x_all[perms[a, 0], others[0]]
-    for k in range(1, m - 1):
-        w = w * x_all[perms[a, k], others[k]]
-    return w
+def _factors(cols: Tensor, perms: Tensor, a: int, acc: torch.dtype) -> list:
+    """The permuted others of anchor a from the gathered (N, M, D) representations:
+    [x^{o_k}[pi_ak] for k] (N, D) each, in ``acc``."""
+    others = [o for o in range(cols.shape[1]) if o != a]
+    return [cols[perms[a, k], o].to(acc) for k, o in enumerate(others)]
 
 
-def _block(x_blk, w, scale, diag_blk, col0):
-    """(b, N) logits of rows x_blk (global rows col0..) against w, positive on the diagonal."""
-    s = torch.mm(x_blk, w.t()) * scale
-    eye = torch.zeros_like(s)
-    eye.diagonal(offset=col0).fill_(1.0)
-    return torch.where(eye.bool(), diag_blk[:, None] * eye, s)
+def _product(xs: list) -> Tensor:
+    out = xs[0]
+    for x in xs[1:]:
+        out = out * x
+    return out
+
+
+def _rows(x: Tensor) -> list:
+    """The M modalities of x (n, M, D) as contiguous (n, D) tensors (the engine's rows)."""
+    return [x[:, k].contiguous() for k in range(x.shape[1])]
 
 
 class _SymileDist(torch.autograd.Function):
+    """Symile "n", "gather": per anchor one engine sweep ``Pair("rows")`` of the local
+    rows (global rows o_r ..) against W^a (all N columns, offset 0) with the positive
+    logits s MIP as the override (the positive of global row i is column i); W^a built
+    from the gathered representations, rebuilt in the backward; dW^a reaches the
+    gathered representations by the product rule and a reduce-scatter routes them to
+    their owners."""
+
     @staticmethod
     @autocast_off
-    def forward(ctx, x, scale, perms, lay, grad_scaling):
+    def forward(ctx, x, scale, perms, lay, grad_scaling, backend):
         # x: (n_r, M, D) local representations
         acc = accumulation_dtype(x.dtype)
-        xa = x.to(acc)
+        engine = backend_module(backend, "pair")
         n, m, _ = x.shape
         cols = _comm.all_gather_rows(x, lay)  # (N, M, D)
-        ya = cols.to(acc)
-        diag = scale * xa.prod(dim=1).sum(dim=1)  # (n,)
-        rows = block_rows(lay.total, x.device)
-        row_lse = torch.empty((m, n), dtype=acc, device=x.device)
-        for a in range(m):
-            w = _columns(ya, perms, a)
-            for i in range(0, n, rows):
-                j = min(i + rows, n)
-                s = _block(xa[i:j, a], w, scale, diag[i:j], lay.offset + i)
-                row_lse[a, i:j] = torch.logsumexp(s, 1)
-        part = (row_lse.sum() - m * diag.sum()).reshape(1)
+        reps = _rows(x)
+        p = scale * mip(reps, acc)  # (n,)
+        row_max = torch.full((m, n), float("-inf"), dtype=acc, device=x.device)
+        row_sum = torch.zeros((m, n), dtype=acc, device=x.device)
+        if n > 0:
+            for a in range(m):
+                w = _product(_factors(cols, perms, a, acc)).to(x.dtype)
+                st = engine.pair_forward(
+                    reps[a], w, scale, None, PAIR, lay.offset, 0, None, None, p
+                )
+                row_max[a], row_sum[a] = st.row_max, st.row_sum
+        part = (lse(row_max, row_sum).sum() - m * p.sum()).reshape(1)
         loss = _comm.all_reduce(part, lay)[0] / (m * lay.total)
-        ctx.save_for_backward(x, scale, perms, cols, row_lse)
+        ctx.save_for_backward(x, scale, perms, cols, row_max, row_sum)
+        ctx.lay, ctx.grad_scaling, ctx.backend = lay, grad_scaling, backend
+        return loss
+
+    @staticmethod
+    @once_differentiable  # double backward raises (the exchanges are not differentiable)
+    @autocast_off
+    def backward(ctx, grad_loss):
+        x, scale, perms, cols, row_max, row_sum = ctx.saved_tensors
+        lay = ctx.lay
+        acc = row_max.dtype
+        engine = backend_module(ctx.backend, "pair")
+        n, m, _ = x.shape
+        coef = _comm.mean_upstream(grad_loss, lay, acc) / (m * lay.total)
+        reps = _rows(x)
+        p = scale * mip(reps, acc)
+        d = [torch.zeros(r.shape, dtype=acc, device=x.device) for r in reps]
+        dcols = [torch.zeros(cols[:, 0].shape, dtype=acc, device=x.device) for _ in range(m)]
+        dp = (-m * coef).expand(n).clone()  # d ce_a / d p = -1 for every anchor
+        dscale = torch.zeros((), dtype=acc, device=x.device)
+        for a in range(m if n > 0 else 0):
+            factors = _factors(cols, perms, a, acc)
+            w = _product(factors).to(x.dtype)
+            g = engine.pair_backward(
+                reps[a], w, scale, None, PAIR, Stats(row_max=row_max[a], row_sum=row_sum[a]),
+                Coefs(rows=coef.expand(n).contiguous()), lay.offset, 0, None, None, p, acc,
+            )  # fmt: skip
+            d[a] += g.da
+            dp += g.dpos
+            dscale += g.dscale
+            others = [o for o in range(m) if o != a]
+            for k, o in enumerate(others):  # W^a = prod_k o_k[pi_ak]: the product rule
+                rest = [f for k2, f in enumerate(factors) if k2 != k]
+                dcols[o].index_add_(0, perms[a, k], g.db * _product(rest))
+        dscale = (dscale + add_positive_gradient(d, reps, scale, dp, acc)).reshape(1)
+        dx = torch.stack(d, 1) + _comm.reduce_scatter_rows(torch.stack(dcols, 1), lay)
+        _comm.all_reduce(dscale, lay)
+        factor = lay.world if ctx.grad_scaling == "ddp" else 1
+        return (dx * factor).to(x.dtype), dscale[0].to(scale.dtype), None, None, None, None
+
+
+# ----------------------------------------------------------------------------- "n_squared"
+# The symile_n2 kernels of every backend (backends/__init__.py's contract) take x, y, z of
+# ONE length N: row i of x against all N^2 pairs of y and z. Here a rank's n_r rows meet
+# all N gathered columns (n_r != N for W > 1), which they do not accept, so the rank's part
+# runs as blockwise torch tiles (any device: the device's BLAS), the generalization of
+# ``backends/blockwise/symile.py``'s to n rows against m columns. No offset is needed: the
+# LSE runs over all N^2 tuples, the positive (i, i) among them, and the positive logit
+# s MIP_i is local.
+
+
+def _n2_plan(n: int, m: int, d: int, device, max_elements: Optional[int] = None) -> tuple:
+    """(rows, T): (rows, T) pairs (x_i * y_j) against the m columns of z per block, a
+    (rows T, max(m, D)) block within the blockwise budget (``max_elements``: a smaller
+    one, for tests)."""
+    budget = max_elements or MAX_BLOCK_ELEMENTS.get(torch.device(device).type, 1 << 22)
+    pairs = max(1, budget // max(m, d, 1))
+    if pairs >= m:
+        return max(1, min(n, pairs // m)), m
+    return 1, max(1, pairs)
+
+
+def _n2_blocks(n: int, m: int, d: int, device, max_elements: Optional[int]):
+    rows, tuples = _n2_plan(n, m, d, device, max_elements)
+    for r0 in range(0, n, rows):
+        for t0 in range(0, m, tuples):
+            yield r0, min(r0 + rows, n), t0, min(t0 + tuples, m)
+
+
+def n2_rows_lse(
+    x: Tensor, y: Tensor, z: Tensor, scale: Tensor, max_elements: Optional[int] = None
+) -> Tensor:
+    """(n,) LSE_{j,k} s sum_d x_id y_jd z_kd of rows x (n, D) over the m^2 pairs of
+    y, z (m, D); all in one (accumulation) dtype."""
+    n, d = x.shape
+    out = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device)
+    for r0, r1, t0, t1 in _n2_blocks(n, y.shape[0], d, x.device, max_elements):
+        xy = (x[r0:r1, None, :] * y[None, t0:t1]).reshape(-1, d)
+        logits = torch.mm(xy, z.t()).mul_(scale).view(r1 - r0, -1)
+        out[r0:r1] = torch.logaddexp(out[r0:r1], torch.logsumexp(logits, dim=1))
+    return out
+
+
+def n2_rows_backward(x, y, z, scale, row_lse, grad_rows, max_elements=None) -> tuple:
+    """(dx (n, D), dy (m, D), dz (m, D), dscale 0-d) of sum_i grad_rows_i row_lse_i, with
+    c_ijk = g_i exp(L_ijk - lse_i): dx_i = s sum_jk c_ijk y_j z_k, dy_j = s sum_ik c_ijk
+    x_i z_k, dz_k = s sum_ij c_ijk x_i y_j, dscale = sum_i <x_i, dx_i> / s."""
+    n, d = x.shape
+    m = y.shape[0]
+    dx, dy, dz = torch.zeros_like(x), torch.zeros_like(y), torch.zeros_like(z)
+    for r0, r1, t0, t1 in _n2_blocks(n, m, d, x.device, max_elements):
+        xb, yb = x[r0:r1], y[t0:t1]
+        xy = (xb[:, None, :] * yb[None]).reshape(-1, d)
+        c = torch.mm(xy, z.t()).mul_(scale).view(r1 - r0, -1)
+        c.sub_(row_lse[r0:r1, None]).exp_().mul_(grad_rows[r0:r1, None])
+        c = c.view(-1, m)  # (rows T, m)
+        gz = torch.mm(c, z).view(r1 - r0, t1 - t0, d)
+        dx[r0:r1] += (gz * yb[None]).sum(dim=1)
+        dy[t0:t1] += (gz * xb[:, None, :]).sum(dim=0)
+        dz.addmm_(c.t(), xy)
+    dscale = (x * dx).sum()
+    return dx.mul_(scale), dy.mul_(scale), dz.mul_(scale), dscale
+
+
+class _SymileN2Dist(torch.autograd.Function):
+    """Symile "n_squared", M = 3, "gather": the (N, M, D) representations all-gathered,
+    per anchor the local rows' LSE over all N^2 pairs of the other two (gathered), the
+    per-row cross entropies LSE - s MIP (value clamped at 0 as in one process); backward:
+    the gathered others' gradients reduce-scattered to their owners."""
+
+    @staticmethod
+    @autocast_off
+    def forward(ctx, x, scale, lay, grad_scaling):
+        acc = accumulation_dtype(x.dtype)
+        m = x.shape[1]
+        cols = _comm.all_gather_rows(x, lay)  # (N, M, D)
+        ya = cols.to(acc)
+        xa = x.to(acc)
+        others = [[o for o in range(m) if o != a] for a in range(m)]
+        row_lse = torch.stack(
+            [n2_rows_lse(xa[:, a], *(ya[:, o] for o in others[a]), scale) for a in range(m)]
+        )  # (M, n)
+        ce = row_lse - scale * mip(_rows(x), acc)
+        loss = _comm.all_reduce(ce.clamp_min(0).sum().reshape(1), lay)[0] / (m * lay.total)
+        ctx.save_for_backward(x, scale, cols, row_lse)
         ctx.lay, ctx.grad_scaling = lay, grad_scaling
         return loss
 
@@ -135,50 +293,30 @@ class _SymileDist(torch.autograd.Function):
     @once_differentiable  # double backward raises (the exchanges are not differentiable)
     @autocast_off
     def backward(ctx, grad_loss):
-        x, scale, perms, cols, row_lse = ctx.saved_tensors
+        x, scale, cols, row_lse = ctx.saved_tensors
         lay = ctx.lay
         acc = row_lse.dtype
         n, m, _ = x.shape
-        g = _comm.mean_upstream(grad_loss, lay, acc)
-        coef = g / (m * lay.total)
-        xa = x.to(acc)
-        with torch.enable_grad():
-            xl = xa.detach().requires_grad_(True)
-            sl = scale.detach().requires_grad_(True)
-            diag = sl * xl.prod(dim=1).sum(dim=1)
-        d_diag = (-m * coef).expand(n).clone()  # not torch.full: a 0-d fill syncs
+        coef = _comm.mean_upstream(grad_loss, lay, acc) / (m * lay.total)
+        xa, ya = x.to(acc), cols.to(acc)
         dx = torch.zeros_like(xa)
-        dy = torch.zeros(cols.shape, dtype=acc, device=x.device)
-        dscale = torch.zeros(1, dtype=acc, device=x.device)
-        rows = block_rows(lay.total, x.device)
+        dy = torch.zeros_like(ya)
+        dscale = torch.zeros((), dtype=acc, device=x.device)
+        g = coef.expand(n).contiguous()
         for a in range(m):
-            with torch.enable_grad():
-                yl = cols.to(acc).detach().requires_grad_(True)
-                w = _columns(yl, perms, a)
-            dw = torch.zeros_like(w)
-            for i in range(0, n, rows):
-                j = min(i + rows, n)
-                with torch.enable_grad():
-                    xb = xa[i:j, a].detach().requires_grad_(True)
-                    wl = w.detach().requires_grad_(True)
-                    s_l = scale.detach().requires_grad_(True)
-                    dl = diag[i:j].detach().requires_grad_(True)
-                    s = _block(xb, wl, s_l, dl, lay.offset + i)
-                    sur = coef * (s - row_lse[a, i:j, None]).exp().sum()
-                    g_x, g_w, g_s, g_d = torch.autograd.grad(sur, (xb, wl, s_l, dl))
-                dx[i:j, a] += g_x
-                dw += g_w
-                dscale += g_s
-                d_diag[i:j] += g_d
-            (g_y,) = torch.autograd.grad(w, (yl,), dw)
-            dy += g_y
-        g_x, g_s = torch.autograd.grad(diag, (xl, sl), d_diag)
-        dx += g_x
-        dscale += g_s
+            o1, o2 = [o for o in range(m) if o != a]
+            da, d1, d2, ds = n2_rows_backward(xa[:, a], ya[:, o1], ya[:, o2], scale, row_lse[a], g)
+            dx[:, a] += da
+            dy[:, o1] += d1
+            dy[:, o2] += d2
+            dscale += ds
+        d = [dx[:, k] for k in range(m)]  # views: the positive's gradient lands in dx
+        dp = (-m * coef).expand(n)  # d ce_a / d p = -1: p = s MIP
+        dscale = (dscale + add_positive_gradient(d, _rows(x), scale, dp, acc)).reshape(1)
         dx += _comm.reduce_scatter_rows(dy, lay)
         _comm.all_reduce(dscale, lay)
         factor = lay.world if ctx.grad_scaling == "ddp" else 1
-        return (dx * factor).to(x.dtype), dscale[0].to(scale.dtype), None, None, None
+        return (dx * factor).to(x.dtype), dscale[0].to(scale.dtype), None, None
 
 
 # ----------------------------------------------------------------------------- "ring"
@@ -281,80 +419,45 @@ def _products(f: Tensor) -> Tensor:
     return w
 
 
-def _logits(x_blk: Tensor, w: Tensor, scale: Tensor, diag: Optional[Tensor], start: int):
-    """(raw (b, n_c) = x_blk w^T, s raw with the positive diag (b,) on diagonal ``start``)."""
-    raw = torch.mm(x_blk, w.t())
-    s = raw * scale
-    if diag is not None:
-        s.diagonal(offset=start).copy_(diag)
-    return raw, s
-
-
-def _rows_lse(x: Tensor, w: Tensor, scale: Tensor, diag: Optional[Tensor]) -> Tensor:
-    """LSE (n_q,) of visiting anchor rows x (n_q, D) over the local columns w (n_c, D);
-    ``diag`` (n_q,): the positives, when x is this rank's own shard (row i <-> column i)."""
-    out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    rows = _comm.tile_rows(x.shape[0], w.shape[0], x.device)
-    for i in range(0, x.shape[0], rows):
-        j = min(i + rows, x.shape[0])
-        _, s = _logits(x[i:j], w, scale, None if diag is None else diag[i:j], i)
-        out[i:j] = torch.logsumexp(s, 1)
-    return out
-
-
-def _rows_backward(
-    x: Tensor,
-    w: Tensor,
-    scale: Tensor,
-    lse: Tensor,
-    coef: Tensor,
-    diag: Optional[Tensor],
-    dw: Tensor,
-    dscale: Tensor,
-    d_diag: Tensor,
-) -> Tensor:
-    """Gradient of coef * sum_i LSE_i (LSE (n_q,) fixed) for the tile x (n_q, D) x w
-    (n_c, D). Returns dx (n_q, D); adds dS^T x to ``dw`` (n_c, D) (times s later),
-    sum dS x.w to ``dscale`` (1,) and, with ``diag``, the diagonal's dS to ``d_diag``."""
-    # dS_ij = c P_ij = c exp(S_ij - LSE_i); S_ij = s x_i.w_j off the diagonal, so
-    # dx_i = s sum_j dS_ij w_j, dw_j = s sum_i dS_ij x_i, ds = sum_ij dS_ij x_i.w_j; the
-    # diagonal dS_ii belongs to the positive logit s MIP_i instead.
-    dx = torch.empty_like(x)
-    rows = _comm.tile_rows(x.shape[0], w.shape[0], x.device)
-    for i in range(0, x.shape[0], rows):
-        j = min(i + rows, x.shape[0])
-        raw, s = _logits(x[i:j], w, scale, None if diag is None else diag[i:j], i)
-        ds = (s - lse[i:j, None]).exp_().mul_(coef)
-        if diag is not None:
-            d_diag[i:j] += ds.diagonal(offset=i)
-            ds.diagonal(offset=i).zero_()
-        dscale += (ds * raw).sum()
-        dx[i:j] = torch.mm(ds, w).mul_(scale)
-        dw.addmm_(ds.t(), x[i:j])
-    return dx
-
-
 class _SymileRing(torch.autograd.Function):
+    """Symile "n", "ring": the visiting anchor rows (global rows o_q ..) against this
+    rank's columns of W^a (global columns o_r ..) are one engine sweep ``Pair("rows")``
+    per anchor, the positive logits s MIP as the override when the visitor is this rank's
+    own shard (then global row i meets global column i), none otherwise (no entry of the
+    block is a positive). Each visit's row pairs travel back as one logsumexp per row
+    (logaddexp), and the backward forms the softmax from it as the pair (lse, 1), as
+    CLIP "ring" does for its columns."""
+
     @staticmethod
     @autocast_off
-    def forward(ctx, x, scale, plan, lay, grad_scaling):
+    def forward(ctx, x, scale, plan, lay, grad_scaling, backend):
         # x: (n_r, M, D) local representations
         acc = accumulation_dtype(x.dtype)
-        m = x.shape[1]
+        engine = backend_module(backend, "pair")
+        n, m = x.shape[:2]
         f = _fetch_factors(x, plan, lay)  # (M, M-1, n_r, D)
-        w = _products(f.to(acc))  # (M, n_r, D): this rank's columns of every W^a
-        diag = scale * x.to(acc).prod(dim=1).sum(dim=1)  # (n_r,)
+        w = _products(f.to(acc)).to(x.dtype)  # (M, n_r, D): this rank's columns of every W^a
+        diag = scale * mip(_rows(x), acc)  # (n_r,)
 
         def visit(q: int, shard: Sequence[Tensor]) -> Tensor:
-            xq = shard[0].to(acc)
+            xq = shard[0]
+            part = torch.full((xq.shape[0], m), float("-inf"), dtype=acc, device=x.device)
+            if xq.shape[0] == 0 or n == 0:
+                return part  # no entries: an empty visitor, or no columns here
             dq = diag if q == lay.rank else None
-            return torch.stack([_rows_lse(xq[:, a], w[a], scale, dq) for a in range(m)], 1)
+            for a in range(m):
+                st = engine.pair_forward(
+                    xq[:, a].contiguous(), w[a], scale, None, PAIR, lay.offsets[q],
+                    lay.offset, None, None, dq,
+                )  # fmt: skip
+                part[:, a] = lse(st.row_max, st.row_sum)
+            return part
 
         row_lse = _comm.ring_pass(lay, [x], visit, torch.logaddexp)  # (n_r, M)
         part = (row_lse.sum() - m * diag.sum()).reshape(1)
         loss = _comm.all_reduce(part, lay)[0] / (m * lay.total)
         ctx.save_for_backward(x, scale, f, row_lse)
-        ctx.plan, ctx.lay, ctx.grad_scaling = plan, lay, grad_scaling
+        ctx.plan, ctx.lay, ctx.grad_scaling, ctx.backend = plan, lay, grad_scaling, backend
         return loss
 
     @staticmethod
@@ -364,38 +467,48 @@ class _SymileRing(torch.autograd.Function):
         x, scale, f, row_lse = ctx.saved_tensors
         lay = ctx.lay
         acc = row_lse.dtype
+        engine = backend_module(ctx.backend, "pair")
         n, m, _ = x.shape
         coef = _comm.mean_upstream(grad_loss, lay, acc) / (m * lay.total)
         with torch.enable_grad():
             fl = f.to(acc).detach().requires_grad_(True)
             w = _products(fl)
-            xl = x.to(acc).detach().requires_grad_(True)
-            sl = scale.detach().requires_grad_(True)
-            diag = sl * xl.prod(dim=1).sum(dim=1)
-        wd, diag_d = w.detach(), diag.detach()
-        dw = torch.zeros_like(wd)
-        dscale = torch.zeros(1, dtype=acc, device=x.device)
-        d_diag = (-m * coef).expand(n).clone()  # the -s MIP_i terms, M anchors
+        w_in = w.detach().to(x.dtype)
+        reps = _rows(x)
+        diag = scale * mip(reps, acc)
+        dw = torch.zeros(w.shape, dtype=acc, device=x.device)
+        dscale = torch.zeros((), dtype=acc, device=x.device)
+        dp = (-m * coef).expand(n).clone()  # the -s MIP_i terms, M anchors
 
         def visit(q: int, shard: Sequence[Tensor]) -> Tensor:
-            xq, lse_q = shard[0].to(acc), shard[1]
-            dq = diag_d if q == lay.rank else None
-            parts = [
-                _rows_backward(xq[:, a], wd[a], scale, lse_q[:, a], coef, dq, dw[a], dscale, d_diag)
-                for a in range(m)
-            ]
-            return torch.stack(parts, 1)  # (n_q, M, D)
+            xq, lse_q = shard[0], shard[1]
+            nq = xq.shape[0]
+            out = torch.zeros(xq.shape, dtype=acc, device=x.device)  # (n_q, M, D)
+            if nq == 0 or n == 0:
+                return out
+            dq = diag if q == lay.rank else None
+            c = coef.expand(nq).contiguous()
+            for a in range(m):
+                st = Stats(row_max=lse_q[:, a].contiguous(), row_sum=torch.ones_like(lse_q[:, a]))
+                g = engine.pair_backward(
+                    xq[:, a].contiguous(), w_in[a], scale, None, PAIR, st, Coefs(rows=c),
+                    lay.offsets[q], lay.offset, None, None, dq, acc,
+                )  # fmt: skip
+                out[:, a] = g.da
+                dw[a] += g.db
+                dscale.add_(g.dscale)
+                if dq is not None:
+                    dp.add_(g.dpos)
+            return out
 
         dx = _comm.ring_pass(lay, [x, row_lse], visit, torch.add)  # (n_r, M, D)
-        dw.mul_(scale)
-        (df,) = torch.autograd.grad(w, (fl,), dw)
-        g_x, g_s = torch.autograd.grad(diag, (xl, sl), d_diag)
-        dx += g_x
-        dscale += g_s
+        (df,) = torch.autograd.grad(w, (fl,), dw)  # the engine's dB already holds s
+        d = [dx[:, k] for k in range(m)]  # views: the positive's gradient lands in dx
+        dscale = (dscale + add_positive_gradient(d, reps, scale, dp, acc)).reshape(1)
         _return_factor_grads(df, ctx.plan, lay, dx)
         _comm.all_reduce(dscale, lay)
         factor = lay.world if ctx.grad_scaling == "ddp" else 1
-        return (dx * factor).to(x.dtype), dscale[0].to(scale.dtype), None, None, None
+        return (dx * factor).to(x.dtype), dscale[0].to(scale.dtype), None, None, None, None
 
 
 def _check_shard_representations(representations: object) -> list:
@@ -453,17 +566,48 @@ def symile_loss(
     :func:`flashcontrast.distributed.clip_loss`. ``strategy="gather"`` (all-gather the
     (N, M, D) representations) or ``"ring"`` (an all-to-all of the factor rows of each
     rank's columns, then the anchor shards travel the ring: O(M^2 n D) memory; see the
-    module doc); ``negative_sampling="n_squared"`` raises NotImplementedError on every
-    rank.
+    module doc). ``backend``: "auto", "torch", "triton", "cuda" or "reference" (the
+    "torch" tiles): the pair engine the local tiles of "n" run on, resolved on every rank
+    among its setup checks (``_comm.engine_backend``: one that cannot run fails every
+    rank).
+
+    ``negative_sampling="n_squared"`` (M = 3, ``strategy="gather"``): every anchor row
+    against all N^2 pairs of the other two modalities, the (N, M, D) representations
+    all-gathered; every rank returns the single-process n_squared loss of the
+    concatenated batch. Its rank-local part runs as blockwise torch tiles (the symile_n2
+    kernels take rows and columns of one length), so ``backend`` must be "auto", "torch"
+    or "reference" (RuntimeError on every rank otherwise); "ring" and M > 3 raise
+    NotImplementedError on every rank, ``permutations`` a ValueError (as in one process).
     """
 
     def check():
-        if negative_sampling != "n":
-            raise NotImplementedError(
-                'only negative_sampling="n" is distributed; got '
-                f"{negative_sampling!r} (use flashcontrast.symile_loss in one process)"
+        if negative_sampling not in NEGATIVE_SAMPLING:
+            raise ValueError(
+                f"negative_sampling must be 'n' or 'n_squared', got {negative_sampling!r}"
             )
         reps = _check_shard_representations(representations)
+        squared = negative_sampling == "n_squared"
+        if squared and strategy == "ring":
+            raise NotImplementedError(
+                'strategy="ring" runs only negative_sampling="n"; negative_sampling='
+                '"n_squared" takes strategy="gather"'
+            )
+        if squared and len(reps) != 3:
+            raise NotImplementedError(
+                'negative_sampling="n_squared" over a process group takes M = 3 '
+                f"modalities, got M = {len(reps)} (use flashcontrast.symile_loss in one "
+                "process)"
+            )
+        if squared and permutations is not None:
+            raise ValueError('permutations only apply to negative_sampling="n"')
+        if squared and backend not in ("auto", "torch", "reference"):
+            raise RuntimeError(
+                f'backend={backend!r} cannot run negative_sampling="n_squared" over a '
+                "process group: its rank-local part (n_r rows against all N columns) runs "
+                "as blockwise torch tiles, which the symile_n2 kernels (rows and columns "
+                "of one length) do not; use backend='auto' or 'torch'"
+            )
+        chosen = "torch" if squared else _comm.engine_backend("symile", backend, reps[0])
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if permutations is not None and generator is not None:
@@ -487,18 +631,20 @@ def symile_loss(
             p = p.to("cpu")  # the one copy to the host: checksum, range check, ring plan
             fields = [len(reps), 1, p.shape[-1], _checksum(p)]
         n, d = reps[0].shape
-        return (reps, scale, p), n, d, reps[0].dtype, reps[0].device, fields
+        fields.append(NEGATIVE_SAMPLING.index(negative_sampling))
+        return (reps, scale, p, chosen), n, d, reps[0].dtype, reps[0].device, fields
 
-    lay, (reps, scale, p) = _comm.setup_checked(
-        "symile_loss",
-        group,
-        strategy,
-        grad_scaling,
-        backend,
-        ["number of modalities M", "permutations given", "permutations N", "permutations"],
-        check,
-    )
+    fields = [
+        "number of modalities M", "permutations given", "permutations N", "permutations",
+        ("negative_sampling", NEGATIVE_SAMPLING.__getitem__),
+    ]  # fmt: skip
+    lay, (reps, scale, p, chosen) = _comm.setup_checked(
+        "symile_loss", group, strategy, grad_scaling, backend, fields, check,
+        backends=_comm.ENGINE_BACKENDS,
+    )  # fmt: skip
     m, n_tot, device = len(reps), lay.total, reps[0].device
+    if negative_sampling == "n_squared":
+        return _SymileN2Dist.apply(torch.stack(reps, dim=1), scale, lay, grad_scaling)
     host = None  # the permutations on the CPU, when known without a copy
     if p is not None:
         # p is the CPU copy, identical on every rank (checksum): the shape and range
@@ -516,5 +662,5 @@ def symile_loss(
     x = torch.stack(reps, dim=1)  # (n_r, M, D), differentiable
     if strategy == "ring":
         plan = _plan(perms if host is None else host, lay)
-        return _SymileRing.apply(x, scale, plan, lay, grad_scaling)
-    return _SymileDist.apply(x, scale, perms, lay, grad_scaling)
+        return _SymileRing.apply(x, scale, plan, lay, grad_scaling, chosen)
+    return _SymileDist.apply(x, scale, perms, lay, grad_scaling, chosen)
