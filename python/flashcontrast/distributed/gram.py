@@ -2,22 +2,30 @@
 
 Rank r holds rows [o_r, o_r + n_r) of the anchor t and of the K others o^k; N = sum n_q.
 Column j of the logits L_ij = -s V_ij is sample j of the others, with its per-column
-constants (det H_j, adj H_j) (``objectives.gram.column_constants``, computed from the
-column's own others wherever the column is). Each rank computes its anchor rows against
-every column, a block of rows at a time (the blockwise backend's budget):
+constants (det H_j, adj H_j, the degeneracy floor), computed from the column's own others
+wherever the column is, as one process computes them (``objectives.gram``:
+``gram_matrices``, ``column_constants_from_gram``, ``floor_from_gram``). The tiles are the
+GRAM kernels of the backend ``backend=`` resolves to (``_comm.engine_backend`` among the
+setup checks), in their rectangular form (``backends/blockwise/gram.py``): this rank's
+rows against one column block, row i's own column at ``row_offset + i`` with row_offset =
+o_r - (the block's first global column); this module computes no tile itself, so the
+degeneracy floor, NaN propagation and every rounding are the single-process kernels':
 
-* row LSEs, and the diagonal (sample i's own column is local), are complete locally;
-* column LSEs are partial and combined across ranks: an all-reduce (max, then the sum of
-  exponentials) for "gather", an accumulator travelling behind the column shard for
-  "ring"; the label-smoothing sum sum_ij L_ij is one scalar;
+* row LSEs (over each block's columns), the diagonal (the one block holding the row's own
+  column) and the row sums are merged locally (logaddexp, +);
+* column LSEs are partial over this rank's rows and merged across ranks: an all-reduce
+  (max, then the sum of exponentials) for "gather", an accumulator travelling behind the
+  column shard (logaddexp) for "ring"; the label-smoothing sum sum_ij L_ij is one scalar;
 * L = 1/(2N) [sum_i row_lse_i + sum_j col_lse_j - 2 (1 - eps) sum_i L_ii
   - 2 eps / N sum_ij L_ij], the single-process loss term by term.
 
-Backward: with c = g/(2N), each tile contributes the gradient of
-c sum_ij [exp(L_ij - row_lse_i) + exp(L_ij - col_lse_j) - 2 eps / N L_ij] (LSEs fixed),
-recomputed block by block and differentiated by autograd inside the block, through the
-column constants to the others; the diagonal term is local. Column gradients go to their
-owners by a reduce-scatter ("gather") or travel behind the shard ("ring").
+Backward: the backend's gram_backward of each block with the merged LSEs, the upstream
+gradient averaged over ranks and total = N (its dL_ij = g/(2N) (P_row + P_col
+- 2 (1 - eps) [j = row_offset + i] - 2 eps / N)), partial sums in the accumulation dtype:
+d anchor (local rows, summed over blocks), dscale (all-reduced), and per column block
+d_others_u plus (col_tt, -col_uu) chained by autograd through the block's column
+constants to its others. Column gradients go to their owners by a reduce-scatter
+("gather") or travel behind the shard ("ring").
 """
 
 from __future__ import annotations
@@ -30,121 +38,85 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
+from .._ops import backend_module
 from .._validation import accumulation_dtype, check_pair
-from ..backends.blockwise import MAX_BLOCK_ELEMENTS
-from ..objectives.gram import MAX_OTHERS, _check_label_smoothing, column_constants
+from ..objectives.gram import (
+    MAX_OTHERS,
+    _check_label_smoothing,
+    column_constants_from_gram,
+    floor_from_gram,
+    gram_matrices,
+)
 from . import _comm
 
-
-def _volume(det: Tensor) -> Tensor:
-    pos = det > 0
-    return torch.where(pos, torch.where(pos, det, 1.0).sqrt(), 0.0)
-
-
-def _logits(t: Tensor, o: Tensor, det_h: Tensor, adj_h: Tensor, scale) -> Tensor:
-    """(b, m) logits -s V of anchor rows t (b, D) against columns o (K, m, D)."""
-    u = torch.matmul(t, o.transpose(1, 2))  # (K, b, m)
-    v = torch.einsum("rim,mrs->sim", u, adj_h)
-    det = torch.outer((t * t).sum(1), det_h) - (u * v).sum(0)
-    return _volume(det) * -scale
+#: The backends whose GRAM kernels take the rectangular form (row_offset, partial column
+#: statistics, ``total``, ``out_dtype``).
+RECTANGULAR_BACKENDS = ("torch",)
 
 
-def _diag(t: Tensor, o: Tensor, det_h: Tensor, adj_h: Tensor, scale) -> Tensor:
-    """(n,) logits of each local anchor row against its own column."""
-    u = (t[None] * o).sum(-1)  # (K, n)
-    v = torch.einsum("rn,nrs->sn", u, adj_h)
-    det = (t * t).sum(1) * det_h - (u * v).sum(0)
-    return _volume(det) * -scale
+def _constants(y: Tensor, acc: torch.dtype):
+    """(yl, det_h, adj_h, floor_h) of the column block y (K, m, D), as one process computes
+    them; under grad mode (the backward) differentiable w.r.t. yl = y in ``acc``."""
+    yl = y.detach().to(acc)
+    if torch.is_grad_enabled():
+        yl.requires_grad_(True)
+    gram = gram_matrices(yl)  # (m, K, K) in acc
+    det_h, adj_h = column_constants_from_gram(gram)
+    return yl, det_h, adj_h, floor_from_gram(gram, gram.dtype)
 
 
-def _rows(n: int, m: int, k: int, device) -> int:
-    """Rows per block for n anchor rows against m columns (m = 0: one empty block)."""
-    budget = MAX_BLOCK_ELEMENTS.get(device.type, 1 << 22)
-    return _comm.tile_rows(n, m, device, max(1, budget // (2 * k + 6)))
-
-
-def _tile_stats(t, o, det_h, adj_h, scale, row_lse, totals):
-    """Fold rows t x columns o into row_lse (in place); add sum L to totals[0]; return
-    the partial column LSEs (m,)."""
-    n, m = t.shape[0], o.shape[1]
-    col = torch.full((m,), float("-inf"), dtype=t.dtype, device=t.device)
-    rows = _rows(n, m, o.shape[0], t.device)
-    for a in range(0, n, rows):
-        b = min(a + rows, n)
-        lg = _logits(t[a:b], o, det_h, adj_h, scale)
-        row_lse[a:b] = torch.logaddexp(row_lse[a:b], torch.logsumexp(lg, 1))
-        col = torch.logaddexp(col, torch.logsumexp(lg, 0))
-        totals[0] += lg.sum()
-    return col
-
-
-def _tile_grads(t, o, scale, row_lse, col_lse, coef, eps_n, dt, dscale):
-    """Gradients of the tile surrogate: adds to dt (n, D) and dscale (1,); returns do
-    (K, m, D), chained through the column constants of o."""
-    n, m = t.shape[0], o.shape[1]
-    rows = _rows(n, m, o.shape[0], t.device)
-    with torch.enable_grad():
-        ol = o.detach().requires_grad_(True)
-        det_h, adj_h = column_constants(ol)
-    d_det = torch.zeros_like(det_h)
-    d_adj = torch.zeros_like(adj_h)
-    do = torch.zeros_like(o)
-    for a in range(0, n, rows):
-        b = min(a + rows, n)
-        with torch.enable_grad():
-            tl = t[a:b].detach().requires_grad_(True)
-            ob = o.detach().requires_grad_(True)
-            dl = det_h.detach().requires_grad_(True)
-            al = adj_h.detach().requires_grad_(True)
-            sl = scale.detach().requires_grad_(True)
-            lg = _logits(tl, ob, dl, al, sl)
-            sur = (lg - row_lse[a:b, None]).exp() + (lg - col_lse[None, :]).exp()
-            sur = coef * (sur.sum() - 2.0 * eps_n * lg.sum())
-            g_t, g_o, g_d, g_a, g_s = torch.autograd.grad(sur, (tl, ob, dl, al, sl))
-        dt[a:b] += g_t
-        do += g_o
-        d_det += g_d
-        d_adj += g_a
-        dscale += g_s
-    (g_o,) = torch.autograd.grad((det_h, adj_h), (ol,), (d_det, d_adj))
-    return do + g_o
+def _columns(shard: Tensor) -> Tensor:
+    """A column block (K, m, D), contiguous, from a shard (m, K, D)."""
+    return shard.transpose(0, 1).contiguous()
 
 
 class _GramDist(torch.autograd.Function):
     @staticmethod
     @autocast_off
-    def forward(ctx, t, o, scale, lay, eps, strategy, grad_scaling):
+    def forward(ctx, t, o, scale, lay, eps, strategy, grad_scaling, backend):
         acc = accumulation_dtype(t.dtype)
-        ta, oa = t.to(acc), o.to(acc)
+        module = backend_module(backend, "gram")
         n = t.shape[0]
-        row_lse = torch.full((n,), float("-inf"), dtype=acc, device=t.device)
-        totals = torch.zeros(1, dtype=acc, device=t.device)  # sum_ij L_ij over local rows
-        det_l, adj_l = column_constants(oa)
-        diag = _diag(ta, oa, det_l, adj_l, scale)
-        n_tot = lay.total
+        kw = dict(dtype=acc, device=t.device)
+        row_lse = torch.full((n,), float("-inf"), **kw)
+        diag = torch.zeros(n, **kw)
+        total_sum = torch.zeros(1, **kw)  # sum_ij L_ij over the local rows
+
+        def sweep(y: Tensor, row_offset: int) -> Tensor:
+            """Fold the local rows against the column block y (K, m, D); return its partial
+            column LSEs (m,)."""
+            nonlocal row_lse
+            with torch.no_grad():
+                _, det_h, adj_h, floor_h = _constants(y, acc)
+            st = module.gram_forward(t, y, scale, det_h, adj_h, floor_h, row_offset)
+            row_lse = torch.logaddexp(row_lse, st[0].to(acc))
+            diag.add_(st[2].to(acc))
+            total_sum.add_(st[3].to(acc).sum())
+            return st[1].to(acc)
+
         if strategy == "gather":
             cols = _comm.all_gather_rows(o.transpose(0, 1).contiguous(), lay)  # (N, K, D)
-            ya = cols.transpose(0, 1).to(acc)
-            det_h, adj_h = column_constants(ya)
-            col_part = _tile_stats(ta, ya, det_h, adj_h, scale, row_lse, totals)
-            extra = torch.cat([row_lse.sum()[None], diag.sum()[None], totals])
+            col_part = sweep(_columns(cols), lay.offset)
+            extra = torch.cat([row_lse.sum()[None], diag.sum()[None], total_sum])
             col_lse, sums = _comm.lse_all_reduce(col_part, extra, lay)
             col_sum = col_lse.sum()
             ctx.save_for_backward(t, o, scale, row_lse, col_lse, cols)
         else:
 
             def visit(q, shard):
-                y = shard[0].transpose(0, 1).to(acc)
-                det_h, adj_h = column_constants(y)
-                return _tile_stats(ta, y, det_h, adj_h, scale, row_lse, totals)
+                return sweep(_columns(shard[0]), lay.offset - lay.offsets[q])
 
             col_lse = _comm.ring_pass(lay, [o.transpose(0, 1).contiguous()], visit, torch.logaddexp)
-            part = torch.cat([row_lse.sum()[None], diag.sum()[None], totals, col_lse.sum()[None]])
+            part = torch.cat(
+                [row_lse.sum()[None], diag.sum()[None], total_sum, col_lse.sum()[None]]
+            )
             sums = _comm.all_reduce(part, lay)
             col_sum = sums[3]
             ctx.save_for_backward(t, o, scale, row_lse, col_lse)
+        n_tot = lay.total
         loss = sums[0] + col_sum - 2.0 * (1.0 - eps) * sums[1] - 2.0 * eps / n_tot * sums[2]
-        ctx.lay, ctx.eps, ctx.strategy, ctx.grad_scaling = lay, eps, strategy, grad_scaling
+        ctx.lay, ctx.eps, ctx.strategy = lay, eps, strategy
+        ctx.grad_scaling, ctx.backend = grad_scaling, backend
         return loss / (2 * n_tot)
 
     @staticmethod
@@ -154,40 +126,47 @@ class _GramDist(torch.autograd.Function):
         t, o, scale, row_lse, col_lse, *rest = ctx.saved_tensors
         lay, eps = ctx.lay, ctx.eps
         acc = row_lse.dtype
+        module = backend_module(ctx.backend, "gram")
         g = _comm.mean_upstream(grad_loss, lay, acc)
-        coef = g / (2 * lay.total)
-        eps_n = eps / lay.total
-        ta, oa = t.to(acc), o.to(acc)
-        with torch.enable_grad():  # the diagonal term, local
-            tl = ta.detach().requires_grad_(True)
-            ol = oa.detach().requires_grad_(True)
-            sl = scale.detach().requires_grad_(True)
-            det_l, adj_l = column_constants(ol)
-            h = _diag(tl, ol, det_l, adj_l, sl).sum() * (-2.0 * (1.0 - eps) * coef)
-            dt, do, ds = torch.autograd.grad(h, (tl, ol, sl))
-        dt = dt.clone()
-        dscale = ds.reshape(1).clone()
+        dt = torch.zeros(t.shape, dtype=acc, device=t.device)
+        dscale = torch.zeros(1, dtype=acc, device=t.device)
+
+        def sweep(y: Tensor, col_lse_blk: Tensor, row_offset: int) -> Tensor:
+            """Add the block's d anchor and dscale; return d y (K, m, D) in acc, through
+            the column constants too."""
+            with torch.enable_grad():
+                yl, det_h, adj_h, floor_h = _constants(y, acc)
+            d_a, d_u, ds, col_tt, col_uu = module.gram_backward(
+                t, y, scale, det_h.detach(), adj_h.detach(), floor_h, row_lse, col_lse_blk,
+                g, eps, row_offset=row_offset, total=lay.total, out_dtype=acc,
+            )  # fmt: skip
+            dt.add_(d_a)
+            dscale.add_(ds.to(acc))
+            if y.shape[1] == 0:
+                return d_u.to(acc)
+            (d_c,) = torch.autograd.grad((det_h, adj_h), (yl,), (col_tt.to(acc), -col_uu.to(acc)))
+            return d_u.to(acc) + d_c
+
         if ctx.strategy == "gather":
             (cols,) = rest
-            ya = cols.transpose(0, 1).to(acc)
-            dy = _tile_grads(ta, ya, scale, row_lse, col_lse, coef, eps_n, dt, dscale)
+            dy = sweep(_columns(cols), col_lse, lay.offset)
             dcols = _comm.reduce_scatter_rows(dy.transpose(0, 1).contiguous(), lay)
         else:
 
             def visit(q, shard):
-                y = shard[0].transpose(0, 1).to(acc)
-                dy = _tile_grads(ta, y, scale, row_lse, shard[1], coef, eps_n, dt, dscale)
+                dy = sweep(_columns(shard[0]), shard[1], lay.offset - lay.offsets[q])
                 return dy.transpose(0, 1).contiguous()
 
             travel = [o.transpose(0, 1).contiguous(), col_lse]
             dcols = _comm.ring_pass(lay, travel, visit, torch.add)
-        do = do + dcols.transpose(0, 1)
+        do = dcols.transpose(0, 1)
         _comm.all_reduce(dscale, lay)
         factor = lay.world if ctx.grad_scaling == "ddp" else 1
         return (
             (dt * factor).to(t.dtype),
             (do * factor).to(o.dtype),
             dscale[0].to(scale.dtype),
+            None,
             None,
             None,
             None,
@@ -243,8 +222,11 @@ def gram_loss(
     Every rank returns :func:`flashcontrast.gram_loss` of the concatenation of the shards
     in rank order. Gradients as :func:`flashcontrast.distributed.clip_loss`
     (``grad_scaling="ddp"``: features W x, ``logit_scale`` 1x the single-process
-    gradients; ``"sum"``: features 1x). ``strategy``: "gather" or "ring" (module doc);
-    tiles are blockwise PyTorch.
+    gradients; ``"sum"``: features 1x). ``strategy``: "gather" or "ring" (module doc).
+    ``backend``: "auto" (resolved as :func:`flashcontrast.gram_loss` resolves it), "torch"
+    or "reference" (the float64-capable "torch" kernels); the tiles are that backend's GRAM
+    kernels in their rectangular form (module doc). A backend whose GRAM kernels lack that
+    form, or that cannot run on some rank, fails the setup checks of every rank.
     """
 
     def check():
@@ -252,10 +234,18 @@ def gram_loss(
         oth = _check_shard_others(a, others)
         scale = _comm.scalar("logit_scale", logit_scale, a)
         eps = _check_label_smoothing(label_smoothing)
+        chosen = _comm.engine_backend("gram", backend, a)
+        if chosen not in RECTANGULAR_BACKENDS:
+            raise RuntimeError(
+                f"backend={chosen!r} has no rectangular GRAM kernels (a rank's rows against "
+                f"a column block) yet; flashcontrast.distributed.gram_loss runs on "
+                f"{' or '.join(map(repr, RECTANGULAR_BACKENDS))}"
+            )
         n, d = a.shape
-        return (a, oth, scale, eps), n, d, a.dtype, a.device, [len(oth), _float_bits(eps)]
+        payload = (a, oth, scale, eps, chosen)
+        return payload, n, d, a.dtype, a.device, [len(oth), _float_bits(eps)]
 
-    lay, (a, oth, scale, eps) = _comm.setup_checked(
+    lay, (a, oth, scale, eps, chosen) = _comm.setup_checked(
         "gram_loss",
         group,
         strategy,
@@ -263,6 +253,7 @@ def gram_loss(
         backend,
         ["number of other modalities K", ("label_smoothing", _bits_float)],
         check,
+        backends=_comm.ENGINE_BACKENDS,
     )
     stacked = torch.stack(oth)  # (K, n_r, D), differentiable
-    return _GramDist.apply(a, stacked, scale, lay, eps, strategy, grad_scaling)
+    return _GramDist.apply(a, stacked, scale, lay, eps, strategy, grad_scaling, chosen)
