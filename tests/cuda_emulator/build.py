@@ -130,8 +130,8 @@ def build(
         raise RuntimeError(reason)
     cuda_inc = cuda_include_dir()
     cxx = os.environ.get("CXX", "g++")
-    kernels = {}
-    for cu in sorted((CSRC / "kernels").glob("*.cu")):
+    kernels = {}  # the translation units, then the kernel headers they include (*.cuh)
+    for cu in [*sorted((CSRC / "kernels").glob("*.cu")), *sorted((CSRC / "kernels").glob("*.cuh"))]:
         text = cu.read_text()
         kernels[cu] = rewrite(mutate(cu.name, text) if mutate else text)
     others = [*sorted((CSRC / "include").rglob("*.h*")), CSRC / "bindings.cpp"]
@@ -155,6 +155,9 @@ def build(
     )
     units = []
     for cu, text in kernels.items():
+        if cu.suffix == ".cuh":  # included by name from the units beside it
+            (work / cu.name).write_text(f'#line 1 "{cu}"\n' + text)
+            continue
         dst = work / (cu.stem + ".cpp")
         dst.write_text(f'#line 1 "{cu}"\n' + text)
         units.append(dst)

@@ -6,7 +6,7 @@ inputs' device, makes that device current and passes its current stream, so the 
 run where and when torch expects. Nothing here synchronizes with the host.
 
 The pair engine (contract: ``backends/pair.py``): ``pair_forward`` / ``pair_backward``, with
-the torch implementation's signatures, over csrc/kernels/pair.cu (one forward and one
+the torch implementation's signatures, over csrc/kernels/pair_impl.cuh (one forward and one
 backward kernel templated on the epilogue and options; ``_C.PairParams`` and friends carry
 every argument by name). CLIP, SigLIP, InfoNCE, MV-InfoNCE, MV-DHEL and Symile "n" are its
 epilogues and need no other kernels. Symile "n_squared" (M = 3): ``symile_n2_forward`` /

@@ -60,13 +60,14 @@ ESTIMATES = {
         "each at 780 TFLOP/s) + 13 copies of 8.6 GB (2 ms each at 4.3 TB/s)",
     ),
     # nvcc 13.0, -gencode sm_90a, one file per core, on the CI machine (2-core AMD EPYC,
-    # 2026-12-02): symile.cu 10.5 s, gram.cu 8.4, runtime_info.cu 2.5 (and the per-objective
-    # multiview.cu, clip.cu, siglip.cu, 6.7-8.0 s, since replaced by pair.cu, which was not
-    # in that measurement); bindings.cpp (g++, pybind11) 13 s.
+    # 2026-12-02): the pair engine's per-dtype units pair_bfloat16.cu 14.3 s,
+    # pair_float16.cu 14.2, pair_float32.cu 13.6, pair.cu 2.4 (load average 1.5; in one
+    # file they took ~90 s under load, hence the split), symile.cu 10.5 s, gram.cu 8.4,
+    # runtime_info.cu 2.5; bindings.cpp (g++, pybind11) 13 s.
     "build_s": (
         55.0,
         "per-file compile times for sm_90a measured on the CI machine (2-core "
-        "AMD EPYC, 2026-12-02): the longest file 13 s, all files in parallel on 16 "
+        "AMD EPYC, 2026-12-02): the longest file 14 s, all files in parallel on 16 "
         "cores, + CMake configure ~10 s + link, x2 margin",
     ),
     # Triton 3.9 AOT compile of every kernel for sm_90 on the CI machine (2026-12-02,
