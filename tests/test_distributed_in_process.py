@@ -1,4 +1,5 @@
-"""What gloo-on-CPU runs of the distributed losses cannot show, checked on the CPU:
+"""The distributed losses in one process (a one-rank group, mocked backend queries): what
+multi-process gloo runs on a CPU cannot show, checked on the CPU:
 
 * where the metadata all-gather runs for each backend configuration (NCCL: the features'
   GPU, not the current device; mixed "cpu:gloo,cuda:nccl": the CPU on every rank), with
