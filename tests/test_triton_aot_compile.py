@@ -2,12 +2,12 @@
 
 The other Triton tests run the kernels in the interpreter (TRITON_INTERPRET=1, set by
 conftest.py), which accepts programs that the GPU compiler rejects. This test runs
-``flashcontrast.backends.triton._aot_check`` in a subprocess with the variable removed
+``tools/triton_aot_check.py`` in a subprocess with the variable removed
 (Triton reads it when the kernels are defined, so it cannot be undone in this process) and
 no visible CUDA device: every kernel is compiled to a cubin for sm_80 and sm_90 with the
 configurations its launcher picks for one representative set of sizes (the ``smoke``
 preset), and must fit the shared memory of the arch. The full matrix of sizes, dtypes and
-optional arguments is ``python -m flashcontrast.backends.triton._aot_check`` (it takes tens
+optional arguments is ``python tools/triton_aot_check.py`` (it takes tens
 of minutes on two cores). Compilation only: numerics are the interpreter tests' business.
 """
 
@@ -33,12 +33,14 @@ ARCHS = (80, 90)
 # Symile "n_squared".
 MODULES = ("_common", "gram", "symile", "pair")
 PACKAGE = "flashcontrast.backends.triton"
+# A developer tool (it relies on Triton internals), outside the package and the wheel.
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "triton_aot_check.py"
 
 
 def _run_check(out: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [sys.executable, "-m", f"{PACKAGE}._aot_check", "--arch", *map(str, ARCHS)]
+    cmd = [sys.executable, str(TOOL), "--arch", *map(str, ARCHS)]
     cmd += ["--preset", "smoke", "--variants", "spec", "--jobs", "2", "--json", str(out), "-q"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 

@@ -71,7 +71,7 @@ ESTIMATES = {
         "cores, + CMake configure ~10 s + link, x2 margin",
     ),
     # Triton 3.9 AOT compile of every kernel for sm_90 on the CI machine (2026-12-02,
-    # python -m flashcontrast.backends.triton._aot_check --arch 90 --preset smoke):
+    # python tools/triton_aot_check.py --arch 90 --preset smoke):
     # 0.25-3.5 s per kernel, mean 1.3 s; the JIT adds its Python side: 1.5 s each.
     "triton_compile_s": (
         1.5,

@@ -827,7 +827,8 @@ def pair_backward(
             kda, kdb = torch.zeros((n, 1), **f32), torch.zeros((m, 1), **f32)
         d = ka.shape[1]
         # Column coefficients keep six more (BLOCK_N,) vectors on chip: 64 x 128 tiles
-        # spill on sm_90 then (ptxas, _aot_check); 64 x 64 do not and stay wgmma-wide.
+        # spill on sm_90 then (ptxas, tools/triton_aot_check.py); 64 x 64 do not and stay
+        # wgmma-wide.
         columns = gc is not None or gpc is not None
         tiles, num_cb, split = _backward_plan(
             n, d, a.dtype, device, m, max_block_n=64 if columns else None

@@ -223,7 +223,7 @@ def _num_stages(block: int, block_d: int, dtype: torch.dtype, device: torch.devi
 
     Triton keeps up to num_stages + 1 of them in shared memory (four at its default of 3,
     in the dz pass of ``_n2_bwd_kernel``), in the dtype that reaches tl.dot. Compiled for
-    sm_80/sm_90 (``python -m flashcontrast.backends.triton._aot_check``), fp32 16 x 1024
+    sm_80/sm_90 (``python tools/triton_aot_check.py``), fp32 16 x 1024
     tiles then need 192-256 KiB, more than one block may have on an A100 (163 KiB) or an
     H100 (227 KiB); at 1 stage they need 128 KiB. So 3 stages while four tiles fit in
     128 KiB, else 1. fp32 D > 1024 (16-bit D > 2048) fits no GPU even so: whole-D tiles

@@ -2,7 +2,7 @@
 
 Run it as::
 
-    python -m flashcontrast.backends.triton._aot_check [--arch 80 90] [--json OUT]
+    python tools/triton_aot_check.py [--arch 80 90] [--json OUT]
         [--preset full|smoke] [--objectives pair gram symile] [--jobs N]
 
 The tests run the Triton kernels in Triton's CPU interpreter (TRITON_INTERPRET=1), which
@@ -286,7 +286,7 @@ def _cuda(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 def _gram_case(k: int, n: int, d: int, dtype: torch.dtype) -> None:
-    from . import gram
+    from flashcontrast.backends.triton import gram
 
     anchor, others = _cuda(n, d, dtype=dtype), _cuda(k, n, d, dtype=dtype)
     scale, det_h, adj_h, floor_h = _cuda(), _cuda(n), _cuda(n, k, k), _cuda(n)
@@ -295,7 +295,7 @@ def _gram_case(k: int, n: int, d: int, dtype: torch.dtype) -> None:
 
 
 def _symile_case(n: int, d: int, dtype: torch.dtype) -> None:
-    from . import symile
+    from flashcontrast.backends.triton import symile
 
     x, y, z = (_cuda(n, d, dtype=dtype) for _ in range(3))
     scale = _cuda()
@@ -318,8 +318,8 @@ _PAIR_OBJECTIVES = {
 def _pair_case(
     n: int, d: int, dtype: torch.dtype, kind: str, bias: bool, groups, override: bool
 ) -> None:
-    from ..pair import Coefs, Pair
-    from . import pair as triton_pair
+    from flashcontrast.backends.pair import Coefs, Pair
+    from flashcontrast.backends.triton import pair as triton_pair
 
     options, given = _PAIR_OBJECTIVES[kind]
     pair = Pair(**options)
@@ -780,7 +780,7 @@ def _versions() -> dict:
 
 def _check_compiling() -> Optional[str]:
     """Why the kernels cannot be compiled here (they were defined interpreted), or None."""
-    from . import pair
+    from flashcontrast.backends.triton import pair
 
     if not isinstance(pair._pair_fwd_kernel, JITFunction):
         return (
@@ -793,7 +793,7 @@ def _check_compiling() -> Optional[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog=f"python -m {_PACKAGE}._aot_check",
+        prog="python tools/triton_aot_check.py",
         description="Compile every Triton kernel of flashcontrast for real GPUs, offline.",
     )
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(ARCHS))
