@@ -1,7 +1,12 @@
 """GRAM volume loss (objectives.md section 4) as Triton kernels: O(K N D) memory.
 
-Contract: flashcontrast/backends/__init__.py. Anchor T (N, D), others O (K, N, D), per-column
-constants det_h (N,), adj_h (N, K, K) (symmetric), tt_i = |t_i|^2. Derivation:
+Contract: flashcontrast/backends/__init__.py, in the rectangular form of
+``backends/blockwise/gram.py``: anchor rows T (n, D) against the columns of others O
+(K, m, D), row i's own column at ROW_OFFSET + i (its diagonal term; none where that is
+outside [0, m)), partial row / column statistics the caller merges, the backward's
+1/(2N) and eps/N with N = TOTAL (default m). Below, N stands for either length; the
+single-process loss is n = m, ROW_OFFSET = 0. Per-column constants det_h (m,), adj_h
+(m, K, K) (symmetric), tt_i = |t_i|^2. Derivation:
 
     u_ij[r] = <t_i, o^r_j>,  det_ij = det_h_j tt_i - u_ij^T adj_h_j u_ij  (Schur complement)
 
@@ -118,25 +123,43 @@ def _volume(det, tt, floor):
     return keep, tl.sqrt(tl.where(keep, det, det * 0.0))
 
 
+@triton.jit
+def _store_own(
+    diag_ptr, s, rows, cols, rmask, rb, cb, ROW_OFFSET,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """diag[i] = s[i, ROW_OFFSET + i] for the rows of tile (rb, cb) whose own column is in
+    it (``_common._store_diag`` at an offset); only the tile(s) crossing it store."""
+    lo = cb * BLOCK_N
+    first = rb * BLOCK_M + ROW_OFFSET
+    if (first < lo + BLOCK_N) & (lo < first + BLOCK_M):
+        own = rows + ROW_OFFSET
+        on_diag = own[:, None] == cols[None, :]
+        d_val = tl.sum(tl.where(on_diag, s, 0.0), axis=1)
+        tl.store(diag_ptr + rows, d_val, mask=rmask & (own >= lo) & (own < lo + BLOCK_N))
+
+
 # Forward, one sweep, 2K GEMM-equivalents: per tile, q (2K dot tiles), det, V, L = -s V;
 # rows: online (max, sumexp) and sum in registers; columns: the same in this program's
 # partial rows; diagonal from the tile that holds it.
 @triton.jit
 def _gram_fwd_kernel(
     t_ptr, o_ptr, w_ptr, tt_ptr, deth_ptr, floor_ptr, scale_ptr,
-    ws_m_ptr, ws_l_ptr, ws_s_ptr,  # (H + G, N) fp32 partials: max, sumexp, sum
-    diag_ptr,
-    N, D, stride_tn, stride_td, stride_ok, stride_on, stride_od,
+    ws_m_ptr, ws_l_ptr, ws_s_ptr,  # (H + G, L) fp32 partials: max, sumexp, sum
+    diag_ptr,  # (N,) fp32 zeros
+    N, NC, L, ROW_OFFSET, D, stride_tn, stride_td, stride_ok, stride_on, stride_od,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INDEX_64: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    W_PRECISION: tl.constexpr,
+    W_PRECISION: tl.constexpr, SQUARE: tl.constexpr,
 ):  # fmt: skip
     pid_g, pid_h, G, H, num_rb, num_cb = _fwd_program(N, BLOCK_M, BLOCK_N)
+    if not SQUARE:
+        num_cb = tl.cdiv(NC, BLOCK_N)
     scale = tl.load(scale_ptr).to(tl.float32)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    row_part = pid_h * N
-    col_part = (H + pid_g) * N
+    row_part = pid_h * L
+    col_part = (H + pid_g) * L
 
     for rb in range(pid_g, num_rb, G):
         rows = rb * BLOCK_M + offs_m
@@ -147,12 +170,12 @@ def _gram_fwd_kernel(
         s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for cb in range(pid_h, num_cb, H):
             cols = cb * BLOCK_N + offs_n
-            cmask = cols < N
+            cmask = cols < NC
             deth = tl.load(deth_ptr + cols, mask=cmask, other=0.0)
             floor = tl.load(floor_ptr + cols, mask=cmask, other=0.0)
             cols = _widen(cols, INDEX_64)
             det = _det_tile(
-                t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, N, D,
+                t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, NC, D,
                 stride_tn, stride_td, stride_ok, stride_on, stride_od,
                 K, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, W_PRECISION,
             )  # fmt: skip
@@ -162,12 +185,15 @@ def _gram_fwd_kernel(
             s = tl.where(valid, logit, float("-inf"))
             s0 = tl.where(valid, logit, 0.0)
 
-            _store_diag(diag_ptr, s0, rows, cols, rmask, rb, cb, BLOCK_M, BLOCK_N)
+            if SQUARE:  # n = m, ROW_OFFSET = 0: the single-process call
+                _store_diag(diag_ptr, s0, rows, cols, rmask, rb, cb, BLOCK_M, BLOCK_N)
+            else:
+                _store_own(diag_ptr, s0, rows, cols, rmask, rb, cb, ROW_OFFSET, BLOCK_M, BLOCK_N)
 
             m_i, l_i = _online_lse(m_i, l_i, s, 1)
             s_i += tl.sum(s0, axis=1)
 
-            seen = _seen_columns(cols, rb, pid_g, N)
+            seen = _seen_columns(cols, rb, pid_g, NC)
             _col_lse_rmw(ws_m_ptr + col_part + cols, ws_l_ptr + col_part + cols, seen, cmask, s)
             cs_ptrs = ws_s_ptr + col_part + cols
             cs_old = tl.load(cs_ptrs, mask=seen, other=0.0)
@@ -186,24 +212,24 @@ def _gram_bwd_kernel(
     t_ptr, o_ptr, w_ptr, tt_ptr, deth_ptr, floor_ptr, scale_ptr, grad_ptr,
     row_lse_ptr, col_lse_ptr,
     da_ptr,  # (N, D) fp32 zeros
-    z_ptr,  # (K, N, D) fp32 zeros
-    coltt_ptr,  # (N,) fp32 zeros
+    z_ptr,  # (K, NC, D) fp32 zeros
+    coltt_ptr,  # (NC,) fp32 zeros
     part_ptr,  # (programs,) fp32: dscale partials
-    eps, N, D, stride_tn, stride_td, stride_ok, stride_on, stride_od,
+    eps, N, NC, ROW_OFFSET, TOTAL, D, stride_tn, stride_td, stride_ok, stride_on, stride_od,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INDEX_64: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     W_PRECISION: tl.constexpr,
 ):  # fmt: skip
     cb, sp, SPLIT, count = _bwd_program(N, BLOCK_M)
     scale = tl.load(scale_ptr).to(tl.float32)
-    coef = tl.load(grad_ptr).to(tl.float32) * (0.5 / N)
-    smooth = 2.0 * eps / N
+    coef = tl.load(grad_ptr).to(tl.float32) * (0.5 / TOTAL)
+    smooth = 2.0 * eps / TOTAL
     target = 2.0 * (1.0 - eps)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
+    cmask = cols < NC
     col_lse = tl.load(col_lse_ptr + cols, mask=cmask, other=0.0)
     deth = tl.load(deth_ptr + cols, mask=cmask, other=0.0)
     floor = tl.load(floor_ptr + cols, mask=cmask, other=0.0)
@@ -219,7 +245,7 @@ def _gram_bwd_kernel(
         tt = tl.load(tt_ptr + rows, mask=rmask, other=0.0)
         rows = _widen(rows, INDEX_64)
         det = _det_tile(
-            t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, N, D,
+            t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, NC, D,
             stride_tn, stride_td, stride_ok, stride_on, stride_od,
             K, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, W_PRECISION,
         )  # fmt: skip
@@ -227,7 +253,7 @@ def _gram_bwd_kernel(
         valid = rmask[:, None] & cmask[None, :]
         s = tl.where(valid, -scale * vol, float("-inf"))  # as in the forward
         dl = tl.exp(s - row_lse[:, None]) + tl.exp(s - col_lse[None, :]) - smooth
-        dl = tl.where(rows[:, None] == cols[None, :], dl - target, dl)
+        dl = tl.where(rows[:, None] + ROW_OFFSET == cols[None, :], dl - target, dl)
         dl = tl.where(valid, dl, 0.0) * coef  # dLoss / dL_ij
         ds_acc += tl.sum(tl.sum(-dl * vol, axis=1), axis=0)
         pos = valid & keep
@@ -247,7 +273,7 @@ def _gram_bwd_kernel(
                 dmask = dd < D
                 t_c = _load_rows(t_ptr, rows, rmask, dd, dmask, stride_tn, stride_td, tl.float32)
                 w_c = tl.load(
-                    w_ptr + r * N * D + cols[:, None] * D + dd[None, :],
+                    w_ptr + r * NC * D + cols[:, None] * D + dd[None, :],
                     mask=cmask[:, None] & dmask[None, :],
                     other=0.0,
                 )
@@ -262,7 +288,7 @@ def _gram_bwd_kernel(
                 )
                 z_c = tl.dot(tl.trans(wu), t_c, input_precision=W_PRECISION)
                 tl.atomic_add(
-                    z_ptr + r * N * D + cols[:, None] * D + dd[None, :],
+                    z_ptr + r * NC * D + cols[:, None] * D + dd[None, :],
                     z_c,
                     mask=cmask[:, None] & dmask[None, :],
                     sem="relaxed",
@@ -277,7 +303,7 @@ def _gram_bwd_kernel(
 
 def _tiles(d: int, dtype: torch.dtype, device: torch.device, backward: bool = False) -> _Tiles:
     """Tiles of the forward (or backward) kernel. Untimed on a GPU; chosen by ptxas's spill
-    report (``python -m flashcontrast.backends.triton._aot_check --objectives gram --arch
+    report (``python tools/triton_aot_check.py --objectives gram --arch
     80``): the (since deleted) CLIP kernel's 4-warp 64 x 64 x 64 tiles spilled ~53 KB per
     thread in the bf16 backward (its K + 2 fp32 tiles do not fit 4 warps' registers); these
     spill at most 252 bytes on sm_80 over the check's full preset (K = 2, 3; fp32, fp16,
@@ -293,9 +319,9 @@ def _tiles(d: int, dtype: torch.dtype, device: torch.device, backward: bool = Fa
 def _prepare(
     anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor, floor_h: Tensor
 ):
-    if anchor.dim() != 2 or others.dim() != 3 or others.shape[1:] != anchor.shape:
+    if anchor.dim() != 2 or others.dim() != 3 or others.shape[2] != anchor.shape[1]:
         raise ValueError(
-            f"anchor must be (N, D) and others (K, N, D), got {tuple(anchor.shape)} and "
+            f"anchor must be (n, D) and others (K, m, D), got {tuple(anchor.shape)} and "
             f"{tuple(others.shape)}"
         )
     if anchor.dtype != others.dtype or anchor.dtype not in _TORCH_TO_TL:
@@ -305,29 +331,29 @@ def _prepare(
         )
     device = anchor.device
     _check_runnable(device, "flashcontrast.backends.triton")
-    k, n, _ = others.shape
+    k, m, _ = others.shape
     named = (("others", others), ("scale", scale), ("det_h", det_h), ("adj_h", adj_h))
     for name, t in (*named, ("floor_h", floor_h)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device}, anchor on {device}")
     if (
-        det_h.shape != (n,)
-        or floor_h.shape != (n,)
-        or adj_h.shape != (n, k, k)
+        det_h.shape != (m,)
+        or floor_h.shape != (m,)
+        or adj_h.shape != (m, k, k)
         or scale.numel() != 1
     ):
         raise ValueError(
-            "det_h and floor_h must be (N,), adj_h (N, K, K) and scale a single element"
+            "det_h and floor_h must be (m,), adj_h (m, K, K) and scale a single element"
         )
 
 
 def _common(anchor, others, det_h, adj_h, floor_h):
-    """tt (N,), det_h (N,), floor_h (N,), adj_h (N, K, K) and W (K, N, D), all fp32."""
+    """tt (n,), det_h (m,), floor_h (m,), adj_h (m, K, K) and W (K, m, D), all fp32."""
     f32 = torch.float32
     t32 = anchor.to(f32)
     tt = (t32 * t32).sum(dim=1)
     adj = adj_h.to(f32)
-    # W_r = sum_s adj_h[:, r, s] o^s: (K, N, D) fp32, contiguous.
+    # W_r = sum_s adj_h[:, r, s] o^s: (K, m, D) fp32, contiguous.
     w = torch.einsum("nrs,snd->rnd", adj, others.to(f32)).contiguous()
     deth, floor = det_h.to(f32).contiguous(), floor_h.to(f32).contiguous()
     return tt.contiguous(), deth, floor, adj, w
@@ -348,26 +374,48 @@ def _kernel_kwargs(k: int, tiles: _Tiles, dtype: torch.dtype, device: torch.devi
 
 
 def gram_forward(
-    anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor, floor_h: Tensor
+    anchor: Tensor,
+    others: Tensor,
+    scale: Tensor,
+    det_h: Tensor,
+    adj_h: Tensor,
+    floor_h: Tensor,
+    row_offset: int = 0,
 ):
-    """(row_lse, col_lse, diag, row_sum, col_sum), each (N,) float32."""
+    """(row_lse (n,), col_lse (m,), diag (n,), row_sum (n,), col_sum (m,)) float32 of rows
+    anchor (n, D) against the columns of others (K, m, D), row i's own column at
+    row_offset + i (diag 0 where it is outside the block); row statistics over this
+    block's columns, column statistics over its rows: partial, merged by the caller
+    (``backends/blockwise/gram.py``, the rectangular form)."""
     _prepare(anchor, others, scale, det_h, adj_h, floor_h)
-    k, n, d = others.shape
+    k, m, d = others.shape
+    n = anchor.shape[0]
+    f32 = dict(dtype=torch.float32, device=anchor.device)
+    diag = torch.zeros(n, **f32)
+    if n == 0 or m == 0:
+        inf = float("-inf")
+        row_lse, col_lse = torch.full((n,), inf, **f32), torch.full((m,), inf, **f32)
+        return row_lse, col_lse, diag, torch.zeros(n, **f32), torch.zeros(m, **f32)
     tt, deth, floor, _, w = _common(anchor, others, det_h, adj_h, floor_h)
     tiles = _tiles(d, anchor.dtype, anchor.device)
-    g, h = _forward_grid_for(tiles, n, anchor.device)
-    f32 = dict(dtype=torch.float32, device=anchor.device)
-    ws = torch.empty((3, h + g, n), **f32)
-    diag, row_lse, col_lse = (torch.empty(n, **f32) for _ in range(3))
+    g, h = _forward_grid_for(tiles, n, anchor.device, m)
+    width = max(n, m)
+    ws = torch.empty((3, h + g, width), **f32)
+    if n != m:  # lanes past the rows' (columns') count are folded too, then dropped
+        ws[0].fill_(float("-inf"))
+        ws[1].zero_()
+    row_lse, col_lse = torch.empty(width, **f32), torch.empty(width, **f32)
     with _guard(anchor.device):
         _gram_fwd_kernel[(g, h)](
             anchor, others, w, tt, deth, floor, scale, ws[0], ws[1], ws[2], diag,
-            n, *_launch_args(anchor, others),
+            n, m, width, int(row_offset), *_launch_args(anchor, others),
             INDEX_64=_index_64(anchor, others, w),
+            SQUARE=n == m and int(row_offset) == 0,
             **_kernel_kwargs(k, tiles, anchor.dtype, anchor.device),
         )  # fmt: skip
-        _combine_lse(ws[0], ws[1], row_lse, col_lse, n, h, g)
-    return row_lse, col_lse, diag, ws[2, :h].sum(dim=0), ws[2, h:].sum(dim=0)
+        _combine_lse(ws[0], ws[1], row_lse, col_lse, width, h, g)
+    row_sum, col_sum = ws[2, :h, :n].sum(dim=0), ws[2, h:, :m].sum(dim=0)
+    return row_lse[:n], col_lse[:m], diag, row_sum, col_sum
 
 
 def gram_backward(
@@ -381,28 +429,40 @@ def gram_backward(
     col_lse: Tensor,
     grad: Tensor,
     label_smoothing: float,
+    row_offset: int = 0,
+    total=None,
+    out_dtype=None,
 ):
-    """(d_anchor (N, D) anchor dtype, d_others_u (K, N, D) others dtype, dscale 0-d fp32,
-    col_tt (N,) fp32, col_uu (N, K, K) fp32)."""
+    """(d_anchor (n, D), d_others_u (K, m, D), dscale 0-d fp32, col_tt (m,) fp32, col_uu
+    (m, K, K) fp32) of this block, from the merged row_lse (n,) and col_lse (m,); total:
+    the N of 1/(2N) and eps/N (default m); d_anchor and d_others_u in ``out_dtype`` (None:
+    the inputs' dtype)."""
     _prepare(anchor, others, scale, det_h, adj_h, floor_h)
-    k, n, d = others.shape
-    tt, deth, floor, adj, w = _common(anchor, others, det_h, adj_h, floor_h)
-    tiles = _tiles(d, anchor.dtype, anchor.device, backward=True)
-    num_cb, split = _backward_grid_for(tiles, n, anchor.device)
+    k, m, d = others.shape
+    n = anchor.shape[0]
     f32 = dict(dtype=torch.float32, device=anchor.device)
     da = torch.zeros((n, d), **f32)
-    z = torch.zeros((k, n, d), **f32)
-    col_tt = torch.zeros(n, **f32)
+    z = torch.zeros((k, m, d), **f32)
+    col_tt = torch.zeros(m, **f32)
+    if n == 0 or m == 0:
+        col_uu = torch.zeros((m, k, k), **f32)
+        return (da.to(out_dtype or anchor.dtype), z.to(out_dtype or others.dtype),
+                torch.zeros((), **f32), col_tt, col_uu)  # fmt: skip
+    tt, deth, floor, adj, w = _common(anchor, others, det_h, adj_h, floor_h)
+    tiles = _tiles(d, anchor.dtype, anchor.device, backward=True)
+    num_cb, split = _backward_grid_for(tiles, n, anchor.device, m)
     part = torch.empty(num_cb * split, **f32)
     with _guard(anchor.device):
         _gram_bwd_kernel[(num_cb, split)](
             anchor, others, w, tt, deth, floor, scale, grad,
             row_lse.to(torch.float32).contiguous(), col_lse.to(torch.float32).contiguous(),
             da, z, col_tt, part,
-            float(label_smoothing), n, *_launch_args(anchor, others),
-            INDEX_64=_index_64(anchor, others, w, da),
+            float(label_smoothing), n, m, int(row_offset), int(m if total is None else total),
+            *_launch_args(anchor, others),
+            INDEX_64=_index_64(anchor, others, w, da, z),
             **_kernel_kwargs(k, tiles, anchor.dtype, anchor.device),
         )  # fmt: skip
     d_others = torch.einsum("nrs,snd->rnd", adj, z).mul_(-2.0)
     col_uu = torch.einsum("rnd,snd->nrs", others.to(torch.float32), z)
-    return da.to(anchor.dtype), d_others.to(others.dtype), part.sum(), col_tt, col_uu
+    return (da.to(out_dtype or anchor.dtype), d_others.to(out_dtype or others.dtype),
+            part.sum(), col_tt, col_uu)  # fmt: skip
