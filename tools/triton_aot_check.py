@@ -285,13 +285,18 @@ def _cuda(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="cuda")
 
 
-def _gram_case(k: int, n: int, d: int, dtype: torch.dtype) -> None:
+def _gram_case(k: int, n: int, d: int, dtype: torch.dtype, rectangular: bool = False) -> None:
+    """GRAM square (the single-process call) or rectangular (a rank's n / 2 rows against
+    n columns at an offset: the distributed call, its SQUARE=False kernels)."""
     from flashcontrast.backends.triton import gram
 
-    anchor, others = _cuda(n, d, dtype=dtype), _cuda(k, n, d, dtype=dtype)
+    rows, offset = (n // 2, n // 4) if rectangular else (n, 0)
+    anchor, others = _cuda(rows, d, dtype=dtype), _cuda(k, n, d, dtype=dtype)
     scale, det_h, adj_h, floor_h = _cuda(), _cuda(n), _cuda(n, k, k), _cuda(n)
-    row_lse, col_lse, *_ = gram.gram_forward(anchor, others, scale, det_h, adj_h, floor_h)
-    gram.gram_backward(anchor, others, scale, det_h, adj_h, floor_h, row_lse, col_lse, _cuda(), 0.1)
+    consts = (anchor, others, scale, det_h, adj_h, floor_h)
+    row_lse, col_lse, *_ = gram.gram_forward(*consts, row_offset=offset)
+    gram.gram_backward(*consts, row_lse, col_lse, _cuda(), 0.1, row_offset=offset, total=n,
+                       out_dtype=torch.float32 if rectangular else None)  # fmt: skip
 
 
 def _symile_case(n: int, d: int, dtype: torch.dtype) -> None:
@@ -364,6 +369,8 @@ def _cases_at(n: int, d: int, dname: str, flags: bool) -> list[Case]:
         cases.append(Case(objective, f"{objective} {size}{label}", lambda: fn(*args)))
 
     add("gram", f" K={2 if flags else 3}", _gram_case, 2 if flags else 3, n, d, dtype)
+    if flags:
+        add("gram", " K=2 rectangular", _gram_case, 2, n, d, dtype, True)
     if not flags:
         add("symile", "", _symile_case, n, d, dtype)
     for kind, bias, groups, override in _pair_variants(flags):
