@@ -59,16 +59,23 @@ stacked as others (K, N, D); per-column constants, computed above the backend in
 det_h (N,) = det H_j and adj_h (N, K, K) = adj H_j, H_j the K x K Gram matrix of
 (o^1_j, ..., o^K_j). u_ij (K,) = (<t_i, o^1_j>, ..., <t_i, o^K_j>)::
 
-    gram_forward(anchor, others, scale, det_h, adj_h, floor_h)
+    gram_forward(anchor, others, scale, det_h, adj_h, floor_h, row_offset=0)
         -> (row_lse, col_lse, diag, row_sum, col_sum)
+        Rectangular: anchor rows (n, D) against the columns of others (K, m, D), row i's
+        own column at row_offset + i (diag 0 where it is outside the block); the row
+        statistics are over this block's columns, the column ones over its rows: partial,
+        merged by the caller (logaddexp for the LSEs, + for the sums). The single-process
+        call is n = m, row_offset = 0 ("torch" and "triton"; "cuda": square only).
         det_ij = det_h_j |t_i|^2 - u_ij^T adj_h_j u_ij;  logits L_ij = -scale V_ij with
         V_ij = sqrt(det_ij) where det_ij > |t_i|^2 floor_h_j, else det_ij * 0 (0, or NaN
         for a NaN / inf det: never a max() that drops NaN). floor_h (N,) is the
         degeneracy floor rtol prod_r |o^r_j|^2 (objectives/gram.py). All (N,) fp32: LSE
         over j, LSE over i, L_ii, sum over j, sum over i (the sums serve label smoothing).
     gram_backward(anchor, others, scale, det_h, adj_h, floor_h, row_lse, col_lse, grad,
-                  label_smoothing)
+                  label_smoothing, row_offset=0, total=None, out_dtype=None)
         -> (d_anchor, d_others_u, dscale, col_tt, col_uu)
+        row_lse / col_lse the merged (global) ones; total the N of 1/(2N) and eps/N
+        (default m); out_dtype of the partial d_anchor / d_others_u (None: the inputs').
         With eps = label_smoothing and grad the upstream scalar of
         L = 1/2 [CE_rows(L) + CE_cols(L)] (torch's label-smoothed CE),
         dL_ij = grad / (2N) (P_row_ij + P_col_ij - 2 (1 - eps) [i == j] - 2 eps / N),

@@ -79,9 +79,12 @@ against each column block with the pair engine (``backends/pair.py``) of the bac
 "triton", "cuda"; "reference" runs the "torch" tiles; resolved among every rank's setup
 checks, so a backend that cannot run on one rank fails every rank), at the rows' and the
 columns' global offsets; CLIP's column statistics are (max, sum) pairs merged across
-ranks. GRAM still runs its own blockwise PyTorch tiles (``backend="auto" | "torch"``), and
-so does Symile "n_squared" (``backend="auto" | "torch" | "reference"``: the symile_n2
-kernels take rows and columns of one length, a rank's rows are n_r of the N).
+ranks. GRAM sweeps its rows against each column block with the backend's GRAM kernels in
+their rectangular form (row_offset; "torch", "triton"; "cuda" has square kernels only and
+raises, "auto" then takes "torch"), the degeneracy floor and NaN propagation the
+single-process kernels'. Symile "n_squared" runs blockwise PyTorch tiles
+(``backend="auto" | "torch" | "reference"``: the symile_n2 kernels take rows and columns
+of one length, a rank's rows are n_r of the N).
 
 ``"gather"``: all-gather the text features once (shards padded to n_max rows, so uneven
 sizes work with every backend); memory: all of B, O(N D), kept for the backward. CLIP
@@ -177,9 +180,9 @@ losses and GRAM, 5 for Symile):
   the anchors are sent twice, and in exchange no rank holds more than its shard, the
   factor rows of its columns and two visiting anchor shards.
 
-Not covered yet: GRAM's local tiles on the CUDA and Triton kernels (they run as its own
-blockwise PyTorch, GEMMs by the device's BLAS: correct everywhere, slower than the fused
-kernels), and Symile "n_squared"'s likewise (blockwise PyTorch, M = 3, "gather" only).
+Not covered yet: GRAM's local tiles on the CUDA kernels (rectangular GRAM kernels in
+csrc/ are still to come), and Symile "n_squared" on the kernels (blockwise PyTorch,
+M = 3, "gather" only).
 """
 
 from ._comm import comm_bytes, reset_comm_bytes
