@@ -39,10 +39,10 @@ from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
 from .._ops import backend_module
-from .._validation import accumulation_dtype, check_pair
+from .._validation import accumulation_dtype
 from ..objectives.gram import (
-    MAX_OTHERS,
     _check_label_smoothing,
+    _check_others,
     column_constants_from_gram,
     floor_from_gram,
     gram_matrices,
@@ -184,23 +184,7 @@ def _bits_float(bits: int) -> float:
 
 def _check_shard_others(anchor: Tensor, others: object) -> list:
     """``objectives.gram._check_others`` for this rank's shard: n_r = 0 allowed."""
-    if isinstance(others, Tensor) or not isinstance(others, Sequence):
-        raise TypeError(
-            "others must be a list or tuple of (N, D) tensors, one per other modality, "
-            f"got {type(others).__name__}"
-        )
-    others = list(others)
-    if not others:
-        raise ValueError("others is empty: GRAM needs at least one other modality (M >= 2)")
-    if len(others) > MAX_OTHERS:
-        raise ValueError(
-            f"GRAM supports up to {MAX_OTHERS} other modalities (M <= {MAX_OTHERS + 1}), "
-            f"got {len(others)}"
-        )
-    for k, o in enumerate(others):
-        _comm.check_shard(f"others[{k}]", o)
-        check_pair("anchor", anchor, f"others[{k}]", o)
-    return others
+    return _check_others(anchor, others, check=_comm.check_shard)
 
 
 def gram_loss(

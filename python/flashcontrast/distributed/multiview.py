@@ -43,19 +43,19 @@ everything is rounded to the features' dtype once. Bytes: the module doc of
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
-from .._validation import FEATURE_DTYPES, check_pair
 from ..backends.pair import Coefs, Pair, Stats, lse, merge_lse
 from ..objectives.multiview import (
     DHEL_PAIR,
     Views,
     _check_groups,
+    _stack,
     mv_positive_lse,
     mv_positive_lse_bwd,
 )
@@ -242,38 +242,7 @@ class _MultiviewDist(torch.autograd.Function):
 def _stack_shard(views: Views) -> Tensor:
     """This rank's (V, n_r, D) views: ``objectives.multiview._stack``'s checks, with
     n_r = 0 (an empty shard) allowed and dense (strided) tensors only."""
-    if isinstance(views, Tensor):
-        u = _comm.check_dense("views", views)
-        if u.dim() != 3:
-            raise ValueError(
-                f"views must be (V, N, D) or a sequence of (N, D), got {tuple(u.shape)}"
-            )
-    else:
-        if isinstance(views, (str, bytes)) or not isinstance(views, Sequence):
-            raise TypeError(
-                f"views must be a (V, N, D) tensor or a sequence of (N, D) tensors, "
-                f"got {type(views).__name__}"
-            )
-        views = list(views)
-        for k, x in enumerate(views):
-            if not isinstance(x, Tensor):
-                raise TypeError(f"views[{k}] must be a torch.Tensor, got {type(x).__name__}")
-            _comm.check_dense(f"views[{k}]", x)
-            if x.dim() != 2:
-                raise ValueError(f"views[{k}] must be 2-D (N, D), got {tuple(x.shape)}")
-        if len(views) < 2:
-            raise ValueError(f"multi-view losses need V >= 2 views, got V = {len(views)}")
-        for k, x in enumerate(views[1:], 1):
-            check_pair("views[0]", views[0], f"views[{k}]", x)
-        u = torch.stack(views)  # the one copy a sequence costs
-    if u.dtype not in FEATURE_DTYPES:
-        raise TypeError(f"views must be float32, float16, bfloat16 or float64, got {u.dtype}")
-    v, _, d = u.shape
-    if v < 2:
-        raise ValueError(f"multi-view losses need V >= 2 views, got V = {v}")
-    if d == 0:
-        raise ValueError("views have no features (D = 0)")
-    return u
+    return _stack(views, dense=_comm.check_dense, empty_ok=True)
 
 
 def _run(name, views, logit_scale, groups, group, strategy, backend, grad_scaling, per_view):

@@ -344,7 +344,10 @@ torch.library.register_autograd(
 # ----------------------------------------------------------------------------- public API
 
 
-def _check_others(anchor: Tensor, others: object) -> list:
+def _check_others(anchor: Tensor, others: object, check=check_features) -> list:
+    """The K other modalities as a list, each checked by ``check(name, x)`` (the
+    process-group version passes its shard check, which allows n_r = 0) and against the
+    anchor's shape, dtype and device."""
     if isinstance(others, Tensor) or not isinstance(others, Sequence):
         raise TypeError(
             "others must be a list or tuple of (N, D) tensors, one per other modality, "
@@ -359,7 +362,7 @@ def _check_others(anchor: Tensor, others: object) -> list:
             f"got {len(others)}"
         )
     for k, o in enumerate(others):
-        check_features(f"others[{k}]", o)
+        check(f"others[{k}]", o)
         check_pair("anchor", anchor, f"others[{k}]", o)
     return others
 

@@ -159,12 +159,13 @@ torch.library.register_autograd(
 # ----------------------------------------------------------------------------- checks
 
 
-def _stack(views: Views, min_views: int = 2) -> Tensor:
+def _stack(views: Views, min_views: int = 2, dense=check_strided, empty_ok: bool = False) -> Tensor:
     """(V, N, D) features, V >= ``min_views``: the tensor itself, or one torch.stack of a
-    sequence."""
+    sequence. ``dense(name, x)`` checks the layout; ``empty_ok``: N = 0 allowed (a
+    process-group shard)."""
     if isinstance(views, Tensor):
         u = views
-        check_strided("views", u)
+        dense("views", u)
         if u.dim() != 3:
             raise ValueError(
                 f"views must be (V, N, D) or a sequence of (N, D), got {tuple(u.shape)}"
@@ -179,7 +180,7 @@ def _stack(views: Views, min_views: int = 2) -> Tensor:
         for k, x in enumerate(views):
             if not isinstance(x, Tensor):
                 raise TypeError(f"views[{k}] must be a torch.Tensor, got {type(x).__name__}")
-            check_strided(f"views[{k}]", x)
+            dense(f"views[{k}]", x)
             if x.dim() != 2:
                 raise ValueError(f"views[{k}] must be 2-D (N, D), got {tuple(x.shape)}")
         if len(views) < min_views:
@@ -203,7 +204,7 @@ def _stack(views: Views, min_views: int = 2) -> Tensor:
     v, n, d = u.shape
     if v < min_views:
         raise ValueError(f"this loss needs V >= {min_views} views, got V = {v}")
-    if n == 0:
+    if n == 0 and not empty_ok:
         raise ValueError("views is an empty batch (N = 0): the loss is undefined")
     if d == 0:
         raise ValueError("views have no features (D = 0)")
