@@ -48,6 +48,7 @@ def _views() -> list[torch.Tensor]:
     return [u.requires_grad_()]
 
 
+_LABELS = torch.arange(N) // 4  # four samples a class
 _PERMS = torch.stack([torch.stack([torch.roll(torch.arange(N), k + 1) for k in range(2)])] * 3)
 
 # objective -> (inputs, loss given the backend, statistics vectors of N it may keep)
@@ -70,6 +71,7 @@ LOSSES = {
         lambda: _features(3),
         lambda b: lambda x, y, z: fc.symile_loss([x, y, z], 20.0, permutations=_PERMS, backend=b),
     ),
+    "supcon": (_views, lambda b: lambda u: fc.supcon_loss(u, _LABELS, 0.1, backend=b)),
     "gram": (
         lambda: _features(3),
         lambda b: lambda t, v, a: fc.gram_loss(t, [v, a], 14.3, backend=b),
