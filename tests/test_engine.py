@@ -397,3 +397,42 @@ def test_an_empty_side_gives_empty_statistics_and_zero_gradients(backend, epilog
         assert g.da.shape == (n, 8) and g.db.shape == (m, 8)
         assert g.da.abs().sum().item() == 0.0 and g.db.abs().sum().item() == 0.0
         assert g.dscale.item() == 0.0
+
+
+@pytest.mark.parametrize("epilogue", ["softmax", "rows"])
+def test_torch_small_blocks_with_positive_logits_and_offsets(epilogue):
+    """Many row blocks, the positive-logit override (Symile "n") and a row offset: blocks
+    of three rows give the statistics and gradients (dpos included) of one big block. (A
+    loop variable once shadowed the block size when dpos was written: the second block
+    then failed; the single-block tests could not see it.)"""
+    from flashcontrast.backends.blockwise import pair as torch_pair
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(17, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(25, 5, generator=g, dtype=torch.float64)
+    pos = torch.randn(17, generator=g, dtype=torch.float64)
+    s = torch.tensor(3.0, dtype=torch.float64)
+    pair = Pair("rows") if epilogue == "rows" else SOFTMAX
+    kw = dict(row_offset=4, positive_logits=pos) if epilogue == "rows" else dict(row_offset=4)
+    small = torch_pair.pair_forward(a, b, s, None, pair, **kw, max_block_elements=25 * 3)
+    big = torch_pair.pair_forward(a, b, s, None, pair, **kw)
+    for x, y in zip(small, big):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y)
+    n_coefs = 2 if epilogue == "rows" else 4
+    sizes = (17, 17, 25, 25)
+    c = Coefs(**{
+        k: torch.linspace(0.1, 0.9, sizes[i], dtype=torch.float64)
+        for i, k in enumerate(Coefs._fields[:n_coefs])
+    })  # fmt: skip
+    g_small = torch_pair.pair_backward(
+        a, b, s, None, pair, small, c, **kw, max_block_elements=25 * 3
+    )
+    g_big = torch_pair.pair_backward(a, b, s, None, pair, big, c, **kw)
+    for x, y in zip(g_small, g_big):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y)
+    if epilogue == "rows":
+        assert g_small.dpos is not None and g_small.dpos.abs().sum() > 0

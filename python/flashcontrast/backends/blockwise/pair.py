@@ -282,9 +282,9 @@ def pair_backward(
         del s
         if dpos is not None and sets.pos_idx is not None:
             # the positive's logit is not a_i . b_j: its gradient goes apart
-            rows, cols = sets.pos_idx
-            dpos[start + rows] = ds[rows, cols]
-            ds[rows, cols] = 0.0
+            pi, pj = sets.pos_idx  # (not `rows`: that is the block size of this loop)
+            dpos[start + pi] = ds[pi, pj]
+            ds[pi, pj] = 0.0
         ds_b = torch.mm(ds, b_acc)  # (r, D)
         dscale += (ds_b * a_blk).sum()  # sum_ij dS_ij <a_i, b_j> = sum_i <a_i, (dS B)_i>
         dbias += ds.sum()
