@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -82,6 +83,9 @@ def compiled_reference(objective: str) -> Call:
     # Compile in this process: a pool of compile workers would keep the CPU busy while
     # later rows are timed.
     torch._inductor.config.compile_threads = 1
+    # Inductor's own deprecation notices (torch._prims_common.check, seen with torch 2.13)
+    # would print between the table's rows at each compile: not this library's to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
     return torch.compile(backend_call(objective, "reference"), dynamic=False)
 
 
