@@ -12,6 +12,7 @@ NCCL when CUDA is available, gloo on the CPU otherwise.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -45,11 +46,22 @@ def main() -> None:
 
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    device = torch.device("cuda" if use_cuda else "cpu")
+    train(args.steps, args.strategy, torch.device("cuda" if use_cuda else "cpu"))
+    # Teardown order matters: the DDP model's Reducer holds the process group and is
+    # freed with the GIL held; were it the group's last owner (after
+    # destroy_process_group, at exit), the gloo destructor would join its worker
+    # threads, which may wait for the GIL: a hang. So the model goes first (train()
+    # returned; collect its reference cycles), then the group.
+    gc.collect()
+    dist.barrier()  # gloo ranks can abort at exit without it
+    dist.destroy_process_group()
 
+
+def train(steps: int, strategy: str, device: torch.device) -> None:
+    """``steps`` AdamW steps of the DDP two-tower model on this rank's shard."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # the same initial weights on every rank (DDP also broadcasts)
     model = nn.parallel.DistributedDataParallel(TwoTower().to(device))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -57,24 +69,21 @@ def main() -> None:
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     n_local = 16 + 4 * rank
 
-    for step in range(args.steps):
+    for step in range(steps):
         z = torch.randn(n_local, 8, generator=gen)
         x_img = (z @ mix_img + 0.1 * torch.randn(n_local, 32, generator=gen)).to(device)
         x_txt = (z @ mix_txt + 0.1 * torch.randn(n_local, 32, generator=gen)).to(device)
         img, txt, scale = model(x_img, x_txt)
-        loss = fd.clip_loss(img, txt, scale, strategy=args.strategy)
+        loss = fd.clip_loss(img, txt, scale, strategy=strategy)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if rank == 0:
             print(
                 f"step {step}: loss {loss.item():.4f} (global batch "
-                f"{sum(16 + 4 * r for r in range(world))}, {world} ranks, {args.strategy})",
+                f"{sum(16 + 4 * r for r in range(world))}, {world} ranks, {strategy})",
                 flush=True,
             )
-
-    dist.barrier()  # gloo ranks can abort at exit without it
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
