@@ -24,6 +24,7 @@ from flashcontrast.compat import info_nce as cinfo
 from flashcontrast.compat import multiview as cmv
 from flashcontrast.compat import open_clip as coc
 from flashcontrast.compat import symile as csym
+from verification import BACKENDS
 
 F64 = torch.float64
 
@@ -254,6 +255,23 @@ def test_info_nce_fused_and_reference_backends_agree(info_nce_pkg):
         lambda t: info_nce_pkg.info_nce(q, k, temperature=t),
         [torch.tensor(0.3, dtype=F64)],
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_info_nce_unpaired_negatives_on_the_engine(info_nce_pkg, backend):
+    """Shared negatives run as one masked sweep on every backend (float32, the emulator
+    for "cuda"), loss and gradients against the package in float64."""
+    torch.manual_seed(3)
+    q, k, neg = torch.randn(21, 12), torch.randn(21, 12), torch.randn(34, 12)
+    leaves = [x.clone().requires_grad_() for x in (q, k, neg)]
+    got = cinfo.info_nce(*leaves, temperature=0.1, backend=backend)
+    got.backward()
+    wide = [x.double().requires_grad_() for x in (q, k, neg)]
+    want = info_nce_pkg.info_nce(*wide, temperature=0.1)
+    want.backward()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(leaves, wide):
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_info_nce_float32_close_to_float64(info_nce_pkg):

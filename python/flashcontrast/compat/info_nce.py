@@ -19,9 +19,14 @@ inside (``F.normalize(x, dim=-1)``), logits are cosine similarities divided by
 * ``negative_mode="paired"``, ``negative_keys`` (N, M, D): query i's candidates are its
   positive and its own M negatives.
 
-The two explicit-negative modes are computed by a plain PyTorch implementation (the
-published formula; it materializes the (N, M + 1) logits, which are O(N M) like the
-paired input itself). ``backend="reference"`` sends the in-batch case there too.
+With "unpaired" negatives the loss is one "rows" sweep too, of the queries against the
+N + M keys ``cat([positive_key, negative_keys])`` with group ids that mask the other
+queries' positives (equal id, different sample: ``backends/pair.py``): row i keeps its
+positive and the M negatives, no (N, M + 1) logits are stored. (The masked N x N block
+is swept too: N (N + M) tile entries where the published code computes N (M + 1).)
+"paired" negatives are the published formula in plain PyTorch: its (N, M + 1) logits are
+the size of the (N, M, D) input divided by D, so there is no batch-squared matrix to
+tile. ``backend="reference"`` sends both other cases there too.
 
 Deliberate differences: on the fused path 16-bit inputs give a float32 loss (the kernels
 accumulate in float32; the published code works in the inputs' dtype), and the logits
@@ -39,6 +44,8 @@ from torch import nn
 
 from .. import _dispatch
 from .._validation import as_scalar_tensor, check_features
+from ..backends.pair import Pair
+from ..objectives._pair_op import sweep
 from ..objectives.infonce import infonce_loss
 
 __all__ = ["InfoNCE", "info_nce"]
@@ -108,6 +115,23 @@ def _plain(q, k, negative_keys, temperature, reduction, negative_mode) -> torch.
     return F.cross_entropy(logits / temperature, labels, reduction=reduction)
 
 
+#: row-only softmax; the other queries' positives masked by their group id (see _unpaired_terms)
+_UNPAIRED = Pair("rows")
+
+
+def _unpaired_terms(q, k, negatives, scale, backend: str) -> torch.Tensor:
+    """(N,) LSE(s q_i.k_i, s q_i.n_1, .., s q_i.n_M) - s q_i.k_i for q, k (N, D) and the
+    shared negatives (M, D): one sweep of q against cat([k, negatives]) (N + M, D). Every
+    query and positive key has group id 1, every negative 2: key j != i of row i is
+    "equal id, different sample" and masked, key i is the positive, the negatives stay."""
+    n, m = q.shape[0], negatives.shape[0]
+    keys = torch.cat([k, negatives])
+    row_groups = torch.ones(n, dtype=torch.int64, device=q.device)
+    col_groups = torch.cat([row_groups, torch.full((m,), 2, dtype=torch.int64, device=q.device)])
+    st = sweep(q, keys, scale, None, _UNPAIRED, backend, groups=(row_groups, col_groups))
+    return st["row"] - st["pos"]
+
+
 def info_nce(
     query: torch.Tensor,
     positive_key: torch.Tensor,
@@ -125,17 +149,24 @@ def info_nce(
     q = F.normalize(query, dim=-1)
     k = F.normalize(positive_key, dim=-1)
     negatives = None if negative_keys is None else F.normalize(negative_keys, dim=-1)
-    if negatives is not None:
+    if negatives is not None and negative_mode == "paired":
         return _plain(q, k, negatives, temperature, reduction, negative_mode)
 
     check_features("query", q)
     check_features("positive_key", k)
     chosen = _dispatch.resolve("infonce", q.device, backend, q.dtype)
     if chosen == "reference":
-        return _plain(q, k, None, temperature, reduction, negative_mode)
+        return _plain(q, k, negatives, temperature, reduction, negative_mode)
     if k.dtype != q.dtype:
         raise TypeError(f"query and positive_key must share a dtype, got {q.dtype} and {k.dtype}")
     scale = as_scalar_tensor("1 / temperature", 1.0 / temperature, q)
+    if negatives is not None:
+        check_features("negative_keys", negatives)
+        if negatives.dtype != q.dtype:
+            raise TypeError(
+                f"query and negative_keys must share a dtype, got {q.dtype} and {negatives.dtype}"
+            )
+        return _reduce(_unpaired_terms(q, k, negatives, scale, chosen), reduction)
     # (N,) LSE_j s q_i.k_j - s q_i.k_i: one engine sweep, the positive term included
     return _reduce(infonce_loss(q, k, scale, reduction="none", backend=chosen), reduction)
 
