@@ -1,5 +1,6 @@
-"""The README's DDP example runs: two gloo ranks under torchrun, a few steps, the loss
-printed per step and going down (tiny model, synthetic pairs that share a latent code)."""
+"""The README's examples run: the DDP one (two gloo ranks under torchrun, a few steps, the
+loss printed per step and going down; tiny model, synthetic pairs that share a latent
+code) and the sentence-transformers cached-MNRL one."""
 
 from __future__ import annotations
 
@@ -43,3 +44,21 @@ def test_train_clip_ddp_two_ranks(strategy):
     assert len(losses) == 6, out.stdout
     assert f"2 ranks, {strategy}" in out.stdout
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+ST_EXAMPLE = EXAMPLE.with_name("train_st_cached.py")
+
+
+def test_train_st_cached_example():
+    """The sentence-transformers cached-MNRL example trains: the loss goes down over a few
+    steps (a small batch here; the README's run uses 16,384)."""
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers not installed")
+    cmd = [sys.executable, str(ST_EXAMPLE), "--batch", "1024", "--steps", "6"]
+    cmd += ["--mini-batch", "256", "--backend", "torch"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = _run(cmd, env, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    losses = [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", out.stdout)]
+    assert len(losses) == 6, out.stdout
+    assert losses[-1] < 0.8 * losses[0], losses
