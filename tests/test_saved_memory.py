@@ -48,6 +48,13 @@ def _views() -> list[torch.Tensor]:
     return [u.requires_grad_()]
 
 
+def _anchors_and_candidates() -> list[torch.Tensor]:
+    """anchors (N, D) and candidates (2 N, D): two stacked batches of N (K = 2)."""
+    torch.manual_seed(0)
+    xs = torch.nn.functional.normalize(torch.randn(3 * N, D), dim=-1).bfloat16()
+    return [xs[:N].clone().requires_grad_(), xs[N:].clone().requires_grad_()]
+
+
 _LABELS = torch.arange(N) // 4  # four samples a class
 _PERMS = torch.stack([torch.stack([torch.roll(torch.arange(N), k + 1) for k in range(2)])] * 3)
 
@@ -70,6 +77,10 @@ LOSSES = {
     "symile-n": (
         lambda: _features(3),
         lambda b: lambda x, y, z: fc.symile_loss([x, y, z], 20.0, permutations=_PERMS, backend=b),
+    ),
+    "multi-positive": (
+        _anchors_and_candidates,
+        lambda b: lambda a, c: fc.multi_positive_infonce_loss(a, c, 20.0, backend=b),
     ),
     "supcon": (_views, lambda b: lambda u: fc.supcon_loss(u, _LABELS, 0.1, backend=b)),
     "gram": (

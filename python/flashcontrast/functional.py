@@ -8,6 +8,7 @@ live there once, whatever backend runs.
 from .objectives.clip import clip_loss
 from .objectives.gram import gram_loss, gram_volume
 from .objectives.infonce import infonce_loss
+from .objectives.multipositive import multi_positive_infonce_loss
 from .objectives.multiview import multiview_dhel_loss, multiview_infonce_loss
 from .objectives.siglip import siglip_loss
 from .objectives.supcon import supcon_loss
@@ -20,6 +21,7 @@ __all__ = [
     "gram_loss",
     "gram_volume",
     "infonce_loss",
+    "multi_positive_infonce_loss",
     "multiview_dhel_loss",
     "multiview_infonce_loss",
     "siglip_loss",

@@ -10,6 +10,7 @@ from . import functional
 from ._module import BackendLoss
 from ._validation import Scalar
 from .objectives.gram import GramLoss
+from .objectives.multipositive import MultiPositiveInfoNCELoss
 from .objectives.multiview import MultiviewDHELLoss, MultiviewInfoNCELoss
 from .objectives.siglip import SigLipLoss
 from .objectives.supcon import SupConLoss
@@ -18,6 +19,7 @@ from .objectives.symile import SymileLoss
 __all__ = [
     "ClipLoss",
     "GramLoss",
+    "MultiPositiveInfoNCELoss",
     "MultiviewDHELLoss",
     "MultiviewInfoNCELoss",
     "SigLipLoss",

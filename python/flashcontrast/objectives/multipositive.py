@@ -1,0 +1,209 @@
+"""Multi-positive InfoNCE (1-to-K contrast) on the pair engine.
+
+N anchors a (N, D) (images) against M candidates c (M, D) (their captions in K languages,
+say); anchor i's K positives are the candidates P_i = (p_i1, .., p_iK), all sharing one
+denominator over every candidate, as the 1-to-K contrastive loss of "Improving the
+Consistency in Cross-Lingual Cross-Modal Retrieval with 1-to-K Contrastive Learning"
+(Nie et al., KDD 2024) treats the K languages equally. With S = s a c^T:
+
+    anchor -> candidates   L_i = -(1/K) sum_k log softmax_j(S_i:)_{p_ik}
+                               = LSE_j S_ij - (1/K) sum_k S_i,p_ik
+    candidate -> anchors   L'_ik = LSE_l S_l,p_ik - S_i,p_ik      (each listed candidate)
+    L = 1/2 (mean_i L_i + mean_ik L'_ik)
+
+The pairwise parts are two engine sweeps (``backends/pair.py``): a "rows" sweep of the
+anchors against all candidates (the denominators; no positives), and a "rows" sweep of
+the K N listed candidates in language-major order (row k N + i: candidate p_ik) against
+the anchors with period N, whose one positive per row is its anchor (the engine returns
+its logit). The anchor side's positive term is linear in the features:
+(1/K) sum_k <a_i, c_p_ik> (``flashcontrast::positive_mean_dots``, O(N K D), whose backward
+is a gather and an index_add). Nothing N x M is stored.
+
+``positives=None`` means the candidates are already that stack, (K N, D) with candidate
+k of anchor i at row k N + i (K per-language batches concatenated): no copy. Given
+index lists (N, K), the listed candidates are gathered into it once (a (K N, D) copy,
+kept for the backward by the second sweep).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from .._amp import autocast_off
+from .._module import BackendLoss
+from .._validation import Scalar, accumulation_dtype, as_scalar_tensor, check_features
+from ..backends.pair import Pair
+from ._pair_op import sweep
+
+__all__ = ["MultiPositiveInfoNCELoss", "multi_positive_infonce_loss"]
+
+#: anchors against every candidate: the denominators only
+_DENOMINATORS = Pair("rows", positives=False)
+
+
+@torch.library.custom_op("flashcontrast::positive_mean_dots", mutates_args=())
+@autocast_off
+def positive_mean_dots(a: Tensor, c: Tensor, positives: Tensor) -> Tensor:
+    """(N,) (1/K) sum_k <a_i, c_{p_ik}> in the accumulation dtype, for a (N, D), c (M, D)
+    and positives (N, K) int64 indices into c."""
+    acc = accumulation_dtype(a.dtype)
+    k = positives.shape[1]
+    mean = c[positives.reshape(-1)].to(acc).view(*positives.shape, -1).sum(1) / k
+    return (a.to(acc) * mean).sum(dim=1)
+
+
+@positive_mean_dots.register_fake
+def _positive_mean_dots_fake(a, c, positives):
+    return a.new_empty(a.shape[0], dtype=accumulation_dtype(a.dtype))
+
+
+@torch.library.custom_op("flashcontrast::positive_mean_dots_bwd", mutates_args=())
+@autocast_off
+def positive_mean_dots_bwd(
+    a: Tensor, c: Tensor, positives: Tensor, grad: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(d a (N, D), d c (M, D)) in the inputs' dtype: d a_i = (g_i / K) sum_k c_{p_ik},
+    d c_j = sum over the (i, k) with p_ik = j of (g_i / K) a_i."""
+    acc = accumulation_dtype(a.dtype)
+    n, k = positives.shape
+    w = grad.to(acc)[:, None] / k
+    flat = positives.reshape(-1)
+    da = w * c[flat].to(acc).view(n, k, -1).sum(1)
+    dc = torch.zeros(c.shape, dtype=acc, device=c.device)
+    dc.index_add_(0, flat, (w * a.to(acc)).repeat_interleave(k, dim=0))
+    return da.to(a.dtype), dc.to(c.dtype)
+
+
+@positive_mean_dots_bwd.register_fake
+def _positive_mean_dots_bwd_fake(a, c, positives, grad):
+    return torch.empty_like(a), torch.empty_like(c)
+
+
+def _dots_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _dots_backward(ctx, grad):
+    a, c, positives = ctx.saved_tensors
+    da, dc = positive_mean_dots_bwd(a, c, positives, grad)
+    return da, dc, None
+
+
+torch.library.register_autograd(
+    "flashcontrast::positive_mean_dots", _dots_backward, setup_context=_dots_setup
+)
+
+
+def _check_positives(positives: object, n: int, m: int, device: torch.device) -> Tensor:
+    """(N, K) int64 indices into the M candidates, each candidate listed at most once;
+    None: the language-major stack (M = K N, p_ik = k N + i)."""
+    if positives is None:
+        if n == 0 or m % n != 0:
+            raise ValueError(
+                f"with positives=None the candidates must be K stacked batches of the N = {n} "
+                f"anchors ((K N, D)), got {m} rows"
+            )
+        k = m // n
+        return (torch.arange(k, device=device)[None, :] * n) + torch.arange(n, device=device)[
+            :, None
+        ]
+    if not isinstance(positives, Tensor) or positives.dtype not in (torch.int32, torch.int64):
+        raise TypeError("positives must be an int32 or int64 tensor (N, K) of candidate indices")
+    if positives.dim() != 2 or positives.shape[0] != n or positives.shape[1] == 0:
+        raise ValueError(
+            f"positives must be (N, K) with N = {n}, K >= 1, got {tuple(positives.shape)}"
+        )
+    if positives.device != device:
+        raise ValueError(f"positives must be on {device}, got {positives.device}")
+    p = positives.long()
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= m):
+        raise ValueError(f"positives must index the {m} candidates, got values outside [0, {m})")
+    if torch.unique(p).numel() != p.numel():
+        raise ValueError("a candidate is listed as the positive of two anchors (or twice)")
+    return p
+
+
+@autocast_off
+def multi_positive_infonce_loss(
+    anchors: Tensor,
+    candidates: Tensor,
+    logit_scale: Scalar,
+    positives: Optional[Tensor] = None,
+    *,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """1-to-K multi-positive InfoNCE, both directions, memory-linear (module docstring).
+
+    Args:
+        anchors: (N, D) float32, float16, bfloat16 or float64.
+        candidates: (M, D), same dtype and device: every candidate is in every anchor's
+            denominator.
+        logit_scale: s (a float, or a one-element tensor that gets a gradient).
+        positives: (N, K) int32 / int64 indices into the candidates, anchor i's K
+            positives, no candidate listed twice; or None: candidates (K N, D) are K
+            stacked batches of N, anchor i's positives at rows k N + i.
+        reduction: "mean" (1/2 (mean_i L_i + mean_ik L'_ik)) or "none" (the tuple
+            (L (N,), L' (N, K))).
+        backend: "auto", "cuda", "triton", "torch" or "reference" (the dense N x M logits).
+
+    Returns:
+        0-d, or the per-anchor and per-positive terms, in the accumulation dtype (float32
+        for 16-bit and float32 inputs, float64 for float64). NaN or inf propagate.
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    a = check_features("anchors", anchors)
+    c = check_features("candidates", candidates)
+    if c.dtype != a.dtype or c.device != a.device or c.shape[1] != a.shape[1]:
+        raise ValueError(
+            f"candidates must match anchors' dtype, device and D: got {tuple(c.shape)} "
+            f"{c.dtype} on {c.device} against {tuple(a.shape)} {a.dtype} on {a.device}"
+        )
+    n, m = a.shape[0], c.shape[0]
+    p = _check_positives(positives, n, m, a.device)
+    k = p.shape[1]
+    scale = as_scalar_tensor("logit_scale", logit_scale, a)
+    chosen = _dispatch.resolve("infonce", a.device, backend, a.dtype)
+    if chosen == "reference":
+        rows, cols = _dense_terms(a, c, scale, p)
+    else:
+        rows = sweep(a, c, scale, None, _DENOMINATORS, chosen)["row"]
+        rows = rows - scale * positive_mean_dots(a, c, p)
+        listed = c if positives is None else c[p.t().reshape(-1)]  # (K N, D), row k N + i
+        st = sweep(listed, a, scale, None, Pair("rows", period=n), chosen)
+        cols = (st["row"] - st["pos"]).view(k, n).t()
+    if reduction == "none":
+        return rows, cols
+    return 0.5 * (rows.mean() + cols.mean())
+
+
+def _dense_terms(a: Tensor, c: Tensor, scale: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+    """The dense formula (``backend="reference"``): (L (N,), L' (N, K)) from the N x M
+    logits, in the accumulation dtype."""
+    acc = accumulation_dtype(a.dtype)
+    logits = scale.to(acc) * (a.to(acc) @ c.to(acc).T)
+    pos = logits.gather(1, p)  # (N, K)
+    rows = torch.logsumexp(logits, 1) - pos.mean(1)
+    cols = torch.logsumexp(logits, 0)[p] - pos
+    return rows, cols
+
+
+class MultiPositiveInfoNCELoss(BackendLoss):
+    """:func:`multi_positive_infonce_loss` as a module:
+    ``MultiPositiveInfoNCELoss()(anchors, candidates, logit_scale, positives)``."""
+
+    def forward(
+        self,
+        anchors: Tensor,
+        candidates: Tensor,
+        logit_scale: Scalar,
+        positives: Optional[Tensor] = None,
+    ) -> Tensor:
+        return multi_positive_infonce_loss(
+            anchors, candidates, logit_scale, positives, backend=self.backend
+        )
