@@ -82,3 +82,33 @@ def spawn(world: int, tmp_path, body: Callable[[int, int], dict]) -> list[dict]:
     # every crash is shown: the first rank's is often only "connection closed by peer"
     assert not crashed, "\n".join(f"rank {r} crashed:\n{results[r]['crash']}" for r in crashed)
     return results
+
+
+def assert_rank_errors(results: list[dict], kind: str, own: str, failing_rank=None) -> list:
+    """Every rank raised for the bad call ``kind`` (its message in ``res["errors"][kind]``):
+    with ``failing_rank`` None every message names the problem (``own``); otherwise that
+    rank's does and the others report that a peer "failed their checks". Returns the
+    messages, in rank order."""
+    msgs = []
+    for r, res in enumerate(results):
+        msg = res["errors"][kind]
+        assert msg is not None, f"{kind}: rank {r} did not raise"
+        want = own if failing_rank is None or r == failing_rank else "failed their checks"
+        assert want in msg, (kind, r, msg)
+        msgs.append(msg)
+    return msgs
+
+
+def symile_sampling(mode: str, permutations, rank: int = 0) -> dict:
+    """The keyword arguments of one Symile negative-sampling mode ("generator",
+    "permutations" (3, 2, n) or "default": the global generator, seeded here). Rank 0
+    seeds as the single-process run does (77, 99) and the other ranks differently: only
+    rank 0's draw may count."""
+    import torch
+
+    if mode == "generator":
+        return {"generator": torch.Generator().manual_seed(77 + rank)}
+    if mode == "permutations":
+        return {"permutations": permutations}
+    torch.manual_seed(99 + rank)
+    return {}

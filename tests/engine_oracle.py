@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from flashcontrast.backends.pair import Pair, sample_ids
+from flashcontrast.backends.pair import Pair, lse, sample_ids
 
 
 def entry_sets(pair: Pair, n: int, m: int, row_offset: int, col_offset: int, rg, cg, device):
@@ -67,3 +67,19 @@ def dense(
 def _safe(x):
     """-inf (an empty set) contributes nothing to the loss and gets no gradient."""
     return torch.where(torch.isneginf(x), torch.zeros_like(x), x)
+
+
+def stats_lse(stats) -> dict:
+    """A backend's PairStats as the oracle's statistics: each (max, sum) pair present as its
+    logsumexp (n,) or (m,), under the key ``dense`` gives it ("row", "pos", "col", "cpos"),
+    and the sigmoid epilogue's scalar "total"."""
+    out = {} if stats.total is None else {"total": stats.total}
+    for key, (mx, sm) in {
+        "row": (stats.row_max, stats.row_sum),
+        "pos": (stats.pos_max, stats.pos_sum),
+        "col": (stats.col_max, stats.col_sum),
+        "cpos": (stats.cpos_max, stats.cpos_sum),
+    }.items():
+        if mx is not None:
+            out[key] = lse(mx, sm)
+    return out

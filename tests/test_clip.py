@@ -12,6 +12,7 @@ import torch
 
 import flashcontrast
 from flashcontrast import reference
+from gradcheck_inputs import pair_leaves
 from verification import (
     BACKENDS,
     assert_by_rule,
@@ -98,10 +99,7 @@ def test_strided_inputs(backend):
 
 
 def test_gradcheck_float64_torch_backend():
-    a = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
-    s = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
-    bias = torch.tensor(-0.3, dtype=torch.float64, requires_grad=True)
+    a, b, s, bias = pair_leaves(9, 5)
     assert torch.autograd.gradcheck(
         lambda *x: flashcontrast.clip_loss(*x, backend="torch"), (a, b, s, bias)
     )

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import flashcontrast
+from gradcheck_inputs import pair_leaves
 from verification import BACKENDS, TRITON, TRITON_SKIP, assert_by_rule
 
 NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")
@@ -190,10 +191,7 @@ def test_auto_picks_a_backend_with_groups():
 
 
 def test_gradcheck_float64_torch_backend():
-    a = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
-    s = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
-    bias = torch.tensor(-0.3, dtype=torch.float64, requires_grad=True)
+    a, b, s, bias = pair_leaves(11, 5)
     g = torch.tensor([0, 1, 0, 2, 2, 3, 4, 0, 5, 5, 6])
 
     def fn(*x):

@@ -10,9 +10,7 @@ flashcontrast.reference and the math of docs/objectives.md. Single process only
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -24,28 +22,18 @@ from flashcontrast.compat import info_nce as cinfo
 from flashcontrast.compat import multiview as cmv
 from flashcontrast.compat import open_clip as coc
 from flashcontrast.compat import symile as csym
+from published import close, load_open_clip_loss, loss_and_grads
 from verification import BACKENDS
 
 F64 = torch.float64
 
 
-def _close(actual, expected, rtol=1e-10, atol=1e-12):
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
-
-
-def _loss_and_grads(fn, leaves):
-    clones = [x.detach().clone().requires_grad_(True) for x in leaves]
-    loss = fn(*clones)
-    grads = torch.autograd.grad(loss, clones)
-    return loss.detach(), grads
-
-
 def _same(ours, theirs, leaves, rtol=1e-10, atol=1e-12):
-    got, got_grads = _loss_and_grads(ours, leaves)
-    want, want_grads = _loss_and_grads(theirs, leaves)
-    _close(got, want, rtol, atol)
+    got, got_grads = loss_and_grads(ours, leaves)
+    want, want_grads = loss_and_grads(theirs, leaves)
+    close(got, want, rtol, atol)
     for g, w in zip(got_grads, want_grads):
-        _close(g, w, rtol, atol)
+        close(g, w, rtol, atol)
 
 
 def _unit(*shape):
@@ -57,16 +45,7 @@ def _unit(*shape):
 # --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def oc():
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("open-clip-torch is not installed (pip install open-clip-torch --no-deps)")
-    path = os.path.join(next(iter(spec.submodule_search_locations)), "loss.py")
-    if not os.path.isfile(path):
-        pytest.skip(f"open_clip is installed but has no loss.py at {path}")
-    file_spec = importlib.util.spec_from_file_location("_compat_open_clip_loss", path)
-    module = importlib.util.module_from_spec(file_spec)
-    file_spec.loader.exec_module(module)
-    return module
+    return load_open_clip_loss("_compat_open_clip_loss")
 
 
 @pytest.mark.parametrize("n,d", [(1, 3), (9, 6), (40, 24)])
@@ -87,7 +66,7 @@ def test_clip_loss_signature_and_output_dict(oc):
     got = ours(a, b, 3.0, None, True)
     want = theirs(a, b, 3.0, None, True)
     assert set(got) == set(want) == {"contrastive_loss"}
-    _close(got["contrastive_loss"], want["contrastive_loss"])
+    close(got["contrastive_loss"], want["contrastive_loss"])
     got = ours(image_features=a, text_features=b, logit_scale=3.0, output_dict=False)
     assert isinstance(got, torch.Tensor) and got.dim() == 0
     with pytest.raises(NotImplementedError, match="Horovod"):
@@ -101,7 +80,7 @@ def test_siglip_loss_matches_openclip(oc, n, d):
     ours, theirs = coc.SigLipLoss(), oc.SigLipLoss()
     _same(lambda *x: ours(*x), lambda *x: theirs(*x), leaves)
     got = ours(a, b, 10.0, -10.0, output_dict=True)
-    _close(got["contrastive_loss"], theirs(a, b, 10.0, -10.0, output_dict=True)["contrastive_loss"])
+    close(got["contrastive_loss"], theirs(a, b, 10.0, -10.0, output_dict=True)["contrastive_loss"])
 
 
 def test_siglip_arguments():
@@ -135,7 +114,7 @@ def test_siglip_block_loss_matches_openclip(oc, negative_only, n):
             leaves,
         )
         results.append(
-            _loss_and_grads(lambda *x, o=ours: o._loss(*x, negative_only=negative_only), leaves)
+            loss_and_grads(lambda *x, o=ours: o._loss(*x, negative_only=negative_only), leaves)
         )
     for loss, grads in results[1:]:
         assert torch.equal(loss, results[0][0])
@@ -146,11 +125,11 @@ def test_siglip_openclip_helpers_and_chunk_size_checks(oc):
     a, b = _unit(5, 3), _unit(5, 3)
     ours, theirs = coc.SigLipLoss(chunk_size=2), oc.SigLipLoss()
     for neg in (False, True):
-        _close(
+        close(
             ours.get_ground_truth(a.device, a.dtype, 5, neg),
             theirs.get_ground_truth(a.device, a.dtype, 5, neg),
         )
-    _close(ours.get_logits(a, b, 3.0, -1.0), theirs.get_logits(a, b, 3.0, -1.0))
+    close(ours.get_logits(a, b, 3.0, -1.0), theirs.get_logits(a, b, 3.0, -1.0))
     assert "chunk_size=2" in repr(ours)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="chunk_size"):
@@ -195,15 +174,15 @@ def test_symile_matches_published_same_seed(symile_pkg, m, mode):
         return
     for seed in (0, 7):
         torch.manual_seed(seed)
-        got, got_grads = _loss_and_grads(lambda s, *r: ours(list(r), s), leaves)
+        got, got_grads = loss_and_grads(lambda s, *r: ours(list(r), s), leaves)
         state_ours = torch.get_rng_state()
         torch.manual_seed(seed)
-        want, want_grads = _loss_and_grads(lambda s, *r: theirs(list(r), s), leaves)
+        want, want_grads = loss_and_grads(lambda s, *r: theirs(list(r), s), leaves)
         # the same number of draws: the default generator ends in the same state
         assert torch.equal(state_ours, torch.get_rng_state())
-        _close(got, want, 1e-11, 1e-13)
+        close(got, want, 1e-11, 1e-13)
         for g, w in zip(got_grads, want_grads):
-            _close(g, w, 1e-11, 1e-13)
+            close(g, w, 1e-11, 1e-13)
 
 
 def test_symile_python_scale_and_bad_mode(symile_pkg):
@@ -211,7 +190,7 @@ def test_symile_python_scale_and_bad_mode(symile_pkg):
     torch.manual_seed(3)
     got = csym.Symile()(reps, 2.0)
     torch.manual_seed(3)
-    _close(got, symile_pkg.Symile()(reps, 2.0))
+    close(got, symile_pkg.Symile()(reps, 2.0))
     with pytest.raises(ValueError):
         csym.Symile("bogus")
 
@@ -241,14 +220,14 @@ def test_info_nce_matches_published(info_nce_pkg, reduction, mode):
         return lambda *x: loss_fn(*x).sum()  # "none" returns (N,): sum for the gradient
 
     _same(wrap(ours), wrap(theirs), leaves)
-    _close(ours(*leaves), theirs(*leaves))  # shape and values per reduction
+    close(ours(*leaves), theirs(*leaves))  # shape and values per reduction
 
 
 def test_info_nce_fused_and_reference_backends_agree(info_nce_pkg):
     q, k = torch.randn(30, 9, dtype=F64), torch.randn(30, 9, dtype=F64)
     want = info_nce_pkg.InfoNCE(temperature=0.2)(q, k)
     for backend in ("torch", "reference"):
-        _close(cinfo.InfoNCE(temperature=0.2, backend=backend)(q, k), want)
+        close(cinfo.InfoNCE(temperature=0.2, backend=backend)(q, k), want)
     # a learnable temperature gets its gradient
     _same(
         lambda t: cinfo.info_nce(q, k, temperature=t),
@@ -314,9 +293,9 @@ def test_gram_volume_matches_formula_and_reference(k):
     want = _abs_det_volume(t, *others)
     torch.testing.assert_close(cgram.volume_computation(t, *others), want, rtol=1e-4, atol=1e-5)
     if k == 2:
-        _close(cgram.volume_computation3(t, *others), cgram.volume_computation(t, *others))
+        close(cgram.volume_computation3(t, *others), cgram.volume_computation(t, *others))
     t64, o64 = t.double(), [o.double() for o in others]
-    _close(cgram.volume_computation(t64, *o64), ref.gram_volume(t64, o64), 1e-9, 1e-9)
+    close(cgram.volume_computation(t64, *o64), ref.gram_volume(t64, o64), 1e-9, 1e-9)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -366,14 +345,14 @@ def test_gram_published_gradient_matches_gram_training_code(k):
             1e-5,
             1e-6,
         )
-    full = _loss_and_grads(
+    full = loss_and_grads(
         lambda tt, s, *o: cgram.gram_contrastive_loss(tt, *o, temperature=s), leaves
     )
-    pub = _loss_and_grads(
+    pub = loss_and_grads(
         lambda tt, s, *o: cgram.gram_contrastive_loss(tt, *o, temperature=s, gradient="published"),
         leaves,
     )
-    _close(full[0], pub[0])
+    close(full[0], pub[0])
     assert not torch.allclose(full[1][0], pub[1][0], rtol=1e-3, atol=1e-6)
     with pytest.raises(ValueError, match="gradient"):
         cgram.gram_contrastive_loss(leaves[0], leaves[2], gradient="d2a")
@@ -383,7 +362,7 @@ def test_gram_published_gradient_matches_gram_training_code(k):
 def test_gram_gradients_finite_where_abs_det_form_is_nan():
     t = _unit(4, 6)
     leaves = [t, t.clone(), _unit(4, 6)]  # anchor == first other: det G_ii = 0
-    got, got_grads = _loss_and_grads(lambda a, b, c: cgram.gram_contrastive_loss(a, b, c), leaves)
+    got, got_grads = loss_and_grads(lambda a, b, c: cgram.gram_contrastive_loss(a, b, c), leaves)
     assert torch.isfinite(got) and all(torch.isfinite(g).all() for g in got_grads)
 
     def abs_det_loss(a, b, c):
@@ -394,7 +373,7 @@ def test_gram_gradients_finite_where_abs_det_form_is_nan():
             + F.cross_entropy(logits.T, target, label_smoothing=0.1)
         )
 
-    _, want_grads = _loss_and_grads(abs_det_loss, leaves)
+    _, want_grads = loss_and_grads(abs_det_loss, leaves)
     assert not all(torch.isfinite(g).all() for g in want_grads), "sqrt|det| should give NaN"
 
 

@@ -20,10 +20,11 @@ import math
 import pytest
 import torch
 
-from engine_oracle import dense
+from c_structs import gram_params, pair_params, triple_params
+from engine_oracle import dense, stats_lse
 from flashcontrast import _cuda_ext
 from flashcontrast.backends import cuda as cuda_backend
-from flashcontrast.backends.pair import Coefs, Pair, lse
+from flashcontrast.backends.pair import Coefs, Pair
 from verification import assert_by_rule
 
 DEVICE = "cuda"  # set per test by the kernel_target fixture
@@ -80,19 +81,6 @@ def _ours(a, b, scale, bias, pair, coefs, ro, co, rg, cg, pl, out_dtype=None):
     return stats, grads
 
 
-def _stats_lse(stats) -> dict:
-    out = {} if stats.total is None else {"total": stats.total}
-    for key, (mx, sm) in {
-        "row": (stats.row_max, stats.row_sum),
-        "pos": (stats.pos_max, stats.pos_sum),
-        "col": (stats.col_max, stats.col_sum),
-        "cpos": (stats.cpos_max, stats.cpos_sum),
-    }.items():
-        if mx is not None:
-            out[key] = lse(mx, sm)
-    return out
-
-
 def _zero_neginf(got, want):
     """Empty sets are -inf in both (asserted), then compared as 0."""
     got, want = got.detach().cpu().double(), want.detach().cpu().double()
@@ -125,7 +113,7 @@ def _check(
     exact_s, exact_g = _dense(a, b, scale, bias, pair, coefs, torch.float64, ro, co, rg, cg, pl)
     same_dtype = torch.float32 if dtype == torch.float32 else dtype
     same_s, same_g = _dense(a, b, scale, bias, pair, coefs, same_dtype, ro, co, rg, cg, pl)
-    ours_s = _stats_lse(stats)
+    ours_s = stats_lse(stats)
     names = sorted(exact_s)
     assert sorted(ours_s) == names
     got = [grads.da, grads.db, grads.dscale]
@@ -488,39 +476,30 @@ def test_short_workspace_is_refused_by_name():
 # ----------------------------------------------------------------------------- arguments
 
 
-def _valid(c, **change):
-    fields = dict(
-        a=8, b=8, n=5, m=6, d=3, a_stride0=3, a_stride1=1, b_stride0=3, b_stride1=1,
-        dtype="float32", scale=8, epilogue="rows", positives=True,
-    )  # fmt: skip
-    fields.update(change)
-    return c.PairParams(**fields)
-
-
 def _check_struct_errors(c) -> None:
     """The typed structs: wrong Python types, missing / unknown fields, bad names."""
     with pytest.raises(TypeError, match=r"PairParams\.n must be an int, got float"):
-        _valid(c, n=5.0)
+        pair_params(c, n=5.0)
     with pytest.raises(TypeError, match=r"PairParams\.a must be an int \(a device address"):
-        _valid(c, a="0x8")
+        pair_params(c, a="0x8")
     with pytest.raises(TypeError, match=r"PairParams\.positives must be a bool, got int"):
-        _valid(c, positives=1)
+        pair_params(c, positives=1)
     with pytest.raises(TypeError, match=r"PairParams\.n must be an int, got bool"):
-        _valid(c, n=True)
+        pair_params(c, n=True)
     with pytest.raises(ValueError, match=r"PairParams\.a must be a device address in"):
-        _valid(c, a=-8)
+        pair_params(c, a=-8)
     with pytest.raises(ValueError, match=r"PairParams\.dtype must be float32, float16 or"):
-        _valid(c, dtype="float64")
+        pair_params(c, dtype="float64")
     with pytest.raises(ValueError, match=r"PairParams\.epilogue must be 'softmax', 'rows'"):
-        _valid(c, epilogue="lse")
+        pair_params(c, epilogue="lse")
     with pytest.raises(TypeError, match=r"PairParams\(\) has no field 'rows_offset'"):
-        _valid(c, rows_offset=3)
+        pair_params(c, rows_offset=3)
     with pytest.raises(TypeError, match=r"PairParams\(\) missing required field 'dtype'"):
         c.PairParams(a=8, b=8, n=5, m=6, d=3, a_stride0=3, a_stride1=1, b_stride0=3,
                      b_stride1=1, scale=8, epilogue="rows", positives=True)  # fmt: skip
     with pytest.raises(TypeError):  # positional arguments do not exist
         c.PairParams(8, 8)
-    p = _valid(c)
+    p = pair_params(c)
     with pytest.raises(TypeError, match=r"PairParams\.period must be an int, got str"):
         p.period = "3"
     with pytest.raises(AttributeError):  # no field can be invented by assignment
@@ -549,44 +528,42 @@ def _check_launch_errors(c) -> None:
 
     def refuses(pattern, params=None, st=stats):
         with pytest.raises(ValueError, match=r"_C\.pair_forward: " + pattern):
-            c.pair_forward(params if params is not None else _valid(c), st, **kw)
+            c.pair_forward(params if params is not None else pair_params(c), st, **kw)
 
-    refuses(r"PairParams\.scale is null", _valid(c, scale=0))
-    refuses(r"PairParams\.a is null", _valid(c, a=0))
-    refuses(r"PairParams\.n must be >= 1, got 0", _valid(c, n=0))
-    refuses(r"PairParams\.m must be >= 1", _valid(c, m=-2))
-    refuses(r"PairParams\.b_stride1 must be >= 0", _valid(c, b_stride1=-1))
-    refuses(r"PairParams\.period must be >= 0", _valid(c, period=-1))
-    refuses(r"PairParams\.row_offset must be >= 0", _valid(c, row_offset=-5))
-    refuses(r"PairParams\.col_groups is null while row_groups is set", _valid(c, row_groups=8))
+    refuses(r"PairParams\.scale is null", pair_params(c, scale=0))
+    refuses(r"PairParams\.a is null", pair_params(c, a=0))
+    refuses(r"PairParams\.n must be >= 1, got 0", pair_params(c, n=0))
+    refuses(r"PairParams\.m must be >= 1", pair_params(c, m=-2))
+    refuses(r"PairParams\.b_stride1 must be >= 0", pair_params(c, b_stride1=-1))
+    refuses(r"PairParams\.period must be >= 0", pair_params(c, period=-1))
+    refuses(r"PairParams\.row_offset must be >= 0", pair_params(c, row_offset=-5))
+    refuses(r"PairParams\.col_groups is null while row_groups is set", pair_params(c, row_groups=8))
     refuses(r"PairParams\.positive_logits needs epilogue 'rows' with positives",
-            _valid(c, epilogue="softmax", positive_logits=8))  # fmt: skip
+            pair_params(c, epilogue="softmax", positive_logits=8))  # fmt: skip
     refuses(r"PairStats\.pos_max is null", st=c.PairStats(row_max=8, row_sum=8))
     refuses(r"PairStats\.col_max must be null \(0\) without epilogue 'softmax'",
             st=c.PairStats(row_max=8, row_sum=8, pos_max=8, pos_sum=8, col_max=8))  # fmt: skip
     with pytest.raises(TypeError, match=r"_C\.pair_forward: workspace must be an int"):
-        c.pair_forward(_valid(c), stats, workspace=8.0, workspace_elems=64, stream=0)
+        c.pair_forward(pair_params(c), stats, workspace=8.0, workspace_elems=64, stream=0)
     with pytest.raises(TypeError, match=r"_C\.pair_forward: stream must be an int"):
-        c.pair_forward(_valid(c), stats, workspace=8, workspace_elems=64, stream=None)
+        c.pair_forward(pair_params(c), stats, workspace=8, workspace_elems=64, stream=None)
     with pytest.raises(TypeError):  # the addresses are keyword-only
-        c.pair_forward(_valid(c), stats, 8, 64, 0)
+        c.pair_forward(pair_params(c), stats, 8, 64, 0)
     grads = c.PairGrads(da=8, db=8, dscale=8, dbias=8, out_dtype="float32")
     with pytest.raises(ValueError, match=r"_C\.pair_backward: PairCoefs\.cols must be null"):
-        c.pair_backward(_valid(c), stats, c.PairCoefs(cols=8), grads, **kw)
+        c.pair_backward(pair_params(c), stats, c.PairCoefs(cols=8), grads, **kw)
     with pytest.raises(ValueError, match=r"_C\.pair_backward: PairStats\.row_max is null"):
-        c.pair_backward(_valid(c), c.PairStats(), c.PairCoefs(rows=8), grads, **kw)
+        c.pair_backward(pair_params(c), c.PairStats(), c.PairCoefs(rows=8), grads, **kw)
     with pytest.raises(ValueError, match=r"_C\.pair_backward: PairGrads\.dpos is null"):
-        c.pair_backward(_valid(c, positive_logits=8), stats, c.PairCoefs(), grads, **kw)
+        c.pair_backward(pair_params(c, positive_logits=8), stats, c.PairCoefs(), grads, **kw)
     with pytest.raises(ValueError, match=r"_C\.pair_backward: PairGrads\.out_dtype must be"):
         bad = c.PairGrads(da=8, db=8, dscale=8, dbias=8, out_dtype="float16")
-        c.pair_backward(_valid(c, dtype="bfloat16"), stats, c.PairCoefs(), bad, **kw)
+        c.pair_backward(pair_params(c, dtype="bfloat16"), stats, c.PairCoefs(), bad, **kw)
     with pytest.raises(ValueError, match=r"_C\.pair_backward: PairCoefs\.total is null"):
-        c.pair_backward(_valid(c, epilogue="sigmoid"), c.PairStats(), c.PairCoefs(), grads, **kw)
-    gram = c.GramParams(
-        anchor=8, others=8, n=5, d=3, k=6, anchor_stride0=3, anchor_stride1=1,
-        others_stride0=15, others_stride1=3, others_stride2=1, dtype="float32", scale=8,
-        det_h=8, adj_h=8, floor_h=8,
-    )  # fmt: skip
+        c.pair_backward(
+            pair_params(c, epilogue="sigmoid"), c.PairStats(), c.PairCoefs(), grads, **kw
+        )
+    gram = gram_params(c)
     outs = dict(row_lse=8, col_lse=8, diag=8, row_sum=8, col_sum=8, **kw)
     with pytest.raises(ValueError, match=r"_C\.gram_forward: GramParams\.k \(others per sample"):
         c.gram_forward(gram, **outs)
@@ -599,10 +576,7 @@ def _check_launch_errors(c) -> None:
     with pytest.raises(TypeError, match=r"_C\.gram_backward: label_smoothing must be a float"):
         c.gram_backward(gram, row_lse=8, col_lse=8, grad=8, label_smoothing="0.1", d_anchor=8,
                         d_others_u=8, dscale=8, col_tt=8, col_uu=8, **kw)  # fmt: skip
-    triple = c.TripleParams(
-        x=8, y=8, z=0, n=5, d=3, x_stride0=3, x_stride1=1, y_stride0=3, y_stride1=1,
-        z_stride0=3, z_stride1=1, dtype="float32", scale=8,
-    )  # fmt: skip
+    triple = triple_params(c, z=0)
     with pytest.raises(ValueError, match=r"_C\.symile_n2_forward: TripleParams\.z is null"):
         c.symile_n2_forward(triple, row_lse=8, **kw)
     triple.z, triple.n = 8, 0
@@ -654,9 +628,9 @@ def test_real_module_without_gpu():
     _check_struct_errors(c)
     _check_launch_errors(c)
     with pytest.raises(RuntimeError, match=r"_C\.pair_forward_workspace_elems: .*failed"):
-        c.pair_forward_workspace_elems(_valid(c), device=0)
+        c.pair_forward_workspace_elems(pair_params(c), device=0)
     with pytest.raises(RuntimeError, match=r"_C\.pair_forward: .*failed"):
-        c.pair_forward(_valid(c), c.PairStats(row_max=8, row_sum=8, pos_max=8, pos_sum=8),
+        c.pair_forward(pair_params(c), c.PairStats(row_max=8, row_sum=8, pos_max=8, pos_sum=8),
                        workspace=8, workspace_elems=64, stream=0)  # fmt: skip
     x, s = torch.randn(5, 3), torch.tensor(1.0)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):

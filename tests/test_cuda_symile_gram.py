@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from c_structs import gram_params, triple_params
 from flashcontrast import _cuda_ext
 from flashcontrast.backends import cuda as cuda_backend
 from verification import assert_by_rule
@@ -190,18 +191,11 @@ def test_cpu_tensors_raise_clearly():
 def test_c_refuses_bad_arguments_by_name():
     c = _cuda_ext._C
     # symile_n2 and GRAM take typed structs (named fields) and keyword-only addresses.
-    triple = c.TripleParams(
-        x=8, y=8, z=8, n=0, d=3, x_stride0=3, x_stride1=1, y_stride0=3, y_stride1=1,
-        z_stride0=3, z_stride1=1, dtype="float32", scale=8,
-    )  # fmt: skip
+    triple = triple_params(c, n=0)
     ws = dict(workspace=8, workspace_elems=64, stream=0)
     with pytest.raises(ValueError, match=r"_C\.symile_n2_backward: TripleParams\.n must be >= 1"):
         c.symile_n2_backward(triple, row_lse=8, grad_rows=8, dx=8, dy=8, dz=8, dscale=8, **ws)
-    gram = c.GramParams(
-        anchor=8, others=8, n=5, d=3, k=6, anchor_stride0=3, anchor_stride1=1,
-        others_stride0=15, others_stride1=3, others_stride2=1, dtype="float32", scale=8,
-        det_h=8, adj_h=8, floor_h=8,
-    )  # fmt: skip
+    gram = gram_params(c)
     outs = dict(row_lse=8, col_lse=8, diag=8, row_sum=8, col_sum=8, **ws)
     with pytest.raises(ValueError, match=r"_C\.gram_forward: GramParams\.k \(others per sample\)"):
         c.gram_forward(gram, **outs)

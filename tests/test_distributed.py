@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_harness import SIZES, spawn
+from dist_harness import SIZES, assert_rank_errors, spawn
 
 D = 8
 
@@ -175,15 +175,7 @@ def test_distributed_matches_single_process(world, tmp_path):
         print("bytes per rank per step (W=4, n=256, D=512, float32):", results[0]["bytes"])
     if world == 1:
         return
-    for kind, substring in (
-        ("dim", "same feature dimension D"),
-        ("dtype", "same dtype"),
-        ("local", "failed their checks"),
-    ):
-        for r, res in enumerate(results):
-            msg = res["errors"][kind]
-            assert msg is not None, f"{kind}: rank {r} did not raise"
-            if kind == "local" and r == world - 1:
-                assert "same shape" in msg, msg  # the failing rank raises its own error
-            else:
-                assert substring in msg, msg
+    assert_rank_errors(results, "dim", "same feature dimension D")
+    assert_rank_errors(results, "dtype", "same dtype")
+    # the failing rank raises its own error, the others that it failed
+    assert_rank_errors(results, "local", "same shape", failing_rank=world - 1)

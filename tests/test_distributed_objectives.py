@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_harness import SIZES, spawn
+from dist_harness import SIZES, spawn, symile_sampling
 
 D = 6
 
@@ -111,23 +111,11 @@ def _cases(rank, world):
             perms = torch.stack([torch.randperm(n, generator=g) for _ in range(6)]).view(3, 2, n)
 
             def run_dist(t, s, mode=mode, perms=perms, scaling=scaling):
-                kw = {}
-                if mode == "generator":
-                    kw["generator"] = torch.Generator().manual_seed(77 + rank)  # rank 0's counts
-                elif mode == "permutations":
-                    kw["permutations"] = perms
-                else:
-                    torch.manual_seed(99 if rank == 0 else 5 + rank)  # rank 0's counts
+                kw = symile_sampling(mode, perms, rank)  # rank 0's draw counts
                 return fd.symile_loss(t, s, grad_scaling=scaling, **kw)
 
             def run_single(t, s, mode=mode, perms=perms):
-                kw = {}
-                if mode == "generator":
-                    kw["generator"] = torch.Generator().manual_seed(77)
-                elif mode == "permutations":
-                    kw["permutations"] = perms
-                else:
-                    torch.manual_seed(99)
+                kw = symile_sampling(mode, perms)
                 return fc.symile_loss(t, s, backend="reference", **kw)
 
             out[key] = _compare(rank, world, scaling, reps, run_dist, run_single)

@@ -32,7 +32,7 @@ from typing import Optional
 import pytest
 import torch
 
-from dist_harness import SIZES, spawn
+from dist_harness import SIZES, spawn, symile_sampling
 
 D = 5
 SCALE = 4.0
@@ -382,24 +382,11 @@ def _empty_body(layout: str, rank: int, world: int) -> dict:
             for mode in ("generator", "permutations", "default"):
 
                 def dist_symile(t, s, b, mode=mode, kw=kw):
-                    extra = {}
-                    if mode == "generator":  # rank 0's generator draws the permutations
-                        extra["generator"] = torch.Generator().manual_seed(77 + rank)
-                    elif mode == "permutations":
-                        extra["permutations"] = perms
-                    else:  # rank 0's default generator draws them
-                        torch.manual_seed(99 + rank)
-                    return fd.symile_loss(t, s, **extra, **kw)
+                    # rank 0's generator (or default generator) draws the permutations
+                    return fd.symile_loss(t, s, **symile_sampling(mode, perms, rank), **kw)
 
                 def single_symile(t, s, b, mode=mode):
-                    extra = {}
-                    if mode == "generator":
-                        extra["generator"] = torch.Generator().manual_seed(77)
-                    elif mode == "permutations":
-                        extra["permutations"] = perms
-                    else:
-                        torch.manual_seed(99)
-                    return fc.symile_loss(t, s, backend="reference", **extra)
+                    return fc.symile_loss(t, s, backend="reference", **symile_sampling(mode, perms))
 
                 key = f"{strategy}/{scaling}/{mode}"
                 case("symile", key, three, None, dist_symile, single_symile, scaling)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_harness import SIZES, spawn
+from dist_harness import SIZES, assert_rank_errors, spawn
 
 D = 6
 GRAD_OUT = 0.7
@@ -190,7 +190,4 @@ def test_symile_ring_matches_single_process(world, tmp_path):
         ("modalities", "same number of modalities M"),
         ("n_squared", 'only negative_sampling="n"'),
     ):
-        for r, res in enumerate(results):
-            msg = res["errors"][key]
-            assert msg is not None, f"{key}: rank {r} did not raise"
-            assert substring in msg, (key, r, msg)
+        assert_rank_errors(results, key, substring)

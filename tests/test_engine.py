@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 
-from engine_oracle import dense
+from engine_oracle import dense, stats_lse
 from flashcontrast._ops import backend_module
 from flashcontrast.backends.pair import Coefs, Pair, lse, merge_lse
 from verification import ENGINE_BACKENDS, assert_by_rule
@@ -140,17 +140,7 @@ def _ours(module, case, a, b, rg, cg, pl, coefs):
     stats = module.pair_forward(a, b, scale, bias, case.pair, **kw)
     c = Coefs(**{k: v.to(acc) for k, v in coefs.items()})
     grads = module.pair_backward(a, b, scale, bias, case.pair, stats, c, **kw)
-    out = {}
-    if stats.total is not None:
-        out["total"] = stats.total
-    for key, (mx, sm) in {
-        "row": (stats.row_max, stats.row_sum),
-        "pos": (stats.pos_max, stats.pos_sum),
-        "col": (stats.col_max, stats.col_sum),
-        "cpos": (stats.cpos_max, stats.cpos_sum),
-    }.items():
-        if mx is not None:
-            out[key] = lse(mx, sm)
+    out = stats_lse(stats)
     g = [grads.da, grads.db, grads.dscale]
     if case.bias:
         g.append(grads.dbias)
@@ -336,6 +326,30 @@ def test_outputs_do_not_alias(backend, name):
     assert not inputs & set(storages), "an output aliases an input"
 
 
+def _assert_same_fields(got: tuple, want: tuple) -> None:
+    """Two PairStats (or PairGrads): the same fields present, each equal."""
+    for x, y in zip(got, want):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y)
+
+
+def _blocks_match_one_block(a, b, s, pair: Pair, coefs: Coefs, block_elements: int, **kw):
+    """The torch engine with blocks of ``block_elements`` logits against one big block, a
+    (n, d) against b (m, d): the same statistics, then the same gradients; returns the small
+    blocks' PairGrads."""
+    from flashcontrast.backends.blockwise import pair as torch_pair
+
+    small = torch_pair.pair_forward(a, b, s, None, pair, **kw, max_block_elements=block_elements)
+    big = torch_pair.pair_forward(a, b, s, None, pair, **kw)
+    _assert_same_fields(small, big)
+    g_small = torch_pair.pair_backward(
+        a, b, s, None, pair, small, coefs, **kw, max_block_elements=block_elements
+    )
+    _assert_same_fields(g_small, torch_pair.pair_backward(a, b, s, None, pair, big, coefs, **kw))
+    return g_small
+
+
 def test_torch_small_blocks_with_groups():
     """The blockwise engine with blocks of two rows against a group that spans the first 12
     rows (every early block's rows have one allowed column in that group): the statistics
@@ -356,20 +370,8 @@ def test_torch_small_blocks_with_groups():
     torch.testing.assert_close(lse(small.row_max, small.row_sum), dense_s.logsumexp(1))
     torch.testing.assert_close(lse(small.col_max, small.col_sum), dense_s.logsumexp(0))
     torch.testing.assert_close(lse(small.pos_max, small.pos_sum), dense_s.diagonal())
-    big = torch_pair.pair_forward(a, b, s, None, SOFTMAX, **kw)
-    for x, y in zip(small, big):
-        assert (x is None) == (y is None)
-        if x is not None:
-            torch.testing.assert_close(x, y)
     c = Coefs(**{k: torch.full((23,), 0.3, dtype=torch.float64) for k in Coefs._fields[:4]})
-    g_small = torch_pair.pair_backward(
-        a, b, s, None, SOFTMAX, small, c, **kw, max_block_elements=23 * 2
-    )
-    g_big = torch_pair.pair_backward(a, b, s, None, SOFTMAX, big, c, **kw)
-    for x, y in zip(g_small, g_big):
-        assert (x is None) == (y is None)
-        if x is not None:
-            torch.testing.assert_close(x, y)
+    _blocks_match_one_block(a, b, s, SOFTMAX, c, 23 * 2, **kw)
 
 
 @pytest.mark.parametrize("backend", ENGINE_BACKENDS)
@@ -405,8 +407,6 @@ def test_torch_small_blocks_with_positive_logits_and_offsets(epilogue):
     of three rows give the statistics and gradients (dpos included) of one big block. (A
     loop variable once shadowed the block size when dpos was written: the second block
     then failed; the single-block tests could not see it.)"""
-    from flashcontrast.backends.blockwise import pair as torch_pair
-
     g = torch.Generator().manual_seed(3)
     a = torch.randn(17, 5, generator=g, dtype=torch.float64)
     b = torch.randn(25, 5, generator=g, dtype=torch.float64)
@@ -414,25 +414,12 @@ def test_torch_small_blocks_with_positive_logits_and_offsets(epilogue):
     s = torch.tensor(3.0, dtype=torch.float64)
     pair = Pair("rows") if epilogue == "rows" else SOFTMAX
     kw = dict(row_offset=4, positive_logits=pos) if epilogue == "rows" else dict(row_offset=4)
-    small = torch_pair.pair_forward(a, b, s, None, pair, **kw, max_block_elements=25 * 3)
-    big = torch_pair.pair_forward(a, b, s, None, pair, **kw)
-    for x, y in zip(small, big):
-        assert (x is None) == (y is None)
-        if x is not None:
-            torch.testing.assert_close(x, y)
     n_coefs = 2 if epilogue == "rows" else 4
     sizes = (17, 17, 25, 25)
     c = Coefs(**{
         k: torch.linspace(0.1, 0.9, sizes[i], dtype=torch.float64)
         for i, k in enumerate(Coefs._fields[:n_coefs])
     })  # fmt: skip
-    g_small = torch_pair.pair_backward(
-        a, b, s, None, pair, small, c, **kw, max_block_elements=25 * 3
-    )
-    g_big = torch_pair.pair_backward(a, b, s, None, pair, big, c, **kw)
-    for x, y in zip(g_small, g_big):
-        assert (x is None) == (y is None)
-        if x is not None:
-            torch.testing.assert_close(x, y)
+    g_small = _blocks_match_one_block(a, b, s, pair, c, 25 * 3, **kw)
     if epilogue == "rows":
         assert g_small.dpos is not None and g_small.dpos.abs().sum() > 0

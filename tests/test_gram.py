@@ -33,8 +33,10 @@ def _loss_and_grads(fn, xs, scale, grad_out, acc=None):
     return [loss.detach(), *torch.autograd.grad(loss * grad_out, [*xs, s])]
 
 
-def _check(backend, n, d, m, dtype, scale, eps, grad_out=1.7, normalize=True):
-    xs = _inputs(n, d, m, dtype, normalize)
+def _check_given(backend, xs, scale, eps, grad_out=1.3):
+    """The loss and gradients of ``backend`` on the M given (N, D) inputs (one dtype) by the
+    rule against the float64 reference; returns them."""
+    m, dtype = len(xs), xs[0].dtype
     names = ["loss", "d_anchor", *[f"d_others[{k}]" for k in range(m - 1)], "d_scale"]
 
     def ref(a, o, s):
@@ -53,6 +55,11 @@ def _check(backend, n, d, m, dtype, scale, eps, grad_out=1.7, normalize=True):
     # rule is widened by what that rounding can cost at these inputs (verification.py).
     allowance = gram_det_rounding_allowance(xs[0], xs[1:], scale, eps, grad_out, dtype)
     assert_by_rule(names, got, same, exact, dtype, allowance)
+    return got
+
+
+def _check(backend, n, d, m, dtype, scale, eps, grad_out=1.7, normalize=True):
+    _check_given(backend, _inputs(n, d, m, dtype, normalize), scale, eps, grad_out)
 
 
 # D >= M throughout: with D < M the M vectors are always dependent, every volume is 0 in
@@ -96,25 +103,6 @@ def test_gradcheck_float64_torch_backend():
         lambda a, o1, o2, s: gram_loss(a, [o1, o2], s, label_smoothing=0.1, backend="torch"),
         (*xs, s),
     )
-
-
-def _check_given(backend, xs, scale, eps, grad_out=1.3):
-    """_check on given inputs (float32), by the rule against the float64 reference."""
-    m = len(xs)
-    names = ["loss", "d_anchor", *[f"d_others[{k}]" for k in range(m - 1)], "d_scale"]
-
-    def ref(a, o, s):
-        return reference.gram_loss(a, o, s, label_smoothing=eps)
-
-    def ours(a, o, s):
-        return gram_loss(a, o, s, label_smoothing=eps, backend=backend)
-
-    exact = _loss_and_grads(ref, xs, scale, grad_out, torch.float64)
-    same = _loss_and_grads(ref, xs, scale, grad_out, torch.float32)
-    got = _loss_and_grads(ours, xs, scale, grad_out)
-    allowance = gram_det_rounding_allowance(xs[0], xs[1:], scale, eps, grad_out, torch.float32)
-    assert_by_rule(names, got, same, exact, torch.float32, allowance)
-    return got
 
 
 def _degenerate(n, d, m, pattern, count, seed):

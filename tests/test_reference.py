@@ -15,9 +15,7 @@ that reference trustworthy. Three kinds of evidence:
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -25,20 +23,9 @@ import torch.nn.functional as F
 
 from flashcontrast import reference as ref
 from flashcontrast._sampling import symile_negative_permutations
+from published import close, load_open_clip_loss, loss_and_grads
 
 F64 = torch.float64
-
-
-def _close(actual, expected, rtol=1e-10, atol=1e-12):
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
-
-
-def _loss_and_grads(fn, leaves):
-    """Run ``fn(*clones)`` on fresh leaf clones; return (loss, grads of every leaf)."""
-    clones = [x.detach().clone().requires_grad_(True) for x in leaves]
-    loss = fn(*clones)
-    grads = torch.autograd.grad(loss, clones)
-    return loss.detach(), grads
 
 
 # --------------------------------------------------------------------------------------
@@ -47,16 +34,7 @@ def _loss_and_grads(fn, leaves):
 @pytest.fixture(scope="module")
 def open_clip_loss():
     """open_clip/loss.py, executed on its own (it imports only torch)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("open-clip-torch is not installed (pip install open-clip-torch --no-deps)")
-    path = os.path.join(next(iter(spec.submodule_search_locations)), "loss.py")
-    if not os.path.isfile(path):
-        pytest.skip(f"open_clip is installed but has no loss.py at {path}")
-    file_spec = importlib.util.spec_from_file_location("_published_open_clip_loss", path)
-    module = importlib.util.module_from_spec(file_spec)
-    file_spec.loader.exec_module(module)
-    return module
+    return load_open_clip_loss("_published_open_clip_loss")
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +61,11 @@ def test_clip_matches_openclip(open_clip_loss, n, d, with_bias):
     def ours(a, b, s, *bias):
         return ref.clip_loss(a, b, s, *bias)
 
-    want, want_grads = _loss_and_grads(theirs, leaves)
-    got, got_grads = _loss_and_grads(ours, leaves)
-    _close(got, want)
+    want, want_grads = loss_and_grads(theirs, leaves)
+    got, got_grads = loss_and_grads(ours, leaves)
+    close(got, want)
     for g, w in zip(got_grads, want_grads):
-        _close(g, w)
+        close(g, w)
 
 
 @pytest.mark.parametrize("n,d", CLIP_SIZES)
@@ -97,17 +75,17 @@ def test_siglip_matches_openclip(open_clip_loss, n, d):
     scale = torch.tensor(10.0, dtype=F64)
     bias = torch.tensor(-10.0, dtype=F64)  # SigLIP's initialisation
     published = open_clip_loss.SigLipLoss()
-    want, want_grads = _loss_and_grads(published, [a, b, scale, bias])
-    got, got_grads = _loss_and_grads(ref.siglip_loss, [a, b, scale, bias])
-    _close(got, want)
+    want, want_grads = loss_and_grads(published, [a, b, scale, bias])
+    got, got_grads = loss_and_grads(ref.siglip_loss, [a, b, scale, bias])
+    close(got, want)
     for g, w in zip(got_grads, want_grads):
-        _close(g, w)
+        close(g, w)
 
 
 def test_clip_accepts_python_scalars(open_clip_loss):
     a, b = torch.randn(9, 6, dtype=F64), torch.randn(9, 6, dtype=F64)
-    _close(ref.clip_loss(a, b, 3.0, 0.5), open_clip_loss.ClipLoss()(a, b, 3.0, 0.5))
-    _close(ref.siglip_loss(a, b, 3.0, 0.5), open_clip_loss.SigLipLoss()(a, b, 3.0, 0.5))
+    close(ref.clip_loss(a, b, 3.0, 0.5), open_clip_loss.ClipLoss()(a, b, 3.0, 0.5))
+    close(ref.siglip_loss(a, b, 3.0, 0.5), open_clip_loss.SigLipLoss()(a, b, 3.0, 0.5))
 
 
 def test_clip_is_mean_of_two_info_nce_directions():
@@ -120,21 +98,21 @@ def test_clip_is_mean_of_two_info_nce_directions():
     loss = info_nce.InfoNCE(temperature=temperature)
     want = 0.5 * (loss(a, b) + loss(b, a))
     got = ref.clip_loss(F.normalize(a, dim=-1), F.normalize(b, dim=-1), 1.0 / temperature)
-    _close(got, want)
+    close(got, want)
 
 
 def test_clip_and_siglip_by_hand():
     # A = B = I (2 x 2), s = 1, no bias: S = I.
     # CE row 0: LSE(1, 0) - 1 = log(e + 1) - 1; row 1 the same; columns the same.
     eye = torch.eye(2, dtype=F64)
-    _close(ref.clip_loss(eye, eye, 1.0), torch.tensor(math.log(math.e + 1) - 1, dtype=F64))
+    close(ref.clip_loss(eye, eye, 1.0), torch.tensor(math.log(math.e + 1) - 1, dtype=F64))
     # With s = 2, b = 0.5: S = [[2.5, .5], [.5, 2.5]]; each CE: log(e^2.5 + e^.5) - 2.5.
     want = math.log(math.exp(2.5) + math.exp(0.5)) - 2.5
-    _close(ref.clip_loss(eye, eye, 2.0, 0.5), torch.tensor(want, dtype=F64))
+    close(ref.clip_loss(eye, eye, 2.0, 0.5), torch.tensor(want, dtype=F64))
     # SigLIP, S = I, b = 0: two positives -logsig(1) = log(1 + e^-1), two negatives
     # -logsig(-0) = log 2; summed and divided by N = 2.
     want = (2 * math.log(1 + math.exp(-1)) + 2 * math.log(2)) / 2
-    _close(ref.siglip_loss(eye, eye, 1.0, 0.0), torch.tensor(want, dtype=F64))
+    close(ref.siglip_loss(eye, eye, 1.0, 0.0), torch.tensor(want, dtype=F64))
 
 
 def test_clip_rejects_mismatched_shapes():
@@ -159,14 +137,14 @@ def test_symile_n_seed_replay_matches_published(symile_pkg, m, n, d):
     published = symile_pkg.Symile(negative_sampling="n")
     for seed in (0, 11):
         torch.manual_seed(seed)
-        want, want_grads = _loss_and_grads(lambda s, *r: published(list(r), s), [scale, *reps])
+        want, want_grads = loss_and_grads(lambda s, *r: published(list(r), s), [scale, *reps])
         torch.manual_seed(seed)
-        got, got_grads = _loss_and_grads(
+        got, got_grads = loss_and_grads(
             lambda s, *r: ref.symile_loss(list(r), s, "n"), [scale, *reps]
         )
-        _close(got, want, rtol=1e-12, atol=1e-14)
+        close(got, want, rtol=1e-12, atol=1e-14)
         for g, w in zip(got_grads, want_grads):
-            _close(g, w, rtol=1e-12, atol=1e-14)
+            close(g, w, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("m", [3, 4])
@@ -181,7 +159,7 @@ def test_symile_n_with_generator(symile_pkg, m):
     before = torch.get_rng_state()
     got = ref.symile_loss(reps, 4.0, "n", generator=torch.Generator().manual_seed(5))
     assert torch.equal(torch.get_rng_state(), before)
-    _close(got, want, rtol=1e-12, atol=1e-14)
+    close(got, want, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("m", [3, 4])
@@ -194,9 +172,9 @@ def test_symile_n_with_explicit_permutations(symile_pkg, m):
     torch.manual_seed(3)
     want = symile_pkg.Symile("n")(reps, 6.0)
     torch.manual_seed(99)  # the explicit permutations must not depend on the RNG state
-    _close(ref.symile_loss(reps, 6.0, "n", permutations=perms), want, rtol=1e-12, atol=1e-14)
+    close(ref.symile_loss(reps, 6.0, "n", permutations=perms), want, rtol=1e-12, atol=1e-14)
     nested = perms.tolist()
-    _close(ref.symile_loss(reps, 6.0, "n", permutations=nested), want, rtol=1e-12, atol=1e-14)
+    close(ref.symile_loss(reps, 6.0, "n", permutations=nested), want, rtol=1e-12, atol=1e-14)
 
 
 def test_symile_n_identity_permutations_is_aligned_mip():
@@ -211,7 +189,7 @@ def test_symile_n_identity_permutations_is_aligned_mip():
         y, z = [r for o, r in enumerate(reps) if o != a]
         want = want + F.cross_entropy(s * torch.einsum("id,jd,jd->ij", reps[a], y, z), labels)
     want = want / m
-    _close(ref.symile_loss(reps, s, "n", permutations=ident), want)
+    close(ref.symile_loss(reps, s, "n", permutations=ident), want)
 
 
 @pytest.mark.parametrize("m,n,d", [(3, 1, 3), (3, 5, 6), (3, 9, 4), (4, 4, 5)])
@@ -219,13 +197,13 @@ def test_symile_n_squared_matches_published(symile_pkg, m, n, d):
     reps = _reps(m, n, d)
     scale = torch.tensor(5.0, dtype=F64)
     published = symile_pkg.Symile(negative_sampling="n_squared")
-    want, want_grads = _loss_and_grads(lambda s, *r: published(list(r), s), [scale, *reps])
-    got, got_grads = _loss_and_grads(
+    want, want_grads = loss_and_grads(lambda s, *r: published(list(r), s), [scale, *reps])
+    got, got_grads = loss_and_grads(
         lambda s, *r: ref.symile_loss(list(r), s, "n_squared"), [scale, *reps]
     )
-    _close(got, want)
+    close(got, want)
     for g, w in zip(got_grads, want_grads):
-        _close(g, w)
+        close(g, w)
 
 
 def test_symile_n_squared_by_hand():
@@ -237,7 +215,7 @@ def test_symile_n_squared_by_hand():
     x = torch.tensor([[0.0], [1.0]], dtype=F64)
     y = torch.ones(2, 1, dtype=F64)
     want = (math.log(4) + 2 * (math.log(2 + 2 * math.e) - 0.5)) / 3
-    _close(ref.symile_loss([x, y, y.clone()], 1.0, "n_squared"), torch.tensor(want, dtype=F64))
+    close(ref.symile_loss([x, y, y.clone()], 1.0, "n_squared"), torch.tensor(want, dtype=F64))
 
 
 def test_symile_permutation_draw_order():
@@ -289,7 +267,7 @@ def test_mv_infonce_by_hand():
     #   log((9E + 6) / 6E).
     big_e = math.exp(2.0)
     want = 0.5 * (math.log(2.5) + math.log((9 * big_e + 6) / (6 * big_e)))
-    _close(ref.multiview_infonce_loss(_hand_views(), 2.0), torch.tensor(want, dtype=F64))
+    close(ref.multiview_infonce_loss(_hand_views(), 2.0), torch.tensor(want, dtype=F64))
 
 
 def test_mv_dhel_by_hand():
@@ -299,7 +277,7 @@ def test_mv_dhel_by_hand():
     # Sample 1: alignment log(3E) = log 3 + 2; uniformity 0 + 0 + 2. loss_1 = -log 3.
     big_e = math.exp(2.0)
     want = 0.5 * ((2 - math.log(big_e + 2)) - math.log(3))
-    _close(ref.multiview_dhel_loss(_hand_views(), 2.0), torch.tensor(want, dtype=F64))
+    close(ref.multiview_dhel_loss(_hand_views(), 2.0), torch.tensor(want, dtype=F64))
 
 
 def _naive_mv_infonce(u, tau):
@@ -333,11 +311,11 @@ def _naive_mv_dhel(u, tau):
 def test_mv_losses_match_raw_exp_formulas(v, n, d):
     u = F.normalize(torch.randn(v, n, d, dtype=F64), dim=-1)
     tau = 0.3
-    _close(ref.multiview_infonce_loss(u, 1 / tau), _naive_mv_infonce(u, tau))
-    _close(ref.multiview_dhel_loss(u, 1 / tau), _naive_mv_dhel(u, tau))
+    close(ref.multiview_infonce_loss(u, 1 / tau), _naive_mv_infonce(u, tau))
+    close(ref.multiview_dhel_loss(u, 1 / tau), _naive_mv_dhel(u, tau))
     # a sequence of V (N, D) tensors is the same as the stacked tensor
-    _close(ref.multiview_infonce_loss(list(u), 1 / tau), ref.multiview_infonce_loss(u, 1 / tau))
-    _close(ref.multiview_dhel_loss(tuple(u), 1 / tau), ref.multiview_dhel_loss(u, 1 / tau))
+    close(ref.multiview_infonce_loss(list(u), 1 / tau), ref.multiview_infonce_loss(u, 1 / tau))
+    close(ref.multiview_dhel_loss(tuple(u), 1 / tau), ref.multiview_dhel_loss(u, 1 / tau))
 
 
 def test_mv_dhel_two_views_is_dhel():
@@ -351,8 +329,8 @@ def test_mv_dhel_two_views_is_dhel():
     den_a = (torch.exp(a @ a.T / tau) * off).sum(-1)
     den_p = (torch.exp(p @ p.T / tau) * off).sum(-1)
     dhel = -torch.log(pos / (den_a * den_p)).mean()
-    _close(ref.multiview_dhel_loss(torch.stack([a, p]), 1 / tau), dhel)
-    _close(ref.multiview_dhel_loss([a, p], 1 / tau), dhel)
+    close(ref.multiview_dhel_loss(torch.stack([a, p]), 1 / tau), dhel)
+    close(ref.multiview_dhel_loss([a, p], 1 / tau), dhel)
 
 
 def test_mv_losses_do_not_overflow_at_small_tau():
@@ -380,7 +358,7 @@ def test_mv_scale_gradient_flows():
         # d/ds by central differences on the function itself
         h = 1e-6
         fd = (fn(u, 4.0 + h) - fn(u, 4.0 - h)) / (2 * h)
-        _close(s.grad, fd, rtol=1e-6, atol=1e-8)
+        close(s.grad, fd, rtol=1e-6, atol=1e-8)
 
 
 def test_mv_rejects_degenerate_shapes():
@@ -422,7 +400,7 @@ R2 = math.sqrt(2.0)
 def test_gram_volume_by_hand(anchor, others, volume):
     t = torch.tensor([anchor], dtype=F64)
     o = [torch.tensor([x], dtype=F64) for x in others]
-    _close(ref.gram_volume(t, o), torch.tensor([[volume]], dtype=F64), rtol=1e-12, atol=1e-7)
+    close(ref.gram_volume(t, o), torch.tensor([[volume]], dtype=F64), rtol=1e-12, atol=1e-7)
 
 
 def test_gram_volume_orientation():
@@ -432,7 +410,7 @@ def test_gram_volume_orientation():
     t = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=F64)
     o = torch.tensor([[0.0, 1.0], [1.0, 1.0]], dtype=F64)
     want = torch.tensor([[1.0, 1.0], [0.0, 2.0]], dtype=F64)
-    _close(ref.gram_volume(t, [o]), want, rtol=1e-12, atol=1e-7)
+    close(ref.gram_volume(t, [o]), want, rtol=1e-12, atol=1e-7)
 
 
 def test_gram_loss_by_hand():
@@ -453,9 +431,9 @@ def test_gram_loss_by_hand():
     t = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=F64)
     o = torch.tensor([[0.0, 1.0], [1.0, 1.0]], dtype=F64)
     got = ref.gram_loss(t, [o], 1.0, label_smoothing=eps)
-    _close(got, torch.tensor((rows + cols) / 2, dtype=F64))
+    close(got, torch.tensor((rows + cols) / 2, dtype=F64))
     # s = 1 / temperature multiplies the volumes: s = 2 on V equals s = 1 on 2V.
-    _close(ref.gram_loss(t, [o], 2.0, eps), ref.gram_loss(2 * t, [o], 1.0, eps))
+    close(ref.gram_loss(t, [o], 2.0, eps), ref.gram_loss(2 * t, [o], 1.0, eps))
 
 
 @pytest.mark.parametrize("m", [3, 4])
@@ -476,7 +454,7 @@ def test_gram_volume_matches_adjugate_identity(m):
         for ii in range(n_a):
             u = o @ t[ii]
             det_want[ii, jj] = torch.linalg.det(h) * (t[ii] @ t[ii]) - u @ adj @ u
-    _close(ref.gram_volume(t, others), det_want.clamp_min(0).sqrt(), rtol=1e-9, atol=1e-9)
+    close(ref.gram_volume(t, others), det_want.clamp_min(0).sqrt(), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

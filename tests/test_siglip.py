@@ -10,6 +10,7 @@ import flashcontrast
 from flashcontrast import SigLipLoss, reference, siglip_loss
 from flashcontrast.backends import blockwise
 from flashcontrast.bench.memory import memory_use
+from gradcheck_inputs import pair_leaves
 from verification import BACKENDS, TRITON_SKIP, assert_by_rule, pair_inputs, pair_loss_and_grads
 
 NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")
@@ -106,10 +107,7 @@ def test_many_blocks(backend, monkeypatch):
 
 def test_gradcheck_float64_torch_backend(monkeypatch):
     monkeypatch.setitem(blockwise.MAX_BLOCK_ELEMENTS, "cpu", 4 * 9)  # three row blocks
-    a = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
-    s = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
-    bias = torch.tensor(-0.3, dtype=torch.float64, requires_grad=True)
+    a, b, s, bias = pair_leaves(9, 5)
     assert torch.autograd.gradcheck(lambda *x: siglip_loss(*x, backend="torch"), (a, b, s, bias))
     assert torch.autograd.gradcheck(
         lambda x, y, z: siglip_loss(x, y, z, None, backend="torch"), (a, b, s)
