@@ -296,15 +296,26 @@ void gram_forward(const fc::GramInputs& params, py::handle row_lse, py::handle c
                    as_ptr<void>(to_address(stream, "stream")));
 }
 
+// total: None -> the columns m; out_dtype: None -> the inputs' dtype.
 void gram_backward(const fc::GramInputs& params, py::handle row_lse, py::handle col_lse,
                    py::handle grad, py::handle label_smoothing, py::handle d_anchor,
                    py::handle d_others_u, py::handle dscale, py::handle col_tt,
                    py::handle col_uu, py::handle workspace, py::handle workspace_elems,
-                   py::handle stream) {
+                   py::handle stream, py::handle total, py::handle out_dtype) {
+  const std::int64_t cols = params.m < 0 ? params.n : params.m;
+  fc::DType out = params.dtype;
+  if (!out_dtype.is_none()) {
+    try {
+      out = fc::parse_dtype(to_string(out_dtype, "out_dtype"), "out_dtype");
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  }
   fc::gram_backward(params, as_ptr<const float>(to_address(row_lse, "row_lse")),
                     as_ptr<const float>(to_address(col_lse, "col_lse")),
                     as_ptr<const float>(to_address(grad, "grad")),
                     to_float(label_smoothing, "label_smoothing"),
+                    total.is_none() ? cols : to_int64(total, "total"), out,
                     as_ptr<void>(to_address(d_anchor, "d_anchor")),
                     as_ptr<void>(to_address(d_others_u, "d_others_u")),
                     as_ptr<float>(to_address(dscale, "dscale")),
@@ -406,10 +417,12 @@ void register_structs(py::module_& m) {
   using GP = fc::GramInputs;
   Struct<GP>(m, "GramParams", "GRAM's inputs (gram.h).")
       .address("anchor", &GP::anchor, kRequired, "(n, d) device address")
-      .address("others", &GP::others, kRequired, "(k, n, d) device address")
-      .int64("n", &GP::n, kRequired, "samples")
+      .address("others", &GP::others, kRequired, "(k, m, d) device address")
+      .int64("n", &GP::n, kRequired, "anchor rows")
       .int64("d", &GP::d, kRequired, "features")
       .int64("k", &GP::k, kRequired, "others per sample, 1..5")
+      .int64("m", &GP::m, kOptional, "sample columns (default -1: m = n)")
+      .int64("row_offset", &GP::row_offset, kOptional, "row i's own column (default 0)")
       .int64("anchor_stride0", &GP::anchor_stride0, kRequired, "")
       .int64("anchor_stride1", &GP::anchor_stride1, kRequired, "")
       .int64("others_stride0", &GP::others_stride0, kRequired, "")
@@ -417,9 +430,9 @@ void register_structs(py::module_& m) {
       .int64("others_stride2", &GP::others_stride2, kRequired, "")
       .dtype("dtype", &GP::dtype, kRequired, "'float32' | 'float16' | 'bfloat16'")
       .address("scale", &GP::scale, kRequired, "fp32 device scalar")
-      .address("det_h", &GP::det_h, kRequired, "(n,) fp32")
-      .address("adj_h", &GP::adj_h, kRequired, "(n, k, k) fp32")
-      .address("floor_h", &GP::floor_h, kRequired, "(n,) fp32")
+      .address("det_h", &GP::det_h, kRequired, "(m,) fp32")
+      .address("adj_h", &GP::adj_h, kRequired, "(m, k, k) fp32")
+      .address("floor_h", &GP::floor_h, kRequired, "(m,) fp32")
       .done();
   using TP = fc::TripleInputs;
   Struct<TP>(m, "TripleParams", "Symile n_squared's inputs x, y, z (symile.h).")
@@ -479,13 +492,16 @@ PYBIND11_MODULE(_C, m) {
   def(m, "gram_forward", &gram_forward, py::arg("params"), py::kw_only(), py::arg("row_lse"),
       py::arg("col_lse"), py::arg("diag"), py::arg("row_sum"), py::arg("col_sum"),
       py::arg("workspace"), py::arg("workspace_elems"), py::arg("stream"),
-      "L = -scale * volume: writes row_lse, col_lse, diag, row_sum, col_sum ((n,) float32).");
+      "L = -scale * volume: writes row_lse (n,), col_lse (m,), diag (n,), row_sum (n,), "
+      "col_sum (m,) (float32; partial over this call's rows / columns).");
   def(m, "gram_backward", &gram_backward, py::arg("params"), py::kw_only(), py::arg("row_lse"),
       py::arg("col_lse"), py::arg("grad"), py::arg("label_smoothing"), py::arg("d_anchor"),
       py::arg("d_others_u"), py::arg("dscale"), py::arg("col_tt"), py::arg("col_uu"),
       py::arg("workspace"), py::arg("workspace_elems"), py::arg("stream"),
-      "Writes d_anchor (n, d), d_others_u (k, n, d) (input dtype), dscale, col_tt (n,), "
-      "col_uu (n, k, k) (float32).");
+      py::arg("total") = py::none(), py::arg("out_dtype") = py::none(),
+      "Writes d_anchor (n, d), d_others_u (k, m, d) (out_dtype: None, the inputs', or "
+      "'float32'), dscale, col_tt (m,), col_uu (m, k, k) (float32); total: the N of the loss "
+      "(None: m).");
   def(m, "symile_n2_forward_workspace_elems", &symile_n2_forward_workspace_elems,
       py::arg("params"), py::kw_only(), py::arg("device"));
   def(m, "symile_n2_backward_workspace_elems", &symile_n2_backward_workspace_elems,

@@ -167,6 +167,39 @@ def test_gram_strided_no_smoothing():
     _check_gram(anchor, others, 5.0, eps=0.0, grad=-0.7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.usefixtures("kernel_target")
+def test_gram_rectangular_out_dtype_and_total(dtype):
+    """A rectangular block (n = 70 rows against m = 45 columns, row_offset = 20) with
+    out_dtype=float32 and total = 200: d_anchor (n, D) and d_others_u (K, m, D) come back
+    in float32, and rounded to the inputs' dtype they are the out_dtype=None call's; both
+    are close to the float32 call on the same rounded inputs."""
+    n, m, k, d = 70, 45, 2, 40
+    anchor = _unit(n, d, dtype)[0]
+    others = torch.stack(_unit(m, d, dtype, k))
+    det_h, adj_h, floor_h = (c.float() for c in gram_constants(others))
+    s32, g = torch.tensor(7.0, device=DEVICE), torch.tensor(0.9, device=DEVICE)
+
+    def call(t, o, out_dtype):
+        fwd = cuda_backend.gram_forward(t, o, s32, det_h, adj_h, floor_h, 20)
+        bwd = cuda_backend.gram_backward(
+            t, o, s32, det_h, adj_h, floor_h, fwd[0], fwd[1], g, 0.1,
+            row_offset=20, total=200, out_dtype=out_dtype,
+        )  # fmt: skip
+        return fwd, bwd
+
+    fwd, wide = call(anchor, others, torch.float32)
+    _, narrow = call(anchor, others, None)
+    _, exact = call(anchor.float(), others.float(), None)
+    assert [t.shape for t in fwd] == [(n,), (m,), (n,), (n,), (m,)]
+    assert wide[0].dtype == wide[1].dtype == torch.float32 and narrow[0].dtype == dtype
+    assert wide[1].shape == (k, m, d)
+    for w, nw in zip(wide[:2], narrow[:2]):
+        assert torch.equal(w.to(dtype), nw)
+    for name, w, e in zip(("d_anchor", "d_others_u", "dscale"), wide, exact):
+        torch.testing.assert_close(w, e, rtol=5e-2, atol=1e-4, msg=name)
+
+
 # ----------------------------------------------------------------------------- no GPU
 
 

@@ -5,10 +5,11 @@ gram_forward / gram_backward for this rank's rows against one column block, row 
 column at ``row_offset + i`` (backends/blockwise/gram.py). First the rectangular contract
 in one process: rows and columns split into blocks at every offset, the partial statistics
 merged (logaddexp, +), equal the square call's (the single-process loss's) statistics and
-gradients. Then the loss over W = 1, 2, 3 gloo ranks (tests/dist_harness.py) with uneven
-shards, an empty one for W > 1, both strategies, label smoothing, ``grad_scaling="sum"``
-and an upstream gradient != 1, against the single-process loss by the verification rule
-(float64 reference; the float32 one as the same-dtype reference):
+gradients. Then the loss over W = 1, 2, 3 gloo ranks (and 4 on "cuda";
+tests/dist_harness.py) with uneven shards, an empty one for W > 1, both strategies, label
+smoothing, ``grad_scaling="sum"`` and an upstream gradient != 1, against the
+single-process loss by the verification rule (float64 reference; the float32 one as the
+same-dtype reference):
 
 * well-conditioned unit features;
 * degenerate ones: a duplicated modality (o^2_j = o^1_j, or -0.7 o^1_j) for some
@@ -19,9 +20,10 @@ and an upstream gradient != 1, against the single-process loss by the verificati
 * a NaN in one sample's anchor, or in one of its others: the loss is NaN on every rank,
   as in one process (tests/test_nan_propagation.py); the old tiles mapped a NaN det to 0.
 
-Both on "torch" and "triton" (the interpreter: TRITON_INTERPRET=1, set by conftest.py and
-inherited by the spawned ranks); "cuda" has no rectangular GRAM kernels yet: asked for,
-it fails the setup of every rank. Sizes are small (N <= 13, D = 8, M = 3): one spawn per
+On "torch", "triton" (the interpreter: TRITON_INTERPRET=1, set by conftest.py and
+inherited by the spawned ranks) and "cuda" (csrc/'s kernels on the CPU, tests/cuda_emulator:
+each spawned rank installs the emulated extension itself, as in
+tests/test_distributed_engine.py). Sizes are small (N <= 13, D = 8, M = 3): one spawn per
 world size and backend.
 """
 
@@ -40,12 +42,12 @@ from flashcontrast.objectives.gram import (
     floor_from_gram,
     gram_matrices,
 )
-from verification import TRITON, assert_by_rule, gram_det_rounding_allowance
+from verification import CUDA_EMULATED, TRITON, assert_by_rule, gram_det_rounding_allowance
 
 D, M = 8, 3
 SCALE = 7.0
 GRAD_OUT = 0.7
-SIZES = {1: [7], 2: [0, 9], 3: [5, 0, 8]}  # uneven, an empty shard for W > 1
+SIZES = {1: [7], 2: [0, 9], 3: [5, 0, 8], 4: [3, 6, 0, 4]}  # uneven, an empty shard for W > 1
 # (strategy, label_smoothing, data)
 CASES = (
     ("gather", 0.1, "unit"),
@@ -54,7 +56,18 @@ CASES = (
     ("ring", 0.1, "duplicate"),
 )
 #: The backends whose GRAM kernels take the rectangular form (the distributed loss's).
-RECTANGULAR = ["torch", TRITON]
+RECTANGULAR = ["torch", TRITON, CUDA_EMULATED]
+
+
+def _case(backend, *values, first: bool = False):
+    """pytest.param of ``values`` and the backend (a name or a pytest.param of one,
+    whose marks it keeps), the backend first or last."""
+    name, marks = (backend, ()) if isinstance(backend, str) else (*backend.values, backend.marks)
+    return pytest.param(*((name, *values) if first else (*values, name)), marks=marks)
+
+
+#: (world, backend): W = 1..3 on each, W = 4 on "cuda" too (the emulator is the cheapest).
+WORLDS = [_case(b, w) for b in RECTANGULAR for w in (1, 2, 3)] + [_case(CUDA_EMULATED, 4)]
 NAN_CASES = (("gather", "anchor"), ("ring", "anchor"), ("gather", "other"), ("ring", "other"))
 
 
@@ -83,16 +96,28 @@ def _consts(others: torch.Tensor):
     return det_h, adj_h, floor_from_gram(gram, gram.dtype)
 
 
-@pytest.mark.parametrize("backend", RECTANGULAR)
+#: (N, row cuts, column cuts): within one tile of every backend, and across the CUDA
+#: kernels' 64-row and 32-column tiles (row offsets from -100 to 70, blocks whose own
+#: columns are partly, wholly or not at all inside).
+CUTS = {
+    "small": (13, [(0, 5), (5, 13)], [(0, 4), (4, 4), (4, 9), (9, 13)]),
+    "tiles": (130, [(0, 70), (70, 130)], [(0, 45), (45, 45), (45, 100), (100, 130)]),
+}
+BLOCK_CASES = [_case(b, c, first=True) for b in RECTANGULAR for c in ("small",)] + [
+    _case(b, "tiles", first=True) for b in ("torch", CUDA_EMULATED)
+]
+
+
+@pytest.mark.parametrize(("backend", "cuts"), BLOCK_CASES)
 @pytest.mark.parametrize("kind", ["unit", "duplicate"])
-def test_rectangular_blocks_merge_to_the_square_call(kind, backend):
-    """Rows split [0, 5), [5, 13) and columns [0, 4), [4, 9), [9, 13) (an empty block
-    too): each (row block, column block) call with row_offset = row start - column start,
-    merged, gives the square call's five statistics and, from the merged LSEs with
-    total = N, its five gradients (sums over the blocks), on each backend with the
-    rectangular form."""
+def test_rectangular_blocks_merge_to_the_square_call(kind, backend, cuts):
+    """Rows and columns split as CUTS (an empty column block too): each (row block,
+    column block) call with row_offset = row start - column start, merged, gives the
+    square call's five statistics and, from the merged LSEs with total = N, its five
+    gradients (sums over the blocks), on each backend with the rectangular form."""
     module = backend_module(backend, "gram")
-    n, eps = 13, 0.1
+    n, row_cuts, col_cuts = CUTS[cuts]
+    eps = 0.1
     x = _data(n, kind, 3)
     t, o = x[0], x[1:].contiguous()
     s = torch.tensor(SCALE)
@@ -100,7 +125,6 @@ def test_rectangular_blocks_merge_to_the_square_call(kind, backend):
     consts = _consts(o)
     full = module.gram_forward(t, o, s, *consts)
     full_bwd = module.gram_backward(t, o, s, *consts, full[0], full[1], g, eps)
-    row_cuts, col_cuts = [(0, 5), (5, 13)], [(0, 4), (4, 4), (4, 9), (9, 13)]
     inf = float("-inf")
     row_lse, col_lse = torch.full((n,), inf), torch.full((n,), inf)
     diag, row_sum, col_sum = torch.zeros(n), torch.zeros(n), torch.zeros(n)
@@ -146,6 +170,11 @@ def _body(backend: str, rank: int, world: int) -> dict:
     import flashcontrast
     import flashcontrast.distributed as fd
 
+    if backend == "cuda":  # route backend="cuda" to the emulated extension in this rank
+        import cuda_emulator
+
+        cuda_emulator.install(pytest.MonkeyPatch(), f"test_distributed_gram_engine/{world}")
+
     sizes = SIZES[world]
     n = sum(sizes)
     sl = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
@@ -185,9 +214,12 @@ def _reference(case: tuple, n: int, dtype: torch.dtype, backend: str = "referenc
     return [loss.detach(), x.grad, s.grad]
 
 
-@pytest.mark.parametrize("backend", RECTANGULAR)
-@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize(("world", "backend"), WORLDS)
 def test_distributed_gram_matches_one_process(world, backend, tmp_path):
+    if backend == "cuda":
+        import cuda_emulator
+
+        cuda_emulator.module()  # build (or load) once here, so the ranks find it cached
     results = spawn(world, tmp_path, functools.partial(_body, backend))
     n = sum(SIZES[world])
     for case in CASES:
@@ -219,9 +251,9 @@ def test_distributed_gram_matches_one_process(world, backend, tmp_path):
         assert got == ["nan"] * world, (strategy, where, got)
     if backend == "torch":
         for res in results:
-            # "cuda" has no emulated extension in these ranks, and no rectangular kernels
+            # "cuda" has no (emulated) extension in these ranks: every rank's setup fails
             assert res["cuda"][0] == "RuntimeError", res["cuda"]
-            assert "rectangular GRAM" in res["cuda"][1] or "cannot run" in res["cuda"][1], res
+            assert "cannot run" in res["cuda"][1], res
 
 
 def test_degenerate_inputs_need_the_floor():

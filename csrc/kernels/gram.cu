@@ -1,4 +1,7 @@
-// GRAM (shared/objectives.md section 4) on the tile engine (tiles.cuh).
+// GRAM (shared/objectives.md section 4) on the tile engine (tiles.cuh), in the rectangular
+// form of backends/__init__.py: n anchor rows against m sample columns, row i's own column
+// at row_offset + i (the diagonal L_ii and the [i == j] below mean that column; none where
+// it is outside [0, m)); statistics partial over this call's rows / columns.
 //
 // Tiles of 64 anchor rows x 32 sample columns, D in chunks of 32, 128 threads. Per tile the
 // K = M - 1 dot-product tiles U_r = T_rb O^r_cb^T (one TileAcc, K D-sweeps over the same
@@ -12,10 +15,11 @@
 // with K (dynamic, up to ~80 KB at K = 5: opted in above 48 KB; fits sm_80..sm_120).
 //
 // forward  grid (G, H) (forward_plan, as pair.cu's): rows (LSE and sum) in registers, columns in
-//          exclusive per-program partials of a 3 (G + H) n workspace, diag L_ii, merged by
+//          exclusive per-program partials of a 3 (H n + G m) workspace, diag L_ii, merged by
 //          gram_combine_kernel.
-// backward grid (column blocks, SPLIT) (backward_split, as pair.cu's). With c = grad / (2n),
-//          dL = c Dh, Dh_ij = P_row + P_col - 2 (1 - eps) [i == j] - 2 eps / n, and
+// backward grid (column blocks, SPLIT) (backward_split, as pair.cu's). With N = total and
+//          c = grad / (2N), dL = c Dh, Dh_ij = P_row + P_col - 2 (1 - eps) [i == j] - 2 eps / N,
+//          and
 //          W_ij = Dh_ij (-s) / (2 V_ij) above the floor, else 0:
 //            a_i      += sum_j W_ij det_h_j                       (row pass, atomics)
 //            col_tt_j += c sum_i W_ij |t_i|^2, col_uu_j += c sum_i W_ij u u^T  (atomics)
@@ -23,7 +27,7 @@
 //              dA_ws[rb]       += Q^r @ O^r_cb      (fp32 atomics)
 //              dO_ws[r][cb]    += Q^r^T @ T_rb      (fp32 atomics)
 //            dscale partials sum Dh (-V).
-//          finalize: d_anchor = c (2 a_i t_i - 2 dA_ws), d_others_u = -2 c dO_ws.
+//          finalize: d_anchor = c (2 a_i t_i - 2 dA_ws), d_others_u = -2 c dO_ws (out dtype).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -74,13 +78,28 @@ template <typename T>
 struct GramParams {
   const T* t;
   const T* o;
-  int64_t n, d;
+  int64_t n, m, d;  // anchor rows, sample columns, features
+  int64_t row_offset;
   int k;
   int64_t ts0, ts1, os0, os1, os2;
   const float* scale;
   const float* det_h;
   const float* adj_h;
   const float* floor_h;
+};
+
+// The regions of the dynamic shared memory both kernels use (Layout's a, b, u, small).
+template <typename T>
+struct Smem {
+  T* As;
+  T* Bs;
+  float* Us;
+  float* small;
+  __device__ Smem(unsigned char* base, const Layout<T>& lay)
+      : As(reinterpret_cast<T*>(base + lay.a)),
+        Bs(reinterpret_cast<T*>(base + lay.b)),
+        Us(reinterpret_cast<float*>(base + lay.u)),
+        small(reinterpret_cast<float*>(base + lay.small)) {}
 };
 
 // U_r (r < K) = T[row0:+64] @ O^r[col0:+32]^T into Us (fp32, ld kLdU) and tt[i] = |t_i|^2.
@@ -98,7 +117,7 @@ __device__ void gram_tiles(const GramParams<T>& p, int64_t row0, int64_t col0, T
     for (int64_t k0 = 0; k0 < p.d; k0 += kBK) {
       __syncthreads();
       load_tile<T, kBM, kBK>(As, L::kLdK, p.t, p.ts0, p.ts1, row0, p.n, k0, p.d);
-      load_tile<T, kBN, kBK>(Bs, L::kLdK, o, p.os1, p.os2, col0, p.n, k0, p.d);
+      load_tile<T, kBN, kBK>(Bs, L::kLdK, o, p.os1, p.os2, col0, p.m, k0, p.d);
       __syncthreads();
       if (r == 0) {
         for (int c = rh * (kBK / 2); c < (rh + 1) * (kBK / 2); ++c) {
@@ -141,15 +160,15 @@ __device__ __forceinline__ float volume_at(float det, float thr, bool& keep) {
 template <typename T>
 __device__ __forceinline__ void load_column_constants(const GramParams<T>& p, int64_t col0,
                                                       float* dh, float* adj, float* fl) {
-  const int64_t n = p.n;
+  const int64_t m = p.m;
   const int k = p.k;
   for (int idx = threadIdx.x; idx < kBN * k * k; idx += kThreads) {
     const int c = idx / (k * k), q = idx % (k * k);
-    adj[c * kKK + q] = col0 + c < n ? p.adj_h[(col0 + c) * k * k + q] : 0.0f;
+    adj[c * kKK + q] = col0 + c < m ? p.adj_h[(col0 + c) * k * k + q] : 0.0f;
   }
   for (int c = threadIdx.x; c < kBN; c += kThreads) {
-    dh[c] = col0 + c < n ? p.det_h[col0 + c] : 0.0f;
-    fl[c] = col0 + c < n ? p.floor_h[col0 + c] : 0.0f;
+    dh[c] = col0 + c < m ? p.det_h[col0 + c] : 0.0f;
+    fl[c] = col0 + c < m ? p.floor_h[col0 + c] : 0.0f;
   }
 }
 
@@ -160,29 +179,30 @@ __global__ void __launch_bounds__(kThreads)
     gram_fwd_kernel(GramParams<T> p, float* __restrict__ ws_m, float* __restrict__ ws_l,
                     float* __restrict__ ws_s, float* __restrict__ diag) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const Layout<T> lay(p.k, false);
   using L = Layout<T>;
-  T* As = reinterpret_cast<T*>(smem + lay.a);
-  T* Bs = reinterpret_cast<T*>(smem + lay.b);
-  float* Us = reinterpret_cast<float*>(smem + lay.u);
-  float* tt = reinterpret_cast<float*>(smem + lay.small);
+  const Smem<T> sm(smem, L(p.k, false));
+  T* const As = sm.As;
+  T* const Bs = sm.Bs;
+  float* const Us = sm.Us;
+  float* tt = sm.small;
   float* dh = tt + kBM;
   float* adj = dh + kBN;
   float* fl = adj + kBN * kKK;
   float* part = fl + kBN;  // 3 * kThreads: column partials (m, l, s)
 
   const int g = blockIdx.x, h = blockIdx.y, G = gridDim.x, H = gridDim.y;
-  const int64_t n = p.n;
-  const int num_rb = int((n + kBM - 1) / kBM), num_cb = int((n + kBN - 1) / kBN);
+  const int64_t n = p.n, m = p.m;
+  const int num_rb = int((n + kBM - 1) / kBM), num_cb = int((m + kBN - 1) / kBN);
   const float scale = *p.scale;
   const int tid = threadIdx.x;
   const int rr = tid / 2, rh = tid % 2;
   constexpr int kParts = kThreads / kBN;  // threads per column
   constexpr int kRowsPer = kBM / kParts;
   const int cc = tid % kBN, cp = tid / kBN;
-  float* col_m = ws_m + int64_t(H + g) * n;
-  float* col_l = ws_l + int64_t(H + g) * n;
-  float* col_s = ws_s + int64_t(H + g) * n;
+  const int64_t col_part = int64_t(H) * n + int64_t(g) * m;  // after the H row partials
+  float* col_m = ws_m + col_part;
+  float* col_l = ws_l + col_part;
+  float* col_s = ws_s + col_part;
 
   for (int rb = g; rb < num_rb; rb += G) {
     const int64_t row0 = int64_t(rb) * kBM;
@@ -190,7 +210,7 @@ __global__ void __launch_bounds__(kThreads)
     float run_m = -INFINITY, run_l = 0.0f, run_s = 0.0f;
     for (int cb = h; cb < num_cb; cb += H) {
       const int64_t col0 = int64_t(cb) * kBN;
-      const int ncols = int(std::min<int64_t>(kBN, n - col0));
+      const int ncols = int(std::min<int64_t>(kBN, m - col0));
       __syncthreads();  // previous tile's readers of dh / adj / part / Us done
       load_column_constants(p, col0, dh, adj, fl);
       gram_tiles<T>(p, row0, col0, As, Bs, Us, tt);
@@ -246,7 +266,8 @@ __global__ void __launch_bounds__(kThreads)
         col_m[j] = cm;
         col_l[j] = cl;
         col_s[j] = cs;
-        if (j >= row0 && j < row0 + nrows) diag[j] = Us[(j - row0) * L::kLdU + cc];
+        const int64_t i = j - p.row_offset;  // the row whose own column is j
+        if (i >= row0 && i < row0 + nrows) diag[i] = Us[(i - row0) * L::kLdU + cc];
       }
     }
     if (rh == 0 && row0 + rr < n) {
@@ -257,23 +278,30 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Rows from partials [0, H), columns from [H, H + G).
+// Rows from the H partials of n at [0, H n), columns from the G partials of m after them;
+// diag_i = 0 for the rows whose own column row_offset + i is outside [0, m) (no tile wrote it).
 __global__ void gram_combine_kernel(const float* __restrict__ ws_m,
                                     const float* __restrict__ ws_l,
-                                    const float* __restrict__ ws_s, int64_t n, int H, int G,
+                                    const float* __restrict__ ws_s, int64_t n, int64_t m,
+                                    int64_t row_offset, int H, int G,
                                     float* __restrict__ row_lse, float* __restrict__ col_lse,
-                                    float* __restrict__ row_sum, float* __restrict__ col_sum) {
+                                    float* __restrict__ row_sum, float* __restrict__ col_sum,
+                                    float* __restrict__ diag) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
   const bool cols = blockIdx.y == 1;
-  const int k0 = cols ? H : 0, k1 = cols ? H + G : H;
-  float m = -INFINITY, l = 0.0f, s = 0.0f;
-  for (int k = k0; k < k1; ++k) {
-    lse_merge(m, l, ws_m[int64_t(k) * n + i], ws_l[int64_t(k) * n + i]);
-    s += ws_s[int64_t(k) * n + i];
+  const int64_t len = cols ? m : n;
+  if (i >= len) return;
+  const int parts = cols ? G : H;
+  const int64_t base = cols ? int64_t(H) * n : 0;
+  float mx = -INFINITY, l = 0.0f, s = 0.0f;
+  for (int q = 0; q < parts; ++q) {
+    const int64_t at = base + int64_t(q) * len + i;
+    lse_merge(mx, l, ws_m[at], ws_l[at]);
+    s += ws_s[at];
   }
-  (cols ? col_lse : row_lse)[i] = m + logf(l);
+  (cols ? col_lse : row_lse)[i] = mx + logf(l);
   (cols ? col_sum : row_sum)[i] = s;
+  if (!cols && (i + row_offset < 0 || i + row_offset >= m)) diag[i] = 0.0f;
 }
 
 // ----------------------------------------------------------------------------- backward
@@ -282,19 +310,20 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     gram_bwd_kernel(GramParams<T> p, const float* __restrict__ row_lse,
                     const float* __restrict__ col_lse, const float* __restrict__ grad, float eps,
-                    float* __restrict__ da_ws, float* __restrict__ do_ws,
+                    int64_t total, float* __restrict__ da_ws, float* __restrict__ do_ws,
                     float* __restrict__ a_ws, float* __restrict__ col_tt,
                     float* __restrict__ col_uu, float* __restrict__ partials) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const Layout<T> lay(p.k, true);
   using L = Layout<T>;
-  T* As = reinterpret_cast<T*>(smem + lay.a);
-  T* Bs = reinterpret_cast<T*>(smem + lay.b);
-  float* Us = reinterpret_cast<float*>(smem + lay.u);
+  const L lay(p.k, true);
+  const Smem<T> sm(smem, lay);
+  T* const As = sm.As;
+  T* const Bs = sm.Bs;
+  float* const Us = sm.Us;
   float* Ws = reinterpret_cast<float*>(smem + lay.w);
   T* Ps = reinterpret_cast<T*>(smem + lay.p);
   float* stage = reinterpret_cast<float*>(smem + lay.stage);  // WMMA only
-  float* tt = reinterpret_cast<float*>(smem + lay.small);
+  float* tt = sm.small;
   float* lse_r = tt + kBM;
   float* dh = lse_r + kBM;
   float* lse_c = dh + kBN;
@@ -303,20 +332,20 @@ __global__ void __launch_bounds__(kThreads)
   float* red = fl + kBN;
 
   const int cb = blockIdx.x, sp = blockIdx.y, split = gridDim.y;
-  const int64_t n = p.n, d = p.d;
+  const int64_t n = p.n, m = p.m, d = p.d;
   const int k = p.k;
   const int num_rb = int((n + kBM - 1) / kBM);
   const int count = (num_rb - sp + split - 1) / split;
   const float scale = *p.scale;
-  const float c = *grad * (0.5f / float(n));
-  const float off = 2.0f * eps / float(n), on = 2.0f * (1.0f - eps);
+  const float c = *grad * (0.5f / float(total));
+  const float off = 2.0f * eps / float(total), on = 2.0f * (1.0f - eps);
   const int tid = threadIdx.x;
   const int64_t col0 = int64_t(cb) * kBN;
-  const int ncols = int(std::min<int64_t>(kBN, n - col0));
+  const int ncols = int(std::min<int64_t>(kBN, m - col0));
   float ds_acc = 0.0f;
 
   load_column_constants(p, col0, dh, adj, fl);
-  if (tid < kBN) lse_c[tid] = col0 + tid < n ? col_lse[col0 + tid] : 0.0f;
+  if (tid < kBN) lse_c[tid] = col0 + tid < m ? col_lse[col0 + tid] : 0.0f;
 
   for (int t = 0; t < count; ++t) {
     const int rb = sp + ((t + cb) % count) * split;
@@ -329,13 +358,13 @@ __global__ void __launch_bounds__(kThreads)
       const int i = idx / kBN, j = idx % kBN;
       const int64_t gi = row0 + i, gj = col0 + j;
       float w = 0.0f;
-      if (gi < n && gj < n) {
+      if (gi < n && gj < m) {
         float u[kMaxK];
         const float det = det_at<T>(Us, k, i, j, tt, dh, adj, u);
         bool keep;
         const float v = volume_at(det, tt[i] * fl[j], keep);
         const float lg = -scale * v;
-        const float dl = expf(lg - lse_r[i]) + expf(lg - lse_c[j]) - (gi == gj ? on : 0.0f) - off;
+        const float dl = expf(lg - lse_r[i]) + expf(lg - lse_c[j]) - (gj == gi + p.row_offset ? on : 0.0f) - off;
         ds_acc = fmaf(dl, -v, ds_acc);
         if (keep) w = dl * (-scale) / (2.0f * v);
       }
@@ -396,11 +425,11 @@ __global__ void __launch_bounds__(kThreads)
         Ps[i * L::kLdP + j] = from_float<T>(Ws[i * L::kLdU + j] * q * inv);
       }
       const T* o = p.o + r * p.os0;
-      float* do_r = do_ws + int64_t(r) * n * d;
+      float* do_r = do_ws + int64_t(r) * m * d;
       for (int64_t k0 = 0; k0 < d; k0 += kBK) {
         __syncthreads();  // Ps complete; previous chunk's readers of As / Bs done
         load_tile<T, kBM, kBK>(As, L::kLdK, p.t, p.ts0, p.ts1, row0, n, k0, d);
-        load_tile<T, kBN, kBK>(Bs, L::kLdK, o, p.os1, p.os2, col0, n, k0, d);
+        load_tile<T, kBN, kBK>(Bs, L::kLdK, o, p.os1, p.os2, col0, m, k0, d);
         __syncthreads();
         TileAcc<T, kBM, kBK> acc_a;  // Q (64 x 32) @ O chunk (32 x BK)
         acc_a.zero();
@@ -412,33 +441,34 @@ __global__ void __launch_bounds__(kThreads)
           if (row0 + i < n && k0 + cc < d) atomicAdd(da_ws + (row0 + i) * d + k0 + cc, mult * v);
         });
         acc_b.for_each(stage, L::kLdS, [&](int j, int cc, float v) {
-          if (col0 + j < n && k0 + cc < d) atomicAdd(do_r + (col0 + j) * d + k0 + cc, mult * v);
+          if (col0 + j < m && k0 + cc < d) atomicAdd(do_r + (col0 + j) * d + k0 + cc, mult * v);
         });
       }
       __syncthreads();  // before Ps is rewritten for the next r
     }
   }
-  const float total = block_sum(ds_acc, red);
-  if (tid == 0) partials[blockIdx.x * split + sp] = c * total;
+  const float ds = block_sum(ds_acc, red);
+  if (tid == 0) partials[blockIdx.x * split + sp] = c * ds;
 }
 
-// d_anchor = c (2 a_i t_i - 2 dA_ws); d_others_u = -2 c dO_ws (k slices of n * d).
-template <typename T>
+// d_anchor = c (2 a_i t_i - 2 dA_ws) (n * d); d_others_u = -2 c dO_ws (k slices of m * d);
+// both in the output dtype O (T, or float for partial sums).
+template <typename T, typename O>
 __global__ void gram_finalize_kernel(GramParams<T> p, const float* __restrict__ grad,
-                                     const float* __restrict__ da_ws,
+                                     int64_t total, const float* __restrict__ da_ws,
                                      const float* __restrict__ do_ws,
-                                     const float* __restrict__ a_ws, T* __restrict__ d_anchor,
-                                     T* __restrict__ d_others) {
-  const float c = *grad * (0.5f / float(p.n));
-  const int64_t nd = p.n * p.d, total = (1 + p.k) * nd;
+                                     const float* __restrict__ a_ws, O* __restrict__ d_anchor,
+                                     O* __restrict__ d_others) {
+  const float c = *grad * (0.5f / float(total));
+  const int64_t nd = p.n * p.d, elems = nd + p.k * p.m * p.d;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < elems; idx += stride) {
     if (idx < nd) {
       const int64_t i = idx / p.d, e = idx % p.d;
       const float t = to_float(p.t[i * p.ts0 + e * p.ts1]);
-      d_anchor[idx] = from_float<T>(c * (2.0f * a_ws[i] * t - 2.0f * da_ws[idx]));
+      d_anchor[idx] = from_float<O>(c * (2.0f * a_ws[i] * t - 2.0f * da_ws[idx]));
     } else {
-      d_others[idx - nd] = from_float<T>(-2.0f * c * do_ws[idx - nd]);
+      d_others[idx - nd] = from_float<O>(-2.0f * c * do_ws[idx - nd]);
     }
   }
 }
@@ -459,35 +489,60 @@ struct Plan {
   int g, h;
 };
 
-Plan forward_plan(int64_t n, int sms) {
+int64_t cols_of(const GramInputs& in) { return in.m < 0 ? in.n : in.m; }
+
+// G programs over the n rows' 64-row blocks, H over the m columns' 32-column blocks.
+Plan forward_plan(int64_t n, int64_t m, int sms) {
   const int64_t target = 2 * int64_t(std::max(sms, 1));
   const int64_t g = std::min(blocks_of(n, kBM), target);
-  const int64_t h = std::min(blocks_of(n, kBN), std::max<int64_t>(1, target / g));
+  const int64_t h = std::min(blocks_of(m, kBN), std::max<int64_t>(1, target / g));
   return {int(g), int(h)};
 }
 
-int backward_split(int64_t n, int sms) {
+int backward_split(int64_t n, int64_t m, int sms) {
   const int64_t target = 2 * int64_t(std::max(sms, 1));
-  const int64_t want = blocks_of(target, blocks_of(n, kBN));
+  const int64_t want = blocks_of(target, blocks_of(m, kBN));
   return int(std::max<int64_t>(1, std::min(blocks_of(n, kBM), want)));
+}
+
+int64_t forward_elems(const GramInputs& in, int sms) {
+  const int64_t n = in.n, m = cols_of(in);
+  const Plan plan = forward_plan(n, m, sms);
+  return 3 * (int64_t(plan.h) * n + int64_t(plan.g) * m);
+}
+
+// da_ws (n d), do_ws (k m d), a_ws (n), then the dscale partials.
+int64_t backward_elems(const GramInputs& in, int sms) {
+  const int64_t n = in.n, m = cols_of(in);
+  return n * in.d + in.k * m * in.d + n + blocks_of(m, kBN) * backward_split(n, m, sms);
 }
 
 void require(const void* ptr, const char* name) {
   if (!ptr) throw std::invalid_argument(std::string(name) + " is null");
 }
 
+void require_count(int64_t v, const char* field) {
+  if (v < 1) {
+    throw std::invalid_argument(std::string(field) + " must be >= 1, got " + std::to_string(v));
+  }
+  if (v > (int64_t(1) << 31) - kBM) {
+    throw std::invalid_argument(std::string(field) + " must be < 2^31 - 64, got " +
+                                std::to_string(v));
+  }
+}
+
 // Sizes and strides of GramParams (the Python name of GramInputs), errors naming the field.
 void check_sizes(const GramInputs& in) {
-  const int64_t n = in.n, d = in.d, k = in.k;
-  if (n < 1) throw std::invalid_argument("GramParams.n must be >= 1, got " + std::to_string(n));
-  if (d < 1) throw std::invalid_argument("GramParams.d must be >= 1, got " + std::to_string(d));
+  const int64_t k = in.k;
+  require_count(in.n, "GramParams.n");
+  if (in.d < 1) {
+    throw std::invalid_argument("GramParams.d must be >= 1, got " + std::to_string(in.d));
+  }
   if (k < 1 || k > kMaxK) {
     throw std::invalid_argument("GramParams.k (others per sample) must be in 1.." +
                                 std::to_string(kMaxK) + ", got " + std::to_string(k));
   }
-  if (n > (int64_t(1) << 31) - kBM) {
-    throw std::invalid_argument("GramParams.n must be < 2^31 - 64, got " + std::to_string(n));
-  }
+  if (in.m >= 0) require_count(in.m, "GramParams.m");
   const std::pair<int64_t, const char*> strides[] = {
       {in.anchor_stride0, "anchor_stride0"}, {in.anchor_stride1, "anchor_stride1"},
       {in.others_stride0, "others_stride0"}, {in.others_stride1, "others_stride1"},
@@ -520,9 +575,9 @@ void check_workspace(int64_t have, int64_t need) {
 template <typename T>
 GramParams<T> make_params(const GramInputs& in) {
   return GramParams<T>{static_cast<const T*>(in.anchor), static_cast<const T*>(in.others),
-                       in.n, in.d, int(in.k), in.anchor_stride0, in.anchor_stride1,
-                       in.others_stride0, in.others_stride1, in.others_stride2, in.scale,
-                       in.det_h, in.adj_h, in.floor_h};
+                       in.n, cols_of(in), in.d, in.row_offset, int(in.k), in.anchor_stride0,
+                       in.anchor_stride1, in.others_stride0, in.others_stride1,
+                       in.others_stride2, in.scale, in.det_h, in.adj_h, in.floor_h};
 }
 
 // Opts the kernel in to `bytes` of dynamic shared memory where that exceeds 48 KB.
@@ -544,41 +599,44 @@ void set_smem(K kernel, int bytes, int device, const char* name) {
 template <typename T>
 void launch_forward(const GramInputs& in, Plan plan, float* row_lse, float* col_lse, float* diag,
                     float* row_sum, float* col_sum, float* ws, int device, cudaStream_t st) {
-  const int64_t n = in.n, part = int64_t(plan.g + plan.h) * n;
+  const int64_t n = in.n, m = cols_of(in);
+  const int64_t part = int64_t(plan.h) * n + int64_t(plan.g) * m;
   const int bytes = Layout<T>(int(in.k), false).bytes;
   set_smem(gram_fwd_kernel<T>, bytes, device, "gram_fwd_kernel");
   gram_fwd_kernel<T><<<dim3(plan.g, plan.h), kThreads, bytes, st>>>(
       make_params<T>(in), ws, ws + part, ws + 2 * part, diag);
   detail::check_launch("gram_fwd_kernel");
-  gram_combine_kernel<<<dim3(unsigned(blocks_of(n, 256)), 2), 256, 0, st>>>(
-      ws, ws + part, ws + 2 * part, n, plan.h, plan.g, row_lse, col_lse, row_sum, col_sum);
+  gram_combine_kernel<<<dim3(unsigned(blocks_of(std::max(n, m), 256)), 2), 256, 0, st>>>(
+      ws, ws + part, ws + 2 * part, n, m, in.row_offset, plan.h, plan.g, row_lse, col_lse,
+      row_sum, col_sum, diag);
   detail::check_launch("gram_combine_kernel");
 }
 
-template <typename T>
+template <typename T, typename O>
 void launch_backward(const GramInputs& in, int split, const float* row_lse,
-                     const float* col_lse, const float* grad, float eps, void* d_anchor,
-                     void* d_others, float* dscale, float* col_tt, float* col_uu, float* ws,
-                     int device, cudaStream_t st) {
-  const int64_t n = in.n, nd = in.n * in.d, k = in.k;
-  const int num_cb = int(blocks_of(n, kBN));
+                     const float* col_lse, const float* grad, float eps, int64_t total,
+                     void* d_anchor, void* d_others, float* dscale, float* col_tt,
+                     float* col_uu, float* ws, int device, cudaStream_t st) {
+  const int64_t n = in.n, m = cols_of(in), k = in.k;
+  const int64_t elems = n * in.d + k * m * in.d;
+  const int num_cb = int(blocks_of(m, kBN));
   float* da_ws = ws;
-  float* do_ws = ws + nd;
-  float* a_ws = ws + (1 + k) * nd;
+  float* do_ws = ws + n * in.d;
+  float* a_ws = ws + elems;
   float* partials = a_ws + n;
-  FC_CUDA_CHECK(cudaMemsetAsync(ws, 0, sizeof(float) * size_t((1 + k) * nd + n), st));
-  FC_CUDA_CHECK(cudaMemsetAsync(col_tt, 0, sizeof(float) * size_t(n), st));
-  FC_CUDA_CHECK(cudaMemsetAsync(col_uu, 0, sizeof(float) * size_t(n * k * k), st));
+  FC_CUDA_CHECK(cudaMemsetAsync(ws, 0, sizeof(float) * size_t(elems + n), st));
+  FC_CUDA_CHECK(cudaMemsetAsync(col_tt, 0, sizeof(float) * size_t(m), st));
+  FC_CUDA_CHECK(cudaMemsetAsync(col_uu, 0, sizeof(float) * size_t(m * k * k), st));
   const int bytes = Layout<T>(int(k), true).bytes;
   set_smem(gram_bwd_kernel<T>, bytes, device, "gram_bwd_kernel");
   const GramParams<T> p = make_params<T>(in);
   gram_bwd_kernel<T><<<dim3(num_cb, split), kThreads, bytes, st>>>(
-      p, row_lse, col_lse, grad, eps, da_ws, do_ws, a_ws, col_tt, col_uu, partials);
+      p, row_lse, col_lse, grad, eps, total, da_ws, do_ws, a_ws, col_tt, col_uu, partials);
   detail::check_launch("gram_bwd_kernel");
-  const unsigned blocks = unsigned(std::min<int64_t>(blocks_of((1 + k) * nd, 256), 8192));
-  gram_finalize_kernel<T><<<blocks, 256, 0, st>>>(p, grad, da_ws, do_ws, a_ws,
-                                                  static_cast<T*>(d_anchor),
-                                                  static_cast<T*>(d_others));
+  const unsigned blocks = unsigned(std::min<int64_t>(blocks_of(elems, 256), 8192));
+  gram_finalize_kernel<T, O><<<blocks, 256, 0, st>>>(p, grad, total, da_ws, do_ws, a_ws,
+                                                     static_cast<O*>(d_anchor),
+                                                     static_cast<O*>(d_others));
   detail::check_launch("gram_finalize_kernel");
   gram_sum_kernel<<<1, kThreads, 0, st>>>(partials, num_cb * split, dscale);
   detail::check_launch("gram_sum_kernel");
@@ -591,9 +649,7 @@ using namespace gram_impl;
 
 int64_t gram_forward_workspace_elems(const GramInputs& in, int device) {
   check_sizes(in);
-  const int64_t n = in.n;
-  const Plan plan = forward_plan(n, detail::sm_count(device));
-  return 3 * int64_t(plan.g + plan.h) * n;
+  return forward_elems(in, detail::sm_count(device));
 }
 
 void gram_forward(const GramInputs& in, float* row_lse, float* col_lse, float* diag,
@@ -608,8 +664,9 @@ void gram_forward(const GramInputs& in, float* row_lse, float* col_lse, float* d
   require(workspace, "workspace");
   const int device = detail::device_of(in.anchor, "GramParams.anchor");
   detail::DeviceScope scope(device);
-  const Plan plan = forward_plan(in.n, detail::sm_count(device));
-  check_workspace(workspace_elems, 3 * int64_t(plan.g + plan.h) * in.n);
+  const int sms = detail::sm_count(device);
+  check_workspace(workspace_elems, forward_elems(in, sms));
+  const Plan plan = forward_plan(in.n, cols_of(in), sms);
   const auto st = static_cast<cudaStream_t>(stream);
   dispatch_dtype(in.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -619,15 +676,13 @@ void gram_forward(const GramInputs& in, float* row_lse, float* col_lse, float* d
 
 int64_t gram_backward_workspace_elems(const GramInputs& in, int device) {
   check_sizes(in);
-  const int64_t n = in.n, d = in.d, k = in.k;
-  const int split = backward_split(n, detail::sm_count(device));
-  return (1 + k) * n * d + n + blocks_of(n, kBN) * split;
+  return backward_elems(in, detail::sm_count(device));
 }
 
 void gram_backward(const GramInputs& in, const float* row_lse, const float* col_lse,
-                   const float* grad, float label_smoothing, void* d_anchor, void* d_others_u,
-                   float* dscale, float* col_tt, float* col_uu, float* workspace,
-                   int64_t workspace_elems, void* stream) {
+                   const float* grad, float label_smoothing, int64_t total, DType out_dtype,
+                   void* d_anchor, void* d_others_u, float* dscale, float* col_tt,
+                   float* col_uu, float* workspace, int64_t workspace_elems, void* stream) {
   check_inputs(in);
   require(row_lse, "row_lse");
   require(col_lse, "col_lse");
@@ -642,16 +697,31 @@ void gram_backward(const GramInputs& in, const float* row_lse, const float* col_
     throw std::invalid_argument("label_smoothing must be in [0, 1], got " +
                                 std::to_string(label_smoothing));
   }
+  if (total < 1) throw std::invalid_argument("total must be >= 1, got " + std::to_string(total));
+  if (out_dtype != in.dtype && out_dtype != DType::kFloat32) {
+    throw std::invalid_argument(std::string("out_dtype must be the inputs' dtype (") +
+                                dtype_name(in.dtype) + ") or float32, got " +
+                                dtype_name(out_dtype));
+  }
   const int device = detail::device_of(in.anchor, "GramParams.anchor");
   detail::DeviceScope scope(device);
-  const int split = backward_split(in.n, detail::sm_count(device));
-  check_workspace(workspace_elems,
-                  (1 + in.k) * in.n * in.d + in.n + blocks_of(in.n, kBN) * split);
+  const int sms = detail::sm_count(device);
+  check_workspace(workspace_elems, backward_elems(in, sms));
+  const int split = backward_split(in.n, cols_of(in), sms);
   const auto st = static_cast<cudaStream_t>(stream);
   dispatch_dtype(in.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch_backward<T>(in, split, row_lse, col_lse, grad, label_smoothing, d_anchor, d_others_u,
-                       dscale, col_tt, col_uu, workspace, device, st);
+    const auto run = [&](auto* out_tag) {
+      using O = std::remove_pointer_t<decltype(out_tag)>;
+      launch_backward<T, O>(in, split, row_lse, col_lse, grad, label_smoothing, total,
+                            d_anchor, d_others_u, dscale, col_tt, col_uu, workspace, device,
+                            st);
+    };
+    if (out_dtype == in.dtype) {
+      run(static_cast<T*>(nullptr));
+    } else {
+      run(static_cast<float*>(nullptr));
+    }
   });
 }
 

@@ -65,7 +65,7 @@ det_h (N,) = det H_j and adj_h (N, K, K) = adj H_j, H_j the K x K Gram matrix of
         own column at row_offset + i (diag 0 where it is outside the block); the row
         statistics are over this block's columns, the column ones over its rows: partial,
         merged by the caller (logaddexp for the LSEs, + for the sums). The single-process
-        call is n = m, row_offset = 0 ("torch" and "triton"; "cuda": square only).
+        call is n = m, row_offset = 0 (every backend: "torch", "triton", "cuda").
         det_ij = det_h_j |t_i|^2 - u_ij^T adj_h_j u_ij;  logits L_ij = -scale V_ij with
         V_ij = sqrt(det_ij) where det_ij > |t_i|^2 floor_h_j, else det_ij * 0 (0, or NaN
         for a NaN / inf det: never a max() that drops NaN). floor_h (N,) is the

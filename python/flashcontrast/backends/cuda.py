@@ -224,48 +224,59 @@ def symile_n2_backward(
 def _check_gram(
     anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor, floor_h: Tensor
 ):
+    """(device, det_h, adj_h, floor_h) after the checks: anchor (n, D), others (K, m, D),
+    the per-column constants of the m columns made fp32 contiguous."""
     dev = _check_many("gram", {"anchor": anchor}, scale)
     _check_many("gram", {"anchor": anchor, "others": others}, scale, ndim=None)
-    if others.dim() != 3 or others.shape[1:] != anchor.shape:
+    if others.dim() != 3 or others.shape[2] != anchor.shape[1]:
         raise ValueError(
-            f"others must be (K, N, D) with anchor (N, D), got {tuple(others.shape)} and "
+            f"others must be (K, m, D) with anchor (n, D), got {tuple(others.shape)} and "
             f"{tuple(anchor.shape)}"
         )
-    k, n, _ = others.shape
+    k, m, _ = others.shape
     if not 1 <= k <= 5:
         raise ValueError(f"the CUDA GRAM kernels take 1 to 5 other modalities, got K = {k}")
-    # Per-column constants, O(N K^2): made fp32 contiguous (a copy only if they are not).
-    consts = _vec(det_h, n, "det_h", dev), _vec(adj_h, n, "adj_h", dev, (k, k))
-    return (dev, *consts, _vec(floor_h, n, "floor_h", dev))
+    # Per-column constants, O(m K^2): made fp32 contiguous (a copy only if they are not).
+    consts = _vec(det_h, m, "det_h", dev), _vec(adj_h, m, "adj_h", dev, (k, k))
+    return (dev, *consts, _vec(floor_h, m, "floor_h", dev))
 
 
-def _gram_params(anchor, others, scale, det_h, adj_h, floor_h):
-    k, n, d = others.shape
+def _gram_params(anchor, others, scale, det_h, adj_h, floor_h, row_offset: int):
+    k, m, d = others.shape
     return _C.GramParams(
-        anchor=anchor.data_ptr(), others=others.data_ptr(), n=n, d=d, k=k,
-        anchor_stride0=anchor.stride(0), anchor_stride1=anchor.stride(1),
-        others_stride0=others.stride(0), others_stride1=others.stride(1),
-        others_stride2=others.stride(2), dtype=_DTYPE_NAMES[anchor.dtype],
-        scale=scale.data_ptr(), det_h=det_h.data_ptr(), adj_h=adj_h.data_ptr(),
-        floor_h=floor_h.data_ptr(),
+        anchor=anchor.data_ptr(), others=others.data_ptr(), n=anchor.shape[0], m=m, d=d, k=k,
+        row_offset=int(row_offset), anchor_stride0=anchor.stride(0),
+        anchor_stride1=anchor.stride(1), others_stride0=others.stride(0),
+        others_stride1=others.stride(1), others_stride2=others.stride(2),
+        dtype=_DTYPE_NAMES[anchor.dtype], scale=scale.data_ptr(), det_h=det_h.data_ptr(),
+        adj_h=adj_h.data_ptr(), floor_h=floor_h.data_ptr(),
     )  # fmt: skip
 
 
 def gram_forward(
-    anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor, floor_h: Tensor
+    anchor: Tensor,
+    others: Tensor,
+    scale: Tensor,
+    det_h: Tensor,
+    adj_h: Tensor,
+    floor_h: Tensor,
+    row_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(row_lse, col_lse, diag, row_sum, col_sum) of L = -scale * V, each (N,) fp32."""
+    """(row_lse (n,), col_lse (m,), diag (n,), row_sum (n,), col_sum (m,)) fp32 of L = -scale
+    V for rows anchor (n, D) against the columns of others (K, m, D), row i's own column at
+    row_offset + i (diag 0 outside the block); partial statistics (backends/__init__.py)."""
     dev, det_h, adj_h, floor_h = _check_gram(anchor, others, scale, det_h, adj_h, floor_h)
-    _, n, d = others.shape
+    _, m, d = others.shape
+    n = anchor.shape[0]
     f32 = dict(dtype=torch.float32, device=dev)
-    outs = tuple(torch.empty(n, **f32) for _ in range(5))
-    if n == 0:
-        return outs
-    if d == 0:  # all vectors are zero: V = 0 everywhere
-        lse = torch.full((n,), math.log(n), **f32)
-        return lse, lse.clone(), torch.zeros(n, **f32), torch.zeros(n, **f32), torch.zeros(n, **f32)
+    if n == 0 or m == 0 or d == 0:  # d = 0: all vectors are zero, V = 0 everywhere
+        row_lse = torch.full((n,), math.log(m) if d == 0 and m else -math.inf, **f32)
+        col_lse = torch.full((m,), math.log(n) if d == 0 and n else -math.inf, **f32)
+        zeros = (torch.zeros(size, **f32) for size in (n, n, m))
+        return (row_lse, col_lse, *zeros)
+    outs = tuple(torch.empty(size, **f32) for size in (n, m, n, n, m))
     scale = _scalar(scale)
-    params = _gram_params(anchor, others, scale, det_h, adj_h, floor_h)
+    params = _gram_params(anchor, others, scale, det_h, adj_h, floor_h, row_offset)
     names = ("row_lse", "col_lse", "diag", "row_sum", "col_sum")
     with _on(dev):
         ws = torch.empty(_C.gram_forward_workspace_elems(params, device=_device_index(dev)), **f32)
@@ -287,35 +298,44 @@ def gram_backward(
     col_lse: Tensor,
     grad: Tensor,
     label_smoothing: float,
+    row_offset: int = 0,
+    total: Optional[int] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(d_anchor, d_others_u, dscale, col_tt, col_uu) per backends/__init__.py; d_anchor and
-    d_others_u in the input dtype, the rest fp32."""
+    """(d_anchor (n, D), d_others_u (K, m, D), dscale, col_tt (m,), col_uu (m, K, K)) of this
+    block per backends/__init__.py, from the merged row_lse (n,) and col_lse (m,); total:
+    the N of 1/(2N) and eps/N (default m); d_anchor and d_others_u in ``out_dtype`` (None:
+    the inputs'; float32 straight from the kernel, any other a cast), the rest fp32."""
     dev, det_h, adj_h, floor_h = _check_gram(anchor, others, scale, det_h, adj_h, floor_h)
-    k, n, d = others.shape
+    k, m, d = others.shape
+    n = anchor.shape[0]
+    out = out_dtype or anchor.dtype
+    kernel_out = out if out in (anchor.dtype, torch.float32) else torch.float32
     f32 = dict(dtype=torch.float32, device=dev)
     row_lse = _vec(row_lse, n, "row_lse", dev)
-    col_lse = _vec(col_lse, n, "col_lse", dev)
-    d_anchor = torch.zeros((n, d), dtype=anchor.dtype, device=dev)
-    d_others = torch.zeros((k, n, d), dtype=anchor.dtype, device=dev)
+    col_lse = _vec(col_lse, m, "col_lse", dev)
+    d_anchor = torch.zeros((n, d), dtype=kernel_out, device=dev)
+    d_others = torch.zeros((k, m, d), dtype=kernel_out, device=dev)
     dscale, col_tt, col_uu = (
         torch.zeros((), **f32),
-        torch.zeros(n, **f32),
-        torch.zeros(n, k, k, **f32),
+        torch.zeros(m, **f32),
+        torch.zeros(m, k, k, **f32),
     )
-    if n == 0 or d == 0:
-        return d_anchor, d_others, dscale, col_tt, col_uu
-    scale, grad = _scalar(scale), _scalar(grad.to(dev))
-    params = _gram_params(anchor, others, scale, det_h, adj_h, floor_h)
-    with _on(dev):
-        ws = torch.empty(_C.gram_backward_workspace_elems(params, device=_device_index(dev)), **f32)
-        _C.gram_backward(
-            params, row_lse=row_lse.data_ptr(), col_lse=col_lse.data_ptr(),
-            grad=grad.data_ptr(), label_smoothing=float(label_smoothing),
-            d_anchor=d_anchor.data_ptr(), d_others_u=d_others.data_ptr(),
-            dscale=dscale.data_ptr(), col_tt=col_tt.data_ptr(), col_uu=col_uu.data_ptr(),
-            workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=_stream(dev),
-        )  # fmt: skip
-    return d_anchor, d_others, dscale, col_tt, col_uu
+    if n and m and d:
+        scale, grad = _scalar(scale), _scalar(grad.to(dev))
+        params = _gram_params(anchor, others, scale, det_h, adj_h, floor_h, row_offset)
+        with _on(dev):
+            elems = _C.gram_backward_workspace_elems(params, device=_device_index(dev))
+            ws = torch.empty(elems, **f32)
+            _C.gram_backward(
+                params, row_lse=row_lse.data_ptr(), col_lse=col_lse.data_ptr(),
+                grad=grad.data_ptr(), label_smoothing=float(label_smoothing),
+                total=int(m if total is None else total), out_dtype=_DTYPE_NAMES[kernel_out],
+                d_anchor=d_anchor.data_ptr(), d_others_u=d_others.data_ptr(),
+                dscale=dscale.data_ptr(), col_tt=col_tt.data_ptr(), col_uu=col_uu.data_ptr(),
+                workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=_stream(dev),
+            )  # fmt: skip
+    return d_anchor.to(out), d_others.to(out), dscale, col_tt, col_uu
 
 
 # ----------------------------------------------------------------------------- pair engine

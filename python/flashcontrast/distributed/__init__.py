@@ -80,9 +80,8 @@ against each column block with the pair engine (``backends/pair.py``) of the bac
 checks, so a backend that cannot run on one rank fails every rank), at the rows' and the
 columns' global offsets; CLIP's column statistics are (max, sum) pairs merged across
 ranks. GRAM sweeps its rows against each column block with the backend's GRAM kernels in
-their rectangular form (row_offset; "torch", "triton"; "cuda" has square kernels only and
-raises, "auto" then takes "torch"), the degeneracy floor and NaN propagation the
-single-process kernels'. Symile "n_squared" runs blockwise PyTorch tiles
+their rectangular form (row_offset; "torch", "triton", "cuda"), the degeneracy floor and
+NaN propagation the single-process kernels'. Symile "n_squared" runs blockwise PyTorch tiles
 (``backend="auto" | "torch" | "reference"``: the symile_n2 kernels take rows and columns
 of one length, a rank's rows are n_r of the N).
 
@@ -180,9 +179,8 @@ losses and GRAM, 5 for Symile):
   the anchors are sent twice, and in exchange no rank holds more than its shard, the
   factor rows of its columns and two visiting anchor shards.
 
-Not covered yet: GRAM's local tiles on the CUDA kernels (rectangular GRAM kernels in
-csrc/ are still to come), and Symile "n_squared" on the kernels (blockwise PyTorch,
-M = 3, "gather" only).
+Not covered yet: Symile "n_squared" on the kernels (blockwise PyTorch, M = 3, "gather"
+only).
 """
 
 from ._comm import comm_bytes, reset_comm_bytes

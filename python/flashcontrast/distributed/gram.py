@@ -50,8 +50,8 @@ from ..objectives.gram import (
 from . import _comm
 
 #: The backends whose GRAM kernels take the rectangular form (row_offset, partial column
-#: statistics, ``total``, ``out_dtype``).
-RECTANGULAR_BACKENDS = ("torch", "triton")
+#: statistics, ``total``, ``out_dtype``): all of them.
+RECTANGULAR_BACKENDS = ("torch", "triton", "cuda")
 
 
 def _constants(y: Tensor, acc: torch.dtype):
@@ -207,12 +207,10 @@ def gram_loss(
     in rank order. Gradients as :func:`flashcontrast.distributed.clip_loss`
     (``grad_scaling="ddp"``: features W x, ``logit_scale`` 1x the single-process
     gradients; ``"sum"``: features 1x). ``strategy``: "gather" or "ring" (module doc).
-    ``backend``: "auto" (resolved as :func:`flashcontrast.gram_loss` resolves it, "torch"
-    where that is a backend without the rectangular kernels: "cuda"), "torch", "triton" or
-    "reference" (the float64-capable "torch" kernels); the tiles are that backend's GRAM
-    kernels in their rectangular form (module doc). An explicit backend whose GRAM kernels
-    lack that form ("cuda", for now), or that cannot run on some rank, fails the setup
-    checks of every rank.
+    ``backend``: "auto" (resolved as :func:`flashcontrast.gram_loss` resolves it), "torch",
+    "triton", "cuda" or "reference" (the float64-capable "torch" kernels); the tiles are
+    that backend's GRAM kernels in their rectangular form (module doc). An explicit
+    backend that cannot run on some rank fails the setup checks of every rank.
     """
 
     def check():
@@ -221,14 +219,6 @@ def gram_loss(
         scale = _comm.scalar("logit_scale", logit_scale, a)
         eps = _check_label_smoothing(label_smoothing)
         chosen = _comm.engine_backend("gram", backend, a)
-        if backend == "auto" and chosen not in RECTANGULAR_BACKENDS:
-            chosen = _comm.engine_backend("gram", "torch", a)  # "auto" never refuses
-        if chosen not in RECTANGULAR_BACKENDS:
-            raise RuntimeError(
-                f"backend={chosen!r} has no rectangular GRAM kernels (a rank's rows against "
-                f"a column block) yet; flashcontrast.distributed.gram_loss runs on "
-                f"{' or '.join(map(repr, RECTANGULAR_BACKENDS))}"
-            )
         n, d = a.shape
         payload = (a, oth, scale, eps, chosen)
         return payload, n, d, a.dtype, a.device, [len(oth), _float_bits(eps)]

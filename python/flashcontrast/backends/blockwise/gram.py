@@ -61,6 +61,15 @@ def _diagonal(x, start: int, row_offset: int):
     return max(0, -offset), x.diagonal(offset=offset)
 
 
+def _inputs(anchor, others, det_h, adj_h, floor_h, acc, max_block_elements):
+    """anchor (n, D), others (K, m, D) and the column constants (m,), (m, K, K), (m,) in
+    ``acc``, then tt = |t_i|^2 (n,) and the rows per block: what both passes start from."""
+    t, o = anchor.to(acc), others.to(acc)
+    consts = det_h.to(acc), adj_h.to(acc), floor_h.to(acc)
+    rows = _rows(others.shape[1], others.shape[0], anchor.device, max_block_elements)
+    return t, o, *consts, (t * t).sum(dim=1), rows
+
+
 def _block(t_blk, tt_blk, o, det_h, adj_h, floor_h, scale):
     """u (K, rows, N), v = adj u (K, rows, N), keep (rows, N) (det above the degeneracy
     floor), V (rows, N), logits (rows, N)."""
@@ -93,7 +102,7 @@ def gram_forward(
     (n, D) against the columns of others (K, m, D), in the accumulation dtype; diag_i =
     L_{i, row_offset + i} (0 where that column is outside the block). Row statistics over
     this block's columns, column statistics over its rows (module docstring)."""
-    k, m, _ = others.shape
+    m = others.shape[1]
     n = anchor.shape[0]
     acc = accumulation_dtype(anchor.dtype)
     kw = dict(dtype=acc, device=anchor.device)
@@ -104,10 +113,9 @@ def gram_forward(
     col_sum = torch.zeros(m, **kw)
     if n == 0 or m == 0:
         return row_lse, col_max + col_exp.log(), diag, row_sum, col_sum
-    t, o = anchor.to(acc), others.to(acc)
-    det_h, adj_h, floor_h = det_h.to(acc), adj_h.to(acc), floor_h.to(acc)
-    tt = (t * t).sum(dim=1)
-    rows = _rows(m, k, anchor.device, max_block_elements)
+    t, o, det_h, adj_h, floor_h, tt, rows = _inputs(
+        anchor, others, det_h, adj_h, floor_h, acc, max_block_elements
+    )
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         *_, logits = _block(t[start:stop], tt[start:stop], o, det_h, adj_h, floor_h, scale)
@@ -153,13 +161,12 @@ def gram_backward(
     col_uu = torch.zeros((m, k, k), **kw)
     if n == 0 or m == 0:
         return d_anchor, d_others.to(out_dtype or others.dtype), dscale, col_tt, col_uu
-    t, o = anchor.to(acc), others.to(acc)
-    det_h, adj_h, floor_h = det_h.to(acc), adj_h.to(acc), floor_h.to(acc)
+    t, o, det_h, adj_h, floor_h, tt, rows = _inputs(
+        anchor, others, det_h, adj_h, floor_h, acc, max_block_elements
+    )
     row_lse, col_lse = row_lse.to(acc), col_lse.to(acc)
-    tt = (t * t).sum(dim=1)
     eps = float(label_smoothing)
     coef = grad.to(acc) / (2 * big_n)
-    rows = _rows(m, k, anchor.device, max_block_elements)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         t_blk, tt_blk = t[start:stop], tt[start:stop]

@@ -124,6 +124,26 @@ def _volume(det, tt, floor):
 
 
 @triton.jit
+def _row_block(tt_ptr, rb, N, BLOCK_M: tl.constexpr, INDEX_64: tl.constexpr):
+    """(rows (BLOCK_M,) widened, rmask, tt = |t_i|^2 of those rows) of row block rb."""
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    tt = tl.load(tt_ptr + rows, mask=rmask, other=0.0)
+    return _widen(rows, INDEX_64), rmask, tt
+
+
+@triton.jit
+def _column_block(deth_ptr, floor_ptr, cb, NC, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr):
+    """(cols (BLOCK_N,) widened, cmask, det_h, floor_h of those columns) of column block cb:
+    the per-column constants both kernels load once per column block."""
+    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < NC
+    deth = tl.load(deth_ptr + cols, mask=cmask, other=0.0)
+    floor = tl.load(floor_ptr + cols, mask=cmask, other=0.0)
+    return _widen(cols, INDEX_64), cmask, deth, floor
+
+
+@triton.jit
 def _store_own(
     diag_ptr, s, rows, cols, rmask, rb, cb, ROW_OFFSET,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -156,24 +176,15 @@ def _gram_fwd_kernel(
     if not SQUARE:
         num_cb = tl.cdiv(NC, BLOCK_N)
     scale = tl.load(scale_ptr).to(tl.float32)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     row_part = pid_h * L
     col_part = (H + pid_g) * L
 
     for rb in range(pid_g, num_rb, G):
-        rows = rb * BLOCK_M + offs_m
-        rmask = rows < N
-        tt = tl.load(tt_ptr + rows, mask=rmask, other=0.0)
-        rows = _widen(rows, INDEX_64)
+        rows, rmask, tt = _row_block(tt_ptr, rb, N, BLOCK_M, INDEX_64)
         m_i, l_i = _lse_init(BLOCK_M)
         s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for cb in range(pid_h, num_cb, H):
-            cols = cb * BLOCK_N + offs_n
-            cmask = cols < NC
-            deth = tl.load(deth_ptr + cols, mask=cmask, other=0.0)
-            floor = tl.load(floor_ptr + cols, mask=cmask, other=0.0)
-            cols = _widen(cols, INDEX_64)
+            cols, cmask, deth, floor = _column_block(deth_ptr, floor_ptr, cb, NC, BLOCK_N, INDEX_64)
             det = _det_tile(
                 t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, NC, D,
                 stride_tn, stride_td, stride_ok, stride_on, stride_od,
@@ -226,24 +237,16 @@ def _gram_bwd_kernel(
     smooth = 2.0 * eps / TOTAL
     target = 2.0 * (1.0 - eps)
 
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < NC
+    cols, cmask, deth, floor = _column_block(deth_ptr, floor_ptr, cb, NC, BLOCK_N, INDEX_64)
     col_lse = tl.load(col_lse_ptr + cols, mask=cmask, other=0.0)
-    deth = tl.load(deth_ptr + cols, mask=cmask, other=0.0)
-    floor = tl.load(floor_ptr + cols, mask=cmask, other=0.0)
-    cols = _widen(cols, INDEX_64)
     coltt_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     ds_acc = 0.0
 
     for it in range(0, count):
         rb = _bwd_row_block(it, cb, sp, count, SPLIT)
-        rows = rb * BLOCK_M + offs_m
-        rmask = rows < N
+        rows, rmask, tt = _row_block(tt_ptr, rb, N, BLOCK_M, INDEX_64)
         row_lse = tl.load(row_lse_ptr + rows, mask=rmask, other=0.0)
-        tt = tl.load(tt_ptr + rows, mask=rmask, other=0.0)
-        rows = _widen(rows, INDEX_64)
         det = _det_tile(
             t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, NC, D,
             stride_tn, stride_td, stride_ok, stride_on, stride_od,
