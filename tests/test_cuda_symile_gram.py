@@ -20,6 +20,7 @@ import torch
 from c_structs import gram_params, triple_params
 from flashcontrast import _cuda_ext
 from flashcontrast.backends import cuda as cuda_backend
+from flashcontrast.backends.gram import GramBlock
 from verification import assert_by_rule
 
 HAS_C = _cuda_ext.HAS_C
@@ -130,9 +131,9 @@ def _check_gram(anchor, others, scale, eps=0.1, grad=1.3):
     det_h, adj_h, floor_h = gram_constants(others)
     s32 = torch.tensor(scale, device=DEVICE)
     consts = det_h.float(), adj_h.float(), floor_h.float()
-    fwd = cuda_backend.gram_forward(anchor, others, s32, *consts)
-    bwd = cuda_backend.gram_backward(anchor, others, s32, *consts, fwd[0], fwd[1],
-                                     torch.tensor(grad, device=DEVICE), eps)  # fmt: skip
+    block = GramBlock(anchor, others, s32, *consts)
+    fwd = cuda_backend.gram_forward(block)
+    bwd = cuda_backend.gram_backward(block, fwd[0], fwd[1], torch.tensor(grad, device=DEVICE), eps)
     ours = [*fwd, *bwd]
 
     def ref(dt):
@@ -181,11 +182,11 @@ def test_gram_rectangular_out_dtype_and_total(dtype):
     s32, g = torch.tensor(7.0, device=DEVICE), torch.tensor(0.9, device=DEVICE)
 
     def call(t, o, out_dtype):
-        fwd = cuda_backend.gram_forward(t, o, s32, det_h, adj_h, floor_h, 20)
+        block = GramBlock(t, o, s32, det_h, adj_h, floor_h, row_offset=20)
+        fwd = cuda_backend.gram_forward(block)
         bwd = cuda_backend.gram_backward(
-            t, o, s32, det_h, adj_h, floor_h, fwd[0], fwd[1], g, 0.1,
-            row_offset=20, total=200, out_dtype=out_dtype,
-        )  # fmt: skip
+            block, fwd[0], fwd[1], g, 0.1, total=200, out_dtype=out_dtype
+        )
         return fwd, bwd
 
     fwd, wide = call(anchor, others, torch.float32)
@@ -211,8 +212,10 @@ def test_cpu_tensors_raise_clearly():
     calls = [
         lambda: cuda_backend.symile_n2_forward(x, x, x, s),
         lambda: cuda_backend.symile_n2_backward(x, x, x, s, v, v),
-        lambda: cuda_backend.gram_forward(x, x[None], s, v, torch.ones(5, 1, 1), v),
-        lambda: cuda_backend.gram_backward(x, x[None], s, v, torch.ones(5, 1, 1), v, v, v, s, 0.1),
+        lambda: cuda_backend.gram_forward(GramBlock(x, x[None], s, v, torch.ones(5, 1, 1), v)),
+        lambda: cuda_backend.gram_backward(
+            GramBlock(x, x[None], s, v, torch.ones(5, 1, 1), v), v, v, s, 0.1
+        ),
     ]
     for call in calls:
         with pytest.raises(RuntimeError, match=r"cannot run .*(needs CUDA tensors|not built|no )"):

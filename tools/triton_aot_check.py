@@ -288,14 +288,15 @@ def _cuda(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 def _gram_case(k: int, n: int, d: int, dtype: torch.dtype, rectangular: bool = False) -> None:
     """GRAM square (the single-process call) or rectangular (a rank's n / 2 rows against
     n columns at an offset: the distributed call, its SQUARE=False kernels)."""
+    from flashcontrast.backends.gram import GramBlock
     from flashcontrast.backends.triton import gram
 
     rows, offset = (n // 2, n // 4) if rectangular else (n, 0)
     anchor, others = _cuda(rows, d, dtype=dtype), _cuda(k, n, d, dtype=dtype)
     scale, det_h, adj_h, floor_h = _cuda(), _cuda(n), _cuda(n, k, k), _cuda(n)
-    consts = (anchor, others, scale, det_h, adj_h, floor_h)
-    row_lse, col_lse, *_ = gram.gram_forward(*consts, row_offset=offset)
-    gram.gram_backward(*consts, row_lse, col_lse, _cuda(), 0.1, row_offset=offset, total=n,
+    block = GramBlock(anchor, others, scale, det_h, adj_h, floor_h, offset)
+    row_lse, col_lse, *_ = gram.gram_forward(block)
+    gram.gram_backward(block, row_lse, col_lse, _cuda(), 0.1, total=n,
                        out_dtype=torch.float32 if rectangular else None)  # fmt: skip
 
 

@@ -57,10 +57,11 @@ float64.
 GRAM (docs/objectives.md section 4), module ``<backend>/gram.py``. K = M - 1 other modalities
 stacked as others (K, N, D); per-column constants, computed above the backend in O(N K^3):
 det_h (N,) = det H_j and adj_h (N, K, K) = adj H_j, H_j the K x K Gram matrix of
-(o^1_j, ..., o^K_j). u_ij (K,) = (<t_i, o^1_j>, ..., <t_i, o^K_j>)::
+(o^1_j, ..., o^K_j). u_ij (K,) = (<t_i, o^1_j>, ..., <t_i, o^K_j>). A block's inputs
+travel as one ``backends.gram.GramBlock(anchor, others, scale, det_h, adj_h, floor_h,
+row_offset=0)``::
 
-    gram_forward(anchor, others, scale, det_h, adj_h, floor_h, row_offset=0)
-        -> (row_lse, col_lse, diag, row_sum, col_sum)
+    gram_forward(block) -> (row_lse, col_lse, diag, row_sum, col_sum)
         Rectangular: anchor rows (n, D) against the columns of others (K, m, D), row i's
         own column at row_offset + i (diag 0 where it is outside the block); the row
         statistics are over this block's columns, the column ones over its rows: partial,
@@ -71,9 +72,8 @@ det_h (N,) = det H_j and adj_h (N, K, K) = adj H_j, H_j the K x K Gram matrix of
         for a NaN / inf det: never a max() that drops NaN). floor_h (N,) is the
         degeneracy floor rtol prod_r |o^r_j|^2 (objectives/gram.py). All (N,) fp32: LSE
         over j, LSE over i, L_ii, sum over j, sum over i (the sums serve label smoothing).
-    gram_backward(anchor, others, scale, det_h, adj_h, floor_h, row_lse, col_lse, grad,
-                  label_smoothing, row_offset=0, total=None, out_dtype=None)
-        -> (d_anchor, d_others_u, dscale, col_tt, col_uu)
+    gram_backward(block, row_lse, col_lse, grad, label_smoothing, total=None,
+                  out_dtype=None) -> (d_anchor, d_others_u, dscale, col_tt, col_uu)
         row_lse / col_lse the merged (global) ones; total the N of 1/(2N) and eps/N
         (default m); out_dtype of the partial d_anchor / d_others_u (None: the inputs').
         With eps = label_smoothing and grad the upstream scalar of

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import _cuda_ext
+from .gram import GramBlock
 from .pair import Coefs, Grads, Pair, Stats
 
 __all__ = [
@@ -221,11 +222,10 @@ def symile_n2_backward(
     return dx, dy, dz, dscale
 
 
-def _check_gram(
-    anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor, floor_h: Tensor
-):
+def _check_gram(block: GramBlock):
     """(device, det_h, adj_h, floor_h) after the checks: anchor (n, D), others (K, m, D),
     the per-column constants of the m columns made fp32 contiguous."""
+    anchor, others, scale, det_h, adj_h, floor_h, _ = block
     dev = _check_many("gram", {"anchor": anchor}, scale)
     _check_many("gram", {"anchor": anchor, "others": others}, scale, ndim=None)
     if others.dim() != 3 or others.shape[2] != anchor.shape[1]:
@@ -241,7 +241,10 @@ def _check_gram(
     return (dev, *consts, _vec(floor_h, m, "floor_h", dev))
 
 
-def _gram_params(anchor, others, scale, det_h, adj_h, floor_h, row_offset: int):
+def _gram_params(block: GramBlock, scale: Tensor, det_h: Tensor, adj_h: Tensor, floor_h: Tensor):
+    """The typed GramParams of the block, with the checked (fp32 contiguous) scale and
+    column constants."""
+    anchor, others, row_offset = block.anchor, block.others, block.row_offset
     k, m, d = others.shape
     return _C.GramParams(
         anchor=anchor.data_ptr(), others=others.data_ptr(), n=anchor.shape[0], m=m, d=d, k=k,
@@ -253,19 +256,12 @@ def _gram_params(anchor, others, scale, det_h, adj_h, floor_h, row_offset: int):
     )  # fmt: skip
 
 
-def gram_forward(
-    anchor: Tensor,
-    others: Tensor,
-    scale: Tensor,
-    det_h: Tensor,
-    adj_h: Tensor,
-    floor_h: Tensor,
-    row_offset: int = 0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def gram_forward(block: GramBlock) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(row_lse (n,), col_lse (m,), diag (n,), row_sum (n,), col_sum (m,)) fp32 of L = -scale
     V for rows anchor (n, D) against the columns of others (K, m, D), row i's own column at
     row_offset + i (diag 0 outside the block); partial statistics (backends/__init__.py)."""
-    dev, det_h, adj_h, floor_h = _check_gram(anchor, others, scale, det_h, adj_h, floor_h)
+    dev, det_h, adj_h, floor_h = _check_gram(block)
+    anchor, others = block.anchor, block.others
     _, m, d = others.shape
     n = anchor.shape[0]
     f32 = dict(dtype=torch.float32, device=dev)
@@ -275,8 +271,8 @@ def gram_forward(
         zeros = (torch.zeros(size, **f32) for size in (n, n, m))
         return (row_lse, col_lse, *zeros)
     outs = tuple(torch.empty(size, **f32) for size in (n, m, n, n, m))
-    scale = _scalar(scale)
-    params = _gram_params(anchor, others, scale, det_h, adj_h, floor_h, row_offset)
+    scale = _scalar(block.scale)  # kept alive: the kernel reads its address
+    params = _gram_params(block, scale, det_h, adj_h, floor_h)
     names = ("row_lse", "col_lse", "diag", "row_sum", "col_sum")
     with _on(dev):
         ws = torch.empty(_C.gram_forward_workspace_elems(params, device=_device_index(dev)), **f32)
@@ -288,17 +284,11 @@ def gram_forward(
 
 
 def gram_backward(
-    anchor: Tensor,
-    others: Tensor,
-    scale: Tensor,
-    det_h: Tensor,
-    adj_h: Tensor,
-    floor_h: Tensor,
+    block: GramBlock,
     row_lse: Tensor,
     col_lse: Tensor,
     grad: Tensor,
     label_smoothing: float,
-    row_offset: int = 0,
     total: Optional[int] = None,
     out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -306,7 +296,8 @@ def gram_backward(
     block per backends/__init__.py, from the merged row_lse (n,) and col_lse (m,); total:
     the N of 1/(2N) and eps/N (default m); d_anchor and d_others_u in ``out_dtype`` (None:
     the inputs'; float32 straight from the kernel, any other a cast), the rest fp32."""
-    dev, det_h, adj_h, floor_h = _check_gram(anchor, others, scale, det_h, adj_h, floor_h)
+    dev, det_h, adj_h, floor_h = _check_gram(block)
+    anchor, others = block.anchor, block.others
     k, m, d = others.shape
     n = anchor.shape[0]
     out = out_dtype or anchor.dtype
@@ -322,8 +313,8 @@ def gram_backward(
         torch.zeros(m, k, k, **f32),
     )
     if n and m and d:
-        scale, grad = _scalar(scale), _scalar(grad.to(dev))
-        params = _gram_params(anchor, others, scale, det_h, adj_h, floor_h, row_offset)
+        scale, grad = _scalar(block.scale), _scalar(grad.to(dev))  # alive for the kernel
+        params = _gram_params(block, scale, det_h, adj_h, floor_h)
         with _on(dev):
             elems = _C.gram_backward_workspace_elems(params, device=_device_index(dev))
             ws = torch.empty(elems, **f32)

@@ -40,6 +40,7 @@ from torch.autograd.function import once_differentiable
 from .._amp import autocast_off
 from .._ops import backend_module
 from .._validation import accumulation_dtype
+from ..backends.gram import GramBlock
 from ..objectives.gram import (
     _check_label_smoothing,
     _check_others,
@@ -88,7 +89,7 @@ class _GramDist(torch.autograd.Function):
             nonlocal row_lse
             with torch.no_grad():
                 _, det_h, adj_h, floor_h = _constants(y, acc)
-            st = module.gram_forward(t, y, scale, det_h, adj_h, floor_h, row_offset)
+            st = module.gram_forward(GramBlock(t, y, scale, det_h, adj_h, floor_h, row_offset))
             row_lse = torch.logaddexp(row_lse, st[0].to(acc))
             diag.add_(st[2].to(acc))
             total_sum.add_(st[3].to(acc).sum())
@@ -136,10 +137,10 @@ class _GramDist(torch.autograd.Function):
             the column constants too."""
             with torch.enable_grad():
                 yl, det_h, adj_h, floor_h = _constants(y, acc)
+            block = GramBlock(t, y, scale, det_h.detach(), adj_h.detach(), floor_h, row_offset)
             d_a, d_u, ds, col_tt, col_uu = module.gram_backward(
-                t, y, scale, det_h.detach(), adj_h.detach(), floor_h, row_lse, col_lse_blk,
-                g, eps, row_offset=row_offset, total=lay.total, out_dtype=acc,
-            )  # fmt: skip
+                block, row_lse, col_lse_blk, g, eps, total=lay.total, out_dtype=acc
+            )
             dt.add_(d_a)
             dscale.add_(ds.to(acc))
             if y.shape[1] == 0:

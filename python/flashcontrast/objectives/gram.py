@@ -54,6 +54,7 @@ from .._validation import (
     check_features,
     check_pair,
 )
+from ..backends.gram import GramBlock
 
 #: Most other modalities (K = M - 1) supported. The Laplace expansion of the per-column
 #: constants costs O(K^2 2^K) (N,)-vector ops, and the Triton kernels unroll over K.
@@ -244,7 +245,7 @@ def gram_fwd(
     """Loss (0-d), row LSE (N,) and column LSE (N,) of the logits -scale * V. ``gradient``
     ("full" or "published") only selects the backward (see :func:`gram_loss`)."""
     module = backend_module(backend, "gram")
-    stats = module.gram_forward(anchor, others, scale, det_h, adj_h, floor_h)
+    stats = module.gram_forward(GramBlock(anchor, others, scale, det_h, adj_h, floor_h))
     row_lse, col_lse, diag, row_sum, col_sum = stats
     loss = gram_loss_from_stats(row_lse, col_lse, diag, row_sum, col_sum, label_smoothing)
     return loss, row_lse, col_lse
@@ -279,8 +280,9 @@ def gram_bwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_anchor, d_others_u, dscale, col_tt, col_uu) of the backend contract."""
+    block = GramBlock(anchor, others, scale, det_h, adj_h, floor_h)
     return backend_module(backend, "gram").gram_backward(
-        anchor, others, scale, det_h, adj_h, floor_h, row_lse, col_lse, grad, label_smoothing
+        block, row_lse, col_lse, grad, label_smoothing
     )
 
 

@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 
 from ..._validation import accumulation_dtype
+from ..gram import GramBlock
 from . import MAX_BLOCK_ELEMENTS, block_rows
 
 
@@ -61,12 +62,12 @@ def _diagonal(x, start: int, row_offset: int):
     return max(0, -offset), x.diagonal(offset=offset)
 
 
-def _inputs(anchor, others, det_h, adj_h, floor_h, acc, max_block_elements):
+def _inputs(block: GramBlock, acc, max_block_elements):
     """anchor (n, D), others (K, m, D) and the column constants (m,), (m, K, K), (m,) in
     ``acc``, then tt = |t_i|^2 (n,) and the rows per block: what both passes start from."""
-    t, o = anchor.to(acc), others.to(acc)
-    consts = det_h.to(acc), adj_h.to(acc), floor_h.to(acc)
-    rows = _rows(others.shape[1], others.shape[0], anchor.device, max_block_elements)
+    t, o = block.anchor.to(acc), block.others.to(acc)
+    consts = block.det_h.to(acc), block.adj_h.to(acc), block.floor_h.to(acc)
+    rows = _rows(o.shape[1], o.shape[0], t.device, max_block_elements)
     return t, o, *consts, (t * t).sum(dim=1), rows
 
 
@@ -88,20 +89,13 @@ def _block(t_blk, tt_blk, o, det_h, adj_h, floor_h, scale):
     return u, v, keep, vol, vol * -scale
 
 
-def gram_forward(
-    anchor,
-    others,
-    scale,
-    det_h,
-    adj_h,
-    floor_h,
-    row_offset: int = 0,
-    max_block_elements: Optional[int] = None,
-):
-    """(row_lse (n,), col_lse (m,), diag (n,), row_sum (n,), col_sum (m,)) of rows anchor
-    (n, D) against the columns of others (K, m, D), in the accumulation dtype; diag_i =
-    L_{i, row_offset + i} (0 where that column is outside the block). Row statistics over
-    this block's columns, column statistics over its rows (module docstring)."""
+def gram_forward(block: GramBlock, max_block_elements: Optional[int] = None):
+    """(row_lse (n,), col_lse (m,), diag (n,), row_sum (n,), col_sum (m,)) of the block's
+    rows anchor (n, D) against the columns of others (K, m, D), in the accumulation dtype;
+    diag_i = L_{i, row_offset + i} (0 where that column is outside the block). Row
+    statistics over this block's columns, column statistics over its rows (module
+    docstring)."""
+    anchor, others, scale, row_offset = block.anchor, block.others, block.scale, block.row_offset
     m = others.shape[1]
     n = anchor.shape[0]
     acc = accumulation_dtype(anchor.dtype)
@@ -113,9 +107,7 @@ def gram_forward(
     col_sum = torch.zeros(m, **kw)
     if n == 0 or m == 0:
         return row_lse, col_max + col_exp.log(), diag, row_sum, col_sum
-    t, o, det_h, adj_h, floor_h, tt, rows = _inputs(
-        anchor, others, det_h, adj_h, floor_h, acc, max_block_elements
-    )
+    t, o, det_h, adj_h, floor_h, tt, rows = _inputs(block, acc, max_block_elements)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         *_, logits = _block(t[start:stop], tt[start:stop], o, det_h, adj_h, floor_h, scale)
@@ -131,17 +123,11 @@ def gram_forward(
 
 
 def gram_backward(
-    anchor,
-    others,
-    scale,
-    det_h,
-    adj_h,
-    floor_h,
+    block: GramBlock,
     row_lse,
     col_lse,
     grad,
     label_smoothing: float,
-    row_offset: int = 0,
     total: Optional[int] = None,
     out_dtype: Optional[torch.dtype] = None,
     max_block_elements: Optional[int] = None,
@@ -149,6 +135,7 @@ def gram_backward(
     """(d_anchor (n, D), d_others_u (K, m, D), dscale, col_tt (m,), col_uu (m, K, K)) of
     this block, by recomputing each row block; row_lse (n,) and col_lse (m,) are the
     merged (complete) LSEs, ``total`` the N of the loss's 1/(2N) and eps/N (default m)."""
+    anchor, others, scale, row_offset = block.anchor, block.others, block.scale, block.row_offset
     k, m, _ = others.shape
     n = anchor.shape[0]
     big_n = m if total is None else int(total)
@@ -161,9 +148,7 @@ def gram_backward(
     col_uu = torch.zeros((m, k, k), **kw)
     if n == 0 or m == 0:
         return d_anchor, d_others.to(out_dtype or others.dtype), dscale, col_tt, col_uu
-    t, o, det_h, adj_h, floor_h, tt, rows = _inputs(
-        anchor, others, det_h, adj_h, floor_h, acc, max_block_elements
-    )
+    t, o, det_h, adj_h, floor_h, tt, rows = _inputs(block, acc, max_block_elements)
     row_lse, col_lse = row_lse.to(acc), col_lse.to(acc)
     eps = float(label_smoothing)
     coef = grad.to(acc) / (2 * big_n)

@@ -54,11 +54,14 @@ applies here too); bf16 upcast before tl.dot.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..gram import GramBlock
 from ._common import (
     _TORCH_TO_TL,
     _bwd_program,
@@ -319,9 +322,9 @@ def _tiles(d: int, dtype: torch.dtype, device: torch.device, backward: bool = Fa
     return _with_override(_Tiles(64, 64, min(block_d, 32), 8, 2))
 
 
-def _prepare(
-    anchor: Tensor, others: Tensor, scale: Tensor, det_h: Tensor, adj_h: Tensor, floor_h: Tensor
-):
+def _prepare(block: GramBlock) -> None:
+    """Raise for what the kernels cannot take (shapes, dtypes, devices)."""
+    anchor, others, scale, det_h, adj_h, floor_h, _ = block
     if anchor.dim() != 2 or others.dim() != 3 or others.shape[2] != anchor.shape[1]:
         raise ValueError(
             f"anchor must be (n, D) and others (K, m, D), got {tuple(anchor.shape)} and "
@@ -350,8 +353,9 @@ def _prepare(
         )
 
 
-def _common(anchor, others, det_h, adj_h, floor_h):
+def _common(block: GramBlock):
     """tt (n,), det_h (m,), floor_h (m,), adj_h (m, K, K) and W (K, m, D), all fp32."""
+    anchor, others, _, det_h, adj_h, floor_h, _ = block
     f32 = torch.float32
     t32 = anchor.to(f32)
     tt = (t32 * t32).sum(dim=1)
@@ -376,21 +380,14 @@ def _kernel_kwargs(k: int, tiles: _Tiles, dtype: torch.dtype, device: torch.devi
     return dict(K=k, W_PRECISION=w_precision, **_launch_kwargs(tiles, dtype, device))
 
 
-def gram_forward(
-    anchor: Tensor,
-    others: Tensor,
-    scale: Tensor,
-    det_h: Tensor,
-    adj_h: Tensor,
-    floor_h: Tensor,
-    row_offset: int = 0,
-):
+def gram_forward(block: GramBlock):
     """(row_lse (n,), col_lse (m,), diag (n,), row_sum (n,), col_sum (m,)) float32 of rows
     anchor (n, D) against the columns of others (K, m, D), row i's own column at
     row_offset + i (diag 0 where it is outside the block); row statistics over this
     block's columns, column statistics over its rows: partial, merged by the caller
     (``backends/blockwise/gram.py``, the rectangular form)."""
-    _prepare(anchor, others, scale, det_h, adj_h, floor_h)
+    _prepare(block)
+    anchor, others, scale, row_offset = block.anchor, block.others, block.scale, block.row_offset
     k, m, d = others.shape
     n = anchor.shape[0]
     f32 = dict(dtype=torch.float32, device=anchor.device)
@@ -399,7 +396,7 @@ def gram_forward(
         inf = float("-inf")
         row_lse, col_lse = torch.full((n,), inf, **f32), torch.full((m,), inf, **f32)
         return row_lse, col_lse, diag, torch.zeros(n, **f32), torch.zeros(m, **f32)
-    tt, deth, floor, _, w = _common(anchor, others, det_h, adj_h, floor_h)
+    tt, deth, floor, _, w = _common(block)
     tiles = _tiles(d, anchor.dtype, anchor.device)
     g, h = _forward_grid_for(tiles, n, anchor.device, m)
     width = max(n, m)
@@ -422,25 +419,20 @@ def gram_forward(
 
 
 def gram_backward(
-    anchor: Tensor,
-    others: Tensor,
-    scale: Tensor,
-    det_h: Tensor,
-    adj_h: Tensor,
-    floor_h: Tensor,
+    block: GramBlock,
     row_lse: Tensor,
     col_lse: Tensor,
     grad: Tensor,
     label_smoothing: float,
-    row_offset: int = 0,
-    total=None,
-    out_dtype=None,
+    total: Optional[int] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ):
     """(d_anchor (n, D), d_others_u (K, m, D), dscale 0-d fp32, col_tt (m,) fp32, col_uu
     (m, K, K) fp32) of this block, from the merged row_lse (n,) and col_lse (m,); total:
     the N of 1/(2N) and eps/N (default m); d_anchor and d_others_u in ``out_dtype`` (None:
     the inputs' dtype)."""
-    _prepare(anchor, others, scale, det_h, adj_h, floor_h)
+    _prepare(block)
+    anchor, others, scale, row_offset = block.anchor, block.others, block.scale, block.row_offset
     k, m, d = others.shape
     n = anchor.shape[0]
     f32 = dict(dtype=torch.float32, device=anchor.device)
@@ -451,7 +443,7 @@ def gram_backward(
         col_uu = torch.zeros((m, k, k), **f32)
         return (da.to(out_dtype or anchor.dtype), z.to(out_dtype or others.dtype),
                 torch.zeros((), **f32), col_tt, col_uu)  # fmt: skip
-    tt, deth, floor, adj, w = _common(anchor, others, det_h, adj_h, floor_h)
+    tt, deth, floor, adj, w = _common(block)
     tiles = _tiles(d, anchor.dtype, anchor.device, backward=True)
     num_cb, split = _backward_grid_for(tiles, n, anchor.device, m)
     part = torch.empty(num_cb * split, **f32)
