@@ -197,9 +197,10 @@ def test_symile_n_squared_matches_single_process(world, tmp_path):
 @pytest.mark.parametrize("budget", [None, 7, 40, 200])
 @pytest.mark.parametrize("n,m", [(5, 11), (11, 11), (1, 4), (0, 6)])
 def test_rank_local_tiles_match_the_dense_loss(n, m, budget):
-    """The rank's n_squared tiles (n rows against m columns, blocks of any size down to
-    one (row, pair) block) against the dense (n, m^2) logits and autograd, float64."""
-    from flashcontrast.distributed.symile import n2_rows_backward, n2_rows_lse
+    """The rank's n_squared tiles (the "torch" backend's symile_n2 of n rows against m
+    columns, blocks of any size down to one (row, pair) block) against the dense (n, m^2)
+    logits and autograd, float64."""
+    from flashcontrast.backends.blockwise.symile import symile_n2_backward, symile_n2_forward
 
     g = torch.Generator().manual_seed(n * 100 + m)
     x, y, z = (torch.randn(k, D, generator=g, dtype=torch.float64) for k in (n, m, m))
@@ -208,8 +209,8 @@ def test_rank_local_tiles_match_the_dense_loss(n, m, budget):
     xs, ys, zs, ss = (t.clone().requires_grad_(True) for t in (x, y, z, scale))
     dense = torch.logsumexp(ss * torch.einsum("id,jd,kd->ijk", xs, ys, zs).reshape(n, m * m), 1)
     (w * dense).sum().backward()
-    got = n2_rows_lse(x, y, z, scale, budget)
+    got = symile_n2_forward(x, y, z, scale, budget)
     assert torch.allclose(got, dense.detach(), rtol=0, atol=1e-12)
-    dx, dy, dz, ds = n2_rows_backward(x, y, z, scale, got, w, budget)
+    dx, dy, dz, ds = symile_n2_backward(x, y, z, scale, got, w, budget)
     for a, b in ((dx, xs.grad), (dy, ys.grad), (dz, zs.grad), (ds, ss.grad)):
         assert torch.allclose(a, b, rtol=0, atol=1e-12), (a - b).abs().max()

@@ -77,12 +77,11 @@ permutations (any index maps into range(N) are accepted, as in one process).
 
 "n_squared" (M = 3, "gather" only): the candidates of anchor row i are all N^2 pairs (j, k)
 of the other two modalities, the positive (i, i) among them, so the rank's rows need the
-gathered others and no offset: LSE_i over the N^2 pairs minus the local s MIP_i. The
-backends' symile_n2 kernels take rows and columns of one length N (row i of x against
-the pairs of y, z of x's length), which a rank's n_r rows against N columns are not, so
-the rank's part runs as blockwise torch tiles (:func:`n2_rows_lse`,
-:func:`n2_rows_backward`: ``backends/blockwise/symile.py``'s n_squared tiles for n rows
-against m columns, any device); ``backend="triton"`` / ``"cuda"`` raise on every rank.
+gathered others and no offset: LSE_i over the N^2 pairs minus the local s MIP_i. The rank's
+part is the "torch" backend's symile_n2 tiles of n rows against m columns
+(``backends/blockwise/symile.py``, any device: its BLAS); the Triton and CUDA symile_n2
+kernels take rows and columns of one length N, so ``backend="triton"`` / ``"cuda"`` raise
+on every rank.
 The per-row cross entropies are clamped at 0 in value as in one process. Bytes as Symile
 "gather" without permutations: forward (W-1) n M D e + ar(f), backward
 (W-1) n M D f + 2 ar(f), metadata (W-1) 96.
@@ -101,7 +100,6 @@ from .._amp import autocast_off
 from .._ops import backend_module
 from .._sampling import symile_negative_permutations
 from .._validation import accumulation_dtype, check_pair
-from ..backends.blockwise import MAX_BLOCK_ELEMENTS
 from ..backends.pair import Coefs, Stats, lse
 from ..objectives._symile_n import PAIR, add_positive_gradient, mip
 from ..objectives.symile import _permutations
@@ -203,66 +201,12 @@ class _SymileDist(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- "n_squared"
-# The symile_n2 kernels of every backend (backends/__init__.py's contract) take x, y, z of
-# ONE length N: row i of x against all N^2 pairs of y and z. Here a rank's n_r rows meet
-# all N gathered columns (n_r != N for W > 1), which they do not accept, so the rank's part
-# runs as blockwise torch tiles (any device: the device's BLAS), the generalization of
-# ``backends/blockwise/symile.py``'s to n rows against m columns. No offset is needed: the
-# LSE runs over all N^2 tuples, the positive (i, i) among them, and the positive logit
-# s MIP_i is local.
-
-
-def _n2_plan(n: int, m: int, d: int, device, max_elements: Optional[int] = None) -> tuple:
-    """(rows, T): (rows, T) pairs (x_i * y_j) against the m columns of z per block, a
-    (rows T, max(m, D)) block within the blockwise budget (``max_elements``: a smaller
-    one, for tests)."""
-    budget = max_elements or MAX_BLOCK_ELEMENTS.get(torch.device(device).type, 1 << 22)
-    pairs = max(1, budget // max(m, d, 1))
-    if pairs >= m:
-        return max(1, min(n, pairs // m)), m
-    return 1, max(1, pairs)
-
-
-def _n2_blocks(n: int, m: int, d: int, device, max_elements: Optional[int]):
-    rows, tuples = _n2_plan(n, m, d, device, max_elements)
-    for r0 in range(0, n, rows):
-        for t0 in range(0, m, tuples):
-            yield r0, min(r0 + rows, n), t0, min(t0 + tuples, m)
-
-
-def n2_rows_lse(
-    x: Tensor, y: Tensor, z: Tensor, scale: Tensor, max_elements: Optional[int] = None
-) -> Tensor:
-    """(n,) LSE_{j,k} s sum_d x_id y_jd z_kd of rows x (n, D) over the m^2 pairs of
-    y, z (m, D); all in one (accumulation) dtype."""
-    n, d = x.shape
-    out = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device)
-    for r0, r1, t0, t1 in _n2_blocks(n, y.shape[0], d, x.device, max_elements):
-        xy = (x[r0:r1, None, :] * y[None, t0:t1]).reshape(-1, d)
-        logits = torch.mm(xy, z.t()).mul_(scale).view(r1 - r0, -1)
-        out[r0:r1] = torch.logaddexp(out[r0:r1], torch.logsumexp(logits, dim=1))
-    return out
-
-
-def n2_rows_backward(x, y, z, scale, row_lse, grad_rows, max_elements=None) -> tuple:
-    """(dx (n, D), dy (m, D), dz (m, D), dscale 0-d) of sum_i grad_rows_i row_lse_i, with
-    c_ijk = g_i exp(L_ijk - lse_i): dx_i = s sum_jk c_ijk y_j z_k, dy_j = s sum_ik c_ijk
-    x_i z_k, dz_k = s sum_ij c_ijk x_i y_j, dscale = sum_i <x_i, dx_i> / s."""
-    n, d = x.shape
-    m = y.shape[0]
-    dx, dy, dz = torch.zeros_like(x), torch.zeros_like(y), torch.zeros_like(z)
-    for r0, r1, t0, t1 in _n2_blocks(n, m, d, x.device, max_elements):
-        xb, yb = x[r0:r1], y[t0:t1]
-        xy = (xb[:, None, :] * yb[None]).reshape(-1, d)
-        c = torch.mm(xy, z.t()).mul_(scale).view(r1 - r0, -1)
-        c.sub_(row_lse[r0:r1, None]).exp_().mul_(grad_rows[r0:r1, None])
-        c = c.view(-1, m)  # (rows T, m)
-        gz = torch.mm(c, z).view(r1 - r0, t1 - t0, d)
-        dx[r0:r1] += (gz * yb[None]).sum(dim=1)
-        dy[t0:t1] += (gz * xb[:, None, :]).sum(dim=0)
-        dz.addmm_(c.t(), xy)
-    dscale = (x * dx).sum()
-    return dx.mul_(scale), dy.mul_(scale), dz.mul_(scale), dscale
+# A rank's n_r rows meet all N gathered columns (n_r != N for W > 1): the "torch"
+# backend's symile_n2 tiles take n rows against m columns (``backends/blockwise/symile.py``,
+# any device: the device's BLAS); the Triton and CUDA kernels take one length N. No
+# offset is needed: the LSE runs over all N^2 tuples, the positive (i, i) among them, and
+# the positive logit s MIP_i is local.
+_N2_TILES = "torch"
 
 
 class _SymileN2Dist(torch.autograd.Function):
@@ -280,8 +224,12 @@ class _SymileN2Dist(torch.autograd.Function):
         ya = cols.to(acc)
         xa = x.to(acc)
         others = [[o for o in range(m) if o != a] for a in range(m)]
+        tiles = backend_module(_N2_TILES, "symile")
         row_lse = torch.stack(
-            [n2_rows_lse(xa[:, a], *(ya[:, o] for o in others[a]), scale) for a in range(m)]
+            [
+                tiles.symile_n2_forward(xa[:, a], *(ya[:, o] for o in others[a]), scale)
+                for a in range(m)
+            ]
         )  # (M, n)
         ce = row_lse - scale * mip(_rows(x), acc)
         loss = _comm.all_reduce(ce.clamp_min(0).sum().reshape(1), lay)[0] / (m * lay.total)
@@ -303,9 +251,12 @@ class _SymileN2Dist(torch.autograd.Function):
         dy = torch.zeros_like(ya)
         dscale = torch.zeros((), dtype=acc, device=x.device)
         g = coef.expand(n).contiguous()
+        tiles = backend_module(_N2_TILES, "symile")
         for a in range(m):
             o1, o2 = [o for o in range(m) if o != a]
-            da, d1, d2, ds = n2_rows_backward(xa[:, a], ya[:, o1], ya[:, o2], scale, row_lse[a], g)
+            da, d1, d2, ds = tiles.symile_n2_backward(
+                xa[:, a], ya[:, o1], ya[:, o2], scale, row_lse[a], g
+            )
             dx[:, a] += da
             dy[:, o1] += d1
             dy[:, o2] += d2
