@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from ._sampling import symile_negative_permutations
 
 __all__ = [
+    "clip_logits",
     "clip_loss",
     "gram_loss",
     "gram_volume",
+    "info_nce_loss",
     "multiview_dhel_loss",
     "multiview_infonce_loss",
     "siglip_loss",
@@ -552,3 +554,40 @@ def supcon_loss(
     count = pos.sum(dim=1)
     mean_log_prob = (log_prob * pos).sum(dim=1) / torch.where(count > 0, count, 1)
     return (-(temperature / base_temperature) * mean_log_prob).view(v, n).mean()
+
+
+def clip_logits(
+    a: torch.Tensor, b: torch.Tensor, logit_scale: Scale, logit_bias: Optional[Scale] = None
+) -> torch.Tensor:
+    """The dense (n, m) logits ``logit_scale * a @ b.T + logit_bias`` of a (n, D), b (m, D)
+    (OpenCLIP's ``get_logits``, for inspection)."""
+    logits = logit_scale * a @ b.T
+    return logits if logit_bias is None else logits + logit_bias
+
+
+def info_nce_loss(
+    query: torch.Tensor,
+    positive_key: torch.Tensor,
+    negative_keys: Optional[torch.Tensor],
+    temperature: Scale,
+    reduction: str = "mean",
+    negative_mode: str = "unpaired",
+) -> torch.Tensor:
+    """info-nce-pytorch's ``info_nce`` on already L2-normalized inputs: query (N, D)
+    against its positive_key (N, D) and either the other samples' keys (negative_keys
+    None: (N, N) logits, labels on the diagonal), shared negatives ((M, D), "unpaired") or
+    its own ((N, M, D), "paired"): (N, 1 + M) logits, label 0. A cross entropy of the
+    logits / temperature with ``reduction`` "mean", "sum" or "none"."""
+    q, k = query, positive_key
+    if negative_keys is None:
+        logits = q @ k.T
+        labels = torch.arange(len(q), device=q.device)
+    else:
+        positive = (q * k).sum(dim=1, keepdim=True)
+        if negative_mode == "unpaired":
+            negative = q @ negative_keys.T
+        else:
+            negative = (q.unsqueeze(1) @ negative_keys.transpose(-2, -1)).squeeze(1)
+        logits = torch.cat([positive, negative], dim=1)
+        labels = torch.zeros(len(logits), dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits / temperature, labels, reduction=reduction)

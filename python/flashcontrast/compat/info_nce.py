@@ -24,9 +24,9 @@ N + M keys ``cat([positive_key, negative_keys])`` with group ids that mask the o
 queries' positives (equal id, different sample: ``backends/pair.py``): row i keeps its
 positive and the M negatives, no (N, M + 1) logits are stored. (The masked N x N block
 is swept too: N (N + M) tile entries where the published code computes N (M + 1).)
-"paired" negatives are the published formula in plain PyTorch: its (N, M + 1) logits are
-the size of the (N, M, D) input divided by D, so there is no batch-squared matrix to
-tile. ``backend="reference"`` sends both other cases there too.
+"paired" negatives are the published formula (``flashcontrast.reference.info_nce_loss``):
+its (N, M + 1) logits are the size of the (N, M, D) input divided by D, so there is no
+batch-squared matrix to tile. ``backend="reference"`` sends the other cases there too.
 
 Deliberate differences: on the fused path 16-bit inputs give a float32 loss (the kernels
 accumulate in float32; the published code works in the inputs' dtype), and the logits
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _dispatch
+from .. import _dispatch, reference
 from .._validation import as_scalar_tensor, check_features
 from ..backends.pair import Pair
 from ..objectives._pair_op import sweep
@@ -99,22 +99,6 @@ def _reduce(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
     return per_row
 
 
-def _plain(q, k, negative_keys, temperature, reduction, negative_mode) -> torch.Tensor:
-    """The published computation (q, k and the negatives already normalized)."""
-    if negative_keys is None:
-        logits = q @ k.T
-        labels = torch.arange(len(q), device=q.device)
-    else:
-        positive = (q * k).sum(dim=1, keepdim=True)
-        if negative_mode == "unpaired":
-            negative = q @ negative_keys.T
-        else:
-            negative = (q.unsqueeze(1) @ negative_keys.transpose(-2, -1)).squeeze(1)
-        logits = torch.cat([positive, negative], dim=1)
-        labels = torch.zeros(len(logits), dtype=torch.long, device=q.device)
-    return F.cross_entropy(logits / temperature, labels, reduction=reduction)
-
-
 #: row-only softmax; the other queries' positives masked by their group id (see _unpaired_terms)
 _UNPAIRED = Pair("rows")
 
@@ -150,13 +134,13 @@ def info_nce(
     k = F.normalize(positive_key, dim=-1)
     negatives = None if negative_keys is None else F.normalize(negative_keys, dim=-1)
     if negatives is not None and negative_mode == "paired":
-        return _plain(q, k, negatives, temperature, reduction, negative_mode)
+        return reference.info_nce_loss(q, k, negatives, temperature, reduction, negative_mode)
 
     check_features("query", q)
     check_features("positive_key", k)
     chosen = _dispatch.resolve("infonce", q.device, backend, q.dtype)
     if chosen == "reference":
-        return _plain(q, k, negatives, temperature, reduction, negative_mode)
+        return reference.info_nce_loss(q, k, negatives, temperature, reduction, negative_mode)
     if k.dtype != q.dtype:
         raise TypeError(f"query and positive_key must share a dtype, got {q.dtype} and {k.dtype}")
     scale = as_scalar_tensor("1 / temperature", 1.0 / temperature, q)

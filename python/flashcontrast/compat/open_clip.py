@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .. import _dispatch
+from .. import _dispatch, reference
 from .. import distributed as fc_dist
 from .._validation import accumulation_dtype
 from ..distributed import _comm
@@ -430,10 +430,7 @@ class SigLipLoss(nn.Module):
     def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
         """OpenCLIP's dense (n, m) logits ``logit_scale * a @ b.T + logit_bias``, for
         inspection (the loss never builds them)."""
-        logits = logit_scale * image_features @ text_features.T
-        if logit_bias is not None:
-            logits = logits + logit_bias
-        return logits
+        return reference.clip_logits(image_features, text_features, logit_scale, logit_bias)
 
     def _loss(
         self, image_features, text_features, logit_scale, logit_bias=None, negative_only=False
