@@ -185,6 +185,24 @@ def test_symile_matches_published_same_seed(symile_pkg, m, mode):
             close(g, w, 1e-11, 1e-13)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_symile_two_modalities_n_on_the_engine(symile_pkg, backend):
+    """M = 2 "n" (shuffled negatives) runs on the pair engine on every backend (float32,
+    the emulator for "cuda"): the package's value and gradients for the same seed."""
+    reps = [_unit(19, 8).float() for _ in range(2)]
+    leaves = [torch.tensor(5.0), *reps]
+    ours = csym.Symile(negative_sampling="n", backend=backend)
+    torch.manual_seed(4)
+    got, got_grads = loss_and_grads(lambda s, *r: ours(list(r), s), leaves)
+    torch.manual_seed(4)
+    want, want_grads = loss_and_grads(
+        lambda s, *r: symile_pkg.Symile()(list(r), s), [x.double() for x in leaves]
+    )
+    close(got.double(), want, 1e-5, 1e-6)
+    for g, w in zip(got_grads, want_grads):
+        close(g.double(), w, 1e-4, 1e-6)
+
+
 def test_symile_python_scale_and_bad_mode(symile_pkg):
     reps = [_unit(5, 4) for _ in range(3)]
     torch.manual_seed(3)

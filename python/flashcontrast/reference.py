@@ -40,6 +40,7 @@ __all__ = [
     "siglip_loss",
     "supcon_loss",
     "symile_loss",
+    "symile_two_modality_n_loss",
 ]
 
 Scale = Union[float, torch.Tensor]
@@ -591,3 +592,23 @@ def info_nce_loss(
         logits = torch.cat([positive, negative], dim=1)
         labels = torch.zeros(len(logits), dtype=torch.long, device=q.device)
     return F.cross_entropy(logits / temperature, labels, reduction=reduction)
+
+
+def symile_two_modality_n_loss(
+    representations: Sequence[torch.Tensor], logit_scale: Scale, permutations: torch.Tensor
+) -> torch.Tensor:
+    """The symile package's "n" loss for M = 2 (which :func:`symile_loss` refuses: it is
+    CLIP with shuffled negatives): anchor a's (N, N) logits s x^a (x^b[perms[a, 0]])^T with
+    the positive s <x^a_i, x^b_i> on the diagonal, the mean of the two cross entropies.
+    ``permutations`` (2, 1, N)."""
+    reps = list(representations)
+    n = reps[0].shape[0]
+    labels = torch.arange(n, device=reps[0].device)
+    eye = torch.eye(n, dtype=torch.bool, device=reps[0].device)
+    losses = []
+    for a in range(2):
+        other = reps[1 - a]
+        logits = reps[a] @ other[permutations[a, 0]].T
+        logits = torch.where(eye, (reps[a] * other).sum(dim=1), logits)
+        losses.append(F.cross_entropy(logit_scale * logits, labels))
+    return sum(losses) / 2

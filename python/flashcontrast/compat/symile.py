@@ -15,9 +15,10 @@ Deliberate differences: 16-bit representations give a float32 loss (the kernels
 accumulate in float32; the published code works in the inputs' dtype). With M = 2
 modalities (which the fused Symile kernels do not take: it is CLIP) the loss is computed
 here: "n_squared" as :func:`flashcontrast.clip_loss` (all N candidates for both anchors,
-which is CLIP's loss; the published 0.1.0 raises IndexError for M = 2), and "n" by a
-plain O(N^2) PyTorch transcription that consumes the same random stream and returns the
-published value.
+which is CLIP's loss; the published 0.1.0 raises IndexError for M = 2), and "n" on the
+pair engine (Symile's "n" op with M = 2), consuming the same random stream and returning
+the published value (``backend="reference"``: the dense transcription,
+``flashcontrast.reference.symile_two_modality_n_loss``).
 """
 
 from __future__ import annotations
@@ -25,29 +26,37 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .. import _dispatch, reference
 from .._sampling import symile_negative_permutations
+from .._validation import as_scalar_tensor, check_features
+from ..objectives._symile_n import symile_n
 from ..objectives.clip import clip_loss
 from ..objectives.symile import NEGATIVE_SAMPLING, symile_loss
 
 __all__ = ["Symile"]
 
 
-def _two_modality_n(reps: Sequence[torch.Tensor], logit_scale) -> torch.Tensor:
-    """The published "n" loss for M = 2, drawing its permutations in its order."""
-    n = reps[0].shape[0]
-    perms = symile_negative_permutations(2, n, device=reps[0].device)  # (2, 1, N)
-    labels = torch.arange(n, device=reps[0].device)
-    eye = torch.eye(n, dtype=torch.bool, device=reps[0].device)
-    losses = []
-    for a in range(2):
-        other = reps[1 - a]
-        logits = reps[a] @ other[perms[a, 0]].T
-        logits = torch.where(eye, (reps[a] * other).sum(dim=1), logits)
-        losses.append(F.cross_entropy(logit_scale * logits, labels))
-    return sum(losses) / 2
+def _two_modality_n(reps: Sequence[torch.Tensor], logit_scale, backend: str) -> torch.Tensor:
+    """The published "n" loss for M = 2, drawing its permutations in its order: per anchor
+    one "rows" sweep of the pair engine against the other modality's shuffled rows, the
+    positive's logit overridden (the ``flashcontrast::symile_n`` op, M = 2)."""
+    x = check_features("representations[0]", reps[0])
+    y = check_features("representations[1]", reps[1])
+    if y.shape != x.shape or y.dtype != x.dtype or y.device != x.device:
+        raise ValueError(
+            "the two representations must share one (N, D) shape, dtype and device, got "
+            f"{tuple(x.shape)} {x.dtype} on {x.device} and {tuple(y.shape)} {y.dtype} on "
+            f"{y.device}"
+        )
+    perms = symile_negative_permutations(2, x.shape[0], device=x.device)  # (2, 1, N)
+    scale = as_scalar_tensor("logit_scale", logit_scale, x)
+    chosen = _dispatch.resolve("symile", x.device, backend, x.dtype)
+    if chosen == "reference":
+        return reference.symile_two_modality_n_loss([x, y], scale, perms)
+    ce, _, _ = symile_n([x, y], perms, scale, chosen)  # (2, N)
+    return ce.mean(dim=1).sum() / 2
 
 
 class Symile(nn.Module):
@@ -83,7 +92,7 @@ class Symile(nn.Module):
         if len(reps) == 2:
             if self.negative_sampling == "n_squared":
                 return clip_loss(reps[0], reps[1], logit_scale, backend=self.backend)
-            return _two_modality_n(reps, logit_scale)
+            return _two_modality_n(reps, logit_scale, self.backend)
         return symile_loss(
             reps, logit_scale, negative_sampling=self.negative_sampling, backend=self.backend
         )

@@ -112,8 +112,8 @@ def symile_n_bwd(
         dscale += g.dscale
         others = [o for o in range(m) if o != a]
         for k, o in enumerate(others):  # W^a = prod_k o_k[pi_ak]: the product rule
-            rest = [x for k2, x in enumerate(gathered) if k2 != k]
-            d[o].index_add_(0, perms[a, k], g.db * _product(rest, acc))
+            rest = [x for k2, x in enumerate(gathered) if k2 != k]  # empty for M = 2
+            d[o].index_add_(0, perms[a, k], g.db * _product(rest, acc) if rest else g.db)
     dscale += add_positive_gradient(d, reps, scale, dp, acc)
     return [x.to(r.dtype) for x, r in zip(d, reps)] + [dscale]
 
