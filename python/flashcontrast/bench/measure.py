@@ -97,6 +97,18 @@ CASES = {
         flops=lambda n, d: 4 * (2 * n) ** 2 * d,  # rows only: S forward; S, dS Z backward
         reference_bytes=lambda n, d: 6 * (2 * n) ** 2 * 4,
     ),
+    # 1-to-K, K = 2: N anchors against 2 N candidates (two stacked batches); two "rows"
+    # sweeps of N x 2 N entries, 8 n m D each (S forward; S, dS B, dS^T A backward)
+    "multi-positive-k2": Case(
+        "infonce",
+        3,
+        20.0,
+        lambda x, s, be: functional.multi_positive_infonce_loss(
+            x[0], torch.cat(list(x[1:])), s, backend=be
+        ),
+        flops=lambda n, d: 2 * 8 * n * (2 * n) * d,
+        reference_bytes=lambda n, d: 6 * n * (2 * n) * 4,
+    ),
     "mv-infonce-v4": Case(
         "multiview",
         4,
