@@ -63,6 +63,20 @@ def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
         )
 
 
+def check_rows_and_columns(
+    name_a: str, a: object, name_b: str, b: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check rows a (N, D) and columns b (M, D) as features (:func:`check_features`) that
+    share dtype, device and D (N and M may differ); return them. ValueError names both."""
+    a, b = check_features(name_a, a), check_features(name_b, b)
+    if b.dtype != a.dtype or b.device != a.device or b.shape[1] != a.shape[1]:
+        raise ValueError(
+            f"{name_b} must match {name_a}'s dtype, device and D: got {tuple(b.shape)} "
+            f"{b.dtype} on {b.device} against {tuple(a.shape)} {a.dtype} on {a.device}"
+        )
+    return a, b
+
+
 def check_groups(
     groups: object, n: int, device: torch.device, owner: str = "the features"
 ) -> Optional[torch.Tensor]:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .._amp import autocast_off
-from .._validation import Scalar, as_scalar_tensor, check_features
+from .._validation import Scalar, as_scalar_tensor, check_rows_and_columns
 from ..backends.pair import Pair
 from ._pair_op import sweep
 
@@ -70,13 +70,7 @@ def infonce_loss(
 
 def _terms(query, keys, logit_scale, logit_bias, offset, backend) -> Tensor:
     """(N,) LSE_j S_ij - S_i,offset+i, checked and dispatched (see :func:`infonce_loss`)."""
-    q = check_features("query", query)
-    k = check_features("keys", keys)
-    if k.dtype != q.dtype or k.device != q.device or k.shape[1] != q.shape[1]:
-        raise ValueError(
-            f"keys must match query's dtype, device and D: got {tuple(k.shape)} {k.dtype} "
-            f"on {k.device} against {tuple(q.shape)} {q.dtype} on {q.device}"
-        )
+    q, k = check_rows_and_columns("query", query, "keys", keys)
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be an int >= 0, got {offset!r}")
     if offset + q.shape[0] > k.shape[0]:

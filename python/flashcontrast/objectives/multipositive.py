@@ -35,7 +35,12 @@ from torch import Tensor
 from .. import _dispatch
 from .._amp import autocast_off
 from .._module import BackendLoss
-from .._validation import Scalar, accumulation_dtype, as_scalar_tensor, check_features
+from .._validation import (
+    Scalar,
+    accumulation_dtype,
+    as_scalar_tensor,
+    check_rows_and_columns,
+)
 from ..backends.pair import Pair
 from ._pair_op import sweep
 
@@ -157,13 +162,7 @@ def multi_positive_infonce_loss(
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    a = check_features("anchors", anchors)
-    c = check_features("candidates", candidates)
-    if c.dtype != a.dtype or c.device != a.device or c.shape[1] != a.shape[1]:
-        raise ValueError(
-            f"candidates must match anchors' dtype, device and D: got {tuple(c.shape)} "
-            f"{c.dtype} on {c.device} against {tuple(a.shape)} {a.dtype} on {a.device}"
-        )
+    a, c = check_rows_and_columns("anchors", anchors, "candidates", candidates)
     n, m = a.shape[0], c.shape[0]
     p = _check_positives(positives, n, m, a.device)
     k = p.shape[1]
