@@ -13,57 +13,18 @@ and "auto", which picks by what is built and where the tensors live. See
 :func:`backend_for`, :func:`explain_backend` and :func:`last_backend` for which one runs.
 """
 
+from . import functional, modules
 from ._dispatch import BACKENDS, backend_for, explain_backend, last_backend
 from ._version import __version__
-from .functional import (
-    align_loss,
-    clip_loss,
-    gram_loss,
-    gram_volume,
-    infonce_loss,
-    multi_positive_infonce_loss,
-    multiview_dhel_loss,
-    multiview_infonce_loss,
-    siglip_loss,
-    supcon_loss,
-    symile_loss,
-    uniform_loss,
-)
-from .modules import (
-    ClipLoss,
-    GramLoss,
-    MultiPositiveInfoNCELoss,
-    MultiviewDHELLoss,
-    MultiviewInfoNCELoss,
-    SigLipLoss,
-    SupConLoss,
-    SymileLoss,
-)
+from .functional import *  # noqa: F403  (the loss functions: functional.__all__)
+from .modules import *  # noqa: F403  (their nn.Module forms: modules.__all__)
 
 __all__ = [
     "BACKENDS",
-    "ClipLoss",
-    "GramLoss",
-    "MultiPositiveInfoNCELoss",
-    "MultiviewDHELLoss",
-    "MultiviewInfoNCELoss",
-    "SigLipLoss",
-    "SupConLoss",
-    "SymileLoss",
     "__version__",
-    "align_loss",
     "backend_for",
-    "clip_loss",
     "explain_backend",
-    "gram_loss",
-    "gram_volume",
-    "infonce_loss",
     "last_backend",
-    "multi_positive_infonce_loss",
-    "multiview_dhel_loss",
-    "multiview_infonce_loss",
-    "siglip_loss",
-    "supcon_loss",
-    "symile_loss",
-    "uniform_loss",
+    *functional.__all__,
+    *modules.__all__,
 ]
