@@ -43,8 +43,8 @@ from __future__ import annotations
 from typing import Union
 
 import torch
-from torch import nn
 
+from .._module import BackendLoss
 from ..objectives.gram import gram_loss, gram_volume
 
 __all__ = [
@@ -137,7 +137,7 @@ def gram_contrastive_loss(
     )
 
 
-class GramContrastiveLoss(nn.Module):
+class GramContrastiveLoss(BackendLoss):
     """:func:`gram_contrastive_loss` as a module: ``GramContrastiveLoss()(t, v, a, temperature=T)``.
 
     Args:
@@ -156,11 +156,10 @@ class GramContrastiveLoss(nn.Module):
         gradient: str = "full",
         backend: str = "auto",
     ) -> None:
-        super().__init__()
+        super().__init__(backend)
         self.temperature = temperature
         self.label_smoothing = label_smoothing
         self.gradient = gradient
-        self.backend = backend
 
     def forward(self, anchor: torch.Tensor, *inputs: torch.Tensor, temperature=None):
         return gram_contrastive_loss(
@@ -172,8 +171,9 @@ class GramContrastiveLoss(nn.Module):
             backend=self.backend,
         )
 
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, label_smoothing={self.label_smoothing}, "
-            f"gradient={self.gradient!r}, backend={self.backend!r}"
-        )
+    def options(self) -> dict:
+        return {
+            "temperature": self.temperature,
+            "label_smoothing": self.label_smoothing,
+            "gradient": self.gradient,
+        }

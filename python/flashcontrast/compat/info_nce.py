@@ -40,9 +40,9 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .. import _dispatch, reference
+from .._module import BackendLoss
 from .._validation import as_scalar_tensor, check_features
 from ..backends.pair import Pair
 from ..objectives._pair_op import sweep
@@ -155,7 +155,7 @@ def info_nce(
     return _reduce(infonce_loss(q, k, scale, reduction="none", backend=chosen), reduction)
 
 
-class InfoNCE(nn.Module):
+class InfoNCE(BackendLoss):
     """``info_nce.InfoNCE(temperature=0.1, reduction="mean", negative_mode="unpaired")``.
 
     Call: ``(query, positive_key, negative_keys=None)``: query and positive_key (N, D);
@@ -178,11 +178,10 @@ class InfoNCE(nn.Module):
         *,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
+        super().__init__(backend)
         self.temperature = temperature
         self.reduction = reduction
         self.negative_mode = negative_mode
-        self.backend = backend
 
     def forward(
         self,
@@ -200,8 +199,9 @@ class InfoNCE(nn.Module):
             backend=self.backend,
         )
 
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, reduction={self.reduction!r}, "
-            f"negative_mode={self.negative_mode!r}, backend={self.backend!r}"
-        )
+    def options(self) -> dict:
+        return {
+            "temperature": self.temperature,
+            "reduction": self.reduction,
+            "negative_mode": self.negative_mode,
+        }

@@ -31,8 +31,8 @@ import itertools
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from .._module import BackendLoss
 from ..objectives.multiview import multiview_dhel_loss, multiview_infonce_loss
 
 __all__ = ["MVDHEL", "MVINFONCE", "MVInfoNCE"]
@@ -53,16 +53,27 @@ def _views(z: torch.Tensor, k_views: int) -> torch.Tensor:
     return z.view(k_views, n_total // k_views, d)
 
 
-def _no_distributed(distributed: bool, who: str) -> None:
-    if distributed:
-        raise NotImplementedError(
-            f"flashcontrast.compat.multiview.{who}(distributed=True) is not supported: "
-            "all-gather the (V * N, D) features (view-major) and call it with "
-            "distributed=False"
-        )
+class _MultiViewCLLoss(BackendLoss):
+    """What Multi-View-CL's two losses share: tau, the number of views V ("multiplier")
+    and the refused ``distributed=True``."""
+
+    def __init__(self, tau, multiplier: int, distributed: bool, backend: str) -> None:
+        super().__init__(backend)
+        if distributed:
+            raise NotImplementedError(
+                f"flashcontrast.compat.multiview.{type(self).__name__}(distributed=True) is "
+                "not supported: all-gather the (V * N, D) features (view-major) and call it "
+                "with distributed=False"
+            )
+        self.tau = tau
+        self.k_views = multiplier
+        self.distributed = distributed
+
+    def options(self) -> dict:
+        return {"tau": self.tau, "multiplier": self.k_views}
 
 
-class MVINFONCE(nn.Module):
+class MVINFONCE(_MultiViewCLLoss):
     """Multi-View-CL ``MVINFONCE(tau=1., multiplier=2, distributed=False)``.
 
     ``forward(z)`` with z the (V * N, D) view-major features (normalized inside) returns
@@ -81,25 +92,17 @@ class MVINFONCE(nn.Module):
     def __init__(
         self, tau=1.0, multiplier: int = 2, distributed: bool = False, *, backend: str = "auto"
     ) -> None:
-        super().__init__()
-        _no_distributed(distributed, type(self).__name__)
-        self.tau = tau
-        self.k_views = multiplier
-        self.distributed = distributed
-        self.backend = backend
+        super().__init__(tau, multiplier, distributed, backend)
 
     def forward(self, z: torch.Tensor):
         u = _views(z, self.k_views)
         return multiview_infonce_loss(u, 1.0 / self.tau, backend=self.backend), 0
 
-    def extra_repr(self) -> str:
-        return f"tau={self.tau}, multiplier={self.k_views}, backend={self.backend!r}"
-
 
 MVInfoNCE = MVINFONCE
 
 
-class MVDHEL(nn.Module):
+class MVDHEL(_MultiViewCLLoss):
     """Multi-View-CL ``MVDHEL(tau=0.2, multiplier=2, distributed=False, pwe=False,
     average=False)``.
 
@@ -132,14 +135,9 @@ class MVDHEL(nn.Module):
         *,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        _no_distributed(distributed, type(self).__name__)
-        self.tau = tau
-        self.k_views = multiplier
-        self.distributed = distributed
+        super().__init__(tau, multiplier, distributed, backend)
         self.pwe = pwe
         self.average = average
-        self.backend = backend
 
     def _pair(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         u = F.normalize(torch.stack([a, b]), p=2, dim=-1)
@@ -161,8 +159,5 @@ class MVDHEL(nn.Module):
             loss = multiview_dhel_loss(u, 1.0 / self.tau, backend=self.backend)
         return loss, 0
 
-    def extra_repr(self) -> str:
-        return (
-            f"tau={self.tau}, multiplier={self.k_views}, pwe={self.pwe}, "
-            f"average={self.average}, backend={self.backend!r}"
-        )
+    def options(self) -> dict:
+        return {**super().options(), "pwe": self.pwe, "average": self.average}

@@ -46,11 +46,12 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import _dispatch, reference
 from .. import distributed as fc_dist
+from .._module import BackendLoss
 from .._validation import accumulation_dtype
 from ..distributed import _comm
 from ..objectives._pair_op import sweep
@@ -233,7 +234,21 @@ def _local_siglip_loss(
     return sweep(a, texts, scale, bias, SIGLIP_PAIR, chosen)["total"] / a.shape[0]
 
 
-class ClipLoss(nn.Module):
+class _OpenClipLoss(BackendLoss):
+    """What OpenCLIP's ClipLoss and SigLipLoss share: ``cache_labels`` (accepted,
+    ignored), this process's ``rank`` and ``world_size``, and the backend."""
+
+    def __init__(self, cache_labels: bool, rank: int, world_size: int, backend: str) -> None:
+        super().__init__(backend)
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+
+    def options(self) -> dict:
+        return {"rank": self.rank, "world_size": self.world_size}
+
+
+class ClipLoss(_OpenClipLoss):
     """OpenCLIP ``ClipLoss``: symmetric InfoNCE, ``1/2 [CE(S) + CE(S^T)]``, S = s A B^T (+ b).
 
     Args (OpenCLIP's):
@@ -286,7 +301,7 @@ class ClipLoss(nn.Module):
         *,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
+        super().__init__(cache_labels, rank, world_size, backend)
         if use_horovod:
             raise NotImplementedError(
                 "flashcontrast.compat.open_clip.ClipLoss has no Horovod path "
@@ -294,11 +309,7 @@ class ClipLoss(nn.Module):
             )
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
-        self.cache_labels = cache_labels
-        self.rank = rank
-        self.world_size = world_size
         self.use_horovod = use_horovod
-        self.backend = backend
 
     @property
     def grad_scaling(self) -> str:
@@ -348,14 +359,15 @@ class ClipLoss(nn.Module):
         )
         return _wrap(loss, output_dict)
 
-    def extra_repr(self) -> str:
-        return (
-            f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
-            f"rank={self.rank}, world_size={self.world_size}, backend={self.backend!r}"
-        )
+    def options(self) -> dict:
+        return {
+            "local_loss": self.local_loss,
+            "gather_with_grad": self.gather_with_grad,
+            **super().options(),
+        }
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(_OpenClipLoss):
     """OpenCLIP ``SigLipLoss``: ``-(1/n) sum_ij log sigmoid(z_ij (s a_i.b_j + b))``.
 
     Args (OpenCLIP's; both its 3.3.0 release and its main branch's, which added
@@ -404,18 +416,14 @@ class SigLipLoss(nn.Module):
         *,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
+        super().__init__(cache_labels, rank, world_size, backend)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in _SIGLIP_DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {_SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
             raise ValueError(f"chunk_size must be an int >= 0, got {chunk_size!r}")
-        self.cache_labels = cache_labels
-        self.rank = rank
-        self.world_size = world_size
         self.dist_impl = dist_impl
         self.chunk_size = chunk_size
-        self.backend = backend
 
     def get_ground_truth(
         self, device, dtype, num_logits: int, negative_only: bool = False
@@ -479,8 +487,5 @@ class SigLipLoss(nn.Module):
         )
         return _wrap(loss, output_dict)
 
-    def extra_repr(self) -> str:
-        return (
-            f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}, "
-            f"chunk_size={self.chunk_size}, backend={self.backend!r}"
-        )
+    def options(self) -> dict:
+        return {**super().options(), "dist_impl": self.dist_impl, "chunk_size": self.chunk_size}

@@ -26,9 +26,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from .. import _dispatch, reference
+from .._module import BackendLoss
 from .._sampling import symile_negative_permutations
 from .._validation import as_scalar_tensor, check_features
 from ..objectives._symile_n import symile_n
@@ -59,7 +59,7 @@ def _two_modality_n(reps: Sequence[torch.Tensor], logit_scale, backend: str) -> 
     return ce.mean(dim=1).sum() / 2
 
 
-class Symile(nn.Module):
+class Symile(BackendLoss):
     """``symile.Symile``: ``Symile(negative_sampling="n")(representations, logit_scale)``.
 
     Args:
@@ -78,14 +78,13 @@ class Symile(nn.Module):
     """
 
     def __init__(self, negative_sampling: str = "n", *, backend: str = "auto") -> None:
-        super().__init__()
+        super().__init__(backend)
         if negative_sampling not in NEGATIVE_SAMPLING:
             raise ValueError(
                 f"Invalid value for negative_sampling: expected 'n' or 'n_squared', "
                 f"got {negative_sampling!r}"
             )
         self.negative_sampling = negative_sampling
-        self.backend = backend
 
     def forward(self, representations: Sequence[torch.Tensor], logit_scale) -> torch.Tensor:
         reps = list(representations)
@@ -97,5 +96,5 @@ class Symile(nn.Module):
             reps, logit_scale, negative_sampling=self.negative_sampling, backend=self.backend
         )
 
-    def extra_repr(self) -> str:
-        return f"negative_sampling={self.negative_sampling!r}, backend={self.backend!r}"
+    def options(self) -> dict:
+        return {"negative_sampling": self.negative_sampling}

@@ -49,6 +49,7 @@ from .._validation import (
     accumulation_dtype,
     as_scalar_tensor,
     check_groups,
+    check_pair,
     check_strided,
 )
 from ..backends.pair import Pair
@@ -185,19 +186,8 @@ def _stack(views: Views, min_views: int = 2, dense=check_strided, empty_ok: bool
                 raise ValueError(f"views[{k}] must be 2-D (N, D), got {tuple(x.shape)}")
         if len(views) < min_views:
             raise ValueError(f"this loss needs V >= {min_views} views, got V = {len(views)}")
-        first = views[0]
         for k, x in enumerate(views[1:], 1):
-            if x.shape != first.shape:
-                raise ValueError(
-                    f"all views must share one (N, D) shape, got {tuple(first.shape)} "
-                    f"and {tuple(x.shape)} (views[{k}])"
-                )
-            if x.dtype != first.dtype:
-                raise TypeError(f"all views must share a dtype, got {first.dtype} and {x.dtype}")
-            if x.device != first.device:
-                raise ValueError(
-                    f"all views must be on one device, got {first.device} and {x.device}"
-                )
+            check_pair("views[0]", views[0], f"views[{k}]", x)
         u = torch.stack(views)  # the one copy a sequence costs
     if u.dtype not in FEATURE_DTYPES:
         raise TypeError(f"views must be float32, float16, bfloat16 or float64, got {u.dtype}")
