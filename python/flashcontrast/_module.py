@@ -8,17 +8,20 @@ from torch import nn
 class BackendLoss(nn.Module):
     """A loss module that holds no parameters (the logit scale and bias belong to the
     model) and the backend its calls run on ("auto", "cuda", "triton", "torch" or
-    "reference"; see :func:`flashcontrast.backend_for`). Subclasses add their options to
-    :meth:`options` and call their function in ``forward``."""
+    "reference"; see :func:`flashcontrast.backend_for`). Subclasses keep their constructor
+    options as attributes, name them in :attr:`option_names` and call their function in
+    ``forward``, with :meth:`call_options` where its keywords are those names."""
+
+    #: The attributes holding the constructor options, shown by ``repr`` before the backend.
+    option_names: tuple[str, ...] = ()
 
     def __init__(self, backend: str = "auto") -> None:
         super().__init__()
         self.backend = backend
 
-    def options(self) -> dict:
-        """The constructor options shown by ``repr`` besides the backend."""
-        return {}
+    def call_options(self) -> dict:
+        """The options and the backend, as keyword arguments of the module's function."""
+        return {**{k: getattr(self, k) for k in self.option_names}, "backend": self.backend}
 
     def extra_repr(self) -> str:
-        shown = {**self.options(), "backend": self.backend}
-        return ", ".join(f"{k}={v!r}" for k, v in shown.items())
+        return ", ".join(f"{k}={v!r}" for k, v in self.call_options().items())

@@ -148,6 +148,8 @@ class GramContrastiveLoss(BackendLoss):
         backend: flashcontrast's backend.
     """
 
+    option_names = ("temperature", "label_smoothing", "gradient")
+
     def __init__(
         self,
         temperature: float = 0.07,
@@ -162,18 +164,7 @@ class GramContrastiveLoss(BackendLoss):
         self.gradient = gradient
 
     def forward(self, anchor: torch.Tensor, *inputs: torch.Tensor, temperature=None):
-        return gram_contrastive_loss(
-            anchor,
-            *inputs,
-            temperature=self.temperature if temperature is None else temperature,
-            label_smoothing=self.label_smoothing,
-            gradient=self.gradient,
-            backend=self.backend,
-        )
-
-    def options(self) -> dict:
-        return {
-            "temperature": self.temperature,
-            "label_smoothing": self.label_smoothing,
-            "gradient": self.gradient,
-        }
+        options = self.call_options()
+        if temperature is not None:
+            options["temperature"] = temperature
+        return gram_contrastive_loss(anchor, *inputs, **options)

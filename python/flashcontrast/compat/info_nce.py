@@ -170,6 +170,8 @@ class InfoNCE(BackendLoss):
         backend: flashcontrast's backend for the in-batch-negatives case.
     """
 
+    option_names = ("temperature", "reduction", "negative_mode")
+
     def __init__(
         self,
         temperature: Temperature = 0.1,
@@ -189,19 +191,4 @@ class InfoNCE(BackendLoss):
         positive_key: torch.Tensor,
         negative_keys: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        return info_nce(
-            query,
-            positive_key,
-            negative_keys,
-            temperature=self.temperature,
-            reduction=self.reduction,
-            negative_mode=self.negative_mode,
-            backend=self.backend,
-        )
-
-    def options(self) -> dict:
-        return {
-            "temperature": self.temperature,
-            "reduction": self.reduction,
-            "negative_mode": self.negative_mode,
-        }
+        return info_nce(query, positive_key, negative_keys, **self.call_options())

@@ -57,6 +57,8 @@ class _MultiViewCLLoss(BackendLoss):
     """What Multi-View-CL's two losses share: tau, the number of views V ("multiplier")
     and the refused ``distributed=True``."""
 
+    option_names = ("tau", "multiplier")
+
     def __init__(self, tau, multiplier: int, distributed: bool, backend: str) -> None:
         super().__init__(backend)
         if distributed:
@@ -69,8 +71,10 @@ class _MultiViewCLLoss(BackendLoss):
         self.k_views = multiplier
         self.distributed = distributed
 
-    def options(self) -> dict:
-        return {"tau": self.tau, "multiplier": self.k_views}
+    @property
+    def multiplier(self) -> int:
+        """V, the number of views stacked in z (the published attribute is ``k_views``)."""
+        return self.k_views
 
 
 class MVINFONCE(_MultiViewCLLoss):
@@ -125,6 +129,8 @@ class MVDHEL(_MultiViewCLLoss):
         backend: flashcontrast's backend.
     """
 
+    option_names = ("tau", "multiplier", "pwe", "average")
+
     def __init__(
         self,
         tau=0.2,
@@ -158,6 +164,3 @@ class MVDHEL(_MultiViewCLLoss):
         else:
             loss = multiview_dhel_loss(u, 1.0 / self.tau, backend=self.backend)
         return loss, 0
-
-    def options(self) -> dict:
-        return {**super().options(), "pwe": self.pwe, "average": self.average}

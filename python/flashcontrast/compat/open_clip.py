@@ -244,9 +244,6 @@ class _OpenClipLoss(BackendLoss):
         self.rank = rank
         self.world_size = world_size
 
-    def options(self) -> dict:
-        return {"rank": self.rank, "world_size": self.world_size}
-
 
 class ClipLoss(_OpenClipLoss):
     """OpenCLIP ``ClipLoss``: symmetric InfoNCE, ``1/2 [CE(S) + CE(S^T)]``, S = s A B^T (+ b).
@@ -289,6 +286,8 @@ class ClipLoss(_OpenClipLoss):
     The ``logit_bias`` gradient is 0 in exact arithmetic (a constant shift of every
     logit cancels in a softmax cross entropy); OpenCLIP's is 0 up to rounding.
     """
+
+    option_names = ("local_loss", "gather_with_grad", "rank", "world_size")
 
     def __init__(
         self,
@@ -359,13 +358,6 @@ class ClipLoss(_OpenClipLoss):
         )
         return _wrap(loss, output_dict)
 
-    def options(self) -> dict:
-        return {
-            "local_loss": self.local_loss,
-            "gather_with_grad": self.gather_with_grad,
-            **super().options(),
-        }
-
 
 class SigLipLoss(_OpenClipLoss):
     """OpenCLIP ``SigLipLoss``: ``-(1/n) sum_ij log sigmoid(z_ij (s a_i.b_j + b))``.
@@ -405,6 +397,8 @@ class SigLipLoss(_OpenClipLoss):
     ``get_logits`` are OpenCLIP's helpers, dense by definition (n x n): for inspection,
     not used by the loss.
     """
+
+    option_names = ("rank", "world_size", "dist_impl", "chunk_size")
 
     def __init__(
         self,
@@ -486,6 +480,3 @@ class SigLipLoss(_OpenClipLoss):
             image_features, text_features, scale, bias, self.dist_impl, self.rank, self.backend
         )
         return _wrap(loss, output_dict)
-
-    def options(self) -> dict:
-        return {**super().options(), "dist_impl": self.dist_impl, "chunk_size": self.chunk_size}

@@ -39,6 +39,8 @@ class SupConLoss(BackendLoss):
     Call: ``(embeddings (N, D), labels (N,))`` -> 0-d loss.
     """
 
+    option_names = ("temperature",)
+
     def __init__(self, temperature: float = 0.1, *, backend: str = "auto", **kwargs) -> None:
         if kwargs:
             raise NotImplementedError(
@@ -79,6 +81,3 @@ class SupConLoss(BackendLoss):
         kept = losses > 0  # AvgNonZeroReducer
         mean = (losses * kept).sum() / kept.sum().clamp_min(1)
         return torch.where(has_pairs, mean, torch.zeros_like(mean))
-
-    def options(self) -> dict:
-        return {"temperature": self.temperature}

@@ -77,6 +77,8 @@ class Symile(BackendLoss):
     class raises it at the first call).
     """
 
+    option_names = ("negative_sampling",)
+
     def __init__(self, negative_sampling: str = "n", *, backend: str = "auto") -> None:
         super().__init__(backend)
         if negative_sampling not in NEGATIVE_SAMPLING:
@@ -95,6 +97,3 @@ class Symile(BackendLoss):
         return symile_loss(
             reps, logit_scale, negative_sampling=self.negative_sampling, backend=self.backend
         )
-
-    def options(self) -> dict:
-        return {"negative_sampling": self.negative_sampling}

@@ -508,6 +508,8 @@ class GramLoss(BackendLoss):
         backend: "auto", "triton", "torch" or "reference".
     """
 
+    option_names = ("label_smoothing", "gradient")
+
     def __init__(
         self, label_smoothing: float = 0.0, backend: str = "auto", *, gradient: str = "full"
     ) -> None:
@@ -517,14 +519,4 @@ class GramLoss(BackendLoss):
 
     def forward(self, anchor: Tensor, others: Sequence[Tensor], logit_scale: Scalar) -> Tensor:
         """(N, D), K x (N, D), scalar -> 0-d mean loss."""
-        return gram_loss(
-            anchor,
-            others,
-            logit_scale,
-            label_smoothing=self.label_smoothing,
-            gradient=self.gradient,
-            backend=self.backend,
-        )
-
-    def options(self) -> dict:
-        return {"label_smoothing": self.label_smoothing, "gradient": self.gradient}
+        return gram_loss(anchor, others, logit_scale, **self.call_options())

@@ -162,6 +162,8 @@ def supcon_loss(
 class SupConLoss(BackendLoss):
     """:func:`supcon_loss` as a module: ``SupConLoss(temperature)(features, labels)``."""
 
+    option_names = ("temperature", "base_temperature")
+
     def __init__(
         self, temperature: float = 0.07, base_temperature: float = 0.07, backend: str = "auto"
     ) -> None:
@@ -170,9 +172,4 @@ class SupConLoss(BackendLoss):
         self.base_temperature = base_temperature
 
     def forward(self, features: Views, labels: Optional[Tensor] = None) -> Tensor:
-        return supcon_loss(
-            features, labels, self.temperature, self.base_temperature, backend=self.backend
-        )
-
-    def options(self) -> dict:
-        return {"temperature": self.temperature, "base_temperature": self.base_temperature}
+        return supcon_loss(features, labels, **self.call_options())

@@ -306,6 +306,8 @@ class SymileLoss(BackendLoss):
         backend: "auto", "cuda", "triton", "torch" or "reference".
     """
 
+    option_names = ("negative_sampling",)
+
     def __init__(self, negative_sampling: str = "n", backend: str = "auto") -> None:
         super().__init__(backend)
         if negative_sampling not in NEGATIVE_SAMPLING:
@@ -330,6 +332,3 @@ class SymileLoss(BackendLoss):
             permutations=permutations,
             backend=self.backend,
         )
-
-    def options(self) -> dict:
-        return {"negative_sampling": self.negative_sampling}
