@@ -83,10 +83,6 @@ def _check_world(rank: int, world_size: int, who: str) -> None:
         )
 
 
-def _wrap(loss: torch.Tensor, output_dict: bool):
-    return {"contrastive_loss": loss} if output_dict else loss
-
-
 # ----------------------------------------------------------------------------- process group
 # The rank-local losses (ClipLoss(local_loss=True), SigLipLoss): OpenCLIP's exchanges of
 # equal shards over the default group, then the local rows against the gathered columns.
@@ -244,6 +240,18 @@ class _OpenClipLoss(BackendLoss):
         self.rank = rank
         self.world_size = world_size
 
+    def _routed_loss(
+        self, single, a: Tensor, b: Tensor, logit_scale, logit_bias, output_dict: bool
+    ):
+        """The loss, as a dict when ``output_dict``: ``single`` (the single-process
+        function) with world_size <= 1, else :meth:`_process_group_loss`."""
+        if self.world_size <= 1:
+            loss = single(a, b, logit_scale, logit_bias, backend=self.backend)
+        else:
+            _check_world(self.rank, self.world_size, type(self).__name__)
+            loss = self._process_group_loss(a, b, logit_scale, logit_bias)
+        return {"contrastive_loss": loss} if output_dict else loss
+
 
 class ClipLoss(_OpenClipLoss):
     """OpenCLIP ``ClipLoss``: symmetric InfoNCE, ``1/2 [CE(S) + CE(S^T)]``, S = s A B^T (+ b).
@@ -329,34 +337,15 @@ class ClipLoss(_OpenClipLoss):
         logit_bias=None,
         output_dict: bool = False,
     ):
-        if self.world_size <= 1:
-            loss = clip_loss(
-                image_features, text_features, logit_scale, logit_bias, backend=self.backend
-            )
-            return _wrap(loss, output_dict)
-        _check_world(self.rank, self.world_size, "ClipLoss")
+        return self._routed_loss(
+            clip_loss, image_features, text_features, logit_scale, logit_bias, output_dict
+        )
+
+    def _process_group_loss(self, a: Tensor, b: Tensor, logit_scale, logit_bias) -> Tensor:
         if not self.local_loss:
-            loss = fc_dist.clip_loss(
-                image_features,
-                text_features,
-                logit_scale,
-                logit_bias,
-                grad_scaling=self.grad_scaling,
-            )
-            return _wrap(loss, output_dict)
-        scale, bias = _setup(
-            "compat ClipLoss", image_features, text_features, logit_scale, logit_bias
-        )
-        loss = _local_clip_loss(
-            image_features,
-            text_features,
-            scale,
-            bias,
-            self.gather_with_grad,
-            self.rank,
-            self.backend,
-        )
-        return _wrap(loss, output_dict)
+            return fc_dist.clip_loss(a, b, logit_scale, logit_bias, grad_scaling=self.grad_scaling)
+        scale, bias = _setup("compat ClipLoss", a, b, logit_scale, logit_bias)
+        return _local_clip_loss(a, b, scale, bias, self.gather_with_grad, self.rank, self.backend)
 
 
 class SigLipLoss(_OpenClipLoss):
@@ -467,16 +456,10 @@ class SigLipLoss(_OpenClipLoss):
         logit_bias,
         output_dict: bool = False,
     ):
-        if self.world_size <= 1:
-            loss = siglip_loss(
-                image_features, text_features, logit_scale, logit_bias, backend=self.backend
-            )
-            return _wrap(loss, output_dict)
-        _check_world(self.rank, self.world_size, "SigLipLoss")
-        scale, bias = _setup(
-            "compat SigLipLoss", image_features, text_features, logit_scale, logit_bias
+        return self._routed_loss(
+            siglip_loss, image_features, text_features, logit_scale, logit_bias, output_dict
         )
-        loss = _local_siglip_loss(
-            image_features, text_features, scale, bias, self.dist_impl, self.rank, self.backend
-        )
-        return _wrap(loss, output_dict)
+
+    def _process_group_loss(self, a: Tensor, b: Tensor, logit_scale, logit_bias) -> Tensor:
+        scale, bias = _setup("compat SigLipLoss", a, b, logit_scale, logit_bias)
+        return _local_siglip_loss(a, b, scale, bias, self.dist_impl, self.rank, self.backend)
