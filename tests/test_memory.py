@@ -45,3 +45,39 @@ def test_default_block_budget_keeps_peak_below_n_by_n():
     ours = memory_use(_fwd_bwd("torch", a, b), torch.device("cpu"))
     assert ours.largest_allocation <= blockwise.MAX_BLOCK_ELEMENTS["cpu"] * 4
     assert ours.peak_bytes < n * n * 4 / 4
+
+
+def _cwcl_fwd_bwd(backend: str, a, b, u, **kwargs):
+    def run():
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        s = torch.tensor(20.0, requires_grad=True)
+        flashcontrast.cwcl_loss(x, y, s, weight_features=u, backend=backend, **kwargs).backward()
+
+    return run
+
+
+def test_cwcl_allocates_no_n_by_n_buffer(monkeypatch):
+    """CWCL's soft targets: the paper's weights through (D, Du) products (nothing above
+    O(N max(D, Du))), a weight that does not factor through (block, N) tiles; the
+    reference's N x N logits and weights are the positive control."""
+    n, d, du, rows = 3000, 16, 8, 64
+    nxn = n * n * 4
+    monkeypatch.setitem(blockwise.MAX_BLOCK_ELEMENTS, "cpu", rows * n)
+    a, b, u = torch.randn(n, d), torch.randn(n, d), torch.randn(n, du)
+
+    ref = memory_use(_cwcl_fwd_bwd("reference", a, b, u), torch.device("cpu"))
+    assert ref.largest_allocation >= nxn, "the measurement must see the reference's N x N"
+
+    factored = memory_use(_cwcl_fwd_bwd("torch", a, b, u), torch.device("cpu"))
+    assert factored.largest_allocation <= rows * n * 4 + 64
+    assert factored.peak_bytes < nxn / 10
+
+    block = 32  # rows of a weight tile
+    tiles = memory_use(
+        _cwcl_fwd_bwd("torch", a, b, u, weight_fn=lambda c: c.exp(), block_size=block),
+        torch.device("cpu"),
+    )
+    assert tiles.largest_allocation <= rows * n * 4 + 64
+    # a handful of (block, N) tiles (cosines, weights, products) and O(N (D + Du))
+    assert tiles.peak_bytes <= 8 * block * n * 4 + 8 * n * (d + du) * 4
+    assert tiles.peak_bytes < nxn / 10

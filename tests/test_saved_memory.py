@@ -82,6 +82,18 @@ LOSSES = {
         _anchors_and_candidates,
         lambda b: lambda a, c: fc.multi_positive_infonce_loss(a, c, 20.0, backend=b),
     ),
+    "cwcl": (
+        lambda: _features(3),
+        lambda b: lambda x, y, u: fc.cwcl_loss(x, y, 20.0, weight_features=u, backend=b),
+    ),
+    "cwcl-weight-fn": (
+        lambda: _features(3),
+        lambda b: (
+            lambda x, y, u: fc.cwcl_loss(
+                x, y, 20.0, weight_features=u, weight_fn=lambda c: (1 + c) ** 2, backend=b
+            )
+        ),
+    ),
     "supcon": (_views, lambda b: lambda u: fc.supcon_loss(u, _LABELS, 0.1, backend=b)),
     "gram": (
         lambda: _features(3),

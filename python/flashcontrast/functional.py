@@ -6,6 +6,7 @@ live there once, whatever backend runs.
 """
 
 from .objectives.clip import clip_loss
+from .objectives.cwcl import cwcl_loss
 from .objectives.gram import gram_loss, gram_volume
 from .objectives.infonce import infonce_loss
 from .objectives.multipositive import multi_positive_infonce_loss
@@ -18,6 +19,7 @@ from .objectives.uniformity import align_loss, uniform_loss
 __all__ = [
     "align_loss",
     "clip_loss",
+    "cwcl_loss",
     "gram_loss",
     "gram_volume",
     "infonce_loss",

@@ -9,6 +9,7 @@ import torch
 from . import functional
 from ._module import BackendLoss
 from ._validation import Scalar
+from .objectives.cwcl import CWCLLoss
 from .objectives.gram import GramLoss
 from .objectives.multipositive import MultiPositiveInfoNCELoss
 from .objectives.multiview import MultiviewDHELLoss, MultiviewInfoNCELoss
@@ -17,6 +18,7 @@ from .objectives.supcon import SupConLoss
 from .objectives.symile import SymileLoss
 
 __all__ = [
+    "CWCLLoss",
     "ClipLoss",
     "GramLoss",
     "MultiPositiveInfoNCELoss",

@@ -109,6 +109,16 @@ CASES = {
         flops=lambda n, d: 2 * 8 * n * (2 * n) * d,
         reference_bytes=lambda n, d: 6 * n * (2 * n) * 4,
     ),
+    # CWCL: CLIP's sweep without positives (8 N^2 D) and the soft targets' (D, D) products,
+    # ~24 N D^2 forward and backward (the frozen embeddings x[2] have D features too)
+    "cwcl": Case(
+        "clip",
+        3,
+        100.0,
+        lambda x, s, be: functional.cwcl_loss(x[0], x[1], s, weight_features=x[2], backend=be),
+        flops=lambda n, d: 8 * n * n * d + 24 * n * d * d,
+        reference_bytes=lambda n, d: 8 * n * n * 4,
+    ),
     "mv-infonce-v4": Case(
         "multiview",
         4,
