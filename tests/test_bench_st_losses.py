@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("sentence_transformers", reason="sentence-transformers is a test extra")
 
-from flashcontrast.bench import st_losses  # noqa: E402
+from flashcontrast.bench import st_losses
 
 
 def test_rows_table_and_skips(tmp_path, capsys):

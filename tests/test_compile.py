@@ -110,8 +110,19 @@ def _symile_n2():
     return lambda: [_unit(N, D), _unit(N, D), _unit(N, D), torch.tensor(6.0)], call
 
 
+_CWCL_U = torch.randn(N, 5)  # CWCL's frozen embeddings: no gradient
+
+
+def _cwcl():
+    def call(backend, a, b, s, t):
+        return flashcontrast.cwcl_loss(a, b, s, t, weight_features=_CWCL_U, backend=backend)
+
+    return lambda: [_unit(N, D), _unit(N, D), torch.tensor(7.0), torch.tensor(0.5)], call
+
+
 FUNCTIONS = {
     "clip": _clip,
+    "cwcl": _cwcl,
     "siglip": _siglip,
     "multiview_infonce": lambda: _multiview(flashcontrast.multiview_infonce_loss),
     "multiview_dhel": lambda: _multiview(flashcontrast.multiview_dhel_loss),
@@ -125,6 +136,10 @@ FUNCTIONS = {
 # with the leaves of the same objective's function case.
 MODULES = {
     "clip": (flashcontrast.ClipLoss, lambda m, a, b, s, t: m(a, b, s, t)),
+    "cwcl": (
+        lambda be: flashcontrast.CWCLLoss(backend=be),
+        lambda m, a, b, s, t: m(a, b, s, t, weight_features=_CWCL_U),
+    ),
     "siglip": (flashcontrast.SigLipLoss, lambda m, a, b, s, t: m(a, b, s, t)),
     "multiview_infonce": (flashcontrast.MultiviewInfoNCELoss, lambda m, u, s: m(u, s)),
     "multiview_dhel": (flashcontrast.MultiviewDHELLoss, lambda m, u, s: m(u, s)),
