@@ -6,7 +6,8 @@ global batch's.
     loss = flashcontrast.distributed.clip_loss(img, txt, logit_scale, groups=ids)  # (n_r,)
     loss = flashcontrast.distributed.siglip_loss(img, txt, logit_scale, logit_bias)
     loss = flashcontrast.distributed.multiview_infonce_loss(views, logit_scale)  # and
-    # multiview_dhel_loss, gram_loss(anchor, others, s), symile_loss(reps, s) (see below)
+    # multiview_dhel_loss, gram_loss(anchor, others, s), symile_loss(reps, s) (see below),
+    # cwcl_loss(img, txt, s, weight_features=u) (CLIP's sweep + all-reduced moments)
 
 Semantics
 ---------
@@ -185,6 +186,7 @@ only).
 
 from ._comm import comm_bytes, reset_comm_bytes
 from .clip import clip_loss
+from .cwcl import cwcl_loss
 from .gram import gram_loss
 from .multiview import multiview_dhel_loss, multiview_infonce_loss
 from .siglip import siglip_loss
@@ -193,6 +195,7 @@ from .symile import symile_loss
 __all__ = [
     "clip_loss",
     "comm_bytes",
+    "cwcl_loss",
     "gram_loss",
     "multiview_dhel_loss",
     "multiview_infonce_loss",

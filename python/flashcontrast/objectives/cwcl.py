@@ -76,7 +76,9 @@ def _blocks(n: int, block: int):
 # Every product is accumulated over row blocks, so no (N, D) float32 copy is made.
 
 
-def _moments(a: Tensor, b: Tensor, u: Tensor, ga: Optional[Tensor], gb: Optional[Tensor]):
+def moments(
+    a: Tensor, b: Tensor, u: Tensor, ga: Optional[Tensor] = None, gb: Optional[Tensor] = None
+) -> tuple:
     """sum(a), sum(b), A^T U^, B^T U^ (the weights ga, gb (N,) applied to a's and b's rows
     when given), sum(u^), in the accumulation dtype, over row blocks."""
     acc = accumulation_dtype(a.dtype)
@@ -100,22 +102,60 @@ def _moments(a: Tensor, b: Tensor, u: Tensor, ga: Optional[Tensor], gb: Optional
     return sa, sb, ma, mb, su
 
 
-@torch.library.custom_op("flashcontrast::cwcl_target_sums", mutates_args=())
-@autocast_off
-def cwcl_target_sums(a: Tensor, b: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(R, C, W), each (N,) in the accumulation dtype, for the paper's weights
-    w_ij = (1 + cos(u_i, u_j)) / 2: R_i = sum_j w_ij <a_i, b_j>, C_j = sum_i w_ij <a_i, b_j>,
-    W_i = sum_j w_ij. a, b (N, D); u (N, Du), any floating dtype."""
+def target_sums(a: Tensor, b: Tensor, u: Tensor, moments: tuple, n_total: int) -> tuple:
+    """(R, C, W) (n,) of the rows a, b (n, D), u (n, Du) from the batch's ``moments``
+    (:func:`moments` summed over the whole batch of ``n_total`` rows: over a process group
+    the all-reduced ones)."""
     acc = accumulation_dtype(a.dtype)
-    sa, sb, ma, mb, su = _moments(a, b, u, None, None)
+    sa, sb, ma, mb, su = moments
     n = a.shape[0]
     r, c, w = (a.new_empty(n, dtype=acc) for _ in range(3))
     for i0, i1 in _blocks(n, _BLOCK):
         ab, bb, ub = a[i0:i1].to(acc), b[i0:i1].to(acc), _unit(u[i0:i1], acc)
         r[i0:i1] = 0.5 * (ab @ sb + ((ab @ mb) * ub).sum(1))
         c[i0:i1] = 0.5 * (bb @ sa + ((bb @ ma) * ub).sum(1))
-        w[i0:i1] = 0.5 * (n + ub @ su)
+        w[i0:i1] = 0.5 * (n_total + ub @ su)
     return r, c, w
+
+
+def target_grads(
+    a: Tensor,
+    b: Tensor,
+    u: Tensor,
+    grad_r: Tensor,
+    grad_c: Tensor,
+    moments: tuple,
+    weighted: tuple,
+    direct: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """(dA, dB) of the rows a, b (n, D) in their dtype for upstream gradients of R and C
+    (n,) (derivation above :func:`cwcl_target_sums`): ``moments`` as for
+    :func:`target_sums`, ``weighted`` the batch's :func:`moments` weighted by the
+    upstream gradients (``ga`` = grad_r, ``gb`` = grad_c); ``direct`` (0-d, optional)
+    adds direct * b to dA and direct * a to dB (a loss term linear in <a_i, b_i>)."""
+    acc = accumulation_dtype(a.dtype)
+    gr, gc = grad_r.to(acc), grad_c.to(acc)
+    sa, sb, ma, mb, _ = moments
+    ga_sum, gb_sum, qa, qb, _ = weighted  # gR^T A, gC^T B, A^T diag(gR) U^, B^T diag(gC) U^
+    da, db = torch.empty_like(a), torch.empty_like(b)
+    for i0, i1 in _blocks(a.shape[0], _BLOCK):
+        ub = _unit(u[i0:i1], acc)
+        dab = 0.5 * (gr[i0:i1, None] * (sb + ub @ mb.T) + gb_sum + ub @ qb.T)
+        dbb = 0.5 * (gc[i0:i1, None] * (sa + ub @ ma.T) + ga_sum + ub @ qa.T)
+        if direct is not None:
+            dab = dab + direct * b[i0:i1].to(acc)
+            dbb = dbb + direct * a[i0:i1].to(acc)
+        da[i0:i1], db[i0:i1] = dab, dbb
+    return da, db
+
+
+@torch.library.custom_op("flashcontrast::cwcl_target_sums", mutates_args=())
+@autocast_off
+def cwcl_target_sums(a: Tensor, b: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(R, C, W), each (N,) in the accumulation dtype, for the paper's weights
+    w_ij = (1 + cos(u_i, u_j)) / 2: R_i = sum_j w_ij <a_i, b_j>, C_j = sum_i w_ij <a_i, b_j>,
+    W_i = sum_j w_ij. a, b (N, D); u (N, Du), any floating dtype."""
+    return target_sums(a, b, u, moments(a, b, u), a.shape[0])
 
 
 @cwcl_target_sums.register_fake
@@ -133,14 +173,8 @@ def cwcl_target_sums_bwd(
     (derivation above the forward)."""
     acc = accumulation_dtype(a.dtype)
     gr, gc = grad_r.to(acc), grad_c.to(acc)
-    sa, sb, ma, mb, _ = _moments(a, b, u, None, None)
-    ga_sum, gb_sum, qa, qb, _ = _moments(a, b, u, gr, gc)  # gR^T A, gC^T B, U^^T diag(g) ..
-    da, db = torch.empty_like(a), torch.empty_like(b)
-    for i0, i1 in _blocks(a.shape[0], _BLOCK):
-        ub = _unit(u[i0:i1], acc)
-        da[i0:i1] = 0.5 * (gr[i0:i1, None] * (sb + ub @ mb.T) + gb_sum + ub @ qb.T)
-        db[i0:i1] = 0.5 * (gc[i0:i1, None] * (sa + ub @ ma.T) + ga_sum + ub @ qa.T)
-    return da, db
+    weighted = moments(a, b, u, gr, gc)
+    return target_grads(a, b, u, gr, gc, moments(a, b, u), weighted)
 
 
 @cwcl_target_sums_bwd.register_fake
