@@ -63,10 +63,9 @@ from torch import Tensor
 
 from ..gram import GramBlock
 from ._common import (
-    _TORCH_TO_TL,
     _bwd_program,
     _bwd_row_block,
-    _check_runnable,
+    _check_features,
     _col_lse_rmw,
     _combine_lse,
     _dot_setup,
@@ -94,6 +93,21 @@ __all__ = ["gram_backward", "gram_forward"]
 
 
 @triton.jit
+def _u_tile(
+    t_ptr, o_ptr, r, rows, cols, rmask, cmask, D, stride_tn, stride_td, stride_ok,
+    stride_on, stride_od, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """u^r (BLOCK_M, BLOCK_N) fp32: <t_i, o^r_j> for the tile's rows and columns (the
+    forward's det and the backward's chain rule read the same products)."""
+    return _tile_logits(
+        t_ptr, o_ptr + r * stride_ok, rows, cols, rmask, cmask, D,
+        stride_tn, stride_td, stride_on, stride_od,
+        BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
+    )  # fmt: skip
+
+
+@triton.jit
 def _det_tile(
     t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, N, D,
     stride_tn, stride_td, stride_ok, stride_on, stride_od,
@@ -104,10 +118,9 @@ def _det_tile(
     tiles."""
     q = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r in tl.static_range(K):
-        u = _tile_logits(
-            t_ptr, o_ptr + r * stride_ok, rows, cols, rmask, cmask, D,
-            stride_tn, stride_td, stride_on, stride_od,
-            BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
+        u = _u_tile(
+            t_ptr, o_ptr, r, rows, cols, rmask, cmask, D, stride_tn, stride_td, stride_ok,
+            stride_on, stride_od, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
         )  # fmt: skip
         v = _tile_logits(
             t_ptr, w_ptr + r * N * D, rows, cols, rmask, cmask, D,
@@ -268,10 +281,9 @@ def _gram_bwd_kernel(
         rw = 2.0 * tl.sum(w * deth[None, :], axis=1)  # (BLOCK_M,)
 
         for r in tl.static_range(K):
-            u = _tile_logits(
-                t_ptr, o_ptr + r * stride_ok, rows, cols, rmask, cmask, D,
-                stride_tn, stride_td, stride_on, stride_od,
-                BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
+            u = _u_tile(
+                t_ptr, o_ptr, r, rows, cols, rmask, cmask, D, stride_tn, stride_td, stride_ok,
+                stride_on, stride_od, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
             )  # fmt: skip
             wu = w * u
             for d0 in range(0, D, BLOCK_D):
@@ -330,13 +342,9 @@ def _prepare(block: GramBlock) -> None:
             f"anchor must be (n, D) and others (K, m, D), got {tuple(anchor.shape)} and "
             f"{tuple(others.shape)}"
         )
-    if anchor.dtype != others.dtype or anchor.dtype not in _TORCH_TO_TL:
-        raise TypeError(
-            "Triton GRAM kernels take float32, float16 or bfloat16 anchor and others of one "
-            f"dtype, got {anchor.dtype} and {others.dtype}"
-        )
-    device = anchor.device
-    _check_runnable(device, "flashcontrast.backends.triton")
+    device = _check_features(
+        "GRAM", "flashcontrast.backends.triton", "anchor and others", anchor, others
+    )
     k, m, _ = others.shape
     named = (("others", others), ("scale", scale), ("det_h", det_h), ("adj_h", adj_h))
     for name, t in (*named, ("floor_h", floor_h)):

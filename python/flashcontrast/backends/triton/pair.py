@@ -73,10 +73,9 @@ from torch import Tensor
 from ..pair import Coefs, Grads, Pair, Stats
 from ._common import (
     _INTERPRET,
-    _TORCH_TO_TL,
     _bwd_program,
     _bwd_row_block,
-    _check_runnable,
+    _check_features,
     _col_lse_rmw,
     _fwd_program,
     _guard,
@@ -85,7 +84,7 @@ from ._common import (
     _load_rows_t,
     _log_sum,
     _lse_init,
-    _lse_shift,
+    _merge_partials,
     _online_lse,
     _seen_columns,
     _sigmoid,
@@ -295,14 +294,7 @@ def _pair_fwd_kernel(
 @triton.jit
 def _merge_pairs(ws_m_ptr, ws_s_ptr, out_m_ptr, out_s_ptr, offs, mask, L, K, BLOCK: tl.constexpr):
     """Entries offs of the merge of K (K, L) partial pairs into (L,) ones."""
-    m, l = _lse_init(BLOCK)
-    for k in range(0, K):
-        pm = tl.load(ws_m_ptr + k * L + offs, mask=mask, other=float("-inf"))
-        ps = tl.load(ws_s_ptr + k * L + offs, mask=mask, other=0.0)
-        m_new = tl.maximum(m, pm)
-        m_use = _lse_shift(m_new)
-        l = l * tl.exp(m - m_use) + ps * tl.exp(pm - m_use)
-        m = m_new
+    m, l = _merge_partials(ws_m_ptr, ws_s_ptr, offs, mask, L, 0, K, BLOCK)
     tl.store(out_m_ptr + offs, m, mask=mask)
     tl.store(out_s_ptr + offs, l, mask=mask)
 
@@ -593,13 +585,7 @@ def _prepare(
         raise ValueError(
             f"a and b must be (n, D) and (m, D), got {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    if a.dtype != b.dtype or a.dtype not in _TORCH_TO_TL:
-        raise TypeError(
-            "Triton pair kernels take float32, float16 or bfloat16 a and b of one dtype, "
-            f"got {a.dtype} and {b.dtype}"
-        )
-    device = a.device
-    _check_runnable(device, "flashcontrast.backends.triton.pair")
+    device = _check_features("pair", "flashcontrast.backends.triton.pair", "a and b", a, b)
     for name, t in (("b", b), ("scale", scale), ("bias", bias)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device}, a on {device}")
