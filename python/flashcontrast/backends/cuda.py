@@ -118,6 +118,19 @@ def _stream(device: torch.device) -> int:
     return 0 if device.type == "cpu" else torch.cuda.current_stream(device).cuda_stream
 
 
+def _launch(kernel, workspace_elems, params, device: torch.device, *args, **pointers) -> None:
+    """``kernel(params, *args, **pointers)`` on ``device`` (made current) and its current
+    stream, with the float32 workspace ``workspace_elems(params)`` sizes. The workspace is
+    freed on return: the caching allocator orders its reuse after the launch on the stream."""
+    with _on(device):
+        elems = workspace_elems(params, device=_device_index(device))
+        ws = torch.empty(elems, dtype=torch.float32, device=device)
+        kernel(
+            params, *args, **pointers, workspace=ws.data_ptr(), workspace_elems=ws.numel(),
+            stream=_stream(device),
+        )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- Symile, GRAM
 
 
@@ -184,14 +197,10 @@ def symile_n2_forward(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> Tensor:
     scale = _scalar(scale)
     row_lse = torch.empty(n, **f32)
     params = _triple_params(x, y, z, scale)
-    with _on(dev):
-        ws = torch.empty(
-            _C.symile_n2_forward_workspace_elems(params, device=_device_index(dev)), **f32
-        )
-        _C.symile_n2_forward(
-            params, row_lse=row_lse.data_ptr(), workspace=ws.data_ptr(),
-            workspace_elems=ws.numel(), stream=_stream(dev),
-        )  # fmt: skip
+    _launch(
+        _C.symile_n2_forward, _C.symile_n2_forward_workspace_elems, params, dev,
+        row_lse=row_lse.data_ptr(),
+    )  # fmt: skip
     return row_lse
 
 
@@ -210,15 +219,11 @@ def symile_n2_backward(
         return dx, dy, dz, dscale
     scale = _scalar(scale)
     params = _triple_params(x, y, z, scale)
-    with _on(dev):
-        ws = torch.empty(
-            _C.symile_n2_backward_workspace_elems(params, device=_device_index(dev)), **f32
-        )
-        _C.symile_n2_backward(
-            params, row_lse=row_lse.data_ptr(), grad_rows=grad_rows.data_ptr(),
-            dx=dx.data_ptr(), dy=dy.data_ptr(), dz=dz.data_ptr(), dscale=dscale.data_ptr(),
-            workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=_stream(dev),
-        )  # fmt: skip
+    _launch(
+        _C.symile_n2_backward, _C.symile_n2_backward_workspace_elems, params, dev,
+        row_lse=row_lse.data_ptr(), grad_rows=grad_rows.data_ptr(), dx=dx.data_ptr(),
+        dy=dy.data_ptr(), dz=dz.data_ptr(), dscale=dscale.data_ptr(),
+    )  # fmt: skip
     return dx, dy, dz, dscale
 
 
@@ -274,12 +279,10 @@ def gram_forward(block: GramBlock) -> tuple[Tensor, Tensor, Tensor, Tensor, Tens
     scale = _scalar(block.scale)  # kept alive: the kernel reads its address
     params = _gram_params(block, scale, det_h, adj_h, floor_h)
     names = ("row_lse", "col_lse", "diag", "row_sum", "col_sum")
-    with _on(dev):
-        ws = torch.empty(_C.gram_forward_workspace_elems(params, device=_device_index(dev)), **f32)
-        _C.gram_forward(
-            params, **{k: o.data_ptr() for k, o in zip(names, outs)},
-            workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=_stream(dev),
-        )  # fmt: skip
+    _launch(
+        _C.gram_forward, _C.gram_forward_workspace_elems, params, dev,
+        **{k: o.data_ptr() for k, o in zip(names, outs)},
+    )  # fmt: skip
     return outs
 
 
@@ -315,17 +318,14 @@ def gram_backward(
     if n and m and d:
         scale, grad = _scalar(block.scale), _scalar(grad.to(dev))  # alive for the kernel
         params = _gram_params(block, scale, det_h, adj_h, floor_h)
-        with _on(dev):
-            elems = _C.gram_backward_workspace_elems(params, device=_device_index(dev))
-            ws = torch.empty(elems, **f32)
-            _C.gram_backward(
-                params, row_lse=row_lse.data_ptr(), col_lse=col_lse.data_ptr(),
-                grad=grad.data_ptr(), label_smoothing=float(label_smoothing),
-                total=int(m if total is None else total), out_dtype=_DTYPE_NAMES[kernel_out],
-                d_anchor=d_anchor.data_ptr(), d_others_u=d_others.data_ptr(),
-                dscale=dscale.data_ptr(), col_tt=col_tt.data_ptr(), col_uu=col_uu.data_ptr(),
-                workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=_stream(dev),
-            )  # fmt: skip
+        _launch(
+            _C.gram_backward, _C.gram_backward_workspace_elems, params, dev,
+            row_lse=row_lse.data_ptr(), col_lse=col_lse.data_ptr(),
+            grad=grad.data_ptr(), label_smoothing=float(label_smoothing),
+            total=int(m if total is None else total), out_dtype=_DTYPE_NAMES[kernel_out],
+            d_anchor=d_anchor.data_ptr(), d_others_u=d_others.data_ptr(),
+            dscale=dscale.data_ptr(), col_tt=col_tt.data_ptr(), col_uu=col_uu.data_ptr(),
+        )  # fmt: skip
     return d_anchor.to(out), d_others.to(out), dscale, col_tt, col_uu
 
 
@@ -462,13 +462,7 @@ def pair_forward(
     bias = None if bias is None else _scalar(bias)
     params = _pair_params(a, b, scale, bias, pair, row_offset, col_offset, groups, pos)
     stats = _C.PairStats(**{k: t.data_ptr() for k, t in outs.items()})
-    with _on(dev):
-        elems = _C.pair_forward_workspace_elems(params, device=_device_index(dev))
-        ws = torch.empty(elems, **f32)
-        _C.pair_forward(
-            params, stats, workspace=ws.data_ptr(), workspace_elems=ws.numel(),
-            stream=_stream(dev),
-        )  # fmt: skip
+    _launch(_C.pair_forward, _C.pair_forward_workspace_elems, params, dev, stats)
     return Stats(**outs)
 
 
@@ -543,13 +537,9 @@ def pair_backward(
         da=da.data_ptr(), db=db.data_ptr(), dscale=dscale.data_ptr(), dbias=dbias.data_ptr(),
         dpos=_addr(dpos), out_dtype=_DTYPE_NAMES[out],
     )  # fmt: skip
-    with _on(dev):
-        elems = _C.pair_backward_workspace_elems(params, device=_device_index(dev))
-        ws = torch.empty(elems, **f32)
-        _C.pair_backward(
-            params,
-            _C.PairStats(**{k: t.data_ptr() for k, t in s_args.items()}),
-            _C.PairCoefs(**{k: t.data_ptr() for k, t in c_args.items()}),
-            grads, workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=_stream(dev),
-        )  # fmt: skip
+    _launch(
+        _C.pair_backward, _C.pair_backward_workspace_elems, params, dev,
+        _C.PairStats(**{k: t.data_ptr() for k, t in s_args.items()}),
+        _C.PairCoefs(**{k: t.data_ptr() for k, t in c_args.items()}), grads,
+    )  # fmt: skip
     return Grads(da, db, dscale, dbias, dpos)
