@@ -140,6 +140,26 @@ def _volume(det, tt, floor):
 
 
 @triton.jit
+def _logit_tile(
+    t_ptr, o_ptr, w_ptr, tt, deth, floor, scale, rows, cols, rmask, cmask, N, D,
+    stride_tn, stride_td, stride_ok, stride_on, stride_od,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, W_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """(keep, V, valid, L) (BLOCK_M, BLOCK_N) of the tile: :func:`_volume`'s keep and V of
+    its det, valid = in bounds, L = -scale V (-inf out of bounds). One function, so the
+    backward's recomputed logits are the forward's."""
+    det = _det_tile(
+        t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, N, D,
+        stride_tn, stride_td, stride_ok, stride_on, stride_od,
+        K, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, W_PRECISION,
+    )  # fmt: skip
+    keep, vol = _volume(det, tt, floor)
+    valid = rmask[:, None] & cmask[None, :]
+    return keep, vol, valid, tl.where(valid, -scale * vol, float("-inf"))
+
+
+@triton.jit
 def _row_block(tt_ptr, rb, N, BLOCK_M: tl.constexpr, INDEX_64: tl.constexpr):
     """(rows (BLOCK_M,) widened, rmask, tt = |t_i|^2 of those rows) of row block rb."""
     rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -201,16 +221,12 @@ def _gram_fwd_kernel(
         s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for cb in range(pid_h, num_cb, H):
             cols, cmask, deth, floor = _column_block(deth_ptr, floor_ptr, cb, NC, BLOCK_N, INDEX_64)
-            det = _det_tile(
-                t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, NC, D,
+            _, vol, valid, s = _logit_tile(
+                t_ptr, o_ptr, w_ptr, tt, deth, floor, scale, rows, cols, rmask, cmask, NC, D,
                 stride_tn, stride_td, stride_ok, stride_on, stride_od,
                 K, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, W_PRECISION,
             )  # fmt: skip
-            _, vol = _volume(det, tt, floor)
-            logit = -scale * vol
-            valid = rmask[:, None] & cmask[None, :]
-            s = tl.where(valid, logit, float("-inf"))
-            s0 = tl.where(valid, logit, 0.0)
+            s0 = tl.where(valid, -scale * vol, 0.0)
 
             if SQUARE:  # n = m, ROW_OFFSET = 0: the single-process call
                 _store_diag(diag_ptr, s0, rows, cols, rmask, rb, cb, BLOCK_M, BLOCK_N)
@@ -263,14 +279,11 @@ def _gram_bwd_kernel(
         rb = _bwd_row_block(it, cb, sp, count, SPLIT)
         rows, rmask, tt = _row_block(tt_ptr, rb, N, BLOCK_M, INDEX_64)
         row_lse = tl.load(row_lse_ptr + rows, mask=rmask, other=0.0)
-        det = _det_tile(
-            t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, NC, D,
+        keep, vol, valid, s = _logit_tile(  # as in the forward
+            t_ptr, o_ptr, w_ptr, tt, deth, floor, scale, rows, cols, rmask, cmask, NC, D,
             stride_tn, stride_td, stride_ok, stride_on, stride_od,
             K, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, W_PRECISION,
         )  # fmt: skip
-        keep, vol = _volume(det, tt, floor)
-        valid = rmask[:, None] & cmask[None, :]
-        s = tl.where(valid, -scale * vol, float("-inf"))  # as in the forward
         dl = tl.exp(s - row_lse[:, None]) + tl.exp(s - col_lse[None, :]) - smooth
         dl = tl.where(rows[:, None] + ROW_OFFSET == cols[None, :], dl - target, dl)
         dl = tl.where(valid, dl, 0.0) * coef  # dLoss / dL_ij
