@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -119,7 +119,14 @@ def _stream(device: torch.device) -> int:
     return 0 if device.type == "cpu" else torch.cuda.current_stream(device).cuda_stream
 
 
-def _launch(kernel, workspace_elems, params, device: torch.device, *args, **pointers) -> None:
+def _launch(
+    kernel: Callable[..., None],
+    workspace_elems: Callable[..., int],
+    params,
+    device: torch.device,
+    *args,
+    **pointers: int,
+) -> None:
     """``kernel(params, *args, **pointers)`` on ``device`` (made current) and its current
     stream, with the float32 workspace ``workspace_elems(params)`` sizes. The workspace is
     freed on return: the caching allocator orders its reuse after the launch on the stream."""

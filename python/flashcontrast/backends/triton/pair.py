@@ -580,11 +580,8 @@ def _check_vector(name: str, t: Optional[Tensor], size: int, device, ints: bool 
 def _prepare(sweep: Sweep) -> None:
     """Raise for what the kernels cannot take (shapes, dtypes, devices, offsets, vectors)."""
     a, b, scale, bias, pair = sweep.a, sweep.b, sweep.scale, sweep.bias, sweep.pair
-    row_groups, col_groups, positive_logits = (
-        sweep.row_groups,
-        sweep.col_groups,
-        sweep.positive_logits,
-    )
+    row_groups, col_groups = sweep.row_groups, sweep.col_groups
+    positive_logits = sweep.positive_logits
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(
             f"a and b must be (n, D) and (m, D), got {tuple(a.shape)} and {tuple(b.shape)}"
