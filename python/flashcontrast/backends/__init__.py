@@ -24,7 +24,10 @@ The pair engine, module ``<backend>/pair.py`` (``cuda.py`` for "cuda"; contract:
     MV-InfoNCE, MV-DHEL and Symile "n" ("rows"; Symile's positive through
     ``positive_logits``). The signatures, the sets, the statistics and the gradients are
     specified in ``backends/pair.py``. "torch" and "cuda" also take
-    ``max_block_elements`` (the torch backend's block budget; "cuda" ignores it).
+    ``max_block_elements`` (the torch backend's block budget; "cuda" ignores it). The
+    three backends take these two functions from ``backends/_pair_entry.py`` (the
+    signatures written once) and implement only the sweep, over a ``Sweep`` of the
+    arguments.
 
 The two objectives with kernels of their own follow.
 

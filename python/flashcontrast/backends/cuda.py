@@ -31,12 +31,13 @@ from __future__ import annotations
 import contextlib
 import math
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .. import _cuda_ext
+from ._pair_entry import Sweep, backward_entry, forward_entry
 from .gram import GramBlock
 from .pair import Coefs, Grads, Pair, Stats
 
@@ -118,6 +119,26 @@ def _stream(device: torch.device) -> int:
     return 0 if device.type == "cpu" else torch.cuda.current_stream(device).cuda_stream
 
 
+def _launch(
+    kernel: Callable[..., None],
+    workspace_elems: Callable[..., int],
+    params,
+    device: torch.device,
+    *args,
+    **pointers: int,
+) -> None:
+    """``kernel(params, *args, **pointers)`` on ``device`` (made current) and its current
+    stream, with the float32 workspace ``workspace_elems(params)`` sizes. The workspace is
+    freed on return: the caching allocator orders its reuse after the launch on the stream."""
+    with _on(device):
+        elems = workspace_elems(params, device=_device_index(device))
+        ws = torch.empty(elems, dtype=torch.float32, device=device)
+        kernel(
+            params, *args, **pointers, workspace=ws.data_ptr(), workspace_elems=ws.numel(),
+            stream=_stream(device),
+        )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- Symile, GRAM
 
 
@@ -184,14 +205,10 @@ def symile_n2_forward(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> Tensor:
     scale = _scalar(scale)
     row_lse = torch.empty(n, **f32)
     params = _triple_params(x, y, z, scale)
-    with _on(dev):
-        ws = torch.empty(
-            _C.symile_n2_forward_workspace_elems(params, device=_device_index(dev)), **f32
-        )
-        _C.symile_n2_forward(
-            params, row_lse=row_lse.data_ptr(), workspace=ws.data_ptr(),
-            workspace_elems=ws.numel(), stream=_stream(dev),
-        )  # fmt: skip
+    _launch(
+        _C.symile_n2_forward, _C.symile_n2_forward_workspace_elems, params, dev,
+        row_lse=row_lse.data_ptr(),
+    )  # fmt: skip
     return row_lse
 
 
@@ -210,15 +227,11 @@ def symile_n2_backward(
         return dx, dy, dz, dscale
     scale = _scalar(scale)
     params = _triple_params(x, y, z, scale)
-    with _on(dev):
-        ws = torch.empty(
-            _C.symile_n2_backward_workspace_elems(params, device=_device_index(dev)), **f32
-        )
-        _C.symile_n2_backward(
-            params, row_lse=row_lse.data_ptr(), grad_rows=grad_rows.data_ptr(),
-            dx=dx.data_ptr(), dy=dy.data_ptr(), dz=dz.data_ptr(), dscale=dscale.data_ptr(),
-            workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=_stream(dev),
-        )  # fmt: skip
+    _launch(
+        _C.symile_n2_backward, _C.symile_n2_backward_workspace_elems, params, dev,
+        row_lse=row_lse.data_ptr(), grad_rows=grad_rows.data_ptr(), dx=dx.data_ptr(),
+        dy=dy.data_ptr(), dz=dz.data_ptr(), dscale=dscale.data_ptr(),
+    )  # fmt: skip
     return dx, dy, dz, dscale
 
 
@@ -274,12 +287,10 @@ def gram_forward(block: GramBlock) -> tuple[Tensor, Tensor, Tensor, Tensor, Tens
     scale = _scalar(block.scale)  # kept alive: the kernel reads its address
     params = _gram_params(block, scale, det_h, adj_h, floor_h)
     names = ("row_lse", "col_lse", "diag", "row_sum", "col_sum")
-    with _on(dev):
-        ws = torch.empty(_C.gram_forward_workspace_elems(params, device=_device_index(dev)), **f32)
-        _C.gram_forward(
-            params, **{k: o.data_ptr() for k, o in zip(names, outs)},
-            workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=_stream(dev),
-        )  # fmt: skip
+    _launch(
+        _C.gram_forward, _C.gram_forward_workspace_elems, params, dev,
+        **{k: o.data_ptr() for k, o in zip(names, outs)},
+    )  # fmt: skip
     return outs
 
 
@@ -315,17 +326,14 @@ def gram_backward(
     if n and m and d:
         scale, grad = _scalar(block.scale), _scalar(grad.to(dev))  # alive for the kernel
         params = _gram_params(block, scale, det_h, adj_h, floor_h)
-        with _on(dev):
-            elems = _C.gram_backward_workspace_elems(params, device=_device_index(dev))
-            ws = torch.empty(elems, **f32)
-            _C.gram_backward(
-                params, row_lse=row_lse.data_ptr(), col_lse=col_lse.data_ptr(),
-                grad=grad.data_ptr(), label_smoothing=float(label_smoothing),
-                total=int(m if total is None else total), out_dtype=_DTYPE_NAMES[kernel_out],
-                d_anchor=d_anchor.data_ptr(), d_others_u=d_others.data_ptr(),
-                dscale=dscale.data_ptr(), col_tt=col_tt.data_ptr(), col_uu=col_uu.data_ptr(),
-                workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=_stream(dev),
-            )  # fmt: skip
+        _launch(
+            _C.gram_backward, _C.gram_backward_workspace_elems, params, dev,
+            row_lse=row_lse.data_ptr(), col_lse=col_lse.data_ptr(),
+            grad=grad.data_ptr(), label_smoothing=float(label_smoothing),
+            total=int(m if total is None else total), out_dtype=_DTYPE_NAMES[kernel_out],
+            d_anchor=d_anchor.data_ptr(), d_others_u=d_others.data_ptr(),
+            dscale=dscale.data_ptr(), col_tt=col_tt.data_ptr(), col_uu=col_uu.data_ptr(),
+        )  # fmt: skip
     return d_anchor.to(out), d_others.to(out), dscale, col_tt, col_uu
 
 
@@ -384,7 +392,28 @@ def _addr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _pair_params(a, b, scale, bias, pair: Pair, row_offset, col_offset, groups, pos_logits):
+def _checked(sweep: Sweep) -> tuple:
+    """(device, n, m, (row ids, column ids), positive logits) of a sweep, after the checks
+    both directions make before touching ``_C``."""
+    a, b, pair = sweep.a, sweep.b, sweep.pair
+    _check_pair(a, b, sweep.scale, sweep.bias, pair)
+    _check_override(pair, sweep.positive_logits)
+    dev, n, m = a.device, a.shape[0], b.shape[0]
+    groups = _pair_groups(sweep.row_groups, sweep.col_groups, n, m, dev)
+    return dev, n, m, groups, _pair_vec(sweep.positive_logits, n, "positive_logits", dev)
+
+
+def _scalars(sweep: Sweep) -> tuple[Tensor, Optional[Tensor]]:
+    """(scale, bias or None) as fp32 one-element device tensors: the caller keeps them
+    alive until the launch (the kernels read their addresses)."""
+    return _scalar(sweep.scale), None if sweep.bias is None else _scalar(sweep.bias)
+
+
+def _pair_params(sweep: Sweep, scale: Tensor, bias: Optional[Tensor], groups, pos_logits):
+    """The typed PairParams of the sweep, with the fp32 scalars of :func:`_scalars` and the
+    checked group ids and positive logits of :func:`_checked`."""
+    a, b, pair = sweep.a, sweep.b, sweep.pair
+    row_offset, col_offset = sweep.row_offset, sweep.col_offset
     if row_offset < 0 or col_offset < 0:
         raise ValueError(f"row_offset and col_offset must be >= 0, got {row_offset}, {col_offset}")
     (n, d), m = a.shape, b.shape[0]
@@ -423,28 +452,12 @@ def _check_override(pair: Pair, positive_logits: Optional[Tensor]) -> None:
         )
 
 
-def pair_forward(
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    bias: Optional[Tensor],
-    pair: Pair,
-    row_offset: int = 0,
-    col_offset: int = 0,
-    row_groups: Optional[Tensor] = None,
-    col_groups: Optional[Tensor] = None,
-    positive_logits: Optional[Tensor] = None,
-    max_block_elements: Optional[int] = None,
-) -> Stats:
+def _pair_forward(sweep: Sweep) -> Stats:
     """The sweep's statistics (``backends/pair.py``), float32 (max, sum) pairs, from
     csrc/kernels/pair.cu. ``max_block_elements`` (the torch backend's block size) is
     accepted and ignored: the kernels work in 64 x 64 tiles."""
-    del max_block_elements
-    _check_pair(a, b, scale, bias, pair)
-    _check_override(pair, positive_logits)
-    dev, (n, _), m = a.device, a.shape, b.shape[0]
-    groups = _pair_groups(row_groups, col_groups, n, m, dev)
-    pos = _pair_vec(positive_logits, n, "positive_logits", dev)
+    dev, n, m, groups, pos = _checked(sweep)
+    pair = sweep.pair
     f32 = dict(dtype=torch.float32, device=dev)
     if pair.epilogue == "sigmoid":
         total = torch.zeros((), **f32)
@@ -458,48 +471,24 @@ def pair_forward(
             for k, t in outs.items():
                 t.fill_(-math.inf if k.endswith("_max") else 0.0)
             return Stats(**outs)
-    scale = _scalar(scale)
-    bias = None if bias is None else _scalar(bias)
-    params = _pair_params(a, b, scale, bias, pair, row_offset, col_offset, groups, pos)
+    scale, bias = _scalars(sweep)
+    params = _pair_params(sweep, scale, bias, groups, pos)
     stats = _C.PairStats(**{k: t.data_ptr() for k, t in outs.items()})
-    with _on(dev):
-        elems = _C.pair_forward_workspace_elems(params, device=_device_index(dev))
-        ws = torch.empty(elems, **f32)
-        _C.pair_forward(
-            params, stats, workspace=ws.data_ptr(), workspace_elems=ws.numel(),
-            stream=_stream(dev),
-        )  # fmt: skip
+    _launch(_C.pair_forward, _C.pair_forward_workspace_elems, params, dev, stats)
     return Stats(**outs)
 
 
-def pair_backward(
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    bias: Optional[Tensor],
-    pair: Pair,
-    stats: Stats,
-    coefs: Coefs,
-    row_offset: int = 0,
-    col_offset: int = 0,
-    row_groups: Optional[Tensor] = None,
-    col_groups: Optional[Tensor] = None,
-    positive_logits: Optional[Tensor] = None,
-    out_dtype: Optional[torch.dtype] = None,
-    max_block_elements: Optional[int] = None,
+def _pair_backward(
+    sweep: Sweep, stats: Stats, coefs: Coefs, out_dtype: Optional[torch.dtype]
 ) -> Grads:
     """(dA, dB, dscale, dbias[, dpos]) of the loss the coefficients define, from the merged
     statistics (``backends/pair.py``); da / db contiguous in ``out_dtype`` (None: the
     inputs' dtype; float32 allowed), dscale / dbias / dpos float32."""
-    del max_block_elements
-    _check_pair(a, b, scale, bias, pair)
-    _check_override(pair, positive_logits)
-    dev, (n, d), m = a.device, a.shape, b.shape[0]
-    groups = _pair_groups(row_groups, col_groups, n, m, dev)
-    pos = _pair_vec(positive_logits, n, "positive_logits", dev)
-    out = out_dtype or a.dtype
-    if out not in (a.dtype, torch.float32):
-        raise TypeError(f"out_dtype must be the inputs' dtype ({a.dtype}) or float32, got {out}")
+    dev, n, m, groups, pos = _checked(sweep)
+    pair, d, dtype = sweep.pair, sweep.a.shape[1], sweep.a.dtype
+    out = out_dtype or dtype
+    if out not in (dtype, torch.float32):
+        raise TypeError(f"out_dtype must be the inputs' dtype ({dtype}) or float32, got {out}")
     f32 = dict(dtype=torch.float32, device=dev)
     da = torch.zeros((n, d), dtype=out, device=dev)
     db = torch.zeros((m, d), dtype=out, device=dev)
@@ -536,20 +525,19 @@ def pair_backward(
         c_args["total"] = _scalar(coefs.total)
     if n == 0 or m == 0:
         return Grads(da, db, dscale, dbias, dpos)
-    scale = _scalar(scale)
-    bias = None if bias is None else _scalar(bias)
-    params = _pair_params(a, b, scale, bias, pair, row_offset, col_offset, groups, pos)
+    scale, bias = _scalars(sweep)
+    params = _pair_params(sweep, scale, bias, groups, pos)
     grads = _C.PairGrads(
         da=da.data_ptr(), db=db.data_ptr(), dscale=dscale.data_ptr(), dbias=dbias.data_ptr(),
         dpos=_addr(dpos), out_dtype=_DTYPE_NAMES[out],
     )  # fmt: skip
-    with _on(dev):
-        elems = _C.pair_backward_workspace_elems(params, device=_device_index(dev))
-        ws = torch.empty(elems, **f32)
-        _C.pair_backward(
-            params,
-            _C.PairStats(**{k: t.data_ptr() for k, t in s_args.items()}),
-            _C.PairCoefs(**{k: t.data_ptr() for k, t in c_args.items()}),
-            grads, workspace=ws.data_ptr(), workspace_elems=ws.numel(), stream=_stream(dev),
-        )  # fmt: skip
+    _launch(
+        _C.pair_backward, _C.pair_backward_workspace_elems, params, dev,
+        _C.PairStats(**{k: t.data_ptr() for k, t in s_args.items()}),
+        _C.PairCoefs(**{k: t.data_ptr() for k, t in c_args.items()}), grads,
+    )  # fmt: skip
     return Grads(da, db, dscale, dbias, dpos)
+
+
+pair_forward = forward_entry(_pair_forward)
+pair_backward = backward_entry(_pair_backward)

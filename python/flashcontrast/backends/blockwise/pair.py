@@ -18,14 +18,15 @@ per call: a visible O((n + m) D) copy for 16-bit inputs, so logits are never rou
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..._validation import accumulation_dtype
-from ..pair import Coefs, Grads, Pair, Stats, log_sum, merge_lse, sample_ids
+from .._pair_entry import Sweep, backward_entry, forward_entry
+from ..pair import Coefs, Grads, Stats, log_sum, merge_lse, sample_ids
 from . import block_rows
 
 __all__ = ["pair_backward", "pair_forward"]
@@ -41,10 +42,9 @@ class _Sets:
     most (period 0: global row == global column, CLIP's diagonal wherever the block sits),
     as an (r, m) boolean only with a period (the multi-view stacks)."""
 
-    def __init__(
-        self, pair: Pair, start: int, r: int, m: int, row_offset: int, col_offset: int,
-        row_groups: Optional[Tensor], col_groups: Optional[Tensor], device,
-    ) -> None:  # fmt: skip
+    def __init__(self, sweep: Sweep, start: int, r: int, m: int) -> None:
+        pair, row_offset, col_offset = sweep.pair, sweep.row_offset, sweep.col_offset
+        row_groups, col_groups, device = sweep.row_groups, sweep.col_groups, sweep.a.device
         self.start, self.r = start, r
         # the entries with global row == global column: local (row, column) index pairs
         gi = torch.arange(row_offset + start, row_offset + start + r, device=device)
@@ -126,26 +126,36 @@ def _pairs(s: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return mx, torch.exp(s - safe.unsqueeze(dim)).sum(dim=dim)
 
 
-def pair_forward(
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    bias: Optional[Tensor],
-    pair: Pair,
-    row_offset: int = 0,
-    col_offset: int = 0,
-    row_groups: Optional[Tensor] = None,
-    col_groups: Optional[Tensor] = None,
-    positive_logits: Optional[Tensor] = None,
-    max_block_elements: Optional[int] = None,
-) -> Stats:
+class _Operands(NamedTuple):
+    """A sweep's operands in the accumulation dtype (float32; float64 for float64 inputs)."""
+
+    acc: torch.dtype
+    a: Tensor  # (n, D)
+    b: Tensor  # (m, D)
+    scale: Tensor
+    bias: Optional[Tensor]
+    positive_logits: Optional[Tensor]  # (n,)
+
+
+def _operands(sweep: Sweep) -> _Operands:
+    """The sweep's features, scale, bias and positive logits cast once per call."""
+    acc = accumulation_dtype(sweep.a.dtype)
+
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.to(acc)
+
+    return _Operands(
+        acc, sweep.a.to(acc), sweep.b.to(acc), sweep.scale.to(acc), cast(sweep.bias),
+        cast(sweep.positive_logits),
+    )  # fmt: skip
+
+
+def _pair_forward(sweep: Sweep) -> Stats:
     """The sweep's statistics (``backends/pair.py``), block of rows by block."""
-    n, m = a.shape[0], b.shape[0]
-    acc = accumulation_dtype(a.dtype)
-    a_acc, b_acc = a.to(acc), b.to(acc)
-    scale, bias = scale.to(acc), None if bias is None else bias.to(acc)
-    pos_logits = None if positive_logits is None else positive_logits.to(acc)
-    kw = dict(dtype=acc, device=a.device)
+    pair, device = sweep.pair, sweep.a.device
+    n, m = sweep.a.shape[0], sweep.b.shape[0]
+    acc, a_acc, b_acc, scale, bias, pos_logits = _operands(sweep)
+    kw = dict(dtype=acc, device=device)
     if pair.epilogue == "sigmoid":
         total = torch.zeros((), **kw)
     else:
@@ -157,10 +167,10 @@ def pair_forward(
         col_max, col_sum = torch.full((m,), _NEG, **kw), torch.zeros(m, **kw)
         if pair.positives:
             cpos_max, cpos_sum = torch.full((m,), _NEG, **kw), torch.zeros(m, **kw)
-    rows = block_rows(max(m, 1), a.device, max_block_elements)
+    rows = block_rows(max(m, 1), device, sweep.max_block_elements)
     for start in range(0, n, rows):
         r = min(rows, n - start)
-        sets = _Sets(pair, start, r, m, row_offset, col_offset, row_groups, col_groups, a.device)
+        sets = _Sets(sweep, start, r, m)
         s = _logits(a_acc[start : start + r], b_acc, scale, bias)
         _override(s, sets, pos_logits)
         sets.apply(s)
@@ -207,30 +217,15 @@ def _sub_positive(ds: Tensor, sets: _Sets, q: Tensor, coef: Tensor, dim: int) ->
     ds[rows, cols] -= q * coef[rows if dim == 1 else cols]
 
 
-def pair_backward(
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    bias: Optional[Tensor],
-    pair: Pair,
-    stats: Stats,
-    coefs: Coefs,
-    row_offset: int = 0,
-    col_offset: int = 0,
-    row_groups: Optional[Tensor] = None,
-    col_groups: Optional[Tensor] = None,
-    positive_logits: Optional[Tensor] = None,
-    out_dtype: Optional[torch.dtype] = None,
-    max_block_elements: Optional[int] = None,
+def _pair_backward(
+    sweep: Sweep, stats: Stats, coefs: Coefs, out_dtype: Optional[torch.dtype]
 ) -> Grads:
     """(dA, dB, dscale, dbias[, dpos]) of the loss the coefficients define, from the
     merged (global) statistics, block of rows by block."""
-    n, m = a.shape[0], b.shape[0]
-    acc = accumulation_dtype(a.dtype)
-    a_acc, b_acc = a.to(acc), b.to(acc)
-    scale, bias = scale.to(acc), None if bias is None else bias.to(acc)
-    pos_logits = None if positive_logits is None else positive_logits.to(acc)
-    kw = dict(dtype=acc, device=a.device)
+    pair, device = sweep.pair, sweep.a.device
+    n, m = sweep.a.shape[0], sweep.b.shape[0]
+    acc, a_acc, b_acc, scale, bias, pos_logits = _operands(sweep)
+    kw = dict(dtype=acc, device=device)
 
     def vec(x: Optional[Tensor]) -> Optional[Tensor]:
         return None if x is None else x.to(acc)
@@ -244,15 +239,15 @@ def pair_backward(
         cmax, clog = log_sum(stats.col_max.to(acc), stats.col_sum.to(acc))
     if pair.epilogue == "softmax" and pair.positives and gpc is not None:
         cpmax, cplog = log_sum(stats.cpos_max.to(acc), stats.cpos_sum.to(acc))
-    da = torch.empty((n, a.shape[1]), **kw)
-    db = torch.zeros((m, b.shape[1]), **kw)
+    da = torch.empty((n, sweep.a.shape[1]), **kw)
+    db = torch.zeros((m, sweep.b.shape[1]), **kw)
     dscale, dbias = torch.zeros((), **kw), torch.zeros((), **kw)
     dpos = torch.zeros(n, **kw) if pos_logits is not None else None
-    rows = block_rows(max(m, 1), a.device, max_block_elements)
+    rows = block_rows(max(m, 1), device, sweep.max_block_elements)
     for start in range(0, n, rows):
         r = min(rows, n - start)
         sl = slice(start, start + r)
-        sets = _Sets(pair, start, r, m, row_offset, col_offset, row_groups, col_groups, a.device)
+        sets = _Sets(sweep, start, r, m)
         a_blk = a_acc[sl]
         s = _logits(a_blk, b_acc, scale, bias)
         _override(s, sets, pos_logits)
@@ -290,5 +285,9 @@ def pair_backward(
         dbias += ds.sum()
         da[sl] = ds_b.mul_(scale)
         db.addmm_(ds.t(), a_blk)
-    out = out_dtype or a.dtype
-    return Grads(da.to(out), db.mul_(scale).to(out_dtype or b.dtype), dscale, dbias, dpos)
+    out = out_dtype or sweep.a.dtype
+    return Grads(da.to(out), db.mul_(scale).to(out_dtype or sweep.b.dtype), dscale, dbias, dpos)
+
+
+pair_forward = forward_entry(_pair_forward)
+pair_backward = backward_entry(_pair_backward)

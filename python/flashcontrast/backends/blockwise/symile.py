@@ -21,7 +21,7 @@ for float64 inputs): a visible O(N D) copy for half-precision inputs.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -50,6 +50,29 @@ def _plan(n: int, m: int, d: int, device: torch.device, num_prefix: int, budget:
     return rows, tuples
 
 
+class _Operands(NamedTuple):
+    """One n_squared sweep's inputs cast to the accumulation dtype, and its block plan."""
+
+    acc: torch.dtype
+    x: Tensor  # (n, D) the anchor rows
+    prefix: list[Tensor]  # K - 1 times (m, D): the others whose tuples are enumerated
+    last: Tensor  # (m, D) the last other, the GEMM's columns
+    num_tuples: int  # m^(K - 1)
+    rows: int  # rows per block
+    tuples: int  # prefix tuples per block
+
+
+def _operands(anchor: Tensor, others: Tensor, budget: Optional[int]) -> _Operands:
+    """anchor (n, D) and others (K, m, D) as the forward and backward sweep them."""
+    n, d = anchor.shape
+    m = others.shape[1]
+    acc = accumulation_dtype(anchor.dtype)
+    ots = [o.to(acc) for o in others.unbind(0)]
+    prefix = ots[:-1]
+    rows, tuples = _plan(n, m, d, anchor.device, len(prefix), budget)
+    return _Operands(acc, anchor.to(acc), prefix, ots[-1], m ** len(prefix), rows, tuples)
+
+
 def _prefix(prefix: Sequence[Tensor], t0: int, t1: int, n: int):
     """Prefix product P (T, D) of the tuples t0..t1-1, with their digits and factors."""
     if len(prefix) == 1:
@@ -76,12 +99,7 @@ def symile_nk_forward(
     """
     n, d = anchor.shape
     m = others.shape[1]
-    acc = accumulation_dtype(anchor.dtype)
-    x = anchor.to(acc)
-    ots = [o.to(acc) for o in others.unbind(0)]
-    prefix, last = ots[:-1], ots[-1]
-    num_tuples = m ** len(prefix)
-    rows, tuples = _plan(n, m, d, anchor.device, len(prefix), max_block_elements)
+    acc, x, prefix, last, num_tuples, rows, tuples = _operands(anchor, others, max_block_elements)
     row_lse = torch.empty(n, dtype=acc, device=anchor.device)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
@@ -109,16 +127,11 @@ def symile_nk_backward(
     sum_i grad_rows_i row_lse_i (shapes as :func:`symile_nk_forward`)."""
     n, d = anchor.shape
     m = others.shape[1]
-    acc = accumulation_dtype(anchor.dtype)
-    x = anchor.to(acc)
-    ots = [o.to(acc) for o in others.unbind(0)]
-    prefix, last = ots[:-1], ots[-1]
+    acc, x, prefix, last, num_tuples, rows, tuples = _operands(anchor, others, max_block_elements)
     g = grad_rows.to(acc)
     lse_all = row_lse.to(acc)
-    num_tuples = m ** len(prefix)
-    rows, tuples = _plan(n, m, d, anchor.device, len(prefix), max_block_elements)
     dx = torch.zeros((n, d), dtype=acc, device=anchor.device)
-    dothers = torch.zeros((len(ots), m, d), dtype=acc, device=anchor.device)
+    dothers = torch.zeros((len(prefix) + 1, m, d), dtype=acc, device=anchor.device)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         x_blk = x[r0:r1]

@@ -207,6 +207,21 @@ def _col_lse_rmw(cm_ptrs, cl_ptrs, seen, cmask, s):
 
 
 @triton.jit
+def _merge_partials(m_ptr, l_ptr, offs, mask, L, k0, k1, BLOCK: tl.constexpr):
+    """(max, sumexp) of entries offs of (K, L) partial pairs merged over rows k0 .. k1 - 1:
+    m = max_k m_k, l = sum_k l_k e^{m_k - m} (all m_k -inf: (-inf, 0), the empty set)."""
+    m, l = _lse_init(BLOCK)
+    for k in range(k0, k1):
+        pm = tl.load(m_ptr + k * L + offs, mask=mask, other=float("-inf"))
+        pl = tl.load(l_ptr + k * L + offs, mask=mask, other=0.0)
+        m_new = tl.maximum(m, pm)
+        m_use = _lse_shift(m_new)
+        l = l * tl.exp(m - m_use) + pl * tl.exp(pm - m_use)
+        m = m_new
+    return m, l
+
+
+@triton.jit
 def _lse_combine_kernel(
     ws_m_ptr,
     ws_l_ptr,
@@ -221,14 +236,7 @@ def _lse_combine_kernel(
     which = tl.program_id(1)  # 0: rows, 1: columns
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    m, l = _lse_init(BLOCK)
-    for k in range(which * H, H + which * G):
-        pm = tl.load(ws_m_ptr + k * N + offs, mask=mask, other=float("-inf"))
-        pl = tl.load(ws_l_ptr + k * N + offs, mask=mask, other=0.0)
-        m_new = tl.maximum(m, pm)
-        m_use = _lse_shift(m_new)
-        l = l * tl.exp(m - m_use) + pl * tl.exp(pm - m_use)
-        m = m_new
+    m, l = _merge_partials(ws_m_ptr, ws_l_ptr, offs, mask, N, which * H, H + which * G, BLOCK)
     lse = _lse_finish(m, l, mask)
     if which == 0:
         tl.store(row_lse_ptr + offs, lse, mask=mask)
@@ -257,6 +265,18 @@ def _check_runnable(device: torch.device, module: str) -> None:
         )
     if reason is not None:
         raise RuntimeError(reason)
+
+
+def _check_features(kernels: str, module: str, names: str, x: Tensor, y: Tensor) -> torch.device:
+    """x's device, after a TypeError unless x and y (``names``) share a dtype the kernels
+    take and :func:`_check_runnable`'s RuntimeError unless ``module``'s kernels run there."""
+    if x.dtype != y.dtype or x.dtype not in _TORCH_TO_TL:
+        raise TypeError(
+            f"Triton {kernels} kernels take float32, float16 or bfloat16 {names} of one "
+            f"dtype, got {x.dtype} and {y.dtype}"
+        )
+    _check_runnable(x.device, module)
+    return x.device
 
 
 def _check_block_size(key: str, value: int) -> None:

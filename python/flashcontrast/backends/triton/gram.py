@@ -63,10 +63,9 @@ from torch import Tensor
 
 from ..gram import GramBlock
 from ._common import (
-    _TORCH_TO_TL,
     _bwd_program,
     _bwd_row_block,
-    _check_runnable,
+    _check_features,
     _col_lse_rmw,
     _combine_lse,
     _dot_setup,
@@ -94,6 +93,21 @@ __all__ = ["gram_backward", "gram_forward"]
 
 
 @triton.jit
+def _u_tile(
+    t_ptr, o_ptr, r, rows, cols, rmask, cmask, D, stride_tn, stride_td, stride_ok,
+    stride_on, stride_od, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """u^r (BLOCK_M, BLOCK_N) fp32: <t_i, o^r_j> for the tile's rows and columns (the
+    forward's det and the backward's chain rule read the same products)."""
+    return _tile_logits(
+        t_ptr, o_ptr + r * stride_ok, rows, cols, rmask, cmask, D,
+        stride_tn, stride_td, stride_on, stride_od,
+        BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
+    )  # fmt: skip
+
+
+@triton.jit
 def _det_tile(
     t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, N, D,
     stride_tn, stride_td, stride_ok, stride_on, stride_od,
@@ -104,10 +118,9 @@ def _det_tile(
     tiles."""
     q = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r in tl.static_range(K):
-        u = _tile_logits(
-            t_ptr, o_ptr + r * stride_ok, rows, cols, rmask, cmask, D,
-            stride_tn, stride_td, stride_on, stride_od,
-            BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
+        u = _u_tile(
+            t_ptr, o_ptr, r, rows, cols, rmask, cmask, D, stride_tn, stride_td, stride_ok,
+            stride_on, stride_od, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
         )  # fmt: skip
         v = _tile_logits(
             t_ptr, w_ptr + r * N * D, rows, cols, rmask, cmask, D,
@@ -124,6 +137,26 @@ def _volume(det, tt, floor):
     there, else sqrt(det * 0) (0, or NaN for a NaN or infinite det: NaN reaches the loss)."""
     keep = det > tt[:, None] * floor[None, :]
     return keep, tl.sqrt(tl.where(keep, det, det * 0.0))
+
+
+@triton.jit
+def _logit_tile(
+    t_ptr, o_ptr, w_ptr, tt, deth, floor, scale, rows, cols, rmask, cmask, N, D,
+    stride_tn, stride_td, stride_ok, stride_on, stride_od,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, W_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """(keep, V, valid, L) (BLOCK_M, BLOCK_N) of the tile: :func:`_volume`'s keep and V of
+    its det, valid = in bounds, L = -scale V (-inf out of bounds). One function, so the
+    backward's recomputed logits are the forward's."""
+    det = _det_tile(
+        t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, N, D,
+        stride_tn, stride_td, stride_ok, stride_on, stride_od,
+        K, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, W_PRECISION,
+    )  # fmt: skip
+    keep, vol = _volume(det, tt, floor)
+    valid = rmask[:, None] & cmask[None, :]
+    return keep, vol, valid, tl.where(valid, -scale * vol, float("-inf"))
 
 
 @triton.jit
@@ -188,16 +221,12 @@ def _gram_fwd_kernel(
         s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for cb in range(pid_h, num_cb, H):
             cols, cmask, deth, floor = _column_block(deth_ptr, floor_ptr, cb, NC, BLOCK_N, INDEX_64)
-            det = _det_tile(
-                t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, NC, D,
+            _, vol, valid, s = _logit_tile(
+                t_ptr, o_ptr, w_ptr, tt, deth, floor, scale, rows, cols, rmask, cmask, NC, D,
                 stride_tn, stride_td, stride_ok, stride_on, stride_od,
                 K, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, W_PRECISION,
             )  # fmt: skip
-            _, vol = _volume(det, tt, floor)
-            logit = -scale * vol
-            valid = rmask[:, None] & cmask[None, :]
-            s = tl.where(valid, logit, float("-inf"))
-            s0 = tl.where(valid, logit, 0.0)
+            s0 = tl.where(valid, -scale * vol, 0.0)
 
             if SQUARE:  # n = m, ROW_OFFSET = 0: the single-process call
                 _store_diag(diag_ptr, s0, rows, cols, rmask, rb, cb, BLOCK_M, BLOCK_N)
@@ -250,14 +279,11 @@ def _gram_bwd_kernel(
         rb = _bwd_row_block(it, cb, sp, count, SPLIT)
         rows, rmask, tt = _row_block(tt_ptr, rb, N, BLOCK_M, INDEX_64)
         row_lse = tl.load(row_lse_ptr + rows, mask=rmask, other=0.0)
-        det = _det_tile(
-            t_ptr, o_ptr, w_ptr, tt, deth, rows, cols, rmask, cmask, NC, D,
+        keep, vol, valid, s = _logit_tile(  # as in the forward
+            t_ptr, o_ptr, w_ptr, tt, deth, floor, scale, rows, cols, rmask, cmask, NC, D,
             stride_tn, stride_td, stride_ok, stride_on, stride_od,
             K, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION, W_PRECISION,
         )  # fmt: skip
-        keep, vol = _volume(det, tt, floor)
-        valid = rmask[:, None] & cmask[None, :]
-        s = tl.where(valid, -scale * vol, float("-inf"))  # as in the forward
         dl = tl.exp(s - row_lse[:, None]) + tl.exp(s - col_lse[None, :]) - smooth
         dl = tl.where(rows[:, None] + ROW_OFFSET == cols[None, :], dl - target, dl)
         dl = tl.where(valid, dl, 0.0) * coef  # dLoss / dL_ij
@@ -268,10 +294,9 @@ def _gram_bwd_kernel(
         rw = 2.0 * tl.sum(w * deth[None, :], axis=1)  # (BLOCK_M,)
 
         for r in tl.static_range(K):
-            u = _tile_logits(
-                t_ptr, o_ptr + r * stride_ok, rows, cols, rmask, cmask, D,
-                stride_tn, stride_td, stride_on, stride_od,
-                BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
+            u = _u_tile(
+                t_ptr, o_ptr, r, rows, cols, rmask, cmask, D, stride_tn, stride_td, stride_ok,
+                stride_on, stride_od, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
             )  # fmt: skip
             wu = w * u
             for d0 in range(0, D, BLOCK_D):
@@ -330,13 +355,9 @@ def _prepare(block: GramBlock) -> None:
             f"anchor must be (n, D) and others (K, m, D), got {tuple(anchor.shape)} and "
             f"{tuple(others.shape)}"
         )
-    if anchor.dtype != others.dtype or anchor.dtype not in _TORCH_TO_TL:
-        raise TypeError(
-            "Triton GRAM kernels take float32, float16 or bfloat16 anchor and others of one "
-            f"dtype, got {anchor.dtype} and {others.dtype}"
-        )
-    device = anchor.device
-    _check_runnable(device, "flashcontrast.backends.triton")
+    device = _check_features(
+        "GRAM", "flashcontrast.backends.triton", "anchor and others", anchor, others
+    )
     k, m, _ = others.shape
     named = (("others", others), ("scale", scale), ("det_h", det_h), ("adj_h", adj_h))
     for name, t in (*named, ("floor_h", floor_h)):

@@ -70,13 +70,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._pair_entry import Sweep, backward_entry, forward_entry
 from ..pair import Coefs, Grads, Pair, Stats
 from ._common import (
     _INTERPRET,
-    _TORCH_TO_TL,
     _bwd_program,
     _bwd_row_block,
-    _check_runnable,
+    _check_features,
     _col_lse_rmw,
     _fwd_program,
     _guard,
@@ -85,7 +85,7 @@ from ._common import (
     _load_rows_t,
     _log_sum,
     _lse_init,
-    _lse_shift,
+    _merge_partials,
     _online_lse,
     _seen_columns,
     _sigmoid,
@@ -295,14 +295,7 @@ def _pair_fwd_kernel(
 @triton.jit
 def _merge_pairs(ws_m_ptr, ws_s_ptr, out_m_ptr, out_s_ptr, offs, mask, L, K, BLOCK: tl.constexpr):
     """Entries offs of the merge of K (K, L) partial pairs into (L,) ones."""
-    m, l = _lse_init(BLOCK)
-    for k in range(0, K):
-        pm = tl.load(ws_m_ptr + k * L + offs, mask=mask, other=float("-inf"))
-        ps = tl.load(ws_s_ptr + k * L + offs, mask=mask, other=0.0)
-        m_new = tl.maximum(m, pm)
-        m_use = _lse_shift(m_new)
-        l = l * tl.exp(m - m_use) + ps * tl.exp(pm - m_use)
-        m = m_new
+    m, l = _merge_partials(ws_m_ptr, ws_s_ptr, offs, mask, L, 0, K, BLOCK)
     tl.store(out_m_ptr + offs, m, mask=mask)
     tl.store(out_s_ptr + offs, l, mask=mask)
 
@@ -584,28 +577,22 @@ def _check_vector(name: str, t: Optional[Tensor], size: int, device, ints: bool 
         raise ValueError(f"{name} is on {t.device}, a on {device}")
 
 
-def _prepare(
-    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], pair: Pair,
-    row_offset: int, col_offset: int, row_groups: Optional[Tensor],
-    col_groups: Optional[Tensor], positive_logits: Optional[Tensor],
-) -> None:  # fmt: skip
+def _prepare(sweep: Sweep) -> None:
+    """Raise for what the kernels cannot take (shapes, dtypes, devices, offsets, vectors)."""
+    a, b, scale, bias, pair = sweep.a, sweep.b, sweep.scale, sweep.bias, sweep.pair
+    row_groups, col_groups = sweep.row_groups, sweep.col_groups
+    positive_logits = sweep.positive_logits
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(
             f"a and b must be (n, D) and (m, D), got {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    if a.dtype != b.dtype or a.dtype not in _TORCH_TO_TL:
-        raise TypeError(
-            "Triton pair kernels take float32, float16 or bfloat16 a and b of one dtype, "
-            f"got {a.dtype} and {b.dtype}"
-        )
-    device = a.device
-    _check_runnable(device, "flashcontrast.backends.triton.pair")
+    device = _check_features("pair", "flashcontrast.backends.triton.pair", "a and b", a, b)
     for name, t in (("b", b), ("scale", scale), ("bias", bias)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device}, a on {device}")
     if scale.numel() != 1 or (bias is not None and bias.numel() != 1):
         raise ValueError("scale and bias must be single-element tensors")
-    for name, value in (("row_offset", row_offset), ("col_offset", col_offset)):
+    for name, value in (("row_offset", sweep.row_offset), ("col_offset", sweep.col_offset)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a Python int >= 0, got {value!r}")
     if (row_groups is None) != (col_groups is None):
@@ -622,16 +609,26 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.to(_F32).contiguous()
 
 
-def _flags(pair: Pair, bias, row_groups, positive_logits) -> dict:
+def _flags(sweep: Sweep) -> dict:
+    """The constexprs both kernels take from the sweep's options."""
+    pair = sweep.pair
     return dict(
         EPILOGUE=pair.epilogue,
         POSITIVES=pair.positives,
         EXCLUDE_SELF=pair.exclude_self,
         PERIOD=pair.period > 0,
-        HAS_GROUPS=row_groups is not None,
-        HAS_BIAS=bias is not None,
-        OVERRIDE=positive_logits is not None,
+        HAS_GROUPS=sweep.row_groups is not None,
+        HAS_BIAS=sweep.bias is not None,
+        OVERRIDE=sweep.positive_logits is not None,
     )
+
+
+def _vectors(sweep: Sweep) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(row group ids, column group ids, fp32 positive logits) as the kernels read them:
+    contiguous (no copy normally), None where absent."""
+    rg = None if sweep.row_groups is None else sweep.row_groups.contiguous()
+    cg = None if sweep.col_groups is None else sweep.col_groups.contiguous()
+    return rg, cg, _f32(sweep.positive_logits)
 
 
 def _width_one(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -680,18 +677,7 @@ def _empty_stats(pair: Pair, n: int, m: int, device) -> Stats:
     return Stats(**out)
 
 
-def pair_forward(
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    bias: Optional[Tensor],
-    pair: Pair,
-    row_offset: int = 0,
-    col_offset: int = 0,
-    row_groups: Optional[Tensor] = None,
-    col_groups: Optional[Tensor] = None,
-    positive_logits: Optional[Tensor] = None,
-) -> Stats:
+def _pair_forward(sweep: Sweep) -> Stats:
     """The sweep's statistics (``backends/pair.py``), float32.
 
     a (n, D), b (m, D): float32/float16/bfloat16 of one dtype, any strides (read in
@@ -699,8 +685,8 @@ def pair_forward(
     ints; row_groups (n,), col_groups (m,) int32/int64 or both None; positive_logits (n,)
     or None. Returns row_max, row_sum (n,) [pos_max, pos_sum (n,)] [col_max, col_sum,
     cpos_max, cpos_sum (m,), "softmax"] or total (0-d, "sigmoid")."""
-    _prepare(a, b, scale, bias, pair, row_offset, col_offset, row_groups, col_groups,
-             positive_logits)  # fmt: skip
+    _prepare(sweep)
+    a, b, scale, bias, pair = sweep.a, sweep.b, sweep.scale, sweep.bias, sweep.pair
     n, m = a.shape[0], b.shape[0]
     device = a.device
     if n == 0 or m == 0:
@@ -718,9 +704,7 @@ def pair_forward(
     part = torch.empty(g * h if sigmoid else 1, **f32)
     ws = rows + cols
     bufs = (rows + [part] * 4)[:4] + (cols + [part] * 4)[:4]
-    pl = _f32(positive_logits)
-    rg = None if row_groups is None else row_groups.contiguous()  # (n,): no copy normally
-    cg = None if col_groups is None else col_groups.contiguous()
+    rg, cg, pl = _vectors(sweep)
     dummy = scale
     with _guard(device):
         _pair_fwd_kernel[(g, h)](
@@ -728,9 +712,9 @@ def pair_forward(
             rg if rg is not None else dummy, cg if cg is not None else dummy,
             pl if pl is not None else dummy,
             *bufs, part,
-            n, m, d, row_offset, col_offset, pair.period,
+            n, m, d, sweep.row_offset, sweep.col_offset, pair.period,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            **_flags(pair, bias, row_groups, positive_logits),
+            **_flags(sweep),
             ONE_CHUNK=d <= tiles.block_d,
             INDEX_64=_index_64(a, b, *ws),
             **_launch_kwargs(tiles, a.dtype, device),
@@ -767,20 +751,8 @@ def _unit(pair: Pair, coefs: tuple, total: Optional[Tensor], dtype: torch.dtype)
     return torch.where(biggest > 0, biggest, torch.ones_like(biggest)), True
 
 
-def pair_backward(
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    bias: Optional[Tensor],
-    pair: Pair,
-    stats: Stats,
-    coefs: Coefs,
-    row_offset: int = 0,
-    col_offset: int = 0,
-    row_groups: Optional[Tensor] = None,
-    col_groups: Optional[Tensor] = None,
-    positive_logits: Optional[Tensor] = None,
-    out_dtype: Optional[torch.dtype] = None,
+def _pair_backward(
+    sweep: Sweep, stats: Stats, coefs: Coefs, out_dtype: Optional[torch.dtype]
 ) -> Grads:
     """(da (n, D), db (m, D), dscale, dbias [, dpos (n,)]) of the loss the coefficients
     define (``backends/pair.py``), from the merged statistics.
@@ -790,8 +762,8 @@ def pair_backward(
     None: 0; total (0-d) for "sigmoid"). da and db in ``out_dtype`` (None: the inputs'
     dtype; float32: the accumulation buffers themselves); dscale, dbias 0-d float32;
     dpos (n,) float32 with positive_logits."""
-    _prepare(a, b, scale, bias, pair, row_offset, col_offset, row_groups, col_groups,
-             positive_logits)  # fmt: skip
+    _prepare(sweep)
+    a, b, scale, bias, pair = sweep.a, sweep.b, sweep.scale, sweep.bias, sweep.pair
     n, m, d_in = a.shape[0], b.shape[0], a.shape[1]
     device = a.device
     f32 = dict(dtype=_F32, device=device)
@@ -818,7 +790,7 @@ def pair_backward(
 
     da = torch.zeros((n, d_in), **f32)
     db = torch.zeros((m, d_in), **f32)
-    dpos = torch.zeros(n, **f32) if positive_logits is not None else None
+    dpos = torch.zeros(n, **f32) if sweep.positive_logits is not None else None
     dscale, dbias = torch.zeros((), **f32), torch.zeros((), **f32)
     if n > 0 and m > 0:
         ka, kb, kda, kdb = a, b, da, db
@@ -835,9 +807,7 @@ def pair_backward(
         )
         part = torch.empty((2, num_cb * split), **f32)
         unit, normalize = _unit(pair, (gr, gpr, gc, gpc), coefs.total, a.dtype)
-        rg = None if row_groups is None else row_groups.contiguous()
-        cg = None if col_groups is None else col_groups.contiguous()
-        pl = _f32(positive_logits)
+        rg, cg, pl = _vectors(sweep)
         dummy = scale
 
         def ptr(t: Optional[Tensor]) -> Tensor:
@@ -853,9 +823,9 @@ def pair_backward(
                 stat("col_max"), stat("col_sum"), stat("cpos_max"), stat("cpos_sum"),
                 ptr(gr), ptr(gpr), ptr(gc), ptr(gpc), ptr(unit),
                 kda, kdb, ptr(dpos), part,
-                n, m, d, row_offset, col_offset, pair.period,
+                n, m, d, sweep.row_offset, sweep.col_offset, pair.period,
                 ka.stride(0), ka.stride(1), kb.stride(0), kb.stride(1),
-                **_flags(pair, bias, row_groups, positive_logits),
+                **_flags(sweep),
                 HAS_GR=gr is not None, HAS_GPR=gpr is not None,
                 HAS_GC=gc is not None, HAS_GPC=gpc is not None,
                 NORMALIZE=normalize,
@@ -867,3 +837,7 @@ def pair_backward(
     if out_dtype != _F32:
         da, db = da.to(out_dtype or a.dtype), db.to(out_dtype or b.dtype)
     return Grads(da, db, dscale, dbias, dpos)
+
+
+pair_forward = forward_entry(_pair_forward, budget=False)
+pair_backward = backward_entry(_pair_backward, budget=False)
