@@ -189,6 +189,7 @@ from .clip import clip_loss
 from .cwcl import cwcl_loss
 from .gram import gram_loss
 from .multiview import multiview_dhel_loss, multiview_infonce_loss
+from .rows import infonce_loss, uniform_loss
 from .siglip import siglip_loss
 from .symile import symile_loss
 
@@ -197,9 +198,11 @@ __all__ = [
     "comm_bytes",
     "cwcl_loss",
     "gram_loss",
+    "infonce_loss",
     "multiview_dhel_loss",
     "multiview_infonce_loss",
     "reset_comm_bytes",
     "siglip_loss",
     "symile_loss",
+    "uniform_loss",
 ]

@@ -384,6 +384,7 @@ def setup_pair(
     groups: object = None,
     backend: str = "auto",
     objective: Optional[str] = None,
+    ring: bool = True,
 ) -> tuple:
     """:func:`setup_checked` for the two-tower losses (CLIP, SigLIP): image and text
     shards (n_r, D) (n_r = 0 allowed), the scale, the optional bias and ``groups``
@@ -394,8 +395,9 @@ def setup_pair(
     with or without bias and groups. ``objective`` ("clip" / "siglip"): the loss runs on
     the pair engine, ``backend`` is one of ENGINE_BACKENDS and is resolved among this
     rank's checks (:func:`engine_backend`: a backend that cannot run on one rank fails
-    on every rank); None: TORCH_BACKENDS, resolved to "torch". Returns (layout, a, b,
-    scale, bias, the resolved backend)."""
+    on every rank); None: TORCH_BACKENDS, resolved to "torch". ``ring=False``: the loss
+    has no "ring" strategy (it raises on every rank). Returns (layout, a, b, scale, bias,
+    the resolved backend)."""
 
     def check():
         a = check_shard("image_features", image_features)
@@ -414,7 +416,7 @@ def setup_pair(
     fields = ["logit_bias given", "groups given"]
     backends = TORCH_BACKENDS if objective is None else ENGINE_BACKENDS
     lay, payload = setup_checked(
-        name, group, strategy, grad_scaling, backend, fields, check, backends=backends
+        name, group, strategy, grad_scaling, backend, fields, check, ring, backends
     )
     return (lay, *payload)
 

@@ -47,6 +47,19 @@ def align_loss(x: Tensor, y: Tensor, alpha: float = 2.0) -> Tensor:
     return (x - y).norm(p=2, dim=1).pow(alpha).mean()
 
 
+def augmented(x: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(a, b (N, D + 2), the unit scale): <a_i, b_j> = -t ||x_i - x_j||^2, in the
+    accumulation dtype (the rows and columns of the uniformity sweep)."""
+    acc = accumulation_dtype(x.dtype)
+    xa = x.to(acc)
+    sq = -t * (xa * xa).sum(dim=1, keepdim=True)  # (N, 1)
+    one = torch.ones_like(sq)
+    root = math.sqrt(2.0 * t)
+    a = torch.cat([root * xa, sq, one], dim=1)
+    b = torch.cat([root * xa, one, sq], dim=1)
+    return a, b, torch.ones((), dtype=acc, device=x.device)
+
+
 @autocast_off
 def uniform_loss(x: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tensor:
     """log mean_{i < j} exp(-t ||x_i - x_j||^2) of x (N, D), N >= 2, without the N (N - 1) / 2
@@ -69,14 +82,7 @@ def uniform_loss(x: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tensor:
     chosen = _dispatch.resolve("uniformity", x.device, backend, x.dtype)
     if chosen == "reference":
         return torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()
-    acc = accumulation_dtype(x.dtype)
-    xa = x.to(acc)
-    sq = -t * (xa * xa).sum(dim=1, keepdim=True)  # (N, 1)
-    one = torch.ones_like(sq)
-    root = math.sqrt(2.0 * t)
-    a = torch.cat([root * xa, sq, one], dim=1)
-    b = torch.cat([root * xa, one, sq], dim=1)
-    unit = torch.ones((), dtype=acc, device=x.device)
+    a, b, unit = augmented(x, t)
     rows = sweep(a, b, unit, None, PAIR, chosen)["row"]  # LSE_{j != i} <a_i, b_j>
     n = x.shape[0]
     return torch.logsumexp(rows, dim=0) - math.log(n * (n - 1))
