@@ -63,6 +63,18 @@ def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
         )
 
 
+def check_symile_modalities(m: int, clip_loss: str) -> None:
+    """Require M >= 3 Symile representations (ValueError); for M = 2 the error points to
+    ``clip_loss`` (the CLIP loss to call instead: Symile of two modalities is CLIP)."""
+    if m == 2:
+        raise ValueError(
+            "Symile with M = 2 modalities is CLIP InfoNCE (the multilinear inner product "
+            f"of two vectors is their dot product): use {clip_loss}"
+        )
+    if m < 3:
+        raise ValueError(f"Symile needs M >= 3 representations, got {m}")
+
+
 def check_rows_and_columns(
     name_a: str, a: object, name_b: str, b: object
 ) -> tuple[torch.Tensor, torch.Tensor]:

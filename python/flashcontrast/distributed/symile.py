@@ -99,10 +99,10 @@ from torch.autograd.function import once_differentiable
 from .._amp import autocast_off
 from .._ops import backend_module
 from .._sampling import symile_negative_permutations
-from .._validation import accumulation_dtype, check_pair
+from .._validation import accumulation_dtype
 from ..backends.pair import Coefs, Stats, lse
 from ..objectives._symile_n import PAIR, add_positive_gradient, mip
-from ..objectives.symile import _permutations
+from ..objectives.symile import _check_representations, _permutations
 from . import _comm
 
 #: negative_sampling values, coded in the metadata exchange
@@ -465,24 +465,9 @@ class _SymileRing(torch.autograd.Function):
 def _check_shard_representations(representations: object) -> list:
     """``objectives.symile._check_representations`` for this rank's shard: n_r = 0
     allowed."""
-    if isinstance(representations, Tensor) or not isinstance(representations, (list, tuple)):
-        raise TypeError(
-            "representations must be a list or tuple of M >= 3 tensors (N, D), got "
-            f"{type(representations).__name__}"
-        )
-    reps = list(representations)
-    if len(reps) == 2:
-        raise ValueError(
-            "Symile with M = 2 modalities is CLIP InfoNCE (the multilinear inner product "
-            "of two vectors is their dot product): use flashcontrast.distributed.clip_loss"
-        )
-    if len(reps) < 3:
-        raise ValueError(f"Symile needs M >= 3 representations, got {len(reps)}")
-    for k, r in enumerate(reps):
-        _comm.check_shard(f"representations[{k}]", r)
-    for k, r in enumerate(reps[1:], start=1):
-        check_pair("representations[0]", reps[0], f"representations[{k}]", r)
-    return reps
+    return _check_representations(
+        representations, check=_comm.check_shard, clip_loss="flashcontrast.distributed.clip_loss"
+    )
 
 
 def _checksum(t: Tensor) -> int:
