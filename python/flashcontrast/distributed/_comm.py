@@ -29,8 +29,10 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import _dispatch
+from .._amp import autocast_off
 from .._validation import FEATURE_DTYPES, as_scalar_tensor, check_features, check_pair
 from ..backends.blockwise import block_rows
 from ..objectives.clip import _check_groups
@@ -155,6 +157,13 @@ def scalar(name: str, value: object, like: Tensor, required: bool = True) -> Opt
     if isinstance(value, Tensor):
         check_dense(name, value)
     return as_scalar_tensor(name, value, like, required=required)
+
+
+def exchange_backward(fn: Callable) -> staticmethod:
+    """The decorators of a process-group ``autograd.Function``'s backward: a staticmethod
+    run with autocast off and ``once_differentiable`` (a double backward raises: the
+    exchanges are not differentiable)."""
+    return staticmethod(once_differentiable(autocast_off(fn)))
 
 
 def tile_rows(n: int, m: int, device: torch.device, max_elements: Optional[int] = None) -> int:
@@ -555,6 +564,18 @@ def mean_upstream(grad_loss: Tensor, lay: Layout, dtype: torch.dtype) -> Tensor:
     same function."""
     g = all_reduce(grad_loss.detach().to(dtype).reshape(1).clone(), lay)
     return g[0] / lay.world
+
+
+def round_grads(
+    dx: Tensor, like: Tensor, dscale: Tensor, scale: Tensor, lay: Layout, grad_scaling: str
+) -> tuple:
+    """A backward's last step from its accumulation-dtype sums: ``dscale`` (1,) summed over
+    ranks (all-reduce, in place), the features' gradient ``dx`` times W for
+    ``grad_scaling="ddp"``. Returns (dx in ``like``'s dtype, d scale (0-d) in ``scale``'s
+    dtype), each rounded once."""
+    all_reduce(dscale, lay)
+    factor = lay.world if grad_scaling == "ddp" else 1
+    return (dx * factor).to(like.dtype), dscale[0].to(scale.dtype)
 
 
 def pair_all_reduce(mx: Tensor, sm: Tensor, extra: Tensor, lay: Layout) -> tuple:
