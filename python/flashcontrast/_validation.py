@@ -7,7 +7,7 @@ the loss and the gradients as they would in the reference.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -30,18 +30,26 @@ def check_strided(name: str, x: torch.Tensor) -> None:
         )
 
 
-def check_features(name: str, x: object) -> torch.Tensor:
+def check_features(
+    name: str,
+    x: object,
+    *,
+    dense: Callable[[str, torch.Tensor], object] = check_strided,
+    empty_ok: bool = False,
+) -> torch.Tensor:
     """Return ``x`` if it is a dense floating (N, D) tensor with N >= 1 and D >= 1, else
     raise (TypeError for a non-tensor, a non-strided layout or a dtype outside
-    FEATURE_DTYPES; ValueError for a shape that is not (N >= 1, D >= 1))."""
+    FEATURE_DTYPES; ValueError for a shape that is not (N >= 1, D >= 1)). ``dense(name,
+    x)``: the layout check; ``empty_ok``: allow N = 0 (the process-group shard check
+    passes both: its own dense check, and empty shards)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D), got {type(x).__name__}")
-    check_strided(name, x)
+    dense(name, x)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
     if x.dtype not in FEATURE_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 and not empty_ok:
         raise ValueError(f"{name} is an empty batch (N = 0): the loss is undefined")
     if x.shape[1] == 0:
         raise ValueError(f"{name} has no features (D = 0)")
@@ -61,6 +69,18 @@ def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
         raise ValueError(
             f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}"
         )
+
+
+def check_symile_modalities(m: int, clip_loss: str) -> None:
+    """Require M >= 3 Symile representations (ValueError); for M = 2 the error points to
+    ``clip_loss`` (the CLIP loss to call instead: Symile of two modalities is CLIP)."""
+    if m == 2:
+        raise ValueError(
+            "Symile with M = 2 modalities is CLIP InfoNCE (the multilinear inner product "
+            f"of two vectors is their dot product): use {clip_loss}"
+        )
+    if m < 3:
+        raise ValueError(f"Symile needs M >= 3 representations, got {m}")
 
 
 def check_rows_and_columns(

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ._sampling import symile_negative_permutations
+from ._validation import check_symile_modalities
 
 __all__ = [
     "clip_logits",
@@ -402,13 +403,7 @@ def gram_loss(
 # --------------------------------------------------------------------------------------
 def _check_symile_inputs(representations: Sequence[torch.Tensor]) -> list:
     reps = list(representations)
-    if len(reps) == 2:
-        raise ValueError(
-            "Symile with two modalities is CLIP InfoNCE: use clip_loss (the multilinear "
-            "inner product of two vectors is their dot product)"
-        )
-    if len(reps) < 3:
-        raise ValueError(f"Symile needs M >= 3 modalities, got {len(reps)}")
+    check_symile_modalities(len(reps), "clip_loss")
     for k, r in enumerate(reps):
         _check_2d(f"representations[{k}]", r)
     if len({tuple(r.shape) for r in reps}) != 1:

@@ -29,9 +29,11 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import _dispatch
-from .._validation import FEATURE_DTYPES, as_scalar_tensor, check_pair
+from .._amp import autocast_off
+from .._validation import FEATURE_DTYPES, as_scalar_tensor, check_features, check_pair
 from ..backends.blockwise import block_rows
 from ..objectives.clip import _check_groups
 
@@ -147,16 +149,7 @@ def check_dense(name: str, x: Tensor) -> Tensor:
 def check_shard(name: str, x: object) -> Tensor:
     """``x`` if it is a dense floating (n_r, D) tensor with D >= 1, else raise: the
     single-process ``check_features``, with n_r = 0 (an empty shard) allowed."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (N, D), got {type(x).__name__}")
-    check_dense(name, x)
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
-    if x.dtype not in FEATURE_DTYPES:
-        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if x.shape[1] == 0:
-        raise ValueError(f"{name} has no features (D = 0)")
-    return x
+    return check_features(name, x, dense=check_dense, empty_ok=True)
 
 
 def scalar(name: str, value: object, like: Tensor, required: bool = True) -> Optional[Tensor]:
@@ -164,6 +157,13 @@ def scalar(name: str, value: object, like: Tensor, required: bool = True) -> Opt
     if isinstance(value, Tensor):
         check_dense(name, value)
     return as_scalar_tensor(name, value, like, required=required)
+
+
+def exchange_backward(fn: Callable) -> staticmethod:
+    """The decorators of a process-group ``autograd.Function``'s backward: a staticmethod
+    run with autocast off and ``once_differentiable`` (a double backward raises: the
+    exchanges are not differentiable)."""
+    return staticmethod(once_differentiable(autocast_off(fn)))
 
 
 def tile_rows(n: int, m: int, device: torch.device, max_elements: Optional[int] = None) -> int:
@@ -421,22 +421,12 @@ def setup_pair(
     return (lay, *payload)
 
 
-def setup(
-    name: str,
-    image_features: object,
-    text_features: object,
-    logit_scale: object,
-    logit_bias: object,
-    group: Optional[dist.ProcessGroup],
-    strategy: str,
-    grad_scaling: str,
-    groups: object = None,
-    backend: str = "auto",
-) -> tuple:
-    """:func:`setup_pair` without the engine (backend "auto" or "torch"): (layout, a, b,
-    scale, bias)."""
-    args = (image_features, text_features, logit_scale, logit_bias, group, strategy)
-    return setup_pair(name, *args, grad_scaling, groups, backend)[:5]
+def setup(name: str, *args: object, **kwargs: object) -> tuple:
+    """:func:`setup_pair` without the engine (backend "auto" or "torch"): its arguments
+    but ``objective`` (image_features, text_features, logit_scale, logit_bias, group,
+    strategy, grad_scaling, groups=None, backend="auto"); returns (layout, a, b, scale,
+    bias)."""
+    return setup_pair(name, *args, objective=None, **kwargs)[:5]
 
 
 def all_gather_rows(x: Tensor, lay: Layout) -> Tensor:
@@ -576,6 +566,18 @@ def mean_upstream(grad_loss: Tensor, lay: Layout, dtype: torch.dtype) -> Tensor:
     same function."""
     g = all_reduce(grad_loss.detach().to(dtype).reshape(1).clone(), lay)
     return g[0] / lay.world
+
+
+def round_grads(
+    dx: Tensor, like: Tensor, dscale: Tensor, scale: Tensor, lay: Layout, grad_scaling: str
+) -> tuple:
+    """A backward's last step from its accumulation-dtype sums: ``dscale`` (1,) summed over
+    ranks (all-reduce, in place), the features' gradient ``dx`` times W for
+    ``grad_scaling="ddp"``. Returns (dx in ``like``'s dtype, d scale (0-d) in ``scale``'s
+    dtype), each rounded once."""
+    all_reduce(dscale, lay)
+    factor = lay.world if grad_scaling == "ddp" else 1
+    return (dx * factor).to(like.dtype), dscale[0].to(scale.dtype)
 
 
 def pair_all_reduce(mx: Tensor, sm: Tensor, extra: Tensor, lay: Layout) -> tuple:

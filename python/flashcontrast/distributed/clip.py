@@ -64,7 +64,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
 from .._ops import backend_module
@@ -217,9 +216,7 @@ class _ClipDist(torch.autograd.Function):
         ctx.backend, ctx.has_bias = backend, bias is not None
         return loss
 
-    @staticmethod
-    @once_differentiable  # double backward raises (the exchanges are not differentiable)
-    @autocast_off
+    @_comm.exchange_backward
     def backward(ctx, grad_loss):
         a, scale, bias, groups, cols, g_cols, *pairs = ctx.saved_tensors
         rmax, rsum, pmax, psum, cmax, csum = pairs

@@ -35,7 +35,6 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
 from .._ops import backend_module
@@ -120,9 +119,7 @@ class _GramDist(torch.autograd.Function):
         ctx.grad_scaling, ctx.backend = grad_scaling, backend
         return loss / (2 * n_tot)
 
-    @staticmethod
-    @once_differentiable  # double backward raises (the exchanges are not differentiable)
-    @autocast_off
+    @_comm.exchange_backward
     def backward(ctx, grad_loss):
         t, o, scale, row_lse, col_lse, *rest = ctx.saved_tensors
         lay, eps = ctx.lay, ctx.eps

@@ -47,7 +47,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
 from ..backends.pair import Coefs, Pair, Stats, lse, merge_lse
@@ -193,9 +192,7 @@ class _MultiviewDist(torch.autograd.Function):
         ctx.grad_scaling, ctx.backend, ctx.num_saved = grad_scaling, backend, len(saved)
         return loss
 
-    @staticmethod
-    @once_differentiable  # double backward raises (the exchanges are not differentiable)
-    @autocast_off
+    @_comm.exchange_backward
     def backward(ctx, grad_loss):
         u, scale, groups, *rest = ctx.saved_tensors
         saved, flat_pairs = rest[: ctx.num_saved], rest[ctx.num_saved :]
@@ -233,10 +230,8 @@ class _MultiviewDist(torch.autograd.Function):
             du_pos, ds_pos = mv_positive_lse_bwd(u.to(sw.acc), scale, (-c).expand(u.shape[1]))
             du += du_pos
             dscale += ds_pos
-        _comm.all_reduce(dscale, lay)
-        factor = lay.world if ctx.grad_scaling == "ddp" else 1
-        du = (du * factor).to(u.dtype)
-        return du, dscale[0].to(scale.dtype), None, None, None, None, None, None
+        du, dscale = _comm.round_grads(du, u, dscale, scale, lay, ctx.grad_scaling)
+        return du, dscale, None, None, None, None, None, None
 
 
 def _stack_shard(views: Views) -> Tensor:

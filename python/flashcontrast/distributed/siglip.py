@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
 from ..backends.pair import Coefs, Pair, Stats
@@ -58,9 +57,7 @@ class _SigLipDist(torch.autograd.Function):
         ctx.backend, ctx.has_bias = backend, bias is not None
         return loss
 
-    @staticmethod
-    @once_differentiable  # double backward raises (the exchanges are not differentiable)
-    @autocast_off
+    @_comm.exchange_backward
     def backward(ctx, grad_loss):
         a, b, scale, bias = ctx.saved_tensors
         lay = ctx.lay

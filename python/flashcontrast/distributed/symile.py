@@ -94,15 +94,14 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
 from .._ops import backend_module
 from .._sampling import symile_negative_permutations
-from .._validation import accumulation_dtype, check_pair
+from .._validation import accumulation_dtype
 from ..backends.pair import Coefs, Stats, lse
-from ..objectives._symile_n import PAIR, add_positive_gradient, mip
-from ..objectives.symile import _permutations
+from ..objectives._symile_n import PAIR, _product, add_factor_gradients, add_positive_gradient, mip
+from ..objectives.symile import _check_representations, _permutations
 from . import _comm
 
 #: negative_sampling values, coded in the metadata exchange
@@ -118,16 +117,15 @@ def _factors(cols: Tensor, perms: Tensor, a: int, acc: torch.dtype) -> list:
     return [cols[perms[a, k], o].to(acc) for k, o in enumerate(others)]
 
 
-def _product(xs: list) -> Tensor:
-    out = xs[0]
-    for x in xs[1:]:
-        out = out * x
-    return out
-
-
 def _rows(x: Tensor) -> list:
     """The M modalities of x (n, M, D) as contiguous (n, D) tensors (the engine's rows)."""
     return [x[:, k].contiguous() for k in range(x.shape[1])]
+
+
+def _row_coef(grad_loss: Tensor, lay: _comm.Layout, m: int, acc: torch.dtype) -> Tensor:
+    """c = g / (M N) (0-d, ``acc``): the coefficient of every row's cross entropy in the
+    loss, g the upstream gradient averaged over ranks."""
+    return _comm.mean_upstream(grad_loss, lay, acc) / (m * lay.total)
 
 
 class _SymileDist(torch.autograd.Function):
@@ -152,7 +150,7 @@ class _SymileDist(torch.autograd.Function):
         row_sum = torch.zeros((m, n), dtype=acc, device=x.device)
         if n > 0:
             for a in range(m):
-                w = _product(_factors(cols, perms, a, acc)).to(x.dtype)
+                w = _product(_factors(cols, perms, a, acc), acc).to(x.dtype)
                 st = engine.pair_forward(
                     reps[a], w, scale, None, PAIR, lay.offset, 0, None, None, p
                 )
@@ -163,16 +161,14 @@ class _SymileDist(torch.autograd.Function):
         ctx.lay, ctx.grad_scaling, ctx.backend = lay, grad_scaling, backend
         return loss
 
-    @staticmethod
-    @once_differentiable  # double backward raises (the exchanges are not differentiable)
-    @autocast_off
+    @_comm.exchange_backward
     def backward(ctx, grad_loss):
         x, scale, perms, cols, row_max, row_sum = ctx.saved_tensors
         lay = ctx.lay
         acc = row_max.dtype
         engine = backend_module(ctx.backend, "pair")
         n, m, _ = x.shape
-        coef = _comm.mean_upstream(grad_loss, lay, acc) / (m * lay.total)
+        coef = _row_coef(grad_loss, lay, m, acc)
         reps = _rows(x)
         p = scale * mip(reps, acc)
         d = [torch.zeros(r.shape, dtype=acc, device=x.device) for r in reps]
@@ -181,7 +177,7 @@ class _SymileDist(torch.autograd.Function):
         dscale = torch.zeros((), dtype=acc, device=x.device)
         for a in range(m if n > 0 else 0):
             factors = _factors(cols, perms, a, acc)
-            w = _product(factors).to(x.dtype)
+            w = _product(factors, acc).to(x.dtype)
             g = engine.pair_backward(
                 reps[a], w, scale, None, PAIR, Stats(row_max=row_max[a], row_sum=row_sum[a]),
                 Coefs(rows=coef.expand(n).contiguous()), lay.offset, 0, None, None, p, acc,
@@ -189,15 +185,11 @@ class _SymileDist(torch.autograd.Function):
             d[a] += g.da
             dp += g.dpos
             dscale += g.dscale
-            others = [o for o in range(m) if o != a]
-            for k, o in enumerate(others):  # W^a = prod_k o_k[pi_ak]: the product rule
-                rest = [f for k2, f in enumerate(factors) if k2 != k]
-                dcols[o].index_add_(0, perms[a, k], g.db * _product(rest))
+            add_factor_gradients(dcols, factors, perms, a, g.db, acc)
         dscale = (dscale + add_positive_gradient(d, reps, scale, dp, acc)).reshape(1)
         dx = torch.stack(d, 1) + _comm.reduce_scatter_rows(torch.stack(dcols, 1), lay)
-        _comm.all_reduce(dscale, lay)
-        factor = lay.world if ctx.grad_scaling == "ddp" else 1
-        return (dx * factor).to(x.dtype), dscale[0].to(scale.dtype), None, None, None, None
+        dx, dscale = _comm.round_grads(dx, x, dscale, scale, lay, ctx.grad_scaling)
+        return dx, dscale, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- "n_squared"
@@ -237,15 +229,13 @@ class _SymileN2Dist(torch.autograd.Function):
         ctx.lay, ctx.grad_scaling = lay, grad_scaling
         return loss
 
-    @staticmethod
-    @once_differentiable  # double backward raises (the exchanges are not differentiable)
-    @autocast_off
+    @_comm.exchange_backward
     def backward(ctx, grad_loss):
         x, scale, cols, row_lse = ctx.saved_tensors
         lay = ctx.lay
         acc = row_lse.dtype
         n, m, _ = x.shape
-        coef = _comm.mean_upstream(grad_loss, lay, acc) / (m * lay.total)
+        coef = _row_coef(grad_loss, lay, m, acc)
         xa, ya = x.to(acc), cols.to(acc)
         dx = torch.zeros_like(xa)
         dy = torch.zeros_like(ya)
@@ -265,9 +255,8 @@ class _SymileN2Dist(torch.autograd.Function):
         dp = (-m * coef).expand(n)  # d ce_a / d p = -1: p = s MIP
         dscale = (dscale + add_positive_gradient(d, _rows(x), scale, dp, acc)).reshape(1)
         dx += _comm.reduce_scatter_rows(dy, lay)
-        _comm.all_reduce(dscale, lay)
-        factor = lay.world if ctx.grad_scaling == "ddp" else 1
-        return (dx * factor).to(x.dtype), dscale[0].to(scale.dtype), None, None
+        dx, dscale = _comm.round_grads(dx, x, dscale, scale, lay, ctx.grad_scaling)
+        return dx, dscale, None, None
 
 
 # ----------------------------------------------------------------------------- "ring"
@@ -411,16 +400,14 @@ class _SymileRing(torch.autograd.Function):
         ctx.plan, ctx.lay, ctx.grad_scaling, ctx.backend = plan, lay, grad_scaling, backend
         return loss
 
-    @staticmethod
-    @once_differentiable  # double backward raises (the exchanges are not differentiable)
-    @autocast_off
+    @_comm.exchange_backward
     def backward(ctx, grad_loss):
         x, scale, f, row_lse = ctx.saved_tensors
         lay = ctx.lay
         acc = row_lse.dtype
         engine = backend_module(ctx.backend, "pair")
         n, m, _ = x.shape
-        coef = _comm.mean_upstream(grad_loss, lay, acc) / (m * lay.total)
+        coef = _row_coef(grad_loss, lay, m, acc)
         with torch.enable_grad():
             fl = f.to(acc).detach().requires_grad_(True)
             w = _products(fl)
@@ -457,32 +444,16 @@ class _SymileRing(torch.autograd.Function):
         d = [dx[:, k] for k in range(m)]  # views: the positive's gradient lands in dx
         dscale = (dscale + add_positive_gradient(d, reps, scale, dp, acc)).reshape(1)
         _return_factor_grads(df, ctx.plan, lay, dx)
-        _comm.all_reduce(dscale, lay)
-        factor = lay.world if ctx.grad_scaling == "ddp" else 1
-        return (dx * factor).to(x.dtype), dscale[0].to(scale.dtype), None, None, None, None
+        dx, dscale = _comm.round_grads(dx, x, dscale, scale, lay, ctx.grad_scaling)
+        return dx, dscale, None, None, None, None
 
 
 def _check_shard_representations(representations: object) -> list:
     """``objectives.symile._check_representations`` for this rank's shard: n_r = 0
     allowed."""
-    if isinstance(representations, Tensor) or not isinstance(representations, (list, tuple)):
-        raise TypeError(
-            "representations must be a list or tuple of M >= 3 tensors (N, D), got "
-            f"{type(representations).__name__}"
-        )
-    reps = list(representations)
-    if len(reps) == 2:
-        raise ValueError(
-            "Symile with M = 2 modalities is CLIP InfoNCE (the multilinear inner product "
-            "of two vectors is their dot product): use flashcontrast.distributed.clip_loss"
-        )
-    if len(reps) < 3:
-        raise ValueError(f"Symile needs M >= 3 representations, got {len(reps)}")
-    for k, r in enumerate(reps):
-        _comm.check_shard(f"representations[{k}]", r)
-    for k, r in enumerate(reps[1:], start=1):
-        check_pair("representations[0]", reps[0], f"representations[{k}]", r)
-    return reps
+    return _check_representations(
+        representations, check=_comm.check_shard, clip_loss="flashcontrast.distributed.clip_loss"
+    )
 
 
 def _checksum(t: Tensor) -> int:

@@ -110,12 +110,22 @@ def symile_n_bwd(
         d[a] += g.da
         dp += g.dpos
         dscale += g.dscale
-        others = [o for o in range(m) if o != a]
-        for k, o in enumerate(others):  # W^a = prod_k o_k[pi_ak]: the product rule
-            rest = [x for k2, x in enumerate(gathered) if k2 != k]  # empty for M = 2
-            d[o].index_add_(0, perms[a, k], g.db * _product(rest, acc) if rest else g.db)
+        add_factor_gradients(d, gathered, perms, a, g.db, acc)
     dscale += add_positive_gradient(d, reps, scale, dp, acc)
     return [x.to(r.dtype) for x, r in zip(d, reps)] + [dscale]
+
+
+def add_factor_gradients(
+    d: list[Tensor], gathered: list[Tensor], perms: Tensor, a: int, db: Tensor, acc: torch.dtype
+) -> None:
+    """The product rule of W^a = prod_k o_k[pi_ak] (N, D) given dW^a = ``db`` (N, D):
+    d o_k[pi_ak] += db prod_{k' != k} o_k'[pi_ak'], index-added into the accumulators
+    ``d`` (one (N, D) tensor per modality, in ``acc``, in place). ``gathered``: the
+    permuted others [o_k[pi_ak] for k] (N, D) each, ``perms`` (M, M-1, N)."""
+    others = [o for o in range(len(d)) if o != a]
+    for k, o in enumerate(others):
+        rest = [x for k2, x in enumerate(gathered) if k2 != k]  # empty for M = 2
+        d[o].index_add_(0, perms[a, k], db * _product(rest, acc) if rest else db)
 
 
 def add_positive_gradient(

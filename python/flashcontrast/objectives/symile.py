@@ -54,6 +54,7 @@ from .._validation import (
     check_features,
     check_pair,
     check_strided,
+    check_symile_modalities,
 )
 from ._symile_n import add_positive_gradient, mip, symile_n
 
@@ -163,22 +164,21 @@ torch.library.register_autograd(
 # ----------------------------------------------------------------------------- public API
 
 
-def _check_representations(representations: object) -> list:
+def _check_representations(
+    representations: object, check=check_features, clip_loss: str = "flashcontrast.clip_loss"
+) -> list:
+    """The M >= 3 representations as a list, each checked by ``check(name, x)`` (the
+    process-group version passes its shard check, which allows n_r = 0) and against
+    representations[0]'s shape, dtype and device; M = 2 raises pointing to ``clip_loss``."""
     if isinstance(representations, torch.Tensor) or not isinstance(representations, (list, tuple)):
         raise TypeError(
             "representations must be a list or tuple of M >= 3 tensors (N, D), got "
             f"{type(representations).__name__}"
         )
     reps = list(representations)
-    if len(reps) == 2:
-        raise ValueError(
-            "Symile with M = 2 modalities is CLIP InfoNCE (the multilinear inner product "
-            "of two vectors is their dot product): use flashcontrast.clip_loss"
-        )
-    if len(reps) < 3:
-        raise ValueError(f"Symile needs M >= 3 representations, got {len(reps)}")
+    check_symile_modalities(len(reps), clip_loss)
     for k, r in enumerate(reps):
-        check_features(f"representations[{k}]", r)
+        check(f"representations[{k}]", r)
     for k, r in enumerate(reps[1:], start=1):
         check_pair("representations[0]", reps[0], f"representations[{k}]", r)
     return reps
