@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
 from .._validation import accumulation_dtype, check_pair
@@ -61,9 +60,7 @@ class _SoftTargetTerm(torch.autograd.Function):
         ctx.lay, ctx.grad_scaling, ctx.parts = lay, grad_scaling, part
         return scale * (total[0] - total[1]) / lay.total
 
-    @staticmethod
-    @once_differentiable
-    @autocast_off
+    @_comm.exchange_backward
     def backward(ctx, grad):
         a, b, u, scale, w, *mom = ctx.saved_tensors
         lay = ctx.lay

@@ -58,9 +58,7 @@ class _RowsGather(torch.autograd.Function):
         ctx.b_dtype, ctx.has_bias = b.dtype, bias is not None
         return rows, pos
 
-    @staticmethod
-    @once_differentiable
-    @autocast_off
+    @_comm.exchange_backward
     def backward(ctx, g_rows, g_pos):
         a, cols, scale, bias, *pairs = ctx.saved_tensors
         lay, pair = ctx.lay, ctx.pair
