@@ -112,3 +112,13 @@ def symile_sampling(mode: str, permutations, rank: int = 0) -> dict:
         return {"permutations": permutations}
     torch.manual_seed(99 + rank)
     return {}
+
+
+def assert_case_errors(results: list[dict], cases, tol: float) -> None:
+    """Every rank reported every case of ``cases`` (keys "/".join of the case's fields) in
+    ``res["cases"]``, each error (name -> max abs difference) below ``tol``."""
+    for r, res in enumerate(results):
+        assert set(res["cases"]) == {"/".join(map(str, c)) for c in cases}
+        for key, errs in res["cases"].items():
+            for name, err in errs.items():
+                assert err < tol, f"rank {r} {key}: {name} off by {err:.3g}"
