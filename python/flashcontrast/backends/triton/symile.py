@@ -1,21 +1,23 @@
-"""Symile "n_squared" (docs/objectives.md section 5) as Triton kernels: no N x N^2 buffer.
+"""Symile "n_squared" (docs/objectives.md section 5) as Triton kernels: no n x m^2 buffer.
 
 Contract: flashcontrast/backends/__init__.py (symile_n2_*). Symile "n" runs on the pair
 engine (``pair.py``).
 
-n_squared, M = 3 (anchor x, others y, z). logit_ijk = s sum_d x_id y_jd z_kd. For a fixed
-j the (BM x BK) logit tile is a plain GEMM whose left operand is formed on the fly:
+n_squared, M = 3 (anchor x, others y, z), rectangular as the "torch" backend's
+(``blockwise/symile.py``): n rows x (n, D) against the m^2 pairs (j, k) of y, z (m, D)
+(n = m in one process). logit_ijk = s sum_d x_id y_jd z_kd. For a fixed j the (BM x BK)
+logit tile is a plain GEMM whose left operand is formed on the fly:
     T_j = (x_blk * y_j[None, :]) @ z_blk^T          2 BM BK D flops
-    forward   program per row block; loops j = 0..N-1 and the column blocks of z; online
-              LSE over the N^2 (j, k) pairs: 2 N^3 D flops, O(N) memory.
+    forward   program per row block of x; loops j = 0..m-1 and the column blocks of z;
+              online LSE over the m^2 (j, k) pairs: 2 n m^2 D flops, O(n) memory.
     backward  c_ijk = g_i exp(s T_ijk - lse_i); three kernels, each owning its output:
-              dx_i = s sum_j y_j * (c_ij: @ z)          program per row block
-              dy_j = s sum_i x_i * (c_:j: @ z)_i        program per j
-              dz_k = s sum_j (c_:jk)^T @ (x * y_j)      program per column block of z
+              dx_i = s sum_j y_j * (c_ij: @ z)          program per row block of x (n)
+              dy_j = s sum_i x_i * (c_:j: @ z)_i        program per j (m)
+              dz_k = s sum_j (c_:jk)^T @ (x * y_j)      program per column block of z (m)
               dscale = sum(x * dx_raw), in torch.
-              Each recomputes T (2 N^3 D) and does one GEMM (2 N^3 D): 12 N^3 D flops.
-    Forward + backward: 14 N^3 D flops, against the reference's 2 N^3 D forward plus an
-    (N, N^2) logit tensor and an (N^2, D) product tensor per anchor.
+              Each recomputes T (2 n m^2 D) and does one GEMM (2 n m^2 D): 12 n m^2 D flops.
+    Forward + backward: 14 n m^2 D flops, against the reference's 2 n m^2 D forward plus
+    an (n, m^2) logit tensor and an (m^2, D) product tensor per anchor.
 
 All tile products accumulate in fp32; the products x * y_j are formed in fp32 and rounded
 once to the input dtype for tl.dot (the reference rounds y (x) z to it likewise). Tiles
@@ -62,12 +64,12 @@ def _load_f32(ptr, rows, rmask, offs_d, dmask, stride_n, stride_d):
 
 
 @triton.jit
-def _fwd_rows(a_ptr, scale_ptr, N, D, stride_n, stride_d,
+def _fwd_rows(a_ptr, scale_ptr, n, D, stride_n, stride_d,
               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """This program's row block of a forward: (rows, rmask, offs_d, dmask, scale, fp32 tile
-    of a[rows])."""
+    of a[rows]), a having n rows."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < N
+    rmask = rows < n
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     scale = tl.load(scale_ptr).to(tl.float32)
@@ -103,14 +105,15 @@ def _n2_tile(xy, z_ptr, cols, cmask, offs_d, dmask, stride_zn, stride_zd,
 
 
 @triton.jit
-def _n2_cz(xy, z_ptr, rmask, lse, g, scale, N, offs_d, dmask, szn, szd,
+def _n2_cz(xy, z_ptr, rmask, lse, g, scale, m, offs_d, dmask, szn, szd,
            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
            DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """fp32 (BLOCK_M, BLOCK_D) sum_k c_ijk z_k for one j (xy = x * y_j), c = g P."""
+    """fp32 (BLOCK_M, BLOCK_D) sum_k c_ijk z_k over the m rows k of z for one j
+    (xy = x * y_j), c = g P."""
     cz = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for k0 in range(0, N, BLOCK_K):
+    for k0 in range(0, m, BLOCK_K):
         cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        cmask = cols < N
+        cmask = cols < m
         t, z = _n2_tile(xy, z_ptr, cols, cmask, offs_d, dmask, szn, szd,
                         DOT_DTYPE, DOT_PRECISION)  # fmt: skip
         c = _probs(t, scale, lse, g, rmask, cmask)
@@ -119,20 +122,21 @@ def _n2_cz(xy, z_ptr, rmask, lse, g, scale, N, offs_d, dmask, szn, szd,
 
 
 @triton.jit
-def _n2_fwd_kernel(x_ptr, y_ptr, z_ptr, scale_ptr, lse_ptr, N, D,
+def _n2_fwd_kernel(x_ptr, y_ptr, z_ptr, scale_ptr, lse_ptr, n, m, D,
                    sxn, sxd, syn, syd, szn, szd,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    # x: n rows, one row block per program; y, z: m rows, the pairs (j, k) swept here
     rows, rmask, offs_d, dmask, scale, x = _fwd_rows(
-        x_ptr, scale_ptr, N, D, sxn, sxd, BLOCK_M, BLOCK_D
+        x_ptr, scale_ptr, n, D, sxn, sxd, BLOCK_M, BLOCK_D
     )
     m_i, l_i = _lse_init(BLOCK_M)
-    for j in range(0, N):
+    for j in range(0, m):
         yj = tl.load(y_ptr + j * syn + offs_d * syd, mask=dmask, other=0.0)
         xy = x * yj.to(tl.float32)[None, :]
-        for k0 in range(0, N, BLOCK_K):
+        for k0 in range(0, m, BLOCK_K):
             cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-            cmask = cols < N
+            cmask = cols < m
             t, _ = _n2_tile(xy, z_ptr, cols, cmask, offs_d, dmask, szn, szd,
                             DOT_DTYPE, DOT_PRECISION)  # fmt: skip
             s = tl.where(rmask[:, None] & cmask[None, :], t * scale, float("-inf"))
@@ -141,7 +145,7 @@ def _n2_fwd_kernel(x_ptr, y_ptr, z_ptr, scale_ptr, lse_ptr, N, D,
 
 
 @triton.jit
-def _n2_bwd_kernel(x_ptr, y_ptr, z_ptr, scale_ptr, lse_ptr, g_ptr, out_ptr, N, D,
+def _n2_bwd_kernel(x_ptr, y_ptr, z_ptr, scale_ptr, lse_ptr, g_ptr, out_ptr, n, m, D,
                    sxn, sxd, syn, syd, szn, szd,
                    WHICH: tl.constexpr,  # 0: dx_raw (rows), 1: dy_raw (one j), 2: dz_raw
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -151,45 +155,45 @@ def _n2_bwd_kernel(x_ptr, y_ptr, z_ptr, scale_ptr, lse_ptr, g_ptr, out_ptr, N, D
     dmask = offs_d < D
     scale = tl.load(scale_ptr).to(tl.float32)
     if WHICH == 0:
-        # dx_i = sum_j y_j * (c_ij: @ z)
+        # dx_i = sum_j y_j * (c_ij: @ z), program per row block of x (n rows)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < N
+        rmask = rows < n
         x = _load_f32(x_ptr, rows, rmask, offs_d, dmask, sxn, sxd)
         lse, g = _load_lse_g(lse_ptr, g_ptr, rows, rmask)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for j in range(0, N):
+        for j in range(0, m):
             yj = tl.load(y_ptr + j * syn + offs_d * syd, mask=dmask, other=0.0)
             yj = yj.to(tl.float32)
             xy = x * yj[None, :]
-            cz = _n2_cz(xy, z_ptr, rmask, lse, g, scale, N, offs_d, dmask, szn, szd,
+            cz = _n2_cz(xy, z_ptr, rmask, lse, g, scale, m, offs_d, dmask, szn, szd,
                         BLOCK_M, BLOCK_K, BLOCK_D, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
             acc += cz * yj[None, :]
         tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], acc,
                  mask=rmask[:, None] & dmask[None, :])  # fmt: skip
     elif WHICH == 1:
-        # dy_j = sum_i x_i * (c_:j: @ z)_i, program pid = j
+        # dy_j = sum_i x_i * (c_:j: @ z)_i, program pid = j (m of them)
         yj = tl.load(y_ptr + pid * syn + offs_d * syd, mask=dmask, other=0.0).to(tl.float32)
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for r0 in range(0, N, BLOCK_M):
+        for r0 in range(0, n, BLOCK_M):
             rows = (r0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-            rmask = rows < N
+            rmask = rows < n
             x = _load_f32(x_ptr, rows, rmask, offs_d, dmask, sxn, sxd)
             lse, g = _load_lse_g(lse_ptr, g_ptr, rows, rmask)
             xy = x * yj[None, :]
-            cz = _n2_cz(xy, z_ptr, rmask, lse, g, scale, N, offs_d, dmask, szn, szd,
+            cz = _n2_cz(xy, z_ptr, rmask, lse, g, scale, m, offs_d, dmask, szn, szd,
                         BLOCK_M, BLOCK_K, BLOCK_D, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
             acc += tl.sum(cz * x, axis=0)
         tl.store(out_ptr + pid * D + offs_d, acc, mask=dmask)
     else:
-        # dz_k = sum_j c_:jk^T @ (x * y_j), program per column block of z
+        # dz_k = sum_j c_:jk^T @ (x * y_j), program per column block of z (m rows)
         cols = pid * BLOCK_K + tl.arange(0, BLOCK_K)
-        cmask = cols < N
+        cmask = cols < m
         acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
-        for j in range(0, N):
+        for j in range(0, m):
             yj = tl.load(y_ptr + j * syn + offs_d * syd, mask=dmask, other=0.0)
-            for r0 in range(0, N, BLOCK_M):
+            for r0 in range(0, n, BLOCK_M):
                 rows = (r0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-                rmask = rows < N
+                rmask = rows < n
                 x = _load_f32(x_ptr, rows, rmask, offs_d, dmask, sxn, sxd)
                 lse, g = _load_lse_g(lse_ptr, g_ptr, rows, rmask)
                 xy = x * yj.to(tl.float32)[None, :]
@@ -235,11 +239,15 @@ def _num_stages(block: int, block_d: int, dtype: torch.dtype, device: torch.devi
     return 3 if 4 * tile_bytes <= 128 * 1024 else 1
 
 
-def _prepare(*tensors: Tensor) -> None:
-    first = tensors[0]
-    for t in tensors:
-        if t.dim() != 2 or t.shape != first.shape:
-            raise ValueError(f"features must all be (N, D) of one shape, got {tuple(t.shape)}")
+def _prepare(x: Tensor, y: Tensor, z: Tensor) -> None:
+    """Checks x (n, D) and y, z (m, D): one dtype the kernels take, one device."""
+    if x.dim() != 2 or y.dim() != 2 or y.shape != z.shape or x.shape[1] != y.shape[1]:
+        raise ValueError(
+            "features must be x (n, D) and y, z (m, D) of one D, got "
+            f"{tuple(x.shape)}, {tuple(y.shape)}, {tuple(z.shape)}"
+        )
+    first = x
+    for t in (x, y, z):
         if t.dtype != first.dtype or t.dtype not in _TORCH_TO_TL:
             raise TypeError(
                 "Triton Symile kernels take float32, float16 or bfloat16 features of one "
@@ -250,12 +258,13 @@ def _prepare(*tensors: Tensor) -> None:
     _check_runnable(first.device, "flashcontrast.backends.triton.symile")
 
 
-def _setup(*tensors: Tensor):
-    """Checks the features, then (n, d, BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages,
-    DOT_DTYPE, DOT_PRECISION) of a launch on them."""
-    _prepare(*tensors)
-    first = tensors[0]
-    n, d = first.shape
+def _setup(x: Tensor, y: Tensor, z: Tensor):
+    """Checks x (n, D) and y, z (m, D), then (n, m, d, BLOCK_M, BLOCK_N, BLOCK_D,
+    num_warps, num_stages, DOT_DTYPE, DOT_PRECISION) of a launch on them."""
+    _prepare(x, y, z)
+    first = x
+    n, d = x.shape
+    m = y.shape[0]
     tiles = _tiles(d, first.dtype, first.device)
     max_d = 1024 if first.dtype == torch.float32 else 2048
     if first.device.type == "cuda" and tiles[2] > max_d:
@@ -264,7 +273,7 @@ def _setup(*tensors: Tensor):
             f"the Triton Symile kernels hold whole-D tiles and take D <= {max_d} for "
             f"{first.dtype} on a GPU, got D = {d}; use backend='torch' (or 'cuda')"
         )
-    return (n, d, *tiles, *_symile_dot_setup(first.dtype, tiles[2], first.device))
+    return (n, m, d, *tiles, *_symile_dot_setup(first.dtype, tiles[2], first.device))
 
 
 def _symile_dot_setup(dtype: torch.dtype, block_d: int, device: torch.device):
@@ -287,12 +296,13 @@ def _f32(t: Tensor) -> Tensor:
 
 
 def symile_n2_forward(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> Tensor:
-    """row_lse_i = LSE_{j,k} scale * sum_d x_id y_jd z_kd, (N,) fp32."""
-    n, d, bm, bk, bd, warps, stages, dot_dtype, precision = _setup(x, y, z)
+    """row_lse_i = LSE_{j,k} scale * sum_d x_id y_jd z_kd, (n,) fp32: rows x (n, D) against
+    the m^2 pairs of y, z (m, D) (-inf for every row when m = 0)."""
+    n, m, d, bm, bk, bd, warps, stages, dot_dtype, precision = _setup(x, y, z)
     lse = torch.empty(n, dtype=torch.float32, device=x.device)
     with _guard(x.device):
         _n2_fwd_kernel[(triton.cdiv(n, bm),)](
-            x, y, z, _f32(scale), lse, n, d,
+            x, y, z, _f32(scale), lse, n, m, d,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1),
             BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
             num_warps=warps, num_stages=stages,
@@ -303,16 +313,18 @@ def symile_n2_forward(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> Tensor:
 def symile_n2_backward(
     x: Tensor, y: Tensor, z: Tensor, scale: Tensor, row_lse: Tensor, grad_rows: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dy, dz, dscale) of sum_i grad_rows_i row_lse_i."""
-    n, d, bm, bk, bd, warps, stages, dot_dtype, precision = _setup(x, y, z)
+    """(dx (n, D), dy (m, D), dz (m, D), dscale) of sum_i grad_rows_i row_lse_i (shapes as
+    :func:`symile_n2_forward`)."""
+    n, m, d, bm, bk, bd, warps, stages, dot_dtype, precision = _setup(x, y, z)
     # fp32 outputs (backends/__init__.py), three tensors: a custom op's outputs may not alias
-    outs = [torch.empty((n, d), dtype=torch.float32, device=x.device) for _ in range(3)]
+    outs = [torch.empty((rows, d), dtype=torch.float32, device=x.device) for rows in (n, m, m)]
     s32, lse, g = _f32(scale), _f32(row_lse), _f32(grad_rows)
-    grids = (triton.cdiv(n, bm), n, triton.cdiv(n, bk))
+    # dx: a program per row block of x; dy: one per j; dz: one per column block of z
+    grids = (triton.cdiv(n, bm), m, triton.cdiv(m, bk))
     with _guard(x.device):
         for which, grid in enumerate(grids):
             _n2_bwd_kernel[(grid,)](
-                x, y, z, s32, lse, g, outs[which], n, d,
+                x, y, z, s32, lse, g, outs[which], n, m, d,
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1),
                 WHICH=which, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd,
                 DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
