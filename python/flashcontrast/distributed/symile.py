@@ -78,10 +78,10 @@ permutations (any index maps into range(N) are accepted, as in one process).
 "n_squared" (M = 3, "gather" only): the candidates of anchor row i are all N^2 pairs (j, k)
 of the other two modalities, the positive (i, i) among them, so the rank's rows need the
 gathered others and no offset: LSE_i over the N^2 pairs minus the local s MIP_i. The rank's
-part is the "torch" backend's symile_n2 tiles of n rows against m columns
-(``backends/blockwise/symile.py``, any device: its BLAS); the Triton and CUDA symile_n2
-kernels take rows and columns of one length N, so ``backend="triton"`` / ``"cuda"`` raise
-on every rank.
+part is the symile_n2 tiles of n rows against m columns of the "torch" backend
+(``backends/blockwise/symile.py``, any device: its BLAS) or the "triton" one ("auto" on a
+GPU); the CUDA symile_n2 kernels take rows and columns of one length N, so
+``backend="cuda"`` raises on every rank.
 The per-row cross entropies are clamped at 0 in value as in one process. Bytes as Symile
 "gather" without permutations: forward (W-1) n M D e + ar(f), backward
 (W-1) n M D f + 2 ar(f), metadata (W-1) 96.
@@ -193,12 +193,10 @@ class _SymileDist(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- "n_squared"
-# A rank's n_r rows meet all N gathered columns (n_r != N for W > 1): the "torch"
-# backend's symile_n2 tiles take n rows against m columns (``backends/blockwise/symile.py``,
-# any device: the device's BLAS); the Triton and CUDA kernels take one length N. No
-# offset is needed: the LSE runs over all N^2 tuples, the positive (i, i) among them, and
-# the positive logit s MIP_i is local.
-_N2_TILES = "torch"
+# A rank's n_r rows meet all N gathered columns (n_r != N for W > 1): the "torch" and
+# "triton" backends' symile_n2 tiles take n rows against m columns; the CUDA kernels take
+# one length N. No offset is needed: the LSE runs over all N^2 tuples, the positive (i, i)
+# among them, and the positive logit s MIP_i is local.
 
 
 class _SymileN2Dist(torch.autograd.Function):
@@ -209,14 +207,14 @@ class _SymileN2Dist(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, x, scale, lay, grad_scaling):
+    def forward(ctx, x, scale, lay, grad_scaling, backend):
         acc = accumulation_dtype(x.dtype)
         m = x.shape[1]
         cols = _comm.all_gather_rows(x, lay)  # (N, M, D)
         ya = cols.to(acc)
         xa = x.to(acc)
         others = [[o for o in range(m) if o != a] for a in range(m)]
-        tiles = backend_module(_N2_TILES, "symile")
+        tiles = backend_module(backend, "symile")
         row_lse = torch.stack(
             [
                 tiles.symile_n2_forward(xa[:, a], *(ya[:, o] for o in others[a]), scale)
@@ -226,7 +224,7 @@ class _SymileN2Dist(torch.autograd.Function):
         ce = row_lse - scale * mip(_rows(x), acc)
         loss = _comm.all_reduce(ce.clamp_min(0).sum().reshape(1), lay)[0] / (m * lay.total)
         ctx.save_for_backward(x, scale, cols, row_lse)
-        ctx.lay, ctx.grad_scaling = lay, grad_scaling
+        ctx.lay, ctx.grad_scaling, ctx.backend = lay, grad_scaling, backend
         return loss
 
     @_comm.exchange_backward
@@ -241,7 +239,7 @@ class _SymileN2Dist(torch.autograd.Function):
         dy = torch.zeros_like(ya)
         dscale = torch.zeros((), dtype=acc, device=x.device)
         g = coef.expand(n).contiguous()
-        tiles = backend_module(_N2_TILES, "symile")
+        tiles = backend_module(ctx.backend, "symile")
         for a in range(m):
             o1, o2 = [o for o in range(m) if o != a]
             da, d1, d2, ds = tiles.symile_n2_backward(
@@ -256,7 +254,7 @@ class _SymileN2Dist(torch.autograd.Function):
         dscale = (dscale + add_positive_gradient(d, _rows(x), scale, dp, acc)).reshape(1)
         dx += _comm.reduce_scatter_rows(dy, lay)
         dx, dscale = _comm.round_grads(dx, x, dscale, scale, lay, ctx.grad_scaling)
-        return dx, dscale, None, None
+        return dx, dscale, None, None, None
 
 
 # ----------------------------------------------------------------------------- "ring"
@@ -496,9 +494,10 @@ def symile_loss(
     ``negative_sampling="n_squared"`` (M = 3, ``strategy="gather"``): every anchor row
     against all N^2 pairs of the other two modalities, the (N, M, D) representations
     all-gathered; every rank returns the single-process n_squared loss of the
-    concatenated batch. Its rank-local part runs as blockwise torch tiles (the symile_n2
-    kernels take rows and columns of one length), so ``backend`` must be "auto", "torch"
-    or "reference" (RuntimeError on every rank otherwise); "ring" and M > 3 raise
+    concatenated batch. Its rank-local part runs on the "torch" or "triton" symile_n2
+    tiles (n_r rows against N columns; "auto" takes "triton" where it would take "cuda",
+    whose kernels take rows and columns of one length: ``backend="cuda"`` raises a
+    RuntimeError on every rank); "ring" and M > 3 raise
     NotImplementedError on every rank, ``permutations`` a ValueError (as in one process).
     """
 
@@ -522,14 +521,16 @@ def symile_loss(
             )
         if squared and permutations is not None:
             raise ValueError('permutations only apply to negative_sampling="n"')
-        if squared and backend not in ("auto", "torch", "reference"):
+        if squared and backend == "cuda":
             raise RuntimeError(
-                f'backend={backend!r} cannot run negative_sampling="n_squared" over a '
-                "process group: its rank-local part (n_r rows against all N columns) runs "
-                "as blockwise torch tiles, which the symile_n2 kernels (rows and columns "
-                "of one length) do not; use backend='auto' or 'torch'"
+                "backend='cuda' cannot run negative_sampling=\"n_squared\" over a process "
+                "group: its rank-local part is n_r rows against all N columns, which the "
+                "CUDA symile_n2 kernels (rows and columns of one length) do not take; use "
+                "'auto', 'torch' or 'triton'"
             )
-        chosen = "torch" if squared else _comm.engine_backend("symile", backend, reps[0])
+        chosen = _comm.engine_backend("symile", backend, reps[0])
+        if squared and chosen == "cuda":  # "auto" on a GPU: the rectangular Triton tiles
+            chosen = _comm.engine_backend("symile", "triton", reps[0])
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if permutations is not None and generator is not None:
@@ -566,7 +567,8 @@ def symile_loss(
     )  # fmt: skip
     m, n_tot, device = len(reps), lay.total, reps[0].device
     if negative_sampling == "n_squared":
-        return _SymileN2Dist.apply(torch.stack(reps, dim=1), scale, lay, grad_scaling)
+        stacked = torch.stack(reps, dim=1)
+        return _SymileN2Dist.apply(stacked, scale, lay, grad_scaling, chosen)
     host = None  # the permutations on the CPU, when known without a copy
     if p is not None:
         # p is the CPU copy, identical on every rank (checksum): the shape and range
