@@ -82,9 +82,9 @@ checks, so a backend that cannot run on one rank fails every rank), at the rows'
 columns' global offsets; CLIP's column statistics are (max, sum) pairs merged across
 ranks. GRAM sweeps its rows against each column block with the backend's GRAM kernels in
 their rectangular form (row_offset; "torch", "triton", "cuda"), the degeneracy floor and
-NaN propagation the single-process kernels'. Symile "n_squared" runs blockwise PyTorch tiles
-(``backend="auto" | "torch" | "reference"``: the symile_n2 kernels take rows and columns
-of one length, a rank's rows are n_r of the N).
+NaN propagation the single-process kernels'. Symile "n_squared" runs the "torch" or
+"triton" symile_n2 tiles of n_r rows against N columns (the CUDA ones are square: "cuda"
+raises on every rank).
 
 ``"gather"``: all-gather the text features once (shards padded to n_max rows, so uneven
 sizes work with every backend); memory: all of B, O(N D), kept for the backward. CLIP
@@ -180,8 +180,11 @@ losses and GRAM, 5 for Symile):
   the anchors are sent twice, and in exchange no rank holds more than its shard, the
   factor rows of its columns and two visiting anchor shards.
 
-Not covered yet: Symile "n_squared" on the kernels (blockwise PyTorch, M = 3, "gather"
-only).
+Row-only objectives (``rows.py``, "gather"): ``infonce_loss(q, k, s)`` (paired shards,
+query i's positive key i of the global batch) and ``uniform_loss(x, t)``; CWCL
+(``cwcl.py``): ``cwcl_loss(img, txt, s, weight_features=u)``, CLIP's sweep plus one
+all-reduce of the soft targets' (D, Du) moments. Not covered yet: SupCon, multi-positive
+InfoNCE; Symile "n_squared" on the CUDA kernels (square only; torch and Triton tiles).
 """
 
 from ._comm import comm_bytes, reset_comm_bytes
