@@ -21,6 +21,7 @@ ar(f) + (W - 1) n D' f + ar(2 f).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -40,21 +41,29 @@ _INFONCE = Pair("rows")  # the positive of global row i at global column i
 _UNIFORM = Pair("rows", positives=False, exclude_self=True)
 
 
-class _RowsGather(torch.autograd.Function):
+def scaled_layout(lay: _comm.Layout, k: int) -> _comm.Layout:
+    """The layout of a tensor with ``k`` rows per row of ``lay``'s shards (K stacked
+    batches, or V views): sizes k n_q, in rank order."""
+    return dataclasses.replace(lay, sizes=[k * s for s in lay.sizes])
+
+
+class RowsGather(torch.autograd.Function):
     """(row LSE (n,), positive LSE (n,) or (0,)) of this rank's rows ``a`` (n, D') against
-    every rank's columns ``b`` (all-gathered (N, D')), rows at global offset o_r."""
+    every rank's columns ``b`` (all-gathered (M, D'), layout ``cols``), at global row
+    offset ``row_offset`` (the global column index of row 0's positive)."""
 
     @staticmethod
     @autocast_off
-    def forward(ctx, a, b, scale, bias, pair, lay, backend, grad_scaling):
-        cols = _comm.all_gather_rows(b, lay)
+    def forward(ctx, a, b, scale, bias, pair, lay, cols_lay, row_offset, backend, grad_scaling):
+        cols = _comm.all_gather_rows(b, cols_lay)
         engine = backend_module(backend, "pair")
-        st = engine.pair_forward(a, cols, scale, bias, pair, lay.offset, 0, None, None, None)
+        st = engine.pair_forward(a, cols, scale, bias, pair, row_offset, 0, None, None, None)
         rows = lse(st.row_max, st.row_sum)
         pos = lse(st.pos_max, st.pos_sum) if pair.positives else rows.new_empty(0)
         saved = (st.row_max, st.row_sum) + ((st.pos_max, st.pos_sum) if pair.positives else ())
         ctx.save_for_backward(a, cols, scale, bias, *saved)
-        ctx.pair, ctx.lay, ctx.backend, ctx.grad_scaling = pair, lay, backend, grad_scaling
+        ctx.pair, ctx.lay, ctx.cols_lay, ctx.row_offset = pair, lay, cols_lay, row_offset
+        ctx.backend, ctx.grad_scaling = backend, grad_scaling
         ctx.b_dtype, ctx.has_bias = b.dtype, bias is not None
         return rows, pos
 
@@ -69,17 +78,17 @@ class _RowsGather(torch.autograd.Function):
             pos_rows=-g_pos.to(acc) if pair.positives else None,  # L = .. - gpr LSE+
         )
         g = backend_module(ctx.backend, "pair").pair_backward(
-            a, cols, scale, bias, pair, stats, coefs, lay.offset, 0, None, None, None, acc
+            a, cols, scale, bias, pair, stats, coefs, ctx.row_offset, 0, None, None, None, acc
         )
-        db = _comm.reduce_scatter_rows(g.db, lay)
+        db = _comm.reduce_scatter_rows(g.db, ctx.cols_lay)
         dscalars = _comm.all_reduce(torch.stack([g.dscale, g.dbias]).to(acc), lay)
         factor = lay.world if ctx.grad_scaling == "ddp" else 1
         da, db = (g.da * factor).to(a.dtype), (db * factor).to(ctx.b_dtype)
         dbias = dscalars[1] if ctx.has_bias else None
-        return da, db, dscalars[0], dbias, None, None, None, None
+        return da, db, dscalars[0], dbias, *([None] * 6)
 
 
-class _GlobalSum(torch.autograd.Function):
+class GlobalSum(torch.autograd.Function):
     """The sum over ranks of a 0-d ``part``; its gradient is the ranks' mean upstream."""
 
     @staticmethod
@@ -135,8 +144,9 @@ def infonce_loss(
         "infonce_loss", query, keys, logit_scale, logit_bias, group, strategy, grad_scaling,
         backend=backend, objective="infonce", ring=False,
     )  # fmt: skip
-    rows, pos = _RowsGather.apply(q, k, scale, bias, _INFONCE, lay, chosen, grad_scaling)
-    return _GlobalSum.apply((rows - pos).sum(), lay) / lay.total
+    args = (_INFONCE, lay, lay, lay.offset, chosen, grad_scaling)
+    rows, pos = RowsGather.apply(q, k, scale, bias, *args)
+    return GlobalSum.apply((rows - pos).sum(), lay) / lay.total
 
 
 def uniform_loss(
@@ -169,5 +179,6 @@ def uniform_loss(
     if lay.total < 2:
         raise ValueError(f"uniform_loss needs N >= 2 samples (pairs i < j), got N = {lay.total}")
     a, b, unit = single_uniformity.augmented(xs, t)
-    rows, _ = _RowsGather.apply(a, b, unit, None, _UNIFORM, lay, chosen, grad_scaling)
+    args = (_UNIFORM, lay, lay, lay.offset, chosen, grad_scaling)
+    rows, _ = RowsGather.apply(a, b, unit, None, *args)
     return _GlobalLSE.apply(rows, lay) - math.log(lay.total * (lay.total - 1))
