@@ -36,12 +36,14 @@
 #include "flashcontrast/cuda_check.h"
 #include "flashcontrast/pair.h"
 #include "flashcontrast/tiles.cuh"
+#include "common.cuh"
 
 namespace flashcontrast {
 namespace {
 namespace pair_impl {
 
 using namespace tiles;
+using namespace common;
 
 constexpr int kBM = kTileM, kBN = kTileN, kBK = kTileK;
 constexpr int kMaxSplit = 4;
@@ -176,8 +178,8 @@ __device__ __forceinline__ void log_sum(float mx, float sm, float& out_max, floa
 //   sigmoid  sum of softplus(-z S) (z = +1 on positives) per thread, one tile at a time,
 //            then one CTA sum per program into ws[g H + h].
 // pair_combine_kernel merges the H row and G column partials (lse_merge: exact, max then
-// rescaled sums) into the (max, sum) outputs; pair_total_kernel adds the G H sigmoid
-// partials in a fixed order. Deterministic run to run.
+// rescaled sums) into the (max, sum) outputs; sum_kernel (common.cuh) adds the G H
+// sigmoid partials in a fixed order. Deterministic run to run.
 template <typename T, int E, unsigned O>
 __global__ void __launch_bounds__(kThreads, kFwdBlocksPerSm)
     pair_fwd_kernel(Sweep<T> p, float* __restrict__ ws) {
@@ -363,25 +365,6 @@ __global__ void pair_combine_kernel(const float* __restrict__ ws, int64_t n, int
   }
 }
 
-// *out = sum of `count` partials (two groups of `count` when out2 is set), one CTA, fixed
-// order: deterministic.
-__global__ void __launch_bounds__(kThreads)
-    pair_sum_kernel(const float* __restrict__ partials, int count, float* __restrict__ out,
-                    float* __restrict__ out2) {
-  __shared__ float red[kThreads / 32];
-  float a = 0.0f, b = 0.0f;
-  for (int i = threadIdx.x; i < count; i += kThreads) {
-    a += partials[i];
-    if (out2 != nullptr) b += partials[count + i];
-  }
-  a = block_sum(a, red);
-  if (threadIdx.x == 0) *out = a;
-  if (out2 != nullptr) {
-    b = block_sum(b, red);
-    if (threadIdx.x == 0) *out2 = b;
-  }
-}
-
 // ----------------------------------------------------------------------------- backward
 // Grid (column blocks, SPLIT) (sweep_split): program (cb, sp) visits the row blocks
 // rb = sp (mod SPLIT), staggered by cb so that concurrent programs add into different rows
@@ -401,8 +384,8 @@ __global__ void __launch_bounds__(kThreads)
 //   16-bit: dS / max|dS| rounded to T once (tile_norm), the products multiplied back;
 //   per D chunk: dA_ws[rb] += dS @ B_cb (fp32 atomics), dB_ws[sp][cb] += dS^T @ A_rb
 //   (plain read-modify-write: rows of cb in slice sp belong to this program alone).
-// pair_finalize_kernel: da = Tout(s dA_ws), db = Tout(s sum_sp dB_ws[sp]) (Tout the input
-// dtype or fp32); pair_sum_kernel: dscale, dbias from the program partials.
+// finalize_kernel (common.cuh): da = Tout(s dA_ws), db = Tout(s sum_sp dB_ws[sp]) (Tout the
+// input dtype or fp32); sum_kernel: dscale, dbias from the program partials.
 struct BwdVectors {
   const float *row_max, *row_sum, *pos_max, *pos_sum;
   const float *col_max, *col_sum, *cpos_max, *cpos_sum;
@@ -564,19 +547,6 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm)
   if (tid == 0) partials[programs + pid] = db_total;
 }
 
-// out[i] = Tout(scale * sum_{k < slices} ws[k * count + i]).
-template <typename Tout>
-__global__ void pair_finalize_kernel(const float* __restrict__ ws, int slices, int64_t count,
-                                     const float* __restrict__ scale, Tout* __restrict__ out) {
-  const float s = *scale;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
-    float acc = 0.0f;
-    for (int k = 0; k < slices; ++k) acc += ws[int64_t(k) * count + i];
-    out[i] = from_float<Tout>(s * acc);
-  }
-}
-
 // ----------------------------------------------------------------------------- options
 
 // The instantiations: every epilogue, with and without positives (and the override for
@@ -654,10 +624,6 @@ void dispatch_options(int e, unsigned o, F&& f) {
 
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument(what); }
 
-void require(const void* ptr, const char* field) {
-  if (ptr == nullptr) bad(std::string(field) + " is null");
-}
-
 void forbid(const void* ptr, const char* field, const char* why) {
   if (ptr != nullptr) bad(std::string(field) + " must be null (0) " + why);
 }
@@ -670,13 +636,8 @@ void check_params(const PairParams& p) {
   if (p.d < 0) bad("PairParams.d must be >= 0, got " + std::to_string(p.d));
   if (p.n > kMaxRows) bad("PairParams.n must be < 2^31 - 64, got " + std::to_string(p.n));
   if (p.m > kMaxRows) bad("PairParams.m must be < 2^31 - 64, got " + std::to_string(p.m));
-  const std::pair<int64_t, const char*> strides[] = {{p.a_stride0, "PairParams.a_stride0"},
-                                                     {p.a_stride1, "PairParams.a_stride1"},
-                                                     {p.b_stride0, "PairParams.b_stride0"},
-                                                     {p.b_stride1, "PairParams.b_stride1"}};
-  for (const auto& s : strides) {
-    if (s.first < 0) bad(std::string(s.second) + " must be >= 0, got " + std::to_string(s.first));
-  }
+  check_strides("PairParams.", {{p.a_stride0, "a_stride0"}, {p.a_stride1, "a_stride1"},
+                                 {p.b_stride0, "b_stride0"}, {p.b_stride1, "b_stride1"}});
   if (p.d > 0) {  // zero-size tensors may have no storage
     require(p.a, "PairParams.a");
     require(p.b, "PairParams.b");
@@ -781,10 +742,6 @@ void check_workspace(const float* ws, int64_t have, int64_t need) {
   }
 }
 
-unsigned grid_1d(int64_t elems) {
-  return unsigned(std::max<int64_t>(1, std::min<int64_t>(blocks_of(elems, 256), 8192)));
-}
-
 // ----------------------------------------------------------------------------- launchers
 
 template <typename T, int E, unsigned O>
@@ -794,8 +751,8 @@ void launch_forward(const PairParams& p, const ForwardPlan& plan, const PairStat
   pair_fwd_kernel<T, E, O><<<grid, kThreads, 0, stream>>>(make_sweep<T>(p), ws);
   detail::check_launch("pair_fwd_kernel");
   if (E == kSigmoid) {
-    pair_sum_kernel<<<1, kThreads, 0, stream>>>(ws, plan.grid.g * plan.grid.h, st.total, nullptr);
-    detail::check_launch("pair_sum_kernel");
+    sum_kernel<<<1, kThreads, 0, stream>>>(ws, plan.grid.g * plan.grid.h, st.total, nullptr);
+    detail::check_launch("sum_kernel");
     return;
   }
   const unsigned blocks = unsigned(blocks_of(std::max(p.n, p.m), 256));
@@ -826,15 +783,15 @@ void launch_backward(const PairParams& p, const BackwardPlan& plan, const PairSt
       make_sweep<T>(p), v, da_ws, db_ws, partials, gr.dpos);
   detail::check_launch("pair_bwd_kernel");
   if (nd > 0) {
-    pair_finalize_kernel<Tout><<<grid_1d(nd), 256, 0, stream>>>(da_ws, 1, nd, p.scale,
-                                                                static_cast<Tout*>(gr.da));
-    detail::check_launch("pair_finalize_kernel");
-    pair_finalize_kernel<Tout><<<grid_1d(md), 256, 0, stream>>>(db_ws, plan.split, md, p.scale,
-                                                                static_cast<Tout*>(gr.db));
-    detail::check_launch("pair_finalize_kernel");
+    finalize_kernel<Tout><<<grid_1d(nd), 256, 0, stream>>>(da_ws, 1, nd, p.scale,
+                                                           static_cast<Tout*>(gr.da));
+    detail::check_launch("finalize_kernel");
+    finalize_kernel<Tout><<<grid_1d(md), 256, 0, stream>>>(db_ws, plan.split, md, p.scale,
+                                                           static_cast<Tout*>(gr.db));
+    detail::check_launch("finalize_kernel");
   }
-  pair_sum_kernel<<<1, kThreads, 0, stream>>>(partials, programs, gr.dscale, gr.dbias);
-  detail::check_launch("pair_sum_kernel");
+  sum_kernel<<<1, kThreads, 0, stream>>>(partials, programs, gr.dscale, gr.dbias);
+  detail::check_launch("sum_kernel");
 }
 
 // The statistics fields a forward with these options writes (the rest must be null).

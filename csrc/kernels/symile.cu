@@ -26,11 +26,13 @@
 #include "flashcontrast/cuda_check.h"
 #include "flashcontrast/symile.h"
 #include "flashcontrast/tiles.cuh"
+#include "common.cuh"
 
 namespace flashcontrast {
 namespace symile_impl {
 
 using namespace tiles;
+using namespace common;
 
 constexpr int kBM = kTileM;
 constexpr int kBN = kTileN;
@@ -104,29 +106,6 @@ __global__ void rows_combine_kernel(const float* __restrict__ ws_m,
   float m = -INFINITY, l = 0.0f;
   for (int h = 0; h < H; ++h) lse_merge(m, l, ws_m[int64_t(h) * n + i], ws_l[int64_t(h) * n + i]);
   row_lse[i] = m + logf(l);
-}
-
-// out = T(scale * sum_{s < slices} ws[s * nd + i]).
-template <typename T>
-__global__ void finalize_kernel(const float* __restrict__ ws, int slices, int64_t nd,
-                                const float* __restrict__ scale, T* __restrict__ out) {
-  const float s = *scale;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nd; i += stride) {
-    float acc = 0.0f;
-    for (int k = 0; k < slices; ++k) acc += ws[k * nd + i];
-    out[i] = from_float<T>(s * acc);
-  }
-}
-
-// *out = sum of partials, one CTA, fixed order.
-__global__ void __launch_bounds__(kThreads)
-    sum_partials_kernel(const float* __restrict__ partials, int count, float* __restrict__ out) {
-  __shared__ float red[kThreads / 32];
-  float v = 0.0f;
-  for (int i = threadIdx.x; i < count; i += kThreads) v += partials[i];
-  v = block_sum(v, red);
-  if (threadIdx.x == 0) *out = v;
 }
 
 // ----------------------------------------------------------------------------- symile_n2
@@ -264,10 +243,6 @@ int64_t sweep_split(int64_t n_blocks, int64_t cap, int sms) {
   return std::max<int64_t>(1, std::min(cap, blocks_of(target, n_blocks)));
 }
 
-void require(const void* ptr, const char* name) {
-  if (!ptr) throw std::invalid_argument(std::string(name) + " is null");
-}
-
 // `prefix` names the struct the sizes came from ("TripleParams.").
 void check_nd(int64_t n, int64_t d, const std::string& prefix) {
   if (n < 1) throw std::invalid_argument(prefix + "n must be >= 1, got " + std::to_string(n));
@@ -277,32 +252,17 @@ void check_nd(int64_t n, int64_t d, const std::string& prefix) {
   }
 }
 
-void check_workspace(int64_t have, int64_t need) {
-  if (have < need) {
-    throw std::invalid_argument("workspace has " + std::to_string(have) + " floats, needs " +
-                                std::to_string(need));
-  }
-}
-
 void check_triple_sizes(const TripleInputs& in) {
   check_nd(in.n, in.d, "TripleParams.");
-  const std::pair<int64_t, const char*> strides[] = {
-      {in.x_stride0, "x_stride0"}, {in.x_stride1, "x_stride1"}, {in.y_stride0, "y_stride0"},
-      {in.y_stride1, "y_stride1"}, {in.z_stride0, "z_stride0"}, {in.z_stride1, "z_stride1"}};
-  for (const auto& st : strides) {
-    if (st.first < 0) {
-      throw std::invalid_argument(std::string("TripleParams.") + st.second +
-                                  " must be >= 0, got " + std::to_string(st.first));
-    }
-  }
+  check_strides("TripleParams.", {{in.x_stride0, "x_stride0"}, {in.x_stride1, "x_stride1"},
+                                   {in.y_stride0, "y_stride0"}, {in.y_stride1, "y_stride1"},
+                                   {in.z_stride0, "z_stride0"}, {in.z_stride1, "z_stride1"}});
 }
 
 void check_triple(const TripleInputs& in) {
   check_triple_sizes(in);
-  require(in.x, "TripleParams.x");
-  require(in.y, "TripleParams.y");
-  require(in.z, "TripleParams.z");
-  require(in.scale, "TripleParams.scale");
+  require_all({{in.x, "TripleParams.x"}, {in.y, "TripleParams.y"}, {in.z, "TripleParams.z"},
+               {in.scale, "TripleParams.scale"}});
 }
 
 template <typename T>
@@ -310,10 +270,6 @@ TripleParams<T> triple_params(const TripleInputs& in) {
   return TripleParams<T>{static_cast<const T*>(in.x), static_cast<const T*>(in.y),
                          static_cast<const T*>(in.z), in.n, in.d, in.x_stride0, in.x_stride1,
                          in.y_stride0, in.y_stride1, in.z_stride0, in.z_stride1, in.scale};
-}
-
-unsigned grid_1d(int64_t elems) {
-  return unsigned(std::max<int64_t>(1, std::min<int64_t>((elems + 255) / 256, 8192)));
 }
 
 template <typename T>
@@ -345,8 +301,8 @@ void n2_bwd(const TripleInputs& in, int S, const float* row_lse, const float* gr
                                                         static_cast<float*>(outs[m]));
     detail::check_launch("finalize_kernel");
   }
-  sum_partials_kernel<<<1, kThreads, 0, st>>>(partials, num_kb * S, dscale);
-  detail::check_launch("sum_partials_kernel");
+  sum_kernel<<<1, kThreads, 0, st>>>(partials, num_kb * S, dscale, nullptr);
+  detail::check_launch("sum_kernel");
 }
 
 int n2_split(int64_t n, int sms) { return int(sweep_split(blocks_of(n, kBM), n, sms)); }
@@ -367,14 +323,12 @@ void symile_n2_forward(const TripleInputs& in, float* row_lse, float* workspace,
   check_triple(in);
   require(row_lse, "row_lse");
   require(workspace, "workspace");
-  const int device = detail::device_of(in.x, "TripleParams.x");
-  detail::DeviceScope scope(device);
-  const int H = n2_split(in.n, detail::sm_count(device));
+  const detail::LaunchScope at(in.x, "TripleParams.x", stream);
+  const int H = n2_split(in.n, at.sms);
   check_workspace(workspace_elems, 2 * int64_t(H) * in.n);
-  const auto st = static_cast<cudaStream_t>(stream);
   dispatch_dtype(in.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    n2_fwd<T>(in, row_lse, workspace, H, st);
+    n2_fwd<T>(in, row_lse, workspace, H, at.stream);
   });
 }
 
@@ -389,21 +343,14 @@ void symile_n2_backward(const TripleInputs& in, const float* row_lse, const floa
                         void* dx, void* dy, void* dz, float* dscale, float* workspace,
                         int64_t workspace_elems, void* stream) {
   check_triple(in);
-  require(row_lse, "row_lse");
-  require(grad_rows, "grad_rows");
-  require(dx, "dx");
-  require(dy, "dy");
-  require(dz, "dz");
-  require(dscale, "dscale");
-  require(workspace, "workspace");
-  const int device = detail::device_of(in.x, "TripleParams.x");
-  detail::DeviceScope scope(device);
-  const int S = n2_split(in.n, detail::sm_count(device));
+  require_all({{row_lse, "row_lse"}, {grad_rows, "grad_rows"}, {dx, "dx"}, {dy, "dy"}, {dz, "dz"},
+               {dscale, "dscale"}, {workspace, "workspace"}});
+  const detail::LaunchScope at(in.x, "TripleParams.x", stream);
+  const int S = n2_split(in.n, at.sms);
   check_workspace(workspace_elems, 3 * in.n * in.d + blocks_of(in.n, kBN) * S);
-  const auto st = static_cast<cudaStream_t>(stream);
   dispatch_dtype(in.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    n2_bwd<T>(in, S, row_lse, grad_rows, dx, dy, dz, dscale, workspace, st);
+    n2_bwd<T>(in, S, row_lse, grad_rows, dx, dy, dz, dscale, workspace, at.stream);
   });
 }
 
