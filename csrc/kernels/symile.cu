@@ -39,11 +39,12 @@ constexpr int kBN = kTileN;
 constexpr int kBK = kTileK;
 
 // The tile engine's layout (TileSmem: A/B chunks (T), X (fp32), P (T; in place over X for
-// fp32)), then 3 * 64 + 64 floats of small scratch.
+// fp32)), then 3 * 64 + 64 floats of small scratch (Views::extra).
+constexpr int kSmallBytes = 4 * 64 * 4;
 template <typename T>
-struct Smem : TileSmem<T, 4 * 64 * 4> {
-  static constexpr int kSmall = TileSmem<T, 4 * 64 * 4>::kExtraOff;
-};
+using Smem = TileSmem<T, kSmallBytes>;
+template <typename T>
+using Views = TileViews<T, kSmallBytes>;
 
 // The A chunk: x * y_j, rows of x times the row y_j (element e at v[e * v_stride]).
 template <typename T>
@@ -123,9 +124,7 @@ __global__ void __launch_bounds__(kThreads)
     symile_n2_fwd_kernel(TripleParams<T> p, float* __restrict__ ws_m, float* __restrict__ ws_l) {
   using L = Smem<T>;
   __shared__ __align__(128) unsigned char smem[L::kBytes];
-  T* As = reinterpret_cast<T*>(smem + L::kA);
-  T* Bs = reinterpret_cast<T*>(smem + L::kB);
-  float* Xs = reinterpret_cast<float*>(smem + L::kX);
+  const Views<T> sm(smem);
   const int rb = blockIdx.x, h = blockIdx.y, H = gridDim.y;
   const int64_t n = p.n, row0 = int64_t(rb) * kBM;
   const int num_kb = int((n + kBN - 1) / kBN);
@@ -135,9 +134,9 @@ __global__ void __launch_bounds__(kThreads)
     const AOperand<T> op{p.x, p.xs0, p.xs1, p.y + j * p.ys0, p.ys1};
     for (int kb = 0; kb < num_kb; ++kb) {
       const int64_t col0 = int64_t(kb) * kBN;
-      tile_product<T>(op, p.z, p.zs0, p.zs1, n, p.d, row0, col0, As, Bs, Xs);
+      tile_product<T>(op, p.z, p.zs0, p.zs1, n, p.d, row0, col0, sm.As, sm.Bs, sm.Xs);
       const int ncols = int(std::min<int64_t>(kBN, n - col0));
-      row_pass<T>(Xs, ncols, run_m, run_l, [&](int, int, float x) { return scale * x; });
+      row_pass<T>(sm.Xs, ncols, run_m, run_l, [&](int, int, float x) { return scale * x; });
     }
   }
   const int64_t gi = row0 + threadIdx.x / 2;
@@ -155,11 +154,8 @@ __global__ void __launch_bounds__(kThreads)
                          float* __restrict__ partials) {
   using L = Smem<T>;
   __shared__ __align__(128) unsigned char smem[L::kBytes];
-  T* As = reinterpret_cast<T*>(smem + L::kA);
-  T* Bs = reinterpret_cast<T*>(smem + L::kB);
-  float* Xs = reinterpret_cast<float*>(smem + L::kX);
-  T* Ps = reinterpret_cast<T*>(smem + L::kP);
-  float* lse_r = reinterpret_cast<float*>(smem + L::kSmall);
+  const Views<T> sm(smem);
+  float* lse_r = reinterpret_cast<float*>(sm.extra);
   float* g_r = lse_r + kBM;
   float* dy_red = g_r + kBM;  // kBK floats
   float* red = dy_red + kBK;
@@ -182,47 +178,47 @@ __global__ void __launch_bounds__(kThreads)
         lse_r[tid] = ok ? row_lse[row0 + tid] : 0.0f;
         g_r[tid] = ok ? grad_rows[row0 + tid] : 0.0f;
       }
-      tile_product<T>(op, p.z, p.zs0, p.zs1, n, d, row0, col0, As, Bs, Xs);
+      tile_product<T>(op, p.z, p.zs0, p.zs1, n, d, row0, col0, sm.As, sm.Bs, sm.Xs);
 
       float amax = 0.0f;
       for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
         const int i = idx / kBN, k = idx % kBN;
-        const float x = Xs[i * L::kLdX + k];
+        const float x = sm.Xs[i * L::kLdX + k];
         float c = 0.0f;
         if (row0 + i < n && col0 + k < n) {
           c = g_r[i] * expf(scale * x - lse_r[i]);
           ds_acc = fmaf(c, x, ds_acc);
           amax = fmaxf(amax, fabsf(c));
         }
-        Xs[i * L::kLdX + k] = c;
+        sm.Xs[i * L::kLdX + k] = c;
       }
       float inv;
       const float mult = tile_norm(block_max_all(amax, red), inv);
       for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
         const int i = idx / kBN, k = idx % kBN;
-        Ps[i * L::kLdP + k] = from_float<T>(Xs[i * L::kLdX + k] * inv);
+        sm.Ps[i * L::kLdP + k] = from_float<T>(sm.Xs[i * L::kLdX + k] * inv);
       }
 
       for (int64_t k0 = 0; k0 < d; k0 += kBK) {
         __syncthreads();  // P complete; previous chunk's readers of As/Bs/dy_red done
-        load_a<T>(op, As, row0, n, k0, d);
-        load_tile<T, kBN, kBK>(Bs, L::kLdK, p.z, p.zs0, p.zs1, col0, n, k0, d);
+        load_a<T>(op, sm.As, row0, n, k0, d);
+        load_tile<T, kBN, kBK>(sm.Bs, L::kLdK, p.z, p.zs0, p.zs1, col0, n, k0, d);
         if (tid < kBK) dy_red[tid] = 0.0f;
         __syncthreads();
         TileAcc<T, kBM, kBK> acc_e;  // E = P @ z chunk
         acc_e.zero();
-        acc_e.template mma<kBN, true, true>(Ps, L::kLdP, Bs, L::kLdK);
+        acc_e.template mma<kBN, true, true>(sm.Ps, L::kLdP, sm.Bs, L::kLdK);
         TileAcc<T, kBN, kBK> acc_f;  // F = P^T @ (x * y_j) chunk
         acc_f.zero();
-        acc_f.template mma<kBM, false, true>(Ps, L::kLdP, As, L::kLdK);
-        acc_e.for_each(Xs, L::kLdX, [&](int i, int c, float v) {
+        acc_f.template mma<kBM, false, true>(sm.Ps, L::kLdP, sm.As, L::kLdK);
+        acc_e.for_each(sm.Xs, L::kLdX, [&](int i, int c, float v) {
           const int64_t gi = row0 + i, gc = k0 + c;
           if (gi < n && gc < d) {
             atomicAdd(dx_ws + gi * d + gc, mult * v * to_float(yj[gc * p.ys1]));
             atomicAdd(dy_red + c, v * to_float(p.x[gi * p.xs0 + gc * p.xs1]));
           }
         });
-        acc_f.for_each(Xs, L::kLdX, [&](int k, int c, float v) {
+        acc_f.for_each(sm.Xs, L::kLdX, [&](int k, int c, float v) {
           if (col0 + k < n && k0 + c < d) atomicAdd(dz_ws + (col0 + k) * d + k0 + c, mult * v);
         });
         __syncthreads();  // dy_red complete (SIMT for_each has no barrier)
