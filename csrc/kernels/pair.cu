@@ -7,25 +7,20 @@ namespace flashcontrast {
 
 using namespace pair_impl;
 
+namespace {
+
+constexpr EnumName<Epilogue> kEpilogueNames[] = {
+    {Epilogue::kSoftmax, "softmax"}, {Epilogue::kRows, "rows"}, {Epilogue::kSigmoid, "sigmoid"}};
+
+}  // namespace
+
 Epilogue parse_epilogue(const std::string& name, const char* field) {
-  if (name == "softmax") return Epilogue::kSoftmax;
-  if (name == "rows") return Epilogue::kRows;
-  if (name == "sigmoid") return Epilogue::kSigmoid;
+  if (const Epilogue* e = find_enum(kEpilogueNames, name)) return *e;
   throw std::invalid_argument(std::string(field) +
                               " must be 'softmax', 'rows' or 'sigmoid', got '" + name + "'");
 }
 
-const char* epilogue_name(Epilogue e) {
-  switch (e) {
-    case Epilogue::kSoftmax:
-      return "softmax";
-    case Epilogue::kRows:
-      return "rows";
-    case Epilogue::kSigmoid:
-      return "sigmoid";
-  }
-  return "?";
-}
+const char* epilogue_name(Epilogue e) { return enum_name(kEpilogueNames, e); }
 
 int64_t pair_forward_workspace_elems(const PairParams& p, int device) {
   check_params(p);
