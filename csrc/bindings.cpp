@@ -59,11 +59,6 @@ void selftest_fill(std::uintptr_t ptr, std::int64_t n, float value, std::uintptr
   fc::selftest_fill(reinterpret_cast<float*>(ptr), n, value, reinterpret_cast<void*>(stream));
 }
 
-template <typename T>
-T* as_ptr(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
 // ----------------------------------------------------------------------------- typed structs
 // The launchers below take their inputs as structs with named fields (PairParams,
 // PairStats, PairCoefs, PairGrads, GramParams, TripleParams) and every other integer as a
@@ -121,7 +116,68 @@ std::string to_string(py::handle v, const std::string& field) {
   return v.cast<std::string>();
 }
 
-// py::class_<S> whose fields are properties with the converting setters above, a
+// An enum given by its name: parse(name, field) (dtype.h's parse_dtype, pair.h's
+// parse_epilogue), its std::invalid_argument as ValueError.
+template <typename E>
+E to_enum(py::handle v, const std::string& field, E (*parse)(const std::string&, const char*)) {
+  try {
+    return parse(to_string(v, field), field.c_str());
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+}
+
+// The Python side of a C++ value of type M, for struct fields and launcher arguments:
+// from_python checks and converts (the to_* above, errors naming `field`), to_python is
+// what a field's getter and the struct's repr show. Pointers are device addresses (ints).
+template <typename M>
+struct Convert;
+
+template <typename P>
+struct Convert<P*> {
+  static P* from_python(py::handle v, const std::string& field) {
+    return reinterpret_cast<P*>(to_address(v, field));
+  }
+  static py::object to_python(P* p) { return py::int_(reinterpret_cast<std::uintptr_t>(p)); }
+};
+
+template <>
+struct Convert<std::int64_t> {
+  static std::int64_t from_python(py::handle v, const std::string& field) {
+    return to_int64(v, field);
+  }
+  static py::object to_python(std::int64_t x) { return py::int_(x); }
+};
+
+template <>
+struct Convert<bool> {
+  static bool from_python(py::handle v, const std::string& field) { return to_bool(v, field); }
+  static py::object to_python(bool x) { return py::bool_(x); }
+};
+
+template <>
+struct Convert<fc::DType> {
+  static fc::DType from_python(py::handle v, const std::string& field) {
+    return to_enum(v, field, fc::parse_dtype);
+  }
+  static py::object to_python(fc::DType x) { return py::str(fc::dtype_name(x)); }
+};
+
+template <>
+struct Convert<fc::Epilogue> {
+  static fc::Epilogue from_python(py::handle v, const std::string& field) {
+    return to_enum(v, field, fc::parse_epilogue);
+  }
+  static py::object to_python(fc::Epilogue x) { return py::str(fc::epilogue_name(x)); }
+};
+
+// A launcher's argument `name` as an M (a device address as a pointer, an int64).
+template <typename M>
+M arg(py::handle v, const char* name) {
+  return Convert<M>::from_python(v, name);
+}
+
+// py::class_<S> whose fields are properties with the converting setters (Convert), a
 // keyword-only constructor (S(field=value, ...): unknown names and missing required fields
 // raise TypeError naming them) and a repr listing every field. Module-local: the tests load
 // the CPU-emulated build of this module (tests/cuda_emulator) next to the real one, and
@@ -134,54 +190,14 @@ class Struct {
         name_(name),
         table_(std::make_shared<Table>()) {}
 
-  template <typename P>
-  Struct& address(const char* field, P S::*member, bool required, const char* doc) {
-    const std::string full = name_ + "." + field;
-    return add(field, required, doc,
-               [member](const S& s) -> py::object {
-                 return py::int_(reinterpret_cast<std::uintptr_t>(s.*member));
-               },
-               [member, full](S& s, py::handle v) {
-                 s.*member = reinterpret_cast<P>(to_address(v, full));
-               });
-  }
-  Struct& int64(const char* field, std::int64_t S::*member, bool required, const char* doc) {
-    const std::string full = name_ + "." + field;
-    return add(field, required, doc,
-               [member](const S& s) -> py::object { return py::int_(s.*member); },
-               [member, full](S& s, py::handle v) { s.*member = to_int64(v, full); });
-  }
-  Struct& flag(const char* field, bool S::*member, bool required, const char* doc) {
-    const std::string full = name_ + "." + field;
-    return add(field, required, doc,
-               [member](const S& s) -> py::object { return py::bool_(s.*member); },
-               [member, full](S& s, py::handle v) { s.*member = to_bool(v, full); });
-  }
-  Struct& dtype(const char* field, fc::DType S::*member, bool required, const char* doc) {
-    const std::string full = name_ + "." + field;
-    return add(field, required, doc,
-               [member](const S& s) -> py::object { return py::str(fc::dtype_name(s.*member)); },
-               [member, full](S& s, py::handle v) {
-                 try {
-                   s.*member = fc::parse_dtype(to_string(v, full), full.c_str());
-                 } catch (const std::invalid_argument& e) {
-                   throw py::value_error(e.what());
-                 }
-               });
-  }
-  Struct& epilogue(const char* field, fc::Epilogue S::*member, bool required, const char* doc) {
-    const std::string full = name_ + "." + field;
-    return add(field, required, doc,
-               [member](const S& s) -> py::object {
-                 return py::str(fc::epilogue_name(s.*member));
-               },
-               [member, full](S& s, py::handle v) {
-                 try {
-                   s.*member = fc::parse_epilogue(to_string(v, full), full.c_str());
-                 } catch (const std::invalid_argument& e) {
-                   throw py::value_error(e.what());
-                 }
-               });
+  // A field of any type Convert knows, converted on every set (the constructor's too).
+  template <typename M>
+  Struct& field(const char* name, M S::*member, bool required, const char* doc) {
+    const std::string full = name_ + "." + name;
+    return add(
+        name, required, doc,
+        [member](const S& s) -> py::object { return Convert<M>::to_python(s.*member); },
+        [member, full](S& s, py::handle v) { s.*member = Convert<M>::from_python(v, full); });
   }
 
   // The constructor and repr; call once, after the fields.
@@ -259,18 +275,15 @@ std::int64_t pair_backward_workspace_elems(const fc::PairParams& params, py::han
 
 void pair_forward(const fc::PairParams& params, const fc::PairStats& stats, py::handle workspace,
                   py::handle workspace_elems, py::handle stream) {
-  fc::pair_forward(params, stats, as_ptr<float>(to_address(workspace, "workspace")),
-                   to_int64(workspace_elems, "workspace_elems"),
-                   as_ptr<void>(to_address(stream, "stream")));
+  fc::pair_forward(params, stats, arg<float*>(workspace, "workspace"),
+                   to_int64(workspace_elems, "workspace_elems"), arg<void*>(stream, "stream"));
 }
 
 void pair_backward(const fc::PairParams& params, const fc::PairStats& stats,
                    const fc::PairCoefs& coefs, const fc::PairGrads& grads, py::handle workspace,
                    py::handle workspace_elems, py::handle stream) {
-  fc::pair_backward(params, stats, coefs, grads,
-                    as_ptr<float>(to_address(workspace, "workspace")),
-                    to_int64(workspace_elems, "workspace_elems"),
-                    as_ptr<void>(to_address(stream, "stream")));
+  fc::pair_backward(params, stats, coefs, grads, arg<float*>(workspace, "workspace"),
+                    to_int64(workspace_elems, "workspace_elems"), arg<void*>(stream, "stream"));
 }
 
 // ---- GRAM (gram.h)
@@ -286,14 +299,10 @@ std::int64_t gram_backward_workspace_elems(const fc::GramInputs& params, py::han
 void gram_forward(const fc::GramInputs& params, py::handle row_lse, py::handle col_lse,
                   py::handle diag, py::handle row_sum, py::handle col_sum, py::handle workspace,
                   py::handle workspace_elems, py::handle stream) {
-  fc::gram_forward(params, as_ptr<float>(to_address(row_lse, "row_lse")),
-                   as_ptr<float>(to_address(col_lse, "col_lse")),
-                   as_ptr<float>(to_address(diag, "diag")),
-                   as_ptr<float>(to_address(row_sum, "row_sum")),
-                   as_ptr<float>(to_address(col_sum, "col_sum")),
-                   as_ptr<float>(to_address(workspace, "workspace")),
-                   to_int64(workspace_elems, "workspace_elems"),
-                   as_ptr<void>(to_address(stream, "stream")));
+  fc::gram_forward(params, arg<float*>(row_lse, "row_lse"), arg<float*>(col_lse, "col_lse"),
+                   arg<float*>(diag, "diag"), arg<float*>(row_sum, "row_sum"),
+                   arg<float*>(col_sum, "col_sum"), arg<float*>(workspace, "workspace"),
+                   to_int64(workspace_elems, "workspace_elems"), arg<void*>(stream, "stream"));
 }
 
 // total: None -> the columns m; out_dtype: None -> the inputs' dtype.
@@ -303,27 +312,16 @@ void gram_backward(const fc::GramInputs& params, py::handle row_lse, py::handle 
                    py::handle col_uu, py::handle workspace, py::handle workspace_elems,
                    py::handle stream, py::handle total, py::handle out_dtype) {
   const std::int64_t cols = params.m < 0 ? params.n : params.m;
-  fc::DType out = params.dtype;
-  if (!out_dtype.is_none()) {
-    try {
-      out = fc::parse_dtype(to_string(out_dtype, "out_dtype"), "out_dtype");
-    } catch (const std::invalid_argument& e) {
-      throw py::value_error(e.what());
-    }
-  }
-  fc::gram_backward(params, as_ptr<const float>(to_address(row_lse, "row_lse")),
-                    as_ptr<const float>(to_address(col_lse, "col_lse")),
-                    as_ptr<const float>(to_address(grad, "grad")),
+  const fc::DType out =
+      out_dtype.is_none() ? params.dtype : to_enum(out_dtype, "out_dtype", fc::parse_dtype);
+  fc::gram_backward(params, arg<const float*>(row_lse, "row_lse"),
+                    arg<const float*>(col_lse, "col_lse"), arg<const float*>(grad, "grad"),
                     to_float(label_smoothing, "label_smoothing"),
                     total.is_none() ? cols : to_int64(total, "total"), out,
-                    as_ptr<void>(to_address(d_anchor, "d_anchor")),
-                    as_ptr<void>(to_address(d_others_u, "d_others_u")),
-                    as_ptr<float>(to_address(dscale, "dscale")),
-                    as_ptr<float>(to_address(col_tt, "col_tt")),
-                    as_ptr<float>(to_address(col_uu, "col_uu")),
-                    as_ptr<float>(to_address(workspace, "workspace")),
-                    to_int64(workspace_elems, "workspace_elems"),
-                    as_ptr<void>(to_address(stream, "stream")));
+                    arg<void*>(d_anchor, "d_anchor"), arg<void*>(d_others_u, "d_others_u"),
+                    arg<float*>(dscale, "dscale"), arg<float*>(col_tt, "col_tt"),
+                    arg<float*>(col_uu, "col_uu"), arg<float*>(workspace, "workspace"),
+                    to_int64(workspace_elems, "workspace_elems"), arg<void*>(stream, "stream"));
 }
 
 // ---- Symile n_squared (symile.h)
@@ -339,116 +337,113 @@ std::int64_t symile_n2_backward_workspace_elems(const fc::TripleInputs& params,
 
 void symile_n2_forward(const fc::TripleInputs& params, py::handle row_lse, py::handle workspace,
                        py::handle workspace_elems, py::handle stream) {
-  fc::symile_n2_forward(params, as_ptr<float>(to_address(row_lse, "row_lse")),
-                        as_ptr<float>(to_address(workspace, "workspace")),
-                        to_int64(workspace_elems, "workspace_elems"),
-                        as_ptr<void>(to_address(stream, "stream")));
+  fc::symile_n2_forward(params, arg<float*>(row_lse, "row_lse"),
+                        arg<float*>(workspace, "workspace"),
+                        to_int64(workspace_elems, "workspace_elems"), arg<void*>(stream, "stream"));
 }
 
 void symile_n2_backward(const fc::TripleInputs& params, py::handle row_lse, py::handle grad_rows,
                         py::handle dx, py::handle dy, py::handle dz, py::handle dscale,
                         py::handle workspace, py::handle workspace_elems, py::handle stream) {
-  fc::symile_n2_backward(params, as_ptr<const float>(to_address(row_lse, "row_lse")),
-                         as_ptr<const float>(to_address(grad_rows, "grad_rows")),
-                         as_ptr<void>(to_address(dx, "dx")), as_ptr<void>(to_address(dy, "dy")),
-                         as_ptr<void>(to_address(dz, "dz")),
-                         as_ptr<float>(to_address(dscale, "dscale")),
-                         as_ptr<float>(to_address(workspace, "workspace")),
+  fc::symile_n2_backward(params, arg<const float*>(row_lse, "row_lse"),
+                         arg<const float*>(grad_rows, "grad_rows"), arg<void*>(dx, "dx"),
+                         arg<void*>(dy, "dy"), arg<void*>(dz, "dz"),
+                         arg<float*>(dscale, "dscale"), arg<float*>(workspace, "workspace"),
                          to_int64(workspace_elems, "workspace_elems"),
-                         as_ptr<void>(to_address(stream, "stream")));
+                         arg<void*>(stream, "stream"));
 }
 
 void register_structs(py::module_& m) {
   using P = fc::PairParams;
   Struct<P>(m, "PairParams", "One sweep of the pair engine: inputs and static options (pair.h).")
-      .address("a", &P::a, kRequired, "(n, d) rows, device address")
-      .address("b", &P::b, kRequired, "(m, d) columns, device address (may equal a)")
-      .int64("n", &P::n, kRequired, "rows of a")
-      .int64("m", &P::m, kRequired, "rows of b")
-      .int64("d", &P::d, kRequired, "features")
-      .int64("a_stride0", &P::a_stride0, kRequired, "element stride of a's rows")
-      .int64("a_stride1", &P::a_stride1, kRequired, "element stride of a's features")
-      .int64("b_stride0", &P::b_stride0, kRequired, "element stride of b's rows")
-      .int64("b_stride1", &P::b_stride1, kRequired, "element stride of b's features")
-      .dtype("dtype", &P::dtype, kRequired, "'float32' | 'float16' | 'bfloat16' (a and b)")
-      .address("scale", &P::scale, kRequired, "fp32 device scalar")
-      .address("bias", &P::bias, kOptional, "fp32 device scalar, 0 for none")
-      .epilogue("epilogue", &P::epilogue, kRequired, "'softmax' | 'rows' | 'sigmoid'")
-      .flag("positives", &P::positives, kRequired, "entries of one sample are positives")
-      .flag("exclude_self", &P::exclude_self, kOptional, "global row == column is excluded")
-      .int64("period", &P::period, kOptional, "sample(k) = k mod period; 0: k")
-      .int64("row_offset", &P::row_offset, kOptional, "global index of row 0")
-      .int64("col_offset", &P::col_offset, kOptional, "global index of column 0")
-      .address("row_groups", &P::row_groups, kOptional, "(n,) int64 ids, 0 for none")
-      .address("col_groups", &P::col_groups, kOptional, "(m,) int64 ids, 0 for none")
-      .address("positive_logits", &P::positive_logits, kOptional,
-               "(n,) fp32 logits of the positives ('rows' with positives), 0 for none")
+      .field("a", &P::a, kRequired, "(n, d) rows, device address")
+      .field("b", &P::b, kRequired, "(m, d) columns, device address (may equal a)")
+      .field("n", &P::n, kRequired, "rows of a")
+      .field("m", &P::m, kRequired, "rows of b")
+      .field("d", &P::d, kRequired, "features")
+      .field("a_stride0", &P::a_stride0, kRequired, "element stride of a's rows")
+      .field("a_stride1", &P::a_stride1, kRequired, "element stride of a's features")
+      .field("b_stride0", &P::b_stride0, kRequired, "element stride of b's rows")
+      .field("b_stride1", &P::b_stride1, kRequired, "element stride of b's features")
+      .field("dtype", &P::dtype, kRequired, "'float32' | 'float16' | 'bfloat16' (a and b)")
+      .field("scale", &P::scale, kRequired, "fp32 device scalar")
+      .field("bias", &P::bias, kOptional, "fp32 device scalar, 0 for none")
+      .field("epilogue", &P::epilogue, kRequired, "'softmax' | 'rows' | 'sigmoid'")
+      .field("positives", &P::positives, kRequired, "entries of one sample are positives")
+      .field("exclude_self", &P::exclude_self, kOptional, "global row == column is excluded")
+      .field("period", &P::period, kOptional, "sample(k) = k mod period; 0: k")
+      .field("row_offset", &P::row_offset, kOptional, "global index of row 0")
+      .field("col_offset", &P::col_offset, kOptional, "global index of column 0")
+      .field("row_groups", &P::row_groups, kOptional, "(n,) int64 ids, 0 for none")
+      .field("col_groups", &P::col_groups, kOptional, "(m,) int64 ids, 0 for none")
+      .field("positive_logits", &P::positive_logits, kOptional,
+             "(n,) fp32 logits of the positives ('rows' with positives), 0 for none")
       .done();
   using St = fc::PairStats;
   Struct<St>(m, "PairStats",
              "fp32 (max, sum) statistics, device addresses (0: not used by the epilogue).")
-      .address("row_max", &St::row_max, kOptional, "(n,)")
-      .address("row_sum", &St::row_sum, kOptional, "(n,)")
-      .address("pos_max", &St::pos_max, kOptional, "(n,) over the row's positives")
-      .address("pos_sum", &St::pos_sum, kOptional, "(n,)")
-      .address("col_max", &St::col_max, kOptional, "(m,), partial over the sweep's rows")
-      .address("col_sum", &St::col_sum, kOptional, "(m,)")
-      .address("cpos_max", &St::cpos_max, kOptional, "(m,) over the column's positives")
-      .address("cpos_sum", &St::cpos_sum, kOptional, "(m,)")
-      .address("total", &St::total, kOptional, "0-d, 'sigmoid'")
+      .field("row_max", &St::row_max, kOptional, "(n,)")
+      .field("row_sum", &St::row_sum, kOptional, "(n,)")
+      .field("pos_max", &St::pos_max, kOptional, "(n,) over the row's positives")
+      .field("pos_sum", &St::pos_sum, kOptional, "(n,)")
+      .field("col_max", &St::col_max, kOptional, "(m,), partial over the sweep's rows")
+      .field("col_sum", &St::col_sum, kOptional, "(m,)")
+      .field("cpos_max", &St::cpos_max, kOptional, "(m,) over the column's positives")
+      .field("cpos_sum", &St::cpos_sum, kOptional, "(m,)")
+      .field("total", &St::total, kOptional, "0-d, 'sigmoid'")
       .done();
   using C = fc::PairCoefs;
   Struct<C>(m, "PairCoefs", "The backward's fp32 coefficients, device addresses (0: zero).")
-      .address("rows", &C::rows, kOptional, "(n,) gr")
-      .address("pos_rows", &C::pos_rows, kOptional, "(n,) gpr")
-      .address("cols", &C::cols, kOptional, "(m,) gc")
-      .address("pos_cols", &C::pos_cols, kOptional, "(m,) gpc")
-      .address("total", &C::total, kOptional, "0-d g, 'sigmoid' (required there)")
+      .field("rows", &C::rows, kOptional, "(n,) gr")
+      .field("pos_rows", &C::pos_rows, kOptional, "(n,) gpr")
+      .field("cols", &C::cols, kOptional, "(m,) gc")
+      .field("pos_cols", &C::pos_cols, kOptional, "(m,) gpc")
+      .field("total", &C::total, kOptional, "0-d g, 'sigmoid' (required there)")
       .done();
   using G = fc::PairGrads;
   Struct<G>(m, "PairGrads", "The backward's outputs, device addresses.")
-      .address("da", &G::da, kRequired, "(n, d) contiguous, out_dtype")
-      .address("db", &G::db, kRequired, "(m, d) contiguous, out_dtype")
-      .address("dscale", &G::dscale, kRequired, "fp32 scalar")
-      .address("dbias", &G::dbias, kRequired, "fp32 scalar")
-      .address("dpos", &G::dpos, kOptional, "(n,) fp32, with positive_logits only")
-      .dtype("out_dtype", &G::out_dtype, kRequired, "the inputs' dtype or 'float32'")
+      .field("da", &G::da, kRequired, "(n, d) contiguous, out_dtype")
+      .field("db", &G::db, kRequired, "(m, d) contiguous, out_dtype")
+      .field("dscale", &G::dscale, kRequired, "fp32 scalar")
+      .field("dbias", &G::dbias, kRequired, "fp32 scalar")
+      .field("dpos", &G::dpos, kOptional, "(n,) fp32, with positive_logits only")
+      .field("out_dtype", &G::out_dtype, kRequired, "the inputs' dtype or 'float32'")
       .done();
   using GP = fc::GramInputs;
   Struct<GP>(m, "GramParams", "GRAM's inputs (gram.h).")
-      .address("anchor", &GP::anchor, kRequired, "(n, d) device address")
-      .address("others", &GP::others, kRequired, "(k, m, d) device address")
-      .int64("n", &GP::n, kRequired, "anchor rows")
-      .int64("d", &GP::d, kRequired, "features")
-      .int64("k", &GP::k, kRequired, "others per sample, 1..5")
-      .int64("m", &GP::m, kOptional, "sample columns (default -1: m = n)")
-      .int64("row_offset", &GP::row_offset, kOptional, "row i's own column (default 0)")
-      .int64("anchor_stride0", &GP::anchor_stride0, kRequired, "")
-      .int64("anchor_stride1", &GP::anchor_stride1, kRequired, "")
-      .int64("others_stride0", &GP::others_stride0, kRequired, "")
-      .int64("others_stride1", &GP::others_stride1, kRequired, "")
-      .int64("others_stride2", &GP::others_stride2, kRequired, "")
-      .dtype("dtype", &GP::dtype, kRequired, "'float32' | 'float16' | 'bfloat16'")
-      .address("scale", &GP::scale, kRequired, "fp32 device scalar")
-      .address("det_h", &GP::det_h, kRequired, "(m,) fp32")
-      .address("adj_h", &GP::adj_h, kRequired, "(m, k, k) fp32")
-      .address("floor_h", &GP::floor_h, kRequired, "(m,) fp32")
+      .field("anchor", &GP::anchor, kRequired, "(n, d) device address")
+      .field("others", &GP::others, kRequired, "(k, m, d) device address")
+      .field("n", &GP::n, kRequired, "anchor rows")
+      .field("d", &GP::d, kRequired, "features")
+      .field("k", &GP::k, kRequired, "others per sample, 1..5")
+      .field("m", &GP::m, kOptional, "sample columns (default -1: m = n)")
+      .field("row_offset", &GP::row_offset, kOptional, "row i's own column (default 0)")
+      .field("anchor_stride0", &GP::anchor_stride0, kRequired, "")
+      .field("anchor_stride1", &GP::anchor_stride1, kRequired, "")
+      .field("others_stride0", &GP::others_stride0, kRequired, "")
+      .field("others_stride1", &GP::others_stride1, kRequired, "")
+      .field("others_stride2", &GP::others_stride2, kRequired, "")
+      .field("dtype", &GP::dtype, kRequired, "'float32' | 'float16' | 'bfloat16'")
+      .field("scale", &GP::scale, kRequired, "fp32 device scalar")
+      .field("det_h", &GP::det_h, kRequired, "(m,) fp32")
+      .field("adj_h", &GP::adj_h, kRequired, "(m, k, k) fp32")
+      .field("floor_h", &GP::floor_h, kRequired, "(m,) fp32")
       .done();
   using TP = fc::TripleInputs;
   Struct<TP>(m, "TripleParams", "Symile n_squared's inputs x, y, z (symile.h).")
-      .address("x", &TP::x, kRequired, "(n, d) device address")
-      .address("y", &TP::y, kRequired, "(n, d) device address")
-      .address("z", &TP::z, kRequired, "(n, d) device address")
-      .int64("n", &TP::n, kRequired, "samples")
-      .int64("d", &TP::d, kRequired, "features")
-      .int64("x_stride0", &TP::x_stride0, kRequired, "")
-      .int64("x_stride1", &TP::x_stride1, kRequired, "")
-      .int64("y_stride0", &TP::y_stride0, kRequired, "")
-      .int64("y_stride1", &TP::y_stride1, kRequired, "")
-      .int64("z_stride0", &TP::z_stride0, kRequired, "")
-      .int64("z_stride1", &TP::z_stride1, kRequired, "")
-      .dtype("dtype", &TP::dtype, kRequired, "'float32' | 'float16' | 'bfloat16'")
-      .address("scale", &TP::scale, kRequired, "fp32 device scalar")
+      .field("x", &TP::x, kRequired, "(n, d) device address")
+      .field("y", &TP::y, kRequired, "(n, d) device address")
+      .field("z", &TP::z, kRequired, "(n, d) device address")
+      .field("n", &TP::n, kRequired, "samples")
+      .field("d", &TP::d, kRequired, "features")
+      .field("x_stride0", &TP::x_stride0, kRequired, "")
+      .field("x_stride1", &TP::x_stride1, kRequired, "")
+      .field("y_stride0", &TP::y_stride0, kRequired, "")
+      .field("y_stride1", &TP::y_stride1, kRequired, "")
+      .field("z_stride0", &TP::z_stride0, kRequired, "")
+      .field("z_stride1", &TP::z_stride1, kRequired, "")
+      .field("dtype", &TP::dtype, kRequired, "'float32' | 'float16' | 'bfloat16'")
+      .field("scale", &TP::scale, kRequired, "fp32 device scalar")
       .done();
 }
 }  // namespace

@@ -38,11 +38,13 @@
 #include "flashcontrast/cuda_check.h"
 #include "flashcontrast/gram.h"
 #include "flashcontrast/tiles.cuh"
+#include "common.cuh"
 
 namespace flashcontrast {
 namespace gram_impl {
 
 using namespace tiles;
+using namespace common;
 
 constexpr int kBM = 64;  // anchor rows per tile
 constexpr int kBN = 32;  // samples (columns) per tile
@@ -473,15 +475,6 @@ __global__ void gram_finalize_kernel(GramParams<T> p, const float* __restrict__ 
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
-    gram_sum_kernel(const float* __restrict__ partials, int count, float* __restrict__ out) {
-  __shared__ float red[kThreads / 32];
-  float v = 0.0f;
-  for (int i = threadIdx.x; i < count; i += kThreads) v += partials[i];
-  v = block_sum(v, red);
-  if (threadIdx.x == 0) *out = v;
-}
-
 // ----------------------------------------------------------------------------- launchers
 
 
@@ -517,10 +510,6 @@ int64_t backward_elems(const GramInputs& in, int sms) {
   return n * in.d + in.k * m * in.d + n + blocks_of(m, kBN) * backward_split(n, m, sms);
 }
 
-void require(const void* ptr, const char* name) {
-  if (!ptr) throw std::invalid_argument(std::string(name) + " is null");
-}
-
 void require_count(int64_t v, const char* field) {
   if (v < 1) {
     throw std::invalid_argument(std::string(field) + " must be >= 1, got " + std::to_string(v));
@@ -543,33 +532,17 @@ void check_sizes(const GramInputs& in) {
                                 std::to_string(kMaxK) + ", got " + std::to_string(k));
   }
   if (in.m >= 0) require_count(in.m, "GramParams.m");
-  const std::pair<int64_t, const char*> strides[] = {
-      {in.anchor_stride0, "anchor_stride0"}, {in.anchor_stride1, "anchor_stride1"},
-      {in.others_stride0, "others_stride0"}, {in.others_stride1, "others_stride1"},
-      {in.others_stride2, "others_stride2"}};
-  for (const auto& st : strides) {
-    if (st.first < 0) {
-      throw std::invalid_argument(std::string("GramParams.") + st.second + " must be >= 0, got " +
-                                  std::to_string(st.first));
-    }
-  }
+  check_strides("GramParams.",
+                {{in.anchor_stride0, "anchor_stride0"}, {in.anchor_stride1, "anchor_stride1"},
+                 {in.others_stride0, "others_stride0"}, {in.others_stride1, "others_stride1"},
+                 {in.others_stride2, "others_stride2"}});
 }
 
 void check_inputs(const GramInputs& in) {
   check_sizes(in);
-  require(in.anchor, "GramParams.anchor");
-  require(in.others, "GramParams.others");
-  require(in.scale, "GramParams.scale");
-  require(in.det_h, "GramParams.det_h");
-  require(in.adj_h, "GramParams.adj_h");
-  require(in.floor_h, "GramParams.floor_h");
-}
-
-void check_workspace(int64_t have, int64_t need) {
-  if (have < need) {
-    throw std::invalid_argument("workspace has " + std::to_string(have) + " floats, needs " +
-                                std::to_string(need));
-  }
+  require_all({{in.anchor, "GramParams.anchor"}, {in.others, "GramParams.others"},
+               {in.scale, "GramParams.scale"}, {in.det_h, "GramParams.det_h"},
+               {in.adj_h, "GramParams.adj_h"}, {in.floor_h, "GramParams.floor_h"}});
 }
 
 template <typename T>
@@ -633,13 +606,12 @@ void launch_backward(const GramInputs& in, int split, const float* row_lse,
   gram_bwd_kernel<T><<<dim3(num_cb, split), kThreads, bytes, st>>>(
       p, row_lse, col_lse, grad, eps, total, da_ws, do_ws, a_ws, col_tt, col_uu, partials);
   detail::check_launch("gram_bwd_kernel");
-  const unsigned blocks = unsigned(std::min<int64_t>(blocks_of(elems, 256), 8192));
-  gram_finalize_kernel<T, O><<<blocks, 256, 0, st>>>(p, grad, total, da_ws, do_ws, a_ws,
-                                                     static_cast<O*>(d_anchor),
-                                                     static_cast<O*>(d_others));
+  gram_finalize_kernel<T, O><<<grid_1d(elems), 256, 0, st>>>(p, grad, total, da_ws, do_ws, a_ws,
+                                                             static_cast<O*>(d_anchor),
+                                                             static_cast<O*>(d_others));
   detail::check_launch("gram_finalize_kernel");
-  gram_sum_kernel<<<1, kThreads, 0, st>>>(partials, num_cb * split, dscale);
-  detail::check_launch("gram_sum_kernel");
+  sum_kernel<<<1, kThreads, 0, st>>>(partials, num_cb * split, dscale, nullptr);
+  detail::check_launch("sum_kernel");
 }
 
 
@@ -656,21 +628,15 @@ void gram_forward(const GramInputs& in, float* row_lse, float* col_lse, float* d
                   float* row_sum, float* col_sum, float* workspace, int64_t workspace_elems,
                   void* stream) {
   check_inputs(in);
-  require(row_lse, "row_lse");
-  require(col_lse, "col_lse");
-  require(diag, "diag");
-  require(row_sum, "row_sum");
-  require(col_sum, "col_sum");
-  require(workspace, "workspace");
-  const int device = detail::device_of(in.anchor, "GramParams.anchor");
-  detail::DeviceScope scope(device);
-  const int sms = detail::sm_count(device);
-  check_workspace(workspace_elems, forward_elems(in, sms));
-  const Plan plan = forward_plan(in.n, cols_of(in), sms);
-  const auto st = static_cast<cudaStream_t>(stream);
+  require_all({{row_lse, "row_lse"}, {col_lse, "col_lse"}, {diag, "diag"}, {row_sum, "row_sum"},
+               {col_sum, "col_sum"}, {workspace, "workspace"}});
+  const detail::LaunchScope at(in.anchor, "GramParams.anchor", stream);
+  check_workspace(workspace_elems, forward_elems(in, at.sms));
+  const Plan plan = forward_plan(in.n, cols_of(in), at.sms);
   dispatch_dtype(in.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch_forward<T>(in, plan, row_lse, col_lse, diag, row_sum, col_sum, workspace, device, st);
+    launch_forward<T>(in, plan, row_lse, col_lse, diag, row_sum, col_sum, workspace, at.device,
+                      at.stream);
   });
 }
 
@@ -684,15 +650,9 @@ void gram_backward(const GramInputs& in, const float* row_lse, const float* col_
                    void* d_anchor, void* d_others_u, float* dscale, float* col_tt,
                    float* col_uu, float* workspace, int64_t workspace_elems, void* stream) {
   check_inputs(in);
-  require(row_lse, "row_lse");
-  require(col_lse, "col_lse");
-  require(grad, "grad");
-  require(d_anchor, "d_anchor");
-  require(d_others_u, "d_others_u");
-  require(dscale, "dscale");
-  require(col_tt, "col_tt");
-  require(col_uu, "col_uu");
-  require(workspace, "workspace");
+  require_all({{row_lse, "row_lse"}, {col_lse, "col_lse"}, {grad, "grad"}, {d_anchor, "d_anchor"},
+               {d_others_u, "d_others_u"}, {dscale, "dscale"}, {col_tt, "col_tt"},
+               {col_uu, "col_uu"}, {workspace, "workspace"}});
   if (!(label_smoothing >= 0.0f && label_smoothing <= 1.0f)) {
     throw std::invalid_argument("label_smoothing must be in [0, 1], got " +
                                 std::to_string(label_smoothing));
@@ -703,19 +663,16 @@ void gram_backward(const GramInputs& in, const float* row_lse, const float* col_
                                 dtype_name(in.dtype) + ") or float32, got " +
                                 dtype_name(out_dtype));
   }
-  const int device = detail::device_of(in.anchor, "GramParams.anchor");
-  detail::DeviceScope scope(device);
-  const int sms = detail::sm_count(device);
-  check_workspace(workspace_elems, backward_elems(in, sms));
-  const int split = backward_split(in.n, cols_of(in), sms);
-  const auto st = static_cast<cudaStream_t>(stream);
+  const detail::LaunchScope at(in.anchor, "GramParams.anchor", stream);
+  check_workspace(workspace_elems, backward_elems(in, at.sms));
+  const int split = backward_split(in.n, cols_of(in), at.sms);
   dispatch_dtype(in.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const auto run = [&](auto* out_tag) {
       using O = std::remove_pointer_t<decltype(out_tag)>;
       launch_backward<T, O>(in, split, row_lse, col_lse, grad, label_smoothing, total,
-                            d_anchor, d_others_u, dscale, col_tt, col_uu, workspace, device,
-                            st);
+                            d_anchor, d_others_u, dscale, col_tt, col_uu, workspace, at.device,
+                            at.stream);
     };
     if (out_dtype == in.dtype) {
       run(static_cast<T*>(nullptr));

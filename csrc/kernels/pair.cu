@@ -7,25 +7,20 @@ namespace flashcontrast {
 
 using namespace pair_impl;
 
+namespace {
+
+constexpr EnumName<Epilogue> kEpilogueNames[] = {
+    {Epilogue::kSoftmax, "softmax"}, {Epilogue::kRows, "rows"}, {Epilogue::kSigmoid, "sigmoid"}};
+
+}  // namespace
+
 Epilogue parse_epilogue(const std::string& name, const char* field) {
-  if (name == "softmax") return Epilogue::kSoftmax;
-  if (name == "rows") return Epilogue::kRows;
-  if (name == "sigmoid") return Epilogue::kSigmoid;
+  if (const Epilogue* e = find_enum(kEpilogueNames, name)) return *e;
   throw std::invalid_argument(std::string(field) +
                               " must be 'softmax', 'rows' or 'sigmoid', got '" + name + "'");
 }
 
-const char* epilogue_name(Epilogue e) {
-  switch (e) {
-    case Epilogue::kSoftmax:
-      return "softmax";
-    case Epilogue::kRows:
-      return "rows";
-    case Epilogue::kSigmoid:
-      return "sigmoid";
-  }
-  return "?";
-}
+const char* epilogue_name(Epilogue e) { return enum_name(kEpilogueNames, e); }
 
 int64_t pair_forward_workspace_elems(const PairParams& p, int device) {
   check_params(p);
@@ -37,19 +32,30 @@ int64_t pair_backward_workspace_elems(const PairParams& p, int device) {
   return backward_plan(p, sm_count_of(device)).elems;
 }
 
+namespace {
+
+// pair_forward / pair_backward after their argument checks: on the device of p.scale
+// (detail::LaunchScope), the workspace checked against plan_of(p, SMs).elems, then
+// launch(static_cast<T*>(nullptr), SMs, stream) for the T of p.dtype.
+template <typename PlanOf, typename F>
+void launch_on_device(const PairParams& p, PlanOf plan_of, const float* workspace,
+                      int64_t workspace_elems, void* stream, F&& launch) {
+  const detail::LaunchScope at(p.scale, "PairParams.scale", stream);
+  check_workspace(workspace, workspace_elems, plan_of(p, at.sms).elems);
+  dispatch_dtype(p.dtype, [&](auto* tag) { launch(tag, at.sms, at.stream); });
+}
+
+}  // namespace
+
 void pair_forward(const PairParams& p, const PairStats& stats, float* workspace,
                   int64_t workspace_elems, void* stream) {
   check_params(p);
   check_stats_out(p, stats);
-  const int device = detail::device_of(p.scale, "PairParams.scale");
-  detail::DeviceScope scope(device);
-  const ForwardPlan plan = forward_plan(p, sm_count_of(device));
-  check_workspace(workspace, workspace_elems, plan.elems);
-  const auto st = static_cast<cudaStream_t>(stream);
-  dispatch_dtype(p.dtype, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    pair_forward_typed<T>(p, stats, workspace, sm_count_of(device), st);
-  });
+  launch_on_device(p, forward_plan, workspace, workspace_elems, stream,
+                   [&](auto* tag, int sms, cudaStream_t st) {
+                     using T = std::remove_pointer_t<decltype(tag)>;
+                     pair_forward_typed<T>(p, stats, workspace, sms, st);
+                   });
 }
 
 void pair_backward(const PairParams& p, const PairStats& stats, const PairCoefs& coefs,
@@ -58,15 +64,11 @@ void pair_backward(const PairParams& p, const PairStats& stats, const PairCoefs&
   check_params(p);
   check_backward_in(p, stats, coefs);
   check_grads(p, grads);
-  const int device = detail::device_of(p.scale, "PairParams.scale");
-  detail::DeviceScope scope(device);
-  const BackwardPlan plan = backward_plan(p, sm_count_of(device));
-  check_workspace(workspace, workspace_elems, plan.elems);
-  const auto st = static_cast<cudaStream_t>(stream);
-  dispatch_dtype(p.dtype, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    pair_backward_typed<T>(p, stats, coefs, grads, workspace, sm_count_of(device), st);
-  });
+  launch_on_device(p, backward_plan, workspace, workspace_elems, stream,
+                   [&](auto* tag, int sms, cudaStream_t st) {
+                     using T = std::remove_pointer_t<decltype(tag)>;
+                     pair_backward_typed<T>(p, stats, coefs, grads, workspace, sms, st);
+                   });
 }
 
 }  // namespace flashcontrast

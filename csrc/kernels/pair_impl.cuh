@@ -36,12 +36,14 @@
 #include "flashcontrast/cuda_check.h"
 #include "flashcontrast/pair.h"
 #include "flashcontrast/tiles.cuh"
+#include "common.cuh"
 
 namespace flashcontrast {
 namespace {
 namespace pair_impl {
 
 using namespace tiles;
+using namespace common;
 
 constexpr int kBM = kTileM, kBN = kTileN, kBK = kTileK;
 constexpr int kMaxSplit = 4;
@@ -91,6 +93,27 @@ using Layout = TileSmem<T, kExtraBytes>;
 enum { kRMax = 0, kRLog, kPMax, kPLog, kGr, kGpr, kPl };
 enum { kCMax = 0, kCLog, kCpMax, kCpLog, kGc, kGpc };
 
+// The pair kernels' shared memory (Layout<T>): the tile engine's regions and, in its extra
+// bytes, the per-tile tables (samples, group ids), the row and column vectors (vc: the
+// forward's column half-tile partials) with the row's positive logits, and the
+// block-reduction scratch.
+template <typename T>
+struct PairSmem : TileViews<T, kExtraBytes> {
+  int64_t *samp_r, *samp_c, *gid_r, *gid_c;
+  float *vr, *vc, *red, *pl_r;
+
+  __device__ __forceinline__ explicit PairSmem(unsigned char* smem)
+      : TileViews<T, kExtraBytes>(smem),
+        samp_r(reinterpret_cast<int64_t*>(this->extra + kSampR)),
+        samp_c(reinterpret_cast<int64_t*>(this->extra + kSampC)),
+        gid_r(reinterpret_cast<int64_t*>(this->extra + kGidR)),
+        gid_c(reinterpret_cast<int64_t*>(this->extra + kGidC)),
+        vr(reinterpret_cast<float*>(this->extra + kVecR)),
+        vc(reinterpret_cast<float*>(this->extra + kVecC)),
+        red(reinterpret_cast<float*>(this->extra + kRed)),
+        pl_r(vr + kPl * kBM) {}
+};
+
 // Samples and group ids of the 64 rows (or columns) local0 .. local0 + 63 of a side with
 // `count` entries and global index offset + local. With kGroups and no ids (neutral),
 // rows get INT64_MIN and columns INT64_MAX: never equal. No barrier: the caller syncs.
@@ -134,13 +157,13 @@ struct TileSets {
   }
 };
 
+// The tables are those load_tables staged in sm for this tile's rows and columns.
 template <typename T, unsigned O>
 __device__ __forceinline__ TileSets<O> tile_sets(const Sweep<T>& p, int64_t row0, int64_t col0,
-                                                 const int64_t* samp_r, const int64_t* samp_c,
-                                                 const int64_t* gid_r, const int64_t* gid_c) {
+                                                 const PairSmem<T>& sm) {
   const int64_t delta = (p.row_offset + row0) - (p.col_offset + col0);  // j - i at equality
   const int diag = (delta > -kBM && delta < kBN) ? int(delta) : kFar;
-  return TileSets<O>{diag, p.exclude_self ? diag : kFar, samp_r, samp_c, gid_r, gid_c};
+  return TileSets<O>{diag, p.exclude_self ? diag : kFar, sm.samp_r, sm.samp_c, sm.gid_r, sm.gid_c};
 }
 
 // S of an allowed entry: s X + b (b = 0 without a bias), the row's given logit on a
@@ -163,6 +186,20 @@ __device__ __forceinline__ void log_sum(float mx, float sm, float& out_max, floa
   out_log = empty ? INFINITY : logf(sm);
 }
 
+// The backward's staging of one merged pair for entry t (global index k) of a tile side:
+// vec[at_max], vec[at_log] = log_sum(mx[k], sum[k]) and vec[at_g] = g[k] (slots of kBM ==
+// kBN floats) where `use` (the coefficient is given, t is in range), else (0, +inf) and 0.
+__device__ __forceinline__ void stage_pair(float* vec, int t, int64_t k, bool use,
+                                           const float* mx, const float* sum, const float* g,
+                                           int at_max, int at_log, int at_g) {
+  static_assert(kBM == kBN, "row and column vectors share one slot size");
+  float m = 0.0f, lg = INFINITY;
+  if (use) log_sum(mx[k], sum[k], m, lg);
+  vec[at_max * kBM + t] = m;
+  vec[at_log * kBM + t] = lg;
+  vec[at_g * kBM + t] = use ? g[k] : 0.0f;
+}
+
 // ----------------------------------------------------------------------------- forward
 // Grid (G, H) (sweep_grid): program (g, h) owns row blocks g, g+G, ... and column blocks
 // h, h+H, ... For each of its tiles, with S the logits of the allowed entries:
@@ -176,25 +213,15 @@ __device__ __forceinline__ void log_sum(float mx, float sm, float& out_max, floa
 //   sigmoid  sum of softplus(-z S) (z = +1 on positives) per thread, one tile at a time,
 //            then one CTA sum per program into ws[g H + h].
 // pair_combine_kernel merges the H row and G column partials (lse_merge: exact, max then
-// rescaled sums) into the (max, sum) outputs; pair_total_kernel adds the G H sigmoid
-// partials in a fixed order. Deterministic run to run.
+// rescaled sums) into the (max, sum) outputs; sum_kernel (common.cuh) adds the G H
+// sigmoid partials in a fixed order. Deterministic run to run.
 template <typename T, int E, unsigned O>
 __global__ void __launch_bounds__(kThreads, kFwdBlocksPerSm)
     pair_fwd_kernel(Sweep<T> p, float* __restrict__ ws) {
   using L = Layout<T>;
   __shared__ __align__(128) unsigned char smem[L::kBytes];
-  T* As = reinterpret_cast<T*>(smem + L::kA);
-  T* Bs = reinterpret_cast<T*>(smem + L::kB);
-  float* Xs = reinterpret_cast<float*>(smem + L::kX);
-  unsigned char* extra = smem + L::kExtraOff;
-  int64_t* samp_r = reinterpret_cast<int64_t*>(extra + kSampR);
-  int64_t* samp_c = reinterpret_cast<int64_t*>(extra + kSampC);
-  int64_t* gid_r = reinterpret_cast<int64_t*>(extra + kGidR);
-  int64_t* gid_c = reinterpret_cast<int64_t*>(extra + kGidC);
-  float* vr = reinterpret_cast<float*>(extra + kVecR);
-  float* part = reinterpret_cast<float*>(extra + kVecC);  // 4 x 64: column half partials
-  float* red = reinterpret_cast<float*>(extra + kRed);
-  float* pl_r = vr + kPl * kBM;
+  const PairSmem<T> sm(smem);
+  float* const part = sm.vc;  // 4 x 64: column half partials
 
   constexpr bool kPosS = (O & kPos) != 0;
   constexpr int R = kPosS ? 2 : 1;                      // pairs per row
@@ -217,17 +244,19 @@ __global__ void __launch_bounds__(kThreads, kFwdBlocksPerSm)
     const int64_t row0 = int64_t(rb) * kBM;
     const int nrows = int(std::min<int64_t>(kBM, n - row0));
     // Safe to overwrite: the previous tile ended with a barrier; tile_logits publishes.
-    load_tables<O>(samp_r, gid_r, p.row_groups, row0, n, p.row_offset, p.period, true);
+    load_tables<O>(sm.samp_r, sm.gid_r, p.row_groups, row0, n, p.row_offset, p.period, true);
     if constexpr ((O & kOverride) != 0) {
-      for (int t = tid; t < kBM; t += kThreads) pl_r[t] = t < nrows ? p.pos_logits[row0 + t] : 0.0f;
+      for (int t = tid; t < kBM; t += kThreads) {
+        sm.pl_r[t] = t < nrows ? p.pos_logits[row0 + t] : 0.0f;
+      }
     }
     float run_m = -INFINITY, run_l = 0.0f, run_pm = -INFINITY, run_pl = 0.0f;
     for (int cb = h; cb < num_cb; cb += H) {
       const int64_t col0 = int64_t(cb) * kBN;
       const int ncols = int(std::min<int64_t>(kBN, m - col0));
-      load_tables<O>(samp_c, gid_c, p.col_groups, col0, m, p.col_offset, p.period, false);
-      tile_logits<T>(p.op, row0, col0, As, Bs, Xs);
-      const TileSets<O> sets = tile_sets<T, O>(p, row0, col0, samp_r, samp_c, gid_r, gid_c);
+      load_tables<O>(sm.samp_c, sm.gid_c, p.col_groups, col0, m, p.col_offset, p.period, false);
+      tile_logits<T>(p.op, row0, col0, sm.As, sm.Bs, sm.Xs);
+      const TileSets<O> sets = tile_sets<T, O>(p, row0, col0, sm);
 
       if constexpr (E == kSigmoid) {
         float tile = 0.0f;
@@ -235,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, kFwdBlocksPerSm)
           const int i = idx / kBN, j = idx % kBN;
           bool pos;
           if (i < nrows && j < ncols && sets.allowed(i, j, pos)) {
-            const float s = logit<O>(Xs[i * L::kLdX + j], scale, bias, pos, pl_r, i);
+            const float s = logit<O>(sm.Xs[i * L::kLdX + j], scale, bias, pos, sm.pl_r, i);
             tile += softplus_stable(pos ? -s : s);
           }
         }
@@ -246,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, kFwdBlocksPerSm)
         for (int c = rh; c < ncols; c += 2) {
           bool pos;
           if (sets.allowed(rr, c, pos)) {
-            const float s = logit<O>(Xs[rr * L::kLdX + c], scale, bias, pos, pl_r, rr);
+            const float s = logit<O>(sm.Xs[rr * L::kLdX + c], scale, bias, pos, sm.pl_r, rr);
             tm = fmaxf(tm, s);
             if (kPosS && pos) tpm = fmaxf(tpm, s);
           }
@@ -258,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, kFwdBlocksPerSm)
         for (int c = rh; c < ncols; c += 2) {
           bool pos;
           if (sets.allowed(rr, c, pos)) {
-            const float s = logit<O>(Xs[rr * L::kLdX + c], scale, bias, pos, pl_r, rr);
+            const float s = logit<O>(sm.Xs[rr * L::kLdX + c], scale, bias, pos, sm.pl_r, rr);
             tl += expf(s - tmu);
             if (kPosS && pos) tpl += expf(s - tpmu);
           }
@@ -277,7 +306,7 @@ __global__ void __launch_bounds__(kThreads, kFwdBlocksPerSm)
           for (int r = ch * 32; r < r_end; ++r) {
             bool pos;
             if (sets.allowed(r, cc, pos)) {
-              const float s = logit<O>(Xs[r * L::kLdX + cc], scale, bias, pos, pl_r, r);
+              const float s = logit<O>(sm.Xs[r * L::kLdX + cc], scale, bias, pos, sm.pl_r, r);
               km = fmaxf(km, s);
               if (kPosS && pos) kpm = fmaxf(kpm, s);
             }
@@ -287,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, kFwdBlocksPerSm)
           for (int r = ch * 32; r < r_end; ++r) {
             bool pos;
             if (sets.allowed(r, cc, pos)) {
-              const float s = logit<O>(Xs[r * L::kLdX + cc], scale, bias, pos, pl_r, r);
+              const float s = logit<O>(sm.Xs[r * L::kLdX + cc], scale, bias, pos, sm.pl_r, r);
               kl += expf(s - kmu);
               if (kPosS && pos) kpl += expf(s - kpmu);
             }
@@ -329,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, kFwdBlocksPerSm)
     }
   }
   if constexpr (E == kSigmoid) {
-    const float sum = block_sum(total, red);
+    const float sum = block_sum(total, sm.red);
     if (tid == 0) ws[int64_t(g) * H + h] = sum;
   }
 }
@@ -363,25 +392,6 @@ __global__ void pair_combine_kernel(const float* __restrict__ ws, int64_t n, int
   }
 }
 
-// *out = sum of `count` partials (two groups of `count` when out2 is set), one CTA, fixed
-// order: deterministic.
-__global__ void __launch_bounds__(kThreads)
-    pair_sum_kernel(const float* __restrict__ partials, int count, float* __restrict__ out,
-                    float* __restrict__ out2) {
-  __shared__ float red[kThreads / 32];
-  float a = 0.0f, b = 0.0f;
-  for (int i = threadIdx.x; i < count; i += kThreads) {
-    a += partials[i];
-    if (out2 != nullptr) b += partials[count + i];
-  }
-  a = block_sum(a, red);
-  if (threadIdx.x == 0) *out = a;
-  if (out2 != nullptr) {
-    b = block_sum(b, red);
-    if (threadIdx.x == 0) *out2 = b;
-  }
-}
-
 // ----------------------------------------------------------------------------- backward
 // Grid (column blocks, SPLIT) (sweep_split): program (cb, sp) visits the row blocks
 // rb = sp (mod SPLIT), staggered by cb so that concurrent programs add into different rows
@@ -401,8 +411,8 @@ __global__ void __launch_bounds__(kThreads)
 //   16-bit: dS / max|dS| rounded to T once (tile_norm), the products multiplied back;
 //   per D chunk: dA_ws[rb] += dS @ B_cb (fp32 atomics), dB_ws[sp][cb] += dS^T @ A_rb
 //   (plain read-modify-write: rows of cb in slice sp belong to this program alone).
-// pair_finalize_kernel: da = Tout(s dA_ws), db = Tout(s sum_sp dB_ws[sp]) (Tout the input
-// dtype or fp32); pair_sum_kernel: dscale, dbias from the program partials.
+// finalize_kernel (common.cuh): da = Tout(s dA_ws), db = Tout(s sum_sp dB_ws[sp]) (Tout the
+// input dtype or fp32); sum_kernel: dscale, dbias from the program partials.
 struct BwdVectors {
   const float *row_max, *row_sum, *pos_max, *pos_sum;
   const float *col_max, *col_sum, *cpos_max, *cpos_sum;
@@ -416,19 +426,7 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm)
                     float* __restrict__ dpos) {
   using L = Layout<T>;
   __shared__ __align__(128) unsigned char smem[L::kBytes];
-  T* As = reinterpret_cast<T*>(smem + L::kA);
-  T* Bs = reinterpret_cast<T*>(smem + L::kB);
-  float* Xs = reinterpret_cast<float*>(smem + L::kX);
-  T* Ps = reinterpret_cast<T*>(smem + L::kP);
-  unsigned char* extra = smem + L::kExtraOff;
-  int64_t* samp_r = reinterpret_cast<int64_t*>(extra + kSampR);
-  int64_t* samp_c = reinterpret_cast<int64_t*>(extra + kSampC);
-  int64_t* gid_r = reinterpret_cast<int64_t*>(extra + kGidR);
-  int64_t* gid_c = reinterpret_cast<int64_t*>(extra + kGidC);
-  float* vr = reinterpret_cast<float*>(extra + kVecR);
-  float* vc = reinterpret_cast<float*>(extra + kVecC);
-  float* red = reinterpret_cast<float*>(extra + kRed);
-  float* pl_r = vr + kPl * kBM;
+  const PairSmem<T> sm(smem);
 
   constexpr bool kPosS = (O & kPos) != 0;
   const int cb = blockIdx.x, sp = blockIdx.y, split = gridDim.y;
@@ -446,21 +444,13 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm)
   const int ncols = int(std::min<int64_t>(kBN, m - col0));
   float* db_slice = db_ws + int64_t(sp) * m * d;
 
-  load_tables<O>(samp_c, gid_c, p.col_groups, col0, m, p.col_offset, p.period, false);
+  load_tables<O>(sm.samp_c, sm.gid_c, p.col_groups, col0, m, p.col_offset, p.period, false);
   if (E == kSoftmax && tid < kBN) {
     const int64_t j = col0 + tid;
     const bool in = tid < ncols;
-    float mx = 0.0f, lg = INFINITY;
-    if (has_gc && in) log_sum(v.col_max[j], v.col_sum[j], mx, lg);
-    vc[kCMax * kBN + tid] = mx;
-    vc[kCLog * kBN + tid] = lg;
-    vc[kGc * kBN + tid] = has_gc && in ? v.gc[j] : 0.0f;
-    mx = 0.0f;
-    lg = INFINITY;
-    if (has_gpc && in) log_sum(v.cpos_max[j], v.cpos_sum[j], mx, lg);
-    vc[kCpMax * kBN + tid] = mx;
-    vc[kCpLog * kBN + tid] = lg;
-    vc[kGpc * kBN + tid] = has_gpc && in ? v.gpc[j] : 0.0f;
+    stage_pair(sm.vc, tid, j, has_gc && in, v.col_max, v.col_sum, v.gc, kCMax, kCLog, kGc);
+    stage_pair(sm.vc, tid, j, has_gpc && in, v.cpos_max, v.cpos_sum, v.gpc, kCpMax, kCpLog,
+               kGpc);
   }
   float ds_acc = 0.0f, dbias_acc = 0.0f;
 
@@ -468,36 +458,27 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm)
     const int rb = sp + ((t + cb) % count) * split;
     const int64_t row0 = int64_t(rb) * kBM;
     const int nrows = int(std::min<int64_t>(kBM, n - row0));
-    load_tables<O>(samp_r, gid_r, p.row_groups, row0, n, p.row_offset, p.period, true);
+    load_tables<O>(sm.samp_r, sm.gid_r, p.row_groups, row0, n, p.row_offset, p.period, true);
     if (E != kSigmoid && tid < kBM) {
       const int64_t i = row0 + tid;
       const bool in = tid < nrows;
-      float mx = 0.0f, lg = INFINITY;
-      if (has_gr && in) log_sum(v.row_max[i], v.row_sum[i], mx, lg);
-      vr[kRMax * kBM + tid] = mx;
-      vr[kRLog * kBM + tid] = lg;
-      vr[kGr * kBM + tid] = has_gr && in ? v.gr[i] : 0.0f;
-      mx = 0.0f;
-      lg = INFINITY;
-      if (has_gpr && in) log_sum(v.pos_max[i], v.pos_sum[i], mx, lg);
-      vr[kPMax * kBM + tid] = mx;
-      vr[kPLog * kBM + tid] = lg;
-      vr[kGpr * kBM + tid] = has_gpr && in ? v.gpr[i] : 0.0f;
+      stage_pair(sm.vr, tid, i, has_gr && in, v.row_max, v.row_sum, v.gr, kRMax, kRLog, kGr);
+      stage_pair(sm.vr, tid, i, has_gpr && in, v.pos_max, v.pos_sum, v.gpr, kPMax, kPLog, kGpr);
     }
     if constexpr ((O & kOverride) != 0) {
-      if (tid < kBM) pl_r[tid] = tid < nrows ? p.pos_logits[row0 + tid] : 0.0f;
+      if (tid < kBM) sm.pl_r[tid] = tid < nrows ? p.pos_logits[row0 + tid] : 0.0f;
     }
-    tile_logits<T>(p.op, row0, col0, As, Bs, Xs);  // its barriers publish the tables
-    const TileSets<O> sets = tile_sets<T, O>(p, row0, col0, samp_r, samp_c, gid_r, gid_c);
+    tile_logits<T>(p.op, row0, col0, sm.As, sm.Bs, sm.Xs);  // its barriers publish the tables
+    const TileSets<O> sets = tile_sets<T, O>(p, row0, col0, sm);
 
     float tmax = 0.0f;
     for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
       const int i = idx / kBN, j = idx % kBN;
-      const float x = Xs[i * L::kLdX + j];
+      const float x = sm.Xs[i * L::kLdX + j];
       float dv = 0.0f;
       bool pos;
       if (i < nrows && j < ncols && sets.allowed(i, j, pos)) {
-        const float s = logit<O>(x, scale, bias, pos, pl_r, i);
+        const float s = logit<O>(x, scale, bias, pos, sm.pl_r, i);
         if constexpr (E == kSigmoid) {
           dv = gtot * (pos ? -sigmoid_stable(-s) : sigmoid_stable(s));
         } else {
@@ -505,11 +486,11 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm)
           auto weight = [&](const float* v, int at, int mx, int lg, int k) {
             return v[at * kBM + k] * expf((s - v[mx * kBM + k]) - v[lg * kBM + k]);
           };
-          if (has_gr) dv = weight(vr, kGr, kRMax, kRLog, i);
-          if (has_gpr && pos) dv -= weight(vr, kGpr, kPMax, kPLog, i);
+          if (has_gr) dv = weight(sm.vr, kGr, kRMax, kRLog, i);
+          if (has_gpr && pos) dv -= weight(sm.vr, kGpr, kPMax, kPLog, i);
           if constexpr (E == kSoftmax) {
-            if (has_gc) dv += weight(vc, kGc, kCMax, kCLog, j);
-            if (has_gpc && pos) dv -= weight(vc, kGpc, kCpMax, kCpLog, j);
+            if (has_gc) dv += weight(sm.vc, kGc, kCMax, kCLog, j);
+            if (has_gpc && pos) dv -= weight(sm.vc, kGpc, kCpMax, kCpLog, j);
           }
         }
         if constexpr ((O & kOverride) != 0) {
@@ -521,35 +502,37 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm)
         ds_acc = fmaf(dv, x, ds_acc);
         dbias_acc += dv;
       }
-      Xs[i * L::kLdX + j] = dv;  // in place (same thread, same slot); fp32: this is Ps
+      sm.Xs[i * L::kLdX + j] = dv;  // in place (same thread, same slot); fp32: this is Ps
       tmax = fmaxf(tmax, fabsf(dv));
     }
     float mult = 1.0f;
     if constexpr (kUsesWmma<T>) {
       float inv;
-      mult = tile_norm(block_max_all(tmax, red), inv);  // barriers: dS complete in Xs
+      mult = tile_norm(block_max_all(tmax, sm.red), inv);  // barriers: dS complete in Xs
       for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
         const int i = idx / kBN, j = idx % kBN;
-        Ps[i * L::kLdP + j] = from_float<T>(Xs[i * L::kLdX + j] * inv);
+        sm.Ps[i * L::kLdP + j] = from_float<T>(sm.Xs[i * L::kLdX + j] * inv);
       }
     }
 
     for (int64_t k0 = 0; k0 < d; k0 += kBK) {
       __syncthreads();  // dS complete; previous chunk's readers of As/Bs and staging done
-      load_tile<T, kBM, kBK>(As, L::kLdK, p.op.a, p.op.a_stride0, p.op.a_stride1, row0, n, k0, d);
-      load_tile<T, kBN, kBK>(Bs, L::kLdK, p.op.b, p.op.b_stride0, p.op.b_stride1, col0, m, k0, d);
+      load_tile<T, kBM, kBK>(sm.As, L::kLdK, p.op.a, p.op.a_stride0, p.op.a_stride1, row0, n, k0,
+                             d);
+      load_tile<T, kBN, kBK>(sm.Bs, L::kLdK, p.op.b, p.op.b_stride0, p.op.b_stride1, col0, m, k0,
+                             d);
       __syncthreads();
       TileAcc<T, kBM, kBK> acc_a;  // dS (BM x BN) @ B chunk (BN x BK)
       acc_a.zero();
-      acc_a.template mma<kBN, true, true>(Ps, L::kLdP, Bs, L::kLdK);
+      acc_a.template mma<kBN, true, true>(sm.Ps, L::kLdP, sm.Bs, L::kLdK);
       TileAcc<T, kBN, kBK> acc_b;  // dS^T (BN x BM) @ A chunk (BM x BK)
       acc_b.zero();
-      acc_b.template mma<kBM, false, true>(Ps, L::kLdP, As, L::kLdK);
+      acc_b.template mma<kBM, false, true>(sm.Ps, L::kLdP, sm.As, L::kLdK);
       // Staging (WMMA only) goes through Xs: dead once Ps is built, separate from Ps there.
-      acc_a.for_each(Xs, L::kLdX, [&](int i, int c, float val) {
+      acc_a.for_each(sm.Xs, L::kLdX, [&](int i, int c, float val) {
         if (i < nrows && k0 + c < d) atomicAdd(da_ws + (row0 + i) * d + k0 + c, mult * val);
       });
-      acc_b.for_each(Xs, L::kLdX, [&](int j, int c, float val) {
+      acc_b.for_each(sm.Xs, L::kLdX, [&](int j, int c, float val) {
         if (j < ncols && k0 + c < d) db_slice[(col0 + j) * d + k0 + c] += mult * val;
       });
     }
@@ -558,23 +541,10 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm)
 
   const int programs = gridDim.x * gridDim.y;
   const int pid = cb * split + sp;
-  const float ds_total = block_sum(ds_acc, red);
+  const float ds_total = block_sum(ds_acc, sm.red);
   if (tid == 0) partials[pid] = ds_total;
-  const float db_total = block_sum(dbias_acc, red);
+  const float db_total = block_sum(dbias_acc, sm.red);
   if (tid == 0) partials[programs + pid] = db_total;
-}
-
-// out[i] = Tout(scale * sum_{k < slices} ws[k * count + i]).
-template <typename Tout>
-__global__ void pair_finalize_kernel(const float* __restrict__ ws, int slices, int64_t count,
-                                     const float* __restrict__ scale, Tout* __restrict__ out) {
-  const float s = *scale;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
-    float acc = 0.0f;
-    for (int k = 0; k < slices; ++k) acc += ws[int64_t(k) * count + i];
-    out[i] = from_float<Tout>(s * acc);
-  }
 }
 
 // ----------------------------------------------------------------------------- options
@@ -654,10 +624,6 @@ void dispatch_options(int e, unsigned o, F&& f) {
 
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument(what); }
 
-void require(const void* ptr, const char* field) {
-  if (ptr == nullptr) bad(std::string(field) + " is null");
-}
-
 void forbid(const void* ptr, const char* field, const char* why) {
   if (ptr != nullptr) bad(std::string(field) + " must be null (0) " + why);
 }
@@ -670,13 +636,8 @@ void check_params(const PairParams& p) {
   if (p.d < 0) bad("PairParams.d must be >= 0, got " + std::to_string(p.d));
   if (p.n > kMaxRows) bad("PairParams.n must be < 2^31 - 64, got " + std::to_string(p.n));
   if (p.m > kMaxRows) bad("PairParams.m must be < 2^31 - 64, got " + std::to_string(p.m));
-  const std::pair<int64_t, const char*> strides[] = {{p.a_stride0, "PairParams.a_stride0"},
-                                                     {p.a_stride1, "PairParams.a_stride1"},
-                                                     {p.b_stride0, "PairParams.b_stride0"},
-                                                     {p.b_stride1, "PairParams.b_stride1"}};
-  for (const auto& s : strides) {
-    if (s.first < 0) bad(std::string(s.second) + " must be >= 0, got " + std::to_string(s.first));
-  }
+  check_strides("PairParams.", {{p.a_stride0, "a_stride0"}, {p.a_stride1, "a_stride1"},
+                                 {p.b_stride0, "b_stride0"}, {p.b_stride1, "b_stride1"}});
   if (p.d > 0) {  // zero-size tensors may have no storage
     require(p.a, "PairParams.a");
     require(p.b, "PairParams.b");
@@ -781,10 +742,6 @@ void check_workspace(const float* ws, int64_t have, int64_t need) {
   }
 }
 
-unsigned grid_1d(int64_t elems) {
-  return unsigned(std::max<int64_t>(1, std::min<int64_t>(blocks_of(elems, 256), 8192)));
-}
-
 // ----------------------------------------------------------------------------- launchers
 
 template <typename T, int E, unsigned O>
@@ -794,8 +751,8 @@ void launch_forward(const PairParams& p, const ForwardPlan& plan, const PairStat
   pair_fwd_kernel<T, E, O><<<grid, kThreads, 0, stream>>>(make_sweep<T>(p), ws);
   detail::check_launch("pair_fwd_kernel");
   if (E == kSigmoid) {
-    pair_sum_kernel<<<1, kThreads, 0, stream>>>(ws, plan.grid.g * plan.grid.h, st.total, nullptr);
-    detail::check_launch("pair_sum_kernel");
+    sum_kernel<<<1, kThreads, 0, stream>>>(ws, plan.grid.g * plan.grid.h, st.total, nullptr);
+    detail::check_launch("sum_kernel");
     return;
   }
   const unsigned blocks = unsigned(blocks_of(std::max(p.n, p.m), 256));
@@ -826,15 +783,15 @@ void launch_backward(const PairParams& p, const BackwardPlan& plan, const PairSt
       make_sweep<T>(p), v, da_ws, db_ws, partials, gr.dpos);
   detail::check_launch("pair_bwd_kernel");
   if (nd > 0) {
-    pair_finalize_kernel<Tout><<<grid_1d(nd), 256, 0, stream>>>(da_ws, 1, nd, p.scale,
-                                                                static_cast<Tout*>(gr.da));
-    detail::check_launch("pair_finalize_kernel");
-    pair_finalize_kernel<Tout><<<grid_1d(md), 256, 0, stream>>>(db_ws, plan.split, md, p.scale,
-                                                                static_cast<Tout*>(gr.db));
-    detail::check_launch("pair_finalize_kernel");
+    finalize_kernel<Tout><<<grid_1d(nd), 256, 0, stream>>>(da_ws, 1, nd, p.scale,
+                                                           static_cast<Tout*>(gr.da));
+    detail::check_launch("finalize_kernel");
+    finalize_kernel<Tout><<<grid_1d(md), 256, 0, stream>>>(db_ws, plan.split, md, p.scale,
+                                                           static_cast<Tout*>(gr.db));
+    detail::check_launch("finalize_kernel");
   }
-  pair_sum_kernel<<<1, kThreads, 0, stream>>>(partials, programs, gr.dscale, gr.dbias);
-  detail::check_launch("pair_sum_kernel");
+  sum_kernel<<<1, kThreads, 0, stream>>>(partials, programs, gr.dscale, gr.dbias);
+  detail::check_launch("sum_kernel");
 }
 
 // The statistics fields a forward with these options writes (the rest must be null).
@@ -885,21 +842,19 @@ void check_backward_in(const PairParams& p, const PairStats& s, const PairCoefs&
     forbid(c.cols, "PairCoefs.cols", "without epilogue 'softmax'");
     forbid(c.pos_cols, "PairCoefs.pos_cols", "without epilogue 'softmax'");
   }
-  if (c.rows) {
-    require(s.row_max, "PairStats.row_max");
-    require(s.row_sum, "PairStats.row_sum");
-  }
-  if (c.pos_rows) {
-    require(s.pos_max, "PairStats.pos_max");
-    require(s.pos_sum, "PairStats.pos_sum");
-  }
-  if (c.cols) {
-    require(s.col_max, "PairStats.col_max");
-    require(s.col_sum, "PairStats.col_sum");
-  }
-  if (c.pos_cols) {
-    require(s.cpos_max, "PairStats.cpos_max");
-    require(s.cpos_sum, "PairStats.cpos_sum");
+  // Each coefficient present needs its merged (max, sum) pair.
+  const struct {
+    const float* coef;
+    const float *max, *sum;
+    const char *max_name, *sum_name;
+  } pairs[] = {
+      {c.rows, s.row_max, s.row_sum, "PairStats.row_max", "PairStats.row_sum"},
+      {c.pos_rows, s.pos_max, s.pos_sum, "PairStats.pos_max", "PairStats.pos_sum"},
+      {c.cols, s.col_max, s.col_sum, "PairStats.col_max", "PairStats.col_sum"},
+      {c.pos_cols, s.cpos_max, s.cpos_sum, "PairStats.cpos_max", "PairStats.cpos_sum"},
+  };
+  for (const auto& q : pairs) {
+    if (q.coef != nullptr) require_all({{q.max, q.max_name}, {q.sum, q.sum_name}});
   }
 }
 

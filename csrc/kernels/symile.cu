@@ -26,22 +26,25 @@
 #include "flashcontrast/cuda_check.h"
 #include "flashcontrast/symile.h"
 #include "flashcontrast/tiles.cuh"
+#include "common.cuh"
 
 namespace flashcontrast {
 namespace symile_impl {
 
 using namespace tiles;
+using namespace common;
 
 constexpr int kBM = kTileM;
 constexpr int kBN = kTileN;
 constexpr int kBK = kTileK;
 
 // The tile engine's layout (TileSmem: A/B chunks (T), X (fp32), P (T; in place over X for
-// fp32)), then 3 * 64 + 64 floats of small scratch.
+// fp32)), then 3 * 64 + 64 floats of small scratch (Views::extra).
+constexpr int kSmallBytes = 4 * 64 * 4;
 template <typename T>
-struct Smem : TileSmem<T, 4 * 64 * 4> {
-  static constexpr int kSmall = TileSmem<T, 4 * 64 * 4>::kExtraOff;
-};
+using Smem = TileSmem<T, kSmallBytes>;
+template <typename T>
+using Views = TileViews<T, kSmallBytes>;
 
 // The A chunk: x * y_j, rows of x times the row y_j (element e at v[e * v_stride]).
 template <typename T>
@@ -106,29 +109,6 @@ __global__ void rows_combine_kernel(const float* __restrict__ ws_m,
   row_lse[i] = m + logf(l);
 }
 
-// out = T(scale * sum_{s < slices} ws[s * nd + i]).
-template <typename T>
-__global__ void finalize_kernel(const float* __restrict__ ws, int slices, int64_t nd,
-                                const float* __restrict__ scale, T* __restrict__ out) {
-  const float s = *scale;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nd; i += stride) {
-    float acc = 0.0f;
-    for (int k = 0; k < slices; ++k) acc += ws[k * nd + i];
-    out[i] = from_float<T>(s * acc);
-  }
-}
-
-// *out = sum of partials, one CTA, fixed order.
-__global__ void __launch_bounds__(kThreads)
-    sum_partials_kernel(const float* __restrict__ partials, int count, float* __restrict__ out) {
-  __shared__ float red[kThreads / 32];
-  float v = 0.0f;
-  for (int i = threadIdx.x; i < count; i += kThreads) v += partials[i];
-  v = block_sum(v, red);
-  if (threadIdx.x == 0) *out = v;
-}
-
 // ----------------------------------------------------------------------------- symile_n2
 
 template <typename T>
@@ -144,9 +124,7 @@ __global__ void __launch_bounds__(kThreads)
     symile_n2_fwd_kernel(TripleParams<T> p, float* __restrict__ ws_m, float* __restrict__ ws_l) {
   using L = Smem<T>;
   __shared__ __align__(128) unsigned char smem[L::kBytes];
-  T* As = reinterpret_cast<T*>(smem + L::kA);
-  T* Bs = reinterpret_cast<T*>(smem + L::kB);
-  float* Xs = reinterpret_cast<float*>(smem + L::kX);
+  const Views<T> sm(smem);
   const int rb = blockIdx.x, h = blockIdx.y, H = gridDim.y;
   const int64_t n = p.n, row0 = int64_t(rb) * kBM;
   const int num_kb = int((n + kBN - 1) / kBN);
@@ -156,9 +134,9 @@ __global__ void __launch_bounds__(kThreads)
     const AOperand<T> op{p.x, p.xs0, p.xs1, p.y + j * p.ys0, p.ys1};
     for (int kb = 0; kb < num_kb; ++kb) {
       const int64_t col0 = int64_t(kb) * kBN;
-      tile_product<T>(op, p.z, p.zs0, p.zs1, n, p.d, row0, col0, As, Bs, Xs);
+      tile_product<T>(op, p.z, p.zs0, p.zs1, n, p.d, row0, col0, sm.As, sm.Bs, sm.Xs);
       const int ncols = int(std::min<int64_t>(kBN, n - col0));
-      row_pass<T>(Xs, ncols, run_m, run_l, [&](int, int, float x) { return scale * x; });
+      row_pass<T>(sm.Xs, ncols, run_m, run_l, [&](int, int, float x) { return scale * x; });
     }
   }
   const int64_t gi = row0 + threadIdx.x / 2;
@@ -176,11 +154,8 @@ __global__ void __launch_bounds__(kThreads)
                          float* __restrict__ partials) {
   using L = Smem<T>;
   __shared__ __align__(128) unsigned char smem[L::kBytes];
-  T* As = reinterpret_cast<T*>(smem + L::kA);
-  T* Bs = reinterpret_cast<T*>(smem + L::kB);
-  float* Xs = reinterpret_cast<float*>(smem + L::kX);
-  T* Ps = reinterpret_cast<T*>(smem + L::kP);
-  float* lse_r = reinterpret_cast<float*>(smem + L::kSmall);
+  const Views<T> sm(smem);
+  float* lse_r = reinterpret_cast<float*>(sm.extra);
   float* g_r = lse_r + kBM;
   float* dy_red = g_r + kBM;  // kBK floats
   float* red = dy_red + kBK;
@@ -203,47 +178,47 @@ __global__ void __launch_bounds__(kThreads)
         lse_r[tid] = ok ? row_lse[row0 + tid] : 0.0f;
         g_r[tid] = ok ? grad_rows[row0 + tid] : 0.0f;
       }
-      tile_product<T>(op, p.z, p.zs0, p.zs1, n, d, row0, col0, As, Bs, Xs);
+      tile_product<T>(op, p.z, p.zs0, p.zs1, n, d, row0, col0, sm.As, sm.Bs, sm.Xs);
 
       float amax = 0.0f;
       for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
         const int i = idx / kBN, k = idx % kBN;
-        const float x = Xs[i * L::kLdX + k];
+        const float x = sm.Xs[i * L::kLdX + k];
         float c = 0.0f;
         if (row0 + i < n && col0 + k < n) {
           c = g_r[i] * expf(scale * x - lse_r[i]);
           ds_acc = fmaf(c, x, ds_acc);
           amax = fmaxf(amax, fabsf(c));
         }
-        Xs[i * L::kLdX + k] = c;
+        sm.Xs[i * L::kLdX + k] = c;
       }
       float inv;
       const float mult = tile_norm(block_max_all(amax, red), inv);
       for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
         const int i = idx / kBN, k = idx % kBN;
-        Ps[i * L::kLdP + k] = from_float<T>(Xs[i * L::kLdX + k] * inv);
+        sm.Ps[i * L::kLdP + k] = from_float<T>(sm.Xs[i * L::kLdX + k] * inv);
       }
 
       for (int64_t k0 = 0; k0 < d; k0 += kBK) {
         __syncthreads();  // P complete; previous chunk's readers of As/Bs/dy_red done
-        load_a<T>(op, As, row0, n, k0, d);
-        load_tile<T, kBN, kBK>(Bs, L::kLdK, p.z, p.zs0, p.zs1, col0, n, k0, d);
+        load_a<T>(op, sm.As, row0, n, k0, d);
+        load_tile<T, kBN, kBK>(sm.Bs, L::kLdK, p.z, p.zs0, p.zs1, col0, n, k0, d);
         if (tid < kBK) dy_red[tid] = 0.0f;
         __syncthreads();
         TileAcc<T, kBM, kBK> acc_e;  // E = P @ z chunk
         acc_e.zero();
-        acc_e.template mma<kBN, true, true>(Ps, L::kLdP, Bs, L::kLdK);
+        acc_e.template mma<kBN, true, true>(sm.Ps, L::kLdP, sm.Bs, L::kLdK);
         TileAcc<T, kBN, kBK> acc_f;  // F = P^T @ (x * y_j) chunk
         acc_f.zero();
-        acc_f.template mma<kBM, false, true>(Ps, L::kLdP, As, L::kLdK);
-        acc_e.for_each(Xs, L::kLdX, [&](int i, int c, float v) {
+        acc_f.template mma<kBM, false, true>(sm.Ps, L::kLdP, sm.As, L::kLdK);
+        acc_e.for_each(sm.Xs, L::kLdX, [&](int i, int c, float v) {
           const int64_t gi = row0 + i, gc = k0 + c;
           if (gi < n && gc < d) {
             atomicAdd(dx_ws + gi * d + gc, mult * v * to_float(yj[gc * p.ys1]));
             atomicAdd(dy_red + c, v * to_float(p.x[gi * p.xs0 + gc * p.xs1]));
           }
         });
-        acc_f.for_each(Xs, L::kLdX, [&](int k, int c, float v) {
+        acc_f.for_each(sm.Xs, L::kLdX, [&](int k, int c, float v) {
           if (col0 + k < n && k0 + c < d) atomicAdd(dz_ws + (col0 + k) * d + k0 + c, mult * v);
         });
         __syncthreads();  // dy_red complete (SIMT for_each has no barrier)
@@ -264,10 +239,6 @@ int64_t sweep_split(int64_t n_blocks, int64_t cap, int sms) {
   return std::max<int64_t>(1, std::min(cap, blocks_of(target, n_blocks)));
 }
 
-void require(const void* ptr, const char* name) {
-  if (!ptr) throw std::invalid_argument(std::string(name) + " is null");
-}
-
 // `prefix` names the struct the sizes came from ("TripleParams.").
 void check_nd(int64_t n, int64_t d, const std::string& prefix) {
   if (n < 1) throw std::invalid_argument(prefix + "n must be >= 1, got " + std::to_string(n));
@@ -277,32 +248,17 @@ void check_nd(int64_t n, int64_t d, const std::string& prefix) {
   }
 }
 
-void check_workspace(int64_t have, int64_t need) {
-  if (have < need) {
-    throw std::invalid_argument("workspace has " + std::to_string(have) + " floats, needs " +
-                                std::to_string(need));
-  }
-}
-
 void check_triple_sizes(const TripleInputs& in) {
   check_nd(in.n, in.d, "TripleParams.");
-  const std::pair<int64_t, const char*> strides[] = {
-      {in.x_stride0, "x_stride0"}, {in.x_stride1, "x_stride1"}, {in.y_stride0, "y_stride0"},
-      {in.y_stride1, "y_stride1"}, {in.z_stride0, "z_stride0"}, {in.z_stride1, "z_stride1"}};
-  for (const auto& st : strides) {
-    if (st.first < 0) {
-      throw std::invalid_argument(std::string("TripleParams.") + st.second +
-                                  " must be >= 0, got " + std::to_string(st.first));
-    }
-  }
+  check_strides("TripleParams.", {{in.x_stride0, "x_stride0"}, {in.x_stride1, "x_stride1"},
+                                   {in.y_stride0, "y_stride0"}, {in.y_stride1, "y_stride1"},
+                                   {in.z_stride0, "z_stride0"}, {in.z_stride1, "z_stride1"}});
 }
 
 void check_triple(const TripleInputs& in) {
   check_triple_sizes(in);
-  require(in.x, "TripleParams.x");
-  require(in.y, "TripleParams.y");
-  require(in.z, "TripleParams.z");
-  require(in.scale, "TripleParams.scale");
+  require_all({{in.x, "TripleParams.x"}, {in.y, "TripleParams.y"}, {in.z, "TripleParams.z"},
+               {in.scale, "TripleParams.scale"}});
 }
 
 template <typename T>
@@ -310,10 +266,6 @@ TripleParams<T> triple_params(const TripleInputs& in) {
   return TripleParams<T>{static_cast<const T*>(in.x), static_cast<const T*>(in.y),
                          static_cast<const T*>(in.z), in.n, in.d, in.x_stride0, in.x_stride1,
                          in.y_stride0, in.y_stride1, in.z_stride0, in.z_stride1, in.scale};
-}
-
-unsigned grid_1d(int64_t elems) {
-  return unsigned(std::max<int64_t>(1, std::min<int64_t>((elems + 255) / 256, 8192)));
 }
 
 template <typename T>
@@ -345,8 +297,8 @@ void n2_bwd(const TripleInputs& in, int S, const float* row_lse, const float* gr
                                                         static_cast<float*>(outs[m]));
     detail::check_launch("finalize_kernel");
   }
-  sum_partials_kernel<<<1, kThreads, 0, st>>>(partials, num_kb * S, dscale);
-  detail::check_launch("sum_partials_kernel");
+  sum_kernel<<<1, kThreads, 0, st>>>(partials, num_kb * S, dscale, nullptr);
+  detail::check_launch("sum_kernel");
 }
 
 int n2_split(int64_t n, int sms) { return int(sweep_split(blocks_of(n, kBM), n, sms)); }
@@ -367,14 +319,12 @@ void symile_n2_forward(const TripleInputs& in, float* row_lse, float* workspace,
   check_triple(in);
   require(row_lse, "row_lse");
   require(workspace, "workspace");
-  const int device = detail::device_of(in.x, "TripleParams.x");
-  detail::DeviceScope scope(device);
-  const int H = n2_split(in.n, detail::sm_count(device));
+  const detail::LaunchScope at(in.x, "TripleParams.x", stream);
+  const int H = n2_split(in.n, at.sms);
   check_workspace(workspace_elems, 2 * int64_t(H) * in.n);
-  const auto st = static_cast<cudaStream_t>(stream);
   dispatch_dtype(in.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    n2_fwd<T>(in, row_lse, workspace, H, st);
+    n2_fwd<T>(in, row_lse, workspace, H, at.stream);
   });
 }
 
@@ -389,21 +339,14 @@ void symile_n2_backward(const TripleInputs& in, const float* row_lse, const floa
                         void* dx, void* dy, void* dz, float* dscale, float* workspace,
                         int64_t workspace_elems, void* stream) {
   check_triple(in);
-  require(row_lse, "row_lse");
-  require(grad_rows, "grad_rows");
-  require(dx, "dx");
-  require(dy, "dy");
-  require(dz, "dz");
-  require(dscale, "dscale");
-  require(workspace, "workspace");
-  const int device = detail::device_of(in.x, "TripleParams.x");
-  detail::DeviceScope scope(device);
-  const int S = n2_split(in.n, detail::sm_count(device));
+  require_all({{row_lse, "row_lse"}, {grad_rows, "grad_rows"}, {dx, "dx"}, {dy, "dy"}, {dz, "dz"},
+               {dscale, "dscale"}, {workspace, "workspace"}});
+  const detail::LaunchScope at(in.x, "TripleParams.x", stream);
+  const int S = n2_split(in.n, at.sms);
   check_workspace(workspace_elems, 3 * in.n * in.d + blocks_of(in.n, kBN) * S);
-  const auto st = static_cast<cudaStream_t>(stream);
   dispatch_dtype(in.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    n2_bwd<T>(in, S, row_lse, grad_rows, dx, dy, dz, dscale, workspace, st);
+    n2_bwd<T>(in, S, row_lse, grad_rows, dx, dy, dz, dscale, workspace, at.stream);
   });
 }
 

@@ -64,6 +64,23 @@ inline int sm_count(int device) {
   return count;
 }
 
+// What every launcher sets up after its argument checks: the device that owns `ptr`
+// (device_of: std::invalid_argument naming `name`), made current for the object's lifetime
+// (DeviceScope), its SM count (which sizes the grids and workspaces) and the caller's
+// stream, in that order.
+struct LaunchScope {
+  int device;
+  DeviceScope scope;
+  int sms;
+  cudaStream_t stream;
+
+  LaunchScope(const void* ptr, const char* name, void* caller_stream)
+      : device(device_of(ptr, name)),
+        scope(device),
+        sms(sm_count(device)),
+        stream(static_cast<cudaStream_t>(caller_stream)) {}
+};
+
 }  // namespace detail
 }  // namespace flashcontrast
 

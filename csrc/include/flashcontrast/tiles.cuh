@@ -13,7 +13,8 @@
 //                     tiles (IEEE fp32 products, no TF32: TF32 would change numerics).
 //   LSE helpers       online (max, sum) merging, safe against -inf maxima.
 //   TileSmem<T, X>    the shared-memory layout every 64 x 64 sweep uses (A / B chunks, the
-//                     fp32 X tile, the T coefficient tile P), then X bytes of its own.
+//                     fp32 X tile, the T coefficient tile P), then X bytes of its own;
+//                     TileViews<T, X> their typed pointers.
 //   tile_logits       X = A_rb B_cb^T over the D chunks into shared memory (fp32).
 //   Host side         dispatch_dtype (DType -> T), sweep_grid / sweep_split (the plan).
 //
@@ -328,6 +329,25 @@ struct TileSmem {
                                                : align128(kTileM * kLdX * 4));
   static constexpr int kBytes = kExtraOff + align128(kExtra);
   static_assert(kBytes <= 48 * 1024, "static shared memory above 48 KiB");
+};
+
+// Typed pointers to the regions of the TileSmem<T, kExtra> block at `smem` (the kernel's
+// kBytes, 128-aligned).
+template <typename T, int kExtra = 0>
+struct TileViews {
+  using L = TileSmem<T, kExtra>;
+  T* As;                 // A chunk, kTileM x kLdK
+  T* Bs;                 // B chunk, kTileN x kLdK
+  float* Xs;             // X tile (fp32), kTileM x kLdX
+  T* Ps;                 // P tile, kTileM x kLdP: Xs itself for fp32
+  unsigned char* extra;  // the kernel's kExtra bytes
+
+  __device__ __forceinline__ explicit TileViews(unsigned char* smem)
+      : As(reinterpret_cast<T*>(smem + L::kA)),
+        Bs(reinterpret_cast<T*>(smem + L::kB)),
+        Xs(reinterpret_cast<float*>(smem + L::kX)),
+        Ps(reinterpret_cast<T*>(smem + L::kP)),
+        extra(smem + L::kExtraOff) {}
 };
 
 // X = A[row0 : row0+64] @ B[col0 : col0+64]^T into Xs (fp32, ld TileSmem<T>::kLdX); ends
