@@ -1,4 +1,5 @@
-"""flashcontrast.distributed.infonce_loss, uniform_loss (row-only sweeps) and cwcl_loss
+"""flashcontrast.distributed.infonce_loss, uniform_loss, multi_positive_infonce_loss
+(row-only sweeps) and cwcl_loss
 (CLIP's sweep plus all-reduced soft-target moments) over a process group: W = 1 to 4 gloo
 ranks, uneven shards and an empty one, both gradient scalings, with and without a bias,
 on the torch engine in float64 and (W = 2) on the Triton kernels in float32; each rank's
@@ -24,6 +25,8 @@ CASES = (
     ("cwcl", "gather", "ddp", None),
     ("cwcl", "ring", "sum", 0.3),
     ("cwcl", "gather", "sum", -1.0),
+    ("multipos", "gather", "ddp", None),
+    ("multipos", "gather", "sum", None),
 )
 
 
@@ -41,6 +44,11 @@ def _call(module, case, q, k, u, s, bias, **kw):
         return module.infonce_loss(q, k, s, bias, **kw)
     if case[0] == "cwcl":
         return module.cwcl_loss(q, k, s, bias, weight_features=u, **kw)
+    if case[0] == "multipos":  # K = 2 candidate batches per anchor, built row by row
+        c = torch.stack([k, torch.nn.functional.normalize(k + 0.5 * q, dim=1)])
+        if module.__name__ == "flashcontrast":  # the (K N, D) stack, p_ik = k N + i
+            c = c.reshape(-1, c.shape[-1])
+        return module.multi_positive_infonce_loss(q, c, s, **kw)
     return module.uniform_loss(q, 1.5, **kw) + 0 * s  # no scale: a zero gradient for it
 
 
@@ -65,6 +73,10 @@ def _errors(rank: int, world: int) -> dict:
         ("ring", lambda: fd.infonce_loss(q, k, 6.0, strategy="ring")),
         ("dim", lambda: fd.uniform_loss(q[:, :5] if last else q)),
         ("du", lambda: fd.cwcl_loss(q, k, 6.0, weight_features=u[:, :3] if last else u)),
+        (
+            "kk",
+            lambda: fd.multi_positive_infonce_loss(q, torch.stack([k] * (3 if last else 2)), 6.0),
+        ),
     ):
         try:
             call()
@@ -115,6 +127,7 @@ def test_matches_single_process(world, tmp_path):
         assert_rank_errors(results, "ring", "ring")
         assert_rank_errors(results, "dim", "same feature dimension D")
         assert_rank_errors(results, "du", "weight_features' Du")
+        assert_rank_errors(results, "kk", "number of candidate batches K")
 
 
 def test_triton_engine_two_ranks(tmp_path):

@@ -192,7 +192,7 @@ from .clip import clip_loss
 from .cwcl import cwcl_loss
 from .gram import gram_loss
 from .multiview import multiview_dhel_loss, multiview_infonce_loss
-from .rows import infonce_loss, uniform_loss
+from .rows import infonce_loss, multi_positive_infonce_loss, uniform_loss
 from .siglip import siglip_loss
 from .symile import symile_loss
 
@@ -202,6 +202,7 @@ __all__ = [
     "cwcl_loss",
     "gram_loss",
     "infonce_loss",
+    "multi_positive_infonce_loss",
     "multiview_dhel_loss",
     "multiview_infonce_loss",
     "reset_comm_bytes",

@@ -30,15 +30,17 @@ from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
 from .._ops import backend_module
-from .._validation import accumulation_dtype
+from .._validation import accumulation_dtype, check_pair
 from ..backends.pair import Coefs, Pair, Stats, lse
 from ..objectives import uniformity as single_uniformity
+from ..objectives.multipositive import positive_mean_dots
 from . import _comm
 
-__all__ = ["infonce_loss", "uniform_loss"]
+__all__ = ["infonce_loss", "multi_positive_infonce_loss", "uniform_loss"]
 
 _INFONCE = Pair("rows")  # the positive of global row i at global column i
 _UNIFORM = Pair("rows", positives=False, exclude_self=True)
+_DENOMINATORS = Pair("rows", positives=False)
 
 
 def scaled_layout(lay: _comm.Layout, k: int) -> _comm.Layout:
@@ -100,6 +102,37 @@ class GlobalSum(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         return _comm.mean_upstream(g, ctx.lay, g.dtype), None
+
+
+class _Local(torch.autograd.Function):
+    """Identity on per-row values of this rank's features alone (no exchange), whose
+    feature gradients get the ``grad_scaling`` factor the exchanged terms get (W for
+    "ddp")."""
+
+    @staticmethod
+    def forward(ctx, values, lay, grad_scaling):
+        ctx.factor = lay.world if grad_scaling == "ddp" else 1
+        return values.view_as(values)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        return g * ctx.factor, None, None
+
+
+class _Replicated(torch.autograd.Function):
+    """Identity on a scalar every rank holds, for terms computed from this rank's rows
+    only: its gradient is summed over ranks (each rank sees its rows' part)."""
+
+    @staticmethod
+    def forward(ctx, x, lay):
+        ctx.lay = lay
+        return x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        return _comm.all_reduce(g.detach().clone().reshape(1), ctx.lay)[0].reshape(g.shape), None
 
 
 class _GlobalLSE(torch.autograd.Function):
@@ -182,3 +215,70 @@ def uniform_loss(
     args = (_UNIFORM, lay, lay, lay.offset, chosen, grad_scaling)
     rows, _ = RowsGather.apply(a, b, unit, None, *args)
     return _GlobalLSE.apply(rows, lay) - math.log(lay.total * (lay.total - 1))
+
+
+def multi_positive_infonce_loss(
+    anchors: Tensor,
+    candidates: Tensor,
+    logit_scale,
+    *,
+    group=None,
+    strategy: str = "gather",
+    backend: str = "auto",
+    grad_scaling: str = "ddp",
+) -> Tensor:
+    """1-to-K multi-positive InfoNCE (:func:`flashcontrast.multi_positive_infonce_loss`,
+    both directions, ``positives=None``) over the global batch of a process group.
+
+    Each rank passes its anchors (n_r, D) and their candidates (K, n_r, D): candidate k of
+    anchor i at [k, i] (K the same on every rank). Globally, anchor i's K positives are
+    its own candidates and every candidate of every rank is in every anchor's
+    denominator; the single-process loss of the global anchors against the K stacked
+    global batches is returned on every rank. The anchors' denominators are one row sweep
+    against the all-gathered K N candidates; each candidate batch k is one row sweep
+    against the all-gathered anchors, its positive the anchor at the same global index
+    (K gathers of the anchors). Gradients and checks as
+    :func:`flashcontrast.distributed.clip_loss` ("gather" only).
+    """
+
+    def check():
+        a = _comm.check_shard("anchors", anchors)
+        if not isinstance(candidates, Tensor) or candidates.dim() != 3:
+            raise ValueError(
+                "candidates must be a (K, n_r, D) tensor: K candidate batches of this rank's "
+                f"anchors, got {getattr(candidates, 'shape', type(candidates).__name__)}"
+            )
+        c = _comm.check_shard("candidates", candidates.reshape(-1, candidates.shape[-1]))
+        k = candidates.shape[0]
+        if k < 1 or candidates.shape[1:] != a.shape:
+            raise ValueError(
+                f"candidates must be (K >= 1, n_r, D) = (K, {a.shape[0]}, {a.shape[1]}), "
+                f"got {tuple(candidates.shape)}"
+            )
+        check_pair("anchors", a, "candidates", c[: a.shape[0]])
+        scale = _comm.scalar("logit_scale", logit_scale, a)
+        chosen = _comm.engine_backend("infonce", backend, a)
+        return (a, c, k, scale, chosen), *a.shape, a.dtype, a.device, [k]
+
+    lay, (a, c, k, scale, chosen) = _comm.setup_checked(
+        "multi_positive_infonce_loss", group, strategy, grad_scaling, backend,
+        ["number of candidate batches K"], check, ring=False, backends=_comm.ENGINE_BACKENDS,
+    )  # fmt: skip
+    n = a.shape[0]
+    rows, _ = RowsGather.apply(
+        a, c, scale, None, _DENOMINATORS, lay, scaled_layout(lay, k), 0, chosen, grad_scaling
+    )
+    listed = (
+        torch.arange(k, device=a.device)[None, :] * n + torch.arange(n, device=a.device)[:, None]
+    )
+    dots = _Local.apply(positive_mean_dots(a, c, listed), lay, grad_scaling)
+    rows = rows - _Replicated.apply(scale, lay) * dots  # LSE_j S_ij - (1/K) sum_k S_i,p_ik
+    cols = rows.new_zeros(())
+    for b in range(k):
+        args = (_INFONCE, lay, lay, lay.offset, chosen, grad_scaling)
+        lse_b, pos_b = RowsGather.apply(c[b * n : (b + 1) * n], a, scale, None, *args)
+        cols = cols + (lse_b - pos_b).sum()
+    total = lay.total
+    return 0.5 * (
+        GlobalSum.apply(rows.sum(), lay) / total + GlobalSum.apply(cols, lay) / (k * total)
+    )

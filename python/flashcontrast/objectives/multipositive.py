@@ -57,7 +57,7 @@ def positive_mean_dots(a: Tensor, c: Tensor, positives: Tensor) -> Tensor:
     and positives (N, K) int64 indices into c."""
     acc = accumulation_dtype(a.dtype)
     k = positives.shape[1]
-    mean = c[positives.reshape(-1)].to(acc).view(*positives.shape, -1).sum(1) / k
+    mean = c[positives.reshape(-1)].to(acc).view(*positives.shape, c.shape[1]).sum(1) / k
     return (a.to(acc) * mean).sum(dim=1)
 
 
@@ -77,7 +77,7 @@ def positive_mean_dots_bwd(
     n, k = positives.shape
     w = grad.to(acc)[:, None] / k
     flat = positives.reshape(-1)
-    da = w * c[flat].to(acc).view(n, k, -1).sum(1)
+    da = w * c[flat].to(acc).view(n, k, c.shape[1]).sum(1)
     dc = torch.zeros(c.shape, dtype=acc, device=c.device)
     dc.index_add_(0, flat, (w * a.to(acc)).repeat_interleave(k, dim=0))
     return da.to(a.dtype), dc.to(c.dtype)
