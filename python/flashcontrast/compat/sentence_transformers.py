@@ -42,8 +42,12 @@ warning once per class and reason (``warnings.warn``):
   ``pytorch_cos_sim``) / ``dot_score``, recognized by identity;
 * ``hardness_mode`` with ``hardness_strength > 0`` (a stop-gradient penalty on some
   logits: not an epilogue of the engine yet);
-* ``gather_across_devices=True`` (flashcontrast's process-group path is not wired to
-  these losses yet);
+* ``gather_across_devices=True`` with directions other than ``("query_to_doc",)``
+  (with that one direction, the default, it runs on flashcontrast's process-group path:
+  this rank's queries against every rank's documents in one row sweep,
+  :func:`flashcontrast.distributed.rows.gathered_query_rows`, the package's values and
+  gradients; uneven per-rank batches are allowed, where the package's gather needs equal
+  ones);
 * embeddings the engine does not take (sparse, not (N, D), dtypes other than float16 /
   bfloat16 / float32 / float64, mixed dtypes or devices, document columns of another
   batch size).
@@ -76,6 +80,7 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -83,6 +88,7 @@ from .. import _dispatch
 from .._amp import autocast_off
 from .._validation import FEATURE_DTYPES, accumulation_dtype
 from ..backends.pair import Pair
+from ..distributed.rows import gathered_query_rows
 from ..objectives._pair_op import sweep
 
 #: The classes, built on first access (module ``__getattr__``).
@@ -140,8 +146,8 @@ def _fallback_reason(loss, embeddings) -> Optional[str]:
         return f"similarity_fct={name!r} is not cos_sim or dot_score"
     if loss.hardness_mode is not None and loss.hardness_strength > 0.0:
         return f"hardness_mode={loss.hardness_mode!r} is not fused"
-    if loss.gather_across_devices:
-        return "gather_across_devices=True is not fused yet"
+    if loss.gather_across_devices and tuple(loss.directions) != ("query_to_doc",):
+        return "gather_across_devices=True is fused for directions=('query_to_doc',) only"
     if len(embeddings) < 2:
         return "fewer than 2 embedding columns"
     q = embeddings[0]
@@ -163,13 +169,20 @@ def fused_loss(
     directions: tuple,
     partition_mode: str,
     backend: str,
+    gather: bool = False,
 ) -> Tensor:
-    """The package's ``compute_loss_from_embeddings`` (no hardness, one process) on the
-    pair engine: ``embeddings`` = [queries, positives, *hard negatives], each (N, D);
-    ``similarity`` "cos" or "dot"; ``backend`` an already resolved kernel backend.
-    Returns the 0-d loss in the accumulation dtype."""
+    """The package's ``compute_loss_from_embeddings`` (no hardness) on the pair engine:
+    ``embeddings`` = [queries, positives, *hard negatives], each (N, D); ``similarity``
+    "cos" or "dot"; ``backend`` an already resolved kernel backend; ``gather``: the
+    package's ``gather_across_devices`` with an initialized process group of more than one
+    rank (directions ("query_to_doc",): this rank's queries against every rank's
+    documents, :func:`flashcontrast.distributed.rows.gathered_query_rows`). Returns the
+    0-d loss (this rank's mean) in the accumulation dtype."""
     if similarity == "cos":
         embeddings = [F.normalize(e, p=2, dim=-1) for e in embeddings]
+    if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        terms = gathered_query_rows(embeddings[0], embeddings[1:], float(scale), backend=backend)
+        return terms.mean()
     q, docs = embeddings[0], embeddings[1:]
     n = q.shape[0]
     docs_all = torch.cat(docs, 0) if len(docs) > 1 else docs[0]
@@ -217,8 +230,9 @@ class _Fused:
             return super().compute_loss_from_embeddings(embeddings, labels)
         kind = _similarity_kind(self.similarity_fct)
         return fused_loss(
-            embeddings, self.scale, kind, tuple(self.directions), self.partition_mode, chosen
-        )
+            embeddings, self.scale, kind, tuple(self.directions), self.partition_mode, chosen,
+            self.gather_across_devices,
+        )  # fmt: skip
 
 
 def _check_backend(backend: str) -> str:
@@ -309,6 +323,7 @@ def _build() -> dict:
                 tuple(self.directions),
                 self.partition_mode,
                 chosen,
+                self.gather_across_devices,
             )
             if with_backward:
                 loss.backward()

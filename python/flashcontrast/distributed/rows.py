@@ -282,3 +282,39 @@ def multi_positive_infonce_loss(
     return 0.5 * (
         GlobalSum.apply(rows.sum(), lay) / total + GlobalSum.apply(cols, lay) / (k * total)
     )
+
+
+def gathered_query_rows(
+    queries: Tensor, docs: list, logit_scale, *, group=None, backend: str = "auto"
+) -> Tensor:
+    """(n_r,) LSE_j s <q_i, d_j> - s <q_i, d^+_i> for this rank's queries against EVERY
+    rank's documents: sentence-transformers' ``gather_across_devices=True`` score rows
+    (its ``query_to_doc`` direction) without its (n_r, N (1 + H)) matrix.
+
+    ``queries`` (n_r, D) and ``docs`` (1 + H tensors (n_r, D): the positives, then the
+    hard negatives) are this rank's; the denominator of query i holds all N (1 + H)
+    documents of the group, its positive the rank's own positive i. Gradients as
+    ``torch.distributed.nn.all_gather``'s, which the package uses: every rank
+    differentiates its own loss of these rows, and each rank's documents get the sum of
+    every rank's gradients (grad_scaling "sum": 1x). One row sweep against the documents
+    all-gathered once (stacked per rank, positives first: the positive of global query
+    o_r + i is column K o_r + i).
+    """
+    k = len(docs)
+
+    def check():
+        q = _comm.check_shard("queries", queries)
+        for j, d in enumerate(docs):
+            check_pair("queries", q, f"docs[{j}]", _comm.check_shard(f"docs[{j}]", d))
+        scale = _comm.scalar("logit_scale", logit_scale, q)
+        chosen = _comm.engine_backend("infonce", backend, q)
+        return (q, scale, chosen), *q.shape, q.dtype, q.device, [k]
+
+    lay, (q, scale, chosen) = _comm.setup_checked(
+        "gathered_query_rows", group, "gather", "sum", backend,
+        ["number of document columns"], check, ring=False, backends=_comm.ENGINE_BACKENDS,
+    )  # fmt: skip
+    stacked = torch.cat(list(docs)) if k > 1 else docs[0]
+    args = (_INFONCE, lay, scaled_layout(lay, k), k * lay.offset, chosen, "sum")
+    rows, pos = RowsGather.apply(q, stacked, scale, None, *args)
+    return rows - pos
