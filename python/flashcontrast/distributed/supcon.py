@@ -68,7 +68,7 @@ class _LabelPositives(torch.autograd.Function):
         if shared:
             _comm.all_reduce(c, lay)
         za = z.to(acc)
-        dots = (za * (c[labels] - za)).sum(dim=1)  # transient: recomputed in the backward
+        dots = (za * (c[labels] - za)).sum(dim=1)  # (R,), kept for d scale
         ctx.save_for_backward(z, scale, labels, dots)
         ctx.classes, ctx.shared, ctx.lay, ctx.grad_scaling = classes, shared, lay, grad_scaling
         return scale * dots
