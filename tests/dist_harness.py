@@ -84,6 +84,26 @@ def spawn(world: int, tmp_path, body: Callable[[int, int], dict]) -> list[dict]:
     return results
 
 
+def shard_slice(sizes: list, rank: int) -> slice:
+    """The rows [o_r, o_r + n_r) of the global batch that ``rank`` holds (shards of
+    ``sizes`` rows in rank order)."""
+    lo = sum(sizes[:rank])
+    return slice(lo, lo + sizes[rank])
+
+
+def caught_errors(calls: dict) -> dict:
+    """Run each of ``calls`` (kind -> a function of no arguments); kind -> "Type:
+    message" of what it raised, or None where it returned (the ``res["errors"]`` that
+    :func:`assert_rank_errors` reads)."""
+    out = dict.fromkeys(calls)
+    for kind, call in calls.items():
+        try:
+            call()
+        except Exception as e:
+            out[kind] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def assert_rank_errors(results: list[dict], kind: str, own: str, failing_rank=None) -> list:
     """Every rank raised for the bad call ``kind`` (its message in ``res["errors"][kind]``):
     with ``failing_rank`` None every message names the problem (``own``); otherwise that

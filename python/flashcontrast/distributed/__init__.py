@@ -8,6 +8,7 @@ global batch's.
     loss = flashcontrast.distributed.multiview_infonce_loss(views, logit_scale)  # and
     # multiview_dhel_loss, gram_loss(anchor, others, s), symile_loss(reps, s) (see below),
     # cwcl_loss(img, txt, s, weight_features=u) (CLIP's sweep + all-reduced moments)
+    loss = flashcontrast.distributed.supcon_loss(views, labels, temperature)  # SupCon
 
 Semantics
 ---------
@@ -183,8 +184,9 @@ losses and GRAM, 5 for Symile):
 Row-only objectives (``rows.py``, "gather"): ``infonce_loss(q, k, s)`` (paired shards,
 query i's positive key i of the global batch) and ``uniform_loss(x, t)``; CWCL
 (``cwcl.py``): ``cwcl_loss(img, txt, s, weight_features=u)``, CLIP's sweep plus one
-all-reduce of the soft targets' (D, Du) moments. Not covered yet: SupCon, multi-positive
-InfoNCE; Symile "n_squared" on the CUDA kernels (square only; torch and Triton tiles).
+all-reduce of the soft targets' (D, Du) moments; ``supcon_loss`` (``supcon.py``): the
+row-only sweep plus all-reduced per-label sums. Not covered yet: multi-positive InfoNCE;
+Symile "n_squared" on the CUDA kernels (square only; torch and Triton tiles).
 """
 
 from ._comm import comm_bytes, reset_comm_bytes
@@ -194,6 +196,7 @@ from .gram import gram_loss
 from .multiview import multiview_dhel_loss, multiview_infonce_loss
 from .rows import infonce_loss, multi_positive_infonce_loss, uniform_loss
 from .siglip import siglip_loss
+from .supcon import supcon_loss
 from .symile import symile_loss
 
 __all__ = [
@@ -207,6 +210,7 @@ __all__ = [
     "multiview_infonce_loss",
     "reset_comm_bytes",
     "siglip_loss",
+    "supcon_loss",
     "symile_loss",
     "uniform_loss",
 ]
