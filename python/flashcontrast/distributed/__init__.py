@@ -185,7 +185,9 @@ Row-only objectives (``rows.py``, "gather"): ``infonce_loss(q, k, s)`` (paired s
 query i's positive key i of the global batch) and ``uniform_loss(x, t)``; CWCL
 (``cwcl.py``): ``cwcl_loss(img, txt, s, weight_features=u)``, CLIP's sweep plus one
 all-reduce of the soft targets' (D, Du) moments; ``supcon_loss`` (``supcon.py``): the
-row-only sweep plus all-reduced per-label sums. Not covered yet: multi-positive InfoNCE;
+row-only sweep plus all-reduced per-label sums;
+``multi_positive_infonce_loss(anchors, candidates (K, n_r, D), s)``: row sweeps against
+the gathered candidates and, per candidate batch, the gathered anchors. Not covered yet:
 Symile "n_squared" on the CUDA kernels (square only; torch and Triton tiles).
 """
 
