@@ -73,6 +73,12 @@ def test_float64_never_goes_to_a_kernel_backend(gpu):
 
 _OBJECTIVES = ("clip", "siglip", "infonce", "multiview", "gram", "symile")
 _VARIANTS = (None, *_dispatch.VARIANTS)
+# what "auto" takes on a GPU with every kernel verified, per call variant (16/32-bit)
+_AUTO_FOR_VARIANT = {
+    None: "cuda",
+    "symile_n_squared_many": "torch",
+    "symile_n_squared_rectangular": "triton",
+}
 
 
 def _every_entry():
@@ -94,10 +100,11 @@ def test_auto_picks_only_what_runs_the_call(gpu, objective, dtype, variant):
     gpu(*_every_entry())
     chosen, why = flashcontrast.explain_backend(objective, CUDA, "auto", dtype, variant)
     assert flashcontrast.backend_for(objective, CUDA, chosen, dtype, variant) == chosen, why
-    if dtype == torch.float64 or variant is not None:
+    assert set(_AUTO_FOR_VARIANT) == set(_VARIANTS)
+    if dtype == torch.float64:
         assert chosen == "torch", why
     else:
-        assert chosen == "cuda", why
+        assert chosen == _AUTO_FOR_VARIANT[variant], why
 
 
 def test_explicit_backends_that_cannot_run_the_call_raise(gpu):

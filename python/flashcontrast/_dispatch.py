@@ -78,6 +78,11 @@ VARIANTS = {
         "Symile negative_sampling='n_squared' with M > 3 modalities (the n_squared kernels "
         "cover M = 3; the blockwise torch backend any M, in bounded memory)",
     ),
+    "symile_n_squared_rectangular": (
+        frozenset({"torch", "triton", "reference"}),
+        "Symile negative_sampling='n_squared' with n rows against m != n columns (a "
+        "process group's rank-local part; the CUDA symile_n2 kernels take one length)",
+    ),
 }
 
 

@@ -358,17 +358,21 @@ def setup_checked(
     return Layout(group, rank, world, sizes, device), payload
 
 
-def engine_backend(objective: str, backend: str, like: Tensor) -> str:
+def engine_backend(
+    objective: str, backend: str, like: Tensor, variant: Optional[str] = None
+) -> str:
     """The pair-engine backend ("torch", "triton" or "cuda") the local tiles of
     ``objective`` ("clip", "siglip", "multiview", "symile": the names
     ``flashcontrast._dispatch`` knows) run on for features like ``like``:
     ``flashcontrast._dispatch.resolve`` of ``backend`` ("reference" runs the
     float64-capable "torch" tiles). Raises as the single-process losses do: RuntimeError
     (with the reason) for an explicit backend that cannot run there, TypeError for
-    "triton" / "cuda" with float64 features."""
+    "triton" / "cuda" with float64 features. ``variant``: the call variant
+    (``_dispatch.VARIANTS``) the backend must run."""
     chosen = _dispatch.resolve(
-        objective, like.device, "torch" if backend == "reference" else backend, like.dtype
-    )
+        objective, like.device, "torch" if backend == "reference" else backend, like.dtype,
+        variant,
+    )  # fmt: skip
     return "torch" if chosen == "reference" else chosen
 
 

@@ -495,8 +495,9 @@ def symile_loss(
     against all N^2 pairs of the other two modalities, the (N, M, D) representations
     all-gathered; every rank returns the single-process n_squared loss of the
     concatenated batch. Its rank-local part runs on the "torch" or "triton" symile_n2
-    tiles (n_r rows against N columns; "auto" takes "triton" where it would take "cuda",
-    whose kernels take rows and columns of one length: ``backend="cuda"`` raises a
+    tiles (n_r rows against N columns; the dispatcher's "symile_n_squared_rectangular"
+    call variant: "auto" never picks "cuda", whose kernels take rows and columns of one
+    length, and ``backend="cuda"`` raises a
     RuntimeError on every rank); "ring" and M > 3 raise
     NotImplementedError on every rank, ``permutations`` a ValueError (as in one process).
     """
@@ -521,16 +522,8 @@ def symile_loss(
             )
         if squared and permutations is not None:
             raise ValueError('permutations only apply to negative_sampling="n"')
-        if squared and backend == "cuda":
-            raise RuntimeError(
-                "backend='cuda' cannot run negative_sampling=\"n_squared\" over a process "
-                "group: its rank-local part is n_r rows against all N columns, which the "
-                "CUDA symile_n2 kernels (rows and columns of one length) do not take; use "
-                "'auto', 'torch' or 'triton'"
-            )
-        chosen = _comm.engine_backend("symile", backend, reps[0])
-        if squared and chosen == "cuda":  # "auto" on a GPU: the rectangular Triton tiles
-            chosen = _comm.engine_backend("symile", "triton", reps[0])
+        variant = "symile_n_squared_rectangular" if squared else None
+        chosen = _comm.engine_backend("symile", backend, reps[0], variant)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if permutations is not None and generator is not None:
