@@ -368,11 +368,9 @@ def cwcl_loss(
             cols = st["col"] - (scale * c / w + shift)
         elif direction == "image_to_text":
             rows = sweep(a, b, scale, bias, _ROWS, chosen)["row"] - (scale * r / w + shift)
-            cols = None
         else:
-            rows = None
             cols = sweep(b, a, scale, bias, _ROWS, chosen)["row"] - (scale * c / w + shift)
-    if direction == "image_to_text":
+    if direction == "image_to_text":  # the other direction's terms are not the loss's
         cols = None
     elif direction == "text_to_image":
         rows = None
