@@ -14,6 +14,7 @@ The build is cached by a hash of every input under ``build/cuda_emulator/``.
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -146,6 +147,26 @@ def build(
     target = root / f"_C{suffix}"
     if target.is_file():
         return target
+    root.mkdir(parents=True, exist_ok=True)
+    # one builder at a time (pytest-xdist workers share the build directory): the others
+    # wait on the lock, then find the module built
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_file():
+            return target
+        return _compile(root, target, suffix, cxx, cuda_inc, kernels, jobs)
+
+
+def _compile(
+    root: Path,
+    target: Path,
+    suffix: str,
+    cxx: str,
+    cuda_inc: Path,
+    kernels: dict[Path, str],
+    jobs: int | None,
+) -> Path:
+    """Compile the rewritten kernels and the bindings into ``target`` (under the lock)."""
 
     work = root / "work"
     gen = work / "generated"
