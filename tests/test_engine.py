@@ -125,7 +125,7 @@ def _oracle(case, a, b, rg, cg, pl, coefs, dtype):
     return [stats[k].detach() for k in names] + list(grads), names
 
 
-def _ours(module, case, a, b, rg, cg, pl, coefs):
+def _ours(module, case, a, b, rg, cg, pl, coefs, **extra):
     acc = _acc(a.dtype)
     scale = torch.tensor(case.scale, dtype=acc)
     bias = torch.tensor(-1.5, dtype=acc) if case.bias else None
@@ -136,6 +136,7 @@ def _ours(module, case, a, b, rg, cg, pl, coefs):
         row_groups=rg,
         col_groups=cg,
         positive_logits=pos,
+        **extra,
     )
     stats = module.pair_forward(a, b, scale, bias, case.pair, **kw)
     c = Coefs(**{k: v.to(acc) for k, v in coefs.items()})
@@ -156,17 +157,54 @@ def _finite_or_equal_inf(got, want):
     return got.double().masked_fill(both, 0.0), want.double().masked_fill(both, 0.0)
 
 
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 @pytest.mark.parametrize("backend", ENGINE_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", _DTYPES)
 @pytest.mark.parametrize("name", list(CASES))
 def test_contract_against_the_dense_oracle(backend, dtype, name):
     case = CASES[name]
     if case.scale > 100 and dtype != torch.float32:
         pytest.skip("logit scale 1e4 is a float32 accuracy case (16-bit logits overflow it)")
-    module = backend_module(backend, "pair")
+    _assert_contract(backend_module(backend, "pair"), case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("name", [k for k, c in CASES.items() if c.scale <= 100])
+def test_torch_panels_at_their_boundaries(dtype, rows, name):
+    """The panel path (the "torch" backend) with one-row panels and with 3-row panels that
+    do not divide n, the 16-bit ones with dS rounded to the inputs' dtype per panel."""
+    case = CASES[name]  # n = 37, 13, 41, ...: 3 divides four of them only
+    module = backend_module("torch", "pair")
+    _assert_contract(module, case, dtype, max_block_elements=rows * case.m)
+
+
+_PANEL_RUNS = [
+    *((name, dtype, 5) for name, c in CASES.items() if c.scale <= 100 for dtype in _DTYPES),
+    *((name, torch.float32, rows) for name in ("clip-groups", "siglip") for rows in (1, None)),
+    ("clip-scale-1e4", torch.float32, 5),
+]
+
+
+@pytest.mark.parametrize(("name", "dtype", "rows"), _PANEL_RUNS)
+def test_triton_panel_path_against_the_dense_oracle(name, dtype, rows):
+    """The Triton backend's panel path (GEMMs by torch, the fused kernels' epilogues
+    reading X and writing dS): 5-row panels (5 divides none of the n here but 35), one-row
+    panels and one panel for two cases (the interpreter's time grows with the panels)."""
+    from flashcontrast.backends.triton import panel
+
+    case = CASES[name]
+    _assert_contract(panel, case, dtype, max_block_elements=rows and rows * case.m)
+
+
+def _assert_contract(module, case: Case, dtype: torch.dtype, **extra) -> None:
+    """Statistics and gradients of ``module``'s sweep against the dense float64 oracle by
+    the rule, at two D, the gradients in the inputs' dtype."""
     for seed, d in ((0, 20), (1, 7)):
         a, b, rg, cg, pl, coefs = _inputs(case, d, dtype, seed)
-        stats, grads = _ours(module, case, a, b, rg, cg, pl, coefs)
+        stats, grads = _ours(module, case, a, b, rg, cg, pl, coefs, **extra)
         exact, names = _oracle(case, a, b, rg, cg, pl, coefs, torch.float64)
         same, _ = _oracle(
             case, a, b, rg, cg, pl, coefs, _acc(dtype) if dtype == torch.float32 else dtype

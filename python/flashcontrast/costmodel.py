@@ -12,7 +12,12 @@ Counting (one training step = forward + backward, N rows, D features, bf16 input
 said otherwise): a GEMM-equivalent is 2 N^2 D flops. CLIP and SigLIP take 4 of them (S
 forward; S again, dS B and dS^T A backward). A tiled kernel's time is the largest of its
 tensor-core time (flops over rate x efficiency), its memory time (bytes over the copy
-bandwidth) and its exponential time (exps over the MUFU rate): the roofline.
+bandwidth) and its exponential time (exps over the MUFU rate): the roofline. A path made
+of several kernels in sequence (the panel paths: cuBLAS GEMMs and memory-bound epilogues)
+is a list of :class:`Stage` s, each timed by its own roofline and the times summed: no
+overlap between kernels is assumed.
+
+``python -m flashcontrast.costmodel`` prints the README's table of predictions.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class Device:
     fp32_flops: float  # fp32 GEMM without tensor cores (SIMT FFMA), flop/s
     copy_bytes: float  # device-to-device copy, bytes read + written per second
     exp_per_s: float  # exponentials per second (MUFU ex2)
+    memory: float  # device memory, bytes (the panel paths' default panel size)
     basis: str
 
 
@@ -40,9 +46,20 @@ H200 = Device(
     fp32_flops=50e12,  # datasheet 67 TFLOP/s FFMA; cuBLAS SGEMM reaches about 3/4 of it
     copy_bytes=4.3e12,  # measured, counting read + write (docs/hardware.md)
     exp_per_s=4.2e12,  # 16 per clock per SM x 132 SMs x 1.98 GHz (docs/hardware.md)
+    memory=139 * 2**30,  # about 139 GiB usable (the device machine's description)
     basis="H200 rates measured on this project's H200 machines (docs/hardware.md), "
     "fp32 FFMA from the datasheet",
 )
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One kernel (or one run of like kernels) of a multi-kernel path."""
+
+    name: str
+    flops: float
+    bytes: float
+    exps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,7 @@ class Cost:
     bytes: float  # bytes through device memory, atomics counted as read + write
     exps: float  # exponentials (and logs, softplus: one MUFU op each)
     fp32_gemm: bool = False  # the GEMMs run as fp32 FFMA, not on tensor cores
+    stages: tuple[Stage, ...] = ()  # kernels in sequence: each its own roofline, summed
 
 
 #: Fraction of the tensor-core (or FFMA) rate each path's GEMM-shaped work reaches: the
@@ -61,7 +79,17 @@ EFFICIENCY = {
     "matmul": (0.95, "cuBLAS at these shapes: the measured 8192^3 rate is the roof"),
     "reference": (0.70, "cuBLAS GEMMs of the materializing reference"),
     "openclip": (0.70, "cuBLAS GEMMs of OpenCLIP's dense loss"),
-    "torch": (0.70, "cuBLAS fp32 GEMMs of the blockwise torch backend (it upcasts to fp32)"),
+    "torch": (
+        0.70,
+        "cuBLAS GEMMs of the blockwise torch backend (bf16 ones at the panel shapes for "
+        "16-bit CLIP / SigLIP; fp32 for the other objectives, which upcast)",
+    ),
+    "panel": (
+        0.90,
+        "cuBLAS bf16 GEMMs at the panel shapes (thousands of rows x N x D, K = D, N or "
+        "R): the large-GEMM regime of the measured 8192^3 rate, less 5% for the shapes; "
+        "the Triton epilogues are memory-bound stages of their own",
+    ),
     "triton": (
         0.12,
         "static review of today's sm_90a Triton CLIP kernels: 10-20% backward (fp32 "
@@ -86,22 +114,75 @@ def gemm_equivalents(objective: str, m: int = 3) -> float:
     raise ValueError(f"no GEMM count for {objective!r}")
 
 
+#: Bytes per logit the panel paths' epilogues move besides their GEMMs, forward and
+#: backward. "panel" (triton/panel.py): the statistics kernel reads X (4), the gradient
+#: kernel reads X and writes dS in 16 bits (4 + 2). "torch" (blockwise/pair.py, counted
+#: pass by pass for CLIP): forward S = s X (4 + 4), per direction amax, S - max, exp, sum
+#: (4 + 8 + 8 + 4); backward S again (8), zeros (4), per direction S - max, - log sum,
+#: exp, times the coefficients, added to dS (8 + 8 + 8 + 8 + 12), sum dS (4), sum dS X
+#: (8), dS rounded to 16 bits (4 + 2).
+EPILOGUE_BYTES = {"panel": (4, 6), "torch": (56, 118)}
+
+
+def default_panel_rows(m: int, device: Device = H200) -> int:
+    """Rows per panel against ``m`` columns with the default budget on ``device``
+    (``backends.blockwise.PANEL_FRACTION`` of its memory, ``PANEL_BYTES_PER_ENTRY`` each)."""
+    from .backends.blockwise import PANEL_BYTES_PER_ENTRY, PANEL_FRACTION
+
+    return max(1, int(device.memory * PANEL_FRACTION) // PANEL_BYTES_PER_ENTRY // max(m, 1))
+
+
+def panel_stages(path: str, r: int, d: int, elem_bytes: int, panel: int) -> tuple[Stage, ...]:
+    """The kernels of one forward + backward on a panel path ("panel" or "torch"), r x r
+    logits in panels of ``panel`` rows: four GEMMs (X forward, X again, dA = dS B,
+    dB += dS^T A) and the epilogues of :data:`EPILOGUE_BYTES`."""
+    logits, gemm = float(r) * r, 2.0 * r * r * d
+    panels = math.ceil(r / panel)
+    fwd, bwd = EPILOGUE_BYTES[path]
+    x_bytes = 4 * logits + panels * r * d * elem_bytes + r * d * elem_bytes  # X out, B, A in
+    return (
+        Stage("X = A B^T (forward)", gemm, x_bytes),
+        Stage("statistics", 0.0, fwd * logits, logits),
+        Stage("X = A B^T (backward)", gemm, x_bytes),
+        Stage("dS", 0.0, bwd * logits, 2 * logits),
+        # dS in 16 bits read once per product; dA written; dB read and written per panel
+        Stage("dA = dS B", gemm, 2 * logits + panels * r * d * elem_bytes + 4 * r * d),
+        Stage("dB += dS^T A", gemm, 2 * logits + r * d * elem_bytes + panels * 8 * r * d),
+    )
+
+
 def pair_cost(
-    objective: str, path: str, n: int, d: int, elem_bytes: int = 2, rows: Optional[int] = None
+    objective: str,
+    path: str,
+    n: int,
+    d: int,
+    elem_bytes: int = 2,
+    rows: Optional[int] = None,
+    panel: Optional[int] = None,
 ) -> Cost:
     """Cost of one forward + backward of a pairwise objective at N = ``n`` (``rows`` for
-    the self-similarity losses: V N), D = ``d``, features of ``elem_bytes`` bytes."""
+    the self-similarity losses: V N), D = ``d``, features of ``elem_bytes`` bytes;
+    ``panel``: rows per panel on the panel paths (None: :func:`default_panel_rows`)."""
     r = rows or n
     g = gemm_equivalents(objective)
     flops = g * 2.0 * r * r * d
     feature_bytes = 4 * r * d * elem_bytes  # read A, B; write dA, dB (once each)
     exps = 3.0 * r * r  # forward exp, backward two softmaxes
+    if path in EPILOGUE_BYTES:
+        stages = panel_stages(path, r, d, elem_bytes, panel or default_panel_rows(r))
+        return Cost(
+            sum(st.flops for st in stages),
+            sum(st.bytes for st in stages),
+            sum(st.exps for st in stages),
+            fp32_gemm=elem_bytes == 4,
+            stages=stages,
+        )
     if path in ("reference", "openclip"):
-        # logits, softmax(es) and their gradient, N^2 each, written and read back
-        return Cost(flops, feature_bytes + 8 * r * r * 4, exps)
-    if path == "torch":
-        # fp32 blocks of (rows x N): S, exp passes and dS, each written and read
-        return Cost(flops, feature_bytes + 10 * r * r * 4, exps, fp32_gemm=True)
+        # the GEMMs, then the logits, softmax(es) and their gradient, N^2 float32 each,
+        # written and read back by kernels of their own
+        passes = 8 * r * r * 4
+        stages = (Stage("GEMMs", flops, feature_bytes), Stage("softmaxes", 0.0, passes, exps))
+        return Cost(flops, feature_bytes + passes, exps, stages=stages)
     if path == "triton":
         # backward fp32 atomics: dA and dB chunks per tile (read + write, 16 B each)
         atomics = 2 * 2 * (r / 64) * r * d * 4
@@ -117,13 +198,56 @@ def predict_seconds(cost: Cost, path: str, device: Device = H200) -> float:
     """The roofline time of ``cost`` on ``device`` at ``path``'s assumed efficiency."""
     eff = EFFICIENCY[path][0]
     rate = device.fp32_flops if cost.fp32_gemm else device.bf16_flops
-    return max(
-        cost.flops / (rate * eff),
-        cost.bytes / device.copy_bytes,
-        cost.exps / device.exp_per_s,
-    )
+
+    def roofline(flops: float, nbytes: float, exps: float) -> float:
+        return max(flops / (rate * eff), nbytes / device.copy_bytes, exps / device.exp_per_s)
+
+    if cost.stages:
+        return sum(roofline(st.flops, st.bytes, st.exps) for st in cost.stages)
+    return roofline(cost.flops, cost.bytes, cost.exps)
+
+
+def gemm_fraction(objective: str, path: str, n: int, d: int, device: Device = H200) -> float:
+    """The predicted fraction of ``device``'s GEMM rate (the issue's measure: 8 N^2 D flops
+    of CLIP / SigLIP over the time, over the measured bf16 rate), bf16 features."""
+    seconds = predict_seconds(pair_cost(objective, path, n, d), path, device)
+    return 4 * 2.0 * n * n * d / seconds / device.bf16_flops
+
+
+def choose_pair_path(n: int, m: int, d: int, elem_bytes: int, device: Device = H200) -> str:
+    """ "panel" or "fused": the Triton backend's faster path for an (n x m) sweep at D =
+    ``d`` by this model (CLIP's counts, the square of n m's geometric mean), until
+    measured rows replace it."""
+    side = max(1, round(math.sqrt(n * m)))
+    fused = predict_seconds(pair_cost("clip", "triton", side, d, elem_bytes), "triton", device)
+    panel = predict_seconds(pair_cost("clip", "panel", side, d, elem_bytes), "panel", device)
+    return "panel" if panel < fused else "fused"
 
 
 def tflops(flops: float, seconds: float) -> float:
     """Achieved TFLOP/s."""
     return flops / seconds / 1e12 if seconds > 0 else math.nan
+
+
+#: The README's table: CLIP / SigLIP forward + backward at N = 65,536 in bf16.
+TABLE_PATHS = ("reference", "torch", "triton", "panel", "cuda")
+
+
+def table(n: int = 65536, dims: tuple[int, ...] = (256, 512, 1024)) -> str:
+    """A Markdown table of predicted times and GEMM-rate fractions on an H200."""
+    head = "| objective | D | " + " | ".join(TABLE_PATHS) + " | `auto` (Triton) picks |"
+    lines = [head, "|" + "---|" * (len(TABLE_PATHS) + 3)]
+    for objective in ("clip", "siglip"):
+        for d in dims:
+            cells = []
+            for path in TABLE_PATHS:
+                ms = predict_seconds(pair_cost(objective, path, n, d), path) * 1e3
+                cells.append(f"{ms:,.0f} ms ({gemm_fraction(objective, path, n, d):.0%})")
+            pick = choose_pair_path(n, n, d, 2)
+            lines.append(f"| {objective} | {d} | " + " | ".join(cells) + f" | {pick} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(f"PREDICTED (flashcontrast.costmodel, {H200.name}, N = 65,536, bf16):\n")
+    print(table())

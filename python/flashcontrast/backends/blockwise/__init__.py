@@ -19,6 +19,26 @@ import torch
 MAX_BLOCK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 22}
 
 
+#: The pair engine's panels on CUDA (``pair.py``, the panel path): unless a call passes
+#: ``max_block_elements``, a (rows x m) panel's buffers may take this fraction of the
+#: device's memory (at least the ``MAX_BLOCK_ELEMENTS`` block). Large panels keep the dB
+#: product's K dimension (the panel's rows) long: its float32 read-modify-write of dB costs
+#: 8 D / rows bytes per logit. The knob: set it, or pass ``max_block_elements``.
+PANEL_FRACTION = 1 / 32
+#: Bytes per (row, column) entry the backward keeps for a panel at its peak: S, X, dS and
+#: one softmax in float32, dS rounded to 16 bits, and the masks' booleans.
+PANEL_BYTES_PER_ENTRY = 20
+
+
+def panel_rows(m: int, device: torch.device, max_elements: Optional[int] = None) -> int:
+    """Rows per panel of the pair engine against ``m`` columns (:data:`PANEL_FRACTION`)."""
+    if max_elements is None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        panel = int(total * PANEL_FRACTION) // PANEL_BYTES_PER_ENTRY
+        max_elements = max(MAX_BLOCK_ELEMENTS["cuda"], panel)
+    return block_rows(m, device, max_elements)
+
+
 def block_rows(n: int, device: torch.device, max_elements: Optional[int] = None) -> int:
     """Rows per block so that a (rows, n) block stays within the element budget."""
     budget = max_elements or MAX_BLOCK_ELEMENTS.get(device.type, 1 << 22)

@@ -1,9 +1,11 @@
-"""The pair engine (``backends/pair.py``) on the "torch" backend: blockwise PyTorch.
+"""The pair engine (``backends/pair.py``) on the "torch" backend: blockwise PyTorch, the
+panel path.
 
-The (n, m) logits are visited one block of rows at a time (``block_rows``: a
-(rows x m) block within ``MAX_BLOCK_ELEMENTS``):
+The (n, m) logits are visited one panel of rows at a time (``panel_rows``: a (rows x m)
+panel within ``MAX_BLOCK_ELEMENTS`` on the CPU, within ``PANEL_FRACTION`` of the device's
+memory on CUDA):
 
-forward   X = A_blk B^T (a GEMM in the accumulation dtype), S = s X + b; the entry sets
+forward   X = A_blk B^T (a GEMM with float32 results, ``_gemm.py``), S = s X + b; the entry sets
           (excluded, masked, positives) from the global indices and group ids of the
           block's rows and the columns: (rows x m) booleans made per block, never n x m;
           row pairs directly, column pairs folded in online (max, then rescaled sums).
@@ -11,9 +13,15 @@ backward  recompute the block, dS from the merged pairs (P and Q exp((S - max) -
           log sum), the positives subtracted in the block), then dA_blk = s dS B,
           dB += s dS^T A_blk, ds += sum dS X, db += sum dS.
 
-Features are cast to the accumulation dtype (float32; float64 for float64 inputs) once
-per call: a visible O((n + m) D) copy for 16-bit inputs, so logits are never rounded to
-16 bits. Block memory: a few (rows x m) buffers in the accumulation dtype.
+Precision and copies. Logits and dS are float32 (float64 for float64 inputs), never rounded
+to 16 bits. For 16-bit features the backward's two products take dS rounded once to the
+features' dtype, after the positives were subtracted in float32 (for float16 divided first
+by u = max |coefficient|, u s applied to the float32 products, so that 1 / N-sized
+coefficients never become subnormal: the Triton kernels' scheme), and ds is sum dS X from
+the float32 dS and X. On CUDA the GEMMs take the 16-bit features as they are (tensor
+cores, float32 accumulation and results; ``_gemm.py``): no float32 copy of a feature. On
+the CPU the features are cast once per call to float32 (a visible O((n + m) D) copy) and
+the same algorithm runs in float32. Panel memory: a few (rows x m) float32 buffers.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from torch import Tensor
 from ..._validation import accumulation_dtype
 from .._pair_entry import Sweep, backward_entry, forward_entry
 from ..pair import Coefs, Grads, Stats, log_sum, merge_lse, sample_ids
-from . import block_rows
+from . import _gemm, panel_rows
 
 __all__ = ["pair_backward", "pair_forward"]
 
@@ -104,8 +112,15 @@ class _Sets:
 
 def _logits(a_blk: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """S = scale a_blk b^T + bias, (r, m), in one buffer."""
-    s = torch.mm(a_blk, b.t()).mul_(scale)
+    s = _gemm.mm(a_blk, b.t()).mul_(scale)
     return s if bias is None else s.add_(bias)
+
+
+def _logits_kept(a_blk: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]):
+    """(S, X): X = a_blk b^T kept beside S = scale X + bias, both (r, m)."""
+    x = _gemm.mm(a_blk, b.t())
+    s = x * scale
+    return x, (s if bias is None else s.add_(bias))
 
 
 def _override(s: Tensor, sets: _Sets, pos_logits: Optional[Tensor]) -> None:
@@ -127,34 +142,38 @@ def _pairs(s: Tensor, dim: int) -> tuple[Tensor, Tensor]:
 
 
 class _Operands(NamedTuple):
-    """A sweep's operands in the accumulation dtype (float32; float64 for float64 inputs)."""
+    """A sweep's operands: the features as the GEMMs take them (16-bit as given on CUDA,
+    else cast to the accumulation dtype), the scalars in the accumulation dtype."""
 
-    acc: torch.dtype
+    acc: torch.dtype  # float32; float64 for float64 inputs
     a: Tensor  # (n, D)
     b: Tensor  # (m, D)
     scale: Tensor
     bias: Optional[Tensor]
     positive_logits: Optional[Tensor]  # (n,)
+    low: Optional[torch.dtype]  # the 16-bit dtype dS is rounded to for the products; None
 
 
 def _operands(sweep: Sweep) -> _Operands:
-    """The sweep's features, scale, bias and positive logits cast once per call."""
+    """The sweep's features, scale, bias and positive logits, cast (where cast) once per
+    call."""
     acc = accumulation_dtype(sweep.a.dtype)
+    low = sweep.a.dtype if sweep.a.dtype in (torch.float16, torch.bfloat16) else None
 
     def cast(t: Optional[Tensor]) -> Optional[Tensor]:
         return None if t is None else t.to(acc)
 
+    a, b = _gemm.operands(sweep.a, sweep.b)
     return _Operands(
-        acc, sweep.a.to(acc), sweep.b.to(acc), sweep.scale.to(acc), cast(sweep.bias),
-        cast(sweep.positive_logits),
-    )  # fmt: skip
+        acc, a, b, sweep.scale.to(acc), cast(sweep.bias), cast(sweep.positive_logits), low
+    )
 
 
 def _pair_forward(sweep: Sweep) -> Stats:
     """The sweep's statistics (``backends/pair.py``), block of rows by block."""
     pair, device = sweep.pair, sweep.a.device
     n, m = sweep.a.shape[0], sweep.b.shape[0]
-    acc, a_acc, b_acc, scale, bias, pos_logits = _operands(sweep)
+    acc, a_acc, b_acc, scale, bias, pos_logits, _ = _operands(sweep)
     kw = dict(dtype=acc, device=device)
     if pair.epilogue == "sigmoid":
         total = torch.zeros((), **kw)
@@ -167,7 +186,7 @@ def _pair_forward(sweep: Sweep) -> Stats:
         col_max, col_sum = torch.full((m,), _NEG, **kw), torch.zeros(m, **kw)
         if pair.positives:
             cpos_max, cpos_sum = torch.full((m,), _NEG, **kw), torch.zeros(m, **kw)
-    rows = block_rows(max(m, 1), device, sweep.max_block_elements)
+    rows = panel_rows(max(m, 1), device, sweep.max_block_elements)
     for start in range(0, n, rows):
         r = min(rows, n - start)
         sets = _Sets(sweep, start, r, m)
@@ -224,7 +243,7 @@ def _pair_backward(
     merged (global) statistics, block of rows by block."""
     pair, device = sweep.pair, sweep.a.device
     n, m = sweep.a.shape[0], sweep.b.shape[0]
-    acc, a_acc, b_acc, scale, bias, pos_logits = _operands(sweep)
+    acc, a_acc, b_acc, scale, bias, pos_logits, low = _operands(sweep)
     kw = dict(dtype=acc, device=device)
 
     def vec(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -239,17 +258,21 @@ def _pair_backward(
         cmax, clog = log_sum(stats.col_max.to(acc), stats.col_sum.to(acc))
     if pair.epilogue == "softmax" and pair.positives and gpc is not None:
         cpmax, cplog = log_sum(stats.cpos_max.to(acc), stats.cpos_sum.to(acc))
+    unit = _unit(coefs, low, acc) if low is not None else None
     da = torch.empty((n, sweep.a.shape[1]), **kw)
     db = torch.zeros((m, sweep.b.shape[1]), **kw)
     dscale, dbias = torch.zeros((), **kw), torch.zeros((), **kw)
     dpos = torch.zeros(n, **kw) if pos_logits is not None else None
-    rows = block_rows(max(m, 1), device, sweep.max_block_elements)
+    rows = panel_rows(max(m, 1), device, sweep.max_block_elements)
     for start in range(0, n, rows):
         r = min(rows, n - start)
         sl = slice(start, start + r)
         sets = _Sets(sweep, start, r, m)
         a_blk = a_acc[sl]
-        s = _logits(a_blk, b_acc, scale, bias)
+        if low is None:
+            s = _logits(a_blk, b_acc, scale, bias)
+        else:  # X kept: ds from the float32 dS and X, not from the rounded dS
+            x, s = _logits_kept(a_blk, b_acc, scale, bias)
         _override(s, sets, pos_logits)
         sets.apply(s)
         if pair.epilogue == "sigmoid":
@@ -280,13 +303,38 @@ def _pair_backward(
             pi, pj = sets.pos_idx  # (not `rows`: that is the block size of this loop)
             dpos[start + pi] = ds[pi, pj]
             ds[pi, pj] = 0.0
-        ds_b = torch.mm(ds, b_acc)  # (r, D)
-        dscale += (ds_b * a_blk).sum()  # sum_ij dS_ij <a_i, b_j> = sum_i <a_i, (dS B)_i>
         dbias += ds.sum()
-        da[sl] = ds_b.mul_(scale)
-        db.addmm_(ds.t(), a_blk)
+        if low is None:
+            ds_b = torch.mm(ds, b_acc)  # (r, D)
+            dscale += (ds_b * a_blk).sum()  # sum_ij dS_ij <a_i, b_j> = sum_i <a_i, (dS B)_i>
+            da[sl] = ds_b.mul_(scale)
+            db.addmm_(ds.t(), a_blk)
+            continue
+        dscale += torch.dot(ds.view(-1), x.view(-1))
+        del x
+        ds_lo = (ds if unit is None else ds.div_(unit)).to(low)  # rounded once
+        del ds
+        if ds_lo.dtype != a_acc.dtype:  # the CPU: the same 16-bit values, in float32
+            ds_lo = ds_lo.to(a_acc.dtype)
+        da[sl] = _gemm.mm(ds_lo, b_acc).mul_(scale if unit is None else scale * unit)
+        _gemm.addmm_(db, ds_lo.t(), a_blk)
     out = out_dtype or sweep.a.dtype
-    return Grads(da.to(out), db.mul_(scale).to(out_dtype or sweep.b.dtype), dscale, dbias, dpos)
+    db_scale = scale if unit is None else scale * unit
+    return Grads(da.to(out), db.mul_(db_scale).to(out_dtype or sweep.b.dtype), dscale, dbias, dpos)
+
+
+def _unit(coefs: Coefs, low: torch.dtype, acc: torch.dtype) -> Optional[Tensor]:
+    """u = max |coefficient| (0-d, 1 where all are 0) for float16's dS: every |dS| <= 4 u
+    (softmax weights are at most 1), so dS / u is a normal float16 however small the
+    coefficients; None for bfloat16 (float32's exponent range)."""
+    if low != torch.float16:
+        return None
+    given = (coefs.rows, coefs.pos_rows, coefs.cols, coefs.pos_cols, coefs.total)
+    amax = [c.detach().abs().max().to(acc) for c in given if c is not None and c.numel()]
+    if not amax:
+        return None
+    u = torch.stack(amax).max()
+    return torch.where(u > 0, u, torch.ones_like(u))
 
 
 pair_forward = forward_entry(_pair_forward)

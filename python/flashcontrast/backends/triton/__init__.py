@@ -13,14 +13,43 @@ to be in the environment before the kernel modules are imported.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["interpreting", "triton_available", "triton_unavailable_reason"]
+__all__ = [
+    "PATH_VARIABLE",
+    "forced_path",
+    "interpreting",
+    "triton_available",
+    "triton_unavailable_reason",
+]
+
+#: The environment variable that picks the pair engine's path on this backend: "auto"
+#: (default), "fused" or "panel" (``pair.py``, ``sweep_path``).
+PATH_VARIABLE = "FLASHCONTRAST_TRITON_PATH"
+
+
+@contextlib.contextmanager
+def forced_path(path: Optional[str]) -> Iterator[None]:
+    """:data:`PATH_VARIABLE` set to ``path`` inside the block (None: left as it is), then
+    restored. Cover forward and backward alike: the backward routes when it runs."""
+    if path is None:
+        yield
+        return
+    old = os.environ.get(PATH_VARIABLE)
+    os.environ[PATH_VARIABLE] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(PATH_VARIABLE, None)
+        else:
+            os.environ[PATH_VARIABLE] = old
 
 
 @functools.cache

@@ -57,12 +57,18 @@ subtracted in fp32. For fp16 inputs dS is first divided by u = max |coefficient|
 sees tiny coefficients (1 / N at large N) as subnormals; bf16 and fp32 have fp32's
 exponent range and skip it. "sigmoid" factors g out the same way.
 
+Two paths (``pair_forward`` / ``pair_backward`` route by :func:`sweep_path`): "fused",
+the kernels above with dA and dB formed on chip; "panel" (``panel.py``), the same kernels
+with X_IN_MEMORY reading the logits' X from a cuBLAS GEMM's output and writing dS for two
+more GEMMs: no atomics and the GEMMs at cuBLAS's rate, for large D on CUDA.
+
 Interpreter (TRITON_INTERPRET=1): bf16 tiles are upcast to fp32 before tl.dot (its bf16
 tl.dot is wrong, ``_dot_setup``), so bf16 runs there check the logic, not bf16 products.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -72,6 +78,7 @@ from torch import Tensor
 
 from .._pair_entry import Sweep, backward_entry, forward_entry
 from ..pair import Coefs, Grads, Pair, Stats
+from . import PATH_VARIABLE
 from ._common import (
     _INTERPRET,
     _bwd_program,
@@ -174,6 +181,7 @@ def _pair_fwd_kernel(
     cpm_ptr,  # (G, m) fp32 column positives' partials: max, sum
     cps_ptr,
     tot_ptr,  # (G * H,) fp32 sigmoid partial totals
+    x_ptr,  # (N, M) fp32 X = A B^T, contiguous (X_IN_MEMORY: the panel path's GEMM output)
     N,
     M,
     D,
@@ -191,6 +199,7 @@ def _pair_fwd_kernel(
     HAS_GROUPS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     OVERRIDE: tl.constexpr,
+    X_IN_MEMORY: tl.constexpr,  # read X tiles from x_ptr instead of multiplying A and B
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -220,7 +229,7 @@ def _pair_fwd_kernel(
         rows = rb * BLOCK_M + offs_m
         rmask = rows < N
         rows = _widen(rows, INDEX_64)
-        if ONE_CHUNK:
+        if ONE_CHUNK and not X_IN_MEMORY:
             a_tile = _load_rows(a_ptr, rows, rmask, offs_d, dmask, stride_an, stride_ad, DOT_DTYPE)
         if OVERRIDE:
             pl = tl.load(pl_ptr + rows, mask=rmask, other=0.0)
@@ -230,7 +239,9 @@ def _pair_fwd_kernel(
             cols = cb * BLOCK_N + offs_n
             cmask = cols < M
             cols = _widen(cols, INDEX_64)
-            if ONE_CHUNK:
+            if X_IN_MEMORY:
+                x = _load_rows(x_ptr, rows, rmask, cols, cmask, M, 1, tl.float32)
+            elif ONE_CHUNK:
                 bt = _load_rows_t(
                     b_ptr, cols, cmask, offs_d, dmask, stride_bn, stride_bd, DOT_DTYPE
                 )
@@ -365,6 +376,8 @@ def _pair_bwd_kernel(
     db_ptr,  # (m, D) fp32, contiguous, zeros
     dpos_ptr,  # (n,) fp32 zeros (OVERRIDE)
     part_ptr,  # (2, programs) fp32: dscale and dbias partials
+    x_ptr,  # (N, M) fp32 X (X_IN_MEMORY)
+    ds_ptr,  # (N, M) dS / u out, in its buffer's dtype (X_IN_MEMORY: no dA, dB products)
     N,
     M,
     D,
@@ -387,6 +400,7 @@ def _pair_bwd_kernel(
     HAS_GC: tl.constexpr,
     HAS_GPC: tl.constexpr,
     NORMALIZE: tl.constexpr,
+    X_IN_MEMORY: tl.constexpr,  # the panel path: X read, dS written, no dA / dB
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -430,7 +444,7 @@ def _pair_bwd_kernel(
                     tl.load(cpsum_ptr + cols, mask=cmask, other=0.0),
                 )
     cols = _widen(cols, INDEX_64)
-    if ONE_CHUNK:
+    if ONE_CHUNK and not X_IN_MEMORY:
         # Loaded as (BLOCK_D, BLOCK_N) like in the forward, so the recomputed S tile
         # goes through the very same tl.dot as the forward's (bitwise equal logits).
         bt = _load_rows_t(b_ptr, cols, cmask, offs_d, dmask, stride_bn, stride_bd, DOT_DTYPE)
@@ -443,7 +457,9 @@ def _pair_bwd_kernel(
         rows = rb * BLOCK_M + offs_m
         rmask = rows < N
         rows = _widen(rows, INDEX_64)
-        if ONE_CHUNK:
+        if X_IN_MEMORY:
+            x = _load_rows(x_ptr, rows, rmask, cols, cmask, M, 1, tl.float32)
+        elif ONE_CHUNK:
             a_tile = _load_rows(a_ptr, rows, rmask, offs_d, dmask, stride_an, stride_ad, DOT_DTYPE)
             x = tl.dot(a_tile, bt, input_precision=DOT_PRECISION)
         else:
@@ -515,7 +531,13 @@ def _pair_bwd_kernel(
         dbias_acc += tl.sum(ds, axis=1)
         ds_lo = dsu.to(DOT_DTYPE)
 
-        if ONE_CHUNK:
+        if X_IN_MEMORY:
+            tl.store(
+                ds_ptr + rows[:, None] * M + cols[None, :],
+                dsu.to(ds_ptr.dtype.element_ty),
+                mask=rmask[:, None] & cmask[None, :],
+            )
+        elif ONE_CHUNK:
             db_acc = tl.dot(tl.trans(ds_lo), a_tile, db_acc, input_precision=DOT_PRECISION)
             da = tl.dot(ds_lo, tl.trans(bt), input_precision=DOT_PRECISION)
             tl.atomic_add(
@@ -545,7 +567,7 @@ def _pair_bwd_kernel(
                     sem="relaxed",
                 )
 
-    if ONE_CHUNK:
+    if ONE_CHUNK and not X_IN_MEMORY:
         tl.atomic_add(
             db_ptr + cols[:, None] * D + offs_d[None, :],
             db_acc * out_scale,
@@ -677,14 +699,17 @@ def _empty_stats(pair: Pair, n: int, m: int, device) -> Stats:
     return Stats(**out)
 
 
-def _pair_forward(sweep: Sweep) -> Stats:
+def _pair_forward(sweep: Sweep, x: Optional[Tensor] = None) -> Stats:
     """The sweep's statistics (``backends/pair.py``), float32.
 
     a (n, D), b (m, D): float32/float16/bfloat16 of one dtype, any strides (read in
     place); scale, bias: single elements (bias None: 0); row_offset, col_offset: Python
     ints; row_groups (n,), col_groups (m,) int32/int64 or both None; positive_logits (n,)
     or None. Returns row_max, row_sum (n,) [pos_max, pos_sum (n,)] [col_max, col_sum,
-    cpos_max, cpos_sum (m,), "softmax"] or total (0-d, "sigmoid")."""
+    cpos_max, cpos_sum (m,), "softmax"] or total (0-d, "sigmoid").
+
+    ``x`` (n, m) float32 contiguous, the panel path's A B^T (``panel.py``): the kernel reads
+    it instead of multiplying a and b."""
     _prepare(sweep)
     a, b, scale, bias, pair = sweep.a, sweep.b, sweep.scale, sweep.bias, sweep.pair
     n, m = a.shape[0], b.shape[0]
@@ -711,12 +736,13 @@ def _pair_forward(sweep: Sweep) -> Stats:
             a, b, scale, bias if bias is not None else dummy,
             rg if rg is not None else dummy, cg if cg is not None else dummy,
             pl if pl is not None else dummy,
-            *bufs, part,
+            *bufs, part, dummy if x is None else x,
             n, m, d, sweep.row_offset, sweep.col_offset, pair.period,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             **_flags(sweep),
+            X_IN_MEMORY=x is not None,
             ONE_CHUNK=d <= tiles.block_d,
-            INDEX_64=_index_64(a, b, *ws),
+            INDEX_64=_index_64(a, b, *ws, *([] if x is None else [x])),
             **_launch_kwargs(tiles, a.dtype, device),
         )  # fmt: skip
         if sigmoid:
@@ -752,7 +778,11 @@ def _unit(pair: Pair, coefs: tuple, total: Optional[Tensor], dtype: torch.dtype)
 
 
 def _pair_backward(
-    sweep: Sweep, stats: Stats, coefs: Coefs, out_dtype: Optional[torch.dtype]
+    sweep: Sweep,
+    stats: Stats,
+    coefs: Coefs,
+    out_dtype: Optional[torch.dtype],
+    panel: Optional[tuple[Tensor, Tensor, tuple]] = None,
 ) -> Grads:
     """(da (n, D), db (m, D), dscale, dbias [, dpos (n,)]) of the loss the coefficients
     define (``backends/pair.py``), from the merged statistics.
@@ -761,7 +791,11 @@ def _pair_backward(
     ones of this block's columns) and coefs (rows, pos_rows (n,), cols, pos_cols (m,),
     None: 0; total (0-d) for "sigmoid"). da and db in ``out_dtype`` (None: the inputs'
     dtype; float32: the accumulation buffers themselves); dscale, dbias 0-d float32;
-    dpos (n,) float32 with positive_logits."""
+    dpos (n,) float32 with positive_logits.
+
+    ``panel`` = (x, ds, (unit, normalize)), the panel path (``panel.py``): the kernel reads
+    X (n, m) float32 and writes dS / unit into ds (n, m) instead of forming dA and dB
+    (returned as zeros), with the unit :func:`_unit` chose for the whole sweep."""
     _prepare(sweep)
     a, b, scale, bias, pair = sweep.a, sweep.b, sweep.scale, sweep.bias, sweep.pair
     n, m, d_in = a.shape[0], b.shape[0], a.shape[1]
@@ -788,8 +822,9 @@ def _pair_backward(
         if gpc is not None:
             _needed(stats, ("cpos_max", "cpos_sum"), "coefs.pos_cols")
 
-    da = torch.zeros((n, d_in), **f32)
-    db = torch.zeros((m, d_in), **f32)
+    # the panel path forms dA and dB itself: (0, D) stand-ins, never read or written
+    da = torch.zeros((0 if panel else n, d_in), **f32)
+    db = torch.zeros((0 if panel else m, d_in), **f32)
     dpos = torch.zeros(n, **f32) if sweep.positive_logits is not None else None
     dscale, dbias = torch.zeros((), **f32), torch.zeros((), **f32)
     if n > 0 and m > 0:
@@ -806,7 +841,11 @@ def _pair_backward(
             n, d, a.dtype, device, m, max_block_n=64 if columns else None
         )
         part = torch.empty((2, num_cb * split), **f32)
-        unit, normalize = _unit(pair, (gr, gpr, gc, gpc), coefs.total, a.dtype)
+        if panel is None:
+            unit, normalize = _unit(pair, (gr, gpr, gc, gpc), coefs.total, a.dtype)
+            x = ds = None
+        else:
+            x, ds, (unit, normalize) = panel
         rg, cg, pl = _vectors(sweep)
         dummy = scale
 
@@ -822,15 +861,16 @@ def _pair_backward(
                 stat("row_max"), stat("row_sum"), stat("pos_max"), stat("pos_sum"),
                 stat("col_max"), stat("col_sum"), stat("cpos_max"), stat("cpos_sum"),
                 ptr(gr), ptr(gpr), ptr(gc), ptr(gpc), ptr(unit),
-                kda, kdb, ptr(dpos), part,
+                kda, kdb, ptr(dpos), part, ptr(x), ptr(ds),
                 n, m, d, sweep.row_offset, sweep.col_offset, pair.period,
                 ka.stride(0), ka.stride(1), kb.stride(0), kb.stride(1),
                 **_flags(sweep),
                 HAS_GR=gr is not None, HAS_GPR=gpr is not None,
                 HAS_GC=gc is not None, HAS_GPC=gpc is not None,
                 NORMALIZE=normalize,
+                X_IN_MEMORY=x is not None,
                 ONE_CHUNK=d <= tiles.block_d,
-                INDEX_64=_index_64(ka, kb, kda, kdb),
+                INDEX_64=_index_64(ka, kb, kda, kdb, *([] if x is None else [x])),
                 **_launch_kwargs(tiles, a.dtype, device),
             )  # fmt: skip
         dscale, dbias = part[0].sum(), part[1].sum()
@@ -839,5 +879,51 @@ def _pair_backward(
     return Grads(da, db, dscale, dbias, dpos)
 
 
-pair_forward = forward_entry(_pair_forward, budget=False)
-pair_backward = backward_entry(_pair_backward, budget=False)
+#: Which path the public entry points take: PATH_VARIABLE (FLASHCONTRAST_TRITON_PATH) =
+#: "auto" (default),
+#: "fused" (these kernels, dA and dB on chip) or "panel" (``panel.py``: cuBLAS GEMMs, these
+#: kernels' epilogues with X_IN_MEMORY). "auto" is "fused" off CUDA (the interpreter) and
+#: the cost model's choice on CUDA (``costmodel.choose_pair_path``), the same in both
+#: directions for one shape, until measured rows replace the model.
+_PATHS = ("auto", "fused", "panel")
+
+
+def sweep_path(sweep: Sweep) -> str:
+    """ "fused" or "panel": the path :data:`PATH_VARIABLE` and the shape choose for ``sweep``."""
+    choice = os.environ.get(PATH_VARIABLE, "auto")
+    if choice not in _PATHS:
+        raise ValueError(f"{PATH_VARIABLE}={choice!r}: expected one of {', '.join(_PATHS)}")
+    if choice != "auto":
+        return choice
+    if sweep.a.device.type != "cuda":
+        return "fused"
+    from ... import costmodel
+
+    n, m, d = sweep.a.shape[0], sweep.b.shape[0], sweep.a.shape[1]
+    return costmodel.choose_pair_path(n, m, d, sweep.a.element_size())
+
+
+def _routed_forward(sweep: Sweep) -> Stats:
+    if sweep_path(sweep) == "panel":
+        from . import panel
+
+        return panel.panel_forward(sweep)
+    return _pair_forward(sweep)
+
+
+def _routed_backward(
+    sweep: Sweep, stats: Stats, coefs: Coefs, out_dtype: Optional[torch.dtype]
+) -> Grads:
+    if sweep_path(sweep) == "panel":
+        from . import panel
+
+        return panel.panel_backward(sweep, stats, coefs, out_dtype)
+    return _pair_backward(sweep, stats, coefs, out_dtype)
+
+
+_ROUTE_DOC = "\n\n    The path: :func:`sweep_path` (:data:`PATH_VARIABLE`)."
+_routed_forward.__doc__ = (_pair_forward.__doc__ or "").split("\n\n    ``x``")[0] + _ROUTE_DOC
+_routed_backward.__doc__ = (_pair_backward.__doc__ or "").split("\n\n    ``panel``")[0] + _ROUTE_DOC
+
+pair_forward = forward_entry(_routed_forward, budget=False)
+pair_backward = backward_entry(_routed_backward, budget=False)
