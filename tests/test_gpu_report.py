@@ -17,7 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
+from flashcontrast.bench import first_contact, smoke
 from flashcontrast.bench.__main__ import main
+from verification import TRITON_SKIP
 
 TINY = ["--gpu-report", "--device", "cpu", "--smoke-tiny", "--backends", "torch"]
 TINY += ["--sizes", "64", "--dims", "16"]
@@ -127,3 +132,35 @@ def test_first_contact_script_runs_from_the_checkout_without_installing(tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "gpu-report plan" in proc.stdout and "(fits)" in proc.stdout
+
+
+def test_smoke_runs_the_triton_panel_path_and_verifies_it_as_triton(monkeypatch):
+    """The smoke's "triton-panel" rows run triton/panel.py (forced), on the pair engine's
+    objectives only, and count towards the "triton" triple of the verification record."""
+    if TRITON_SKIP is not None:
+        pytest.skip(str(TRITON_SKIP))
+    from flashcontrast.backends.triton import panel
+
+    have = {g.objective: g.backends for g in smoke.groups(torch.device("cpu"), tiny=True)}
+    assert smoke.TRITON_PANEL in have["clip"] and smoke.TRITON_PANEL in have["mv-dhel"]
+    assert smoke.TRITON_PANEL not in have["gram"] + have["symile-n2"]
+    calls = []
+    real = panel.panel_backward
+    monkeypatch.setattr(panel, "panel_backward", lambda *a: calls.append(1) or real(*a))
+    rows = []
+    group = smoke.Group("siglip", "float32", 7, 5, False, ("triton", smoke.TRITON_PANEL))
+    smoke.run_group(group, torch.device("cpu"), rows.append)
+    assert [r["status"] for r in rows] == ["pass", "pass"] and calls == [1]
+
+    class Ctx:  # what _write_verification reads: rows in, passes out, no file on the CPU
+        device, out, passed = torch.device("cuda"), None, []
+
+        @staticmethod
+        def log(_):
+            pass
+
+    failed_panel = [dict(rows[0]), {**rows[1], "status": "fail"}]
+    first_contact._write_verification(Ctx, failed_panel)
+    assert Ctx.passed == [], "a failing panel path un-verifies the triton triple"
+    first_contact._write_verification(Ctx, rows)
+    assert Ctx.passed == [["siglip", "triton", "float32"]]

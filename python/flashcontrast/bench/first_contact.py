@@ -46,11 +46,12 @@ import torch
 
 from .. import __version__, costmodel
 from .._cuda_ext import runtime_info
+from ..backends.triton import PATH_VARIABLE, forced_path
 from .baselines import INF_CL, OPENCLIP, baseline_call, inf_cl_unavailable, openclip_unavailable
 from .budget import Budget, Log, RowWriter, Step, format_plan
 from .measure import Row, measure, measure_matmul
 from .report import device_slug
-from .smoke import BACKENDS, groups
+from .smoke import BACKENDS, TRITON_PANEL, VERIFIED_AS, groups
 
 # What the estimates rest on: measured here, each with where and when.
 ESTIMATES = {
@@ -79,8 +80,9 @@ ESTIMATES = {
         "per kernel, mean 1.3 s (2026-12-02)",
     ),
     "compiles_per_group": (
-        2.5,
-        "a forward, a backward and (some groups) a combine kernel, per new shape class",
+        4.0,
+        "a forward, a backward and (some groups) a combine kernel, per new shape class, and "
+        "on the pair engine's objectives the panel path's X_IN_MEMORY forward and backward",
     ),
     "worker_start_s": (12.0, "import torch + flashcontrast and a CUDA context per worker"),
     "small_case_s": (0.15, "a small case: oracle share + fwd + bwd + the rule's host syncs"),
@@ -299,7 +301,10 @@ def step_build(ctx: Context) -> bool:
 
 def _smoke_groups(ctx: Context) -> list:
     args = ctx.args
-    backends = tuple(b for b in (args.backends or BACKENDS) if b in BACKENDS)
+    asked = list(args.backends or BACKENDS)
+    if "triton" in asked and TRITON_PANEL not in asked:  # both Triton paths verify "triton"
+        asked.append(TRITON_PANEL)
+    backends = tuple(b for b in BACKENDS if b in asked)
     return groups(ctx.device, backends=backends, tiny=args.smoke_tiny)
 
 
@@ -428,7 +433,8 @@ def _write_verification(ctx: Context, results: list) -> None:
     """(key, backend, dtype) passes only if every case of it passed (none missing)."""
     verdict: dict = {}
     for r in results:
-        k = (r.get("key") or _key_of(r["objective"]), r["backend"], r["dtype"])
+        backend = VERIFIED_AS.get(r["backend"], r["backend"])  # both Triton paths: "triton"
+        k = (r.get("key") or _key_of(r["objective"]), backend, r["dtype"])
         verdict[k] = verdict.get(k, True) and r["status"] == "pass"
     passed = sorted([list(k) for k, ok in verdict.items() if ok])
     failed = sorted([list(k) for k, ok in verdict.items() if not ok])
@@ -470,19 +476,29 @@ def _versions() -> str:
 # ----------------------------------------------------------------------------- (d), (e)
 
 _TIMED_BACKENDS = ("triton", "cuda", "torch")
+#: The Triton backend with its pair path forced to the fused kernels: "triton" rows take
+#: ``auto``'s choice (the panel path on CUDA at these sizes, by the cost model), these
+#: rows the alternative, so one report measures the choice the model made.
+TRITON_FUSED = "triton-fused"
 
 
 def _timing_rows(ctx: Context) -> list:
     """(objective, implementation, N, D) of step (d), most valuable first."""
     sizes = ctx.args.sizes or TIMING_SIZES
     dims = ctx.args.dims or TIMING_DIMS
-    impls = ["matmul", *(ctx.args.backends or _TIMED_BACKENDS), OPENCLIP, INF_CL]
+    backends = list(ctx.args.backends or _TIMED_BACKENDS)
+    if "triton" in backends:
+        backends.insert(backends.index("triton") + 1, TRITON_FUSED)
+    impls = ["matmul", *backends, OPENCLIP, INF_CL]
     return [(obj, impl, n, d) for n in sizes for d in dims for obj in ("clip", "siglip")
             for impl in impls if not (impl == INF_CL and obj != "clip")]  # fmt: skip
 
 
 def _predicted_call_s(objective: str, impl: str, n: int, d: int) -> float:
-    path = {"openclip": "openclip", "inf-cl": "triton", "matmul": "matmul"}.get(impl, impl)
+    path = {"openclip": "openclip", "inf-cl": "triton", "matmul": "matmul",
+            TRITON_FUSED: "triton"}.get(impl, impl)  # fmt: skip
+    if impl == "triton" and objective not in _OTHER_FLOPS:
+        path = {"fused": "triton", "panel": "panel"}[costmodel.choose_pair_path(n, n, d, 2)]
     if objective in _OTHER_FLOPS:
         flops = _OTHER_FLOPS[objective](n, d)
         eff = costmodel.EFFICIENCY[path if path in costmodel.EFFICIENCY else "torch"][0]
@@ -515,8 +531,6 @@ def _write_row(ctx: Context, writer: Optional[RowWriter], row: Row, note: str = 
 def _time_one(ctx, writer, objective: str, impl: str, n: int, d: int, budget_s: float) -> None:
     """One timing row within ``budget_s``: a first call (compile, warm-up) is timed, then
     as many repeats as fit (at most TIMING_REPEATS, at least 2, else skipped)."""
-    from .measure import backend_call, make_inputs
-
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
     if impl == "matmul":
         row = measure_matmul(n, d, ctx.device, 10)
@@ -530,11 +544,26 @@ def _time_one(ctx, writer, objective: str, impl: str, n: int, d: int, budget_s: 
     if impl in unavailable and (why := unavailable[impl](objective)) is not None:
         ctx.log(f"  {objective} {impl}: skipped ({why})")
         return
+    with forced_path("fused" if impl == TRITON_FUSED else None):
+        _time_call(ctx, writer, objective, impl, n, d, budget_s, dtype)
+
+
+def _time_call(ctx, writer, objective, impl, n, d, budget_s, dtype) -> None:
+    """:func:`_time_one`'s measurement, in the environment the row runs in."""
+    from .measure import backend_call, make_inputs
+
+    backend = "triton" if impl == TRITON_FUSED else impl
     fn = (
         baseline_call(impl, objective)
         if impl in (OPENCLIP, INF_CL)
-        else backend_call(objective, impl)
+        else backend_call(objective, backend)
     )
+    note = ""
+    if backend == "triton" and ctx.device.type == "cuda" and objective in ("clip", "siglip"):
+        path = os.environ.get(PATH_VARIABLE, "auto")
+        if path == "auto":
+            path = costmodel.choose_pair_path(n, n, d, 2)
+        note = f"path {path}; "
     try:
         xs, scale = make_inputs(objective, n, d, dtype, ctx.device)
         t0 = time.perf_counter()
@@ -559,7 +588,7 @@ def _time_one(ctx, writer, objective: str, impl: str, n: int, d: int, budget_s: 
     if row is None:
         ctx.log(f"  {objective} {impl} N={n} D={d}: out of memory")
         return
-    _write_row(ctx, writer, row, note=f"first call {first:.2f} s")
+    _write_row(ctx, writer, row, note=f"{note}first call {first:.2f} s")
 
 
 def step_timings(ctx: Context, rows: list, reserve_s: float, writer) -> None:

@@ -33,10 +33,17 @@ from typing import Callable, Optional
 import torch
 
 from .. import functional
+from ..backends.triton import forced_path
 from .rule import check_rule
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-BACKENDS = ("torch", "triton", "cuda")
+#: The Triton backend with its pair engine forced to the panel path (triton/panel.py):
+#: ``auto`` picks that path on CUDA for large D, the fused one at the smoke's D, so both are
+#: smoked; a (objective, "triton", dtype) triple is verified only when both paths pass.
+TRITON_PANEL = "triton-panel"
+BACKENDS = ("torch", "triton", TRITON_PANEL, "cuda")
+VERIFIED_AS = {TRITON_PANEL: "triton"}
+_PATHS = {TRITON_PANEL: ("triton", "panel")}  # pseudo-backend: (backend, forced path)
 # N with N^2 > 2^31 (46341^2 > 2^31): 46349, and its 3-view counterpart for the
 # self-similarity losses (3 N rows).
 LARGE_N = 46349
@@ -52,6 +59,7 @@ class Objective:
     call: Callable[[list, str], torch.Tensor]  # (leaves, backend) -> loss
     bias: bool = False
     large_n: int = LARGE_N
+    engine: bool = True  # on the pair engine (so on the Triton panel path too)
 
 
 def _perms(n: int, m: int, device) -> torch.Tensor:
@@ -105,6 +113,7 @@ OBJECTIVES = {
             "gram",
             3,
             lambda x, be: functional.gram_loss(x[0], x[1:3], x[3], label_smoothing=0.1, backend=be),
+            engine=False,
         ),
         Objective(
             "symile-n",
@@ -122,6 +131,7 @@ OBJECTIVES = {
                 list(x[:3]), x[3], negative_sampling="n_squared", backend=be
             ),
             large_n=1537,  # N^3 D work: the N^2 > 2^31 size would take minutes
+            engine=False,
         ),
     ]
 }
@@ -150,8 +160,9 @@ def groups(device: torch.device, backends=BACKENDS, dtypes=tuple(DTYPES), tiny=F
                 shapes = [(97, 100, False), (obj.large_n, 40, True)]
                 if dtype == "bfloat16":  # the timing step's D, compiled here
                     shapes += [(256, 512, False), (256, 1024, False)]
+            mine = tuple(b for b in backends if obj.engine or b not in _PATHS)
             for n, d, large in shapes:
-                out.append(Group(name, dtype, n, d, large, tuple(backends)))
+                out.append(Group(name, dtype, n, d, large, mine))
     return out
 
 
@@ -169,9 +180,11 @@ def _leaves(obj: Objective, n: int, d: int, dtype, device, seed: int) -> list:
 
 
 def _loss_and_grads(obj: Objective, leaves: list, backend: str, grad_out: float = 1.3):
+    backend, path = _PATHS.get(backend, (backend, None))
     xs = [x.detach().clone().requires_grad_() for x in leaves]
-    loss = obj.call(xs, backend)
-    grads = torch.autograd.grad(loss * grad_out, xs)
+    with forced_path(path):
+        loss = obj.call(xs, backend)
+        grads = torch.autograd.grad(loss * grad_out, xs)
     return [loss.detach(), *grads]
 
 
