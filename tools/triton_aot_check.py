@@ -33,6 +33,9 @@ no GPU and no CUDA build of torch:
    CUDA's grid limits, and ptxas' ``-v`` log (Triton passes ``-v``;
    ``TRITON_DUMP_PTXAS_LOG`` makes it print it) gives registers, spills and stack frame,
    reported (spills are a speed problem, not a failure, unless ``--max-spill`` is given).
+   The PTX says which tensor-core instructions each kernel uses (``mma``: wgmma,
+   mma.sync, both, none); ``--require-wgmma`` fails an sm_90 kernel whose 16-bit products
+   are not all wgmma, or that spills (the Hopper rule, ``wgmma_problem``).
 4. **Coverage.** Every entry kernel (a ``@triton.jit`` function of the backend that no
    other one calls) must have been launched by some case: a new kernel that no case
    reaches fails the check. The jit helpers are inlined into the kernels that call them.
@@ -322,6 +325,18 @@ _PAIR_OBJECTIVES = {
 
 
 def _pair_case(
+    n: int, d: int, dtype: torch.dtype, kind: str, bias: bool, groups, override: bool, path: str
+) -> None:
+    """The pair engine's forward and backward on ``path``: "fused" (the kernels forming dA
+    and dB) or "panel" (their X_IN_MEMORY epilogues between cuBLAS GEMMs, triton/panel.py),
+    forced, since ``auto`` would pick one of them by the shape."""
+    from flashcontrast.backends.triton import forced_path
+
+    with forced_path(path):
+        _pair_calls(n, d, dtype, kind, bias, groups, override)
+
+
+def _pair_calls(
     n: int, d: int, dtype: torch.dtype, kind: str, bias: bool, groups, override: bool
 ) -> None:
     from flashcontrast.backends.pair import Coefs, Pair
@@ -356,6 +371,8 @@ def _pair_variants(flags: bool) -> list[tuple[str, bool, Any, bool]]:
 
 
 _GROUPS = {None: "", torch.int64: " groups=i64", torch.int32: " groups=i32"}
+# The panel path's cases, one per epilogue (softmax, sigmoid, rows with the exclusions).
+_PANEL_KINDS = ("clip", "siglip", "mv-infonce")
 
 
 def _cases_at(n: int, d: int, dname: str, flags: bool) -> list[Case]:
@@ -377,7 +394,11 @@ def _cases_at(n: int, d: int, dname: str, flags: bool) -> list[Case]:
     for kind, bias, groups, override in _pair_variants(flags):
         label = f" {kind}{' bias' if bias else ''}{_GROUPS[groups]}"
         add("pair", label + (" override" if override else ""), _pair_case, n, d, dtype, kind,
-            bias, groups, override)  # fmt: skip
+            bias, groups, override, "fused")  # fmt: skip
+    # the panel path's epilogues (X_IN_MEMORY): one plain call per epilogue
+    for kind in _PANEL_KINDS:
+        add("pair", f" {kind} panel", _pair_case, n, d, dtype, kind, kind == "siglip", None,
+            False, "panel")  # fmt: skip
     return cases
 
 
@@ -387,6 +408,9 @@ _FLAGGED = ("gram", "pair")  # objectives the smoke preset compiles with their f
 
 def preset_cases(preset: str) -> list[tuple[str, Case]]:
     """(dtype name, case) pairs of a preset.
+
+    The pair engine's calls run on the fused path, and one plain call per epilogue on the
+    panel path too (its kernels with X_IN_MEMORY: ``_PANEL_KINDS``).
 
     ``full``, for each of fp32 (IEEE), tf32, fp16 and bf16: the plain calls at N in {97,
     4096, 65536} x D in {64, 100, 512, 1024}; the optional-argument variants at N = 4096
@@ -588,8 +612,35 @@ class Result:
     spill_stores: Optional[int] = None
     spill_loads: Optional[int] = None
     stack_frame: Optional[int] = None
+    mma: Optional[str] = None  # the PTX's tensor-core instructions: wgmma, mma.sync, both, none
+    atomics: Optional[int] = None  # global atomic / reduction instructions in the PTX
+    hopper: Optional[str] = None  # sm_90: why the kernel breaks the Hopper rule (None: it doesn't)
     seconds: float = 0.0
     error: Optional[str] = None
+
+
+def _tensor_core_ops(ptx: str) -> str:
+    """Which matrix instructions a kernel's PTX holds: "wgmma" (Hopper's asynchronous
+    warpgroup MMA), "mma.sync" (the Ampere-style warp MMA), "both" or "none"."""
+    wgmma, sync = "wgmma.mma_async" in ptx, re.search(r"\bmma\.sync\b", ptx) is not None
+    return "both" if wgmma and sync else "wgmma" if wgmma else "mma.sync" if sync else "none"
+
+
+_SIXTEEN_BIT = ("fp16", "bf16", "tl.float16", "tl.bfloat16", "float16", "bfloat16")
+
+
+def wgmma_problem(result: Result) -> Optional[str]:
+    """Why a compiled sm_90 kernel breaks the Hopper rule, or None: its 16-bit products
+    (DOT_DTYPE 16-bit) must all be wgmma (an mma.sync among them runs at a fraction of the
+    rate), and it must not spill."""
+    if result.arch != 90 or not result.ok:
+        return None
+    dot = str(result.constexprs.get("DOT_DTYPE", "")).split(".")[-1]
+    if any(dot == t.split(".")[-1] for t in _SIXTEEN_BIT) and result.mma in ("mma.sync", "both"):
+        return f"16-bit products as {result.mma}, not wgmma only"
+    if result.spill_stores:
+        return f"{result.spill_stores} bytes of spill stores"
+    return None
 
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
@@ -658,6 +709,9 @@ def compile_job(job: Job) -> Result:
     result.seconds = time.perf_counter() - start
     result.__dict__.update(_parse_ptxas(log.getvalue()))
     result.shared = int(_metadata(compiled, "shared", 0))
+    ptx = compiled.asm.get("ptx", "")
+    result.mma = _tensor_core_ops(ptx)
+    result.atomics = len(re.findall(r"\b(?:atom|red)\.global\.", ptx))
     result.num_warps = int(_metadata(compiled, "num_warps", result.num_warps))
     if result.shared > job.arch.max_shared:
         result.error = (
@@ -666,6 +720,7 @@ def compile_job(job: Job) -> Result:
         )
         return result
     result.ok = True
+    result.hopper = wgmma_problem(result)
     return result
 
 
@@ -740,7 +795,9 @@ def run_check(
 
 _SHOWN_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK", "K", "ONE_CHUNK")
 # The pair kernels' boolean constexprs that name no HAS_ / BY_ / INDEX_ flag.
-_SHOWN_FLAGS = ("POSITIVES", "EXCLUDE_SELF", "PERIOD", "OVERRIDE", "NORMALIZE", "TWO")
+_SHOWN_FLAGS = (
+    "POSITIVES", "EXCLUDE_SELF", "PERIOD", "OVERRIDE", "NORMALIZE", "TWO", "X_IN_MEMORY",
+)  # fmt: skip
 
 
 def _describe(result: Result) -> str:
@@ -767,6 +824,7 @@ def _describe(result: Result) -> str:
 def format_table(results: Sequence[Result]) -> str:
     """A text table, one line per result."""
     head = f"{'kernel':28} {'sm':>3} {'var':7} {'warps/st':>8} {'smem':>7} {'regs':>4} {'spill':>9}"
+    head += f" {'mma':>8}"
     lines = [head + "  config", "-" * (len(head) + 40)]
     for r in results:
         spill = "" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
@@ -776,7 +834,7 @@ def format_table(results: Sequence[Result]) -> str:
         lines.append(
             f"{r.kernel.rsplit('.', 1)[-1]:28} {r.arch:>3} {r.variant:7} "
             f"{f'{r.num_warps}/{r.num_stages}':>8} {r.shared if r.shared is not None else '-':>7} "
-            f"{r.registers if r.registers is not None else '-':>4} {spill:>9}  "
+            f"{r.registers if r.registers is not None else '-':>4} {spill:>9} {r.mma or '-':>8}  "
             f"{_describe(r)}{status}"
         )
     return "\n".join(lines)
@@ -819,6 +877,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         metavar="BYTES",
         help="also fail kernels whose ptxas spill stores exceed BYTES (default: report only)",
     )
+    parser.add_argument(
+        "--require-wgmma",
+        action="store_true",
+        help="also fail sm_90 kernels whose 16-bit products are not all wgmma, or that spill",
+    )
     parser.add_argument("--list", action="store_true", help="print the jobs, compile nothing")
     parser.add_argument("-q", "--quiet", action="store_true", help="print failures only")
     args = parser.parse_args(argv)
@@ -859,6 +922,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if r.ok and (r.spill_stores or 0) > args.max_spill:
                 r.ok = False
                 r.error = f"{r.spill_stores} bytes of spill stores (more than --max-spill)"
+    if args.require_wgmma:
+        for r in results:
+            if r.hopper is not None:
+                r.ok, r.error = False, f"Hopper rule (--require-wgmma): {r.hopper}"
     bad = [r for r in results if not r.ok]
     if not args.quiet:
         print(format_table(results))
