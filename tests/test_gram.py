@@ -347,3 +347,26 @@ def test_triton_gpu_tile_shapes(m):
         _check("triton", 97, 40, m, torch.float32, scale=10.0, eps=0.1)
     with override_tiles(block_m=64, block_n=64, block_d=32):
         _check("triton", 97, 40, m, torch.float32, scale=10.0, eps=0.1)
+
+
+if TRITON_SKIP is None:  # a kernel around the Triton GRAM kernels' plane-offset helper
+    import triton
+    import triton.language as tl
+
+    from flashcontrast.backends.triton._common import _plane_offset
+
+    @triton.jit
+    def _plane_offset_kernel(out_ptr, size, width, R: tl.constexpr):
+        tl.store(out_ptr, _plane_offset(R, size, width))
+
+
+@pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+@pytest.mark.parametrize(("r", "size", "width"), [(2, 2**20, 1024), (1, 3 * 2**20, 768), (0, 7, 5)])
+def test_triton_gram_plane_offsets_are_64_bit(r, size, width):
+    """The offset of the r-th of GRAM's K others in the Triton kernels (r N D) is computed
+    in int64: at K = 3, N = 2^20, D = 1024 it is 2^31, one past int32 (a 32-bit product
+    wraps to a negative address). The helper runs in the interpreter, whose int32
+    arithmetic wraps like the GPU's."""
+    out = torch.zeros(1, dtype=torch.int64)
+    _plane_offset_kernel[(1,)](out, size, width, R=r)
+    assert out.item() == r * size * width

@@ -51,6 +51,14 @@ def _load_rows_t(ptr, rows, rmask, dd, dmask, stride_n, stride_d, DTYPE: tl.cons
 
 
 @triton.jit
+def _plane_offset(r, size, width):
+    """r * size * width in int64: the element offset of plane r of a (K, size, width)
+    buffer (GRAM's K others), which passes 2^31 at (K - 1) N D >= 2^31 (K = 3, N = 2^20,
+    D = 1024) while every per-tile offset inside a plane stays int32."""
+    return tl.full([], r, tl.int64) * size * width
+
+
+@triton.jit
 def _widen(idx, INDEX_64: tl.constexpr):
     """idx as int64 when offsets may not fit in int32 (INDEX_64), else unchanged."""
     if INDEX_64:

@@ -46,8 +46,8 @@ IEEE unless TF32 is allowed);
 magnitudes; det is a difference that rounding in 16 bits would destroy). Masked logits
 are -inf and online maxima of -inf are replaced by 0 before subtraction, as in the pair
 engine.
-Offsets are int32 unless a tensor spans 2^31 elements (INDEX_64), except the stride
-between the K others (r * stride), which must stay below 2^31.
+Offsets are int32 unless a tensor spans 2^31 elements (INDEX_64); the offset of the r-th
+of the K others (r * stride, r * N * D) is int64 always (``_common._plane_offset``).
 Interpreter (TRITON_INTERPRET=1): tiles 32 x 32 (``_plan.override_tiles``
 applies here too); bf16 upcast before tl.dot.
 """
@@ -75,6 +75,7 @@ from ._common import (
     _load_rows,
     _lse_init,
     _online_lse,
+    _plane_offset,
     _seen_columns,
     _store_diag,
     _tile_logits,
@@ -101,7 +102,7 @@ def _u_tile(
     """u^r (BLOCK_M, BLOCK_N) fp32: <t_i, o^r_j> for the tile's rows and columns (the
     forward's det and the backward's chain rule read the same products)."""
     return _tile_logits(
-        t_ptr, o_ptr + r * stride_ok, rows, cols, rmask, cmask, D,
+        t_ptr, o_ptr + _plane_offset(r, stride_ok, 1), rows, cols, rmask, cmask, D,
         stride_tn, stride_td, stride_on, stride_od,
         BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
     )  # fmt: skip
@@ -123,7 +124,7 @@ def _det_tile(
             stride_on, stride_od, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
         )  # fmt: skip
         v = _tile_logits(
-            t_ptr, w_ptr + r * N * D, rows, cols, rmask, cmask, D,
+            t_ptr, w_ptr + _plane_offset(r, N, D), rows, cols, rmask, cmask, D,
             stride_tn, stride_td, D, 1,
             BLOCK_M, BLOCK_N, BLOCK_D, tl.float32, W_PRECISION,
         )  # fmt: skip
@@ -304,7 +305,7 @@ def _gram_bwd_kernel(
                 dmask = dd < D
                 t_c = _load_rows(t_ptr, rows, rmask, dd, dmask, stride_tn, stride_td, tl.float32)
                 w_c = tl.load(
-                    w_ptr + r * NC * D + cols[:, None] * D + dd[None, :],
+                    w_ptr + _plane_offset(r, NC, D) + cols[:, None] * D + dd[None, :],
                     mask=cmask[:, None] & dmask[None, :],
                     other=0.0,
                 )
@@ -319,7 +320,7 @@ def _gram_bwd_kernel(
                 )
                 z_c = tl.dot(tl.trans(wu), t_c, input_precision=W_PRECISION)
                 tl.atomic_add(
-                    z_ptr + r * NC * D + cols[:, None] * D + dd[None, :],
+                    z_ptr + _plane_offset(r, NC, D) + cols[:, None] * D + dd[None, :],
                     z_c,
                     mask=cmask[:, None] & dmask[None, :],
                     sem="relaxed",
