@@ -54,12 +54,13 @@ def test_a_smaller_panel_costs_more_bytes():
     assert small.bytes > big.bytes and small.flops == big.flops
 
 
-def test_default_panel_follows_the_backend_budget():
-    from flashcontrast.backends.blockwise import PANEL_BYTES_PER_ENTRY, PANEL_FRACTION
+@pytest.mark.parametrize(("elem_bytes", "per_entry"), [(2, 6), (4, 8)])
+def test_default_panel_is_the_budget_at_x_and_ds_per_entry(elem_bytes, per_entry):
+    from flashcontrast.backends.blockwise import PANEL_FRACTION
 
-    rows = costmodel.default_panel_rows(N)
-    assert rows * N * PANEL_BYTES_PER_ENTRY <= costmodel.H200.memory * PANEL_FRACTION
-    assert (rows + 1) * N * PANEL_BYTES_PER_ENTRY > costmodel.H200.memory * PANEL_FRACTION
+    budget = costmodel.H200.memory * PANEL_FRACTION
+    rows = costmodel.default_panel_rows(N, "panel", elem_bytes)
+    assert rows * N * per_entry <= budget < (rows + 1) * N * per_entry
 
 
 @pytest.mark.parametrize("d", [16, 64, 256, 1024])
@@ -93,6 +94,20 @@ def test_readme_table_is_the_models_output():
 # ------------------------------------------------------------------------ the routing
 
 triton_only = pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_triton_panel_takes_the_models_panel(dtype, monkeypatch):
+    """On a device with the model's memory the Triton panel path's rows per panel are the
+    model's (X in float32 and dS in the input dtype per entry)."""
+    from flashcontrast.backends.triton import panel
+
+    props = type("Props", (), {"total_memory": costmodel.H200.memory})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    size = dtype.itemsize
+    got = panel.rows_per_panel(N, torch.device("cuda"), size)
+    assert got == costmodel.default_panel_rows(N, "panel", size)
 
 
 @triton_only

@@ -117,6 +117,7 @@ ARCHS = {
     86: Arch(86, "A10", 72, 99 * 1024),
     89: Arch(89, "L4", 58, 99 * 1024),
     90: Arch(90, "H100 SXM", 132, 227 * 1024),
+    100: Arch(100, "B200", 148, 227 * 1024),
 }
 
 # ----------------------------------------------------------------------------- recording
@@ -620,8 +621,11 @@ class Result:
 
 
 def _tensor_core_ops(ptx: str) -> str:
-    """Which matrix instructions a kernel's PTX holds: "wgmma" (Hopper's asynchronous
-    warpgroup MMA), "mma.sync" (the Ampere-style warp MMA), "both" or "none"."""
+    """Which matrix instructions a kernel's PTX holds: "tcgen05" (Blackwell's), "wgmma"
+    (Hopper's asynchronous warpgroup MMA), "mma.sync" (the Ampere-style warp MMA), "both"
+    (wgmma and mma.sync) or "none"."""
+    if "tcgen05.mma" in ptx:  # Blackwell's tensor-memory MMA (sm_100a)
+        return "tcgen05"
     wgmma, sync = "wgmma.mma_async" in ptx, re.search(r"\bmma\.sync\b", ptx) is not None
     return "both" if wgmma and sync else "wgmma" if wgmma else "mma.sync" if sync else "none"
 

@@ -124,12 +124,23 @@ def gemm_equivalents(objective: str, m: int = 3) -> float:
 EPILOGUE_BYTES = {"panel": (4, 6), "torch": (56, 118)}
 
 
-def default_panel_rows(m: int, device: Device = H200) -> int:
-    """Rows per panel against ``m`` columns with the default budget on ``device``
-    (``backends.blockwise.PANEL_FRACTION`` of its memory, ``PANEL_BYTES_PER_ENTRY`` each)."""
-    from .backends.blockwise import PANEL_BYTES_PER_ENTRY, PANEL_FRACTION
+def panel_bytes_per_entry(path: str, elem_bytes: int = 2) -> int:
+    """Bytes per (row, column) entry a panel holds: the torch backend's
+    ``PANEL_BYTES_PER_ENTRY``; the Triton panel's X in float32 and dS in the input dtype."""
+    from .backends.blockwise import PANEL_BYTES_PER_ENTRY
 
-    return max(1, int(device.memory * PANEL_FRACTION) // PANEL_BYTES_PER_ENTRY // max(m, 1))
+    return 4 + elem_bytes if path == "panel" else PANEL_BYTES_PER_ENTRY
+
+
+def default_panel_rows(
+    m: int, path: str = "panel", elem_bytes: int = 2, device: Device = H200
+) -> int:
+    """Rows per panel against ``m`` columns with the default budget on ``device``
+    (``backends.blockwise.PANEL_FRACTION`` of its memory, :func:`panel_bytes_per_entry`)."""
+    from .backends.blockwise import PANEL_FRACTION
+
+    per_entry = panel_bytes_per_entry(path, elem_bytes)
+    return max(1, int(device.memory * PANEL_FRACTION) // per_entry // max(m, 1))
 
 
 def panel_stages(path: str, r: int, d: int, elem_bytes: int, panel: int) -> tuple[Stage, ...]:
@@ -169,7 +180,8 @@ def pair_cost(
     feature_bytes = 4 * r * d * elem_bytes  # read A, B; write dA, dB (once each)
     exps = 3.0 * r * r  # forward exp, backward two softmaxes
     if path in EPILOGUE_BYTES:
-        stages = panel_stages(path, r, d, elem_bytes, panel or default_panel_rows(r))
+        rows_per_panel = panel or default_panel_rows(r, path, elem_bytes)
+        stages = panel_stages(path, r, d, elem_bytes, rows_per_panel)
         return Cost(
             sum(st.flops for st in stages),
             sum(st.bytes for st in stages),
@@ -231,11 +243,13 @@ def tflops(flops: float, seconds: float) -> float:
 
 #: The README's table: CLIP / SigLIP forward + backward at N = 65,536 in bf16.
 TABLE_PATHS = ("reference", "torch", "triton", "panel", "cuda")
+_LABELS = {"reference": "dense reference", "torch": "torch backend", "triton": "Triton fused",
+           "panel": "Triton panel", "cuda": "CUDA tiles"}  # fmt: skip
 
 
 def table(n: int = 65536, dims: tuple[int, ...] = (256, 512, 1024)) -> str:
     """A Markdown table of predicted times and GEMM-rate fractions on an H200."""
-    head = "| objective | D | " + " | ".join(TABLE_PATHS) + " | `auto` (Triton) picks |"
+    head = "| objective | D | " + " | ".join(_LABELS[p] for p in TABLE_PATHS) + " | Triton `auto` |"
     lines = [head, "|" + "---|" * (len(TABLE_PATHS) + 3)]
     for objective in ("clip", "siglip"):
         for d in dims:

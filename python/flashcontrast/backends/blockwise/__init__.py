@@ -25,16 +25,24 @@ MAX_BLOCK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 22}
 #: product's K dimension (the panel's rows) long: its float32 read-modify-write of dB costs
 #: 8 D / rows bytes per logit. The knob: set it, or pass ``max_block_elements``.
 PANEL_FRACTION = 1 / 32
-#: Bytes per (row, column) entry the backward keeps for a panel at its peak: S, X, dS and
-#: one softmax in float32, dS rounded to 16 bits, and the masks' booleans.
+#: Bytes per (row, column) entry the torch backend's backward keeps for a panel at its
+#: peak: S, X, dS and one softmax in float32, dS rounded to 16 bits, the masks' booleans.
+#: (The Triton panel path keeps X in float32 and dS in the features' dtype: 4 + e.)
 PANEL_BYTES_PER_ENTRY = 20
 
 
-def panel_rows(m: int, device: torch.device, max_elements: Optional[int] = None) -> int:
-    """Rows per panel of the pair engine against ``m`` columns (:data:`PANEL_FRACTION`)."""
+def panel_rows(
+    m: int,
+    device: torch.device,
+    max_elements: Optional[int] = None,
+    bytes_per_entry: int = PANEL_BYTES_PER_ENTRY,
+) -> int:
+    """Rows per panel of the pair engine against ``m`` columns: ``max_elements`` per panel
+    where given, else on CUDA :data:`PANEL_FRACTION` of the device's memory at
+    ``bytes_per_entry`` (at least the ``MAX_BLOCK_ELEMENTS`` block), else that block."""
     if max_elements is None and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        panel = int(total * PANEL_FRACTION) // PANEL_BYTES_PER_ENTRY
+        panel = int(total * PANEL_FRACTION) // bytes_per_entry
         max_elements = max(MAX_BLOCK_ELEMENTS["cuda"], panel)
     return block_rows(m, device, max_elements)
 

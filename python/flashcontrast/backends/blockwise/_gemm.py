@@ -62,9 +62,23 @@ def mm(x: Tensor, y: Tensor) -> Tensor:
     return torch.mm(x, y)
 
 
+_ADDMM_IN_PLACE = [True]  # False once this torch refused addmm's out_dtype with out=c
+
+
 def addmm_(c: Tensor, x: Tensor, y: Tensor) -> None:
-    """c += x @ y with c float32 (x, y as for :func:`mm`), accumulated in float32."""
-    if x.dtype in _LOW:
-        torch.addmm(c, x, y, out_dtype=torch.float32, out=c)  # beta = 1: in place
-    else:
+    """c += x @ y with c float32 (x, y as for :func:`mm`), accumulated in float32.
+
+    16-bit operands: one cuBLAS call with beta = 1 into c where this torch takes
+    ``out_dtype`` with ``out=c`` (checked on meta tensors only: no GPU here to check the
+    CUDA kernel), else, from the first refusal on, the product in float32 added to c (one
+    more (rows of c) x D float32 pass: small beside the GEMM)."""
+    if x.dtype not in _LOW:
         c.addmm_(x, y)
+        return
+    if _ADDMM_IN_PLACE[0]:
+        try:
+            torch.addmm(c, x, y, out_dtype=torch.float32, out=c)
+            return
+        except (RuntimeError, TypeError):
+            _ADDMM_IN_PLACE[0] = False
+    c.add_(torch.mm(x, y, out_dtype=torch.float32))

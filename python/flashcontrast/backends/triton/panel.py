@@ -1,8 +1,9 @@
 """The panel path of the pair engine on the Triton backend: cuBLAS GEMMs, Triton epilogues.
 
 Per panel of R rows (``blockwise.panel_rows``: within ``PANEL_FRACTION`` of the device's
-memory), with the features as the GEMMs take them (``blockwise/_gemm.py``: 16-bit on the
-tensor cores with float32 results on CUDA, float32 elsewhere):
+memory at 4 + e bytes per entry, X and dS), with the features as the GEMMs take them
+(``blockwise/_gemm.py``: 16-bit on the tensor cores with float32 results on CUDA, float32
+elsewhere):
 
 forward   X_p = A_p B^T                       a GEMM, (R, m) float32 written once
           statistics of S = s X_p + b         ``_pair_fwd_kernel`` with X_IN_MEMORY: the
@@ -34,7 +35,7 @@ from ..blockwise import _gemm, panel_rows
 from ..pair import Coefs, Grads, Stats, merge_lse
 from . import pair as fused
 
-__all__ = ["pair_backward", "pair_forward", "panel_backward", "panel_forward"]
+__all__ = ["pair_backward", "pair_forward", "panel_backward", "panel_forward", "rows_per_panel"]
 
 _F32 = torch.float32
 
@@ -53,8 +54,18 @@ def _panel(sweep: Sweep, start: int, r: int) -> Sweep:
     )
 
 
+def rows_per_panel(
+    m: int, device: torch.device, element_size: int, max_elements: Optional[int] = None
+) -> int:
+    """Rows per panel against ``m`` columns: X (float32) and dS (``element_size`` bytes)
+    per entry, within ``blockwise.panel_rows``'s budget."""
+    return panel_rows(max(m, 1), device, max_elements, 4 + element_size)
+
+
 def _rows(sweep: Sweep) -> int:
-    return panel_rows(max(sweep.b.shape[0], 1), sweep.a.device, sweep.max_block_elements)
+    return rows_per_panel(
+        sweep.b.shape[0], sweep.a.device, sweep.a.element_size(), sweep.max_block_elements
+    )
 
 
 def panel_forward(sweep: Sweep) -> Stats:
