@@ -139,6 +139,7 @@ class Context:
         self.gemm_flops: Optional[float] = None
         self.copy_bytes: Optional[float] = None
         self.passed: list = []
+        self.path_times: list = []  # (objective, n, d, dtype, path, ms): the Triton paths
 
     def path(self, name: str) -> Optional[Path]:
         return self.out / f"{name}-{self.stamp}" if self.out else None
@@ -558,11 +559,13 @@ def _time_call(ctx, writer, objective, impl, n, d, budget_s, dtype) -> None:
         if impl in (OPENCLIP, INF_CL)
         else backend_call(objective, backend)
     )
-    note = ""
+    note, path = "", None
     if backend == "triton" and ctx.device.type == "cuda" and objective in ("clip", "siglip"):
         path = os.environ.get(PATH_VARIABLE, "auto")
         if path == "auto":
-            path = costmodel.choose_pair_path(n, n, d, 2)
+            from ..backends.triton.pair import auto_path
+
+            path = auto_path(ctx.device, n, n, d, dtype)
         note = f"path {path}; "
     try:
         xs, scale = make_inputs(objective, n, d, dtype, ctx.device)
@@ -589,6 +592,32 @@ def _time_call(ctx, writer, objective, impl, n, d, budget_s, dtype) -> None:
         ctx.log(f"  {objective} {impl} N={n} D={d}: out of memory")
         return
     _write_row(ctx, writer, row, note=f"{note}first call {first:.2f} s")
+    if path is not None:
+        ctx.path_times.append((objective, n, d, row.dtype, path, row.ms_median))
+
+
+def write_path_timings(ctx: Context) -> Optional[Path]:
+    """``paths-<date>.json``: the shapes timed on both Triton paths (``_measured.py``), for
+    ``python -m flashcontrast.bench.record``; None when there is no such shape or no GPU."""
+    if not ctx.out or ctx.device.type != "cuda":
+        return None
+    by_shape: dict = {}
+    for objective, n, d, dtype, path, ms in ctx.path_times:
+        by_shape.setdefault((objective, n, d, dtype), {})[path] = ms
+    timings = [
+        dict(objective=o, n=n, d=d, dtype=t, fused_ms=ms["fused"], panel_ms=ms["panel"])
+        for (o, n, d, t), ms in by_shape.items()
+        if {"fused", "panel"} <= set(ms)
+    ]
+    if not timings:
+        return None
+    major, minor = torch.cuda.get_device_capability(ctx.device)
+    record = dict(kind="paths", device_class=f"sm_{major}{minor}",
+                  device=torch.cuda.get_device_name(ctx.device), date=ctx.stamp,
+                  versions=_versions(), command=ctx.args.command, timings=timings)  # fmt: skip
+    path = ctx.path("paths").with_suffix(".json")
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
 
 
 def step_timings(ctx: Context, rows: list, reserve_s: float, writer) -> None:
@@ -752,6 +781,8 @@ def run(args, device: torch.device) -> int:
     writer = RowWriter(ctx.path("bench").with_suffix(".csv"), _COLUMNS) if ctx.out else None
     ctx.log(f"\n(d) CLIP and SigLIP timings [{budget.elapsed():.0f} s]")
     step_timings(ctx, _timing_rows(ctx), reserve_s=est["others"] * 0.5 + min_tail, writer=writer)
+    if (paths := write_path_timings(ctx)) is not None:
+        ctx.log(f"  both Triton paths timed: python -m flashcontrast.bench.record {paths}")
     ctx.log(f"\n(e) other objectives [{budget.elapsed():.0f} s]")
     step_timings(ctx, _other_rows(ctx), reserve_s=min_tail, writer=writer)
     if writer:

@@ -880,11 +880,11 @@ def _pair_backward(
 
 
 #: Which path the public entry points take: PATH_VARIABLE (FLASHCONTRAST_TRITON_PATH) =
-#: "auto" (default),
-#: "fused" (these kernels, dA and dB on chip) or "panel" (``panel.py``: cuBLAS GEMMs, these
-#: kernels' epilogues with X_IN_MEMORY). "auto" is "fused" off CUDA (the interpreter) and
-#: the cost model's choice on CUDA (``costmodel.choose_pair_path``), the same in both
-#: directions for one shape, until measured rows replace the model.
+#: "auto" (default), "fused" (these kernels, dA and dB on chip) or "panel" (``panel.py``:
+#: cuBLAS GEMMs, these kernels' epilogues with X_IN_MEMORY). "auto" is "fused" off CUDA
+#: (the interpreter); on CUDA the faster measured path where the device class has measured
+#: rows (``_measured.py``), else the cost model's choice (``costmodel.choose_pair_path``):
+#: the same in both directions for one shape.
 _PATHS = ("auto", "fused", "panel")
 
 
@@ -897,10 +897,20 @@ def sweep_path(sweep: Sweep) -> str:
         return choice
     if sweep.a.device.type != "cuda":
         return "fused"
-    from ... import costmodel
+    return auto_path(sweep.a.device, sweep.a.shape[0], sweep.b.shape[0], sweep.a.shape[1],
+                     sweep.a.dtype)  # fmt: skip
 
-    n, m, d = sweep.a.shape[0], sweep.b.shape[0], sweep.a.shape[1]
-    return costmodel.choose_pair_path(n, m, d, sweep.a.element_size())
+
+def auto_path(device: torch.device, n: int, m: int, d: int, dtype: torch.dtype) -> str:
+    """ "auto"'s path on a CUDA ``device`` for an (n x m) sweep at D = ``d``: measured, else
+    the cost model's."""
+    from ... import _measured, _verified, costmodel
+
+    name = str(dtype).removeprefix("torch.")
+    measured = _measured.measured_choice(_verified.device_class(device), n, m, d, name)
+    if measured is not None:
+        return measured
+    return costmodel.choose_pair_path(n, m, d, dtype.itemsize)
 
 
 def _routed_forward(sweep: Sweep) -> Stats:
