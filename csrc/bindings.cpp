@@ -378,6 +378,7 @@ void register_structs(py::module_& m) {
       .field("col_groups", &P::col_groups, kOptional, "(m,) int64 ids, 0 for none")
       .field("positive_logits", &P::positive_logits, kOptional,
              "(n,) fp32 logits of the positives ('rows' with positives), 0 for none")
+      .field("x", &P::x, kOptional, "(n, m) fp32 X = a b^T read instead of multiplied, 0: none")
       .done();
   using St = fc::PairStats;
   Struct<St>(m, "PairStats",
@@ -402,12 +403,14 @@ void register_structs(py::module_& m) {
       .done();
   using G = fc::PairGrads;
   Struct<G>(m, "PairGrads", "The backward's outputs, device addresses.")
-      .field("da", &G::da, kRequired, "(n, d) contiguous, out_dtype")
-      .field("db", &G::db, kRequired, "(m, d) contiguous, out_dtype")
+      .field("da", &G::da, kOptional, "(n, d) contiguous, out_dtype (0 with ds)")
+      .field("db", &G::db, kOptional, "(m, d) contiguous, out_dtype (0 with ds)")
       .field("dscale", &G::dscale, kRequired, "fp32 scalar")
       .field("dbias", &G::dbias, kRequired, "fp32 scalar")
       .field("dpos", &G::dpos, kOptional, "(n,) fp32, with positive_logits only")
       .field("out_dtype", &G::out_dtype, kRequired, "the inputs' dtype or 'float32'")
+      .field("ds", &G::ds, kOptional, "(n, m) inputs' dtype: dS / ds_unit instead of da, db")
+      .field("ds_unit", &G::ds_unit, kOptional, "fp32 scalar dividing dS, 0: 1 (with ds)")
       .done();
   using GP = fc::GramInputs;
   Struct<GP>(m, "GramParams", "GRAM's inputs (gram.h).")

@@ -96,17 +96,16 @@ def test_readme_table_is_the_models_output():
 triton_only = pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))
 
 
-@triton_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_triton_panel_takes_the_models_panel(dtype, monkeypatch):
-    """On a device with the model's memory the Triton panel path's rows per panel are the
-    model's (X in float32 and dS in the input dtype per entry)."""
-    from flashcontrast.backends.triton import panel
+def test_the_panel_path_takes_the_models_panel(dtype, monkeypatch):
+    """On a device with the model's memory the panel path's rows per panel are the model's
+    (X in float32 and dS in the input dtype per entry)."""
+    from flashcontrast.backends import _panel
 
     props = type("Props", (), {"total_memory": costmodel.H200.memory})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     size = dtype.itemsize
-    got = panel.rows_per_panel(N, torch.device("cuda"), size)
+    got = _panel.rows_per_panel(N, torch.device("cuda"), size)
     assert got == costmodel.default_panel_rows(N, "panel", size)
 
 

@@ -15,7 +15,7 @@ import torch
 from engine_oracle import dense, stats_lse
 from flashcontrast._ops import backend_module
 from flashcontrast.backends.pair import Coefs, Pair, lse, merge_lse
-from verification import ENGINE_BACKENDS, assert_by_rule
+from verification import CUDA_ENGINE, ENGINE_BACKENDS, TRITON_ENGINE, assert_by_rule
 
 
 @dataclasses.dataclass
@@ -197,6 +197,64 @@ def test_triton_panel_path_against_the_dense_oracle(name, dtype, rows):
 
     case = CASES[name]
     _assert_contract(panel, case, dtype, max_block_elements=rows and rows * case.m)
+
+
+# The CUDA panel path under the emulator: its kernels with PairParams.x / PairGrads.ds.
+# The emulator runs every thread of every block, so fewer runs than Triton's: each
+# epilogue family in 16-bit (fp16's unit included) and fp32, 5-row and one-row panels.
+_CUDA_PANEL_RUNS = [
+    *((name, dtype, 5) for name in ("clip-groups", "siglip", "mv-infonce", "symile-override")
+      for dtype in _DTYPES),
+    ("clip-groups", torch.float32, 1),
+    ("clip-scale-1e4", torch.float32, 5),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", CUDA_ENGINE)
+@pytest.mark.parametrize(("name", "dtype", "rows"), _CUDA_PANEL_RUNS)
+def test_cuda_panel_path_against_the_dense_oracle(backend, name, dtype, rows):
+    """The CUDA backend's panel path (GEMMs by torch, csrc's pair kernels reading X and
+    writing dS) at panel boundaries, on the emulator (the ``backend`` parameter installs it)."""
+    from flashcontrast.backends import cuda_panel
+
+    case = CASES[name]
+    _assert_contract(cuda_panel, case, dtype, max_block_elements=rows * case.m)
+
+
+@pytest.mark.parametrize("backend", [*TRITON_ENGINE, *CUDA_ENGINE])
+@pytest.mark.parametrize("name", ["clip-groups", "siglip", "symile-override"])
+def test_panel_epilogues_read_x_not_the_features(backend, name):
+    """Given X = 0 beside real features, the panel path's kernels compute the sweep of
+    zero logits (that of a = 0 on the fused path): they read X, never a b^T."""
+    from flashcontrast.backends._pair_entry import Sweep
+
+    module = backend_module(backend, "pair")
+    if backend == "triton":
+        from flashcontrast.backends.triton.panel import EPILOGUES
+    else:
+        from flashcontrast.backends.cuda_panel import EPILOGUES
+    case = CASES[name]
+    a, b, rg, cg, pl, coefs = _inputs(case, 20, torch.float32, 0)
+    scale = torch.tensor(case.scale)
+    bias = torch.tensor(-1.5) if case.bias else None
+    sweep = Sweep(a, b, scale, bias, case.pair, case.row_offset, case.col_offset, rg, cg, pl,
+                  None)  # fmt: skip
+    zero = sweep._replace(a=torch.zeros_like(a))
+    x = torch.zeros((a.shape[0], b.shape[0]))
+    got, want = EPILOGUES.forward(sweep, x), module._pair_forward(zero)
+    for field in want._fields:
+        if getattr(want, field) is not None:
+            torch.testing.assert_close(getattr(got, field), getattr(want, field))
+    c = Coefs(**coefs)
+    unit, token = EPILOGUES.unit(sweep, c)
+    ds = torch.empty_like(x)
+    g_x = EPILOGUES.backward(sweep, want, c, x, ds, token)
+    g_0 = module._pair_backward(zero, want, c, torch.float32)
+    torch.testing.assert_close(g_x.dbias, g_0.dbias)  # sum dS: every entry's weight
+    u = 1.0 if unit is None else unit
+    torch.testing.assert_close(ds @ b * (scale * u), g_0.da)  # dA = s dS B from the dS written
+    if pl is not None:
+        torch.testing.assert_close(g_x.dpos, g_0.dpos)
 
 
 def _assert_contract(module, case: Case, dtype: torch.dtype, **extra) -> None:

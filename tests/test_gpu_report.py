@@ -134,19 +134,26 @@ def test_first_contact_script_runs_from_the_checkout_without_installing(tmp_path
     assert "gpu-report plan" in proc.stdout and "(fits)" in proc.stdout
 
 
-def test_smoke_runs_the_triton_panel_path_and_verifies_it_as_triton(monkeypatch):
-    """The smoke's "triton-panel" rows run triton/panel.py (forced), on the pair engine's
-    objectives only, and count towards the "triton" triple of the verification record."""
+def _counted(monkeypatch, module, name: str) -> list:
+    """``module.name`` wrapped to append 1 per call to the returned list."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_smoke_runs_each_path_and_verifies_both_as_the_backend(monkeypatch):
+    """The smoke's "triton" rows run the fused kernels and its "triton-panel" rows
+    triton/panel.py (both forced; "cuda" / "cuda-panel" alike), on the pair engine's
+    objectives only, and both count towards the "triton" triple of the record."""
     if TRITON_SKIP is not None:
         pytest.skip(str(TRITON_SKIP))
     from flashcontrast.backends.triton import panel
 
     have = {g.objective: g.backends for g in smoke.groups(torch.device("cpu"), tiny=True)}
-    assert smoke.TRITON_PANEL in have["clip"] and smoke.TRITON_PANEL in have["mv-dhel"]
-    assert smoke.TRITON_PANEL not in have["gram"] + have["symile-n2"]
-    calls = []
-    real = panel.panel_backward
-    monkeypatch.setattr(panel, "panel_backward", lambda *a: calls.append(1) or real(*a))
+    for pseudo in (smoke.TRITON_PANEL, smoke.CUDA_PANEL):
+        assert pseudo in have["clip"] and pseudo in have["mv-dhel"]
+        assert pseudo not in have["gram"] + have["symile-n2"]
+    calls = _counted(monkeypatch, panel, "panel_backward")
     rows = []
     group = smoke.Group("siglip", "float32", 7, 5, False, ("triton", smoke.TRITON_PANEL))
     smoke.run_group(group, torch.device("cpu"), rows.append)
@@ -164,3 +171,20 @@ def test_smoke_runs_the_triton_panel_path_and_verifies_it_as_triton(monkeypatch)
     assert Ctx.passed == [], "a failing panel path un-verifies the triton triple"
     first_contact._write_verification(Ctx, rows)
     assert Ctx.passed == [["siglip", "triton", "float32"]]
+
+
+def test_smoke_runs_the_cuda_panel_path_on_the_emulator(monkeypatch, request):
+    from conftest import EMULATOR_SKIP
+
+    if EMULATOR_SKIP is not None:
+        pytest.skip(str(EMULATOR_SKIP))
+    import cuda_emulator
+    from flashcontrast.backends import cuda_panel
+
+    cuda_emulator.install(monkeypatch, request.node.nodeid)
+    calls = _counted(monkeypatch, cuda_panel, "panel_backward")
+    rows = []
+    group = smoke.Group("clip-groups", "bfloat16", 7, 5, False, ("cuda", smoke.CUDA_PANEL))
+    smoke.run_group(group, torch.device("cpu"), rows.append)
+    assert [r["status"] for r in rows] == ["pass", "pass"], rows
+    assert calls == [1], "the cuda row ran the tile kernels, the cuda-panel row the panel"

@@ -75,7 +75,29 @@ struct Sweep {
   const int64_t* row_groups;  // nullptr with kGroups: ids that never meet (neutral)
   const int64_t* col_groups;
   const float* pos_logits;
+  const float* x;  // (n, m) fp32 X as a GEMM wrote it (the panel path), or nullptr
 };
+
+// The tile's X = A_rb B_cb^T into Xs: multiplied (tile_logits), or on the panel path read
+// from the GEMM's output p.x (zero outside the sweep). Either ends with a barrier that
+// publishes Xs and the tables staged before it.
+template <typename T>
+__device__ __forceinline__ void tile_x(const Sweep<T>& p, int64_t row0, int64_t col0,
+                                       T* As, T* Bs, float* Xs) {
+  if (p.x == nullptr) {
+    tile_logits<T>(p.op, row0, col0, As, Bs, Xs);
+    return;
+  }
+  using L = TileSmem<T>;
+  const int64_t n = p.op.n_a, m = p.op.n_b;
+  __syncthreads();  // the previous readers of Xs are done
+  for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
+    const int i = idx / kTileN, j = idx % kTileN;
+    const int64_t r = row0 + i, c = col0 + j;
+    Xs[i * L::kLdX + j] = (r < n && c < m) ? p.x[r * m + c] : 0.0f;
+  }
+  __syncthreads();
+}
 
 // Shared memory beyond TileSmem: per-tile tables (int64 samples and group ids of the 64
 // rows / 64 columns), per-row and per-column fp32 vectors, block-reduction scratch.
@@ -255,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, kFwdBlocksPerSm)
       const int64_t col0 = int64_t(cb) * kBN;
       const int ncols = int(std::min<int64_t>(kBN, m - col0));
       load_tables<O>(sm.samp_c, sm.gid_c, p.col_groups, col0, m, p.col_offset, p.period, false);
-      tile_logits<T>(p.op, row0, col0, sm.As, sm.Bs, sm.Xs);
+      tile_x<T>(p, row0, col0, sm.As, sm.Bs, sm.Xs);
       const TileSets<O> sets = tile_sets<T, O>(p, row0, col0, sm);
 
       if constexpr (E == kSigmoid) {
@@ -423,7 +445,8 @@ template <typename T, int E, unsigned O>
 __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm)
     pair_bwd_kernel(Sweep<T> p, BwdVectors v, float* __restrict__ da_ws,
                     float* __restrict__ db_ws, float* __restrict__ partials,
-                    float* __restrict__ dpos) {
+                    float* __restrict__ dpos, T* __restrict__ ds_out,
+                    const float* __restrict__ ds_unit) {
   using L = Layout<T>;
   __shared__ __align__(128) unsigned char smem[L::kBytes];
   const PairSmem<T> sm(smem);
@@ -443,6 +466,8 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm)
   const int64_t col0 = int64_t(cb) * kBN;
   const int ncols = int(std::min<int64_t>(kBN, m - col0));
   float* db_slice = db_ws + int64_t(sp) * m * d;
+  // The panel path: dS / u to ds_out, no dA / dB products (two GEMMs do them).
+  const float inv_unit = ds_unit != nullptr ? 1.0f / *ds_unit : 1.0f;
 
   load_tables<O>(sm.samp_c, sm.gid_c, p.col_groups, col0, m, p.col_offset, p.period, false);
   if (E == kSoftmax && tid < kBN) {
@@ -468,7 +493,7 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm)
     if constexpr ((O & kOverride) != 0) {
       if (tid < kBM) sm.pl_r[tid] = tid < nrows ? p.pos_logits[row0 + tid] : 0.0f;
     }
-    tile_logits<T>(p.op, row0, col0, sm.As, sm.Bs, sm.Xs);  // its barriers publish the tables
+    tile_x<T>(p, row0, col0, sm.As, sm.Bs, sm.Xs);  // its barrier publishes the tables
     const TileSets<O> sets = tile_sets<T, O>(p, row0, col0, sm);
 
     float tmax = 0.0f;
@@ -504,6 +529,13 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm)
       }
       sm.Xs[i * L::kLdX + j] = dv;  // in place (same thread, same slot); fp32: this is Ps
       tmax = fmaxf(tmax, fabsf(dv));
+      if (ds_out != nullptr && i < nrows && j < ncols) {
+        ds_out[(row0 + i) * m + col0 + j] = from_float<T>(dv * inv_unit);
+      }
+    }
+    if (ds_out != nullptr) {  // uniform across the block
+      __syncthreads();  // before the next tile overwrites the row tables, vectors, Xs
+      continue;
     }
     float mult = 1.0f;
     if constexpr (kUsesWmma<T>) {
@@ -695,6 +727,7 @@ Sweep<T> make_sweep(const PairParams& p) {
   s.row_groups = p.row_groups;
   s.col_groups = p.col_groups;
   s.pos_logits = p.positive_logits;
+  s.x = p.x;
   return s;
 }
 
@@ -780,9 +813,10 @@ void launch_backward(const PairParams& p, const BackwardPlan& plan, const PairSt
                      st.cpos_max, st.cpos_sum, co.rows, co.pos_rows, co.cols, co.pos_cols,
                      co.total};
   pair_bwd_kernel<T, E, O><<<dim3(plan.num_cb, plan.split), kThreads, 0, stream>>>(
-      make_sweep<T>(p), v, da_ws, db_ws, partials, gr.dpos);
+      make_sweep<T>(p), v, da_ws, db_ws, partials, gr.dpos, static_cast<T*>(gr.ds),
+      gr.ds_unit);
   detail::check_launch("pair_bwd_kernel");
-  if (nd > 0) {
+  if (nd > 0 && gr.ds == nullptr) {
     finalize_kernel<Tout><<<grid_1d(nd), 256, 0, stream>>>(da_ws, 1, nd, p.scale,
                                                            static_cast<Tout*>(gr.da));
     detail::check_launch("finalize_kernel");
@@ -859,10 +893,12 @@ void check_backward_in(const PairParams& p, const PairStats& s, const PairCoefs&
 }
 
 void check_grads(const PairParams& p, const PairGrads& g) {
-  if (p.d > 0) {
+  if (p.d > 0 && g.ds == nullptr) {
     require(g.da, "PairGrads.da");
     require(g.db, "PairGrads.db");
   }
+  if (g.ds != nullptr && p.x == nullptr) bad("PairGrads.ds (the panel path) needs PairParams.x");
+  if (g.ds == nullptr) forbid(g.ds_unit, "PairGrads.ds_unit", "without PairGrads.ds");
   require(g.dscale, "PairGrads.dscale");
   require(g.dbias, "PairGrads.dbias");
   if (p.positive_logits != nullptr) {

@@ -226,14 +226,16 @@ def gemm_fraction(objective: str, path: str, n: int, d: int, device: Device = H2
     return 4 * 2.0 * n * n * d / seconds / device.bf16_flops
 
 
-def choose_pair_path(n: int, m: int, d: int, elem_bytes: int, device: Device = H200) -> str:
-    """ "panel" or "fused": the Triton backend's faster path for an (n x m) sweep at D =
-    ``d`` by this model (CLIP's counts, the square of n m's geometric mean), until
-    measured rows replace it."""
+def choose_pair_path(
+    n: int, m: int, d: int, elem_bytes: int, device: Device = H200, fused: str = "triton"
+) -> str:
+    """ "panel" or "fused": the faster path for an (n x m) sweep at D = ``d`` by this model
+    (CLIP's counts, the square of n m's geometric mean), the fused path being ``fused``'s
+    kernels ("triton" or "cuda"), until measured rows replace it."""
     side = max(1, round(math.sqrt(n * m)))
-    fused = predict_seconds(pair_cost("clip", "triton", side, d, elem_bytes), "triton", device)
+    fused_s = predict_seconds(pair_cost("clip", fused, side, d, elem_bytes), fused, device)
     panel = predict_seconds(pair_cost("clip", "panel", side, d, elem_bytes), "panel", device)
-    return "panel" if panel < fused else "fused"
+    return "panel" if panel < fused_s else "fused"
 
 
 def tflops(flops: float, seconds: float) -> float:

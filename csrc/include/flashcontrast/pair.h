@@ -45,6 +45,10 @@ struct PairParams {
   const int64_t* col_groups = nullptr;
   // (n,) fp32: row i's positive logit instead of S ("rows" epilogue with positives only).
   const float* positive_logits = nullptr;
+  // (n, m) fp32, contiguous: X = a b^T as a GEMM wrote it (the panel path,
+  // backends/cuda_panel.py): the kernels read X instead of multiplying a and b (which are
+  // then only checked, never read).
+  const float* x = nullptr;
 };
 
 // The statistics, fp32 (max, sum exp(S - max)) pairs; -inf / 0 for an empty set. The
@@ -85,6 +89,11 @@ struct PairGrads {
   float* dbias = nullptr;
   float* dpos = nullptr;
   DType out_dtype = DType::kFloat32;
+  // The panel path: (n, m) contiguous in the inputs' dtype, dS / ds_unit written there
+  // (0 off the allowed entries) instead of da and db, which are then not written (may be
+  // null); ds_unit a device scalar (nullptr: 1), fp16's max |coefficient|.
+  void* ds = nullptr;
+  const float* ds_unit = nullptr;
 };
 
 // fp32 elements of the forward workspace on `device` (its SM count sets the grid): with

@@ -29,6 +29,7 @@ the compiled extension has kernels for.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from types import ModuleType
 from typing import Callable, Optional
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .. import _cuda_ext
+from . import _panel, _paths
 from ._pair_entry import Sweep, backward_entry, forward_entry
 from .gram import GramBlock
 from .pair import Coefs, Grads, Pair, Stats
@@ -409,9 +411,10 @@ def _scalars(sweep: Sweep) -> tuple[Tensor, Optional[Tensor]]:
     return _scalar(sweep.scale), None if sweep.bias is None else _scalar(sweep.bias)
 
 
-def _pair_params(sweep: Sweep, scale: Tensor, bias: Optional[Tensor], groups, pos_logits):
+def _pair_params(sweep: Sweep, scale: Tensor, bias: Optional[Tensor], groups, pos_logits, x=None):
     """The typed PairParams of the sweep, with the fp32 scalars of :func:`_scalars` and the
-    checked group ids and positive logits of :func:`_checked`."""
+    checked group ids and positive logits of :func:`_checked`; ``x`` (n, m) float32
+    contiguous, the panel path's GEMM output the kernels read instead of multiplying."""
     a, b, pair = sweep.a, sweep.b, sweep.pair
     row_offset, col_offset = sweep.row_offset, sweep.col_offset
     if row_offset < 0 or col_offset < 0:
@@ -426,7 +429,7 @@ def _pair_params(sweep: Sweep, scale: Tensor, bias: Optional[Tensor], groups, po
         exclude_self=bool(pair.exclude_self), period=int(pair.period),
         row_offset=int(row_offset), col_offset=int(col_offset),
         row_groups=_addr(groups[0]), col_groups=_addr(groups[1]),
-        positive_logits=_addr(pos_logits),
+        positive_logits=_addr(pos_logits), x=_addr(x),
     )  # fmt: skip
 
 
@@ -452,10 +455,11 @@ def _check_override(pair: Pair, positive_logits: Optional[Tensor]) -> None:
         )
 
 
-def _pair_forward(sweep: Sweep) -> Stats:
+def _pair_forward(sweep: Sweep, x: Optional[Tensor] = None) -> Stats:
     """The sweep's statistics (``backends/pair.py``), float32 (max, sum) pairs, from
     csrc/kernels/pair.cu. ``max_block_elements`` (the torch backend's block size) is
-    accepted and ignored: the kernels work in 64 x 64 tiles."""
+    accepted and ignored: the kernels work in 64 x 64 tiles. ``x`` (n, m) float32
+    contiguous: the panel path's X = a b^T, read instead of multiplied (``cuda_panel.py``)."""
     dev, n, m, groups, pos = _checked(sweep)
     pair = sweep.pair
     f32 = dict(dtype=torch.float32, device=dev)
@@ -472,26 +476,34 @@ def _pair_forward(sweep: Sweep) -> Stats:
                 t.fill_(-math.inf if k.endswith("_max") else 0.0)
             return Stats(**outs)
     scale, bias = _scalars(sweep)
-    params = _pair_params(sweep, scale, bias, groups, pos)
+    params = _pair_params(sweep, scale, bias, groups, pos, x)
     stats = _C.PairStats(**{k: t.data_ptr() for k, t in outs.items()})
     _launch(_C.pair_forward, _C.pair_forward_workspace_elems, params, dev, stats)
     return Stats(**outs)
 
 
 def _pair_backward(
-    sweep: Sweep, stats: Stats, coefs: Coefs, out_dtype: Optional[torch.dtype]
+    sweep: Sweep,
+    stats: Stats,
+    coefs: Coefs,
+    out_dtype: Optional[torch.dtype],
+    panel: Optional[tuple[Tensor, Tensor, Optional[Tensor]]] = None,
 ) -> Grads:
     """(dA, dB, dscale, dbias[, dpos]) of the loss the coefficients define, from the merged
     statistics (``backends/pair.py``); da / db contiguous in ``out_dtype`` (None: the
-    inputs' dtype; float32 allowed), dscale / dbias / dpos float32."""
+    inputs' dtype; float32 allowed), dscale / dbias / dpos float32.
+
+    ``panel`` = (x, ds, unit), the panel path (``cuda_panel.py``): the kernel reads X (n, m)
+    float32 and writes dS / unit (unit a 0-d float32 tensor, None: 1) into ds (n, m, the
+    inputs' dtype) instead of forming dA and dB (returned as (0, D) stand-ins)."""
     dev, n, m, groups, pos = _checked(sweep)
     pair, d, dtype = sweep.pair, sweep.a.shape[1], sweep.a.dtype
     out = out_dtype or dtype
     if out not in (dtype, torch.float32):
         raise TypeError(f"out_dtype must be the inputs' dtype ({dtype}) or float32, got {out}")
     f32 = dict(dtype=torch.float32, device=dev)
-    da = torch.zeros((n, d), dtype=out, device=dev)
-    db = torch.zeros((m, d), dtype=out, device=dev)
+    da = torch.zeros((0 if panel else n, d), dtype=out, device=dev)
+    db = torch.zeros((0 if panel else m, d), dtype=out, device=dev)
     dscale, dbias = torch.zeros((), **f32), torch.zeros((), **f32)
     dpos = torch.zeros(n, **f32) if pos is not None else None
     # The coefficients this epilogue uses (others are 0 by the contract), and the merged
@@ -526,10 +538,12 @@ def _pair_backward(
     if n == 0 or m == 0:
         return Grads(da, db, dscale, dbias, dpos)
     scale, bias = _scalars(sweep)
-    params = _pair_params(sweep, scale, bias, groups, pos)
+    x, ds, unit = panel if panel else (None, None, None)
+    params = _pair_params(sweep, scale, bias, groups, pos, x)
     grads = _C.PairGrads(
-        da=da.data_ptr(), db=db.data_ptr(), dscale=dscale.data_ptr(), dbias=dbias.data_ptr(),
-        dpos=_addr(dpos), out_dtype=_DTYPE_NAMES[out],
+        da=0 if panel else da.data_ptr(), db=0 if panel else db.data_ptr(),
+        dscale=dscale.data_ptr(), dbias=dbias.data_ptr(), dpos=_addr(dpos),
+        out_dtype=_DTYPE_NAMES[out], ds=_addr(ds), ds_unit=_addr(unit),
     )  # fmt: skip
     _launch(
         _C.pair_backward, _C.pair_backward_workspace_elems, params, dev,
@@ -539,5 +553,38 @@ def _pair_backward(
     return Grads(da, db, dscale, dbias, dpos)
 
 
-pair_forward = forward_entry(_pair_forward)
-pair_backward = backward_entry(_pair_backward)
+#: Which path the pair engine's entry points take: FLASHCONTRAST_CUDA_PATH = "auto"
+#: (default), "fused" (the tile kernels: products and epilogue in one kernel) or "panel"
+#: (``cuda_panel.py``: cuBLAS GEMMs per panel, the tile kernels as epilogues reading X).
+#: "auto" is "fused" off CUDA (the emulator) and on CUDA the cost model's choice
+#: (``costmodel.choose_pair_path`` against the tile kernels): the same in both directions.
+PATH_VARIABLE = _paths.CUDA_PATH
+
+
+def sweep_path(sweep: Sweep) -> str:
+    """ "fused" or "panel": the path :data:`PATH_VARIABLE` and the shape choose."""
+    from .. import costmodel
+
+    a, b = sweep.a, sweep.b
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    return _paths.path_for(
+        PATH_VARIABLE,
+        a.device,
+        lambda: costmodel.choose_pair_path(n, m, d, a.element_size(), fused="cuda"),
+    )
+
+
+_ROUTE_DOC = "\n\n    The path: :func:`sweep_path` (:data:`PATH_VARIABLE`)."
+_routed_forward, _routed_backward = _panel.routes(
+    sweep_path,
+    lambda sweep: _pair_forward(sweep),
+    lambda *args: _pair_backward(*args),
+    lambda: importlib.import_module(f"{__package__}.cuda_panel"),
+    (
+        (_pair_forward.__doc__ or "").split(" ``x`` (n, m)")[0] + _ROUTE_DOC,
+        (_pair_backward.__doc__ or "").split("\n\n    ``panel``")[0] + _ROUTE_DOC,
+    ),
+)
+
+pair_forward = forward_entry(_routed_forward)
+pair_backward = backward_entry(_routed_backward)

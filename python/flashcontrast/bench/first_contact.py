@@ -51,7 +51,7 @@ from .baselines import INF_CL, OPENCLIP, baseline_call, inf_cl_unavailable, open
 from .budget import Budget, Log, RowWriter, Step, format_plan
 from .measure import Row, measure, measure_matmul
 from .report import device_slug
-from .smoke import BACKENDS, TRITON_PANEL, VERIFIED_AS, groups
+from .smoke import BACKENDS, CUDA_PANEL, TRITON_PANEL, VERIFIED_AS, groups
 
 # What the estimates rest on: measured here, each with where and when.
 ESTIMATES = {
@@ -303,8 +303,9 @@ def step_build(ctx: Context) -> bool:
 def _smoke_groups(ctx: Context) -> list:
     args = ctx.args
     asked = list(args.backends or BACKENDS)
-    if "triton" in asked and TRITON_PANEL not in asked:  # both Triton paths verify "triton"
-        asked.append(TRITON_PANEL)
+    for base, panel in (("triton", TRITON_PANEL), ("cuda", CUDA_PANEL)):
+        if base in asked and panel not in asked:  # both paths verify the backend
+            asked.append(panel)
     backends = tuple(b for b in BACKENDS if b in asked)
     return groups(ctx.device, backends=backends, tiny=args.smoke_tiny)
 

@@ -33,17 +33,26 @@ from typing import Callable, Optional
 import torch
 
 from .. import functional
-from ..backends.triton import forced_path
+from ..backends import _paths
 from .rule import check_rule
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-#: The Triton backend with its pair engine forced to the panel path (triton/panel.py):
-#: ``auto`` picks that path on CUDA for large D, the fused one at the smoke's D, so both are
-#: smoked; a (objective, "triton", dtype) triple is verified only when both paths pass.
-TRITON_PANEL = "triton-panel"
-BACKENDS = ("torch", "triton", TRITON_PANEL, "cuda")
-VERIFIED_AS = {TRITON_PANEL: "triton"}
-_PATHS = {TRITON_PANEL: ("triton", "panel")}  # pseudo-backend: (backend, forced path)
+#: The kernel backends' two pair paths, each forced (``backends/_paths.py``): "triton" and
+#: "cuda" rows run the fused tile kernels, "triton-panel" and "cuda-panel" the panel path
+#: (cuBLAS GEMMs, the kernels as epilogues), on the pair engine's objectives. ``auto``
+#: picks either by the shape, so an (objective, backend, dtype) triple is verified only
+#: when both of its paths pass.
+TRITON_PANEL, CUDA_PANEL = "triton-panel", "cuda-panel"
+BACKENDS = ("torch", "triton", TRITON_PANEL, "cuda", CUDA_PANEL)
+VERIFIED_AS = {TRITON_PANEL: "triton", CUDA_PANEL: "cuda"}
+# backend name -> (backend, the variable picking its path, the path forced)
+_PATHS = {
+    "triton": ("triton", _paths.TRITON_PATH, "fused"),
+    TRITON_PANEL: ("triton", _paths.TRITON_PATH, "panel"),
+    "cuda": ("cuda", _paths.CUDA_PATH, "fused"),
+    CUDA_PANEL: ("cuda", _paths.CUDA_PATH, "panel"),
+}
+_PANELS = (TRITON_PANEL, CUDA_PANEL)  # pair-engine objectives only
 # N with N^2 > 2^31 (46341^2 > 2^31): 46349, and its 3-view counterpart for the
 # self-similarity losses (3 N rows).
 LARGE_N = 46349
@@ -160,7 +169,7 @@ def groups(device: torch.device, backends=BACKENDS, dtypes=tuple(DTYPES), tiny=F
                 shapes = [(97, 100, False), (obj.large_n, 40, True)]
                 if dtype == "bfloat16":  # the timing step's D, compiled here
                     shapes += [(256, 512, False), (256, 1024, False)]
-            mine = tuple(b for b in backends if obj.engine or b not in _PATHS)
+            mine = tuple(b for b in backends if obj.engine or b not in _PANELS)
             for n, d, large in shapes:
                 out.append(Group(name, dtype, n, d, large, mine))
     return out
@@ -180,9 +189,9 @@ def _leaves(obj: Objective, n: int, d: int, dtype, device, seed: int) -> list:
 
 
 def _loss_and_grads(obj: Objective, leaves: list, backend: str, grad_out: float = 1.3):
-    backend, path = _PATHS.get(backend, (backend, None))
+    backend, variable, path = _PATHS.get(backend, (backend, "", None))
     xs = [x.detach().clone().requires_grad_() for x in leaves]
-    with forced_path(path):
+    with _paths.forced(variable, path):
         loss = obj.call(xs, backend)
         grads = torch.autograd.grad(loss * grad_out, xs)
     return [loss.detach(), *grads]

@@ -13,13 +13,14 @@ to be in the environment before the kernel modules are imported.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import os
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
+
+from .. import _paths
 
 __all__ = [
     "PATH_VARIABLE",
@@ -30,26 +31,13 @@ __all__ = [
 ]
 
 #: The environment variable that picks the pair engine's path on this backend: "auto"
-#: (default), "fused" or "panel" (``pair.py``, ``sweep_path``).
-PATH_VARIABLE = "FLASHCONTRAST_TRITON_PATH"
+#: (default), "fused" or "panel" (``pair.py``, ``sweep_path``; ``backends/_paths.py``).
+PATH_VARIABLE = _paths.TRITON_PATH
 
 
-@contextlib.contextmanager
-def forced_path(path: Optional[str]) -> Iterator[None]:
-    """:data:`PATH_VARIABLE` set to ``path`` inside the block (None: left as it is), then
-    restored. Cover forward and backward alike: the backward routes when it runs."""
-    if path is None:
-        yield
-        return
-    old = os.environ.get(PATH_VARIABLE)
-    os.environ[PATH_VARIABLE] = path
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(PATH_VARIABLE, None)
-        else:
-            os.environ[PATH_VARIABLE] = old
+def forced_path(path: Optional[str]):
+    """A context in which this backend's pair engine takes ``path`` (None: as configured)."""
+    return _paths.forced(PATH_VARIABLE, path)
 
 
 @functools.cache

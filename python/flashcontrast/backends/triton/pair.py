@@ -68,7 +68,7 @@ tl.dot is wrong, ``_dot_setup``), so bf16 runs there check the logic, not bf16 p
 
 from __future__ import annotations
 
-import os
+import importlib
 from typing import Optional
 
 import torch
@@ -76,6 +76,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import _panel, _paths
 from .._pair_entry import Sweep, backward_entry, forward_entry
 from ..pair import Coefs, Grads, Pair, Stats
 from . import PATH_VARIABLE
@@ -885,20 +886,16 @@ def _pair_backward(
 #: (the interpreter); on CUDA the faster measured path where the device class has measured
 #: rows (``_measured.py``), else the cost model's choice (``costmodel.choose_pair_path``):
 #: the same in both directions for one shape.
-_PATHS = ("auto", "fused", "panel")
 
 
 def sweep_path(sweep: Sweep) -> str:
     """ "fused" or "panel": the path :data:`PATH_VARIABLE` and the shape choose for ``sweep``."""
-    choice = os.environ.get(PATH_VARIABLE, "auto")
-    if choice not in _PATHS:
-        raise ValueError(f"{PATH_VARIABLE}={choice!r}: expected one of {', '.join(_PATHS)}")
-    if choice != "auto":
-        return choice
-    if sweep.a.device.type != "cuda":
-        return "fused"
-    return auto_path(sweep.a.device, sweep.a.shape[0], sweep.b.shape[0], sweep.a.shape[1],
-                     sweep.a.dtype)  # fmt: skip
+    a, b = sweep.a, sweep.b
+    return _paths.path_for(
+        PATH_VARIABLE,
+        a.device,
+        lambda: auto_path(a.device, a.shape[0], b.shape[0], a.shape[1], a.dtype),
+    )
 
 
 def auto_path(device: torch.device, n: int, m: int, d: int, dtype: torch.dtype) -> str:
@@ -913,27 +910,17 @@ def auto_path(device: torch.device, n: int, m: int, d: int, dtype: torch.dtype) 
     return costmodel.choose_pair_path(n, m, d, dtype.itemsize)
 
 
-def _routed_forward(sweep: Sweep) -> Stats:
-    if sweep_path(sweep) == "panel":
-        from . import panel
-
-        return panel.panel_forward(sweep)
-    return _pair_forward(sweep)
-
-
-def _routed_backward(
-    sweep: Sweep, stats: Stats, coefs: Coefs, out_dtype: Optional[torch.dtype]
-) -> Grads:
-    if sweep_path(sweep) == "panel":
-        from . import panel
-
-        return panel.panel_backward(sweep, stats, coefs, out_dtype)
-    return _pair_backward(sweep, stats, coefs, out_dtype)
-
-
 _ROUTE_DOC = "\n\n    The path: :func:`sweep_path` (:data:`PATH_VARIABLE`)."
-_routed_forward.__doc__ = (_pair_forward.__doc__ or "").split("\n\n    ``x``")[0] + _ROUTE_DOC
-_routed_backward.__doc__ = (_pair_backward.__doc__ or "").split("\n\n    ``panel``")[0] + _ROUTE_DOC
+_routed_forward, _routed_backward = _panel.routes(
+    sweep_path,
+    lambda sweep: _pair_forward(sweep),  # looked up per call: the module's current function
+    lambda *args: _pair_backward(*args),
+    lambda: importlib.import_module(f"{__package__}.panel"),
+    (
+        (_pair_forward.__doc__ or "").split("\n\n    ``x``")[0] + _ROUTE_DOC,
+        (_pair_backward.__doc__ or "").split("\n\n    ``panel``")[0] + _ROUTE_DOC,
+    ),
+)
 
 pair_forward = forward_entry(_routed_forward, budget=False)
 pair_backward = backward_entry(_routed_backward, budget=False)

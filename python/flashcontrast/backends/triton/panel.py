@@ -1,163 +1,49 @@
-"""The panel path of the pair engine on the Triton backend: cuBLAS GEMMs, Triton epilogues.
-
-Per panel of R rows (``blockwise.panel_rows``: within ``PANEL_FRACTION`` of the device's
-memory at 4 + e bytes per entry, X and dS), with the features as the GEMMs take them
-(``blockwise/_gemm.py``: 16-bit on the tensor cores with float32 results on CUDA, float32
-elsewhere):
-
-forward   X_p = A_p B^T                       a GEMM, (R, m) float32 written once
-          statistics of S = s X_p + b         ``_pair_fwd_kernel`` with X_IN_MEMORY: the
-                                              same epilogue as the fused path, X read once
-          row pairs of the panel's rows; column pairs merged across panels (merge_lse)
-backward  X_p = A_p B^T                       the GEMM again (bitwise the forward's)
-          dS_p / u                            ``_pair_bwd_kernel`` with X_IN_MEMORY: dS
-                                              rounded once to the features' dtype, the
-                                              dscale / dbias partials on the way
-          dA_p = (u s) dS_p B,  dB += (u s) dS_p^T A_p       two GEMMs, float32 results
-
-No atomics (dpos only, with positive_logits), deterministic for a fixed panel size. Per
-logit it moves 4 + 4 bytes forward (X written, read) and 4 + 4 + 2 + 2 x 2 backward (X
-written, read; dS written, read by two GEMMs), plus the dB read-modify-write of 8 D / R:
-the cost model's "panel" path (``flashcontrast.costmodel``). Memory: the (R, m) X and dS
-buffers. u is the fp16 normalization (``pair._unit``: 1 for bf16 and fp32; g for
-"sigmoid"), chosen once for the whole sweep so every panel's products add in one scale.
+"""The Triton backend's side of the panel path (``backends/_panel.py``): the fused kernels
+of ``pair.py`` as its epilogues, with X_IN_MEMORY (the forward reads the panel's X instead
+of multiplying; the backward reads X, writes dS / u in the features' dtype and forms no dA
+/ dB: no atomics but dpos). u is ``pair._unit``'s: 1 for bf16 and fp32, max |coefficient|
+for fp16, g for "sigmoid".
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
+from .. import _panel
 from .._pair_entry import Sweep, backward_entry, forward_entry
-from ..blockwise import _gemm, panel_rows
-from ..pair import Coefs, Grads, Stats, merge_lse
+from ..pair import Coefs, Grads, Stats
 from . import pair as fused
 
-__all__ = ["pair_backward", "pair_forward", "panel_backward", "panel_forward", "rows_per_panel"]
-
-_F32 = torch.float32
+__all__ = ["EPILOGUES", "pair_backward", "pair_forward", "panel_backward", "panel_forward"]
 
 
-def _panel(sweep: Sweep, start: int, r: int) -> Sweep:
-    """The sweep of rows start .. start + r (its offsets, groups and positive logits)."""
-
-    def rows(t: Optional[Tensor]) -> Optional[Tensor]:
-        return None if t is None else t[start : start + r]
-
-    return sweep._replace(
-        a=sweep.a[start : start + r],
-        row_offset=sweep.row_offset + start,
-        row_groups=rows(sweep.row_groups),
-        positive_logits=rows(sweep.positive_logits),
-    )
+def _empty(sweep: Sweep) -> Stats:
+    return fused._empty_stats(sweep.pair, sweep.a.shape[0], sweep.b.shape[0], sweep.a.device)
 
 
-def rows_per_panel(
-    m: int, device: torch.device, element_size: int, max_elements: Optional[int] = None
-) -> int:
-    """Rows per panel against ``m`` columns: X (float32) and dS (``element_size`` bytes)
-    per entry, within ``blockwise.panel_rows``'s budget."""
-    return panel_rows(max(m, 1), device, max_elements, 4 + element_size)
+def _backward(sweep: Sweep, stats: Stats, coefs: Coefs, x: Tensor, ds: Tensor, token) -> Grads:
+    return fused._pair_backward(sweep, stats, coefs, torch.float32, panel=(x, ds, token))
 
 
-def _rows(sweep: Sweep) -> int:
-    return rows_per_panel(
-        sweep.b.shape[0], sweep.a.device, sweep.a.element_size(), sweep.max_block_elements
-    )
+def _unit(sweep: Sweep, coefs: Coefs) -> tuple[Optional[Tensor], Any]:
+    given = [fused._f32(c) for c in (coefs.rows, coefs.pos_rows, coefs.cols, coefs.pos_cols)]
+    unit, normalize = fused._unit(sweep.pair, given, coefs.total, sweep.a.dtype)
+    return unit, (unit, normalize)
 
 
-def panel_forward(sweep: Sweep) -> Stats:
-    """``pair_forward``'s statistics by the panel path (arguments and results as there)."""
-    fused._prepare(sweep)
-    a, b = _gemm.operands(sweep.a, sweep.b)
-    n, m = sweep.a.shape[0], sweep.b.shape[0]
-    if n == 0 or m == 0:
-        return fused._empty_stats(sweep.pair, n, m, sweep.a.device)
-    rows = _rows(sweep)
-    parts = []
-    for start in range(0, n, rows):
-        r = min(rows, n - start)
-        x = _gemm.mm(a[start : start + r], b.t())
-        parts.append(fused._pair_forward(_panel(sweep, start, r), x=x))
-        del x
-    if sweep.pair.epilogue == "sigmoid":
-        return Stats(total=torch.stack([p.total for p in parts]).sum())
-    out = {}
-    for name in ("row", "pos"):
-        if getattr(parts[0], f"{name}_max") is not None:
-            out[f"{name}_max"] = torch.cat([getattr(p, f"{name}_max") for p in parts])
-            out[f"{name}_sum"] = torch.cat([getattr(p, f"{name}_sum") for p in parts])
-    for name in ("col", "cpos"):
-        if getattr(parts[0], f"{name}_max") is not None:
-            mx, sm = getattr(parts[0], f"{name}_max"), getattr(parts[0], f"{name}_sum")
-            for p in parts[1:]:
-                mx, sm = merge_lse(mx, sm, getattr(p, f"{name}_max"), getattr(p, f"{name}_sum"))
-            out[f"{name}_max"], out[f"{name}_sum"] = mx, sm
-    return Stats(**out)
+EPILOGUES = _panel.Epilogues(
+    prepare=fused._prepare,
+    empty=_empty,
+    forward=lambda sweep, x: fused._pair_forward(sweep, x=x),
+    backward=_backward,
+    unit=_unit,
+)
 
 
-def panel_backward(
-    sweep: Sweep, stats: Stats, coefs: Coefs, out_dtype: Optional[torch.dtype]
-) -> Grads:
-    """``pair_backward``'s gradients by the panel path (arguments and results as there)."""
-    fused._prepare(sweep)
-    pair, dev = sweep.pair, sweep.a.device
-    n, m, d = sweep.a.shape[0], sweep.b.shape[0], sweep.a.shape[1]
-    a, b = _gemm.operands(sweep.a, sweep.b)
-    f32 = dict(dtype=_F32, device=dev)
-    da, db = torch.empty((n, d), **f32), torch.zeros((m, d), **f32)
-    dscale, dbias = torch.zeros((), **f32), torch.zeros((), **f32)
-    dpos = torch.zeros(n, **f32) if sweep.positive_logits is not None else None
-    given = (coefs.rows, coefs.pos_rows, coefs.cols, coefs.pos_cols)
-    unit, normalize = fused._unit(pair, [fused._f32(c) for c in given], coefs.total, sweep.a.dtype)
-    rows = _rows(sweep)
-    for start in range(0, n if m > 0 else 0, rows):
-        r = min(rows, n - start)
-        sl = slice(start, start + r)
-        x = _gemm.mm(a[sl], b.t())
-        ds = torch.empty((r, m), dtype=sweep.a.dtype, device=dev)  # rounded once to it
-        g = fused._pair_backward(
-            _panel(sweep, start, r), _panel_stats(stats, sl), _panel_coefs(coefs, sl), _F32,
-            panel=(x, ds, (unit, normalize)),
-        )  # fmt: skip
-        del x
-        dscale += g.dscale
-        dbias += g.dbias
-        if dpos is not None:
-            dpos[sl] = g.dpos
-        ds = ds.to(a.dtype)  # the CPU: the same 16-bit values in float32; CUDA: no copy
-        da[sl] = _gemm.mm(ds, b)
-        _gemm.addmm_(db, ds.t(), a[sl])
-    if n == 0 or m == 0:
-        da.zero_()
-    out_scale = sweep.scale.to(_F32) if unit is None else sweep.scale.to(_F32) * unit
-    da.mul_(out_scale)
-    db.mul_(out_scale)
-    if out_dtype != _F32:
-        da, db = da.to(out_dtype or sweep.a.dtype), db.to(out_dtype or sweep.b.dtype)
-    return Grads(da, db, dscale, dbias, dpos)
-
-
-def _panel_stats(stats: Stats, sl: slice) -> Stats:
-    """The merged statistics a panel's backward reads: its rows' pairs, every column's."""
-    return stats._replace(
-        **{
-            k: getattr(stats, k)[sl]
-            for k in ("row_max", "row_sum", "pos_max", "pos_sum")
-            if getattr(stats, k) is not None
-        }
-    )
-
-
-def _panel_coefs(coefs: Coefs, sl: slice) -> Coefs:
-    """A panel's coefficients: its rows' (rows, pos_rows), every column's, the total."""
-    return coefs._replace(
-        rows=None if coefs.rows is None else coefs.rows[sl],
-        pos_rows=None if coefs.pos_rows is None else coefs.pos_rows[sl],
-    )
-
+panel_forward, panel_backward = _panel.entry_points(EPILOGUES)
 
 #: The contract's entry points on the panel path (``max_block_elements``: rows x m per panel).
 pair_forward = forward_entry(panel_forward)
