@@ -23,7 +23,7 @@ buffers. u (the backend's :attr:`Epilogues.unit`, fp16's normalization) is chose
 for the whole sweep, so every panel's products add in one scale.
 
 The backends' epilogues: ``triton/panel.py`` (the fused kernels with X_IN_MEMORY) and
-``cuda.py`` (csrc's kernels with PairParams.x and PairGrads.ds).
+``cuda_panel.py`` (csrc's kernels with PairParams.x and PairGrads.ds).
 """
 
 from __future__ import annotations
