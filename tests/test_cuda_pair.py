@@ -415,10 +415,10 @@ def _sms() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-def _params(c, pair: Pair, n: int, m: int, d: int):
+def _params(c, pair: Pair, n: int, m: int, d: int, x: int = 0):
     return c.PairParams(
         a=8, b=8, n=n, m=m, d=d, a_stride0=d, a_stride1=1, b_stride0=d, b_stride1=1,
-        dtype="float32", scale=8, epilogue=pair.epilogue, positives=pair.positives,
+        dtype="float32", scale=8, epilogue=pair.epilogue, positives=pair.positives, x=x,
     )  # fmt: skip
 
 
@@ -434,10 +434,11 @@ def _want_forward(pair: Pair, n: int, m: int, sms: int) -> int:
     return 2 * r * h * n + 2 * c * g * m
 
 
-def _want_backward(n: int, m: int, d: int, sms: int) -> int:
+def _want_backward(n: int, m: int, d: int, sms: int, panel: bool = False) -> int:
+    """pair.h's formula; the panel path (PairParams.x) keeps the program partials only."""
     rb, cb = math.ceil(n / 64), math.ceil(m / 64)
     split = max(1, min(rb, math.ceil(2 * sms / cb), max(4, math.ceil(4 * n / m))))
-    return n * d + split * m * d + 2 * cb * split
+    return (0 if panel else n * d + split * m * d) + 2 * cb * split
 
 
 @pytest.mark.parametrize(
@@ -453,6 +454,9 @@ def test_workspace_sizes_follow_the_documented_formulas(pair):
         p = _params(c, pair, n, m, d)
         assert c.pair_forward_workspace_elems(p, device=device) == _want_forward(pair, n, m, sms)
         assert c.pair_backward_workspace_elems(p, device=device) == _want_backward(n, m, d, sms)
+        panel = _params(c, pair, n, m, d, x=8)
+        want = _want_backward(n, m, d, sms, panel=True)
+        assert c.pair_backward_workspace_elems(panel, device=device) == want
 
 
 @pytest.mark.usefixtures("kernel_target")

@@ -763,7 +763,10 @@ BackwardPlan backward_plan(const PairParams& p, int sms) {
   const int64_t max_split = std::max<int64_t>(kMaxSplit, blocks_of(kMaxSplit * p.n, p.m));
   plan.split = sweep_split(row_blocks, col_blocks, sms, max_split);
   plan.num_cb = int(col_blocks);
-  plan.elems = p.n * p.d + int64_t(plan.split) * p.m * p.d + 2 * col_blocks * plan.split;
+  // The panel path (X given: the backward writes dS, two GEMMs form dA and dB) needs the
+  // program partials only, not the dA / dB accumulators.
+  const int64_t grads = p.x != nullptr ? 0 : p.n * p.d + int64_t(plan.split) * p.m * p.d;
+  plan.elems = grads + 2 * col_blocks * plan.split;
   return plan;
 }
 
@@ -798,8 +801,9 @@ void launch_forward(const PairParams& p, const ForwardPlan& plan, const PairStat
 template <typename T, typename Tout, int E, unsigned O>
 void launch_backward(const PairParams& p, const BackwardPlan& plan, const PairStats& st,
                      const PairCoefs& co, const PairGrads& gr, float* ws, cudaStream_t stream) {
-  const int64_t nd = p.n * p.d, md = p.m * p.d;
-  float* da_ws = ws;
+  const bool panel = gr.ds != nullptr;  // no dA / dB accumulators (backward_plan)
+  const int64_t nd = panel ? 0 : p.n * p.d, md = panel ? 0 : p.m * p.d;
+  float* da_ws = ws;  // never touched on the panel path
   float* db_ws = ws + nd;
   float* partials = db_ws + int64_t(plan.split) * md;
   const int programs = plan.num_cb * plan.split;
@@ -816,7 +820,7 @@ void launch_backward(const PairParams& p, const BackwardPlan& plan, const PairSt
       make_sweep<T>(p), v, da_ws, db_ws, partials, gr.dpos, static_cast<T*>(gr.ds),
       gr.ds_unit);
   detail::check_launch("pair_bwd_kernel");
-  if (nd > 0 && gr.ds == nullptr) {
+  if (nd > 0) {
     finalize_kernel<Tout><<<grid_1d(nd), 256, 0, stream>>>(da_ws, 1, nd, p.scale,
                                                            static_cast<Tout*>(gr.da));
     detail::check_launch("finalize_kernel");
@@ -897,7 +901,9 @@ void check_grads(const PairParams& p, const PairGrads& g) {
     require(g.da, "PairGrads.da");
     require(g.db, "PairGrads.db");
   }
-  if (g.ds != nullptr && p.x == nullptr) bad("PairGrads.ds (the panel path) needs PairParams.x");
+  if ((g.ds != nullptr) != (p.x != nullptr)) {
+    bad("PairParams.x and PairGrads.ds go together in the backward (the panel path)");
+  }
   if (g.ds == nullptr) forbid(g.ds_unit, "PairGrads.ds_unit", "without PairGrads.ds");
   require(g.dscale, "PairGrads.dscale");
   require(g.dbias, "PairGrads.dbias");

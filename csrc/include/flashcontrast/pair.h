@@ -106,7 +106,8 @@ void pair_forward(const PairParams& p, const PairStats& stats, float* workspace,
                   int64_t workspace_elems, void* stream);
 
 // fp32 elements of the backward workspace on `device`: n d + SPLIT m d + 2 ceil(m/64) SPLIT
-// with SPLIT from tiles.cuh's sweep_split (at most 4, or ceil(4 n / m) for narrow b).
+// with SPLIT from tiles.cuh's sweep_split (at most 4, or ceil(4 n / m) for narrow b); with
+// PairParams.x (the panel path, which then needs PairGrads.ds) 2 ceil(m/64) SPLIT only.
 int64_t pair_backward_workspace_elems(const PairParams& p, int device);
 
 // dS_ij = gr_i P_ij - gpr_i Q_ij + gc_j Pc_ij - gpc_j Qc_ij (softmax / rows), or
