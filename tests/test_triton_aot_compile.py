@@ -37,10 +37,10 @@ PACKAGE = "flashcontrast.backends.triton"
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "triton_aot_check.py"
 
 
-def _run_check(out: Path) -> subprocess.CompletedProcess:
+def _run_check(out: Path, archs=ARCHS, extra=()) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [sys.executable, str(TOOL), "--arch", *map(str, ARCHS)]
+    cmd = [sys.executable, str(TOOL), "--arch", *map(str, archs), *extra]
     cmd += ["--preset", "smoke", "--variants", "spec", "--jobs", "2", "--json", str(out), "-q"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
@@ -158,3 +158,29 @@ def test_the_hopper_rule_on_sm90(report):
     breaking = {_name(r): r["hopper"] for r in report["results"] if r["arch"] == 90 and r["hopper"]}
     assert set(breaking) == HOPPER_EXCEPTIONS, breaking
     assert all(r["hopper"] is None for r in report["results"] if r["arch"] == 80)
+
+
+def _triton_version() -> tuple:
+    import importlib.metadata
+
+    return tuple(int(p) for p in importlib.metadata.version("triton").split(".")[:2])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or _triton_version() < (3, 3),
+    reason="Triton before 3.3 has no sm_100 (Blackwell) target",
+)
+def test_pair_kernels_lower_to_tcgen05_on_sm100(tmp_path):
+    """The pair engine's kernels for sm_100 (B200): the fused 16-bit products on tcgen05,
+    the panel epilogues with none (the pair objective only, to keep CI short)."""
+    out = tmp_path / "aot100.json"
+    proc = _run_check(out, archs=(100,), extra=("--objectives", "pair"))
+    assert out.exists() and proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert results and all(r["ok"] for r in results)
+    for r in results:
+        c = r["constexprs"]
+        if c.get("X_IN_MEMORY"):
+            assert r["mma"] == "none", r
+        elif c.get("DOT_DTYPE") in ("bf16", "fp16"):
+            assert r["mma"] == "tcgen05", r
