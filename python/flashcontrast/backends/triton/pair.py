@@ -796,7 +796,7 @@ def _pair_backward(
 
     ``panel`` = (x, ds, (unit, normalize)), the panel path (``panel.py``): the kernel reads
     X (n, m) float32 and writes dS / unit into ds (n, m) instead of forming dA and dB
-    (returned as zeros), with the unit :func:`_unit` chose for the whole sweep."""
+    (returned as (0, D) stand-ins), with the unit :func:`_unit` chose for the whole sweep."""
     _prepare(sweep)
     a, b, scale, bias, pair = sweep.a, sweep.b, sweep.scale, sweep.bias, sweep.pair
     n, m, d_in = a.shape[0], b.shape[0], a.shape[1]
