@@ -37,12 +37,19 @@ def _same_group_other_sample(groups: Optional[torch.Tensor], n: int, device) -> 
     return (g[:, None] == g[None, :]) & ~_eye_mask(n, device)
 
 
+def _views_and_view_pairs(views: Views, logit_scale: Scale):
+    """(u (V, N, D), pos (N, V, V)): the stacked views and s <u_l,n, u_k,n> for every pair
+    of views (l, k) of each sample n, after the scale's check."""
+    _check_scale("logit_scale", logit_scale)
+    u = _stack_views(views)
+    return u, logit_scale * torch.einsum("lnd,knd->nlk", u, u)
+
+
 def multiview_infonce_loss_masked(
     views: Views, logit_scale: Scale, groups: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """MV-InfoNCE whose denominator skips other samples of the anchor's group."""
-    _check_scale("logit_scale", logit_scale)
-    u = _stack_views(views)
+    u, pos = _views_and_view_pairs(views, logit_scale)
     v, n, d = u.shape
     z = u.reshape(v * n, d)  # row l * N + i
     sim = logit_scale * (z @ z.T)
@@ -51,7 +58,6 @@ def multiview_infonce_loss_masked(
     )
     sim = sim.masked_fill(mask, float("-inf"))
     log_den = torch.logsumexp(torch.logsumexp(sim, dim=1).view(v, n), dim=0)
-    pos = logit_scale * torch.einsum("lnd,knd->nlk", u, u)
     pos = pos.masked_fill(_eye_mask(v, pos.device), float("-inf"))
     log_num = torch.logsumexp(pos.reshape(n, v * v), dim=1)
     return (log_den - log_num).mean()
@@ -61,14 +67,12 @@ def multiview_dhel_loss_masked(
     views: Views, logit_scale: Scale, groups: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """MV-DHEL whose per-view uniformity term skips other samples of the anchor's group."""
-    _check_scale("logit_scale", logit_scale)
-    u = _stack_views(views)
+    u, pos = _views_and_view_pairs(views, logit_scale)
     v, n, _ = u.shape
     sim = logit_scale * torch.einsum("lid,ljd->lij", u, u)
     mask = _eye_mask(n, sim.device) | _same_group_other_sample(groups, n, sim.device)
     sim = sim.masked_fill(mask, float("-inf"))
     log_neg = torch.logsumexp(sim, dim=2).sum(dim=0)
-    pos = logit_scale * torch.einsum("lnd,knd->nlk", u, u)
     rows, cols = torch.triu_indices(v, v, offset=1, device=pos.device)
     log_pos = torch.logsumexp(pos[:, rows, cols], dim=1)
     return (log_neg - log_pos).mean()

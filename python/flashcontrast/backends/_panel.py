@@ -34,7 +34,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._pair_entry import Sweep
+from ._pair_entry import Sweep, backward_entry, forward_entry
 from .blockwise import _gemm, panel_rows
 from .pair import Coefs, Grads, Stats, merge_lse
 
@@ -181,9 +181,10 @@ def _panel_coefs(coefs: Coefs, sl: slice) -> Coefs:
     )
 
 
-def entry_points(ep: Epilogues) -> tuple[Callable[..., Stats], Callable[..., Grads]]:
-    """(panel_forward(sweep), panel_backward(sweep, stats, coefs, out_dtype)): a backend's
-    panel path with its epilogues ``ep``."""
+def entry_points(ep: Epilogues) -> tuple[Callable[..., Stats], ...]:
+    """(panel_forward(sweep), panel_backward(sweep, stats, coefs, out_dtype), pair_forward,
+    pair_backward): a backend's panel path with its epilogues ``ep``, then the same as the
+    contract's entry points (``max_block_elements``: rows x m per panel)."""
 
     def forward(sweep: Sweep) -> Stats:
         return panel_forward(sweep, ep)
@@ -195,7 +196,7 @@ def entry_points(ep: Epilogues) -> tuple[Callable[..., Stats], Callable[..., Gra
 
     forward.__doc__ = "``pair_forward``'s statistics by the panel path (as there)."
     backward.__doc__ = "``pair_backward``'s gradients by the panel path (as there)."
-    return forward, backward
+    return forward, backward, forward_entry(forward), backward_entry(backward)
 
 
 def routes(

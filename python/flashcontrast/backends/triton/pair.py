@@ -155,6 +155,30 @@ def _tile_has_positive(
     return has
 
 
+@triton.jit
+def _scored_tile(
+    x, scale, bias, pl, rows, cols, rmask, cmask, rb, cb, row_offset, col_offset, period,
+    rg_ptr, cg_ptr, EXCLUDE_SELF: tl.constexpr, PERIOD: tl.constexpr,
+    HAS_GROUPS: tl.constexpr, OVERRIDE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """(S, allowed, positives, has_pos) of the tile (rb, cb) from its X: S = s X + b, the
+    row's positive logit ``pl`` on E with OVERRIDE; the masks of :func:`_entry_sets`;
+    whether the tile can hold a positive (:func:`_tile_has_positive`). The forward and the
+    backward score their tiles here, so the recomputed S is the forward's."""
+    s = x * scale + bias
+    allowed, pos = _entry_sets(
+        rows, cols, rmask, cmask, row_offset, col_offset, period, rg_ptr, cg_ptr,
+        EXCLUDE_SELF, PERIOD, HAS_GROUPS,
+    )  # fmt: skip
+    has_pos = _tile_has_positive(
+        row_offset + rb * BLOCK_M, col_offset + cb * BLOCK_N, period, BLOCK_M, BLOCK_N, PERIOD
+    )
+    if OVERRIDE:
+        s = tl.where(pos, pl[:, None], s)
+    return s, allowed, pos, has_pos
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -166,49 +190,26 @@ def _tile_has_positive(
 #   sigmoid:  acc += sum_ij softplus(-z_ij S_ij) over the allowed entries, z = +1 on E
 @triton.jit
 def _pair_fwd_kernel(
-    a_ptr,
-    b_ptr,
-    scale_ptr,
-    bias_ptr,
+    a_ptr, b_ptr, scale_ptr, bias_ptr,
     rg_ptr,  # (n,) int32/int64 row group ids (a dummy pointer without HAS_GROUPS)
     cg_ptr,  # (m,) column group ids
     pl_ptr,  # (n,) fp32 positive logits (OVERRIDE)
-    rm_ptr,  # (H, n) fp32 row partials over the allowed entries: max
-    rs_ptr,  # (H, n) fp32: sum of exp(S - max)
-    pm_ptr,  # (H, n) fp32 row partials over the positives: max, sum
-    ps_ptr,
-    cm_ptr,  # (G, m) fp32 column partials (softmax): max, sum
-    cs_ptr,
-    cpm_ptr,  # (G, m) fp32 column positives' partials: max, sum
-    cps_ptr,
+    rm_ptr, rs_ptr,  # (H, n) fp32 row partials over the allowed entries: max, sum exp(S - max)
+    pm_ptr, ps_ptr,  # (H, n) fp32 row partials over the positives: max, sum
+    cm_ptr, cs_ptr,  # (G, m) fp32 column partials (softmax): max, sum
+    cpm_ptr, cps_ptr,  # (G, m) fp32 column positives' partials: max, sum
     tot_ptr,  # (G * H,) fp32 sigmoid partial totals
     x_ptr,  # (N, M) fp32 X = A B^T, contiguous (X_IN_MEMORY: the panel path's GEMM output)
-    N,
-    M,
-    D,
-    row_offset,
-    col_offset,
-    period,
-    stride_an,
-    stride_ad,
-    stride_bn,
-    stride_bd,
+    N, M, D, row_offset, col_offset, period,  # sizes; global index of row / column 0
+    stride_an, stride_ad, stride_bn, stride_bd,
     EPILOGUE: tl.constexpr,  # "softmax", "rows" or "sigmoid"
-    POSITIVES: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr,
-    PERIOD: tl.constexpr,
-    HAS_GROUPS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    OVERRIDE: tl.constexpr,
+    POSITIVES: tl.constexpr, EXCLUDE_SELF: tl.constexpr, PERIOD: tl.constexpr,
+    HAS_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr, OVERRIDE: tl.constexpr,
     X_IN_MEMORY: tl.constexpr,  # read X tiles from x_ptr instead of multiplying A and B
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ONE_CHUNK: tl.constexpr,  # D <= BLOCK_D: keep the A row block in registers
-    INDEX_64: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    INDEX_64: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     pid_g, pid_h, G, H, _, _ = _fwd_program(N, BLOCK_M, BLOCK_N)
     num_rb = tl.cdiv(N, BLOCK_M)
     num_cb = tl.cdiv(M, BLOCK_N)
@@ -232,6 +233,7 @@ def _pair_fwd_kernel(
         rows = _widen(rows, INDEX_64)
         if ONE_CHUNK and not X_IN_MEMORY:
             a_tile = _load_rows(a_ptr, rows, rmask, offs_d, dmask, stride_an, stride_ad, DOT_DTYPE)
+        pl = 0.0
         if OVERRIDE:
             pl = tl.load(pl_ptr + rows, mask=rmask, other=0.0)
         m_r, l_r = _lse_init(BLOCK_M)
@@ -253,17 +255,11 @@ def _pair_fwd_kernel(
                     stride_an, stride_ad, stride_bn, stride_bd,
                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
                 )  # fmt: skip
-            s = x * scale + bias
-            allowed, pos = _entry_sets(
-                rows, cols, rmask, cmask, row_offset, col_offset, period, rg_ptr, cg_ptr,
-                EXCLUDE_SELF, PERIOD, HAS_GROUPS,
+            s, allowed, pos, has_pos = _scored_tile(
+                x, scale, bias, pl, rows, cols, rmask, cmask, rb, cb, row_offset,
+                col_offset, period, rg_ptr, cg_ptr,
+                EXCLUDE_SELF, PERIOD, HAS_GROUPS, OVERRIDE, BLOCK_M, BLOCK_N,
             )  # fmt: skip
-            has_pos = _tile_has_positive(
-                row_offset + rb * BLOCK_M, col_offset + cb * BLOCK_N, period,
-                BLOCK_M, BLOCK_N, PERIOD,
-            )  # fmt: skip
-            if OVERRIDE:
-                s = tl.where(pos, pl[:, None], s)
             if EPILOGUE == "sigmoid":
                 t = s  # -z S: S off E, -S on it
                 if POSITIVES:
@@ -353,25 +349,13 @@ def _pair_merge_kernel(
 #   dscale += sum dS X,  dbias += sum dS                elementwise
 @triton.jit
 def _pair_bwd_kernel(
-    a_ptr,
-    b_ptr,
-    scale_ptr,
-    bias_ptr,
-    rg_ptr,
-    cg_ptr,
-    pl_ptr,
-    rmax_ptr,  # (n,) row pairs: max, sum
-    rsum_ptr,
-    pmax_ptr,  # (n,) positives' pairs
-    psum_ptr,
-    cmax_ptr,  # (m,) column pairs (softmax)
-    csum_ptr,
-    cpmax_ptr,  # (m,) column positives' pairs
-    cpsum_ptr,
-    gr_ptr,  # (n,) coefficients (dummy pointers where absent)
-    gpr_ptr,
-    gc_ptr,  # (m,)
-    gpc_ptr,
+    a_ptr, b_ptr, scale_ptr, bias_ptr, rg_ptr, cg_ptr, pl_ptr,  # as in the forward
+    rmax_ptr, rsum_ptr,  # (n,) row pairs: max, sum
+    pmax_ptr, psum_ptr,  # (n,) positives' pairs
+    cmax_ptr, csum_ptr,  # (m,) column pairs (softmax)
+    cpmax_ptr, cpsum_ptr,  # (m,) column positives' pairs
+    gr_ptr, gpr_ptr,  # (n,) coefficients (dummy pointers where absent)
+    gc_ptr, gpc_ptr,  # (m,)
     unit_ptr,  # 0-d fp32: g (sigmoid) or max |coefficient| (NORMALIZE)
     da_ptr,  # (n, D) fp32, contiguous, zeros
     db_ptr,  # (m, D) fp32, contiguous, zeros
@@ -379,37 +363,16 @@ def _pair_bwd_kernel(
     part_ptr,  # (2, programs) fp32: dscale and dbias partials
     x_ptr,  # (N, M) fp32 X (X_IN_MEMORY)
     ds_ptr,  # (N, M) dS / u out, in its buffer's dtype (X_IN_MEMORY: no dA, dB products)
-    N,
-    M,
-    D,
-    row_offset,
-    col_offset,
-    period,
-    stride_an,
-    stride_ad,
-    stride_bn,
-    stride_bd,
-    EPILOGUE: tl.constexpr,
-    POSITIVES: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr,
-    PERIOD: tl.constexpr,
-    HAS_GROUPS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    OVERRIDE: tl.constexpr,
-    HAS_GR: tl.constexpr,
-    HAS_GPR: tl.constexpr,
-    HAS_GC: tl.constexpr,
-    HAS_GPC: tl.constexpr,
-    NORMALIZE: tl.constexpr,
+    N, M, D, row_offset, col_offset, period, stride_an, stride_ad, stride_bn, stride_bd,
+    EPILOGUE: tl.constexpr, POSITIVES: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    PERIOD: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OVERRIDE: tl.constexpr, HAS_GR: tl.constexpr, HAS_GPR: tl.constexpr,
+    HAS_GC: tl.constexpr, HAS_GPC: tl.constexpr, NORMALIZE: tl.constexpr,
     X_IN_MEMORY: tl.constexpr,  # the panel path: X read, dS written, no dA / dB
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ONE_CHUNK: tl.constexpr,  # D <= BLOCK_D: B block and dB accumulator stay on chip
-    INDEX_64: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    INDEX_64: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     cb, sp, SPLIT, count = _bwd_program(N, BLOCK_M)
 
     scale = tl.load(scale_ptr).to(tl.float32)
@@ -469,18 +432,14 @@ def _pair_bwd_kernel(
                 stride_an, stride_ad, stride_bn, stride_bd,
                 BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION,
             )  # fmt: skip
-        s = x * scale + bias  # as in the forward
-        allowed, pos = _entry_sets(
-            rows, cols, rmask, cmask, row_offset, col_offset, period, rg_ptr, cg_ptr,
-            EXCLUDE_SELF, PERIOD, HAS_GROUPS,
-        )  # fmt: skip
-        has_pos = _tile_has_positive(
-            row_offset + rb * BLOCK_M, col_offset + cb * BLOCK_N, period,
-            BLOCK_M, BLOCK_N, PERIOD,
-        )  # fmt: skip
+        pl = 0.0
         if OVERRIDE:
             pl = tl.load(pl_ptr + rows, mask=rmask, other=0.0)
-            s = tl.where(pos, pl[:, None], s)
+        s, allowed, pos, has_pos = _scored_tile(
+            x, scale, bias, pl, rows, cols, rmask, cmask, rb, cb, row_offset,
+            col_offset, period, rg_ptr, cg_ptr,
+            EXCLUDE_SELF, PERIOD, HAS_GROUPS, OVERRIDE, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
 
         if EPILOGUE == "sigmoid":
             if POSITIVES:  # sigmoid(S) - 1 as -sigmoid(-S) on E: exact near 1

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _panel
-from .._pair_entry import Sweep, backward_entry, forward_entry
+from .._pair_entry import Sweep
 from ..pair import Coefs, Grads, Stats
 from . import pair as fused
 
@@ -43,8 +43,5 @@ EPILOGUES = _panel.Epilogues(
 )
 
 
-panel_forward, panel_backward = _panel.entry_points(EPILOGUES)
-
-#: The contract's entry points on the panel path (``max_block_elements``: rows x m per panel).
-pair_forward = forward_entry(panel_forward)
-pair_backward = backward_entry(panel_backward)
+#: The panel path's sweeps, and the same as the contract's entry points.
+panel_forward, panel_backward, pair_forward, pair_backward = _panel.entry_points(EPILOGUES)
