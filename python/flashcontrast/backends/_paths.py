@@ -14,11 +14,27 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["CUDA_PATH", "PATHS", "TRITON_PATH", "chosen", "forced", "path_for"]
+__all__ = [
+    "CUDA_PATH",
+    "FORCED_PATHS",
+    "PATHS",
+    "TRITON_PATH",
+    "chosen",
+    "forced",
+    "forced_as",
+    "path_for",
+]
 
 TRITON_PATH = "FLASHCONTRAST_TRITON_PATH"
 CUDA_PATH = "FLASHCONTRAST_CUDA_PATH"
 PATHS = ("auto", "fused", "panel")
+#: A kernel backend with its pair path forced, as the GPU report names it ("triton-fused",
+#: "cuda-panel", ...): name -> (the backend, the variable picking its path, the path).
+FORCED_PATHS = {
+    f"{backend}-{path}": (backend, variable, path)
+    for backend, variable in (("triton", TRITON_PATH), ("cuda", CUDA_PATH))
+    for path in ("fused", "panel")
+}
 
 
 def chosen(variable: str) -> str:
@@ -54,3 +70,12 @@ def forced(variable: str, path: Optional[str]) -> Iterator[None]:
             os.environ.pop(variable, None)
         else:
             os.environ[variable] = old
+
+
+@contextlib.contextmanager
+def forced_as(name: str) -> Iterator[str]:
+    """The backend of implementation ``name`` (a :data:`FORCED_PATHS` name, or any other
+    name as it is), with its forced path in effect inside the block."""
+    backend, variable, path = FORCED_PATHS.get(name, (name, "", None))
+    with forced(variable, path):
+        yield backend

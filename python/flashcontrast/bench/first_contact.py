@@ -46,7 +46,7 @@ import torch
 
 from .. import __version__, costmodel
 from .._cuda_ext import runtime_info
-from ..backends.triton import PATH_VARIABLE, forced_path
+from ..backends import _paths
 from .baselines import INF_CL, OPENCLIP, baseline_call, inf_cl_unavailable, openclip_unavailable
 from .budget import Budget, Log, RowWriter, Step, format_plan
 from .measure import Row, measure, measure_matmul
@@ -546,15 +546,15 @@ def _time_one(ctx, writer, objective: str, impl: str, n: int, d: int, budget_s: 
     if impl in unavailable and (why := unavailable[impl](objective)) is not None:
         ctx.log(f"  {objective} {impl}: skipped ({why})")
         return
-    with forced_path("fused" if impl == TRITON_FUSED else None):
-        _time_call(ctx, writer, objective, impl, n, d, budget_s, dtype)
+    with _paths.forced_as(impl) as backend:
+        _time_call(ctx, writer, objective, impl, backend, n, d, budget_s, dtype)
 
 
-def _time_call(ctx, writer, objective, impl, n, d, budget_s, dtype) -> None:
-    """:func:`_time_one`'s measurement, in the environment the row runs in."""
+def _time_call(ctx, writer, objective, impl, backend, n, d, budget_s, dtype) -> None:
+    """:func:`_time_one`'s measurement of ``impl`` (run as ``backend``), in the
+    environment the row runs in."""
     from .measure import backend_call, make_inputs
 
-    backend = "triton" if impl == TRITON_FUSED else impl
     fn = (
         baseline_call(impl, objective)
         if impl in (OPENCLIP, INF_CL)
@@ -562,7 +562,7 @@ def _time_call(ctx, writer, objective, impl, n, d, budget_s, dtype) -> None:
     )
     note, path = "", None
     if backend == "triton" and ctx.device.type == "cuda" and objective in ("clip", "siglip"):
-        path = os.environ.get(PATH_VARIABLE, "auto")
+        path = _paths.chosen(_paths.TRITON_PATH)
         if path == "auto":
             from ..backends.triton.pair import auto_path
 

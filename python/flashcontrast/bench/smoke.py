@@ -45,13 +45,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 TRITON_PANEL, CUDA_PANEL = "triton-panel", "cuda-panel"
 BACKENDS = ("torch", "triton", TRITON_PANEL, "cuda", CUDA_PANEL)
 VERIFIED_AS = {TRITON_PANEL: "triton", CUDA_PANEL: "cuda"}
-# backend name -> (backend, the variable picking its path, the path forced)
-_PATHS = {
-    "triton": ("triton", _paths.TRITON_PATH, "fused"),
-    TRITON_PANEL: ("triton", _paths.TRITON_PATH, "panel"),
-    "cuda": ("cuda", _paths.CUDA_PATH, "fused"),
-    CUDA_PANEL: ("cuda", _paths.CUDA_PATH, "panel"),
-}
+# backend name -> the implementation it runs as (backends/_paths.py's FORCED_PATHS)
+_AS = {"triton": "triton-fused", "cuda": "cuda-fused"}
 _PANELS = (TRITON_PANEL, CUDA_PANEL)  # pair-engine objectives only
 # N with N^2 > 2^31 (46341^2 > 2^31): 46349, and its 3-view counterpart for the
 # self-similarity losses (3 N rows).
@@ -189,9 +184,8 @@ def _leaves(obj: Objective, n: int, d: int, dtype, device, seed: int) -> list:
 
 
 def _loss_and_grads(obj: Objective, leaves: list, backend: str, grad_out: float = 1.3):
-    backend, variable, path = _PATHS.get(backend, (backend, "", None))
     xs = [x.detach().clone().requires_grad_() for x in leaves]
-    with _paths.forced(variable, path):
+    with _paths.forced_as(_AS.get(backend, backend)) as backend:
         loss = obj.call(xs, backend)
         grads = torch.autograd.grad(loss * grad_out, xs)
     return [loss.detach(), *grads]
