@@ -2,10 +2,11 @@
 (a test-only extra): MultipleNegativesRankingLoss on every direction combination the
 package accepts x joint / per_direction x pairs / triplets / 3 hard negatives x cos_sim /
 dot_score on every backend, in value and embedding gradients, by the verification rule
-against a float64 run of the package's own compute_loss_from_embeddings; the fallbacks
-(hardness, another similarity, gather_across_devices) equal to the package and warning
-once; the symmetric class; the cached class's whole GradCache forward / backward on a tiny
-offline SentenceTransformer, its parameter gradients equal to the package's."""
+against a float64 run of the package's own compute_loss_from_embeddings; the hardness
+penalties likewise; the fallbacks (another similarity, gather_across_devices) equal to the
+package and warning once; the symmetric class; the cached class's whole GradCache forward /
+backward on a tiny offline SentenceTransformer, its parameter gradients equal to the
+package's."""
 
 from __future__ import annotations
 
@@ -160,19 +161,65 @@ def _warnings_of(fn):
     return out, [w for w in caught if "flashcontrast.compat" in str(w.message)]
 
 
+# the package's hardness modes at the strengths its docstring cites (Lan et al.: 9;
+# Schechter Vera et al.: 5) and one more
+HARDNESS = {
+    "in_batch": dict(hardness_mode="in_batch_negatives", hardness_strength=9.0),
+    "hard_negatives": dict(hardness_mode="hard_negatives", hardness_strength=5.0),
+    "all_negatives": dict(hardness_mode="all_negatives", hardness_strength=2.0),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sim", sorted(SIMS))
+@pytest.mark.parametrize("hard", [0, 1, 3], ids=["pairs", "triplets", "h3"])
+@pytest.mark.parametrize("hardness", sorted(HARDNESS))
+@pytest.mark.parametrize("directions", [("query_to_doc",), ALL], ids=["q2d", "all"])
+def test_hardness_equals_the_package(backend, sim, hard, hardness, directions):
+    """The stop-gradient penalties fused (compat/sentence_transformers.py's
+    _hard_query_rows): values and embedding gradients of the package's own computation,
+    by the rule against its float64 run, without a fallback."""
+    fct, scale = SIMS[sim]
+    kw = dict(scale=scale, similarity_fct=fct, directions=directions, **HARDNESS[hardness])
+    ours = compat_st.MultipleNegativesRankingLoss(None, **kw, backend=backend)
+    theirs = st_losses.MultipleNegativesRankingLoss(None, **kw)
+    embs = _embeddings(9, 16, 1 + hard, seed=hard + len(directions))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _loss_and_grads(ours, embs)
+    same = _loss_and_grads(theirs, embs)
+    exact = _loss_and_grads(theirs, embs, torch.float64)
+    assert_by_rule(_names(len(embs)), got, same, exact, torch.float32)
+
+
+def test_hardness_changes_the_loss():
+    """A positive control: the penalty moves the loss and gradients (so the test above
+    would see a fused path that ignored it)."""
+    embs = _embeddings(9, 16, 2, seed=4)
+    plain = _loss_and_grads(compat_st.MultipleNegativesRankingLoss(None, backend="torch"), embs)
+    for kw in HARDNESS.values():
+        hard = _loss_and_grads(
+            compat_st.MultipleNegativesRankingLoss(None, **kw, backend="torch"), embs
+        )
+        assert (hard[0] - plain[0]).abs() > 1e-3
+        assert (hard[1] - plain[1]).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(hardness_mode="in_batch_negatives", hardness_strength=9.0),
-        dict(hardness_mode="hard_negatives", hardness_strength=5.0),
-        dict(hardness_mode="all_negatives", hardness_strength=2.0),
         dict(similarity_fct=util.manhattan_sim, scale=0.5),
-        dict(gather_across_devices=True),  # one process: the package's gather is the identity
+        # one process: the package's gather is the identity
+        dict(gather_across_devices=True, **HARDNESS["all_negatives"]),
     ],
-    ids=["in_batch", "hard_negatives", "all_negatives", "manhattan", "gather"],
+    ids=["manhattan", "gather_hardness"],
 )
 def test_fallbacks_equal_the_package_and_warn_once(kw):
-    directions = ("query_to_doc", "doc_to_query", "doc_to_doc")
+    directions = (
+        ("query_to_doc",)
+        if "hardness_mode" in kw
+        else ("query_to_doc", "doc_to_query", "doc_to_doc")
+    )
     ours = compat_st.MultipleNegativesRankingLoss(None, directions=directions, **kw)
     theirs = st_losses.MultipleNegativesRankingLoss(None, directions=directions, **kw)
     embs = _embeddings(6, 8, 3, seed=7)
@@ -183,6 +230,19 @@ def test_fallbacks_equal_the_package_and_warn_once(kw):
     for a, b, c in zip(got, again, _loss_and_grads(theirs, embs)):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
         torch.testing.assert_close(b, c, rtol=0, atol=0)
+
+
+def test_gather_in_one_process_is_fused():
+    """gather_across_devices=True without a process group: the package's gather is the
+    identity, and the fused local path serves it (no warning)."""
+    kw = dict(gather_across_devices=True, directions=ALL)
+    ours = compat_st.MultipleNegativesRankingLoss(None, **kw, backend="torch")
+    theirs = st_losses.MultipleNegativesRankingLoss(None, **kw)
+    embs = _embeddings(6, 8, 3, seed=7)
+    got, caught = _warnings_of(lambda: _loss_and_grads(ours, embs))
+    assert not caught
+    for a, b in zip(got, _loss_and_grads(theirs, embs)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_hardness_mode_without_strength_is_fused():
@@ -304,14 +364,17 @@ def _cached_step(loss_cls, model, features, **kw):
         (("query_to_doc",), "joint", 3),
         (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), "joint", 3),
         (("query_to_doc", "doc_to_query"), "per_direction", 2),
+        (("query_to_doc",), "joint", 4),
     ],
-    ids=["q2d_triplets", "gte_triplets", "symmetric_pairs"],
+    ids=["q2d_triplets", "gte_triplets", "symmetric_pairs", "q2d_h2_hardness"],
 )
 def test_cached_forward_backward_equals_the_package(backend, directions, mode, columns):
     model = _model()
     model.train()
     features = _features(12, columns, seed=columns)
     kw = dict(mini_batch_size=5, directions=directions, partition_mode=mode, scale=20.0)
+    if columns == 4:  # the hardness penalty, fused (test_hardness_equals_the_package)
+        kw.update(HARDNESS["all_negatives"])
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         got_loss, got = _cached_step(
@@ -342,7 +405,7 @@ def test_cached_forward_backward_equals_the_package(backend, directions, mode, c
 def test_cached_fallback_is_the_packages_chunked_loss():
     model = _model(1)
     features = _features(10, 3, seed=4)
-    kw = dict(mini_batch_size=4, hardness_mode="all_negatives", hardness_strength=3.0)
+    kw = dict(mini_batch_size=4, similarity_fct=util.manhattan_sim, scale=0.5)
     cls = compat_st.CachedMultipleNegativesRankingLoss
     (got_loss, got), first = _warnings_of(lambda: _cached_step(cls, model, features, **kw))
     _, second = _warnings_of(lambda: _cached_step(cls, model, features, **kw))
@@ -376,39 +439,57 @@ def _gather_step(name: str, loss_fn, local: list) -> list:
     return [loss.detach(), *(r[0].grad for r in reps)]
 
 
+# (directions, partition mode, hard negatives) of the gathered runs
+GATHERED = {
+    "q2d": (("query_to_doc",), "joint", 1),
+    "all": (ALL, "joint", 2),
+    "symmetric": (("query_to_doc", "doc_to_query"), "per_direction", 0),
+}
+
+
 def _gather_body(rank: int, world: int) -> dict:
     """Per rank: the package's and the drop-ins' losses with gather_across_devices=True
-    (query_to_doc, one hard negative, cosine), values and the local embeddings'
-    gradients, MNRL and the cached loss; the difference of each."""
+    (cosine; each GATHERED configuration), values and the local embeddings' gradients,
+    MNRL and the cached loss; the difference of each."""
     n, d = 5, 8
-    embs = _embeddings(n * world, d, 2, seed=11, dtype=torch.float64)
-    local = [e[rank * n : (rank + 1) * n] for e in embs]
     out = {}
-    for name, cls in (
-        ("mnrl", "MultipleNegativesRankingLoss"),
-        ("cached", "CachedMultipleNegativesRankingLoss"),
+    for (config, (directions, mode, hard)), (kind, cls) in itertools.product(
+        GATHERED.items(),
+        (
+            ("mnrl", "MultipleNegativesRankingLoss"),
+            ("cached", "CachedMultipleNegativesRankingLoss"),
+        ),
     ):
+        embs = _embeddings(n * world, d, 1 + hard, seed=11, dtype=torch.float64)
+        local = [e[rank * n : (rank + 1) * n] for e in embs]
+        kw = dict(directions=directions, partition_mode=mode)
+        if kind == "cached":
+            kw["mini_batch_size"] = 2
         results = []
         for module in (compat_st, st_losses):
-            kw = dict(mini_batch_size=2) if name == "cached" else {}
             loss_fn = getattr(module, cls)(_model(), gather_across_devices=True, **kw)
-            got, caught = _warnings_of(lambda fn=loss_fn, kind=name: _gather_step(kind, fn, local))
+            got, caught = _warnings_of(
+                lambda fn=loss_fn, kind=kind, local=local: _gather_step(kind, fn, local)
+            )
             results.append(got)
             if module is compat_st:  # the fused path: no fallback warning
-                out[f"{name} warnings"] = [str(w.message) for w in caught]
+                out[f"{kind} {config} warnings"] = [str(w.message) for w in caught]
         ours, theirs = results
-        out[name] = max((a - b).abs().max().item() for a, b in zip(ours, theirs))
+        out[f"{kind} {config}"] = max((a - b).abs().max().item() for a, b in zip(ours, theirs))
     return out
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_gather_across_devices_equals_the_package(world, tmp_path):
-    """gather_across_devices=True on flashcontrast's process-group path (each rank's
-    queries against every rank's documents, one row sweep): on 2 and 3 gloo ranks, every
-    rank's loss and the gradients of its embeddings equal the package's, whose gather
-    carries gradients back to the owners, for MNRL and the cached loss."""
+    """gather_across_devices=True on flashcontrast's process-group path (each rank's rows
+    against every rank's embeddings, one row sweep per direction): on 2 and 3 gloo ranks,
+    every rank's loss and the gradients of its embeddings equal the package's, whose
+    gather carries gradients back to the owners, for MNRL and the cached loss, in every
+    direction (GATHERED)."""
     from dist_harness import spawn
 
     for r, res in enumerate(spawn(world, tmp_path, _gather_body)):
-        assert res["mnrl"] < 1e-12 and res["cached"] < 1e-12, (r, res)
-        assert res["mnrl warnings"] == [] and res["cached warnings"] == [], (r, res)
+        for config in GATHERED:
+            for name in ("mnrl", "cached"):
+                assert res[f"{name} {config}"] < 1e-12, (r, config, res)
+                assert res[f"{name} {config} warnings"] == [], (r, config, res)

@@ -52,20 +52,25 @@ def scaled_layout(lay: _comm.Layout, k: int) -> _comm.Layout:
 class RowsGather(torch.autograd.Function):
     """(row LSE (n,), positive LSE (n,) or (0,)) of this rank's rows ``a`` (n, D') against
     every rank's columns ``b`` (all-gathered (M, D'), layout ``cols``), at global row
-    offset ``row_offset`` (the global column index of row 0's positive)."""
+    offset ``row_offset`` (the global column index of row 0's positive); ``groups``:
+    optional (row ids (n,), column ids (M,)) int64 of the engine's group masking."""
 
     @staticmethod
     @autocast_off
-    def forward(ctx, a, b, scale, bias, pair, lay, cols_lay, row_offset, backend, grad_scaling):
+    def forward(
+        ctx, a, b, scale, bias, pair, lay, cols_lay, row_offset, backend, grad_scaling,
+        groups=None,
+    ):  # fmt: skip
         cols = _comm.all_gather_rows(b, cols_lay)
         engine = backend_module(backend, "pair")
-        st = engine.pair_forward(a, cols, scale, bias, pair, row_offset, 0, None, None, None)
+        rg, cg = (None, None) if groups is None else groups
+        st = engine.pair_forward(a, cols, scale, bias, pair, row_offset, 0, rg, cg, None)
         rows = lse(st.row_max, st.row_sum)
         pos = lse(st.pos_max, st.pos_sum) if pair.positives else rows.new_empty(0)
         saved = (st.row_max, st.row_sum) + ((st.pos_max, st.pos_sum) if pair.positives else ())
         ctx.save_for_backward(a, cols, scale, bias, *saved)
         ctx.pair, ctx.lay, ctx.cols_lay, ctx.row_offset = pair, lay, cols_lay, row_offset
-        ctx.backend, ctx.grad_scaling = backend, grad_scaling
+        ctx.backend, ctx.grad_scaling, ctx.groups = backend, grad_scaling, (rg, cg)
         ctx.b_dtype, ctx.has_bias = b.dtype, bias is not None
         return rows, pos
 
@@ -80,14 +85,14 @@ class RowsGather(torch.autograd.Function):
             pos_rows=-g_pos.to(acc) if pair.positives else None,  # L = .. - gpr LSE+
         )
         g = backend_module(ctx.backend, "pair").pair_backward(
-            a, cols, scale, bias, pair, stats, coefs, ctx.row_offset, 0, None, None, None, acc
+            a, cols, scale, bias, pair, stats, coefs, ctx.row_offset, 0, *ctx.groups, None, acc
         )
         db = _comm.reduce_scatter_rows(g.db, ctx.cols_lay)
         dscalars = _comm.all_reduce(torch.stack([g.dscale, g.dbias]).to(acc), lay)
         factor = lay.world if ctx.grad_scaling == "ddp" else 1
         da, db = (g.da * factor).to(a.dtype), (db * factor).to(ctx.b_dtype)
         dbias = dscalars[1] if ctx.has_bias else None
-        return da, db, dscalars[0], dbias, *([None] * 6)
+        return da, db, dscalars[0], dbias, *([None] * 7)
 
 
 class GlobalSum(torch.autograd.Function):
@@ -285,21 +290,35 @@ def multi_positive_infonce_loss(
 
 
 def gathered_query_rows(
-    queries: Tensor, docs: list, logit_scale, *, group=None, backend: str = "auto"
+    queries: Tensor,
+    docs: list,
+    logit_scale,
+    *,
+    directions: tuple = ("query_to_doc",),
+    partition_mode: str = "joint",
+    group=None,
+    backend: str = "auto",
 ) -> Tensor:
-    """(n_r,) LSE_j s <q_i, d_j> - s <q_i, d^+_i> for this rank's queries against EVERY
-    rank's documents: sentence-transformers' ``gather_across_devices=True`` score rows
-    (its ``query_to_doc`` direction) without its (n_r, N (1 + H)) matrix.
+    """(n_r,) log Z_i - s <q_i, d^+_i> for this rank's queries against EVERY rank's
+    embeddings: sentence-transformers' ``gather_across_devices=True`` score rows without
+    its (n_r, N (1 + H)) matrices.
 
     ``queries`` (n_r, D) and ``docs`` (1 + H tensors (n_r, D): the positives, then the
-    hard negatives) are this rank's; the denominator of query i holds all N (1 + H)
-    documents of the group, its positive the rank's own positive i. Gradients as
+    hard negatives) are this rank's. Each direction is one row sweep of this rank's rows
+    against every rank's columns, all-gathered (the documents stacked per rank, positives
+    first: global query o_r + i owns the columns K o_r + c n_r + i):
+
+    - ``query_to_doc``: queries vs all N (1 + H) documents, the positive at column K o_r + i;
+    - ``query_to_query``: queries vs all N queries, the query itself excluded;
+    - ``doc_to_query``: positives vs all N queries;
+    - ``doc_to_doc``: positives vs all documents, every document of the same query
+      excluded (groups: the global query index).
+
+    log Z_i is the logsumexp of the directions' row logsumexps (``partition_mode``
+    "joint") or their mean ("per_direction"), as the package's. Gradients as
     ``torch.distributed.nn.all_gather``'s, which the package uses: every rank
-    differentiates its own loss of these rows, and each rank's documents get the sum of
-    every rank's gradients (grad_scaling "sum": 1x). One row sweep against the documents
-    all-gathered once (stacked per rank, positives first: the positive of global query
-    o_r + i is column K o_r + i).
-    """
+    differentiates its own loss of these rows, and each rank's embeddings get the sum of
+    every rank's gradients (grad_scaling "sum": 1x)."""
     k = len(docs)
 
     def check():
@@ -308,13 +327,50 @@ def gathered_query_rows(
             check_pair("queries", q, f"docs[{j}]", _comm.check_shard(f"docs[{j}]", d))
         scale = _comm.scalar("logit_scale", logit_scale, q)
         chosen = _comm.engine_backend("infonce", backend, q)
-        return (q, scale, chosen), *q.shape, q.dtype, q.device, [k]
+        return (q, scale, chosen), *q.shape, q.dtype, q.device, [k, _direction_code(directions)]
 
     lay, (q, scale, chosen) = _comm.setup_checked(
         "gathered_query_rows", group, "gather", "sum", backend,
-        ["number of document columns"], check, ring=False, backends=_comm.ENGINE_BACKENDS,
+        ["number of document columns", "directions"], check, ring=False,
+        backends=_comm.ENGINE_BACKENDS,
     )  # fmt: skip
     stacked = torch.cat(list(docs)) if k > 1 else docs[0]
-    args = (_INFONCE, lay, scaled_layout(lay, k), k * lay.offset, chosen, "sum")
-    rows, pos = RowsGather.apply(q, stacked, scale, None, *args)
-    return rows - pos
+    docs_lay, o = scaled_layout(lay, k), lay.offset
+    rows, pos = RowsGather.apply(
+        q, stacked, scale, None, _INFONCE, lay, docs_lay, k * o, chosen, "sum"
+    )
+    terms = [rows]
+    if "query_to_query" in directions:
+        terms.append(RowsGather.apply(q, q, scale, None, _UNIFORM, lay, lay, o, chosen, "sum")[0])
+    if "doc_to_query" in directions:
+        args = (_DENOMINATORS, lay, lay, o, chosen, "sum")
+        terms.append(RowsGather.apply(docs[0], q, scale, None, *args)[0])
+    if "doc_to_doc" in directions:
+        own = o + torch.arange(q.shape[0], device=q.device)
+        owners = torch.cat([
+            start + torch.arange(k * size, device=q.device) % max(size, 1)
+            for start, size in zip(lay.offsets, lay.sizes)
+        ])  # fmt: skip
+        args = (_UNIFORM, lay, docs_lay, k * o, chosen, "sum", (own, owners))
+        terms.append(RowsGather.apply(docs[0], stacked, scale, None, *args)[0])
+    if len(terms) == 1:
+        log_z = terms[0]
+    elif partition_mode == "joint":
+        log_z = torch.logsumexp(torch.stack(terms), 0)
+    else:
+        log_z = torch.stack(terms).mean(0)
+    return log_z - pos
+
+
+_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+
+
+def _direction_code(directions: tuple) -> int:
+    """The direction set as bits, for the setup's agreement check (ValueError for a name
+    that is not a direction)."""
+    unknown = set(directions) - set(_DIRECTIONS)
+    if unknown or "query_to_doc" not in directions:
+        raise ValueError(
+            f"directions must include 'query_to_doc' and be among {_DIRECTIONS}, got {directions!r}"
+        )
+    return sum(1 << i for i, name in enumerate(_DIRECTIONS) if name in directions)
