@@ -43,6 +43,10 @@ CALLS = {
         3,
         lambda xs, s, be: fc.symile_loss(xs, s, negative_sampling="n_squared", backend=be),
     ),
+    "contrastive-gap": (
+        2,
+        lambda xs, s, be: fc.contrastive_gap_loss(xs[0], xs[1], s, variant="cuaxu", backend=be),
+    ),
 }
 
 

@@ -120,8 +120,16 @@ def _cwcl():
     return lambda: [_unit(N, D), _unit(N, D), torch.tensor(7.0), torch.tensor(0.5)], call
 
 
+def _contrastive_gap():
+    def call(backend, a, b, s):
+        return flashcontrast.contrastive_gap_loss(a, b, s, variant="cuaxu", backend=backend)
+
+    return lambda: [_unit(N, D), _unit(N, D), torch.tensor(9.0)], call
+
+
 FUNCTIONS = {
     "clip": _clip,
+    "contrastive_gap": _contrastive_gap,
     "cwcl": _cwcl,
     "siglip": _siglip,
     "multiview_infonce": lambda: _multiview(flashcontrast.multiview_infonce_loss),
@@ -136,6 +144,10 @@ FUNCTIONS = {
 # with the leaves of the same objective's function case.
 MODULES = {
     "clip": (flashcontrast.ClipLoss, lambda m, a, b, s, t: m(a, b, s, t)),
+    "contrastive_gap": (
+        lambda be: flashcontrast.ContrastiveGapLoss("cuaxu", backend=be),
+        lambda m, a, b, s: m(a, b, s),
+    ),
     "cwcl": (
         lambda be: flashcontrast.CWCLLoss(backend=be),
         lambda m, a, b, s, t: m(a, b, s, t, weight_features=_CWCL_U),

@@ -1,5 +1,6 @@
-"""flashcontrast.distributed.infonce_loss, uniform_loss, multi_positive_infonce_loss
-(row-only sweeps) and cwcl_loss
+"""flashcontrast.distributed.infonce_loss, uniform_loss, cross_uniform_loss,
+multi_positive_infonce_loss (row-only sweeps), align_loss, contrastive_gap_loss (CLIP plus
+those) and cwcl_loss
 (CLIP's sweep plus all-reduced soft-target moments) over a process group: W = 1 to 4 gloo
 ranks, uneven shards and an empty one, both gradient scalings, with and without a bias,
 on the torch engine in float64 and (W = 2) on the Triton kernels in float32; each rank's
@@ -27,6 +28,11 @@ CASES = (
     ("cwcl", "gather", "sum", -1.0),
     ("multipos", "gather", "ddp", None),
     ("multipos", "gather", "sum", None),
+    ("xuniform", "gather", "ddp", None),
+    ("align", "gather", "sum", None),
+    ("gap-cua", "gather", "ddp", None),
+    ("gap-cuaxu", "gather", "sum", None),
+    ("gap-cuaxu", "gather", "ddp", None),
 )
 
 
@@ -49,6 +55,14 @@ def _call(module, case, q, k, u, s, bias, **kw):
         if module.__name__ == "flashcontrast":  # the (K N, D) stack, p_ik = k N + i
             c = c.reshape(-1, c.shape[-1])
         return module.multi_positive_infonce_loss(q, c, s, **kw)
+    if case[0] == "xuniform":
+        return module.cross_uniform_loss(q, k, 1.5, **kw) + 0 * s
+    if case[0] == "align":  # no sweep: no strategy or backend
+        kw = {k: v for k, v in kw.items() if k == "grad_scaling"}
+        return module.align_loss(q, k, **kw) + 0 * s
+    if case[0].startswith("gap-"):
+        variant = case[0][len("gap-") :]
+        return module.contrastive_gap_loss(q, k, s, variant=variant, t=1.5, **kw)
     return module.uniform_loss(q, 1.5, **kw) + 0 * s  # no scale: a zero gradient for it
 
 
@@ -72,6 +86,8 @@ def _errors(rank: int, world: int) -> dict:
     for kind, call in (
         ("ring", lambda: fd.infonce_loss(q, k, 6.0, strategy="ring")),
         ("dim", lambda: fd.uniform_loss(q[:, :5] if last else q)),
+        ("variant", lambda: fd.contrastive_gap_loss(q, k, 6.0, variant="cuaxu" if last else "cua")),
+        ("xdim", lambda: fd.cross_uniform_loss(q, k[:, :5] if last else k)),
         ("du", lambda: fd.cwcl_loss(q, k, 6.0, weight_features=u[:, :3] if last else u)),
         (
             "kk",
@@ -126,6 +142,8 @@ def test_matches_single_process(world, tmp_path):
     if world > 1:
         assert_rank_errors(results, "ring", "ring")
         assert_rank_errors(results, "dim", "same feature dimension D")
+        assert_rank_errors(results, "variant", "same variant")
+        assert_rank_errors(results, "xdim", "same shape", failing_rank=world - 1)
         assert_rank_errors(results, "du", "weight_features' Du")
         assert_rank_errors(results, "kk", "number of candidate batches K")
 

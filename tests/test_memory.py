@@ -81,3 +81,31 @@ def test_cwcl_allocates_no_n_by_n_buffer(monkeypatch):
     # a handful of (block, N) tiles (cosines, weights, products) and O(N (D + Du))
     assert tiles.peak_bytes <= 8 * block * n * 4 + 8 * n * (d + du) * 4
     assert tiles.peak_bytes < nxn / 10
+
+
+def test_contrastive_gap_allocates_no_n_by_n_buffer(monkeypatch):
+    """L_CUAXU: CLIP's sweep, three uniformity sweeps of (N, D + 2) rows and the O(N D)
+    alignment, nothing N x N; the reference's distances and logits are the positive
+    control."""
+    n, d, rows = 3000, 16, 64
+    nxn = n * n * 4
+    monkeypatch.setitem(blockwise.MAX_BLOCK_ELEMENTS, "cpu", rows * n)
+    a = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
+
+    def run(backend):
+        def step():
+            x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+            s = torch.tensor(20.0, requires_grad=True)
+            loss = flashcontrast.contrastive_gap_loss(x, y, s, variant="cuaxu", backend=backend)
+            loss.backward()
+
+        return memory_use(step, torch.device("cpu"))
+
+    assert run("reference").largest_allocation >= nxn, "the measurement must see the N x N"
+    ours = run("torch")
+    assert ours.largest_allocation <= rows * n * 4 + 64
+    # a few (rows x N) blocks and O(N (D + 2)) rows: the six augmented (N, D + 2) float32
+    # matrices of the three sweeps, their gradients, the features and theirs
+    assert ours.peak_bytes <= 4 * rows * n * 4 + 24 * n * (d + 2) * 4
+    assert ours.peak_bytes < nxn / 4

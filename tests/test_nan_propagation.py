@@ -58,6 +58,10 @@ def _symile_n2(xs, s, backend):
     return fc.symile_loss(xs, s, negative_sampling="n_squared", backend=backend)
 
 
+def _contrastive_gap(xs, s, backend):
+    return fc.contrastive_gap_loss(xs[0], xs[1], s, variant="cuaxu", backend=backend)
+
+
 OBJECTIVES = {
     "clip": (_clip, 2),
     "clip-groups": (_clip_groups, 2),
@@ -67,6 +71,7 @@ OBJECTIVES = {
     "gram": (_gram, 3),
     "symile-n": (_symile_n, 3),
     "symile-n2": (_symile_n2, 3),
+    "contrastive-gap": (_contrastive_gap, 2),
 }
 
 

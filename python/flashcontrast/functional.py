@@ -6,6 +6,7 @@ live there once, whatever backend runs.
 """
 
 from .objectives.clip import clip_loss
+from .objectives.contrastive_gap import contrastive_gap_loss
 from .objectives.cwcl import cwcl_loss
 from .objectives.gram import gram_loss, gram_volume
 from .objectives.infonce import infonce_loss
@@ -14,11 +15,13 @@ from .objectives.multiview import multiview_dhel_loss, multiview_infonce_loss
 from .objectives.siglip import siglip_loss
 from .objectives.supcon import supcon_loss
 from .objectives.symile import symile_loss
-from .objectives.uniformity import align_loss, uniform_loss
+from .objectives.uniformity import align_loss, cross_uniform_loss, uniform_loss
 
 __all__ = [
     "align_loss",
     "clip_loss",
+    "contrastive_gap_loss",
+    "cross_uniform_loss",
     "cwcl_loss",
     "gram_loss",
     "gram_volume",

@@ -9,6 +9,7 @@ import torch
 from . import functional
 from ._module import BackendLoss
 from ._validation import Scalar
+from .objectives.contrastive_gap import ContrastiveGapLoss
 from .objectives.cwcl import CWCLLoss
 from .objectives.gram import GramLoss
 from .objectives.multipositive import MultiPositiveInfoNCELoss
@@ -20,6 +21,7 @@ from .objectives.symile import SymileLoss
 __all__ = [
     "CWCLLoss",
     "ClipLoss",
+    "ContrastiveGapLoss",
     "GramLoss",
     "MultiPositiveInfoNCELoss",
     "MultiviewDHELLoss",

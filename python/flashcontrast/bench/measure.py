@@ -119,6 +119,18 @@ CASES = {
         flops=lambda n, d: 8 * n * n * d + 24 * n * d * d,
         reference_bytes=lambda n, d: 8 * n * n * 4,
     ),
+    # L_CUAXU: CLIP's sweep (8 N^2 D) and three uniformity "rows" sweeps of (D + 2)-column
+    # rows, 8 N^2 (D + 2) each (S forward; S, dS B, dS^T A backward)
+    "contrastive-gap-cuaxu": Case(
+        "uniformity",
+        2,
+        100.0,
+        lambda x, s, be: functional.contrastive_gap_loss(
+            x[0], x[1], s, variant="cuaxu", backend=be
+        ),
+        flops=lambda n, d: 8 * n * n * d + 3 * 8 * n * n * (d + 2),
+        reference_bytes=lambda n, d: 10 * n * n * 4,
+    ),
     "mv-infonce-v4": Case(
         "multiview",
         4,

@@ -182,7 +182,10 @@ losses and GRAM, 5 for Symile):
   factor rows of its columns and two visiting anchor shards.
 
 Row-only objectives (``rows.py``, "gather"): ``infonce_loss(q, k, s)`` (paired shards,
-query i's positive key i of the global batch) and ``uniform_loss(x, t)``; CWCL
+query i's positive key i of the global batch), ``uniform_loss(x, t)``,
+``cross_uniform_loss(x, y, t)`` and ``align_loss(x, y)`` (no sweep: a global sum);
+``contrastive_gap_loss(img, txt, s, variant="cua" | "cuaxu")`` (``contrastive_gap.py``):
+CLIP plus those terms, each the process-group one; CWCL
 (``cwcl.py``): ``cwcl_loss(img, txt, s, weight_features=u)``, CLIP's sweep plus one
 all-reduce of the soft targets' (D, Du) moments; ``supcon_loss`` (``supcon.py``): the
 row-only sweep plus all-reduced per-label sums;
@@ -193,17 +196,27 @@ Symile "n_squared" on the CUDA kernels (square only; torch and Triton tiles).
 
 from ._comm import comm_bytes, reset_comm_bytes
 from .clip import clip_loss
+from .contrastive_gap import contrastive_gap_loss
 from .cwcl import cwcl_loss
 from .gram import gram_loss
 from .multiview import multiview_dhel_loss, multiview_infonce_loss
-from .rows import infonce_loss, multi_positive_infonce_loss, uniform_loss
+from .rows import (
+    align_loss,
+    cross_uniform_loss,
+    infonce_loss,
+    multi_positive_infonce_loss,
+    uniform_loss,
+)
 from .siglip import siglip_loss
 from .supcon import supcon_loss
 from .symile import symile_loss
 
 __all__ = [
+    "align_loss",
     "clip_loss",
     "comm_bytes",
+    "contrastive_gap_loss",
+    "cross_uniform_loss",
     "cwcl_loss",
     "gram_loss",
     "infonce_loss",

@@ -1,11 +1,15 @@
-"""Row-only objectives over a process group: one-directional InfoNCE and uniformity.
+"""Row-only objectives over a process group: one-directional InfoNCE, uniformity (within
+one modality and across two) and alignment.
 
-Both are functions of the row logsumexps of one "rows" sweep of the pair engine
-(``backends/pair.py``): rank r sweeps its rows (n_r, D') against the columns of every rank,
-all-gathered once ("gather" only), at global row offset o_r, so its rows' statistics are
-complete locally and no column statistic travels. The loss is then a global sum (InfoNCE)
-or a global logsumexp (uniformity) of per-row values, one all-reduce of a scalar (two for
-the logsumexp: max, then the rescaled sums).
+InfoNCE and the uniformities are functions of the row logsumexps of one "rows" sweep of
+the pair engine (``backends/pair.py``): rank r sweeps its rows (n_r, D') against the
+columns of every rank, all-gathered once ("gather" only), at global row offset o_r, so its
+rows' statistics are complete locally and no column statistic travels. The loss is then a
+global sum (InfoNCE) or a global logsumexp (uniformity) of per-row values, one all-reduce
+of a scalar (two for the logsumexp: max, then the rescaled sums). Cross-modal uniformity
+sweeps the local a(x) against the gathered b(y) (``objectives/uniformity.py``).
+Alignment has no sweep: a global sum of the local rows' ||x_i - y_i||^alpha, one
+all-reduce.
 
 Backward: the engine's backward from the local rows' statistics with the upstream
 coefficients; dA is local, the columns' dB (N, D') sums every rank's part by a
@@ -36,7 +40,13 @@ from ..objectives import uniformity as single_uniformity
 from ..objectives.multipositive import positive_mean_dots
 from . import _comm
 
-__all__ = ["infonce_loss", "multi_positive_infonce_loss", "uniform_loss"]
+__all__ = [
+    "align_loss",
+    "cross_uniform_loss",
+    "infonce_loss",
+    "multi_positive_infonce_loss",
+    "uniform_loss",
+]
 
 _INFONCE = Pair("rows")  # the positive of global row i at global column i
 _UNIFORM = Pair("rows", positives=False, exclude_self=True)
@@ -187,6 +197,32 @@ def infonce_loss(
     return GlobalSum.apply((rows - pos).sum(), lay) / lay.total
 
 
+def _uniformity(name: str, x: Tensor, y, t, group, strategy, backend, grad_scaling) -> Tensor:
+    """log mean_{i != j} exp(-t ||x_i - y_j||^2) over the global batch (y = x when None):
+    one row sweep of the local a(x) against the gathered b(y), a global logsumexp."""
+    single_uniformity.check_t(t)
+
+    def check():
+        xs = _comm.check_shard("x", x)
+        ys = None
+        if y is not None:
+            ys = _comm.check_shard("y", y)
+            check_pair("x", xs, "y", ys)
+        chosen = _comm.engine_backend("uniformity", backend, xs)
+        return (xs, ys, chosen), *xs.shape, xs.dtype, xs.device, []
+
+    lay, (xs, ys, chosen) = _comm.setup_checked(
+        name, group, strategy, grad_scaling, backend, [], check, ring=False,
+        backends=_comm.ENGINE_BACKENDS,
+    )  # fmt: skip
+    if lay.total < 2:
+        raise ValueError(f"{name} needs N >= 2 samples (pairs i != j), got N = {lay.total}")
+    a, b, unit = single_uniformity.augmented(xs, t, ys)
+    args = (_UNIFORM, lay, lay, lay.offset, chosen, grad_scaling)
+    rows, _ = RowsGather.apply(a, b, unit, None, *args)
+    return _GlobalLSE.apply(rows, lay) - math.log(lay.total * (lay.total - 1))
+
+
 def uniform_loss(
     x: Tensor,
     t: float = 2.0,
@@ -202,24 +238,51 @@ def uniform_loss(
     Gradients and checks as :func:`flashcontrast.distributed.clip_loss` (``strategy``
     "gather" only; x gets W x its single-process gradient with "ddp").
     """
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-        raise ValueError(f"t must be a positive number, got {t!r}")
+    return _uniformity("uniform_loss", x, None, t, group, strategy, backend, grad_scaling)
+
+
+def cross_uniform_loss(
+    x: Tensor,
+    y: Tensor,
+    t: float = 2.0,
+    *,
+    group=None,
+    strategy: str = "gather",
+    backend: str = "auto",
+    grad_scaling: str = "ddp",
+) -> Tensor:
+    """Cross-modal uniformity (:func:`flashcontrast.cross_uniform_loss`) of the global
+    batch, N >= 2: log mean_{i != j} exp(-t ||x_i - y_j||^2), i and j global indices into
+    the concatenations of every rank's paired (n_r, D) shards x and y; the same value on
+    every rank. The local rows of x sweep the all-gathered y, global row i's own column
+    excluded. Gradients and checks as :func:`flashcontrast.distributed.clip_loss`
+    (``strategy`` "gather" only).
+    """
+    return _uniformity("cross_uniform_loss", x, y, t, group, strategy, backend, grad_scaling)
+
+
+def align_loss(
+    x: Tensor, y: Tensor, alpha: float = 2.0, *, group=None, grad_scaling: str = "ddp"
+) -> Tensor:
+    """Wang & Isola's alignment (:func:`flashcontrast.align_loss`) of the global batch:
+    mean_i ||x_i - y_i||^alpha over every rank's paired (n_r, D) shards, the same value
+    on every rank (float32 for 16-bit features). No features travel: each rank sums its
+    rows, one all-reduce of a scalar. Feature gradients W x the single-process ones with
+    ``grad_scaling="ddp"``, 1x with "sum"; the setup checks as
+    :func:`flashcontrast.distributed.clip_loss`.
+    """
 
     def check():
-        xs = _comm.check_shard("x", x)
-        chosen = _comm.engine_backend("uniformity", backend, xs)
-        return (xs, chosen), *xs.shape, xs.dtype, xs.device, []
+        xs, ys = _comm.check_shard("x", x), _comm.check_shard("y", y)
+        check_pair("x", xs, "y", ys)
+        return (xs, ys), *xs.shape, xs.dtype, xs.device, []
 
-    lay, (xs, chosen) = _comm.setup_checked(
-        "uniform_loss", group, strategy, grad_scaling, backend, [], check, ring=False,
-        backends=_comm.ENGINE_BACKENDS,
-    )  # fmt: skip
-    if lay.total < 2:
-        raise ValueError(f"uniform_loss needs N >= 2 samples (pairs i < j), got N = {lay.total}")
-    a, b, unit = single_uniformity.augmented(xs, t)
-    args = (_UNIFORM, lay, lay, lay.offset, chosen, grad_scaling)
-    rows, _ = RowsGather.apply(a, b, unit, None, *args)
-    return _GlobalLSE.apply(rows, lay) - math.log(lay.total * (lay.total - 1))
+    lay, (xs, ys) = _comm.setup_checked(
+        "align_loss", group, "gather", grad_scaling, "auto", [], check, ring=False
+    )
+    acc = accumulation_dtype(xs.dtype)
+    values = (xs.to(acc) - ys.to(acc)).norm(p=2, dim=1).pow(alpha)
+    return GlobalSum.apply(_Local.apply(values, lay, grad_scaling).sum(), lay) / lay.total
 
 
 def multi_positive_infonce_loss(

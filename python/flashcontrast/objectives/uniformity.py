@@ -16,22 +16,32 @@ against b with the diagonal excluded (``backends/pair.py``) and a logsumexp over
 statistics. a and b are (N, D + 2) in float32 (float64 for float64 x), built by torch and
 differentiated by autograd back to x (the norms' gradient included); for unit-norm x the
 two extra columns are constants, -t and 1.
+
+Cross-modal uniformity (Fahim, Murphy & Fyshe 2024, the "contrastive gap" paper's
+L_XUniform; :mod:`.contrastive_gap`) is the same sweep with b built from the other
+modality: -t ||x_i - y_j||^2 = <a(x)_i, b(y)_j>, so
+
+    cross_uniform(x, y; t) = log mean_{i != j} exp(-t ||x_i - y_j||^2)
+                           = LSE_{i != j} <a(x)_i, b(y)_j> - log(N (N - 1)),
+
+the N (N - 1) ordered image-text pairs that are not matching pairs.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _dispatch
 from .._amp import autocast_off
-from .._validation import accumulation_dtype, check_features
+from .._validation import accumulation_dtype, check_features, check_pair
 from ..backends.pair import Pair
 from ._pair_op import sweep
 
-__all__ = ["align_loss", "uniform_loss"]
+__all__ = ["align_loss", "cross_uniform_loss", "uniform_loss"]
 
 #: every ordered pair i != j, no positives
 PAIR = Pair("rows", positives=False, exclude_self=True)
@@ -47,17 +57,37 @@ def align_loss(x: Tensor, y: Tensor, alpha: float = 2.0) -> Tensor:
     return (x - y).norm(p=2, dim=1).pow(alpha).mean()
 
 
-def augmented(x: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(a, b (N, D + 2), the unit scale): <a_i, b_j> = -t ||x_i - x_j||^2, in the
-    accumulation dtype (the rows and columns of the uniformity sweep)."""
+def augmented(x: Tensor, t: float, y: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(a from x, b from y (N, D + 2), the unit scale): <a_i, b_j> = -t ||x_i - y_j||^2
+    (y = x when None), in the accumulation dtype (the rows and columns of the uniformity
+    sweep)."""
     acc = accumulation_dtype(x.dtype)
-    xa = x.to(acc)
-    sq = -t * (xa * xa).sum(dim=1, keepdim=True)  # (N, 1)
-    one = torch.ones_like(sq)
     root = math.sqrt(2.0 * t)
-    a = torch.cat([root * xa, sq, one], dim=1)
-    b = torch.cat([root * xa, one, sq], dim=1)
+
+    def parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        za = z.to(acc)
+        sq = -t * (za * za).sum(dim=1, keepdim=True)  # (N, 1)
+        return root * za, sq, torch.ones_like(sq)
+
+    xr, xsq, one = parts(x)
+    yr, ysq, _ = (xr, xsq, one) if y is None else parts(y)
+    a = torch.cat([xr, xsq, one], dim=1)
+    b = torch.cat([yr, one, ysq], dim=1)
     return a, b, torch.ones((), dtype=acc, device=x.device)
+
+
+def check_t(t: object) -> None:
+    """The kernel's temperature must be a positive number (not a bool)."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+        raise ValueError(f"t must be a positive number, got {t!r}")
+
+
+def _mean_exp_log(x: Tensor, y: Optional[Tensor], t: float, chosen: str) -> Tensor:
+    """log mean_{i != j} exp(-t ||x_i - y_j||^2) (y = x when None) by one row sweep."""
+    a, b, unit = augmented(x, t, y)
+    rows = sweep(a, b, unit, None, PAIR, chosen)["row"]  # LSE_{j != i} <a_i, b_j>
+    n = x.shape[0]
+    return torch.logsumexp(rows, dim=0) - math.log(n * (n - 1))
 
 
 @autocast_off
@@ -77,12 +107,43 @@ def uniform_loss(x: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tensor:
     x = check_features("x", x)
     if x.shape[0] < 2:
         raise ValueError(f"uniform_loss needs N >= 2 samples (pairs i < j), got N = {x.shape[0]}")
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-        raise ValueError(f"t must be a positive number, got {t!r}")
+    check_t(t)
     chosen = _dispatch.resolve("uniformity", x.device, backend, x.dtype)
     if chosen == "reference":
         return torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()
-    a, b, unit = augmented(x, t)
-    rows = sweep(a, b, unit, None, PAIR, chosen)["row"]  # LSE_{j != i} <a_i, b_j>
-    n = x.shape[0]
-    return torch.logsumexp(rows, dim=0) - math.log(n * (n - 1))
+    return _mean_exp_log(x, None, t, chosen)
+
+
+@autocast_off
+def cross_uniform_loss(x: Tensor, y: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tensor:
+    """Cross-modal uniformity, log mean_{i != j} exp(-t ||x_i - y_j||^2), of paired (N, D)
+    features x, y, N >= 2: every ordered pair of x's row i and y's row j but the N matching
+    pairs i = j, without the N x N distances (the "contrastive gap" paper's L_XUniform, as
+    its authors compute it: ``torch.cdist`` of the normalized image and text embeddings,
+    squared, the off-diagonal entries selected; see :mod:`.contrastive_gap` and the module
+    docstring). Symmetric in x and y.
+
+    Args:
+        x, y: (N, D) float32, float16, bfloat16 or float64 features of one shape, dtype and
+            device (normalize them first, as the paper does).
+        t: the kernel's temperature t > 0 (a float; the paper uses 2).
+        backend: "auto", "cuda", "triton", "torch" or "reference" (the dense N x N
+            distances).
+
+    Returns:
+        0-d, float32 (float64 for float64 features). NaN or inf propagate.
+    """
+    x = check_features("x", x)
+    y = check_features("y", y)
+    check_pair("x", x, "y", y)
+    if x.shape[0] < 2:
+        raise ValueError(
+            f"cross_uniform_loss needs N >= 2 samples (pairs i != j), got N = {x.shape[0]}"
+        )
+    check_t(t)
+    chosen = _dispatch.resolve("uniformity", x.device, backend, x.dtype)
+    if chosen == "reference":
+        sq = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").square()
+        off = ~torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+        return sq[off].mul(-t).exp().mean().log()
+    return _mean_exp_log(x, y, t, chosen)
