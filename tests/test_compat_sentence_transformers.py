@@ -209,10 +209,9 @@ def test_hardness_changes_the_loss():
     "kw",
     [
         dict(similarity_fct=util.manhattan_sim, scale=0.5),
-        # one process: the package's gather is the identity
-        dict(gather_across_devices=True, **HARDNESS["all_negatives"]),
+        dict(similarity_fct=util.euclidean_sim, scale=0.5, **HARDNESS["all_negatives"]),
     ],
-    ids=["manhattan", "gather_hardness"],
+    ids=["manhattan", "euclidean_hardness"],
 )
 def test_fallbacks_equal_the_package_and_warn_once(kw):
     directions = (
@@ -232,21 +231,18 @@ def test_fallbacks_equal_the_package_and_warn_once(kw):
         torch.testing.assert_close(b, c, rtol=0, atol=0)
 
 
-def test_gather_in_one_process_is_fused():
-    """gather_across_devices=True without a process group: the package's gather is the
-    identity, and the fused local path serves it (no warning)."""
-    kw = dict(gather_across_devices=True, directions=ALL)
-    ours = compat_st.MultipleNegativesRankingLoss(None, **kw, backend="torch")
-    theirs = st_losses.MultipleNegativesRankingLoss(None, **kw)
-    embs = _embeddings(6, 8, 3, seed=7)
-    got, caught = _warnings_of(lambda: _loss_and_grads(ours, embs))
-    assert not caught
-    for a, b in zip(got, _loss_and_grads(theirs, embs)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_hardness_mode_without_strength_is_fused():
-    kw = dict(hardness_mode="hard_negatives", hardness_strength=0.0)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(hardness_mode="hard_negatives", hardness_strength=0.0),
+        # without a process group the package's gather is the identity
+        dict(gather_across_devices=True, directions=ALL),
+    ],
+    ids=["hardness_without_strength", "gather_in_one_process"],
+)
+def test_options_that_stay_fused(kw):
+    """No warning, the package's values: a hardness mode with strength 0 (no penalty),
+    gather_across_devices=True in one process (the fused local path)."""
     ours = compat_st.MultipleNegativesRankingLoss(None, **kw, backend="torch")
     theirs = st_losses.MultipleNegativesRankingLoss(None, **kw)
     embs = _embeddings(6, 8, 2, seed=8)
@@ -439,11 +435,14 @@ def _gather_step(name: str, loss_fn, local: list) -> list:
     return [loss.detach(), *(r[0].grad for r in reps)]
 
 
-# (directions, partition mode, hard negatives) of the gathered runs
+# (directions, partition mode, hard negatives, other options) of the gathered runs
 GATHERED = {
-    "q2d": (("query_to_doc",), "joint", 1),
-    "all": (ALL, "joint", 2),
-    "symmetric": (("query_to_doc", "doc_to_query"), "per_direction", 0),
+    "q2d": (("query_to_doc",), "joint", 1, {}),
+    "all": (ALL, "joint", 2, {}),
+    "symmetric": (("query_to_doc", "doc_to_query"), "per_direction", 0, {}),
+    "all_negatives": (("query_to_doc", "doc_to_doc"), "joint", 2, HARDNESS["all_negatives"]),
+    "in_batch": (("query_to_doc",), "joint", 1, HARDNESS["in_batch"]),
+    "hard_negatives": (("query_to_doc",), "joint", 2, HARDNESS["hard_negatives"]),
 }
 
 
@@ -453,7 +452,7 @@ def _gather_body(rank: int, world: int) -> dict:
     MNRL and the cached loss; the difference of each."""
     n, d = 5, 8
     out = {}
-    for (config, (directions, mode, hard)), (kind, cls) in itertools.product(
+    for (config, (directions, mode, hard, more)), (kind, cls) in itertools.product(
         GATHERED.items(),
         (
             ("mnrl", "MultipleNegativesRankingLoss"),
@@ -462,7 +461,7 @@ def _gather_body(rank: int, world: int) -> dict:
     ):
         embs = _embeddings(n * world, d, 1 + hard, seed=11, dtype=torch.float64)
         local = [e[rank * n : (rank + 1) * n] for e in embs]
-        kw = dict(directions=directions, partition_mode=mode)
+        kw = dict(directions=directions, partition_mode=mode, **more)
         if kind == "cached":
             kw["mini_batch_size"] = 2
         results = []

@@ -42,22 +42,20 @@ query's own hard negatives left out by groups, its positive given as its logit),
 s + alpha with the features' gradients scaled by s / (s + alpha) where the in-batch
 negatives are penalized, plus the N x H own hard negatives' logits as O(N H D) dot
 products (penalized for "hard_negatives" / "all_negatives"), joined by logsumexp: the
-package's values and gradients, no N x N (1 + H) matrix (``_hard_query_rows``).
+package's values and gradients, no N x N (1 + H) matrix (``objectives/_hardness.py``).
 
 ``gather_across_devices=True`` (an initialized process group of more than one rank)
-runs on flashcontrast's process-group path, every direction: this rank's rows against
-every rank's embeddings, one row sweep per direction on the all-gathered columns
-(:func:`flashcontrast.distributed.rows.gathered_query_rows`), the package's values and
-gradients; uneven per-rank batches are allowed, where the package's gather needs equal
-ones.
+runs on flashcontrast's process-group path, every direction and hardness mode: this
+rank's rows against every rank's embeddings, one row sweep per direction on the
+all-gathered columns (:func:`flashcontrast.distributed.rows.gathered_query_rows`), the
+package's values and gradients (tested on 2 and 3 ranks of equal batches); uneven
+per-rank batches are allowed, where the package's gather needs equal ones.
 
 Fallbacks to the package's own computation (its N x N (1 + H) matrices), each with a
 warning once per class and reason (``warnings.warn``):
 
 * a ``similarity_fct`` other than ``sentence_transformers.util.cos_sim`` (or its alias
   ``pytorch_cos_sim``) / ``dot_score``, recognized by identity;
-* ``hardness_mode`` with ``gather_across_devices=True`` (without the gather, hardness
-  is fused: see above);
 * embeddings the engine does not take (sparse, not (N, D), dtypes other than float16 /
   bfloat16 / float32 / float64, mixed dtypes or devices, document columns of another
   batch size).
@@ -98,9 +96,9 @@ from .. import _dispatch
 from .._amp import autocast_off
 from .._validation import FEATURE_DTYPES, accumulation_dtype
 from ..backends.pair import Pair
-from ..distributed.rows import gathered_query_rows
+from ..distributed.rows import gathered_query_rows, log_partition
+from ..objectives._hardness import hard_query_rows
 from ..objectives._pair_op import sweep
-from ..objectives.multipositive import positive_mean_dots
 
 #: The classes, built on first access (module ``__getattr__``).
 _LAZY = (
@@ -155,8 +153,6 @@ def _fallback_reason(loss, embeddings) -> Optional[str]:
     if _similarity_kind(loss.similarity_fct) is None:
         name = getattr(loss.similarity_fct, "__name__", type(loss.similarity_fct).__name__)
         return f"similarity_fct={name!r} is not cos_sim or dot_score"
-    if loss.gather_across_devices and _hardness(loss) is not None:
-        return "gather_across_devices=True with hardness_mode is not fused"
     if len(embeddings) < 2:
         return "fewer than 2 embedding columns"
     q = embeddings[0]
@@ -168,56 +164,6 @@ def _fallback_reason(loss, embeddings) -> Optional[str]:
         if e.shape != q.shape or e.shape[0] == 0 or e.shape[1] == 0:
             return "embedding columns of different or empty shapes"
     return None
-
-
-class _ScaledGradient(torch.autograd.Function):
-    """x itself in the forward (no copy, no rounding); the gradient times r (a float)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, r: float) -> Tensor:
-        ctx.r = r
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad * ctx.r, None
-
-
-def _hard_query_rows(
-    q: Tensor, docs_all: Tensor, columns: int, s: Tensor, mode: str, alpha: float, backend: str
-) -> tuple[Tensor, Tensor]:  # s: a 0-d host-made tensor of the package's float scale
-    """(row LSE (N,), positive logit (N,)) of ``query_to_doc`` with the package's hardness
-    penalty: alpha * stop_grad(sim_ij) added to the logit s sim_ij of the negatives
-    ``mode`` names ("in_batch_negatives": columns of other queries; "hard_negatives": the
-    query's own hard negatives; "all_negatives": both), never to the positive.
-
-    Column j of ``docs_all`` ((columns N, D): positives, then each hard negative column)
-    belongs to query j mod N. The in-batch negatives are one "rows" sweep of q against
-    docs_all whose own hard negatives are left out (groups (arange(N), arange(columns N) %
-    N)) and whose positive (global column i) is given as its logit s sim_ii; penalized, the
-    sweep runs at scale s + alpha, where the stop-gradient makes d logit / d sim = s: the
-    features enter through :class:`_ScaledGradient` with r = s / (s + alpha), so their
-    gradients are the sweep's times r (dpos, the positive's, is not scaled). The N x H own
-    hard negatives' logits are O(N H D) dot products, penalized or not, joined to the
-    sweep's LSE by logsumexp."""
-    n = q.shape[0]
-    idx = torch.arange(n, device=q.device)
-    own = [positive_mean_dots(q, docs_all, (k * n + idx)[:, None]) for k in range(columns)]
-    positive = s * own[0]
-    penal_hard = mode in ("hard_negatives", "all_negatives")
-    hard = [s * o + alpha * o.detach() if penal_hard else s * o for o in own[1:]]
-    groups = None
-    if columns > 1:
-        groups = (idx, torch.arange(columns * n, device=q.device) % n)
-    if mode in ("in_batch_negatives", "all_negatives"):
-        scale = float(s)  # made from a Python float (fused_loss): no device sync
-        r = scale / (scale + alpha)
-        a, b = _ScaledGradient.apply(q, r), _ScaledGradient.apply(docs_all, r)
-        st = sweep(a, b, s + alpha, None, PAIRS["query_to_doc"], backend, groups=groups,
-                   positive_logits=positive)  # fmt: skip
-    else:
-        st = sweep(q, docs_all, s, None, PAIRS["query_to_doc"], backend, groups=groups)
-    return torch.logsumexp(torch.stack([st["row"], *hard]), 0), positive
 
 
 def _hardness(loss) -> Optional[tuple[str, float]]:
@@ -244,14 +190,14 @@ def fused_loss(
     ``gather_across_devices`` with an initialized process group of more than one rank
     (this rank's rows against every rank's embeddings,
     :func:`flashcontrast.distributed.rows.gathered_query_rows`); ``hardness``: the
-    package's (hardness_mode, hardness_strength > 0), or None (:func:`_hard_query_rows`).
+    package's (hardness_mode, hardness_strength > 0), or None (``objectives/_hardness.py``).
     Returns the 0-d loss (this rank's mean) in the accumulation dtype."""
     if similarity == "cos":
         embeddings = [F.normalize(e, p=2, dim=-1) for e in embeddings]
     if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         terms = gathered_query_rows(
             embeddings[0], embeddings[1:], float(scale), directions=directions,
-            partition_mode=partition_mode, backend=backend,
+            partition_mode=partition_mode, hardness=hardness, backend=backend,
         )  # fmt: skip
         return terms.mean()
     q, docs = embeddings[0], embeddings[1:]
@@ -259,31 +205,33 @@ def fused_loss(
     docs_all = torch.cat(docs, 0) if len(docs) > 1 else docs[0]
     pos_docs = docs[0]
     s = torch.tensor(float(scale), dtype=accumulation_dtype(q.dtype), device=q.device)
+    # the query each document column belongs to: column j to query j mod N
+    owners = (
+        torch.arange(n, device=q.device),
+        torch.arange(docs_all.shape[0], device=q.device) % n,
+    )
     if hardness is None:
         st = sweep(q, docs_all, s, None, PAIRS["query_to_doc"], backend)
         rows = [st["row"]]
         positive = st["pos"]  # s <q_i, d_i>: row i's positive at global column i
     else:
-        row, positive = _hard_query_rows(q, docs_all, len(docs), s, *hardness, backend)
+
+        def in_batch_rows(a, b, at, pl):
+            pair = PAIRS["query_to_doc"]
+            return sweep(a, b, at, None, pair, backend, groups=owners, positive_logits=pl)["row"]
+
+        row, positive = hard_query_rows(
+            q, docs_all, len(docs), s, float(scale), *hardness, in_batch_rows
+        )
         rows = [row]
     if "query_to_query" in directions:
         rows.append(sweep(q, None, s, None, PAIRS["query_to_query"], backend)["row"])
     if "doc_to_query" in directions:
         rows.append(sweep(pos_docs, q, s, None, PAIRS["doc_to_query"], backend)["row"])
     if "doc_to_doc" in directions:
-        groups = (
-            torch.arange(n, device=q.device),
-            torch.arange(docs_all.shape[0], device=q.device) % n,
-        )
         pair = PAIRS["doc_to_doc"]
-        rows.append(sweep(pos_docs, docs_all, s, None, pair, backend, groups=groups)["row"])
-    if len(rows) == 1:
-        log_z = rows[0]
-    elif partition_mode == "joint":
-        log_z = torch.logsumexp(torch.stack(rows), 0)
-    else:
-        log_z = torch.stack(rows).mean(0)
-    return (log_z - positive).mean()
+        rows.append(sweep(pos_docs, docs_all, s, None, pair, backend, groups=owners)["row"])
+    return (log_partition(rows, partition_mode) - positive).mean()
 
 
 class _Fused:
@@ -328,9 +276,8 @@ _NOTE = """
     flashcontrast: the loss from the embeddings runs on the pair engine (one "rows" sweep
     per direction, no N x N(1+H) matrix); ``backend=`` chooses flashcontrast's backend.
     Hardness penalties and ``gather_across_devices`` are fused too. Other similarity
-    functions, and ``gather_across_devices=True`` with ``hardness_mode``, fall back to
-    the package's computation with a warning (once per class and reason). See
-    :mod:`flashcontrast.compat.sentence_transformers`.
+    functions fall back to the package's computation with a warning (once per class and
+    reason). See :mod:`flashcontrast.compat.sentence_transformers`.
 """
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -37,6 +38,7 @@ from .._ops import backend_module
 from .._validation import accumulation_dtype, check_pair
 from ..backends.pair import Coefs, Pair, Stats, lse
 from ..objectives import uniformity as single_uniformity
+from ..objectives._hardness import hard_query_rows
 from ..objectives.multipositive import positive_mean_dots
 from . import _comm
 
@@ -63,22 +65,24 @@ class RowsGather(torch.autograd.Function):
     """(row LSE (n,), positive LSE (n,) or (0,)) of this rank's rows ``a`` (n, D') against
     every rank's columns ``b`` (all-gathered (M, D'), layout ``cols``), at global row
     offset ``row_offset`` (the global column index of row 0's positive); ``groups``:
-    optional (row ids (n,), column ids (M,)) int64 of the engine's group masking."""
+    optional (row ids (n,), column ids (M,)) int64 of the engine's group masking;
+    ``positive_logits``: optional (n,) logits of the rows' positives (they receive dpos)."""
 
     @staticmethod
     @autocast_off
     def forward(
         ctx, a, b, scale, bias, pair, lay, cols_lay, row_offset, backend, grad_scaling,
-        groups=None,
+        groups=None, positive_logits=None,
     ):  # fmt: skip
         cols = _comm.all_gather_rows(b, cols_lay)
         engine = backend_module(backend, "pair")
         rg, cg = (None, None) if groups is None else groups
-        st = engine.pair_forward(a, cols, scale, bias, pair, row_offset, 0, rg, cg, None)
+        pl = positive_logits
+        st = engine.pair_forward(a, cols, scale, bias, pair, row_offset, 0, rg, cg, pl)
         rows = lse(st.row_max, st.row_sum)
         pos = lse(st.pos_max, st.pos_sum) if pair.positives else rows.new_empty(0)
         saved = (st.row_max, st.row_sum) + ((st.pos_max, st.pos_sum) if pair.positives else ())
-        ctx.save_for_backward(a, cols, scale, bias, *saved)
+        ctx.save_for_backward(a, cols, scale, bias, pl, *saved)
         ctx.pair, ctx.lay, ctx.cols_lay, ctx.row_offset = pair, lay, cols_lay, row_offset
         ctx.backend, ctx.grad_scaling, ctx.groups = backend, grad_scaling, (rg, cg)
         ctx.b_dtype, ctx.has_bias = b.dtype, bias is not None
@@ -86,7 +90,7 @@ class RowsGather(torch.autograd.Function):
 
     @_comm.exchange_backward
     def backward(ctx, g_rows, g_pos):
-        a, cols, scale, bias, *pairs = ctx.saved_tensors
+        a, cols, scale, bias, pl, *pairs = ctx.saved_tensors
         lay, pair = ctx.lay, ctx.pair
         acc = accumulation_dtype(a.dtype)
         stats = Stats(*pairs)
@@ -95,14 +99,15 @@ class RowsGather(torch.autograd.Function):
             pos_rows=-g_pos.to(acc) if pair.positives else None,  # L = .. - gpr LSE+
         )
         g = backend_module(ctx.backend, "pair").pair_backward(
-            a, cols, scale, bias, pair, stats, coefs, ctx.row_offset, 0, *ctx.groups, None, acc
+            a, cols, scale, bias, pair, stats, coefs, ctx.row_offset, 0, *ctx.groups, pl, acc
         )
         db = _comm.reduce_scatter_rows(g.db, ctx.cols_lay)
         dscalars = _comm.all_reduce(torch.stack([g.dscale, g.dbias]).to(acc), lay)
         factor = lay.world if ctx.grad_scaling == "ddp" else 1
         da, db = (g.da * factor).to(a.dtype), (db * factor).to(ctx.b_dtype)
         dbias = dscalars[1] if ctx.has_bias else None
-        return da, db, dscalars[0], dbias, *([None] * 7)
+        dpos = None if pl is None else g.dpos * factor
+        return da, db, dscalars[0], dbias, *([None] * 7), dpos
 
 
 class GlobalSum(torch.autograd.Function):
@@ -359,6 +364,7 @@ def gathered_query_rows(
     *,
     directions: tuple = ("query_to_doc",),
     partition_mode: str = "joint",
+    hardness: Optional[tuple] = None,
     group=None,
     backend: str = "auto",
 ) -> Tensor:
@@ -377,6 +383,10 @@ def gathered_query_rows(
     - ``doc_to_doc``: positives vs all documents, every document of the same query
       excluded (groups: the global query index).
 
+    ``hardness``: the package's (hardness_mode, hardness_strength > 0) on query_to_doc,
+    or None (``objectives/_hardness.py``; the own hard negatives left out of the sweep by
+    groups of the global query index, as in doc_to_doc).
+
     log Z_i is the logsumexp of the directions' row logsumexps (``partition_mode``
     "joint") or their mean ("per_direction"), as the package's. Gradients as
     ``torch.distributed.nn.all_gather``'s, which the package uses: every rank
@@ -390,18 +400,33 @@ def gathered_query_rows(
             check_pair("queries", q, f"docs[{j}]", _comm.check_shard(f"docs[{j}]", d))
         scale = _comm.scalar("logit_scale", logit_scale, q)
         chosen = _comm.engine_backend("infonce", backend, q)
-        return (q, scale, chosen), *q.shape, q.dtype, q.device, [k, _direction_code(directions)]
+        values = [k, _direction_code(directions), hardness is not None]
+        return (q, scale, chosen), *q.shape, q.dtype, q.device, values
 
     lay, (q, scale, chosen) = _comm.setup_checked(
         "gathered_query_rows", group, "gather", "sum", backend,
-        ["number of document columns", "directions"], check, ring=False,
+        ["number of document columns", "directions", "hardness given"], check, ring=False,
         backends=_comm.ENGINE_BACKENDS,
     )  # fmt: skip
     stacked = torch.cat(list(docs)) if k > 1 else docs[0]
     docs_lay, o = scaled_layout(lay, k), lay.offset
-    rows, pos = RowsGather.apply(
-        q, stacked, scale, None, _INFONCE, lay, docs_lay, k * o, chosen, "sum"
-    )
+    own = o + torch.arange(q.shape[0], device=q.device)  # the global query index of each
+    owners = torch.cat([
+        start + torch.arange(k * size, device=q.device) % max(size, 1)
+        for start, size in zip(lay.offsets, lay.sizes)
+    ])  # fmt: skip
+    if hardness is None:
+        args = (_INFONCE, lay, docs_lay, k * o, chosen, "sum")
+        rows, pos = RowsGather.apply(q, stacked, scale, None, *args)
+    else:
+
+        def in_batch_rows(a, b, s, pl):
+            args = (_INFONCE, lay, docs_lay, k * o, chosen, "sum", (own, owners), pl)
+            return RowsGather.apply(a, b, s, None, *args)[0]
+
+        rows, pos = hard_query_rows(
+            q, stacked, k, scale, float(logit_scale), *hardness, in_batch_rows
+        )
     terms = [rows]
     if "query_to_query" in directions:
         terms.append(RowsGather.apply(q, q, scale, None, _UNIFORM, lay, lay, o, chosen, "sum")[0])
@@ -409,20 +434,20 @@ def gathered_query_rows(
         args = (_DENOMINATORS, lay, lay, o, chosen, "sum")
         terms.append(RowsGather.apply(docs[0], q, scale, None, *args)[0])
     if "doc_to_doc" in directions:
-        own = o + torch.arange(q.shape[0], device=q.device)
-        owners = torch.cat([
-            start + torch.arange(k * size, device=q.device) % max(size, 1)
-            for start, size in zip(lay.offsets, lay.sizes)
-        ])  # fmt: skip
         args = (_UNIFORM, lay, docs_lay, k * o, chosen, "sum", (own, owners))
         terms.append(RowsGather.apply(docs[0], stacked, scale, None, *args)[0])
+    return log_partition(terms, partition_mode) - pos
+
+
+def log_partition(terms: list, partition_mode: str) -> Tensor:
+    """sentence-transformers' log Z (n,) from the directions' row logsumexps ``terms``
+    (each (n,)): one softmax over the concatenated rows ("joint": their logsumexp) or the
+    mean of the per-direction ones ("per_direction")."""
     if len(terms) == 1:
-        log_z = terms[0]
-    elif partition_mode == "joint":
-        log_z = torch.logsumexp(torch.stack(terms), 0)
-    else:
-        log_z = torch.stack(terms).mean(0)
-    return log_z - pos
+        return terms[0]
+    if partition_mode == "joint":
+        return torch.logsumexp(torch.stack(terms), 0)
+    return torch.stack(terms).mean(0)
 
 
 _DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
