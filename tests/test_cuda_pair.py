@@ -586,6 +586,9 @@ def _check_launch_errors(c) -> None:
     triple.z, triple.n = 8, 0
     with pytest.raises(ValueError, match=r"_C\.symile_n2_backward: TripleParams\.n must be >= 1"):
         c.symile_n2_backward(triple, row_lse=8, grad_rows=8, dx=8, dy=8, dz=8, dscale=8, **kw)
+    triple.n, triple.m = 5, 0  # m: the rows of y and z (default -1: m = n)
+    with pytest.raises(ValueError, match=r"_C\.symile_n2_forward: TripleParams\.m must be >= 1"):
+        c.symile_n2_forward(triple, row_lse=8, **kw)
 
 
 @pytest.mark.usefixtures("kernel_target")

@@ -59,7 +59,8 @@ def dense_n2(x, y, z, scale, grad_rows):
 
 
 def _check_n2(x, y, z, scale):
-    n = x.shape[0]
+    """x (n, D) against the m^2 pairs of y, z (m, D), n = m or not."""
+    (n, d), m = x.shape, y.shape[0]
     grad_rows = torch.randn(n, device=DEVICE) / n
     s32 = torch.tensor(scale, device=DEVICE)
     lse = cuda_backend.symile_n2_forward(x, y, z, s32)
@@ -71,6 +72,7 @@ def _check_n2(x, y, z, scale):
         (lse,), grads = _grads(dense_n2, args, (0, 1, 2, 3))
         return [lse, *grads]
 
+    assert [tuple(t.shape) for t in ours] == [(n,), (n, d), (m, d), (m, d), ()]
     assert all(t.dtype == torch.float32 for t in ours[1:4])  # fp32 for every input dtype
     assert_by_rule(("row_lse", "dx", "dy", "dz", "dscale"), ours, ref(torch.float32),
                    ref(torch.float64), x.dtype)  # fmt: skip
@@ -92,6 +94,55 @@ def test_symile_n2_strided():
     z_full = torch.zeros(70, 100, device=DEVICE)
     z_full[:, 1:97:2] = _unit(70, 48, torch.float32)[0]
     _check_n2(x.t().contiguous().t(), y, z_full[:, 1:97:2], 40.0)
+
+
+@pytest.mark.parametrize(("n", "m"), [(5, 9), (9, 5), (1, 7), (7, 1), (70, 9), (9, 70)])
+@pytest.mark.parametrize("d", [3, 40])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.usefixtures("kernel_target")
+def test_symile_n2_rectangular(n, m, d, dtype):
+    """Rows x (n, D) against the m^2 pairs of y, z (m, D), as the Triton and torch backends
+    take them (a process group's rank-local part): n != m either way, two 64-row blocks of
+    x against one column block of z and one against two, D one or two 32-wide chunks, the
+    last block and chunk partial."""
+    x = _unit(n, d, dtype)[0]
+    y, z = _unit(m, d, dtype, 2)
+    _check_n2(x, y, z, 10.0 * d**0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.usefixtures("kernel_target")
+def test_symile_n2_rectangular_partial_blocks(dtype):
+    """Two row blocks of x (the second of 2 rows) against three column blocks of z (the last
+    of 2), strided y."""
+    x = _unit(66, 40, dtype)[0]
+    y_full = torch.zeros(130, 90, device=DEVICE, dtype=dtype)
+    y_full[:, 1:81:2] = _unit(130, 40, dtype)[0]
+    _check_n2(x, y_full[:, 1:81:2], _unit(130, 40, dtype)[0], 60.0)
+
+
+@pytest.mark.usefixtures("kernel_target")
+def test_symile_n2_no_rows_or_no_pairs():
+    """n = 0: no row LSEs; m = 0: every row LSE -inf (no candidate); the gradients of
+    either exactly 0 in their shapes, nothing launched."""
+    s = torch.tensor(3.0, device=DEVICE)
+    for n, m in ((0, 6), (4, 0)):
+        x, y = _unit(n, 8, torch.float32)[0], _unit(m, 8, torch.float32)[0]
+        lse = cuda_backend.symile_n2_forward(x, y, y, s)
+        assert lse.shape == (n,) and bool((lse == float("-inf")).all())
+        grads = cuda_backend.symile_n2_backward(x, y, y, s, lse, torch.ones(n, device=DEVICE))
+        assert [tuple(t.shape) for t in grads] == [(n, 8), (m, 8), (m, 8), ()]
+        assert all(not t.any() for t in grads)
+
+
+@pytest.mark.usefixtures("kernel_target")
+def test_symile_n2_rejects_mismatched_shapes():
+    x, y = _unit(4, 8, torch.float32)[0], _unit(5, 8, torch.float32)[0]
+    s = torch.tensor(3.0, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x \(n, D\) and y, z \(m, D\)"):
+        cuda_backend.symile_n2_forward(x, y, y[:4], s)
+    with pytest.raises(ValueError, match=r"x \(n, D\) and y, z \(m, D\)"):
+        cuda_backend.symile_n2_forward(x[:, :6], y, y, s)
 
 
 # ----------------------------------------------------------------------------- GRAM

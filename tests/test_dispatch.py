@@ -77,7 +77,7 @@ _VARIANTS = (None, *_dispatch.VARIANTS)
 _AUTO_FOR_VARIANT = {
     None: "cuda",
     "symile_n_squared_many": "torch",
-    "symile_n_squared_rectangular": "triton",
+    "symile_n_squared_rectangular": "cuda",
 }
 
 

@@ -13,11 +13,13 @@ concatenated batch:
   single-process "torch" backend in float32, and bfloat16 features (float32 tiles, 16-bit
   features travelling, gradients rounded once) against the float64 reference by the
   verification rule;
+* float32 also on "triton" (the rectangular Triton kernels, interpreted) and "cuda" (the
+  rectangular CUDA kernels, csrc/ built for the CPU: tests/cuda_emulator, installed by
+  each spawned rank itself as in tests/test_distributed_gram_engine.py; skipped where the
+  emulator cannot be built), n_r rows against the gathered N columns, an empty shard
+  included;
 * the setups it refuses, on every rank: strategy="ring" and M = 4 (NotImplementedError),
-  explicit permutations (ValueError), and backend="cuda" (on the last rank): the CUDA
-  symile_n2 kernels take rows and columns of one length N and a rank's rows are n_r of
-  them (RuntimeError there, relayed to the others). float32 also runs on "triton" (the
-  rectangular Triton kernels, interpreted).
+  explicit permutations (ValueError).
 
 The bytes it sends are checked by tests/test_distributed_bytes.py. Sizes are small
 (N <= 13, D = 6).
@@ -29,7 +31,7 @@ import pytest
 import torch
 
 from dist_harness import spawn
-from verification import assert_by_rule
+from verification import EMULATOR_SKIP, assert_by_rule
 
 D = 6
 SCALE = 3.0
@@ -92,10 +94,11 @@ def _cases(rank: int, world: int) -> dict:
                             for g in got[1:4])  # fmt: skip
             out[f"{sizes}/float64/{backend}/{scaling}"] = {"errs": errs, "shapes": shapes_ok}
         # float32 ("auto": the torch tiles on the CPU; "triton": the rectangular Triton
-        # kernels, interpreted) against the single-process float32 torch backend, "sum"
+        # kernels, interpreted; "cuda": the rectangular CUDA kernels, emulated) against the
+        # single-process float32 torch backend, "sum"
         reps32 = _data(n, torch.float32, 20 + li)
         ref32 = _single(reps32, torch.float32, "torch")
-        for backend in ("auto", "triton"):
+        for backend in ("auto", "triton") + (("cuda",) if EMULATOR_SKIP is None else ()):
             got = _dist(reps32, sizes, rank, backend, "sum")
             errs = [_err(got[0], ref32[0]), _err(got[4], ref32[4])]
             errs += [_err(g, r[sl]) for g, r in zip(got[1:4], ref32[1:4])]
@@ -110,21 +113,17 @@ def _cases(rank: int, world: int) -> dict:
 
 
 def _errors(rank: int, world: int) -> dict:
-    """Every refused setup, with this rank's inputs valid but for the odd argument on the
-    last rank (backend) or on every rank."""
+    """Every refused setup, with this rank's inputs valid but for the odd argument on every
+    rank."""
     import flashcontrast.distributed as fd
 
     n = 3 + rank
-    last = rank == world - 1
     reps = [torch.randn(n, D) for _ in range(3)]
     calls = {
         "ring": lambda: fd.symile_loss(reps, 2.0, negative_sampling="n_squared", strategy="ring"),
         "m4": lambda: fd.symile_loss(reps + reps[:1], 2.0, negative_sampling="n_squared"),
         "perms": lambda: fd.symile_loss(
             reps, 2.0, negative_sampling="n_squared", permutations=torch.zeros((3, 2, 1))
-        ),
-        "cuda": lambda: fd.symile_loss(
-            reps, 2.0, negative_sampling="n_squared", backend="cuda" if last else "auto"
         ),
     }
     out = {}
@@ -138,16 +137,26 @@ def _errors(rank: int, world: int) -> dict:
 
 
 def _body(rank: int, world: int) -> dict:
+    if EMULATOR_SKIP is None:  # route backend="cuda" to the emulated extension in this rank
+        import cuda_emulator
+
+        cuda_emulator.install(pytest.MonkeyPatch(), f"test_distributed_symile_n2/{world}")
     return {"cases": _cases(rank, world), "errors": _errors(rank, world)}
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_symile_n_squared_matches_single_process(world, tmp_path):
+    if EMULATOR_SKIP is None:
+        import cuda_emulator
+
+        cuda_emulator.module()  # build (or load) once here, so the ranks find it cached
     results = spawn(world, tmp_path, _body)
     for li, sizes in enumerate(LAYOUTS[world]):
         n = sum(sizes)
         for r, res in enumerate(results):
             cases = res["cases"]
+            if EMULATOR_SKIP is None:  # the emulated CUDA kernels ran on every rank
+                assert f"{sizes}/float32/cuda/sum" in cases, (r, sorted(cases))
             for key, case in cases.items():
                 if key.endswith("bfloat16") or not key.startswith(str(sizes)):
                     continue
@@ -185,14 +194,6 @@ def test_symile_n_squared_matches_single_process(world, tmp_path):
         for r, res in enumerate(results):
             got = res["errors"][key]
             assert got is not None and got[0] == name and substring in got[1], (key, r, got)
-    last = world - 1
-    for r, res in enumerate(results):  # raised on the last rank, relayed to the others
-        got = res["errors"]["cuda"]
-        assert got is not None, r
-        if r == last:
-            assert got[0] == "RuntimeError" and "backend='cuda' cannot run" in got[1], got
-        else:
-            assert got[0] == "RuntimeError" and f"rank(s) [{last}] failed" in got[1], got
 
 
 @pytest.mark.parametrize("budget", [None, 7, 40, 200])

@@ -1,7 +1,7 @@
 // Small kernels and host checks that the pair engine (pair_impl.cuh), GRAM (gram.cu) and
 // Symile n_squared (symile.cu) share: the per-program partial sums and the workspace
-// finalize of their backwards, the 1-D grid of those, the null-pointer, stride and
-// workspace-size checks. Everything
+// finalize of their backwards, the 1-D grid of those, the null-pointer, row-count, stride
+// and workspace-size checks. Everything
 // here has internal linkage (an unnamed namespace): each translation unit that includes
 // this file has its own copy, as with pair_impl.cuh. A kernel file, not a header of
 // include/, so that the CUDA emulator's rewrites (tests/cuda_emulator) reach its shared
@@ -84,6 +84,18 @@ inline void check_strides(const char* prefix,
       throw std::invalid_argument(std::string(prefix) + s.second + " must be >= 0, got " +
                                   std::to_string(s.first));
     }
+  }
+}
+
+// std::invalid_argument "<field> must be >= 1" / "must be < 2^31 - 64" for a row count
+// (the 64-row blocks of a grid dimension are counted in int).
+inline void require_count(int64_t v, const char* field) {
+  if (v < 1) {
+    throw std::invalid_argument(std::string(field) + " must be >= 1, got " + std::to_string(v));
+  }
+  if (v > (int64_t(1) << 31) - kTileM) {
+    throw std::invalid_argument(std::string(field) + " must be < 2^31 - 64, got " +
+                                std::to_string(v));
   }
 }
 

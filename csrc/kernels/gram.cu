@@ -510,16 +510,6 @@ int64_t backward_elems(const GramInputs& in, int sms) {
   return n * in.d + in.k * m * in.d + n + blocks_of(m, kBN) * backward_split(n, m, sms);
 }
 
-void require_count(int64_t v, const char* field) {
-  if (v < 1) {
-    throw std::invalid_argument(std::string(field) + " must be >= 1, got " + std::to_string(v));
-  }
-  if (v > (int64_t(1) << 31) - kBM) {
-    throw std::invalid_argument(std::string(field) + " must be < 2^31 - 64, got " +
-                                std::to_string(v));
-  }
-}
-
 // Sizes and strides of GramParams (the Python name of GramInputs), errors naming the field.
 void check_sizes(const GramInputs& in) {
   const int64_t k = in.k;

@@ -79,9 +79,9 @@ VARIANTS = {
         "cover M = 3; the blockwise torch backend any M, in bounded memory)",
     ),
     "symile_n_squared_rectangular": (
-        frozenset({"torch", "triton", "reference"}),
+        frozenset({"torch", "triton", "cuda", "reference"}),
         "Symile negative_sampling='n_squared' with n rows against m != n columns (a "
-        "process group's rank-local part; the CUDA symile_n2 kernels take one length)",
+        "process group's rank-local part)",
     ),
 }
 

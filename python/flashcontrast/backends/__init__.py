@@ -34,9 +34,12 @@ The two objectives with kernels of their own follow.
 Symile "n_squared" for M = 3 (anchor x, others y, z), module ``<backend>/symile.py``::
 
     symile_n2_forward(x, y, z, scale) -> row_lse
-        x, y, z: (N, D); row_lse_i = LSE_{j,k} scale * sum_d x_id y_jd z_kd over all N^2
-        pairs (j, k), generated tile by tile, never stored. (N,) fp32.
+        x (n, D), y, z (m, D) (n = m = N in one process; a rank's n_r rows against the
+        gathered N columns in ``distributed/symile.py``); row_lse_i = LSE_{j,k} scale *
+        sum_d x_id y_jd z_kd over all m^2 pairs (j, k), generated tile by tile, never
+        stored. (n,) fp32 (-inf for every row when m = 0).
     symile_n2_backward(x, y, z, scale, row_lse, grad_rows) -> (dx, dy, dz, dscale)
+        dx (n, D), dy and dz (m, D).
         Gradients of sum_i grad_rows_i * row_lse_i (the positive term is differentiated
         above the backend), with P_ijk = exp(logit_ijk - row_lse_i), c_ijk = grad_rows_i P_ijk:
         dx_i = scale sum_jk c_ijk y_j * z_k;  dy_j = scale sum_ik c_ijk x_i * z_k;

@@ -179,9 +179,9 @@ def _vec(t: Tensor, n: int, name: str, device: torch.device, shape: tuple = ()) 
 
 
 def _triple_params(x: Tensor, y: Tensor, z: Tensor, scale: Tensor):
-    n, d = x.shape
+    (n, d), m = x.shape, y.shape[0]
     return _C.TripleParams(
-        x=x.data_ptr(), y=y.data_ptr(), z=z.data_ptr(), n=n, d=d,
+        x=x.data_ptr(), y=y.data_ptr(), z=z.data_ptr(), n=n, m=m, d=d,
         x_stride0=x.stride(0), x_stride1=x.stride(1), y_stride0=y.stride(0),
         y_stride1=y.stride(1), z_stride0=z.stride(0), z_stride1=z.stride(1),
         dtype=_DTYPE_NAMES[x.dtype], scale=scale.data_ptr(),
@@ -189,21 +189,25 @@ def _triple_params(x: Tensor, y: Tensor, z: Tensor, scale: Tensor):
 
 
 def _check_triple(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> torch.device:
+    """Checks x (n, D) and y, z (m, D) (the Triton kernels' contract): one dtype, one device."""
     dev = _check_many("symile", {"x": x, "y": y, "z": z}, scale)
-    if not (x.shape == y.shape == z.shape):
+    if y.shape != z.shape or x.shape[1] != y.shape[1]:
         raise ValueError(
-            f"x, y, z must all be (N, D), got {tuple(x.shape)}, {tuple(y.shape)}, {tuple(z.shape)}"
+            "features must be x (n, D) and y, z (m, D) of one D, got "
+            f"{tuple(x.shape)}, {tuple(y.shape)}, {tuple(z.shape)}"
         )
     return dev
 
 
 def symile_n2_forward(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> Tensor:
-    """row_lse_i = LSE_{j,k} scale * sum_d x_id y_jd z_kd, (N,) fp32; N^3 D work, O(N D) memory."""
+    """row_lse_i = LSE_{j,k} scale * sum_d x_id y_jd z_kd, (n,) fp32: rows x (n, D) against
+    the m^2 pairs of y, z (m, D) (-inf for every row when m = 0); n m^2 D work, O((n + m) D)
+    memory."""
     dev = _check_triple(x, y, z, scale)
-    n, d = x.shape
+    (n, d), m = x.shape, y.shape[0]
     f32 = dict(dtype=torch.float32, device=dev)
-    if n == 0 or d == 0:
-        return torch.full((n,), 2.0 * math.log(n) if n else 0.0, **f32)
+    if n == 0 or m == 0 or d == 0:  # every logit 0 where D = 0
+        return torch.full((n,), 2.0 * math.log(m) if m else -math.inf, **f32)
     scale = _scalar(scale)
     row_lse = torch.empty(n, **f32)
     params = _triple_params(x, y, z, scale)
@@ -217,15 +221,16 @@ def symile_n2_forward(x: Tensor, y: Tensor, z: Tensor, scale: Tensor) -> Tensor:
 def symile_n2_backward(
     x: Tensor, y: Tensor, z: Tensor, scale: Tensor, row_lse: Tensor, grad_rows: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dy, dz, dscale) of sum_i grad_rows_i row_lse_i (backends/__init__.py)."""
+    """(dx (n, D), dy (m, D), dz (m, D), dscale) of sum_i grad_rows_i row_lse_i, all fp32
+    (shapes as :func:`symile_n2_forward`; backends/__init__.py)."""
     dev = _check_triple(x, y, z, scale)
-    n, d = x.shape
+    (n, d), m = x.shape, y.shape[0]
     f32 = dict(dtype=torch.float32, device=dev)
     row_lse = _vec(row_lse, n, "row_lse", dev)
     grad_rows = _vec(grad_rows, n, "grad_rows", dev)
-    dx, dy, dz = (torch.zeros((n, d), **f32) for _ in range(3))
+    dx, dy, dz = (torch.zeros((rows, d), **f32) for rows in (n, m, m))
     dscale = torch.zeros((), **f32)
-    if n == 0 or d == 0:
+    if n == 0 or m == 0 or d == 0:
         return dx, dy, dz, dscale
     scale = _scalar(scale)
     params = _triple_params(x, y, z, scale)

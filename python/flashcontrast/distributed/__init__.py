@@ -83,9 +83,8 @@ checks, so a backend that cannot run on one rank fails every rank), at the rows'
 columns' global offsets; CLIP's column statistics are (max, sum) pairs merged across
 ranks. GRAM sweeps its rows against each column block with the backend's GRAM kernels in
 their rectangular form (row_offset; "torch", "triton", "cuda"), the degeneracy floor and
-NaN propagation the single-process kernels'. Symile "n_squared" runs the "torch" or
-"triton" symile_n2 tiles of n_r rows against N columns (the CUDA ones are square: "cuda"
-raises on every rank).
+NaN propagation the single-process kernels'. Symile "n_squared" runs the "torch",
+"triton" or "cuda" symile_n2 tiles of n_r rows against N columns.
 
 ``"gather"``: all-gather the text features once (shards padded to n_max rows, so uneven
 sizes work with every backend); memory: all of B, O(N D), kept for the backward. CLIP
@@ -190,8 +189,7 @@ CLIP plus those terms, each the process-group one; CWCL
 all-reduce of the soft targets' (D, Du) moments; ``supcon_loss`` (``supcon.py``): the
 row-only sweep plus all-reduced per-label sums;
 ``multi_positive_infonce_loss(anchors, candidates (K, n_r, D), s)``: row sweeps against
-the gathered candidates and, per candidate batch, the gathered anchors. Not covered yet:
-Symile "n_squared" on the CUDA kernels (square only; torch and Triton tiles).
+the gathered candidates and, per candidate batch, the gathered anchors.
 """
 
 from ._comm import comm_bytes, reset_comm_bytes

@@ -180,8 +180,8 @@ GRAD_SCALINGS = ("ddp", "sum")
 # Every backend name the setup exchange can carry (its index is the code); each loss
 # accepts a subset: CLIP, SigLIP, the multi-view losses and Symile run their tiles on the
 # pair engine of any backend (ENGINE_BACKENDS, "reference" meaning the float64-capable
-# "torch" tiles; Symile "n_squared" accepts "auto", "torch" and "reference" only, its own
-# check), GRAM as blockwise PyTorch (TORCH_BACKENDS).
+# "torch" tiles; Symile "n_squared" any of them too, on its own symile_n2 tiles), GRAM as
+# blockwise PyTorch (TORCH_BACKENDS).
 BACKENDS = ("auto", "torch", "triton", "cuda", "reference")
 ENGINE_BACKENDS = BACKENDS
 TORCH_BACKENDS = ("auto", "torch")

@@ -78,10 +78,9 @@ permutations (any index maps into range(N) are accepted, as in one process).
 "n_squared" (M = 3, "gather" only): the candidates of anchor row i are all N^2 pairs (j, k)
 of the other two modalities, the positive (i, i) among them, so the rank's rows need the
 gathered others and no offset: LSE_i over the N^2 pairs minus the local s MIP_i. The rank's
-part is the symile_n2 tiles of n rows against m columns of the "torch" backend
-(``backends/blockwise/symile.py``, any device: its BLAS) or the "triton" one ("auto" on a
-GPU); the CUDA symile_n2 kernels take rows and columns of one length N, so
-``backend="cuda"`` raises on every rank.
+part is the symile_n2 tiles of n rows against m columns of the named backend: "torch"
+(``backends/blockwise/symile.py``, any device: its BLAS), "triton" or "cuda" (their
+rectangular kernels; "auto" as the single-process loss resolves it).
 The per-row cross entropies are clamped at 0 in value as in one process. Bytes as Symile
 "gather" without permutations: forward (W-1) n M D e + ar(f), backward
 (W-1) n M D f + 2 ar(f), metadata (W-1) 96.
@@ -193,10 +192,10 @@ class _SymileDist(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- "n_squared"
-# A rank's n_r rows meet all N gathered columns (n_r != N for W > 1): the "torch" and
-# "triton" backends' symile_n2 tiles take n rows against m columns; the CUDA kernels take
-# one length N. No offset is needed: the LSE runs over all N^2 tuples, the positive (i, i)
-# among them, and the positive logit s MIP_i is local.
+# A rank's n_r rows meet all N gathered columns (n_r != N for W > 1): every backend's
+# symile_n2 tiles ("torch", "triton", "cuda") take n rows against m columns. No offset is
+# needed: the LSE runs over all N^2 tuples, the positive (i, i) among them, and the
+# positive logit s MIP_i is local.
 
 
 class _SymileN2Dist(torch.autograd.Function):
@@ -494,11 +493,9 @@ def symile_loss(
     ``negative_sampling="n_squared"`` (M = 3, ``strategy="gather"``): every anchor row
     against all N^2 pairs of the other two modalities, the (N, M, D) representations
     all-gathered; every rank returns the single-process n_squared loss of the
-    concatenated batch. Its rank-local part runs on the "torch" or "triton" symile_n2
-    tiles (n_r rows against N columns; the dispatcher's "symile_n_squared_rectangular"
-    call variant: "auto" never picks "cuda", whose kernels take rows and columns of one
-    length, and ``backend="cuda"`` raises a
-    RuntimeError on every rank); "ring" and M > 3 raise
+    concatenated batch. Its rank-local part runs on the "torch", "triton" or "cuda"
+    symile_n2 tiles (n_r rows against N columns; the dispatcher's
+    "symile_n_squared_rectangular" call variant); "ring" and M > 3 raise
     NotImplementedError on every rank, ``permutations`` a ValueError (as in one process).
     """
 
