@@ -20,7 +20,7 @@ import torch
 from c_structs import gram_params, triple_params
 from flashcontrast import _cuda_ext
 from flashcontrast.backends import cuda as cuda_backend
-from flashcontrast.backends.gram import GramBlock
+from flashcontrast.backends.gram import GramBlock, GramCoefs
 from verification import assert_by_rule
 
 HAS_C = _cuda_ext.HAS_C
@@ -184,7 +184,9 @@ def _check_gram(anchor, others, scale, eps=0.1, grad=1.3):
     consts = det_h.float(), adj_h.float(), floor_h.float()
     block = GramBlock(anchor, others, s32, *consts)
     fwd = cuda_backend.gram_forward(block)
-    bwd = cuda_backend.gram_backward(block, fwd[0], fwd[1], torch.tensor(grad, device=DEVICE), eps)
+    bwd = cuda_backend.gram_backward(
+        block, GramCoefs(fwd[0], fwd[1], torch.tensor(grad, device=DEVICE), eps)
+    )
     ours = [*fwd, *bwd]
 
     def ref(dt):
@@ -235,9 +237,7 @@ def test_gram_rectangular_out_dtype_and_total(dtype):
     def call(t, o, out_dtype):
         block = GramBlock(t, o, s32, det_h, adj_h, floor_h, row_offset=20)
         fwd = cuda_backend.gram_forward(block)
-        bwd = cuda_backend.gram_backward(
-            block, fwd[0], fwd[1], g, 0.1, total=200, out_dtype=out_dtype
-        )
+        bwd = cuda_backend.gram_backward(block, GramCoefs(fwd[0], fwd[1], g, 0.1, 200), out_dtype)
         return fwd, bwd
 
     fwd, wide = call(anchor, others, torch.float32)
@@ -265,7 +265,7 @@ def test_cpu_tensors_raise_clearly():
         lambda: cuda_backend.symile_n2_backward(x, x, x, s, v, v),
         lambda: cuda_backend.gram_forward(GramBlock(x, x[None], s, v, torch.ones(5, 1, 1), v)),
         lambda: cuda_backend.gram_backward(
-            GramBlock(x, x[None], s, v, torch.ones(5, 1, 1), v), v, v, s, 0.1
+            GramBlock(x, x[None], s, v, torch.ones(5, 1, 1), v), GramCoefs(v, v, s, 0.1)
         ),
     ]
     for call in calls:

@@ -37,7 +37,7 @@ import torch
 from dist_harness import spawn
 from flashcontrast import gram_loss
 from flashcontrast._ops import backend_module
-from flashcontrast.backends.gram import GramBlock
+from flashcontrast.backends.gram import GramBlock, GramCoefs
 from flashcontrast.objectives.gram import (
     column_constants_from_gram,
     floor_from_gram,
@@ -125,7 +125,9 @@ def test_rectangular_blocks_merge_to_the_square_call(kind, backend, cuts):
     g = torch.tensor(GRAD_OUT)
     consts = _consts(o)
     full = module.gram_forward(GramBlock(t, o, s, *consts))
-    full_bwd = module.gram_backward(GramBlock(t, o, s, *consts), full[0], full[1], g, eps)
+    full_bwd = module.gram_backward(
+        GramBlock(t, o, s, *consts), GramCoefs(full[0], full[1], g, eps)
+    )
     inf = float("-inf")
     row_lse, col_lse = torch.full((n,), inf), torch.full((n,), inf)
     diag, row_sum, col_sum = torch.zeros(n), torch.zeros(n), torch.zeros(n)
@@ -152,9 +154,8 @@ def test_rectangular_blocks_merge_to_the_square_call(kind, backend, cuts):
         for c0, c1 in col_cuts:
             blk = [c[c0:c1] for c in consts]
             block = GramBlock(t[r0:r1], o[:, c0:c1].contiguous(), s, *blk, r0 - c0)
-            out = module.gram_backward(
-                block, row_lse[r0:r1], col_lse[c0:c1], g, eps, total=n, out_dtype=torch.float32
-            )
+            coefs = GramCoefs(row_lse[r0:r1], col_lse[c0:c1], g, eps, total=n)
+            out = module.gram_backward(block, coefs, out_dtype=torch.float32)
             da[r0:r1] += out[0]
             do[:, c0:c1] += out[1]
             ds += out[2]

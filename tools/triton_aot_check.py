@@ -292,7 +292,7 @@ def _cuda(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 def _gram_case(k: int, n: int, d: int, dtype: torch.dtype, rectangular: bool = False) -> None:
     """GRAM square (the single-process call) or rectangular (a rank's n / 2 rows against
     n columns at an offset: the distributed call, its SQUARE=False kernels)."""
-    from flashcontrast.backends.gram import GramBlock
+    from flashcontrast.backends.gram import GramBlock, GramCoefs
     from flashcontrast.backends.triton import gram
 
     rows, offset = (n // 2, n // 4) if rectangular else (n, 0)
@@ -300,8 +300,8 @@ def _gram_case(k: int, n: int, d: int, dtype: torch.dtype, rectangular: bool = F
     scale, det_h, adj_h, floor_h = _cuda(), _cuda(n), _cuda(n, k, k), _cuda(n)
     block = GramBlock(anchor, others, scale, det_h, adj_h, floor_h, offset)
     row_lse, col_lse, *_ = gram.gram_forward(block)
-    gram.gram_backward(block, row_lse, col_lse, _cuda(), 0.1, total=n,
-                       out_dtype=torch.float32 if rectangular else None)  # fmt: skip
+    coefs = GramCoefs(row_lse, col_lse, _cuda(), 0.1, total=n)
+    gram.gram_backward(block, coefs, out_dtype=torch.float32 if rectangular else None)
 
 
 def _symile_case(n: int, d: int, dtype: torch.dtype) -> None:

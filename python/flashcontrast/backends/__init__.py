@@ -78,10 +78,12 @@ row_offset=0)``::
         for a NaN / inf det: never a max() that drops NaN). floor_h (N,) is the
         degeneracy floor rtol prod_r |o^r_j|^2 (objectives/gram.py). All (N,) fp32: LSE
         over j, LSE over i, L_ii, sum over j, sum over i (the sums serve label smoothing).
-    gram_backward(block, row_lse, col_lse, grad, label_smoothing, total=None,
-                  out_dtype=None) -> (d_anchor, d_others_u, dscale, col_tt, col_uu)
-        row_lse / col_lse the merged (global) ones; total the N of 1/(2N) and eps/N
-        (default m); out_dtype of the partial d_anchor / d_others_u (None: the inputs').
+    gram_backward(block, coefs, out_dtype=None)
+            -> (d_anchor, d_others_u, dscale, col_tt, col_uu)
+        coefs = ``backends.gram.GramCoefs(row_lse, col_lse, grad, label_smoothing,
+        total=None)``: row_lse / col_lse the merged (global) ones; total the N of 1/(2N)
+        and eps/N (default m); out_dtype of the partial d_anchor / d_others_u (None: the
+        inputs').
         With eps = label_smoothing and grad the upstream scalar of
         L = 1/2 [CE_rows(L) + CE_cols(L)] (torch's label-smoothed CE),
         dL_ij = grad / (2N) (P_row_ij + P_col_ij - 2 (1 - eps) [i == j] - 2 eps / N),

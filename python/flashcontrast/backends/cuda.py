@@ -40,7 +40,7 @@ from torch import Tensor
 from .. import _cuda_ext
 from . import _panel, _paths
 from ._pair_entry import Sweep, backward_entry, forward_entry
-from .gram import GramBlock
+from .gram import GramBlock, GramCoefs
 from .pair import Coefs, Grads, Pair, Stats
 
 __all__ = [
@@ -302,18 +302,13 @@ def gram_forward(block: GramBlock) -> tuple[Tensor, Tensor, Tensor, Tensor, Tens
 
 
 def gram_backward(
-    block: GramBlock,
-    row_lse: Tensor,
-    col_lse: Tensor,
-    grad: Tensor,
-    label_smoothing: float,
-    total: Optional[int] = None,
-    out_dtype: Optional[torch.dtype] = None,
+    block: GramBlock, coefs: GramCoefs, out_dtype: Optional[torch.dtype] = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_anchor (n, D), d_others_u (K, m, D), dscale, col_tt (m,), col_uu (m, K, K)) of this
-    block per backends/__init__.py, from the merged row_lse (n,) and col_lse (m,); total:
-    the N of 1/(2N) and eps/N (default m); d_anchor and d_others_u in ``out_dtype`` (None:
-    the inputs'; float32 straight from the kernel, any other a cast), the rest fp32."""
+    block per backends/__init__.py, from the merged statistics ``coefs``; d_anchor and
+    d_others_u in ``out_dtype`` (None: the inputs'; float32 straight from the kernel, any
+    other a cast), the rest fp32."""
+    row_lse, col_lse, grad, label_smoothing, total = coefs
     dev, det_h, adj_h, floor_h = _check_gram(block)
     anchor, others = block.anchor, block.others
     k, m, d = others.shape

@@ -39,7 +39,7 @@ from torch import Tensor
 from .._amp import autocast_off
 from .._ops import backend_module
 from .._validation import accumulation_dtype
-from ..backends.gram import GramBlock
+from ..backends.gram import GramBlock, GramCoefs
 from ..objectives.gram import (
     _check_label_smoothing,
     _check_others,
@@ -135,9 +135,8 @@ class _GramDist(torch.autograd.Function):
             with torch.enable_grad():
                 yl, det_h, adj_h, floor_h = _constants(y, acc)
             block = GramBlock(t, y, scale, det_h.detach(), adj_h.detach(), floor_h, row_offset)
-            d_a, d_u, ds, col_tt, col_uu = module.gram_backward(
-                block, row_lse, col_lse_blk, g, eps, total=lay.total, out_dtype=acc
-            )
+            coefs = GramCoefs(row_lse, col_lse_blk, g, eps, lay.total)
+            d_a, d_u, ds, col_tt, col_uu = module.gram_backward(block, coefs, out_dtype=acc)
             dt.add_(d_a)
             dscale.add_(ds.to(acc))
             if y.shape[1] == 0:

@@ -54,7 +54,7 @@ from .._validation import (
     check_features,
     check_pair,
 )
-from ..backends.gram import GramBlock
+from ..backends.gram import GramBlock, GramCoefs
 
 #: Most other modalities (K = M - 1) supported. The Laplace expansion of the per-column
 #: constants costs O(K^2 2^K) (N,)-vector ops, and the Triton kernels unroll over K.
@@ -281,9 +281,8 @@ def gram_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_anchor, d_others_u, dscale, col_tt, col_uu) of the backend contract."""
     block = GramBlock(anchor, others, scale, det_h, adj_h, floor_h)
-    return backend_module(backend, "gram").gram_backward(
-        block, row_lse, col_lse, grad, label_smoothing
-    )
+    coefs = GramCoefs(row_lse, col_lse, grad, label_smoothing)
+    return backend_module(backend, "gram").gram_backward(block, coefs)
 
 
 @gram_bwd.register_fake

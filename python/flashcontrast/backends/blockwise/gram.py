@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 
 from ..._validation import accumulation_dtype
-from ..gram import GramBlock
+from ..gram import GramBlock, GramCoefs
 from . import MAX_BLOCK_ELEMENTS, block_rows
 
 
@@ -124,17 +124,14 @@ def gram_forward(block: GramBlock, max_block_elements: Optional[int] = None):
 
 def gram_backward(
     block: GramBlock,
-    row_lse,
-    col_lse,
-    grad,
-    label_smoothing: float,
-    total: Optional[int] = None,
+    coefs: GramCoefs,
     out_dtype: Optional[torch.dtype] = None,
     max_block_elements: Optional[int] = None,
 ):
     """(d_anchor (n, D), d_others_u (K, m, D), dscale, col_tt (m,), col_uu (m, K, K)) of
-    this block, by recomputing each row block; row_lse (n,) and col_lse (m,) are the
-    merged (complete) LSEs, ``total`` the N of the loss's 1/(2N) and eps/N (default m)."""
+    this block, by recomputing each row block, from the merged (complete) statistics
+    ``coefs`` (``backends.gram.GramCoefs``)."""
+    row_lse, col_lse, grad, label_smoothing, total = coefs
     anchor, others, scale, row_offset = block.anchor, block.others, block.scale, block.row_offset
     k, m, _ = others.shape
     n = anchor.shape[0]

@@ -59,9 +59,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from ..gram import GramBlock
+from ..gram import GramBlock, GramCoefs
 from ._common import (
     _bwd_program,
     _bwd_row_block,
@@ -440,19 +439,11 @@ def gram_forward(block: GramBlock):
     return row_lse[:n], col_lse[:m], diag, row_sum, col_sum
 
 
-def gram_backward(
-    block: GramBlock,
-    row_lse: Tensor,
-    col_lse: Tensor,
-    grad: Tensor,
-    label_smoothing: float,
-    total: Optional[int] = None,
-    out_dtype: Optional[torch.dtype] = None,
-):
+def gram_backward(block: GramBlock, coefs: GramCoefs, out_dtype: Optional[torch.dtype] = None):
     """(d_anchor (n, D), d_others_u (K, m, D), dscale 0-d fp32, col_tt (m,) fp32, col_uu
-    (m, K, K) fp32) of this block, from the merged row_lse (n,) and col_lse (m,); total:
-    the N of 1/(2N) and eps/N (default m); d_anchor and d_others_u in ``out_dtype`` (None:
-    the inputs' dtype)."""
+    (m, K, K) fp32) of this block, from the merged statistics ``coefs``; d_anchor and
+    d_others_u in ``out_dtype`` (None: the inputs' dtype)."""
+    row_lse, col_lse, grad, label_smoothing, total = coefs
     _prepare(block)
     anchor, others, scale, row_offset = block.anchor, block.others, block.scale, block.row_offset
     k, m, d = others.shape
