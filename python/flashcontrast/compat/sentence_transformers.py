@@ -205,11 +205,12 @@ def fused_loss(
     docs_all = torch.cat(docs, 0) if len(docs) > 1 else docs[0]
     pos_docs = docs[0]
     s = torch.tensor(float(scale), dtype=accumulation_dtype(q.dtype), device=q.device)
-    # the query each document column belongs to: column j to query j mod N
-    owners = (
-        torch.arange(n, device=q.device),
-        torch.arange(docs_all.shape[0], device=q.device) % n,
-    )
+    owners = None  # the query each document column belongs to: column j to query j mod N
+    if hardness is not None or "doc_to_doc" in directions:
+        owners = (
+            torch.arange(n, device=q.device),
+            torch.arange(docs_all.shape[0], device=q.device) % n,
+        )
     if hardness is None:
         st = sweep(q, docs_all, s, None, PAIRS["query_to_doc"], backend)
         rows = [st["row"]]

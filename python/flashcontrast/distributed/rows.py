@@ -410,18 +410,19 @@ def gathered_query_rows(
     )  # fmt: skip
     stacked = torch.cat(list(docs)) if k > 1 else docs[0]
     docs_lay, o = scaled_layout(lay, k), lay.offset
-    own = o + torch.arange(q.shape[0], device=q.device)  # the global query index of each
-    owners = torch.cat([
-        start + torch.arange(k * size, device=q.device) % max(size, 1)
-        for start, size in zip(lay.offsets, lay.sizes)
-    ])  # fmt: skip
+    groups = None  # (each row's global query index, each gathered document's)
+    if hardness is not None or "doc_to_doc" in directions:
+        groups = (o + torch.arange(q.shape[0], device=q.device), torch.cat([
+            start + torch.arange(k * size, device=q.device) % max(size, 1)
+            for start, size in zip(lay.offsets, lay.sizes)
+        ]))  # fmt: skip
     if hardness is None:
         args = (_INFONCE, lay, docs_lay, k * o, chosen, "sum")
         rows, pos = RowsGather.apply(q, stacked, scale, None, *args)
     else:
 
         def in_batch_rows(a, b, s, pl):
-            args = (_INFONCE, lay, docs_lay, k * o, chosen, "sum", (own, owners), pl)
+            args = (_INFONCE, lay, docs_lay, k * o, chosen, "sum", groups, pl)
             return RowsGather.apply(a, b, s, None, *args)[0]
 
         rows, pos = hard_query_rows(
@@ -434,7 +435,7 @@ def gathered_query_rows(
         args = (_DENOMINATORS, lay, lay, o, chosen, "sum")
         terms.append(RowsGather.apply(docs[0], q, scale, None, *args)[0])
     if "doc_to_doc" in directions:
-        args = (_UNIFORM, lay, docs_lay, k * o, chosen, "sum", (own, owners))
+        args = (_UNIFORM, lay, docs_lay, k * o, chosen, "sum", groups)
         terms.append(RowsGather.apply(docs[0], stacked, scale, None, *args)[0])
     return log_partition(terms, partition_mode) - pos
 
