@@ -12,9 +12,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
+# Under pytest-xdist (the README's `-n auto`) every worker is a process of its own: the
+# cores are shared out among them, so that torch's intra-op threads do not oversubscribe
+# the machine (most tests are single-threaded Python: the Triton interpreter, the emulator).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
-from cuda_emulator import SKIP_REASON as EMULATOR_SKIP
+import pytest  # noqa: E402
+
+from cuda_emulator import SKIP_REASON as EMULATOR_SKIP  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
