@@ -61,11 +61,36 @@ def test_uniform_16_bit_features(dtype):
 
 
 def test_align_is_the_published_function():
+    """Loss and both gradients (the written-out backward) against autograd through the
+    published formula, a row with x_i = y_i included (its gradient: 0)."""
     x, y = torch.randn(20, 6, dtype=torch.float64), torch.randn(20, 6, dtype=torch.float64)
+    y[3] = x[3]
     for alpha in (1.0, 2.0, 3.0):
-        torch.testing.assert_close(
-            flashcontrast.align_loss(x, y, alpha), _published_align(x, y, alpha)
-        )
+        got = _loss_and_grads(lambda u, v, a=alpha: flashcontrast.align_loss(u, v, a), x, y)
+        want = _loss_and_grads(lambda u, v, a=alpha: _published_align(u, v, a), x, y)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+        assert torch.equal(got[1][3], torch.zeros(6, dtype=torch.float64))
+
+
+def _loss_and_grads(fn, x, y):
+    x, y = x.clone().requires_grad_(), y.clone().requires_grad_()
+    loss = fn(x, y)
+    loss.backward()
+    return loss.detach(), x.grad, y.grad
+
+
+def test_align_16_bit_features_in_float32():
+    """bfloat16 features: the loss in float32 from the float32 difference (as
+    contrastive_gap_loss needs it), the gradients in bfloat16, by the rule against float64."""
+    x, y = (torch.nn.functional.normalize(torch.randn(30, 8), dim=1) for _ in range(2))
+    xb, yb = x.bfloat16(), y.bfloat16()
+    got = _loss_and_grads(flashcontrast.align_loss, xb, yb)
+    exact = _loss_and_grads(_published_align, xb.double(), yb.double())
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0].double(), exact[0], rtol=1e-6, atol=1e-6)
+    for g, w in zip(got[1:], exact[1:]):
+        torch.testing.assert_close(g.double(), w, rtol=1e-2, atol=1e-3)
 
 
 def test_bad_arguments_raise():
@@ -74,5 +99,5 @@ def test_bad_arguments_raise():
         flashcontrast.uniform_loss(x[:1])
     with pytest.raises(ValueError, match="positive"):
         flashcontrast.uniform_loss(x, t=0.0)
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(ValueError, match="same shape"):
         flashcontrast.align_loss(x, x[:4])

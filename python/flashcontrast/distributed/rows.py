@@ -37,6 +37,7 @@ from .._amp import autocast_off
 from .._ops import backend_module
 from .._validation import accumulation_dtype, check_pair
 from ..backends.pair import Coefs, Pair, Stats, lse
+from ..objectives import _augmented
 from ..objectives import uniformity as single_uniformity
 from ..objectives._hardness import hard_query_rows
 from ..objectives.multipositive import positive_mean_dots
@@ -66,23 +67,28 @@ class RowsGather(torch.autograd.Function):
     every rank's columns ``b`` (all-gathered (M, D'), layout ``cols``), at global row
     offset ``row_offset`` (the global column index of row 0's positive); ``groups``:
     optional (row ids (n,), column ids (M,)) int64 of the engine's group masking;
-    ``positive_logits``: optional (n,) logits of the rows' positives (they receive dpos)."""
+    ``positive_logits``: optional (n,) logits of the rows' positives (they receive dpos).
+    ``augment_t > 0``: the uniformity sweep of a(a) against b(the gathered b)
+    (``objectives/_augmented.py``): the features travel and are saved as given, the
+    augmented rows are built in each direction, the gradients are a's and b's."""
 
     @staticmethod
     @autocast_off
     def forward(
         ctx, a, b, scale, bias, pair, lay, cols_lay, row_offset, backend, grad_scaling,
-        groups=None, positive_logits=None,
+        groups=None, positive_logits=None, augment_t=0.0,
     ):  # fmt: skip
         cols = _comm.all_gather_rows(b, cols_lay)
         engine = backend_module(backend, "pair")
         rg, cg = (None, None) if groups is None else groups
         pl = positive_logits
-        st = engine.pair_forward(a, cols, scale, bias, pair, row_offset, 0, rg, cg, pl)
+        ctx.augment_t = augment_t
+        sa, sc = _augment(a, cols, augment_t)
+        st = engine.pair_forward(sa, sc, scale, bias, pair, row_offset, 0, rg, cg, pl)
         rows = lse(st.row_max, st.row_sum)
         pos = lse(st.pos_max, st.pos_sum) if pair.positives else rows.new_empty(0)
         saved = (st.row_max, st.row_sum) + ((st.pos_max, st.pos_sum) if pair.positives else ())
-        ctx.save_for_backward(a, cols, scale, bias, pl, *saved)
+        ctx.save_for_backward(a, b, cols, scale, bias, pl, *saved)
         ctx.pair, ctx.lay, ctx.cols_lay, ctx.row_offset = pair, lay, cols_lay, row_offset
         ctx.backend, ctx.grad_scaling, ctx.groups = backend, grad_scaling, (rg, cg)
         ctx.b_dtype, ctx.has_bias = b.dtype, bias is not None
@@ -90,24 +96,36 @@ class RowsGather(torch.autograd.Function):
 
     @_comm.exchange_backward
     def backward(ctx, g_rows, g_pos):
-        a, cols, scale, bias, pl, *pairs = ctx.saved_tensors
-        lay, pair = ctx.lay, ctx.pair
+        a, b, cols, scale, bias, pl, *pairs = ctx.saved_tensors
+        lay, pair, t = ctx.lay, ctx.pair, ctx.augment_t
         acc = accumulation_dtype(a.dtype)
         stats = Stats(*pairs)
         coefs = Coefs(
             rows=g_rows.to(acc),
             pos_rows=-g_pos.to(acc) if pair.positives else None,  # L = .. - gpr LSE+
         )
+        sa, sc = _augment(a, cols, t)
         g = backend_module(ctx.backend, "pair").pair_backward(
-            a, cols, scale, bias, pair, stats, coefs, ctx.row_offset, 0, *ctx.groups, pl, acc
+            sa, sc, scale, bias, pair, stats, coefs, ctx.row_offset, 0, *ctx.groups, pl, acc
         )
         db = _comm.reduce_scatter_rows(g.db, ctx.cols_lay)
+        da = g.da
+        if t > 0:
+            da, db = _augmented.rows_grad(a, t, da), _augmented.columns_grad(b, t, db)
         dscalars = _comm.all_reduce(torch.stack([g.dscale, g.dbias]).to(acc), lay)
         factor = lay.world if ctx.grad_scaling == "ddp" else 1
-        da, db = (g.da * factor).to(a.dtype), (db * factor).to(ctx.b_dtype)
+        da, db = (da * factor).to(a.dtype), (db * factor).to(ctx.b_dtype)
         dbias = dscalars[1] if ctx.has_bias else None
         dpos = None if pl is None else g.dpos * factor
-        return da, db, dscalars[0], dbias, *([None] * 7), dpos
+        return da, db, dscalars[0], dbias, *([None] * 7), dpos, None
+
+
+def _augment(a: Tensor, cols: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    """The sweep's rows and columns: the features themselves, or (t > 0) the uniformity
+    sweep's augmented a(a), b(cols) (N, D + 2) in the accumulation dtype."""
+    if t > 0:
+        return _augmented.rows(a, t), _augmented.columns(cols, t)
+    return a, cols
 
 
 class GlobalSum(torch.autograd.Function):
@@ -222,9 +240,9 @@ def _uniformity(name: str, x: Tensor, y, t, group, strategy, backend, grad_scali
     )  # fmt: skip
     if lay.total < 2:
         raise ValueError(f"{name} needs N >= 2 samples (pairs i != j), got N = {lay.total}")
-    a, b, unit = single_uniformity.augmented(xs, t, ys)
-    args = (_UNIFORM, lay, lay, lay.offset, chosen, grad_scaling)
-    rows, _ = RowsGather.apply(a, b, unit, None, *args)
+    unit = torch.ones((), dtype=accumulation_dtype(xs.dtype), device=xs.device)
+    args = (_UNIFORM, lay, lay, lay.offset, chosen, grad_scaling, None, None, float(t))
+    rows, _ = RowsGather.apply(xs, xs if ys is None else ys, unit, None, *args)
     return _GlobalLSE.apply(rows, lay) - math.log(lay.total * (lay.total - 1))
 
 
@@ -285,8 +303,7 @@ def align_loss(
     lay, (xs, ys) = _comm.setup_checked(
         "align_loss", group, "gather", grad_scaling, "auto", [], check, ring=False
     )
-    acc = accumulation_dtype(xs.dtype)
-    values = (xs.to(acc) - ys.to(acc)).norm(p=2, dim=1).pow(alpha)
+    values = single_uniformity.paired_distances(xs, ys, float(alpha))
     return GlobalSum.apply(_Local.apply(values, lay, grad_scaling).sum(), lay) / lay.total
 
 

@@ -13,7 +13,10 @@ only its inputs and O(n + m) pairs: no copy of the features lives until the back
 
 ``b = None`` is a self-similarity (b is a): the backward returns dA + dB summed in the
 accumulation dtype and rounded once. ``positive_logits`` (n,) replaces the positives'
-logits (Symile "n") and receives their gradient.
+logits (Symile "n") and receives their gradient. ``augment_t > 0`` is the uniformity sweep
+(``_augmented.py``): a and b are the features x and y (b None: y = x), the sweep runs on
+a(x) against b(y), built in each direction and never saved, and the gradients are x's and
+y's (with b None, both sides' in d a).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .._amp import autocast_off
 from .._ops import backend_module
 from .._validation import accumulation_dtype
 from ..backends.pair import Coefs, Pair, Stats, lse
+from . import _augmented
 
 _FIELDS = Stats._fields[:8]  # the eight (max, sum) vectors, in Stats order
 
@@ -52,6 +56,7 @@ def pair_lse(
     row_offset: int,
     col_offset: int,
     backend: str,
+    augment_t: float,
 ) -> tuple[
     Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
     Tensor, Tensor,
@@ -59,6 +64,8 @@ def pair_lse(
     """(row, pos, col, cpos, total, *the eight (max, sum) vectors); unused ones empty."""
     pair = Pair(epilogue, positives, exclude_self, period)
     cols = a if b is None else b
+    if augment_t > 0:
+        a, cols = _augmented.rows(a, augment_t), _augmented.columns(cols, augment_t)
     stats = backend_module(backend, "pair").pair_forward(
         a, cols, scale, bias, pair, row_offset, col_offset, row_groups, col_groups,
         positive_logits,
@@ -74,7 +81,8 @@ def pair_lse(
 
 @pair_lse.register_fake
 def _pair_lse_fake(a, b, scale, bias, row_groups, col_groups, positive_logits, epilogue,
-                   positives, exclude_self, period, row_offset, col_offset, backend):  # fmt: skip
+                   positives, exclude_self, period, row_offset, col_offset, backend,
+                   augment_t):  # fmt: skip
     acc = accumulation_dtype(a.dtype)
     n, m = a.shape[0], (a if b is None else b).shape[0]
     rows = a.new_empty(n, dtype=acc) if epilogue != "sigmoid" else _empty(a)
@@ -105,6 +113,7 @@ def pair_lse_bwd(
     row_offset: int,
     col_offset: int,
     backend: str,
+    augment_t: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(da, db, dscale, dbias, dpos); with b None, da is d(a) whole and db is empty."""
     pair = Pair(epilogue, positives, exclude_self, period)
@@ -112,12 +121,22 @@ def pair_lse_bwd(
     c = Coefs(*[None if x.numel() == 0 and x.dim() == 1 else x for x in coefs[:4]],
               total=coefs[4])  # fmt: skip
     cols = a if b is None else b
-    out_dtype = accumulation_dtype(a.dtype) if b is None else None
+    x, y = a, cols
+    if augment_t > 0:
+        a, cols = _augmented.rows(x, augment_t), _augmented.columns(y, augment_t)
+    out_dtype = accumulation_dtype(a.dtype) if b is None or augment_t > 0 else None
     g = backend_module(backend, "pair").pair_backward(
         a, cols, scale, bias, pair, stats, c, row_offset, col_offset, row_groups, col_groups,
         positive_logits, out_dtype,
     )  # fmt: skip
-    if b is None:
+    if augment_t > 0:
+        da = _augmented.rows_grad(x, augment_t, g.da)
+        db = _augmented.columns_grad(y, augment_t, g.db)
+        if b is None:
+            da, db = (da + db).to(x.dtype), _empty(x)
+        else:
+            da, db = da.to(x.dtype), db.to(y.dtype)
+    elif b is None:
         da, db = (g.da + g.db).to(a.dtype), _empty(a)
     else:
         da, db = g.da, g.db
@@ -128,7 +147,7 @@ def pair_lse_bwd(
 @pair_lse_bwd.register_fake
 def _pair_lse_bwd_fake(a, b, scale, bias, row_groups, col_groups, positive_logits, pairs, coefs,
                        epilogue, positives, exclude_self, period, row_offset, col_offset,
-                       backend):  # fmt: skip
+                       backend, augment_t):  # fmt: skip
     acc = accumulation_dtype(a.dtype)
     db = _empty(a) if b is None else torch.empty_like(b, memory_format=torch.contiguous_format)
     dpos = _empty(a) if positive_logits is None else a.new_empty(a.shape[0], dtype=acc)
@@ -142,7 +161,7 @@ def _pair_lse_bwd_fake(a, b, scale, bias, row_groups, col_groups, positive_logit
 
 
 _OPTIONS = ("epilogue", "positives", "exclude_self", "period", "row_offset", "col_offset",
-            "backend")  # fmt: skip
+            "backend", "augment_t")  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -202,13 +221,15 @@ def sweep(
     positive_logits: Optional[Tensor] = None,
     row_offset: int = 0,
     col_offset: int = 0,
+    augment_t: float = 0.0,
 ) -> dict:
     """``pair_lse`` with the options as a :class:`Pair`; {"row", "pos", "col", "cpos",
-    "total"}: the logsumexps the epilogue produces (the others absent)."""
+    "total"}: the logsumexps the epilogue produces (the others absent). ``augment_t > 0``:
+    the uniformity sweep of a(a) against b(b) (``_augmented.py``)."""
     rg, cg = (None, None) if groups is None else groups
     out = pair_lse(
         a, b, scale, bias, rg, cg, positive_logits, pair.epilogue, pair.positives,
-        pair.exclude_self, pair.period, row_offset, col_offset, backend,
+        pair.exclude_self, pair.period, row_offset, col_offset, backend, float(augment_t),
     )  # fmt: skip
     names = ("row", "pos", "col", "cpos")
     res = {k: v for k, v in zip(names, out[:4]) if not (v.dim() == 1 and v.numel() == 0)}

@@ -13,9 +13,10 @@ over i < j is the mean over i != j (the summand is symmetric), and
 
 exactly, so uniform(x) = LSE_{i != j} <a_i, b_j> - log(N (N - 1)): one "rows" sweep of a
 against b with the diagonal excluded (``backends/pair.py``) and a logsumexp over the N row
-statistics. a and b are (N, D + 2) in float32 (float64 for float64 x), built by torch and
-differentiated by autograd back to x (the norms' gradient included); for unit-norm x the
-two extra columns are constants, -t and 1.
+statistics. a and b are (N, D + 2) in float32 (float64 for float64 x), built inside the
+sweep's op in its forward and again in its backward, and the gradient maps back to x by
+the chain rule (the norms' part included; ``_augmented.py``): no float32 copy of 16-bit x
+lives until the backward. For unit-norm x the two extra columns are constants, -t and 1.
 
 Cross-modal uniformity (Fahim, Murphy & Fyshe 2024, the "contrastive gap" paper's
 L_XUniform; :mod:`.contrastive_gap`) is the same sweep with b built from the other
@@ -41,39 +42,58 @@ from .._validation import accumulation_dtype, check_features, check_pair
 from ..backends.pair import Pair
 from ._pair_op import sweep
 
-__all__ = ["align_loss", "cross_uniform_loss", "uniform_loss"]
+__all__ = ["align_loss", "cross_uniform_loss", "paired_distances", "uniform_loss"]
 
 #: every ordered pair i != j, no positives
 PAIR = Pair("rows", positives=False, exclude_self=True)
 
 
+@torch.library.custom_op("flashcontrast::paired_distances", mutates_args=())
+@autocast_off
+def paired_distances(x: Tensor, y: Tensor, alpha: float) -> Tensor:
+    """(N,) ||x_i - y_i||_2^alpha of paired (N, D) features, in the accumulation dtype.
+
+    Its backward recomputes x_i - y_i from the inputs: d x_i = -d y_i = g_i alpha
+    ||x_i - y_i||^(alpha - 2) (x_i - y_i), 0 where x_i = y_i (the subgradient 0 for any
+    alpha). So only the inputs are saved, never a float32 difference of 16-bit features.
+    """
+    acc = accumulation_dtype(x.dtype)
+    return (x.to(acc) - y.to(acc)).norm(p=2, dim=1).pow(alpha)
+
+
+@paired_distances.register_fake
+def _paired_distances_fake(x, y, alpha):
+    return x.new_empty(x.shape[0], dtype=accumulation_dtype(x.dtype))
+
+
+def _distances_setup(ctx, inputs, output) -> None:
+    x, y, ctx.alpha = inputs
+    ctx.save_for_backward(x, y)
+
+
+def _distances_backward(ctx, grad):
+    x, y = ctx.saved_tensors
+    acc = accumulation_dtype(x.dtype)
+    diff = x.to(acc) - y.to(acc)
+    norm = diff.norm(p=2, dim=1)
+    coef = torch.where(norm > 0, ctx.alpha * norm.pow(ctx.alpha - 2.0), torch.zeros_like(norm))
+    dx = diff.mul_((grad.to(acc) * coef)[:, None])
+    return dx.to(x.dtype), (-dx).to(y.dtype), None
+
+
+torch.library.register_autograd(
+    "flashcontrast::paired_distances", _distances_backward, setup_context=_distances_setup
+)
+
+
 def align_loss(x: Tensor, y: Tensor, alpha: float = 2.0) -> Tensor:
     """mean_i ||x_i - y_i||_2^alpha for paired (N, D) features (Wang & Isola's
-    ``align_loss``; O(N D), no pairwise part)."""
+    ``align_loss``; O(N D), no pairwise part). 0-d, float32 for 16-bit features (float64
+    for float64); differentiable in x and y (:func:`paired_distances`)."""
     x = check_features("x", x)
     y = check_features("y", y)
-    if x.shape != y.shape:
-        raise ValueError(f"x and y must have one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-    return (x - y).norm(p=2, dim=1).pow(alpha).mean()
-
-
-def augmented(x: Tensor, t: float, y: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(a from x, b from y (N, D + 2), the unit scale): <a_i, b_j> = -t ||x_i - y_j||^2
-    (y = x when None), in the accumulation dtype (the rows and columns of the uniformity
-    sweep)."""
-    acc = accumulation_dtype(x.dtype)
-    root = math.sqrt(2.0 * t)
-
-    def parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        za = z.to(acc)
-        sq = -t * (za * za).sum(dim=1, keepdim=True)  # (N, 1)
-        return root * za, sq, torch.ones_like(sq)
-
-    xr, xsq, one = parts(x)
-    yr, ysq, _ = (xr, xsq, one) if y is None else parts(y)
-    a = torch.cat([xr, xsq, one], dim=1)
-    b = torch.cat([yr, one, ysq], dim=1)
-    return a, b, torch.ones((), dtype=acc, device=x.device)
+    check_pair("x", x, "y", y)
+    return paired_distances(x, y, float(alpha)).mean()
 
 
 def check_t(t: object) -> None:
@@ -84,8 +104,8 @@ def check_t(t: object) -> None:
 
 def _mean_exp_log(x: Tensor, y: Optional[Tensor], t: float, chosen: str) -> Tensor:
     """log mean_{i != j} exp(-t ||x_i - y_j||^2) (y = x when None) by one row sweep."""
-    a, b, unit = augmented(x, t, y)
-    rows = sweep(a, b, unit, None, PAIR, chosen)["row"]  # LSE_{j != i} <a_i, b_j>
+    unit = torch.ones((), dtype=accumulation_dtype(x.dtype), device=x.device)
+    rows = sweep(x, y, unit, None, PAIR, chosen, augment_t=t)["row"]  # LSE_{j != i} <a_i, b_j>
     n = x.shape[0]
     return torch.logsumexp(rows, dim=0) - math.log(n * (n - 1))
 
