@@ -26,12 +26,14 @@ empty shards; the test functions read the cached results.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Optional
 
 import pytest
 import torch
 
+import flashcontrast.distributed as fd
 from dist_harness import SIZES, spawn, symile_sampling
 
 D = 5
@@ -410,3 +412,15 @@ def test_empty_shards_match_the_single_process_loss(layout, objective, tmp_path_
             for q in ("loss", "dfeat", "dscale", "dbias"):
                 if q in case:
                     assert case[q] < 1e-10, f"rank {r} {key}: {q} off by {case[q]:.3g}"
+
+
+@pytest.mark.parametrize("name", [n for n in fd.__all__ if n.endswith("_loss")])
+def test_process_group_keywords_are_checked_like_a_defs(name):
+    """Every process-group loss takes its options as ``**options``: a misspelt keyword
+    raises TypeError before any communication (no process group needed), naming it."""
+    fn = getattr(fd, name)
+    params = inspect.signature(fn).parameters.values()
+    required = [p for p in params if p.kind == p.POSITIONAL_OR_KEYWORD and p.default is p.empty]
+    kwonly = {p.name: None for p in params if p.kind == p.KEYWORD_ONLY and p.default is p.empty}
+    with pytest.raises(TypeError, match="unexpected keyword argument 'grad_scalling'"):
+        fn(*[None] * len(required), **kwonly, grad_scalling="sum")

@@ -96,7 +96,7 @@ def _setup(
     in a later collective), then require equal shards, as OpenCLIP's gathers do. Returns
     (scale, bias) as 0-d tensors (autograd flows back to the arguments)."""
     lay, _, _, scale, bias = _comm.setup(
-        who, image_features, text_features, logit_scale, logit_bias, None, "gather", "ddp"
+        who, image_features, text_features, logit_scale, logit_bias, _comm.Options()
     )
     if len(set(lay.sizes)) != 1:
         raise ValueError(

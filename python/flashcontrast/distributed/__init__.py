@@ -10,6 +10,13 @@ global batch's.
     # cwcl_loss(img, txt, s, weight_features=u) (CLIP's sweep + all-reduced moments)
     loss = flashcontrast.distributed.supcon_loss(views, labels, temperature)  # SupCon
 
+Every loss here takes the same four process-group keywords, ``**options``
+(:class:`ProcessGroupOptions`, their defaults in one place, ``_comm.Options``): ``group``
+(None: the default group), ``strategy`` ("gather" or "ring"; the row-only losses, the
+contrastive gap and SupCon gather only), ``backend`` (the local tiles', as the
+single-process functions take it) and ``grad_scaling`` ("ddp" or "sum"); ``align_loss``
+takes ``group`` and ``grad_scaling`` only. An unknown keyword raises TypeError.
+
 Semantics
 ---------
 Rank r passes rows [o_r, o_r + n_r) of the global batch (shard sizes may differ; they are
@@ -192,7 +199,7 @@ row-only sweep plus all-reduced per-label sums;
 the gathered candidates and, per candidate batch, the gathered anchors.
 """
 
-from ._comm import comm_bytes, reset_comm_bytes
+from ._comm import ProcessGroupOptions, comm_bytes, reset_comm_bytes
 from .clip import clip_loss
 from .contrastive_gap import contrastive_gap_loss
 from .cwcl import cwcl_loss
@@ -210,6 +217,7 @@ from .supcon import supcon_loss
 from .symile import symile_loss
 
 __all__ = [
+    "ProcessGroupOptions",
     "align_loss",
     "clip_loss",
     "comm_bytes",

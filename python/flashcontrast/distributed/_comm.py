@@ -24,7 +24,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, TypedDict, Union
+
+try:  # re-exported to the losses' modules, for their ``**options`` annotations
+    from typing import Unpack
+except ImportError:  # Python < 3.11 (torch depends on typing_extensions)
+    from typing_extensions import Unpack  # noqa: F401
 
 import torch
 import torch.distributed as dist
@@ -38,6 +43,43 @@ from ..backends.blockwise import block_rows
 from ..objectives.clip import _check_groups
 
 _SENT = {"bytes": 0}
+
+
+class ProcessGroupOptions(TypedDict, total=False):
+    """The keywords every process-group loss takes (``**options``), defaults in
+    :class:`Options`:
+
+    group: the torch.distributed process group; None: the default group.
+    strategy: "gather" (all-gather the columns) or "ring" (pass them around the ring);
+        the losses that only gather say so.
+    backend: the local tiles' backend, as the single-process functions take it: "auto",
+        "torch", "triton", "cuda" or "reference" (the same on every rank).
+    grad_scaling: "ddp" (each rank's feature gradients are W x the single-process ones,
+        so that DDP's averaging over W ranks gives them) or "sum" (1 x).
+    """
+
+    group: Optional[dist.ProcessGroup]
+    strategy: str
+    backend: str
+    grad_scaling: str
+
+
+class Options(NamedTuple):
+    """A process-group loss's options with their defaults (:class:`ProcessGroupOptions`)."""
+
+    group: Optional[dist.ProcessGroup] = None
+    strategy: str = "gather"
+    backend: str = "auto"
+    grad_scaling: str = "ddp"
+
+
+def options(name: str, given: dict) -> Options:
+    """``given`` (a loss's ``**options``) with the defaults filled in; a keyword that is
+    not an option raises the TypeError Python raises for a ``def``'s unknown keyword."""
+    for key in given:
+        if key not in Options._fields:
+            raise TypeError(f"{name}() got an unexpected keyword argument {key!r}")
+    return Options(**given)
 
 
 def comm_bytes() -> int:
@@ -382,11 +424,8 @@ def setup_pair(
     text_features: object,
     logit_scale: object,
     logit_bias: object,
-    group: Optional[dist.ProcessGroup],
-    strategy: str,
-    grad_scaling: str,
+    opts: Options,
     groups: object = None,
-    backend: str = "auto",
     objective: Optional[str] = None,
     ring: bool = True,
 ) -> tuple:
@@ -396,8 +435,9 @@ def setup_pair(
     :func:`flashcontrast.clip_loss`'s against this rank's n_r; the caller uses it as
     given once this returns). F = 2 fields: logit_bias given, groups given (given on some
     ranks only raises on every rank), so the metadata is 9 int64 (72 bytes) per rank,
-    with or without bias and groups. ``objective`` ("clip" / "siglip"): the loss runs on
-    the pair engine, ``backend`` is one of ENGINE_BACKENDS and is resolved among this
+    with or without bias and groups. ``opts``: the loss's process-group options.
+    ``objective`` ("clip" / "siglip"): the loss runs on the pair engine, the backend is
+    one of ENGINE_BACKENDS and is resolved among this
     rank's checks (:func:`engine_backend`: a backend that cannot run on one rank fails
     on every rank); None: TORCH_BACKENDS, resolved to "torch". ``ring=False``: the loss
     has no "ring" strategy (it raises on every rank). Returns (layout, a, b, scale, bias,
@@ -412,7 +452,7 @@ def setup_pair(
         if isinstance(groups, Tensor):
             check_dense("groups", groups)
         _check_groups(groups, a)
-        chosen = "torch" if objective is None else engine_backend(objective, backend, a)
+        chosen = "torch" if objective is None else engine_backend(objective, opts.backend, a)
         n, d = a.shape
         flags = [bias is not None, groups is not None]
         return (a, b, scale, bias, chosen), n, d, a.dtype, a.device, flags
@@ -420,16 +460,16 @@ def setup_pair(
     fields = ["logit_bias given", "groups given"]
     backends = TORCH_BACKENDS if objective is None else ENGINE_BACKENDS
     lay, payload = setup_checked(
-        name, group, strategy, grad_scaling, backend, fields, check, ring, backends
-    )
+        name, opts.group, opts.strategy, opts.grad_scaling, opts.backend, fields, check, ring,
+        backends,
+    )  # fmt: skip
     return (lay, *payload)
 
 
 def setup(name: str, *args: object, **kwargs: object) -> tuple:
     """:func:`setup_pair` without the engine (backend "auto" or "torch"): its arguments
-    but ``objective`` (image_features, text_features, logit_scale, logit_bias, group,
-    strategy, grad_scaling, groups=None, backend="auto"); returns (layout, a, b, scale,
-    bias)."""
+    but ``objective`` (image_features, text_features, logit_scale, logit_bias, opts,
+    groups=None); returns (layout, a, b, scale, bias)."""
     return setup_pair(name, *args, objective=None, **kwargs)[:5]
 
 

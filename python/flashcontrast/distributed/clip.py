@@ -70,6 +70,7 @@ from .._ops import backend_module
 from .._validation import accumulation_dtype
 from ..backends.pair import Coefs, Pair, Stats, lse, merge_lse
 from . import _comm
+from ._comm import Unpack
 
 #: CLIP on the pair engine: row and column softmaxes, the positive of row i at column i.
 PAIR = Pair("softmax")
@@ -248,10 +249,7 @@ def clip_loss(
     logit_bias=None,
     *,
     groups: Optional[Tensor] = None,
-    group=None,
-    strategy: str = "gather",
-    backend: str = "auto",
-    grad_scaling: str = "ddp",
+    **options: Unpack[_comm.ProcessGroupOptions],
 ) -> Tensor:
     """CLIP's symmetric InfoNCE over the global batch of a process group.
 
@@ -283,6 +281,8 @@ def clip_loss(
             are one group. Given on all ranks or none (checked: groups on some ranks
             only, or a bad tensor on one rank, raises on every rank). Costs 8 (W-1) n
             more bytes per rank for "gather", 16 (W-1) n for "ring" (module doc).
+        **options: the process-group keywords, each optional, the same four for every
+            loss here (:class:`flashcontrast.distributed.ProcessGroupOptions`):
         group: the process group (None: the default group).
         strategy: "gather" (all-gather the texts once) or "ring" (text shards travel
             around the ring by point-to-point send/recv). See
@@ -299,18 +299,10 @@ def clip_loss(
     mismatch, or a failed check on one rank, raises on every rank). Every rank must
     call the loss and its backward (both communicate).
     """
+    opts = _comm.options("clip_loss", options)
     lay, a, b, scale, bias, chosen = _comm.setup_pair(
-        "clip_loss",
-        image_features,
-        text_features,
-        logit_scale,
-        logit_bias,
-        group,
-        strategy,
-        grad_scaling,
-        groups,
-        backend,
+        "clip_loss", image_features, text_features, logit_scale, logit_bias, opts, groups,
         objective="clip",
-    )
+    )  # fmt: skip
     ids = None if groups is None else groups.to(torch.int64)  # checked by setup
-    return _ClipDist.apply(a, b, scale, bias, ids, lay, strategy, grad_scaling, chosen)
+    return _ClipDist.apply(a, b, scale, bias, ids, lay, opts.strategy, opts.grad_scaling, chosen)

@@ -26,6 +26,7 @@ from torch import Tensor
 from .._validation import check_pair
 from ..objectives.contrastive_gap import VARIANTS, gap_sum, gap_weights
 from . import _comm
+from ._comm import Unpack
 from .clip import clip_loss
 from .rows import align_loss, cross_uniform_loss, uniform_loss
 
@@ -60,10 +61,7 @@ def contrastive_gap_loss(
     uniformity_weight: float = 1.0,
     alignment_weight: float = 1.0,
     cross_uniformity_weight: Optional[float] = None,
-    group=None,
-    strategy: str = "gather",
-    backend: str = "auto",
-    grad_scaling: str = "ddp",
+    **options: Unpack[_comm.ProcessGroupOptions],
 ) -> Tensor:
     """L_CUA / L_CUAXU (:func:`flashcontrast.contrastive_gap_loss`) of the global batch of
     a process group: each rank passes its paired (n_r, D) image and text shards (n_r may
@@ -72,6 +70,7 @@ def contrastive_gap_loss(
     the single-process ones of the rank's rows with ``grad_scaling="ddp"`` (1x with
     "sum"), ``logit_scale``'s equal on every rank. ``strategy`` "gather" only (the
     uniformity terms have no ring). The options must agree on every rank (checked)."""
+    group, strategy, backend, grad_scaling = _comm.options("contrastive_gap_loss", options)
 
     def check():
         w = gap_weights(variant, t, uniformity_weight, alignment_weight, cross_uniformity_weight)

@@ -26,6 +26,7 @@ from .._amp import autocast_off
 from .._validation import accumulation_dtype, check_pair
 from ..objectives import cwcl as single
 from . import _comm
+from ._comm import Unpack
 from .clip import _ClipDist
 
 __all__ = ["cwcl_loss"]
@@ -83,10 +84,7 @@ def cwcl_loss(
     logit_bias=None,
     *,
     weight_features: Tensor,
-    group=None,
-    strategy: str = "gather",
-    backend: str = "auto",
-    grad_scaling: str = "ddp",
+    **options: Unpack[_comm.ProcessGroupOptions],
 ) -> Tensor:
     """CWCL (:func:`flashcontrast.cwcl_loss`, the paper's weights, direction "both") over
     the global batch of a process group.
@@ -102,6 +100,7 @@ def cwcl_loss(
     on every rank (checked in one metadata exchange: a mismatch or a bad input on one
     rank raises on every rank).
     """
+    group, strategy, backend, grad_scaling = _comm.options("cwcl_loss", options)
 
     def check():
         a = _comm.check_shard("image_features", image_features)

@@ -48,6 +48,7 @@ from ..objectives.gram import (
     gram_matrices,
 )
 from . import _comm
+from ._comm import Unpack
 
 #: The backends whose GRAM kernels take the rectangular form (row_offset, partial column
 #: statistics, ``total``, ``out_dtype``): all of them.
@@ -190,10 +191,7 @@ def gram_loss(
     logit_scale,
     *,
     label_smoothing: float = 0.0,
-    group=None,
-    strategy: str = "gather",
-    backend: str = "auto",
-    grad_scaling: str = "ddp",
+    **options: Unpack[_comm.ProcessGroupOptions],
 ) -> Tensor:
     """GRAM's volume contrastive loss over the global batch of a process group.
 
@@ -209,6 +207,7 @@ def gram_loss(
     that backend's GRAM kernels in their rectangular form (module doc). An explicit
     backend that cannot run on some rank fails the setup checks of every rank.
     """
+    group, strategy, backend, grad_scaling = _comm.options("gram_loss", options)
 
     def check():
         a = _comm.check_shard("anchor", anchor)

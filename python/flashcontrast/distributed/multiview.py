@@ -59,6 +59,7 @@ from ..objectives.multiview import (
     mv_positive_lse_bwd,
 )
 from . import _comm
+from ._comm import Unpack
 from .clip import LocalRows
 
 
@@ -271,10 +272,7 @@ def multiview_infonce_loss(
     logit_scale,
     *,
     groups: Optional[Tensor] = None,
-    group=None,
-    strategy: str = "gather",
-    backend: str = "auto",
-    grad_scaling: str = "ddp",
+    **options: Unpack[_comm.ProcessGroupOptions],
 ) -> Tensor:
     """MV-InfoNCE over the global batch of a process group.
 
@@ -287,6 +285,7 @@ def multiview_infonce_loss(
     (``grad_scaling="ddp"``: features W x, ``logit_scale`` 1x the single-process
     gradients; ``"sum"``: features 1x). ``strategy``: "gather" or "ring" (module doc).
     """
+    group, strategy, backend, grad_scaling = _comm.options("multiview_infonce_loss", options)
     return _run(
         "multiview_infonce_loss", views, logit_scale, groups, group, strategy, backend,
         grad_scaling, False,
@@ -298,13 +297,11 @@ def multiview_dhel_loss(
     logit_scale,
     *,
     groups: Optional[Tensor] = None,
-    group=None,
-    strategy: str = "gather",
-    backend: str = "auto",
-    grad_scaling: str = "ddp",
+    **options: Unpack[_comm.ProcessGroupOptions],
 ) -> Tensor:
     """MV-DHEL over the global batch of a process group (global N >= 2); arguments,
     result and gradients as :func:`multiview_infonce_loss`."""
+    group, strategy, backend, grad_scaling = _comm.options("multiview_dhel_loss", options)
     return _run(
         "multiview_dhel_loss", views, logit_scale, groups, group, strategy, backend,
         grad_scaling, True,

@@ -42,6 +42,7 @@ from ..objectives import uniformity as single_uniformity
 from ..objectives._hardness import hard_query_rows
 from ..objectives.multipositive import positive_mean_dots
 from . import _comm
+from ._comm import Unpack
 
 __all__ = [
     "align_loss",
@@ -198,11 +199,7 @@ def infonce_loss(
     keys: Tensor,
     logit_scale,
     logit_bias=None,
-    *,
-    group=None,
-    strategy: str = "gather",
-    backend: str = "auto",
-    grad_scaling: str = "ddp",
+    **options: Unpack[_comm.ProcessGroupOptions],
 ) -> Tensor:
     """One-directional InfoNCE (:func:`flashcontrast.infonce_loss`, offset 0) over the
     global batch of a process group: each rank passes its queries and their keys, (n_r, D)
@@ -211,11 +208,12 @@ def infonce_loss(
     rank returns the single-process mean loss. Gradients, ``grad_scaling`` and the setup
     checks as :func:`flashcontrast.distributed.clip_loss`; ``strategy`` "gather" only.
     """
+    opts = _comm.options("infonce_loss", options)
     lay, q, k, scale, bias, chosen = _comm.setup_pair(
-        "infonce_loss", query, keys, logit_scale, logit_bias, group, strategy, grad_scaling,
-        backend=backend, objective="infonce", ring=False,
+        "infonce_loss", query, keys, logit_scale, logit_bias, opts, objective="infonce",
+        ring=False,
     )  # fmt: skip
-    args = (_INFONCE, lay, lay, lay.offset, chosen, grad_scaling)
+    args = (_INFONCE, lay, lay, lay.offset, chosen, opts.grad_scaling)
     rows, pos = RowsGather.apply(q, k, scale, bias, *args)
     return GlobalSum.apply((rows - pos).sum(), lay) / lay.total
 
@@ -249,11 +247,7 @@ def _uniformity(name: str, x: Tensor, y, t, group, strategy, backend, grad_scali
 def uniform_loss(
     x: Tensor,
     t: float = 2.0,
-    *,
-    group=None,
-    strategy: str = "gather",
-    backend: str = "auto",
-    grad_scaling: str = "ddp",
+    **options: Unpack[_comm.ProcessGroupOptions],
 ) -> Tensor:
     """Wang & Isola's uniformity (:func:`flashcontrast.uniform_loss`) of the global batch
     of a process group, N >= 2: log mean_{i < j} exp(-t ||x_i - x_j||^2) over the
@@ -261,6 +255,7 @@ def uniform_loss(
     Gradients and checks as :func:`flashcontrast.distributed.clip_loss` (``strategy``
     "gather" only; x gets W x its single-process gradient with "ddp").
     """
+    group, strategy, backend, grad_scaling = _comm.options("uniform_loss", options)
     return _uniformity("uniform_loss", x, None, t, group, strategy, backend, grad_scaling)
 
 
@@ -268,11 +263,7 @@ def cross_uniform_loss(
     x: Tensor,
     y: Tensor,
     t: float = 2.0,
-    *,
-    group=None,
-    strategy: str = "gather",
-    backend: str = "auto",
-    grad_scaling: str = "ddp",
+    **options: Unpack[_comm.ProcessGroupOptions],
 ) -> Tensor:
     """Cross-modal uniformity (:func:`flashcontrast.cross_uniform_loss`) of the global
     batch, N >= 2: log mean_{i != j} exp(-t ||x_i - y_j||^2), i and j global indices into
@@ -281,6 +272,7 @@ def cross_uniform_loss(
     excluded. Gradients and checks as :func:`flashcontrast.distributed.clip_loss`
     (``strategy`` "gather" only).
     """
+    group, strategy, backend, grad_scaling = _comm.options("cross_uniform_loss", options)
     return _uniformity("cross_uniform_loss", x, y, t, group, strategy, backend, grad_scaling)
 
 
@@ -311,11 +303,7 @@ def multi_positive_infonce_loss(
     anchors: Tensor,
     candidates: Tensor,
     logit_scale,
-    *,
-    group=None,
-    strategy: str = "gather",
-    backend: str = "auto",
-    grad_scaling: str = "ddp",
+    **options: Unpack[_comm.ProcessGroupOptions],
 ) -> Tensor:
     """1-to-K multi-positive InfoNCE (:func:`flashcontrast.multi_positive_infonce_loss`,
     both directions, ``positives=None``) over the global batch of a process group.
@@ -330,6 +318,7 @@ def multi_positive_infonce_loss(
     (K gathers of the anchors). Gradients and checks as
     :func:`flashcontrast.distributed.clip_loss` ("gather" only).
     """
+    group, strategy, backend, grad_scaling = _comm.options("multi_positive_infonce_loss", options)
 
     def check():
         a = _comm.check_shard("anchors", anchors)

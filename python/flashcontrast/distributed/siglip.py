@@ -23,6 +23,7 @@ from torch import Tensor
 from .._amp import autocast_off
 from ..backends.pair import Coefs, Pair, Stats
 from . import _comm
+from ._comm import Unpack
 from .clip import LocalRows
 
 #: SigLIP on the pair engine: the softplus total, the positive of row i at column i.
@@ -80,11 +81,7 @@ def siglip_loss(
     text_features: Tensor,
     logit_scale,
     logit_bias,
-    *,
-    group=None,
-    strategy: str = "gather",
-    backend: str = "auto",
-    grad_scaling: str = "ddp",
+    **options: Unpack[_comm.ProcessGroupOptions],
 ) -> Tensor:
     """SigLIP's pairwise sigmoid loss over the global batch of a process group.
 
@@ -99,6 +96,8 @@ def siglip_loss(
         image_features, text_features: this rank's (n_r, D) shard.
         logit_scale: the multiplier s; logit_bias: the bias b (None: 0; given on all
             ranks or none).
+        **options: the process-group keywords, each optional, the same four for every
+            loss here (:class:`flashcontrast.distributed.ProcessGroupOptions`):
         group: the process group (None: the default group).
         strategy: "gather" or "ring" (see :mod:`flashcontrast.distributed`).
         backend: the pair engine's backend for the local tiles, as for
@@ -106,16 +105,9 @@ def siglip_loss(
             "cuda", "reference").
         grad_scaling: "ddp" or "sum".
     """
+    opts = _comm.options("siglip_loss", options)
     lay, a, b, scale, bias, chosen = _comm.setup_pair(
-        "siglip_loss",
-        image_features,
-        text_features,
-        logit_scale,
-        logit_bias,
-        group,
-        strategy,
-        grad_scaling,
-        backend=backend,
+        "siglip_loss", image_features, text_features, logit_scale, logit_bias, opts,
         objective="siglip",
-    )
-    return _SigLipDist.apply(a, b, scale, bias, lay, strategy, grad_scaling, chosen)
+    )  # fmt: skip
+    return _SigLipDist.apply(a, b, scale, bias, lay, opts.strategy, opts.grad_scaling, chosen)

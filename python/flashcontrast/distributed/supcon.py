@@ -49,6 +49,7 @@ from .._validation import accumulation_dtype, check_groups
 from ..objectives.multiview import Views, _stack
 from ..objectives.supcon import PAIR, _label_sums
 from . import _comm
+from ._comm import Unpack
 from .rows import GlobalSum, RowsGather, scaled_layout
 
 __all__ = ["supcon_loss"]
@@ -112,11 +113,7 @@ def supcon_loss(
     labels: Optional[Tensor] = None,
     temperature: object = 0.07,
     base_temperature: float = 0.07,
-    *,
-    group=None,
-    strategy: str = "gather",
-    backend: str = "auto",
-    grad_scaling: str = "ddp",
+    **options: Unpack[_comm.ProcessGroupOptions],
 ) -> Tensor:
     """Supervised contrastive loss (:func:`flashcontrast.supcon_loss`, reduction "mean")
     of the global batch of a process group.
@@ -131,6 +128,7 @@ def supcon_loss(
     ones of this rank's rows, ``temperature`` (a one-element tensor) the single-process
     one. ``strategy`` "gather" only; ``backend`` chooses the sweep's pair engine.
     """
+    group, strategy, backend, grad_scaling = _comm.options("supcon_loss", options)
 
     def check():
         x = features

@@ -102,6 +102,7 @@ from ..backends.pair import Coefs, Stats, lse
 from ..objectives._symile_n import PAIR, _product, add_factor_gradients, add_positive_gradient, mip
 from ..objectives.symile import _check_representations, _permutations
 from . import _comm
+from ._comm import Unpack
 
 #: negative_sampling values, coded in the metadata exchange
 NEGATIVE_SAMPLING = ("n", "n_squared")
@@ -467,10 +468,7 @@ def symile_loss(
     negative_sampling: str = "n",
     generator: Optional[torch.Generator] = None,
     permutations: Optional[Union[Tensor, Sequence]] = None,
-    group=None,
-    strategy: str = "gather",
-    backend: str = "auto",
-    grad_scaling: str = "ddp",
+    **options: Unpack[_comm.ProcessGroupOptions],
 ) -> Tensor:
     """Symile with negative_sampling="n" over the global batch of a process group.
 
@@ -498,6 +496,7 @@ def symile_loss(
     "symile_n_squared_rectangular" call variant); "ring" and M > 3 raise
     NotImplementedError on every rank, ``permutations`` a ValueError (as in one process).
     """
+    group, strategy, backend, grad_scaling = _comm.options("symile_loss", options)
 
     def check():
         if negative_sampling not in NEGATIVE_SAMPLING:
