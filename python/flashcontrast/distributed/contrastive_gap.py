@@ -11,9 +11,9 @@ first checks that every rank passes the same variant, t and weights (a different
 would run different collectives), then each term makes its own (7 int64 per rank each).
 
 Bytes per rank ("gather"; notation of :mod:`flashcontrast.distributed`): CLIP's, plus
-twice the uniformity's (W - 1) n (D + 2) 2 f (the (D + 2)-column rows are float32
-(float64 for float64 features) whatever the feature dtype), plus as much again for
-L_XUniform, plus ar(2 f) for the alignment.
+twice the uniformity's (W - 1) n (D e + (D + 2) f) (the features gathered as given, the
+(D + 2)-column gradients reduce-scattered in float32, float64 for float64 features), plus
+as much again for L_XUniform, plus ar(2 f) for the alignment.
 """
 
 from __future__ import annotations

@@ -18,9 +18,10 @@ is averaged over ranks (every rank differentiates the same function). Feature gr
 are W x the single-process ones with ``grad_scaling="ddp"`` (1x with "sum"), the scalars'
 the single-process ones, as for :func:`flashcontrast.distributed.clip_loss`.
 
-Bytes per rank (W ranks, equal shards of n rows, D' features of e bytes, f per
-statistic): forward (W - 1) n D' e + ar(f) (InfoNCE; uniformity ar(2 f)); backward
-ar(f) + (W - 1) n D' f + ar(2 f).
+Bytes per rank (W ranks, equal shards of n rows, D features of e bytes, f per
+statistic): forward (W - 1) n D e + ar(f) (InfoNCE; uniformity ar(2 f)); backward
+ar(f) + (W - 1) n D' f + ar(2 f), D' = D (InfoNCE) or D + 2 (the uniformities: their
+augmented rows, built on each rank from the gathered features, ``_augmented.py``).
 """
 
 from __future__ import annotations
