@@ -82,7 +82,7 @@ def _loss_and_grads(fn, x, y):
 
 def test_align_16_bit_features_in_float32():
     """bfloat16 features: the loss in float32 from the float32 difference (as
-    contrastive_gap_loss needs it), the gradients in bfloat16, by the rule against float64."""
+    contrastive_gap_loss needs it), the gradients in bfloat16, close to float64's."""
     x, y = (torch.nn.functional.normalize(torch.randn(30, 8), dim=1) for _ in range(2))
     xb, yb = x.bfloat16(), y.bfloat16()
     got = _loss_and_grads(flashcontrast.align_loss, xb, yb)

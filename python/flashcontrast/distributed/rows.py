@@ -85,7 +85,7 @@ class RowsGather(torch.autograd.Function):
         rg, cg = (None, None) if groups is None else groups
         pl = positive_logits
         ctx.augment_t = augment_t
-        sa, sc = _augment(a, cols, augment_t)
+        sa, sc = _augmented.operands(a, cols, augment_t)
         st = engine.pair_forward(sa, sc, scale, bias, pair, row_offset, 0, rg, cg, pl)
         rows = lse(st.row_max, st.row_sum)
         pos = lse(st.pos_max, st.pos_sum) if pair.positives else rows.new_empty(0)
@@ -106,28 +106,17 @@ class RowsGather(torch.autograd.Function):
             rows=g_rows.to(acc),
             pos_rows=-g_pos.to(acc) if pair.positives else None,  # L = .. - gpr LSE+
         )
-        sa, sc = _augment(a, cols, t)
+        sa, sc = _augmented.operands(a, cols, t)
         g = backend_module(ctx.backend, "pair").pair_backward(
             sa, sc, scale, bias, pair, stats, coefs, ctx.row_offset, 0, *ctx.groups, pl, acc
         )
-        db = _comm.reduce_scatter_rows(g.db, ctx.cols_lay)
-        da = g.da
-        if t > 0:
-            da, db = _augmented.rows_grad(a, t, da), _augmented.columns_grad(b, t, db)
+        da, db = _augmented.grads(a, b, t, g.da, _comm.reduce_scatter_rows(g.db, ctx.cols_lay))
         dscalars = _comm.all_reduce(torch.stack([g.dscale, g.dbias]).to(acc), lay)
         factor = lay.world if ctx.grad_scaling == "ddp" else 1
         da, db = (da * factor).to(a.dtype), (db * factor).to(ctx.b_dtype)
         dbias = dscalars[1] if ctx.has_bias else None
         dpos = None if pl is None else g.dpos * factor
         return da, db, dscalars[0], dbias, *([None] * 7), dpos, None
-
-
-def _augment(a: Tensor, cols: Tensor, t: float) -> tuple[Tensor, Tensor]:
-    """The sweep's rows and columns: the features themselves, or (t > 0) the uniformity
-    sweep's augmented a(a), b(cols) (N, D + 2) in the accumulation dtype."""
-    if t > 0:
-        return _augmented.rows(a, t), _augmented.columns(cols, t)
-    return a, cols
 
 
 class GlobalSum(torch.autograd.Function):

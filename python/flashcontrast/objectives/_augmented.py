@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .._validation import accumulation_dtype
 
-__all__ = ["columns", "columns_grad", "rows", "rows_grad"]
+__all__ = ["columns", "columns_grad", "grads", "operands", "rows", "rows_grad"]
 
 
 def _parts(z: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -58,3 +58,15 @@ def rows_grad(x: Tensor, t: float, da: Tensor) -> Tensor:
 def columns_grad(y: Tensor, t: float, db: Tensor) -> Tensor:
     """d y (M, D) in db's dtype from d b(y) (M, D + 2)."""
     return _grad(y, t, db, y.shape[1] + 1)
+
+
+def operands(x: Tensor, y: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    """A sweep's rows and columns: (a(x), b(y)) for the uniformity sweep (t > 0), else the
+    features themselves (t = 0)."""
+    return (rows(x, t), columns(y, t)) if t > 0 else (x, y)
+
+
+def grads(x: Tensor, y: Tensor, t: float, da: Tensor, db: Tensor) -> tuple[Tensor, Tensor]:
+    """(d x, d y) from the sweep's (d a, d b) (:func:`operands`' inverse direction): the
+    chain rule for t > 0, the gradients themselves for t = 0."""
+    return (rows_grad(x, t, da), columns_grad(y, t, db)) if t > 0 else (da, db)

@@ -64,8 +64,7 @@ def pair_lse(
     """(row, pos, col, cpos, total, *the eight (max, sum) vectors); unused ones empty."""
     pair = Pair(epilogue, positives, exclude_self, period)
     cols = a if b is None else b
-    if augment_t > 0:
-        a, cols = _augmented.rows(a, augment_t), _augmented.columns(cols, augment_t)
+    a, cols = _augmented.operands(a, cols, augment_t)
     stats = backend_module(backend, "pair").pair_forward(
         a, cols, scale, bias, pair, row_offset, col_offset, row_groups, col_groups,
         positive_logits,
@@ -122,16 +121,14 @@ def pair_lse_bwd(
               total=coefs[4])  # fmt: skip
     cols = a if b is None else b
     x, y = a, cols
-    if augment_t > 0:
-        a, cols = _augmented.rows(x, augment_t), _augmented.columns(y, augment_t)
+    a, cols = _augmented.operands(x, y, augment_t)
     out_dtype = accumulation_dtype(a.dtype) if b is None or augment_t > 0 else None
     g = backend_module(backend, "pair").pair_backward(
         a, cols, scale, bias, pair, stats, c, row_offset, col_offset, row_groups, col_groups,
         positive_logits, out_dtype,
     )  # fmt: skip
     if augment_t > 0:
-        da = _augmented.rows_grad(x, augment_t, g.da)
-        db = _augmented.columns_grad(y, augment_t, g.db)
+        da, db = _augmented.grads(x, y, augment_t, g.da, g.db)
         if b is None:
             da, db = (da + db).to(x.dtype), _empty(x)
         else:
