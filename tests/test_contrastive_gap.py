@@ -134,6 +134,28 @@ def test_reference_backend_and_the_module():
     )
 
 
+def test_weighting_keywords_reach_the_module_and_the_process_group_loss():
+    """ContrastiveGapLoss and flashcontrast.distributed.contrastive_gap_loss take t and the
+    weights as ``**options`` (GapOptions): the module passes them on, shows the function's
+    defaults for the others, and both raise a def's TypeError for a misspelt one."""
+    import flashcontrast.distributed as fd
+
+    x, y = pair_inputs(11, 5, torch.float64)
+    s = torch.tensor(15.0, dtype=torch.float64)
+    kw = dict(t=1.25, uniformity_weight=0.5, alignment_weight=2.0, cross_uniformity_weight=3.0)
+    module = flashcontrast.ContrastiveGapLoss("cuaxu", backend="torch", **kw)
+    want = _dense_gap(x, y, s, "cuaxu", 1.25, 0.5, 2.0, 3.0)
+    torch.testing.assert_close(module(x, y, s), want)
+    defaults = repr(flashcontrast.ContrastiveGapLoss())
+    assert "t=2.0, uniformity_weight=1.0, alignment_weight=1.0, cross_uniformity_weight=None" in (
+        defaults
+    )
+    with pytest.raises(TypeError, match="unexpected keyword argument 'uniformity_wieght'"):
+        flashcontrast.ContrastiveGapLoss(uniformity_wieght=0.5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'uniformity_wieght'"):
+        fd.contrastive_gap_loss(x, y, s, uniformity_wieght=0.5)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

@@ -26,11 +26,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence, TypedDict, Union
 
-try:  # re-exported to the losses' modules, for their ``**options`` annotations
-    from typing import Unpack
-except ImportError:  # Python < 3.11 (torch depends on typing_extensions)
-    from typing_extensions import Unpack  # noqa: F401
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -38,6 +33,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _dispatch
 from .._amp import autocast_off
+from .._keywords import check_keywords
 from .._validation import FEATURE_DTYPES, as_scalar_tensor, check_features, check_pair
 from ..backends.blockwise import block_rows
 from ..objectives.clip import _check_groups
@@ -76,9 +72,7 @@ class Options(NamedTuple):
 def options(name: str, given: dict) -> Options:
     """``given`` (a loss's ``**options``) with the defaults filled in; a keyword that is
     not an option raises the TypeError Python raises for a ``def``'s unknown keyword."""
-    for key in given:
-        if key not in Options._fields:
-            raise TypeError(f"{name}() got an unexpected keyword argument {key!r}")
+    check_keywords(name, given, Options._fields)
     return Options(**given)
 
 

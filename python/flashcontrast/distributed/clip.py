@@ -66,11 +66,11 @@ import torch
 from torch import Tensor
 
 from .._amp import autocast_off
+from .._keywords import Unpack
 from .._ops import backend_module
 from .._validation import accumulation_dtype
 from ..backends.pair import Coefs, Pair, Stats, lse, merge_lse
 from . import _comm
-from ._comm import Unpack
 
 #: CLIP on the pair engine: row and column softmaxes, the positive of row i at column i.
 PAIR = Pair("softmax")

@@ -19,14 +19,13 @@ as much again for L_XUniform, plus ar(2 f) for the alignment.
 from __future__ import annotations
 
 import struct
-from typing import Optional
 
 from torch import Tensor
 
+from .._keywords import Unpack
 from .._validation import check_pair
-from ..objectives.contrastive_gap import VARIANTS, gap_sum, gap_weights
+from ..objectives.contrastive_gap import VARIANTS, GapOptions, gap_options, gap_sum, gap_weights
 from . import _comm
-from ._comm import Unpack
 from .clip import clip_loss
 from .rows import align_loss, cross_uniform_loss, uniform_loss
 
@@ -51,36 +50,44 @@ _FIELDS = [
 ]
 
 
+class DistributedGapOptions(GapOptions, _comm.ProcessGroupOptions, total=False):
+    """The keywords of :func:`contrastive_gap_loss` here: the single-process function's
+    weighting options (:class:`flashcontrast.objectives.contrastive_gap.GapOptions`: t,
+    uniformity_weight, alignment_weight, cross_uniformity_weight, its defaults) and the
+    process-group ones (:class:`ProcessGroupOptions`)."""
+
+
 def contrastive_gap_loss(
     image_features: Tensor,
     text_features: Tensor,
     logit_scale,
     *,
     variant: str = "cua",
-    t: float = 2.0,
-    uniformity_weight: float = 1.0,
-    alignment_weight: float = 1.0,
-    cross_uniformity_weight: Optional[float] = None,
-    **options: Unpack[_comm.ProcessGroupOptions],
+    **options: Unpack[DistributedGapOptions],
 ) -> Tensor:
-    """L_CUA / L_CUAXU (:func:`flashcontrast.contrastive_gap_loss`) of the global batch of
-    a process group: each rank passes its paired (n_r, D) image and text shards (n_r may
-    differ, and be 0; N >= 2 globally) and gets the single-process loss of the
-    concatenation. Gradients as :func:`flashcontrast.distributed.clip_loss`: features W x
-    the single-process ones of the rank's rows with ``grad_scaling="ddp"`` (1x with
-    "sum"), ``logit_scale``'s equal on every rank. ``strategy`` "gather" only (the
-    uniformity terms have no ring). The options must agree on every rank (checked)."""
-    group, strategy, backend, grad_scaling = _comm.options("contrastive_gap_loss", options)
+    """L_CUA / L_CUAXU (:func:`flashcontrast.contrastive_gap_loss`, which takes the same
+    ``variant`` and weighting keywords) of the global batch of a process group: each rank
+    passes its paired (n_r, D) image and text shards (n_r may differ, and be 0; N >= 2
+    globally) and gets the single-process loss of the concatenation. Gradients as
+    :func:`flashcontrast.distributed.clip_loss`: features W x the single-process ones of
+    the rank's rows with ``grad_scaling="ddp"`` (1x with "sum"), ``logit_scale``'s equal
+    on every rank. ``strategy`` "gather" only (the uniformity terms have no ring). The
+    options must agree on every rank (checked)."""
+    name = "contrastive_gap_loss"
+    weighting = {k: v for k, v in options.items() if k in GapOptions.__annotations__}
+    process = {k: v for k, v in options.items() if k not in weighting}
+    group, strategy, backend, grad_scaling = _comm.options(name, process)
 
     def check():
-        w = gap_weights(variant, t, uniformity_weight, alignment_weight, cross_uniformity_weight)
+        gap = gap_options(name, variant, weighting)
+        w = gap_weights(**gap)
         x = _comm.check_shard("image_features", image_features)
         y = _comm.check_shard("text_features", text_features)
         check_pair("image_features", x, "text_features", y)
-        values = [VARIANTS.index(variant), _bits(t), *map(_bits, w)]
-        return (x, y, w), *x.shape, x.dtype, x.device, values
+        values = [VARIANTS.index(variant), _bits(gap["t"]), *map(_bits, w)]
+        return (x, y, gap["t"], w), *x.shape, x.dtype, x.device, values
 
-    lay, (x, y, w) = _comm.setup_checked(
+    lay, (x, y, t, w) = _comm.setup_checked(
         "contrastive_gap_loss", group, strategy, grad_scaling, backend, _FIELDS, check,
         ring=False, backends=_comm.ENGINE_BACKENDS,
     )  # fmt: skip

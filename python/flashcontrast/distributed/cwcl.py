@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 
 from .._amp import autocast_off
+from .._keywords import Unpack
 from .._validation import accumulation_dtype, check_pair
 from ..objectives import cwcl as single
 from . import _comm
-from ._comm import Unpack
 from .clip import _ClipDist
 
 __all__ = ["cwcl_loss"]

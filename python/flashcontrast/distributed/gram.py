@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .._amp import autocast_off
+from .._keywords import Unpack
 from .._ops import backend_module
 from .._validation import accumulation_dtype
 from ..backends.gram import GramBlock, GramCoefs
@@ -48,7 +49,6 @@ from ..objectives.gram import (
     gram_matrices,
 )
 from . import _comm
-from ._comm import Unpack
 
 #: The backends whose GRAM kernels take the rectangular form (row_offset, partial column
 #: statistics, ``total``, ``out_dtype``): all of them.

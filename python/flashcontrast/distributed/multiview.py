@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from .._amp import autocast_off
+from .._keywords import Unpack
 from ..backends.pair import Coefs, Pair, Stats, lse, merge_lse
 from ..objectives.multiview import (
     DHEL_PAIR,
@@ -59,7 +60,6 @@ from ..objectives.multiview import (
     mv_positive_lse_bwd,
 )
 from . import _comm
-from ._comm import Unpack
 from .clip import LocalRows
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._amp import autocast_off
+from .._keywords import Unpack
 from .._ops import backend_module
 from .._validation import accumulation_dtype, check_pair
 from ..backends.pair import Coefs, Pair, Stats, lse
@@ -43,7 +44,6 @@ from ..objectives import uniformity as single_uniformity
 from ..objectives._hardness import hard_query_rows
 from ..objectives.multipositive import positive_mean_dots
 from . import _comm
-from ._comm import Unpack
 
 __all__ = [
     "align_loss",

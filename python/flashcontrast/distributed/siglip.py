@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from .._amp import autocast_off
+from .._keywords import Unpack
 from ..backends.pair import Coefs, Pair, Stats
 from . import _comm
-from ._comm import Unpack
 from .clip import LocalRows
 
 #: SigLIP on the pair engine: the softplus total, the positive of row i at column i.

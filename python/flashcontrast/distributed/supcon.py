@@ -45,11 +45,11 @@ import torch
 from torch import Tensor
 
 from .._amp import autocast_off
+from .._keywords import Unpack
 from .._validation import accumulation_dtype, check_groups
 from ..objectives.multiview import Views, _stack
 from ..objectives.supcon import PAIR, _label_sums
 from . import _comm
-from ._comm import Unpack
 from .rows import GlobalSum, RowsGather, scaled_layout
 
 __all__ = ["supcon_loss"]

@@ -95,6 +95,7 @@ import torch
 from torch import Tensor
 
 from .._amp import autocast_off
+from .._keywords import Unpack
 from .._ops import backend_module
 from .._sampling import symile_negative_permutations
 from .._validation import accumulation_dtype
@@ -102,7 +103,6 @@ from ..backends.pair import Coefs, Stats, lse
 from ..objectives._symile_n import PAIR, _product, add_factor_gradients, add_positive_gradient, mip
 from ..objectives.symile import _check_representations, _permutations
 from . import _comm
-from ._comm import Unpack
 
 #: negative_sampling values, coded in the metadata exchange
 NEGATIVE_SAMPLING = ("n", "n_squared")
@@ -122,10 +122,24 @@ def _rows(x: Tensor) -> list:
     return [x[:, k].contiguous() for k in range(x.shape[1])]
 
 
-def _row_coef(grad_loss: Tensor, lay: _comm.Layout, m: int, acc: torch.dtype) -> Tensor:
-    """c = g / (M N) (0-d, ``acc``): the coefficient of every row's cross entropy in the
+def _finish_forward(ctx, part: Tensor, m: int, lay: _comm.Layout, grad_scaling, backend, *saved):
+    """The loss, (1 / (M N)) times the sum over ranks of ``part`` (0-d, this rank's sum of
+    cross entropies), with ``saved`` and the call's state kept on ``ctx`` for the backward
+    (which :func:`_start_backward` reads)."""
+    ctx.save_for_backward(*saved)
+    ctx.lay, ctx.grad_scaling, ctx.backend = lay, grad_scaling, backend
+    return _comm.all_reduce(part.reshape(1), lay)[0] / (m * lay.total)
+
+
+def _start_backward(ctx, grad_loss: Tensor) -> tuple[tuple, int, int, torch.dtype, Tensor]:
+    """(the tensors :func:`_finish_forward` saved, n, M, the accumulation dtype, c) of a
+    backward: c = g / (M N) (0-d) is the coefficient of every row's cross entropy in the
     loss, g the upstream gradient averaged over ranks."""
-    return _comm.mean_upstream(grad_loss, lay, acc) / (m * lay.total)
+    saved = ctx.saved_tensors
+    n, m = saved[0].shape[:2]  # x (n_r, M, D)
+    acc = accumulation_dtype(saved[0].dtype)
+    coef = _comm.mean_upstream(grad_loss, ctx.lay, acc) / (m * ctx.lay.total)
+    return saved, n, m, acc, coef
 
 
 class _SymileDist(torch.autograd.Function):
@@ -155,20 +169,15 @@ class _SymileDist(torch.autograd.Function):
                     reps[a], w, scale, None, PAIR, lay.offset, 0, None, None, p
                 )
                 row_max[a], row_sum[a] = st.row_max, st.row_sum
-        part = (lse(row_max, row_sum).sum() - m * p.sum()).reshape(1)
-        loss = _comm.all_reduce(part, lay)[0] / (m * lay.total)
-        ctx.save_for_backward(x, scale, perms, cols, row_max, row_sum)
-        ctx.lay, ctx.grad_scaling, ctx.backend = lay, grad_scaling, backend
-        return loss
+        part = lse(row_max, row_sum).sum() - m * p.sum()
+        saved = (x, scale, perms, cols, row_max, row_sum)
+        return _finish_forward(ctx, part, m, lay, grad_scaling, backend, *saved)
 
     @_comm.exchange_backward
     def backward(ctx, grad_loss):
-        x, scale, perms, cols, row_max, row_sum = ctx.saved_tensors
+        (x, scale, perms, cols, row_max, row_sum), n, m, acc, coef = _start_backward(ctx, grad_loss)
         lay = ctx.lay
-        acc = row_max.dtype
         engine = backend_module(ctx.backend, "pair")
-        n, m, _ = x.shape
-        coef = _row_coef(grad_loss, lay, m, acc)
         reps = _rows(x)
         p = scale * mip(reps, acc)
         d = [torch.zeros(r.shape, dtype=acc, device=x.device) for r in reps]
@@ -222,18 +231,13 @@ class _SymileN2Dist(torch.autograd.Function):
             ]
         )  # (M, n)
         ce = row_lse - scale * mip(_rows(x), acc)
-        loss = _comm.all_reduce(ce.clamp_min(0).sum().reshape(1), lay)[0] / (m * lay.total)
-        ctx.save_for_backward(x, scale, cols, row_lse)
-        ctx.lay, ctx.grad_scaling, ctx.backend = lay, grad_scaling, backend
-        return loss
+        part = ce.clamp_min(0).sum()
+        return _finish_forward(ctx, part, m, lay, grad_scaling, backend, x, scale, cols, row_lse)
 
     @_comm.exchange_backward
     def backward(ctx, grad_loss):
-        x, scale, cols, row_lse = ctx.saved_tensors
+        (x, scale, cols, row_lse), n, m, acc, coef = _start_backward(ctx, grad_loss)
         lay = ctx.lay
-        acc = row_lse.dtype
-        n, m, _ = x.shape
-        coef = _row_coef(grad_loss, lay, m, acc)
         xa, ya = x.to(acc), cols.to(acc)
         dx = torch.zeros_like(xa)
         dy = torch.zeros_like(ya)
@@ -392,20 +396,15 @@ class _SymileRing(torch.autograd.Function):
             return part
 
         row_lse = _comm.ring_pass(lay, [x], visit, torch.logaddexp)  # (n_r, M)
-        part = (row_lse.sum() - m * diag.sum()).reshape(1)
-        loss = _comm.all_reduce(part, lay)[0] / (m * lay.total)
-        ctx.save_for_backward(x, scale, f, row_lse)
-        ctx.plan, ctx.lay, ctx.grad_scaling, ctx.backend = plan, lay, grad_scaling, backend
-        return loss
+        ctx.plan = plan
+        part = row_lse.sum() - m * diag.sum()
+        return _finish_forward(ctx, part, m, lay, grad_scaling, backend, x, scale, f, row_lse)
 
     @_comm.exchange_backward
     def backward(ctx, grad_loss):
-        x, scale, f, row_lse = ctx.saved_tensors
+        (x, scale, f, row_lse), n, m, acc, coef = _start_backward(ctx, grad_loss)
         lay = ctx.lay
-        acc = row_lse.dtype
         engine = backend_module(ctx.backend, "pair")
-        n, m, _ = x.shape
-        coef = _row_coef(grad_loss, lay, m, acc)
         with torch.enable_grad():
             fl = f.to(acc).detach().requires_grad_(True)
             w = _products(fl)

@@ -54,19 +54,21 @@ Every term is memory-linear on every backend: L_CLIP is :func:`flashcontrast.cli
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Optional
+from typing import Mapping, Optional, TypedDict
 
 import torch
 from torch import Tensor
 
 from .._amp import autocast_off
+from .._keywords import Unpack, check_keywords
 from .._module import BackendLoss
 from .._validation import Scalar, check_features
 from .clip import clip_loss
 from .uniformity import align_loss, check_t, cross_uniform_loss, uniform_loss
 
-__all__ = ["ContrastiveGapLoss", "contrastive_gap_loss"]
+__all__ = ["ContrastiveGapLoss", "GapOptions", "contrastive_gap_loss"]
 
 #: the paper's two objectives: "cua" (CLIP + uniformity + alignment), "cuaxu" (+ cross-modal
 #: uniformity)
@@ -97,6 +99,32 @@ def gap_weights(
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"{name} must be a finite number, got {w!r}")
     return tuple(float(w) for w in weights)  # type: ignore[return-value]
+
+
+class GapOptions(TypedDict, total=False):
+    """The weighting keywords of :func:`contrastive_gap_loss`, which
+    :class:`ContrastiveGapLoss` and ``flashcontrast.distributed.contrastive_gap_loss``
+    take as ``**options``, with the function's defaults (one place: its signature):
+
+    t: the uniformity kernel's temperature (2.0), for both uniformity terms.
+    uniformity_weight, alignment_weight: w_u, w_a (1.0).
+    cross_uniformity_weight: w_x, "cuaxu" only (None: 1.0).
+    """
+
+    t: float
+    uniformity_weight: float
+    alignment_weight: float
+    cross_uniformity_weight: Optional[float]
+
+
+def gap_options(name: str, variant: str, given: Mapping[str, object]) -> dict:
+    """``variant`` and the :class:`GapOptions` ``given`` to ``name``, the defaults filled
+    in (values unchecked: :func:`gap_weights` checks them); a key that is not an option
+    raises the TypeError of a ``def``'s unknown keyword."""
+    check_keywords(name, given, GapOptions.__annotations__)
+    signature = inspect.signature(contrastive_gap_loss).parameters
+    defaults = {k: signature[k].default for k in GapOptions.__annotations__}
+    return {"variant": variant, **defaults, **given}
 
 
 def gap_sum(clip: Tensor, unif: tuple, align: Tensor, xunif: Optional[Tensor], w: tuple) -> Tensor:
@@ -161,33 +189,23 @@ class ContrastiveGapLoss(BackendLoss):
     belongs to the model.
 
     Args:
-        variant, t, uniformity_weight, alignment_weight, cross_uniformity_weight: as
-            :func:`flashcontrast.contrastive_gap_loss` (checked here).
+        variant: "cua" or "cuaxu".
         backend: "auto", "cuda", "triton", "torch" or "reference".
+        **options: t, uniformity_weight, alignment_weight, cross_uniformity_weight, as
+            :func:`flashcontrast.contrastive_gap_loss` takes them (:class:`GapOptions`;
+            checked here).
     """
 
-    option_names = (
-        "variant",
-        "t",
-        "uniformity_weight",
-        "alignment_weight",
-        "cross_uniformity_weight",
-    )
+    option_names = ("variant", *GapOptions.__annotations__)
 
     def __init__(
-        self,
-        variant: str = "cua",
-        t: float = 2.0,
-        uniformity_weight: float = 1.0,
-        alignment_weight: float = 1.0,
-        cross_uniformity_weight: Optional[float] = None,
-        backend: str = "auto",
+        self, variant: str = "cua", backend: str = "auto", **options: Unpack[GapOptions]
     ) -> None:
         super().__init__(backend)
-        gap_weights(variant, t, uniformity_weight, alignment_weight, cross_uniformity_weight)
-        self.variant, self.t = variant, t
-        self.uniformity_weight, self.alignment_weight = uniformity_weight, alignment_weight
-        self.cross_uniformity_weight = cross_uniformity_weight
+        full = gap_options(type(self).__name__, variant, options)
+        gap_weights(**full)
+        for name, value in full.items():
+            setattr(self, name, value)
 
     def forward(
         self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: Scalar
