@@ -97,8 +97,8 @@ CASES = {
         flops=lambda n, d: 4 * (2 * n) ** 2 * d,  # rows only: S forward; S, dS Z backward
         reference_bytes=lambda n, d: 6 * (2 * n) ** 2 * 4,
     ),
-    # 1-to-K, K = 2: N anchors against 2 N candidates (two stacked batches); two "rows"
-    # sweeps of N x 2 N entries, 8 n m D each (S forward; S, dS B, dS^T A backward)
+    # 1-to-K, K = 2: N anchors against 2 N candidates (two stacked batches); one "softmax"
+    # sweep of N x 2 N entries, 8 n m D (S forward; S, dS B, dS^T A backward)
     "multi-positive-k2": Case(
         "infonce",
         3,
@@ -106,7 +106,7 @@ CASES = {
         lambda x, s, be: functional.multi_positive_infonce_loss(
             x[0], torch.cat(list(x[1:])), s, backend=be
         ),
-        flops=lambda n, d: 2 * 8 * n * (2 * n) * d,
+        flops=lambda n, d: 8 * n * (2 * n) * d,
         reference_bytes=lambda n, d: 6 * n * (2 * n) * 4,
     ),
     # CWCL: CLIP's sweep without positives (8 N^2 D) and the soft targets' (D, D) products,

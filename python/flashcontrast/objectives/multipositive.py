@@ -11,18 +11,18 @@ Consistency in Cross-Lingual Cross-Modal Retrieval with 1-to-K Contrastive Learn
     candidate -> anchors   L'_ik = LSE_l S_l,p_ik - S_i,p_ik      (each listed candidate)
     L = 1/2 (mean_i L_i + mean_ik L'_ik)
 
-The pairwise parts are two engine sweeps (``backends/pair.py``): a "rows" sweep of the
-anchors against all candidates (the denominators; no positives), and a "rows" sweep of
-the K N listed candidates in language-major order (row k N + i: candidate p_ik) against
-the anchors with period N, whose one positive per row is its anchor (the engine returns
-its logit). The anchor side's positive term is linear in the features:
-(1/K) sum_k <a_i, c_p_ik> (``flashcontrast::positive_mean_dots``, O(N K D), whose backward
-is a gather and an index_add). Nothing N x M is stored.
+The pairwise part is one engine sweep (``backends/pair.py``) of the anchors against all
+candidates with the "softmax" epilogue and no positives: its row logsumexps are the
+anchors' denominators LSE_j S_ij, its column logsumexps the candidates' LSE_l S_lj, read
+at the listed candidates (one sweep, 4 GEMM-equivalents of 2 N M D, where a second "rows"
+sweep of the listed candidates against the anchors would recompute the same logits). The
+positive logits S_i,p_ik are linear in the features: ``flashcontrast::positive_dots``,
+O(N K D), whose backward is a gather and an index_add. Nothing N x M is stored.
 
-``positives=None`` means the candidates are already that stack, (K N, D) with candidate
-k of anchor i at row k N + i (K per-language batches concatenated): no copy. Given
-index lists (N, K), the listed candidates are gathered into it once (a (K N, D) copy,
-kept for the backward by the second sweep).
+``positives=None`` means the candidates are K stacked batches, (K N, D) with candidate
+k of anchor i at row k N + i (K per-language batches concatenated). Given index lists
+(N, K), only the positive dot products gather the listed candidates (O(N K D), never
+saved).
 """
 
 from __future__ import annotations
@@ -46,45 +46,46 @@ from ._pair_op import sweep
 
 __all__ = ["MultiPositiveInfoNCELoss", "multi_positive_infonce_loss"]
 
-#: anchors against every candidate: the denominators only
-_DENOMINATORS = Pair("rows", positives=False)
+#: anchors against every candidate: the denominators of both directions, no positives
+_BOTH_WAYS = Pair("softmax", positives=False)
 
 
-@torch.library.custom_op("flashcontrast::positive_mean_dots", mutates_args=())
+@torch.library.custom_op("flashcontrast::positive_dots", mutates_args=())
 @autocast_off
-def positive_mean_dots(a: Tensor, c: Tensor, positives: Tensor) -> Tensor:
-    """(N,) (1/K) sum_k <a_i, c_{p_ik}> in the accumulation dtype, for a (N, D), c (M, D)
-    and positives (N, K) int64 indices into c."""
-    acc = accumulation_dtype(a.dtype)
-    k = positives.shape[1]
-    mean = c[positives.reshape(-1)].to(acc).view(*positives.shape, c.shape[1]).sum(1) / k
-    return (a.to(acc) * mean).sum(dim=1)
-
-
-@positive_mean_dots.register_fake
-def _positive_mean_dots_fake(a, c, positives):
-    return a.new_empty(a.shape[0], dtype=accumulation_dtype(a.dtype))
-
-
-@torch.library.custom_op("flashcontrast::positive_mean_dots_bwd", mutates_args=())
-@autocast_off
-def positive_mean_dots_bwd(
-    a: Tensor, c: Tensor, positives: Tensor, grad: Tensor
-) -> tuple[Tensor, Tensor]:
-    """(d a (N, D), d c (M, D)) in the inputs' dtype: d a_i = (g_i / K) sum_k c_{p_ik},
-    d c_j = sum over the (i, k) with p_ik = j of (g_i / K) a_i."""
+def positive_dots(a: Tensor, c: Tensor, positives: Tensor) -> Tensor:
+    """(N, K) <a_i, c_{p_ik}> in the accumulation dtype, for a (N, D), c (M, D) and
+    positives (N, K) int64 indices into c (O(N K D): the listed pairs only)."""
     acc = accumulation_dtype(a.dtype)
     n, k = positives.shape
-    w = grad.to(acc)[:, None] / k
+    picked = c[positives.reshape(-1)].to(acc).view(n, k, c.shape[1])  # (N, K, D)
+    return torch.bmm(picked, a.to(acc)[:, :, None])[:, :, 0]
+
+
+@positive_dots.register_fake
+def _positive_dots_fake(a, c, positives):
+    return a.new_empty(positives.shape, dtype=accumulation_dtype(a.dtype))
+
+
+@torch.library.custom_op("flashcontrast::positive_dots_bwd", mutates_args=())
+@autocast_off
+def positive_dots_bwd(
+    a: Tensor, c: Tensor, positives: Tensor, grad: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(d a (N, D), d c (M, D)) in the inputs' dtype, from grad (N, K): d a_i = sum_k
+    g_ik c_{p_ik}, d c_j = sum over the (i, k) with p_ik = j of g_ik a_i."""
+    acc = accumulation_dtype(a.dtype)
+    n, k = positives.shape
+    g = grad.to(acc)
     flat = positives.reshape(-1)
-    da = w * c[flat].to(acc).view(n, k, c.shape[1]).sum(1)
+    picked = c[flat].to(acc).view(n, k, c.shape[1])
+    da = torch.bmm(g[:, None, :], picked)[:, 0]  # (N, D)
     dc = torch.zeros(c.shape, dtype=acc, device=c.device)
-    dc.index_add_(0, flat, (w * a.to(acc)).repeat_interleave(k, dim=0))
+    dc.index_add_(0, flat, (g[:, :, None] * a.to(acc)[:, None, :]).view(n * k, a.shape[1]))
     return da.to(a.dtype), dc.to(c.dtype)
 
 
-@positive_mean_dots_bwd.register_fake
-def _positive_mean_dots_bwd_fake(a, c, positives, grad):
+@positive_dots_bwd.register_fake
+def _positive_dots_bwd_fake(a, c, positives, grad):
     return torch.empty_like(a), torch.empty_like(c)
 
 
@@ -94,12 +95,12 @@ def _dots_setup(ctx, inputs, output) -> None:
 
 def _dots_backward(ctx, grad):
     a, c, positives = ctx.saved_tensors
-    da, dc = positive_mean_dots_bwd(a, c, positives, grad)
+    da, dc = positive_dots_bwd(a, c, positives, grad)
     return da, dc, None
 
 
 torch.library.register_autograd(
-    "flashcontrast::positive_mean_dots", _dots_backward, setup_context=_dots_setup
+    "flashcontrast::positive_dots", _dots_backward, setup_context=_dots_setup
 )
 
 
@@ -165,17 +166,15 @@ def multi_positive_infonce_loss(
     a, c = check_rows_and_columns("anchors", anchors, "candidates", candidates)
     n, m = a.shape[0], c.shape[0]
     p = _check_positives(positives, n, m, a.device)
-    k = p.shape[1]
     scale = as_scalar_tensor("logit_scale", logit_scale, a)
     chosen = _dispatch.resolve("infonce", a.device, backend, a.dtype)
     if chosen == "reference":
         rows, cols = _dense_terms(a, c, scale, p)
     else:
-        rows = sweep(a, c, scale, None, _DENOMINATORS, chosen)["row"]
-        rows = rows - scale * positive_mean_dots(a, c, p)
-        listed = c if positives is None else c[p.t().reshape(-1)]  # (K N, D), row k N + i
-        st = sweep(listed, a, scale, None, Pair("rows", period=n), chosen)
-        cols = (st["row"] - st["pos"]).view(k, n).t()
+        st = sweep(a, c, scale, None, _BOTH_WAYS, chosen)  # LSE_j S_ij, LSE_l S_lj
+        pos = scale * positive_dots(a, c, p)  # (N, K) S_i,p_ik
+        rows = st["row"] - pos.mean(1)
+        cols = st["col"][p] - pos
     if reduction == "none":
         return rows, cols
     return 0.5 * (rows.mean() + cols.mean())
