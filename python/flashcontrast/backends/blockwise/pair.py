@@ -87,10 +87,11 @@ class _Sets:
         if self.groups is not None:
             s.masked_fill_(self.groups, _NEG)
 
-    def pos_pairs(self, s: Tensor, dim: int, size: int) -> tuple[Tensor, Tensor]:
-        """(max, sum) over the positives along ``dim`` (``size`` outputs)."""
+    def pos_pairs(self, s: Tensor, dim: int, size: int, work: Tensor) -> tuple[Tensor, Tensor]:
+        """(max, sum) over the positives along ``dim`` (``size`` outputs); ``work``: an
+        (r, m) scratch buffer."""
         if self.pos_mask is not None:
-            return _pairs(s.masked_fill(~self.pos_mask, _NEG), dim)
+            return _pairs(work.copy_(s).masked_fill_(~self.pos_mask, _NEG), dim, work)
         mx = s.new_full((size,), _NEG)
         sm = s.new_zeros(size)
         rows, cols = self.pos_idx
@@ -99,11 +100,11 @@ class _Sets:
         sm[at] = 1.0
         return mx, sm
 
-    def pos_softmax(self, s: Tensor, mx: Tensor, ls: Tensor, dim: int) -> Tensor:
-        """Q: exp((S - max) - log sum) over the positives, (r, m) with the mask, else the
-        values at the positive indices (rows, cols order)."""
+    def pos_softmax(self, s: Tensor, mx: Tensor, ls: Tensor, dim: int, work: Tensor) -> Tensor:
+        """Q: exp((S - max) - log sum) over the positives, (r, m) in ``work`` with the
+        mask, else the values at the positive indices (rows, cols order)."""
         if self.pos_mask is not None:
-            q = _softmax(s, mx, ls, dim)
+            q = _softmax(s, mx, ls, dim, work)
             return q.masked_fill_(~self.pos_mask, 0.0)
         rows, cols = self.pos_idx
         at = rows if dim == 1 else cols
@@ -130,15 +131,17 @@ def _override(s: Tensor, sets: _Sets, pos_logits: Optional[Tensor]) -> None:
         s[rows, cols] = pos_logits[sets.start + rows]
 
 
-def _pairs(s: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+def _pairs(s: Tensor, dim: int, work: Tensor) -> tuple[Tensor, Tensor]:
     """(max, sum exp(S - max)) along ``dim`` (-inf entries are out of the set; an empty
-    dimension gives the empty set's (-inf, 0))."""
+    dimension gives the empty set's (-inf, 0)); exp(S - max) is formed in ``work`` (r, m,
+    which may be ``s`` itself once ``s`` is no longer needed)."""
     if s.shape[dim] == 0:
         size = s.shape[1 - dim]
         return s.new_full((size,), _NEG), s.new_zeros(size)
     mx = s.amax(dim=dim)
-    safe = torch.where(torch.isneginf(mx), torch.zeros_like(mx), mx)
-    return mx, torch.exp(s - safe.unsqueeze(dim)).sum(dim=dim)
+    # an empty set's max -inf is shifted by the dtype's lowest instead: exp(-inf - lowest) = 0
+    safe = mx.clamp_min(torch.finfo(mx.dtype).min).unsqueeze(dim)
+    return mx, torch.sub(s, safe, out=work).exp_().sum(dim=dim)
 
 
 class _Operands(NamedTuple):
@@ -187,9 +190,12 @@ def _pair_forward(sweep: Sweep) -> Stats:
         if pair.positives:
             cpos_max, cpos_sum = torch.full((m,), _NEG, **kw), torch.zeros(m, **kw)
     rows = panel_rows(max(m, 1), device, sweep.max_block_elements)
+    # scratch for exp(S - max), reused by every panel: no fresh (r, m) buffer per statistic
+    work = torch.empty((0 if pair.epilogue == "sigmoid" else min(rows, n), m), **kw)
     for start in range(0, n, rows):
         r = min(rows, n - start)
         sets = _Sets(sweep, start, r, m)
+        w = work[:r]
         s = _logits(a_acc[start : start + r], b_acc, scale, bias)
         _override(s, sets, pos_logits)
         sets.apply(s)
@@ -202,13 +208,15 @@ def _pair_forward(sweep: Sweep) -> Stats:
             else:
                 total -= F.logsigmoid(s.neg_()).sum()
             continue
-        row_max[start : start + r], row_sum[start : start + r] = _pairs(s, 1)
+        row_max[start : start + r], row_sum[start : start + r] = _pairs(s, 1, w)
         if pair.positives:
-            pos_max[start : start + r], pos_sum[start : start + r] = sets.pos_pairs(s, 1, r)
-        if cols:
-            col_max, col_sum = merge_lse(col_max, col_sum, *_pairs(s, 0))
+            pos_max[start : start + r], pos_sum[start : start + r] = sets.pos_pairs(s, 1, r, w)
+        if cols:  # the first panel's pairs taken as they are: merging into (-inf, 0) is a no-op
+            pairs = _pairs(s, 0, w)
+            col_max, col_sum = pairs if start == 0 else merge_lse(col_max, col_sum, *pairs)
             if pair.positives:
-                cpos_max, cpos_sum = merge_lse(cpos_max, cpos_sum, *sets.pos_pairs(s, 0, m))
+                pairs = sets.pos_pairs(s, 0, m, w)
+                cpos_max, cpos_sum = pairs if start == 0 else merge_lse(cpos_max, cpos_sum, *pairs)
     if pair.epilogue == "sigmoid":
         return Stats(total=total)
     out = dict(row_max=row_max, row_sum=row_sum)
@@ -221,10 +229,11 @@ def _pair_forward(sweep: Sweep) -> Stats:
     return Stats(**out)
 
 
-def _softmax(s: Tensor, mx: Tensor, ls: Tensor, dim: int) -> Tensor:
-    """exp((S - max) - log sum), a new (r, m) buffer: 0 on -inf entries and empty sets."""
+def _softmax(s: Tensor, mx: Tensor, ls: Tensor, dim: int, out: Tensor) -> Tensor:
+    """exp((S - max) - log sum) written to ``out`` (r, m): 0 on -inf entries and empty
+    sets."""
     shape = (-1, 1) if dim == 1 else (1, -1)
-    return torch.exp_((s - mx.view(shape)).sub_(ls.view(shape)))
+    return torch.sub(s, mx.view(shape), out=out).sub_(ls.view(shape)).exp_()
 
 
 def _sub_positive(ds: Tensor, sets: _Sets, q: Tensor, coef: Tensor, dim: int) -> None:
@@ -264,11 +273,15 @@ def _pair_backward(
     dscale, dbias = torch.zeros((), **kw), torch.zeros((), **kw)
     dpos = torch.zeros(n, **kw) if pos_logits is not None else None
     rows = panel_rows(max(m, 1), device, sweep.max_block_elements)
+    # dS and one softmax's scratch, reused by every panel (no fresh (r, m) buffer per term)
+    ds_buf = torch.empty((min(rows, n), m), **kw)
+    work = torch.empty((0 if pair.epilogue == "sigmoid" else min(rows, n), m), **kw)
     for start in range(0, n, rows):
         r = min(rows, n - start)
         sl = slice(start, start + r)
         sets = _Sets(sweep, start, r, m)
         a_blk = a_acc[sl]
+        ds, w = ds_buf[:r], work[:r]
         if low is None:
             s = _logits(a_blk, b_acc, scale, bias)
         else:  # X kept: ds from the float32 dS and X, not from the rounded dS
@@ -280,22 +293,23 @@ def _pair_backward(
             if sets.pos_mask is not None:  # sigmoid(S) - 1 as -sigmoid(-S): exact near 1
                 ds = torch.where(sets.pos_mask, -torch.sigmoid(-s), torch.sigmoid(s))
             else:
-                ds = torch.sigmoid(s)
+                torch.sigmoid(s, out=ds)
                 if sets.pos_idx is not None:
                     ds[sets.pos_idx] = -torch.sigmoid(-s[sets.pos_idx])
             ds.mul_(g)
         else:
-            ds = torch.zeros_like(s)
-            if gr is not None:
-                ds.add_(_softmax(s, rmax[sl], rlog[sl], 1).mul_(gr[sl, None]))
+            if gr is not None:  # the first term written to dS directly, no zeroing pass
+                _softmax(s, rmax[sl], rlog[sl], 1, ds).mul_(gr[sl, None])
+            else:
+                ds.zero_()
             if pair.epilogue == "softmax" and gc is not None:
-                ds.add_(_softmax(s, cmax, clog, 0).mul_(gc[None, :]))
+                ds.add_(_softmax(s, cmax, clog, 0, w).mul_(gc[None, :]))
             # the positives, subtracted in the block before anything is rounded
             if gpr is not None and pair.positives:
-                q = sets.pos_softmax(s, pmax[sl], plog[sl], 1)
+                q = sets.pos_softmax(s, pmax[sl], plog[sl], 1, w)
                 _sub_positive(ds, sets, q, gpr[sl], 1)
             if pair.epilogue == "softmax" and gpc is not None and pair.positives:
-                q = sets.pos_softmax(s, cpmax, cplog, 0)
+                q = sets.pos_softmax(s, cpmax, cplog, 0, w)
                 _sub_positive(ds, sets, q, gpc, 0)
         del s
         if dpos is not None and sets.pos_idx is not None:
@@ -303,7 +317,8 @@ def _pair_backward(
             pi, pj = sets.pos_idx  # (not `rows`: that is the block size of this loop)
             dpos[start + pi] = ds[pi, pj]
             ds[pi, pj] = 0.0
-        dbias += ds.sum()
+        if bias is not None:
+            dbias += ds.sum()
         if low is None:
             ds_b = torch.mm(ds, b_acc)  # (r, D)
             dscale += (ds_b * a_blk).sum()  # sum_ij dS_ij <a_i, b_j> = sum_i <a_i, (dS B)_i>
