@@ -42,7 +42,7 @@ from ..backends.pair import Coefs, Pair, Stats, lse
 from ..objectives import _augmented
 from ..objectives import uniformity as single_uniformity
 from ..objectives._hardness import hard_query_rows
-from ..objectives.multipositive import positive_dots
+from ..objectives.multipositive import positive_dots, stacked_positives
 from . import _comm
 
 __all__ = [
@@ -337,9 +337,7 @@ def multi_positive_infonce_loss(
     rows, _ = RowsGather.apply(
         a, c, scale, None, _DENOMINATORS, lay, scaled_layout(lay, k), 0, chosen, grad_scaling
     )
-    listed = (
-        torch.arange(k, device=a.device)[None, :] * n + torch.arange(n, device=a.device)[:, None]
-    )
+    listed = stacked_positives(n, k, a.device)
     dots = _Local.apply(positive_dots(a, c, listed).mean(1), lay, grad_scaling)
     rows = rows - _Replicated.apply(scale, lay) * dots  # LSE_j S_ij - (1/K) sum_k S_i,p_ik
     cols = rows.new_zeros(())

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .multipositive import positive_dots
+from .multipositive import positive_dots, stacked_positives
 
 __all__ = ["ScaledGradient", "hard_query_rows"]
 
@@ -69,8 +69,7 @@ def hard_query_rows(
     a 0-d tensor, ``scale`` the same as a float; ``in_batch_rows`` the caller's sweep of
     queries against every document with the own hard negatives left out."""
     n = q.shape[0]
-    idx = torch.arange(n, device=q.device)
-    own = [positive_dots(q, docs, (c * n + idx)[:, None])[:, 0] for c in range(columns)]
+    own = positive_dots(q, docs, stacked_positives(n, columns, q.device)).unbind(1)
     positive = s * own[0]
     in_batch, own_hard = PENALIZED[mode]
     hard = [s * o + alpha * o.detach() if own_hard else s * o for o in own[1:]]

@@ -104,6 +104,12 @@ torch.library.register_autograd(
 )
 
 
+def stacked_positives(n: int, k: int, device: torch.device) -> Tensor:
+    """(N, K) int64 p_ik = k N + i: anchor i's candidate in batch k of K stacked batches of
+    N rows (the language-major stack)."""
+    return torch.arange(k, device=device)[None, :] * n + torch.arange(n, device=device)[:, None]
+
+
 def _check_positives(positives: object, n: int, m: int, device: torch.device) -> Tensor:
     """(N, K) int64 indices into the M candidates, each candidate listed at most once;
     None: the language-major stack (M = K N, p_ik = k N + i)."""
@@ -113,10 +119,7 @@ def _check_positives(positives: object, n: int, m: int, device: torch.device) ->
                 f"with positives=None the candidates must be K stacked batches of the N = {n} "
                 f"anchors ((K N, D)), got {m} rows"
             )
-        k = m // n
-        return (torch.arange(k, device=device)[None, :] * n) + torch.arange(n, device=device)[
-            :, None
-        ]
+        return stacked_positives(n, m // n, device)
     if not isinstance(positives, Tensor) or positives.dtype not in (torch.int32, torch.int64):
         raise TypeError("positives must be an int32 or int64 tensor (N, K) of candidate indices")
     if positives.dim() != 2 or positives.shape[0] != n or positives.shape[1] == 0:
