@@ -77,6 +77,7 @@ _VARIANTS = (None, *_dispatch.VARIANTS)
 _AUTO_FOR_VARIANT = {
     None: "cuda",
     "symile_n_squared_many": "torch",
+    "gram_many_others": "torch",
     "symile_n_squared_rectangular": "cuda",
 }
 
@@ -114,6 +115,9 @@ def test_explicit_backends_that_cannot_run_the_call_raise(gpu):
         flashcontrast.backend_for("gram", CUDA, "cuda", torch.float64)
     with pytest.raises(RuntimeError, match="M > 3"):
         flashcontrast.backend_for("symile", CUDA, "cuda", torch.float32, "symile_n_squared_many")
+    for backend in ("cuda", "triton"):
+        with pytest.raises(RuntimeError, match="more than 6 modalities"):
+            flashcontrast.backend_for("gram", CUDA, backend, torch.float32, "gram_many_others")
     with pytest.raises(ValueError, match="unknown call variant"):
         flashcontrast.backend_for("symile", CUDA, "torch", torch.float32, "no_such_variant")
     assert flashcontrast.backend_for("clip", CUDA, "torch", torch.float64) == "torch"

@@ -302,6 +302,31 @@ def test_triton_rejects_float64():
         gram_loss(xs[0], xs[1:], 1.0, backend="triton")
 
 
+def test_more_others_than_the_kernels_hold_run_on_torch():
+    """M = 7 (K = 6 > KERNEL_MAX_OTHERS): "auto" takes "torch", an explicit "triton" says
+    why it cannot (the dispatch variant), and the Triton launcher refuses K = 6 itself."""
+    from flashcontrast.backends.gram import GramBlock
+    from flashcontrast.objectives.gram import KERNEL_MAX_OTHERS
+
+    xs = _inputs(5, 8, 7, torch.float32)
+    assert len(xs) - 1 > KERNEL_MAX_OTHERS
+    loss = gram_loss(xs[0], xs[1:], 2.0)
+    assert _dispatch.last_backend() == "torch"
+    torch.testing.assert_close(loss, reference.gram_loss(xs[0], xs[1:], 2.0))
+    if TRITON_SKIP is not None:
+        pytest.skip(TRITON_SKIP)
+    with pytest.raises(RuntimeError, match="more than 6 modalities"):
+        gram_loss(xs[0], xs[1:], 2.0, backend="triton")
+    from flashcontrast.backends.triton import gram as triton_gram
+
+    assert triton_gram.MAX_OTHERS == KERNEL_MAX_OTHERS
+    others = torch.stack(xs[1:])
+    ones = torch.ones(5)
+    block = GramBlock(xs[0], others, torch.tensor(2.0), ones, torch.ones(5, 6, 6), ones)
+    with pytest.raises(ValueError, match="1 to 5 other modalities, got K = 6"):
+        triton_gram.gram_forward(block)
+
+
 @pytest.mark.slow
 def test_scale_n8192_m4_on_cpu_memory_linear(monkeypatch):
     """The issue's scale test: M = 4 at N = 8192 (D = 16) on the CPU, torch backend.

@@ -78,6 +78,11 @@ VARIANTS = {
         "Symile negative_sampling='n_squared' with M > 3 modalities (the n_squared kernels "
         "cover M = 3; the blockwise torch backend any M, in bounded memory)",
     ),
+    "gram_many_others": (
+        frozenset({"torch", "reference"}),
+        "GRAM with more than 6 modalities (the Triton and CUDA kernels hold K = M - 1 <= 5 "
+        "others' tiles per program)",
+    ),
     "symile_n_squared_rectangular": (
         frozenset({"torch", "triton", "cuda", "reference"}),
         "Symile negative_sampling='n_squared' with n rows against m != n columns (a "

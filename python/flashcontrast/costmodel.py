@@ -105,12 +105,13 @@ EFFICIENCY = {
 
 def gemm_equivalents(objective: str, m: int = 3) -> float:
     """GEMM-equivalents (2 N^2 D flops each) of one forward + backward, as the kernels
-    implement it today (not the floor): CLIP / SigLIP 4; GRAM 7 K (K = M - 1, triton/
-    gram.py); MV losses 4 over the (V N) rows counted by the caller; Symile "n" 4."""
+    implement it today: CLIP / SigLIP 4; GRAM 4 K (K = M - 1, triton/gram.py: K forward,
+    K recomputed, 2 K gradients, the contract's floor); MV losses 4 over the (V N) rows
+    counted by the caller; Symile "n" 4."""
     if objective in ("clip", "siglip", "symile-n", "mv-infonce", "mv-dhel"):
         return 4.0
     if objective == "gram":
-        return 7.0 * (m - 1)
+        return 4.0 * (m - 1)
     raise ValueError(f"no GEMM count for {objective!r}")
 
 

@@ -47,6 +47,7 @@ from ..objectives.gram import (
     column_constants_from_gram,
     floor_from_gram,
     gram_matrices,
+    gram_variant,
 )
 from . import _comm
 
@@ -214,7 +215,7 @@ def gram_loss(
         oth = _check_shard_others(a, others)
         scale = _comm.scalar("logit_scale", logit_scale, a)
         eps = _check_label_smoothing(label_smoothing)
-        chosen = _comm.engine_backend("gram", backend, a)
+        chosen = _comm.engine_backend("gram", backend, a, gram_variant(len(oth)))
         n, d = a.shape
         payload = (a, oth, scale, eps, chosen)
         return payload, n, d, a.dtype, a.device, [len(oth), _float_bits(eps)]

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -59,6 +60,17 @@ from ..backends.gram import GramBlock, GramCoefs
 #: Most other modalities (K = M - 1) supported. The Laplace expansion of the per-column
 #: constants costs O(K^2 2^K) (N,)-vector ops, and the Triton kernels unroll over K.
 MAX_OTHERS = 7
+
+#: Most others the Triton and CUDA kernels take: they hold the K tiles <t, o^r> of a program
+#: at once (triton/gram.py ``MAX_OTHERS``, csrc/include/flashcontrast/gram.h
+#: ``kGramMaxK``). More run on "torch" (``_dispatch.VARIANTS["gram_many_others"]``).
+KERNEL_MAX_OTHERS = 5
+
+
+def gram_variant(k: int) -> Optional[str]:
+    """The dispatch variant of a GRAM call with ``k`` others: "gram_many_others" above
+    :data:`KERNEL_MAX_OTHERS`, else None."""
+    return "gram_many_others" if k > KERNEL_MAX_OTHERS else None
 
 
 # ----------------------------------------------------------------------------- constants
@@ -439,7 +451,7 @@ def gram_loss(
     scale = as_scalar_tensor("logit_scale", logit_scale, a)
     eps = _check_label_smoothing(label_smoothing)
     gradient = _check_gradient(gradient)
-    chosen = _dispatch.resolve("gram", a.device, backend, a.dtype)
+    chosen = _dispatch.resolve("gram", a.device, backend, a.dtype, gram_variant(len(others)))
     if chosen == "reference":
         if gradient != "full":
             raise ValueError('gradient="published" needs a kernel backend, not "reference"')
