@@ -400,8 +400,8 @@ def _tiles(d: int, dtype: torch.dtype, device: torch.device, backward: bool = Fa
     report (``python tools/triton_aot_check.py --objectives gram --arch 90``): each
     program holds its K fp32 u tiles (BLOCK_M x BLOCK_N / 256 registers per thread each at
     8 warps). The backward's D chunk is 16: its fp32 gradient operands spill at 32 (full
-    preset, sm_90, 16-bit, K = 3: at most 104 bytes against 332; the 7K kernels before:
-    196)."""
+    preset, sm_90, 16-bit, K = 3, triton 3.9: at most 104 bytes against 332; the 7K kernels
+    before: 196; with triton 3.6, the GPU machines' version, 0 except INDEX_64's 68)."""
     block_d = _block_d(d, dtype, device)
     if device.type != "cuda":
         return _with_override(_Tiles(32, 32, block_d, 4, 1))
